@@ -1,0 +1,350 @@
+"""Configuration: parsed and validated once, at start-up, then read many times.
+
+Input: a YAML file (``--config FILE`` or ``$TLSRELAY_CONFIG``); ``$TLSRELAY_REDIS_URL`` overrides
+``redis_url``. Every key is optional and has a documented default (README, "Configuration").
+
+Failure: any problem (YAML syntax, unknown key, wrong type, bad ``host:port``, missing certificate
+file, duplicate key) raises :class:`ConfigError` whose text names the file, the dotted key and the
+line, e.g. ``tlsrelay.yaml:7: ingest.listen: expected host:port, got '2525'``. The CLI prints it
+and exits 2 before anything listens. Relative paths in the file are resolved against the directory
+of the config file, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_CONFIG = "TLSRELAY_CONFIG"
+ENV_REDIS_URL = "TLSRELAY_REDIS_URL"
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the operator-facing message (file:line: key: why)."""
+
+
+# --------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, order=True)
+class HostPort:
+    """A network endpoint. ``str()`` gives the canonical form (IPv6 in brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+def parse_hostport(value: object, default_port: int | None = None) -> HostPort:
+    """Parse ``host:port``, ``[v6]:port`` (or a bare host when ``default_port`` is given)."""
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected host:port, got {value!r}")
+    text = value.strip()
+    host, port_text = text, ""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
+    if m:
+        host, port_text = m.group(1), m.group(2) or ""
+        ipaddress.IPv6Address(host)  # ValueError names the problem
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ValueError(f"IPv6 addresses need brackets, as [::1]:2525; got {value!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"expected host:port, got {value!r}")
+        port_text = str(default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_text!r} in {value!r}")
+    if not m and not _is_ip(host) and not _HOSTNAME.match(host):
+        raise ValueError(f"not a valid host name or address: {host!r}")
+    return HostPort(host, int(port_text))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """``30s``, ``5m``, ``4h``, ``5d``, ``250ms`` or a plain number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s, 5m, 4h, 5d; got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"expected a duration such as 30s, 5m, 4h, 5d; got {value!r}")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {value!r}")
+    return seconds
+
+
+HostPortT = Annotated[HostPort, BeforeValidator(parse_hostport)]
+DnsServerT = Annotated[HostPort, BeforeValidator(lambda v: parse_hostport(v, default_port=53))]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class IngestConfig(_Section):
+    """The SMTP listener (services/ingest)."""
+
+    listen: HostPortT = HostPort("127.0.0.1", 2525)
+    tls_cert: Path | None = None  # absent → self-signed, generated into data_dir
+    tls_key: Path | None = None
+    max_message_bytes: int = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
+    max_recipients: int = Field(default=1000, gt=0)  # RFC 5321 §4.5.3.1.8: at least 100
+    relay_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+    @field_validator("relay_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> tuple[Network, ...]:
+        if not isinstance(value, list | tuple):
+            raise ValueError("expected a list of networks such as [127.0.0.0/8, '::1/128']")
+        return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> IngestConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+
+class PolicyConfig(_Section):
+    """The classification workers (services/policy)."""
+
+    concurrency: int = Field(default=2, gt=0)  # Celery worker processes
+
+
+class DeliveryConfig(_Section):
+    """The delivery workers (services/deliver)."""
+
+    routes: dict[str, HostPortT] = Field(default_factory=dict)  # transport map, before DNS
+    dns_servers: tuple[DnsServerT, ...] = ()  # empty → the system resolver (/etc/resolv.conf)
+    mx_port: int = Field(default=25, gt=0, lt=65536)
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
+    tls_broken_ttl: Duration = 3600.0  # how long a host with a failed handshake is skipped
+    retry_schedule: tuple[Duration, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+    scheduler_interval: Duration = 1.0  # how often deferred entries are checked for due ones
+    concurrency: int = Field(default=4, gt=0)  # Celery worker processes
+
+    @field_validator("routes")
+    @classmethod
+    def _route_keys(cls, value: dict[str, HostPort]) -> dict[str, HostPort]:
+        for key in value:
+            bare = key[2:] if key.startswith("*.") else key
+            if not bare or "*" in bare or not _HOSTNAME.match(bare):
+                raise ValueError(f"route key must be a domain or '*.suffix', got {key!r}")
+        return {k.lower().rstrip("."): v for k, v in value.items()}
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("retry_schedule needs at least one step")
+        return value
+
+
+class CeleryConfig(_Section):
+    """Queue transport tuning shared by every worker."""
+
+    # kombu's Redis transport hands an unacknowledged task to another worker after this long;
+    # it must exceed the longest task (a delivery bounded by the timeouts above).
+    visibility_timeout: Duration = 1800.0
+
+
+class Config(_Section):
+    """The whole file. ``source`` is the path it was read from (None for built-in defaults)."""
+
+    hostname: str = Field(default_factory=socket.getfqdn)
+    redis_url: str | None = None  # absent → embedded server under data_dir, AOF on
+    data_dir: Path = Path("./var")
+    ingest: IngestConfig = IngestConfig()
+    policy: PolicyConfig = PolicyConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    celery: CeleryConfig = CeleryConfig()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not _HOSTNAME.match(value):
+            raise ValueError(f"not a valid host name: {value!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix|sentinel)://", value):
+            raise ValueError(f"expected redis://, rediss://, unix:// or sentinel:// URL: {value!r}")
+        return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, validate and return the configuration; raise :class:`ConfigError` on any problem."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+    data: dict[str, Any] = {}
+    root: yaml.Node | None = None
+    source: Path | None = None
+    if path is not None:
+        source = Path(path)
+        data, root = _read_yaml(source)
+    if os.environ.get(ENV_REDIS_URL):
+        data["redis_url"] = os.environ[ENV_REDIS_URL]
+    try:
+        config = Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, root)) from None
+    return _resolve_paths(config, source, root)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}") from None
+    if data is None:
+        return {}, root
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of keys")
+    _check_duplicates(path, root, ())
+    return data, root
+
+
+def _check_duplicates(path: Path, node: yaml.Node | None, where: tuple[str, ...]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen:
+                dotted = ".".join((*where, name))
+                raise ConfigError(f"{path}:{key.start_mark.line + 1}: {dotted}: duplicate key")
+            seen.add(name)
+            _check_duplicates(path, value, (*where, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(path, item, (*where, str(i)))
+
+
+def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the deepest node along ``loc`` that exists in the YAML tree."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if str(k.value) == str(part)]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(exc: ValidationError, source: Path | None, root: yaml.Node | None) -> str:
+    lines = []
+    name = str(source) if source else "(defaults)"
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = _locate(root, loc)
+        where = f"{name}:{line}" if line else name
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where}: {dotted}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) -> Config:
+    """Make relative paths absolute (against the config file's directory); check files exist."""
+    base = source.parent.resolve() if source else Path.cwd()
+
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    ingest = config.ingest
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(ingest, key)
+        if value is not None and not absolute(value).is_file():
+            line = _locate(root, ("ingest", key))
+            where = f"{source}:{line}" if line else str(source)
+            raise ConfigError(f"{where}: ingest.{key}: file not found: {absolute(value)}")
+    new_ingest = ingest.model_copy(
+        update={
+            "tls_cert": absolute(ingest.tls_cert) if ingest.tls_cert else None,
+            "tls_key": absolute(ingest.tls_key) if ingest.tls_key else None,
+        }
+    )
+    return config.model_copy(update={"data_dir": absolute(config.data_dir), "ingest": new_ingest})
+
+
+def dump_summary(config: Config) -> Mapping[str, object]:
+    """A JSON-able view of the effective configuration (for ``tlsrelay run`` start-up output)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,180 @@
+"""The message model shared by every service: envelopes, TLS modes, decisions, replies.
+
+Everything here is a plain frozen value with a JSON form (``to_json``/``from_json``), because it
+crosses Celery queues and lives in Redis. No I/O here. ``from_json`` raises ``ValueError`` (or
+``KeyError``) on a malformed document; callers treat that as a bug, not as mail to deliver.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TlsMode(enum.IntEnum):
+    """The TLS requirement for a delivery; ordered, ``max()`` gives the stricter one.
+
+    - ``NONE``: never try STARTTLS.
+    - ``OPPORTUNISTIC``: TLS when offered, certificate not checked, clear when not possible.
+    - ``ENFORCED``: TLS required, certificate not checked; never clear (Postfix ``encrypt``).
+    - ``VERIFIED``: as ENFORCED, and the chain and host name must verify (Postfix ``verify``).
+    """
+
+    NONE = 0
+    OPPORTUNISTIC = 1
+    ENFORCED = 2
+    VERIFIED = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> TlsMode:
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            names = ", ".join(m.label for m in cls)
+            raise ValueError(f"unknown TLS mode {text!r}; expected one of {names}") from None
+
+
+def new_message_id() -> str:
+    """A queue id: 12 hex digits of milliseconds then 8 random hex digits (sortable by age)."""
+    return f"{int(time.time() * 1000):012X}{secrets.token_hex(4).upper()}"
+
+
+_MESSAGE_ID = re.compile(r"^[0-9A-F]{20}$")
+
+
+def is_message_id(text: str) -> bool:
+    return bool(_MESSAGE_ID.match(text))
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of ``local@domain`` (``""`` for the null path)."""
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+@dataclass(frozen=True)
+class InboundTls:
+    """What TLS the inbound SMTP session used (None fields when it was in clear)."""
+
+    version: str | None = None
+    cipher: str | None = None
+
+    @property
+    def used(self) -> bool:
+        return self.version is not None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope of an accepted message, as stored next to its body."""
+
+    id: str
+    sender: str  # "" is the null reverse-path
+    recipients: tuple[str, ...]
+    mail_options: tuple[str, ...] = ()  # e.g. BODY=8BITMIME, SMTPUTF8
+    client_address: str = ""
+    client_helo: str = ""
+    inbound_tls: InboundTls = field(default_factory=InboundTls)
+    received_at: float = 0.0
+    size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "mail_options": list(self.mail_options),
+            "client_address": self.client_address,
+            "client_helo": self.client_helo,
+            "inbound_tls": {"version": self.inbound_tls.version, "cipher": self.inbound_tls.cipher},
+            "received_at": self.received_at,
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Envelope:
+        tls = doc.get("inbound_tls") or {}
+        return cls(
+            id=doc["id"],
+            sender=doc["sender"],
+            recipients=tuple(doc["recipients"]),
+            mail_options=tuple(doc.get("mail_options", ())),
+            client_address=doc.get("client_address", ""),
+            client_helo=doc.get("client_helo", ""),
+            inbound_tls=InboundTls(tls.get("version"), tls.get("cipher")),
+            received_at=float(doc.get("received_at", 0.0)),
+            size=int(doc.get("size", 0)),
+        )
+
+    def recipients_by_domain(self) -> dict[str, tuple[str, ...]]:
+        """Recipients grouped by destination domain, in first-seen order."""
+        groups: dict[str, list[str]] = {}
+        for rcpt in self.recipients:
+            groups.setdefault(domain_of(rcpt), []).append(rcpt)
+        return {d: tuple(r) for d, r in groups.items()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How to deliver to one destination domain: the policy service's output."""
+
+    domain: str
+    tls: TlsMode = TlsMode.OPPORTUNISTIC
+    circumstances: tuple[str, ...] = ("default",)
+    route: str | None = None  # "host:port" that replaces routes/MX, from a rule
+    reasons: tuple[str, ...] = ()  # why each circumstance matched (for traces / explain)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "tls": self.tls.label,
+            "circumstances": list(self.circumstances),
+            "route": self.route,
+            "reasons": list(self.reasons),
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Decision:
+        return cls(
+            domain=doc["domain"],
+            tls=TlsMode.parse(doc["tls"]),
+            circumstances=tuple(doc.get("circumstances", ("default",))),
+            route=doc.get("route"),
+            reasons=tuple(doc.get("reasons", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply: code, enhanced status (RFC 3463, may be empty) and text."""
+
+    code: int
+    status: str = ""
+    text: str = ""
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        parts = [str(self.code), self.status, self.text]
+        return " ".join(p for p in parts if p)
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Reply:
+        """Split an enhanced status code off the front of a reply's text, when present."""
+        m = re.match(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$", message, re.S)
+        if m:
+            return cls(code, m.group(1), m.group(2).strip())
+        return cls(code, "", message.strip())

@@ -1,0 +1,80 @@
+"""Celery task messages as plain Redis values, so a task can ride in our own Redis transaction.
+
+Why: "250" must mean the message *and* its task are durable (CONVENTIONS §4), and a task must
+never be enqueued for a message that was not stored. Celery's ``send_task`` is a separate Redis
+round trip outside any transaction. Instead we build exactly the document kombu's Redis transport
+would ``LPUSH`` (Celery task protocol 2, kombu virtual-channel envelope, base64 body) and push it
+in the same ``MULTI``/``EXEC`` (or Lua script) as our own writes. Real Celery workers consume it;
+the end-to-end tests prove the format.
+
+Celery queues here use a direct exchange named like the queue, with routing key = queue name, so
+the Redis list key is the queue name itself (priority 0).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+QUEUE_POLICY = "policy"
+QUEUE_DELIVER = "deliver"
+
+TASK_CLASSIFY = "tlsrelay.policy.classify"
+TASK_DELIVER = "tlsrelay.deliver.deliver"
+
+ORIGIN = "tlsrelay"
+
+
+def task_payload(task_name: str, args: list[Any], queue: str, task_id: str | None = None) -> str:
+    """The JSON string kombu's Redis transport stores for one Celery task (protocol 2)."""
+    task_id = task_id or str(uuid.uuid4())
+    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    headers = {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": repr(args)[:200],
+        "kwargsrepr": "{}",
+        "origin": ORIGIN,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    message = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": queue, "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(message)
+
+
+def classify_task(message_id: str) -> str:
+    """The ``policy`` task for one accepted message."""
+    return task_payload(TASK_CLASSIFY, [message_id], QUEUE_POLICY)
+
+
+def deliver_task(job: dict[str, Any]) -> str:
+    """The ``deliver`` task for one (message, destination domain) job."""
+    return task_payload(TASK_DELIVER, [job], QUEUE_DELIVER)

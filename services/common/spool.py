@@ -1,0 +1,155 @@
+"""The Redis spool: where accepted messages, their per-recipient state and their trace live.
+
+Layout (every key under ``tlsrelay:``):
+
+- ``msg:{id}``       hash: ``envelope`` (JSON), ``body`` (raw bytes, Received header included),
+                     ``decisions`` (JSON, written by policy). Deleted when every recipient is final.
+- ``rcpt:{id}``      hash: recipient → JSON ``{"state": delivered|bounced, "reply": ..., "at": ...}``.
+                     A recipient present here with a final state is never sent again.
+- ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
+- ``deferred``       sorted set: member = JSON delivery job, score = due time (unix seconds).
+- ``tlsbroken:{host}:{port}``  set with a TTL when a STARTTLS handshake failed there.
+
+Writes that must not be half-done go in one ``MULTI``/``EXEC`` (or one Lua script): a failed
+transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError`` (and
+``OSError``) when Redis cannot be reached; callers decide what that means (ingest: 451).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from services.common import queueing
+from services.common.model import Decision, Envelope
+
+PREFIX = "tlsrelay:"
+DEFERRED = PREFIX + "deferred"
+TRACE_TTL = 7 * 86400
+FINAL_STATES = frozenset({"delivered", "bounced"})
+
+
+def msg_key(message_id: str) -> str:
+    return f"{PREFIX}msg:{message_id}"
+
+
+def rcpt_key(message_id: str) -> str:
+    return f"{PREFIX}rcpt:{message_id}"
+
+
+def trace_key(message_id: str) -> str:
+    return f"{PREFIX}trace:{message_id}"
+
+
+def tls_broken_key(host: str, port: int) -> str:
+    return f"{PREFIX}tlsbroken:{host}:{port}"
+
+
+def event(kind: str, **fields: Any) -> str:
+    """One trace event as stored: JSON with ``at`` (unix seconds) and ``event``."""
+    return json.dumps({"at": round(time.time(), 6), "event": kind, **fields}, sort_keys=True)
+
+
+def connect(url: str) -> redis.Redis:
+    """A synchronous client (workers). Timeouts keep a dead Redis from hanging a task forever."""
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def connect_async(url: str) -> aioredis.Redis:
+    """An asyncio client (ingest)."""
+    return aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+async def accept(client: aioredis.Redis, envelope: Envelope, body: bytes) -> None:
+    """Store message and envelope and enqueue its ``policy`` task, all or nothing.
+
+    One ``MULTI``/``EXEC`` round trip. When this returns, the message is in Redis (and in its AOF
+    within the configured fsync window); when it raises, Redis holds none of it.
+    """
+    received = event(
+        "received",
+        client=envelope.client_address,
+        helo=envelope.client_helo,
+        tls=envelope.inbound_tls.version,
+        cipher=envelope.inbound_tls.cipher,
+        size=envelope.size,
+        sender=envelope.sender,
+        recipients=list(envelope.recipients),
+    )
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.hset(
+            msg_key(envelope.id),
+            mapping={"envelope": json.dumps(envelope.to_json()), "body": body},
+        )
+        pipe.rpush(trace_key(envelope.id), received)
+        pipe.expire(trace_key(envelope.id), TRACE_TTL)
+        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(envelope.id))
+        await pipe.execute()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def load_envelope(client: redis.Redis, message_id: str) -> Envelope | None:
+    """The stored envelope, or None when the message is gone (already final)."""
+    raw = client.hget(msg_key(message_id), "envelope")
+    return Envelope.from_json(json.loads(raw)) if raw else None
+
+
+def load_body(client: redis.Redis, message_id: str) -> bytes | None:
+    raw = client.hget(msg_key(message_id), "body")
+    return bytes(raw) if raw is not None else None
+
+
+def final_recipients(client: redis.Redis, message_id: str) -> set[str]:
+    """Recipients that reached a final state (never to be sent again)."""
+    states = client.hgetall(rcpt_key(message_id))
+    return {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
+
+
+def record_classification(
+    client: redis.Redis, envelope: Envelope, decisions: list[Decision]
+) -> None:
+    """Store the decisions and enqueue one ``deliver`` task per destination domain, atomically."""
+    groups = envelope.recipients_by_domain()
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(
+            msg_key(envelope.id), "decisions", json.dumps([d.to_json() for d in decisions])
+        )
+        for decision in decisions:
+            job = {
+                "id": envelope.id,
+                "domain": decision.domain,
+                "recipients": list(groups[decision.domain]),
+                "decision": decision.to_json(),
+                "attempt": 1,
+            }
+            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(job))
+        pipe.rpush(
+            trace_key(envelope.id),
+            event("classified", decisions=[d.to_json() for d in decisions]),
+        )
+        pipe.expire(trace_key(envelope.id), TRACE_TTL)
+        pipe.execute()
+
+
+def is_classified(client: redis.Redis, message_id: str) -> bool:
+    return bool(client.hexists(msg_key(message_id), "decisions"))
+
+
+def append_trace(client: redis.Redis, message_id: str, *events: str) -> None:
+    with client.pipeline(transaction=True) as pipe:
+        pipe.rpush(trace_key(message_id), *events)
+        pipe.expire(trace_key(message_id), TRACE_TTL)
+        pipe.execute()
+
+
+def read_trace(client: redis.Redis, message_id: str) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in client.lrange(trace_key(message_id), 0, -1)]
