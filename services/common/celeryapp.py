@@ -1,0 +1,87 @@
+"""The Celery application shared by the policy and deliver workers.
+
+Every setting says why it is set. Tasks are thin wrappers over domain code and are registered by
+the service that owns them (``services/policy/tasks.py``, ``services/deliver/tasks.py``). Task
+messages are produced by :mod:`services.common.queueing` (inside our own Redis transactions), so
+this app is only ever used to *consume*.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from services.common import queueing
+from services.common.config import Config
+
+
+def settings(config: Config, redis_url: str) -> dict[str, Any]:
+    return {
+        "broker_url": redis_url,
+        # Only JSON crosses the queues: pickle from a shared Redis is remote code execution.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Nothing reads task results; a result backend would double the Redis writes per task.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # Acknowledge after the task ran, so a worker that dies mid-task leaves it in the queue.
+        "task_acks_late": True,
+        # ... and when the worker *process* is killed (OOM, SIGKILL), requeue rather than ack.
+        "task_reject_on_worker_lost": True,
+        # A task that raised (Redis blip) is not acked either; kombu redelivers it.
+        "task_acks_on_failure_or_timeout": False,
+        # One task reserved per process: a slow delivery must not hold others hostage.
+        "worker_prefetch_multiplier": 1,
+        # Explicit queues; nothing is auto-created by a typo in a routing key.
+        "task_create_missing_queues": False,
+        "task_default_queue": queueing.QUEUE_DELIVER,
+        "task_queues": [
+            Queue(queueing.QUEUE_POLICY, Exchange(queueing.QUEUE_POLICY), queueing.QUEUE_POLICY),
+            Queue(
+                queueing.QUEUE_DELIVER, Exchange(queueing.QUEUE_DELIVER), queueing.QUEUE_DELIVER
+            ),
+        ],
+        "task_routes": {
+            queueing.TASK_CLASSIFY: {"queue": queueing.QUEUE_POLICY},
+            queueing.TASK_DELIVER: {"queue": queueing.QUEUE_DELIVER},
+        },
+        "broker_transport_options": {
+            # Unacked tasks go back to the queue after this long; longer than any delivery.
+            "visibility_timeout": int(config.celery.visibility_timeout),
+        },
+        # Keep retrying the broker forever (at start-up too): a Redis outage must not stop workers.
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Nobody consumes task events; sending them costs a Redis publish per task.
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        # Remote control (pidbox) adds fan-out traffic per worker; we manage workers by signals.
+        "worker_enable_remote_control": False,
+        # Our own JSON logging/printing; Celery must not reconfigure the root logger.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        # Recycle a worker process now and then so a slow leak cannot grow without bound.
+        "worker_max_tasks_per_child": 10000,
+    }
+
+
+def make_app(config: Config, redis_url: str, name: str) -> Celery:
+    app = Celery(f"tlsrelay-{name}", set_as_current=True)
+    app.conf.update(settings(config, redis_url))
+    return app
+
+
+def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
+    """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control)."""
+    return [
+        "worker",
+        "--queues", queue,
+        "--concurrency", str(concurrency),
+        "--pool", "prefork",
+        "--hostname", f"{queue}@{hostname}",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel", "INFO",
+    ]  # fmt: skip

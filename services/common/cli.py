@@ -1,0 +1,194 @@
+"""The ``tlsrelay`` command.
+
+- ``tlsrelay run --config FILE``: the whole relay on one machine — the embedded Redis (when no
+  ``redis_url``), then ``ingest``, ``policy`` and ``deliver`` as child processes. SIGINT/SIGTERM
+  stops every child (SIGTERM, then SIGKILL after a grace period) and the embedded Redis. If a child
+  dies on its own, the others are stopped and ``run`` exits 1.
+- ``tlsrelay ingest|policy|deliver --config FILE``: one service (a Kubernetes container's command).
+- ``tlsrelay trace ID [--json]``: the recorded events of one message.
+
+``--config`` may be replaced by ``$TLSRELAY_CONFIG``; ``$TLSRELAY_REDIS_URL`` overrides
+``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
+listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import FrameType
+
+from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+SERVICES = ("ingest", "policy", "deliver")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"tlsrelay: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    handler = {
+        "run": _run,
+        "ingest": _ingest,
+        "policy": _worker,
+        "deliver": _worker,
+        "trace": _trace,
+    }[args.command]
+    return handler(config, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlsrelay", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "run": "run the whole relay locally (embedded Redis when no redis_url)",
+        "ingest": "run the SMTP ingest service",
+        "policy": "run a policy (classification) worker",
+        "deliver": "run a deliver worker",
+        "trace": "print the event log of one message",
+    }
+    for name, text in helps.items():
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", help="YAML configuration file (default: $TLSRELAY_CONFIG)")
+    sub.choices["trace"].add_argument("id", help="message id, as in '250 2.0.0 Ok: queued as ID'")
+    sub.choices["trace"].add_argument("--json", action="store_true", help="one JSON document")
+    return parser
+
+
+def _require_redis(config: Config, command: str) -> str:
+    if not config.redis_url:
+        print(
+            f"tlsrelay {command}: redis_url is not configured (set it in the config file or "
+            f"${ENV_REDIS_URL}); only 'tlsrelay run' starts an embedded server",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_CONFIG)
+    return config.redis_url
+
+
+def _ingest(config: Config, args: argparse.Namespace) -> int:
+    from services.ingest.server import serve
+
+    serve(config, _require_redis(config, "ingest"))
+    return 0
+
+
+def _worker(config: Config, args: argparse.Namespace) -> int:
+    from services.common import queueing
+    from services.common.celeryapp import make_app, worker_argv
+
+    redis_url = _require_redis(config, args.command)
+    app = make_app(config, redis_url, args.command)
+    if args.command == "policy":
+        from services.policy.tasks import PolicyService
+        from services.policy.tasks import register as register_policy
+
+        register_policy(app, PolicyService(config, redis_url))
+        queue, concurrency = queueing.QUEUE_POLICY, config.policy.concurrency
+    else:
+        from services.deliver.tasks import DeliverService
+        from services.deliver.tasks import register as register_deliver
+
+        register_deliver(app, DeliverService(config, redis_url))
+        queue, concurrency = queueing.QUEUE_DELIVER, config.delivery.concurrency
+    print(f"{args.command} worker consuming queue '{queue}' on {redis_url}", flush=True)
+    app.worker_main(worker_argv(queue, concurrency, config.hostname))
+    return 0
+
+
+def _trace(config: Config, args: argparse.Namespace) -> int:
+    from services.common import spool
+
+    client = spool.connect(_require_redis(config, "trace"))
+    events = spool.read_trace(client, args.id)
+    if not events:
+        print(f"tlsrelay trace: no events for message {args.id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"id": args.id, "events": events}, indent=2))
+        return 0
+    for ev in events:
+        at = datetime.fromtimestamp(ev.pop("at"), UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        kind = ev.pop("event")
+        print(f"{at} {kind:<10} {json.dumps(ev, sort_keys=True)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    from services.common.redisserver import EmbeddedRedis
+
+    embedded = None
+    redis_url = config.redis_url
+    if redis_url is None:
+        embedded = EmbeddedRedis(config.data_dir / "redis")
+        redis_url = embedded.start()
+        print(f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, AOF on)")
+    print(f"ingest: smtp://{config.ingest.listen}", flush=True)
+    children = _spawn(args.config, redis_url)
+    try:
+        return _supervise(children)
+    finally:
+        _stop(children)
+        if embedded is not None:
+            embedded.stop()
+        print("tlsrelay: stopped", flush=True)
+
+
+def _spawn(config_path: str | None, redis_url: str) -> dict[str, subprocess.Popen[bytes]]:
+    env = {**os.environ, ENV_REDIS_URL: redis_url}
+    children = {}
+    for name in SERVICES:
+        argv = [sys.executable, "-m", "services.common.cli", name]
+        if config_path:
+            argv += ["--config", config_path]
+        children[name] = subprocess.Popen(argv, env=env)
+    return children
+
+
+def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop["signal"]:
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"tlsrelay: {name} exited with {child.returncode}", file=sys.stderr)
+                return 1
+        time.sleep(0.2)  # supervisor poll; signals interrupt it at once
+    return 0
+
+
+def _stop(children: dict[str, subprocess.Popen[bytes]], grace: float = 30.0) -> None:
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

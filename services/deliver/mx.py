@@ -1,0 +1,262 @@
+"""Where to deliver a domain's mail: transport routes first, then DNS (RFC 5321 §5.1).
+
+Contract: :func:`resolve` turns a destination domain into an ordered list of
+:class:`Destination` values, each naming a host (for TLS names and traces), a port and the IP
+addresses to try in order (IPv6 first, then IPv4, as DNS returned them). The caller tries them in
+list order. Sources, by priority:
+
+1. a route given by the caller (a policy rule's override), else
+2. a transport route from ``delivery.routes`` (exact domain, then the longest ``*.suffix``), else
+3. the domain's MX records: sorted by preference, equal preferences shuffled; each MX host's
+   AAAA/A records give its addresses; port ``delivery.mx_port``; else
+4. no MX records at all: the domain's own AAAA/A records as an implicit MX.
+
+Failure: every DNS problem is raised as a :class:`DnsError` subclass, never as a dnspython
+exception. :class:`DnsTemporaryError` (SERVFAIL, timeout, no nameserver answered, no usable MX
+host, a route host without addresses) means *defer and retry*. :class:`DnsPermanentError` means
+*bounce*, with an RFC 3463 status: ``5.1.2`` for a domain that does not exist (NXDOMAIN) or exists
+with neither MX nor address records, ``5.1.10`` for a null MX (RFC 7505). An MX host whose own
+lookup fails is skipped; only when no MX host yields an address is the whole lookup deferred
+(as Postfix does for "MX host not found"). Nothing here touches the network except through the
+given resolver; nothing is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import random
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+from dns.rdtypes.ANY.MX import MX
+
+from services.common.config import DeliveryConfig, HostPort
+
+_ADDRESS_TYPES = (dns.rdatatype.AAAA, dns.rdatatype.A)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One place to try: a host name (or IP literal), a port and its addresses in order."""
+
+    host: str  # the MX host name (or route host / IP literal); used for TLS names and traces
+    port: int
+    addresses: tuple[str, ...]  # IP addresses to try in order
+    preference: int | None = None  # MX preference; None for routes and implicit MX
+    source: str = "mx"  # "route" | "mx" | "implicit"
+
+
+class DnsError(Exception):
+    """A DNS lookup for ``domain`` did not give a destination; ``str()`` explains why."""
+
+    def __init__(self, domain: str, text: str) -> None:
+        super().__init__(text)
+        self.domain = domain
+
+
+class DnsTemporaryError(DnsError):
+    """The lookup may succeed later (SERVFAIL, timeout, no usable MX host): defer."""
+
+
+class DnsPermanentError(DnsError):
+    """The domain cannot receive mail (NXDOMAIN, null MX, no MX and no address): bounce."""
+
+    def __init__(self, domain: str, status: str, text: str) -> None:
+        super().__init__(domain, text)
+        self.status = status
+
+
+def _normal(domain: str) -> str:
+    return domain.strip().lower().rstrip(".")
+
+
+def route_for(domain: str, routes: Mapping[str, HostPort]) -> HostPort | None:
+    """The route for ``domain``: an exact key first, then the longest matching ``*.suffix``."""
+    table = {_normal(key): value for key, value in routes.items()}
+    name = _normal(domain)
+    if name in table:
+        return table[name]
+    labels = name.split(".")
+    for i in range(1, len(labels)):
+        found = table.get("*." + ".".join(labels[i:]))
+        if found is not None:
+            return found
+    return None
+
+
+def make_resolver(dns_servers: Sequence[HostPort], timeout: float) -> dns.asyncresolver.Resolver:
+    """A resolver using ``dns_servers`` (IP addresses with ports), or the system's when empty.
+
+    Raises ``ValueError`` for a server given by name (a resolver needs addresses to start).
+    """
+    resolver = dns.asyncresolver.Resolver(configure=not dns_servers)
+    if dns_servers:
+        for server in dns_servers:
+            if not server.is_ip:
+                raise ValueError(f"DNS server must be an IP address, got {server}")
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, s.port) for s in dns_servers]
+    resolver.lifetime = timeout
+    return resolver
+
+
+async def resolve(
+    domain: str,
+    config: DeliveryConfig,
+    resolver: dns.asyncresolver.Resolver,
+    route: HostPort | None = None,
+    rng: random.Random | None = None,
+) -> list[Destination]:
+    """Destinations for ``domain`` in the order to try them; raises :class:`DnsError`."""
+    domain = _normal(domain)
+    if route is None:
+        route = route_for(domain, config.routes)
+    if route is not None:
+        return [await _route_destination(domain, route, resolver)]
+    try:
+        answer = await _query(resolver, domain, _name(domain), dns.rdatatype.MX)
+    except dns.resolver.NXDOMAIN:
+        raise DnsPermanentError(domain, "5.1.2", f"domain {domain} does not exist") from None
+    except dns.resolver.NoAnswer:
+        return [await _implicit_destination(domain, config, resolver)]
+    records = [r for r in answer if isinstance(r, MX)]
+    return await _mx_destinations(domain, records, config, resolver, rng or random.Random())
+
+
+def _name(domain: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(domain)
+    except dns.exception.DNSException as exc:
+        raise DnsPermanentError(domain, "5.1.2", f"invalid domain name {domain!r}: {exc}") from None
+
+
+async def _query(
+    resolver: dns.asyncresolver.Resolver,
+    domain: str,
+    name: dns.name.Name,
+    rdtype: dns.rdatatype.RdataType,
+) -> dns.resolver.Answer:
+    """One lookup; NXDOMAIN and NoAnswer pass through, other failures become temporary."""
+    try:
+        return await resolver.resolve(name, rdtype, search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        raise
+    except dns.exception.DNSException as exc:
+        what = f"{name.to_text(omit_final_dot=True)}/{dns.rdatatype.to_text(rdtype)}"
+        raise DnsTemporaryError(domain, f"DNS lookup of {what} failed: {exc}") from exc
+
+
+async def _addresses(
+    resolver: dns.asyncresolver.Resolver, domain: str, name: dns.name.Name
+) -> tuple[str, ...]:
+    """AAAA then A addresses of ``name``; () when it has none (or does not exist).
+
+    Raises :class:`DnsTemporaryError` only when no address was found and a lookup failed.
+    """
+    lookups = [_address_list(resolver, domain, name, t) for t in _ADDRESS_TYPES]
+    outcomes = await _gather_dns(lookups)
+    found = [a for o in outcomes if not isinstance(o, DnsError) for a in o]
+    if found:
+        return tuple(dict.fromkeys(found))
+    for outcome in outcomes:
+        if isinstance(outcome, DnsError):
+            raise outcome
+    return ()
+
+
+async def _address_list(
+    resolver: dns.asyncresolver.Resolver,
+    domain: str,
+    name: dns.name.Name,
+    rdtype: dns.rdatatype.RdataType,
+) -> list[str]:
+    try:
+        answer = await _query(resolver, domain, name, rdtype)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    return [str(ipaddress.ip_address(r.to_text())) for r in answer]
+
+
+async def _gather_dns(lookups: Sequence[Awaitable[_T]]) -> list[_T | DnsError]:
+    """Run lookups concurrently; DNS errors are returned in place, anything else propagates."""
+    result: list[_T | DnsError] = []
+    for outcome in await asyncio.gather(*lookups, return_exceptions=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, DnsError):
+            raise outcome
+        result.append(outcome)
+    return result
+
+
+async def _route_destination(
+    domain: str, route: HostPort, resolver: dns.asyncresolver.Resolver
+) -> Destination:
+    """A route is one destination; a named route host without addresses defers (config issue)."""
+    if route.is_ip:
+        ip = str(ipaddress.ip_address(route.host))
+        return Destination(ip, route.port, (ip,), None, "route")
+    host = _normal(route.host)
+    addresses = await _addresses(resolver, domain, _name(host))
+    if not addresses:
+        raise DnsTemporaryError(domain, f"route host {host} for {domain} has no address")
+    return Destination(host, route.port, addresses, None, "route")
+
+
+async def _implicit_destination(
+    domain: str, config: DeliveryConfig, resolver: dns.asyncresolver.Resolver
+) -> Destination:
+    """No MX records: the domain's own addresses act as an MX of preference 0 (RFC 5321 §5.1)."""
+    addresses = await _addresses(resolver, domain, _name(domain))
+    if not addresses:
+        text = f"domain {domain} has no MX and no address records"
+        raise DnsPermanentError(domain, "5.1.2", text)
+    return Destination(domain, config.mx_port, addresses, None, "implicit")
+
+
+def _ordered(records: Sequence[MX], rng: random.Random) -> list[MX]:
+    """Sorted by preference; records of equal preference in random order (RFC 5321 §5.1)."""
+    result: list[MX] = []
+    ranked = sorted(records, key=lambda r: (r.preference, r.exchange.to_text().lower()))
+    for _, group in itertools.groupby(ranked, key=lambda r: r.preference):
+        same = list(group)
+        rng.shuffle(same)
+        result.extend(same)
+    return result
+
+
+async def _mx_destinations(
+    domain: str,
+    records: Sequence[MX],
+    config: DeliveryConfig,
+    resolver: dns.asyncresolver.Resolver,
+    rng: random.Random,
+) -> list[Destination]:
+    """One destination per MX host with addresses; hosts without any are skipped."""
+    real = [r for r in records if r.exchange != dns.name.root]
+    if not real:
+        raise DnsPermanentError(domain, "5.1.10", f"domain {domain} accepts no mail (null MX)")
+    ordered = _ordered(real, rng)
+    outcomes = await _gather_dns([_addresses(resolver, domain, r.exchange) for r in ordered])
+    result = [
+        Destination(_normal(r.exchange.to_text()), config.mx_port, found, r.preference, "mx")
+        for r, found in zip(ordered, outcomes, strict=True)
+        if not isinstance(found, DnsError) and found
+    ]
+    if not result:
+        raise _no_mx_host(domain, outcomes)
+    return result
+
+
+def _no_mx_host(domain: str, outcomes: Sequence[object]) -> DnsTemporaryError:
+    failures = [str(o) for o in outcomes if isinstance(o, DnsError)]
+    if failures:
+        return DnsTemporaryError(domain, f"no MX host of {domain} resolved: {failures[0]}")
+    return DnsTemporaryError(domain, f"MX host for {domain} not found (no address records)")

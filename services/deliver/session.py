@@ -1,0 +1,278 @@
+"""One SMTP client session to one address of one destination host (aiosmtplib).
+
+``attempt(...)`` connects, says EHLO, follows :mod:`services.deliver.tls` for STARTTLS, and runs
+one transaction for the given recipients. It never raises for anything the network or the peer
+does: every outcome is an :class:`Attempt` — per-recipient replies when the transaction ran, or a
+session-level ``error`` with ``next_host=True`` when the caller should try the next address
+(connection refused, timeout, bad greeting, TLS required but not available, disconnect).
+
+Clear text happens only where :func:`services.deliver.tls.after_starttls` or
+:func:`~services.deliver.tls.wants_starttls` says so; a handshake failure in opportunistic mode
+reconnects in clear and reports it through ``on_handshake_failed`` (the shared "TLS broken" memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+
+from services.common.model import Envelope, Reply, TlsMode
+from services.deliver import tls
+from services.deliver.tls import Action, Outcome, Situation
+
+# RFC 3463 codes for failures that have no server reply of their own.
+TLS_UNAVAILABLE = Reply(451, "4.7.10", "TLS required but not available")
+CONNECT_FAILED = "4.4.1"  # RFC 3463: no answer from host
+CONNECTION_DROPPED = "4.4.2"  # RFC 3463: bad connection
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to connect and what name to expect on its certificate."""
+
+    host: str  # MX host name (or route host): shown in traces
+    address: str  # IP address actually connected to
+    port: int
+    tls_name: str  # name checked against the certificate in verified mode
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """The requirement for this delivery and the material to meet it."""
+
+    mode: TlsMode
+    ca_file: str | None = None  # verified mode: CA bundle (None → system CAs)
+    remembered_broken: bool = False
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Our EHLO name and how long to wait (RFC 5321 §4.5.3.2 gives the defaults)."""
+
+    local_hostname: str
+    connect: float = 30.0
+    command: float = 300.0
+
+
+@dataclass
+class Attempt:
+    """What happened in one attempt (one address); becomes one trace event."""
+
+    peer: Peer
+    mode: TlsMode
+    outcome: Outcome | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    error: Reply | None = None  # session-level failure (nothing was accepted)
+    next_host: bool = False  # the caller should try the next address/host
+    replies: dict[str, Reply] = field(default_factory=dict)  # per recipient, final for this try
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.peer.host,
+            "address": self.peer.address,
+            "port": self.peer.port,
+            "tls_mode": self.mode.label,
+            "tls_outcome": self.outcome.value if self.outcome else None,
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+            "error": str(self.error) if self.error else None,
+            "replies": {r: str(reply) for r, reply in self.replies.items()},
+        }
+
+
+class _NextHost(Exception):
+    """Abandon this address; carries the reply to record."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def tls_context(settings: TlsSettings) -> ssl.SSLContext:
+    """Verified mode checks chain and name; every other mode encrypts without checking."""
+    if settings.mode is TlsMode.VERIFIED:
+        return ssl.create_default_context(cafile=settings.ca_file)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def attempt(
+    peer: Peer,
+    envelope: Envelope,
+    recipients: Sequence[str],
+    body: bytes,
+    settings: TlsSettings,
+    timeouts: Timeouts,
+    on_handshake_failed: Callable[[Peer], None] = lambda peer: None,
+) -> Attempt:
+    result = Attempt(peer=peer, mode=settings.mode)
+    smtp: aiosmtplib.SMTP | None = None
+    try:
+        smtp = await _open(peer, timeouts)
+        smtp = await _negotiate_tls(smtp, result, settings, timeouts, on_handshake_failed)
+        await _transaction(smtp, envelope, recipients, body, result)
+    except _NextHost as exc:
+        result.error, result.next_host = exc.reply, True
+    finally:
+        if smtp is not None:
+            await _close(smtp)
+    return result
+
+
+async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
+    """Connect, read the greeting and say EHLO; anything wrong → next host."""
+    # start_tls=False: STARTTLS is decided by our TLS table, never by aiosmtplib's defaults.
+    smtp = aiosmtplib.SMTP(
+        hostname=peer.address,
+        port=peer.port,
+        local_hostname=timeouts.local_hostname,
+        timeout=timeouts.command,
+        start_tls=False,
+        use_tls=False,
+        validate_certs=False,
+    )
+    try:
+        await smtp.connect(timeout=timeouts.connect)
+        await smtp.ehlo()
+    except aiosmtplib.SMTPResponseException as exc:
+        smtp.close()
+        raise _NextHost(Reply.parse(exc.code, exc.message)) from None
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        smtp.close()
+        raise _NextHost(Reply(421, CONNECT_FAILED, f"connect failed: {_text(exc)}")) from None
+    return smtp
+
+
+async def _negotiate_tls(
+    smtp: aiosmtplib.SMTP,
+    result: Attempt,
+    settings: TlsSettings,
+    timeouts: Timeouts,
+    on_handshake_failed: Callable[[Peer], None],
+) -> aiosmtplib.SMTP:
+    """Upgrade per the TLS table; return the client to continue on (a new one after reconnect)."""
+    action, outcome = tls.wants_starttls(settings.mode, settings.remembered_broken)
+    if action is Action.TRY_TLS:
+        situation = await _starttls(smtp, result.peer, settings)
+        action, outcome = tls.after_starttls(settings.mode, situation)
+    result.outcome = outcome
+    if action is Action.SEND_TLS:
+        result.tls_version, result.cipher = _tls_info(smtp)
+    elif action is Action.NEXT_HOST:
+        detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({outcome.value})"
+        raise _NextHost(Reply(TLS_UNAVAILABLE.code, TLS_UNAVAILABLE.status, detail))
+    elif action is Action.RECONNECT_CLEAR:
+        on_handshake_failed(result.peer)
+        await _close(smtp)
+        smtp = await _open(result.peer, timeouts)
+    return smtp
+
+
+async def _starttls(smtp: aiosmtplib.SMTP, peer: Peer, settings: TlsSettings) -> Situation:
+    if not smtp.supports_extension("starttls"):
+        return Situation.NOT_OFFERED
+    try:
+        await smtp.starttls(server_hostname=peer.tls_name, tls_context=tls_context(settings))
+        await smtp.ehlo()  # RFC 3207 §4.2: forget what was said in clear, ask again
+    except Exception as exc:  # noqa: BLE001 - any failure here is "handshake failed"
+        return Situation.VERIFY_FAILED if _is_verify_error(exc) else Situation.HANDSHAKE_FAILED
+    return Situation.HANDSHAKE_OK
+
+
+def _is_verify_error(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP,
+    envelope: Envelope,
+    recipients: Sequence[str],
+    body: bytes,
+    result: Attempt,
+) -> None:
+    """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
+    try:
+        await smtp.mail(envelope.sender, options=_mail_options(smtp, envelope))
+    except aiosmtplib.SMTPResponseException as exc:
+        if exc.code >= 500:  # the sender is refused: the same for every recipient
+            result.replies = dict.fromkeys(recipients, Reply.parse(exc.code, exc.message))
+            return
+        raise _NextHost(Reply.parse(exc.code, exc.message)) from None
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
+    accepted = await _recipients(smtp, recipients, result)
+    if accepted:
+        reply = await _data(smtp, body)
+        result.replies.update(dict.fromkeys(accepted, reply))
+
+
+async def _recipients(
+    smtp: aiosmtplib.SMTP, recipients: Sequence[str], result: Attempt
+) -> list[str]:
+    accepted = []
+    for rcpt in recipients:
+        try:
+            await smtp.rcpt(rcpt)
+            accepted.append(rcpt)
+        except aiosmtplib.SMTPResponseException as exc:
+            result.replies[rcpt] = Reply.parse(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
+    return accepted
+
+
+async def _data(smtp: aiosmtplib.SMTP, body: bytes) -> Reply:
+    try:
+        response = await smtp.data(body)
+    except aiosmtplib.SMTPResponseException as exc:
+        return Reply.parse(exc.code, exc.message)
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
+        return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
+    return Reply.parse(response.code, response.message)
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope) -> list[str]:
+    """Pass on BODY=8BITMIME and SMTPUTF8 from the inbound session where the peer supports them."""
+    options = []
+    for option in envelope.mail_options:
+        keyword = option.split("=", 1)[0].upper()
+        if keyword == "BODY" and smtp.supports_extension("8bitmime"):
+            options.append(option)
+        elif keyword == "SMTPUTF8" and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+    return options
+
+
+def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None, None
+    cipher = ssl_object.cipher()
+    return ssl_object.version(), cipher[0] if cipher else None
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    if not smtp.is_connected:
+        return
+    try:
+        await asyncio.wait_for(smtp.quit(), timeout=5)
+    except Exception:  # noqa: BLE001 - the transaction's outcome is already decided
+        smtp.close()
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")

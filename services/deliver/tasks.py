@@ -1,0 +1,74 @@
+"""The ``deliver`` Celery task and the deliver worker's process wiring.
+
+The task is a thin wrapper: it runs :meth:`services.deliver.delivery.Deliverer.run` on this
+process's event loop (one per worker process, kept for its lifetime so later connection reuse can
+live on it). An unexpected error in delivery code is not allowed to drop the job: the job is put
+back into the deferred set (due after the first retry step) and the error is logged. Redis errors
+propagate, so the task is not acknowledged and Celery runs it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from services.common import queueing, spool
+from services.common.config import Config
+from services.deliver.delivery import Deliverer
+from services.deliver.scheduler import SchedulerThread
+
+log = logging.getLogger("tlsrelay.deliver")
+
+
+class DeliverService:
+    def __init__(self, config: Config, redis_url: str) -> None:
+        self.config = config
+        self.redis_url = redis_url
+        self._deliverer: Deliverer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def deliverer(self) -> Deliverer:
+        if self._deliverer is None:  # per process: created after the prefork fork
+            self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
+            self._loop = asyncio.new_event_loop()
+        return self._deliverer
+
+    def deliver(self, job: dict[str, Any]) -> None:
+        deliverer = self.deliverer
+        assert self._loop is not None
+        try:
+            self._loop.run_until_complete(deliverer.run(job))
+        except redis.exceptions.RedisError:
+            raise
+        except Exception:
+            log.exception("delivery of %s to %s failed unexpectedly", job["id"], job["domain"])
+            self._park(deliverer.client, job)
+
+    def _park(self, client: redis.Redis, job: dict[str, Any]) -> None:
+        due = time.time() + self.config.delivery.retry_schedule[0]
+        client.zadd(spool.DEFERRED, {json.dumps(job, sort_keys=True): due})
+        spool.append_trace(client, job["id"], spool.event("error", domain=job["domain"]))
+
+
+def register(app: Celery, service: DeliverService) -> None:
+    @app.task(name=queueing.TASK_DELIVER)  # type: ignore[untyped-decorator]
+    def deliver(job: dict[str, Any]) -> None:
+        service.deliver(job)
+
+    scheduler = SchedulerThread(service.redis_url, service.config.delivery.scheduler_interval)
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def start_scheduler(**_: object) -> None:
+        scheduler.start()
+
+    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def stop_scheduler(**_: object) -> None:
+        scheduler.stop()
