@@ -39,9 +39,7 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
         "task_default_queue": queueing.QUEUE_DELIVER,
         "task_queues": [
             Queue(queueing.QUEUE_POLICY, Exchange(queueing.QUEUE_POLICY), queueing.QUEUE_POLICY),
-            Queue(
-                queueing.QUEUE_DELIVER, Exchange(queueing.QUEUE_DELIVER), queueing.QUEUE_DELIVER
-            ),
+            Queue(queueing.QUEUE_DELIVER, Exchange(queueing.QUEUE_DELIVER), queueing.QUEUE_DELIVER),
         ],
         "task_routes": {
             queueing.TASK_CLASSIFY: {"queue": queueing.QUEUE_POLICY},

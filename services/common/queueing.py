@@ -30,8 +30,10 @@ ORIGIN = "tlsrelay"
 def task_payload(task_name: str, args: list[Any], queue: str, task_id: str | None = None) -> str:
     """The JSON string kombu's Redis transport stores for one Celery task (protocol 2)."""
     task_id = task_id or str(uuid.uuid4())
-    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    headers = {
+    body = json.dumps(
+        [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
+    headers: dict[str, Any] = {
         "lang": "py",
         "task": task_name,
         "id": task_id,

@@ -4,8 +4,8 @@ Layout (every key under ``tlsrelay:``):
 
 - ``msg:{id}``       hash: ``envelope`` (JSON), ``body`` (raw bytes, Received header included),
                      ``decisions`` (JSON, written by policy). Deleted when every recipient is final.
-- ``rcpt:{id}``      hash: recipient → JSON ``{"state": delivered|bounced, "reply": ..., "at": ...}``.
-                     A recipient present here with a final state is never sent again.
+- ``rcpt:{id}``      hash: recipient → JSON ``{"state", "reply", "at"}``, state ``delivered`` or
+                     ``bounced``: a recipient with a final state here is never sent again.
 - ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
 - ``deferred``       sorted set: member = JSON delivery job, score = due time (unix seconds).
 - ``tlsbroken:{host}:{port}``  set with a TTL when a STARTTLS handshake failed there.
@@ -99,18 +99,18 @@ async def accept(client: aioredis.Redis, envelope: Envelope, body: bytes) -> Non
 
 def load_envelope(client: redis.Redis, message_id: str) -> Envelope | None:
     """The stored envelope, or None when the message is gone (already final)."""
-    raw = client.hget(msg_key(message_id), "envelope")
+    raw: bytes | None = client.hget(msg_key(message_id), "envelope")  # type: ignore[assignment]
     return Envelope.from_json(json.loads(raw)) if raw else None
 
 
 def load_body(client: redis.Redis, message_id: str) -> bytes | None:
-    raw = client.hget(msg_key(message_id), "body")
-    return bytes(raw) if raw is not None else None
+    raw: bytes | None = client.hget(msg_key(message_id), "body")  # type: ignore[assignment]
+    return raw
 
 
 def final_recipients(client: redis.Redis, message_id: str) -> set[str]:
     """Recipients that reached a final state (never to be sent again)."""
-    states = client.hgetall(rcpt_key(message_id))
+    states: dict[bytes, bytes] = client.hgetall(rcpt_key(message_id))  # type: ignore[assignment]
     return {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
 
 
@@ -120,9 +120,7 @@ def record_classification(
     """Store the decisions and enqueue one ``deliver`` task per destination domain, atomically."""
     groups = envelope.recipients_by_domain()
     with client.pipeline(transaction=True) as pipe:
-        pipe.hset(
-            msg_key(envelope.id), "decisions", json.dumps([d.to_json() for d in decisions])
-        )
+        pipe.hset(msg_key(envelope.id), "decisions", json.dumps([d.to_json() for d in decisions]))
         for decision in decisions:
             job = {
                 "id": envelope.id,

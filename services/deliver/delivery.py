@@ -68,7 +68,9 @@ class Deliverer:
         self.client = client
         delivery = config.delivery
         self.resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.connect_timeout)
-        self.timeouts = Timeouts(config.hostname, delivery.connect_timeout, delivery.command_timeout)
+        self.timeouts = Timeouts(
+            config.hostname, delivery.connect_timeout, delivery.command_timeout
+        )
 
     async def run(self, job: dict[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
@@ -100,10 +102,10 @@ class Deliverer:
             return outcome
         last_error = NO_HOST
         for peer in self._peers(hosts, decision.domain):
+            settings = self._tls(decision, peer)
             result = await attempt(
-                peer, envelope, pending, body, self._tls(decision, peer), self.timeouts,
-                on_handshake_failed=self._remember_broken,
-            )  # fmt: skip
+                peer, envelope, pending, body, settings, self.timeouts, self._remember_broken
+            )
             outcome.attempts.append(result)
             if not result.next_host:
                 outcome.settle(result.replies)
@@ -129,27 +131,19 @@ class Deliverer:
 
     def record(self, job: dict[str, Any], envelope: Envelope, outcome: Outcome) -> None:
         """Write the round's results in one transaction; delete the message once all are final."""
-        now = time.time()
-        decision = job["decision"]
-        events = [
-            spool.event("attempt", domain=job["domain"], **a.to_json()) for a in outcome.attempts
-        ]
+        now, domain = time.time(), job["domain"]
+        events = [spool.event("attempt", domain=domain, **a.to_json()) for a in outcome.attempts]
         with self.client.pipeline(transaction=True) as pipe:
             for state, replies in (("delivered", outcome.delivered), ("bounced", outcome.bounced)):
-                if not replies:
-                    continue
-                pipe.hset(spool.rcpt_key(envelope.id), mapping=_states(state, replies, now))
-                events.append(spool.event(state, domain=job["domain"], **_replies(replies)))
+                if replies:
+                    pipe.hset(spool.rcpt_key(envelope.id), mapping=_states(state, replies, now))
+                    events.append(spool.event(state, domain=domain, **_replies(replies)))
             if outcome.deferred:
                 due = now + retry_delay(self.config.delivery.retry_schedule, job["attempt"])
                 retry = {**job, "recipients": list(outcome.deferred), "attempt": job["attempt"] + 1}
                 pipe.zadd(spool.DEFERRED, {json.dumps(retry, sort_keys=True): due})
-                events.append(
-                    spool.event(
-                        "deferred", domain=job["domain"], due=round(due, 3),
-                        tls_mode=decision["tls"], **_replies(outcome.deferred),
-                    )  # fmt: skip
-                )
+                deferred = _replies(outcome.deferred)
+                events.append(spool.event("deferred", domain=domain, due=round(due, 3), **deferred))
             pipe.rpush(spool.trace_key(envelope.id), *events)
             pipe.expire(spool.trace_key(envelope.id), spool.TRACE_TTL)
             pipe.execute()
@@ -179,8 +173,11 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def _states(state: str, replies: dict[str, Reply], now: float) -> dict[str, str]:
-    return {r: json.dumps({"state": state, "reply": str(reply), "at": now}) for r, reply in replies.items()}
+def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:
+    return {
+        r: json.dumps({"state": state, "reply": str(reply), "at": now})
+        for r, reply in replies.items()
+    }
 
 
 def _replies(replies: dict[str, Reply]) -> dict[str, Any]:

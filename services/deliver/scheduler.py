@@ -37,7 +37,9 @@ return moved
 def move_due(client: redis.Redis, now: float | None = None, limit: int = 500) -> int:
     """Move up to ``limit`` due jobs to the ``deliver`` queue; return how many moved."""
     now = time.time() if now is None else now
-    members = client.zrangebyscore(spool.DEFERRED, "-inf", now, start=0, num=limit)
+    members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
+        spool.DEFERRED, "-inf", now, start=0, num=limit
+    )
     if not members:
         return 0
     args: list[bytes | str] = []

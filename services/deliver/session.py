@@ -145,7 +145,7 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
         raise _NextHost(Reply.parse(exc.code, exc.message)) from None
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
         raise _NextHost(Reply(421, CONNECT_FAILED, f"connect failed: {_text(exc)}")) from None
     return smtp
@@ -167,7 +167,8 @@ async def _negotiate_tls(
     if action is Action.SEND_TLS:
         result.tls_version, result.cipher = _tls_info(smtp)
     elif action is Action.NEXT_HOST:
-        detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({outcome.value})"
+        why = outcome.value if outcome else "no TLS"
+        detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({why})"
         raise _NextHost(Reply(TLS_UNAVAILABLE.code, TLS_UNAVAILABLE.status, detail))
     elif action is Action.RECONNECT_CLEAR:
         on_handshake_failed(result.peer)
@@ -182,7 +183,7 @@ async def _starttls(smtp: aiosmtplib.SMTP, peer: Peer, settings: TlsSettings) ->
     try:
         await smtp.starttls(server_hostname=peer.tls_name, tls_context=tls_context(settings))
         await smtp.ehlo()  # RFC 3207 §4.2: forget what was said in clear, ask again
-    except Exception as exc:  # noqa: BLE001 - any failure here is "handshake failed"
+    except Exception as exc:
         return Situation.VERIFY_FAILED if _is_verify_error(exc) else Situation.HANDSHAKE_FAILED
     return Situation.HANDSHAKE_OK
 
@@ -211,7 +212,7 @@ async def _transaction(
             result.replies = dict.fromkeys(recipients, Reply.parse(exc.code, exc.message))
             return
         raise _NextHost(Reply.parse(exc.code, exc.message)) from None
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     accepted = await _recipients(smtp, recipients, result)
     if accepted:
@@ -229,7 +230,7 @@ async def _recipients(
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
             result.replies[rcpt] = Reply.parse(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     return accepted
 
@@ -239,7 +240,7 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes) -> Reply:
         response = await smtp.data(body)
     except aiosmtplib.SMTPResponseException as exc:
         return Reply.parse(exc.code, exc.message)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
     return Reply.parse(response.code, response.message)
@@ -270,7 +271,7 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         return
     try:
         await asyncio.wait_for(smtp.quit(), timeout=5)
-    except Exception:  # noqa: BLE001 - the transaction's outcome is already decided
+    except Exception:
         smtp.close()
 
 

@@ -1,0 +1,421 @@
+"""The SMTP listener: receives mail, stores it in the Redis spool and queues it for policy.
+
+Contract (these replies are relied on by clients and tests):
+
+- EHLO advertises SIZE <ingest.max_message_bytes>, 8BITMIME, SMTPUTF8, PIPELINING,
+  ENHANCEDSTATUSCODES, STARTTLS (only while the session is in clear) and HELP. Every reply but
+  the greeting, the HELO/EHLO lines, 354 and 334 carries an RFC 3463 enhanced status code;
+  replies aiosmtpd produces without one get a default from :data:`ENHANCED_DEFAULTS`.
+- MAIL: ``SIZE=`` above the limit → ``552 5.3.4``; the null reverse-path ``<>`` is accepted.
+- RCPT: more than ``ingest.max_recipients`` → ``452 4.5.3 Too many recipients``; a client outside
+  ``ingest.relay_networks`` → ``554 5.7.1 Relay access denied`` (see :meth:`_may_relay`).
+  CR, LF or NUL in an address → ``501 5.1.7`` (sender) / ``501 5.1.3`` (recipient).
+- DATA: the stored body is a ``Received:`` header (RFC 5321 §4.4) followed by the octets exactly
+  as received (only SMTP dot-stuffing undone). ``250 2.0.0 Ok: queued as <ID>`` is sent only
+  after :func:`services.common.spool.accept` returned, i.e. the message and its ``policy`` task
+  are both in Redis. More data than the limit → ``552 5.3.4``.
+- STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate (see
+  :mod:`services.ingest.tlscert`).
+
+Failure behaviour: when Redis is unreachable, fails or is too slow, DATA is answered
+``451 4.3.0 Temporary failure, try again later`` and the error is logged; ``accept()`` is one
+MULTI/EXEC, so nothing half-written remains and the client retries later. An unexpected
+exception in a command is logged and answered ``451 4.3.0`` too (never a stack trace to the
+peer). If Redis committed but the reply was lost, the client retries and the message may be
+delivered twice: mail is at-least-once (RFC 5321 §6.1), never lost. :meth:`IngestServer.stop`
+closes open sessions; a message whose 250 was not yet sent is not acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import ipaddress
+import logging
+import re
+import signal
+import ssl
+import time
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from aiosmtpd.smtp import SMTP, Session, TLSSetupException
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from redis.exceptions import RedisError
+
+from services.common import spool
+from services.common.config import Config, HostPort
+from services.common.model import Envelope, InboundTls, new_message_id
+from services.ingest import tlscert
+
+log = logging.getLogger("tlsrelay.ingest")
+
+# RFC 3463 enhanced status codes (with the RFC 5248 registry) for replies that aiosmtpd itself
+# produces without one. Keyed by basic reply code; any other code gets "<class>.0.0".
+ENHANCED_DEFAULTS: Final[dict[int, str]] = {
+    221: "2.0.0",  # closing connection
+    250: "2.0.0",  # other or undefined status: success
+    421: "4.3.0",  # service not available: other mail system status
+    451: "4.3.0",  # local error in processing
+    454: "4.7.0",  # TLS not available (RFC 3207): security or policy status
+    500: "5.5.2",  # syntax error, command unrecognized
+    501: "5.5.4",  # syntax error in parameters: invalid command arguments
+    502: "5.5.1",  # command not implemented: invalid command
+    503: "5.5.1",  # bad sequence of commands: invalid command
+    504: "5.5.4",  # parameter not implemented: invalid command arguments
+    530: "5.7.0",  # must issue STARTTLS / authentication required: security or policy
+    550: "5.0.0",  # mailbox unavailable: other undefined status
+    552: "5.3.4",  # exceeded storage allocation: message too big for system
+    554: "5.3.0",  # transaction failed: other or undefined mail system status
+    555: "5.5.4",  # MAIL/RCPT parameters not recognized: invalid command arguments
+}
+_NO_ENHANCED_CODE: Final = frozenset({"334", "354"})  # AUTH challenge, DATA go-ahead
+_HAS_ENHANCED_CODE = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+# aiosmtpd texts replaced by the wording of our contract.
+TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+_REWRITES: Final[dict[str, str]] = {
+    "552 Error: message size exceeds fixed maximum message size": TOO_BIG,
+    "552 Error: Too much mail data": TOO_BIG,
+}
+
+TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
+ACCEPT_TIMEOUT = 30.0  # seconds for the spool transaction; the client waits 10 min (RFC 5321)
+_FORBIDDEN_IN_ADDRESS = re.compile("[\r\n\0]")
+_NOT_PRINTABLE = re.compile(r"[^!-~]")  # anything but visible ASCII (for the Received header)
+
+
+def with_enhanced_code(reply: str) -> str:
+    """``reply`` with an RFC 3463 status after the basic code, unless it has one or takes none."""
+    reply = _REWRITES.get(reply, reply)
+    code, sep, text = reply[:3], reply[3:4] or " ", reply[4:]
+    if not code.isdigit() or code[0] not in "245" or code in _NO_ENHANCED_CODE:
+        return reply
+    if _HAS_ENHANCED_CODE.match(reply):
+        return reply
+    status = ENHANCED_DEFAULTS.get(int(code), f"{code[0]}.0.0")
+    return f"{code}{sep}{status} {text}".rstrip()
+
+
+class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
+    """aiosmtpd's protocol with enhanced status codes on its replies and no AUTH."""
+
+    def __init__(self, handler: IngestHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._connections = handler.connections
+        self._greeted = False
+        self._helo_reply = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            await super().push(with_enhanced_code(status) if self._needs_code(status) else status)
+        else:
+            await super().push(status)
+        self._greeted = True
+
+    def _needs_code(self, status: str) -> bool:
+        # RFC 2034 §3: not the greeting, not the replies to HELO/EHLO.
+        return self._greeted and not (self._helo_reply and status.startswith("250"))
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._helo_reply = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._helo_reply = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._helo_reply = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._helo_reply = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push("502 5.5.1 AUTH not available")
+
+    def close(self) -> None:
+        """Drop the session (server shutdown)."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class IngestHandler:
+    """The aiosmtpd hooks: envelope checks and storing a message in the spool."""
+
+    def __init__(self, config: Config, redis: aioredis.Redis) -> None:
+        self.config = config
+        self.redis = redis
+        self.connections: set[IngestSMTP] = set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        extensions = [
+            f"SIZE {self.config.ingest.max_message_bytes}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if server.tls_context is not None and session.ssl is None:
+            extensions.append("STARTTLS")
+        lines = [server.hostname, *extensions, "HELP"]
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if _FORBIDDEN_IN_ADDRESS.search(address) or _has_surrogates(address):
+            return "501 5.1.7 Bad sender address syntax"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+        envelope.mail_from = address  # "<>" for the null reverse-path (kept truthy for aiosmtpd)
+        envelope.mail_options = [o for o in mail_options if not o.startswith("SIZE=")]
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if _FORBIDDEN_IN_ADDRESS.search(address) or _has_surrogates(address) or address == "<>":
+            return "501 5.1.3 Bad recipient address syntax"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+        if len(envelope.rcpt_tos) >= self.config.ingest.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if not self._may_relay(session, address):
+            return "554 5.7.1 Relay access denied"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    def _may_relay(self, session: Session, rcpt: str) -> bool:
+        """Whether this client may send mail to ``rcpt``: today, when it is a relay client.
+
+        The seam for receiving some domains from anyone: decide on ``domain_of(rcpt)`` here.
+        """
+        try:
+            address = ipaddress.ip_address(client_ip(session))
+        except ValueError:
+            return False
+        return any(address in network for network in self.config.ingest.relay_networks)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        stored = self._envelope(session, envelope)
+        body = received_header(stored, self.config.hostname, _protocol(session, envelope))
+        body += _raw_content(envelope)
+        stored = dataclasses.replace(stored, size=len(body))
+        try:
+            await asyncio.wait_for(spool.accept(self.redis, stored, body), ACCEPT_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.error(
+                "%s: not queued, spool unavailable: %s: %s", stored.id, type(exc).__name__, exc
+            )
+            return TEMPFAIL
+        log.info("%s: queued from %s, %d bytes", stored.id, stored.client_address, stored.size)
+        return f"250 2.0.0 Ok: queued as {stored.id}"
+
+    def _envelope(self, session: Session, envelope: SmtpEnvelope) -> Envelope:
+        sender = envelope.mail_from or ""
+        return Envelope(
+            id=new_message_id(),
+            sender="" if sender == "<>" else sender,
+            recipients=tuple(envelope.rcpt_tos),
+            mail_options=tuple(envelope.mail_options),
+            client_address=client_ip(session),
+            client_helo=session.host_name or "",
+            inbound_tls=inbound_tls(session),
+            received_at=time.time(),
+        )
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # a failed handshake; aiosmtpd closes the session
+            log.info("STARTTLS handshake failed: %r", error.__cause__)
+        else:
+            log.error("SMTP session error", exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def client_ip(session: Session) -> str:
+    """The peer's IP address as text (IPv4-mapped IPv6 unmapped, zone id dropped)."""
+    peer: Any = session.peer
+    host = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
+    host = host.partition("%")[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def inbound_tls(session: Session) -> InboundTls:
+    """The TLS version and cipher of the session, or an empty InboundTls when in clear."""
+    ssl_object = (session.ssl or {}).get("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return InboundTls()
+    cipher = ssl_object.cipher()
+    return InboundTls(ssl_object.version(), cipher[0] if cipher else None)
+
+
+def received_header(envelope: Envelope, hostname: str, protocol: str) -> bytes:
+    """The ``Received:`` trace field (RFC 5321 §4.4) for ``envelope``, CRLF-terminated."""
+    helo = _NOT_PRINTABLE.sub("?", envelope.client_helo) or "unknown"
+    ip = envelope.client_address
+    literal = f"IPv6:{ip}" if ":" in ip else ip  # RFC 5321 §4.1.3 address literal
+    clauses = [
+        f"from {helo} (unknown [{literal}])",
+        f"by {hostname} (tlsrelay) with {protocol} id {envelope.id}",
+    ]
+    tls = envelope.inbound_tls
+    if tls.used:
+        clauses.append(f"(using {tls.version} with cipher {tls.cipher})")
+    if len(envelope.recipients) == 1:
+        clauses.append(f"for <{envelope.recipients[0]}>")
+    date = email.utils.formatdate(envelope.received_at, localtime=True)
+    text = "Received: " + "\r\n\t".join(clauses) + f"; {date}\r\n"
+    return text.encode("utf-8")
+
+
+def _protocol(session: Session, envelope: SmtpEnvelope) -> str:
+    """The ``with`` keyword: RFC 3848 (ESMTP, ESMTPS, ESMTPSA...), RFC 6531 (UTF8SMTP...)."""
+    base = "ESMTP" if session.extended_smtp else "SMTP"
+    if envelope.smtp_utf8:
+        base = "UTF8SMTP"
+    return base + ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
+
+
+def _raw_content(envelope: SmtpEnvelope) -> bytes:
+    content = envelope.original_content
+    if content is None:
+        content = envelope.content if isinstance(envelope.content, bytes) else b""
+    return bytes(content)
+
+
+def _has_surrogates(text: str) -> bool:
+    """True when ``text`` came from bytes that were not valid UTF-8 (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class IngestServer:
+    """The listener. ``start()`` binds ``config.ingest.listen``; ``stop()`` releases everything."""
+
+    def __init__(self, config: Config, redis_url: str) -> None:
+        self.config = config
+        self.redis_url = redis_url
+        self._server: asyncio.Server | None = None
+        self._handler: IngestHandler | None = None
+        self._address: HostPort | None = None
+
+    @property
+    def address(self) -> HostPort:
+        """The endpoint actually bound (the real port when the configuration says 0)."""
+        if self._address is None:
+            raise RuntimeError("IngestServer is not started")
+        return self._address
+
+    async def start(self) -> None:
+        tls_context = tlscert.server_context(self.config)
+        handler = IngestHandler(self.config, spool.connect_async(self.redis_url))
+        loop = asyncio.get_running_loop()
+        listen = self.config.ingest.listen
+        try:
+            self._server = await loop.create_server(
+                lambda: self._protocol(handler, tls_context, loop), listen.host, listen.port
+            )
+        except BaseException:
+            await handler.redis.aclose()
+            raise
+        self._handler = handler
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self._address = HostPort(host, port)
+
+    def _protocol(
+        self, handler: IngestHandler, tls_context: ssl.SSLContext, loop: asyncio.AbstractEventLoop
+    ) -> IngestSMTP:
+        return IngestSMTP(
+            handler,
+            data_size_limit=self.config.ingest.max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.config.hostname,
+            ident="ESMTP tlsrelay",
+            tls_context=tls_context,
+            loop=loop,
+        )
+
+    async def stop(self) -> None:
+        server, handler = self._server, self._handler
+        self._server = self._handler = None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        if handler is not None:
+            await _close_sessions(handler.connections)
+            await handler.redis.aclose()
+
+
+async def _close_sessions(connections: set[IngestSMTP], timeout: float = 5.0) -> None:
+    """Close every open session and wait (bounded) until their connections are gone."""
+    for connection in list(connections):
+        connection.close()
+    deadline = time.monotonic() + timeout
+    while connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # let the cancelled session tasks finish
+
+
+def serve(config: Config, redis_url: str) -> None:
+    """Run the listener until SIGTERM or SIGINT, then stop it cleanly."""
+    asyncio.run(_serve(config, redis_url))
+
+
+async def _serve(config: Config, redis_url: str) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    server = IngestServer(config, redis_url)
+    await server.start()
+    try:
+        print(f"ingest listening on smtp://{server.address}", flush=True)
+        await stopping.wait()
+    finally:
+        await server.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

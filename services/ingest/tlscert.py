@@ -1,0 +1,110 @@
+"""The server certificate for inbound STARTTLS.
+
+Contract: :func:`server_context` returns the ``ssl.SSLContext`` the SMTP listener offers with
+STARTTLS. With ``ingest.tls_cert``/``ingest.tls_key`` configured it loads that pair. Without
+them it uses a self-signed certificate (CN and SAN = ``config.hostname``) that
+:func:`ensure_self_signed` generates once into ``<data_dir>/ingest-selfsigned.pem`` and
+``ingest-selfsigned.key`` (key mode 0600, ``data_dir`` created when missing) and reuses on every
+later start, as long as both files exist, still name the host name and have not expired.
+
+Sending MTAs do not verify certificates when they upgrade opportunistically (RFC 7435), so a
+self-signed certificate still gives encryption; a configured, CA-issued pair gives more.
+
+Failure: an unreadable, malformed or mismatched pair raises :class:`ConfigError` naming the
+files, before anything listens. A failure to write into ``data_dir`` raises ``OSError``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from services.common.config import Config, ConfigError
+
+CERT_NAME = "ingest-selfsigned.pem"
+KEY_NAME = "ingest-selfsigned.key"
+VALIDITY = datetime.timedelta(days=3650)
+_CN_MAX = 64  # RFC 5280 ub-common-name
+
+
+def server_context(config: Config) -> ssl.SSLContext:
+    """The STARTTLS server context: the configured pair, else the self-signed one."""
+    cert, key = config.ingest.tls_cert, config.ingest.tls_key
+    if cert is None or key is None:
+        cert, key = ensure_self_signed(config.data_dir, config.hostname)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # no client certificates
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ingest.tls_cert/tls_key: cannot load {cert} / {key}: {exc}") from None
+    return context
+
+
+def ensure_self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
+    """Return ``(cert, key)`` under ``data_dir``, generating them first when not reusable."""
+    cert_path, key_path = data_dir / CERT_NAME, data_dir / KEY_NAME
+    if key_path.is_file() and _reusable(cert_path, hostname):
+        return cert_path, key_path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_atomically(key_path, key_pem, 0o600)
+    cert_pem = _certificate(key, hostname).public_bytes(serialization.Encoding.PEM)
+    _write_atomically(cert_path, cert_pem, 0o644)
+    return cert_path, key_path
+
+
+def _reusable(cert_path: Path, hostname: str) -> bool:
+    """True when ``cert_path`` holds a certificate for ``hostname`` that has not expired."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    now = datetime.datetime.now(datetime.UTC)
+    return hostname in names.get_values_for_type(x509.DNSName) and cert.not_valid_after_utc > now
+
+
+def _certificate(key: rsa.RSAPrivateKey, hostname: str) -> x509.Certificate:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, hostname)]
+    name = x509.Name(attributes if len(hostname) <= _CN_MAX else [])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # O_CREAT's mode is reduced by the umask; make it exact
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

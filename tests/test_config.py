@@ -1,0 +1,141 @@
+"""Configuration: defaults, parsing, and bad input that names file, key and line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.common.config import (
+    ConfigError,
+    HostPort,
+    load_config,
+    parse_duration,
+    parse_hostport,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tlsrelay.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TLSRELAY_CONFIG", raising=False)
+    monkeypatch.delenv("TLSRELAY_REDIS_URL", raising=False)
+    config = load_config(None)
+    assert config.redis_url is None
+    assert config.ingest.listen == HostPort("127.0.0.1", 2525)
+    assert config.ingest.max_message_bytes == 36_700_160
+    assert config.delivery.mx_port == 25
+    assert config.delivery.connect_timeout == 30.0
+
+
+def test_full_example_parses(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+hostname: relay.example.test
+redis_url: redis://127.0.0.1:6379/0
+data_dir: ./var
+ingest:
+  listen: "[::1]:2525"
+  max_message_bytes: 1000
+  relay_networks: [127.0.0.0/8, "::1/128"]
+delivery:
+  routes:
+    example.org: 127.0.0.1:2601
+    "*.example.net": "[::1]:2602"
+  dns_servers: ["127.0.0.1:5353", "127.0.0.2"]
+  mx_port: 2525
+  connect_timeout: 5s
+  retry_schedule: [1s, 2m, 1h]
+""",
+    )
+    config = load_config(path)
+    assert config.data_dir == (tmp_path / "var").resolve()
+    assert config.ingest.listen == HostPort("::1", 2525)
+    assert config.delivery.routes["*.example.net"] == HostPort("::1", 2602)
+    assert config.delivery.dns_servers == (HostPort("127.0.0.1", 5353), HostPort("127.0.0.2", 53))
+    assert config.delivery.retry_schedule == (1.0, 120.0, 3600.0)
+
+
+def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "redis_url: redis://127.0.0.1:1/0\n")
+    monkeypatch.setenv("TLSRELAY_CONFIG", str(path))
+    monkeypatch.setenv("TLSRELAY_REDIS_URL", "redis://127.0.0.1:2/0")
+    assert load_config(None).redis_url == "redis://127.0.0.1:2/0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ingest:\n  listen: 127.0.0.1:2525\n  lisen: x\n", ":3: ingest.lisen: unknown key"),
+        ("ingest:\n  listen: '2525'\n", ":2: ingest.listen: expected host:port"),
+        ("ingest:\n  listen: 127.0.0.1:99999\n", ":2: ingest.listen: port must be 1-65535"),
+        ("ingest:\n  listen: ::1:25\n", ":2: ingest.listen: IPv6 addresses need brackets"),
+        ("delivery:\n  mx_port: many\n", ":2: delivery.mx_port: Input should be a valid integer"),
+        ("delivery:\n  connect_timeout: soon\n", ":2: delivery.connect_timeout: expected a dur"),
+        (
+            "delivery:\n  routes:\n    example.org: nowhere\n",
+            ":3: delivery.routes.example.org: expected host:port",
+        ),
+        ("delivery:\n  routes:\n    'a*b.org': h:25\n", ":2: delivery.routes: route key"),
+        ("hostname: a\nhostname: b\n", ":2: hostname: duplicate key"),
+        ("ingest: [1, 2\n", ": invalid YAML"),
+        ("- a\n- b\n", ":1: the top level must be a mapping"),
+        ("redis_url: http://x\n", ":1: redis_url: expected redis://"),
+        (
+            "ingest:\n  tls_cert: /nonexistent/cert.pem\n  tls_key: /nonexistent/key.pem\n",
+            ":2: ingest.tls_cert: file not found",
+        ),
+        ("ingest:\n  tls_cert: /etc/hostname\n", ": ingest: tls_cert and tls_key must be given"),
+    ],
+)
+def test_bad_config_names_file_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path))
+    assert expected in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("5m", 300), ("4h", 14400), ("5d", 432000), (7, 7)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("127.0.0.1:25", HostPort("127.0.0.1", 25)),
+        ("[::1]:2525", HostPort("::1", 2525)),
+        ("mx.example.org:25", HostPort("mx.example.org", 25)),
+    ],
+)
+def test_hostport(text: str, parsed: HostPort) -> None:
+    assert parse_hostport(text) == parsed
+    assert str(parsed) == text
+
+
+@pytest.mark.parametrize("command", ["run", "ingest", "policy", "deliver"])
+def test_cli_refuses_bad_config_before_listening(tmp_path: Path, command: str) -> None:
+    path = write(tmp_path, "ingest:\n  listen: 127.0.0.1:2525\n  bogus: 1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "services.common.cli", command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{path}:3: ingest.bogus: unknown key" in done.stderr

@@ -1,0 +1,199 @@
+"""A small world on loopback for end-to-end tests: a real Redis-compatible server, a real DNS
+server, real SMTP destination sinks, and the three tlsrelay services as real processes started
+with the ``tlsrelay`` command line — exactly what an operator runs.
+
+Destinations (``World.sinks``):
+
+- ``tls``     STARTTLS with a certificate from the test CA   ← route ``tls.test``, ``d1.test``
+- ``plain``   no STARTTLS                                     ← route ``plain.test``, ``d2.test``
+- ``broken``  STARTTLS offered, handshake broken              ← route ``broken.test``
+- ``other``   STARTTLS                                        ← route ``d3.test``
+- ``mx``      STARTTLS on 127.0.0.3:``mx_port``               ← via DNS: ``mx.test`` (first MX
+              127.0.0.2 refuses connections), ``implicit.test`` (A record only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.common import spool
+from services.common.redisserver import EmbeddedRedis, free_port
+from tests.dnsserver import LocalDns
+from tests.peers import Sink
+
+T = TypeVar("T")
+SERVICES = ("ingest", "policy", "deliver")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+@dataclass
+class World:
+    root: Path
+    redis: EmbeddedRedis
+    dns: LocalDns
+    sinks: dict[str, Sink]
+    ingest_port: int
+    config_path: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- processes
+    def start_service(self, name: str) -> None:
+        log = (self.root / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "services.common.cli", name, "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if name == "ingest":
+            wait_until(lambda: port_open("127.0.0.1", self.ingest_port), what="ingest to listen")
+
+    def stop_service(self, name: str, kill: bool = False) -> None:
+        proc = self.procs.pop(name)
+        proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    # ----------------------------------------------------------------- client side
+    def smtp(self) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", self.ingest_port, timeout=30)
+        client.ehlo("client.test")
+        return client
+
+    def send(self, rcpts: list[str], data: bytes, sender: str = "sender@origin.test") -> str:
+        """Send one message through ingest; return its queue id (from the 250 reply)."""
+        with self.smtp() as client:
+            client.mail(sender)
+            for rcpt in rcpts:
+                code, text = client.rcpt(rcpt)
+                assert code == 250, (rcpt, code, text)
+            code, text = client.data(data)
+            assert code == 250, (code, text)
+        reply = text.decode()
+        assert reply.startswith("2.0.0 Ok: queued as "), reply
+        return reply.rsplit(" ", 1)[1]
+
+    # ----------------------------------------------------------------- Redis side
+    def client(self) -> Any:
+        return spool.connect(self.redis.url)
+
+    def trace(self, message_id: str) -> list[dict[str, Any]]:
+        with contextlib.closing(self.client()) as client:
+            return spool.read_trace(client, message_id)
+
+    def events(self, message_id: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.trace(message_id) if e["event"] == kind]
+
+    def wait_completed(self, message_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        wait_until(
+            lambda: self.events(message_id, "completed"),
+            timeout,
+            f"message {message_id} to complete; trace: {self.trace(message_id)}",
+        )
+        return self.trace(message_id)
+
+
+def message(subject: str, body: str = "Hello.\r\n") -> bytes:
+    return (
+        f"From: sender@origin.test\r\nTo: someone@example\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@origin.test>\r\n\r\n{body}"
+    ).encode()
+
+
+def write_config(root: Path, redis_url: str, ingest_port: int, sinks: dict[str, Sink],
+                 dns_port: int, mx_port: int) -> Path:  # fmt: skip
+    def at(name: str) -> str:
+        return sinks[name].address_text
+
+    path = root / "tlsrelay.yaml"
+    path.write_text(
+        f"""
+hostname: relay.test
+redis_url: {redis_url}
+data_dir: {root / "var"}
+ingest:
+  listen: 127.0.0.1:{ingest_port}
+delivery:
+  routes:
+    tls.test: {at("tls")}
+    d1.test: {at("tls")}
+    plain.test: {at("plain")}
+    d2.test: {at("plain")}
+    broken.test: {at("broken")}
+    d3.test: {at("other")}
+  dns_servers: ["127.0.0.1:{dns_port}"]
+  mx_port: {mx_port}
+  connect_timeout: 5s
+  command_timeout: 20s
+  retry_schedule: [1s]
+  scheduler_interval: 0.2s
+  concurrency: 2
+policy:
+  concurrency: 1
+"""
+    )
+    return path
+
+
+@contextlib.contextmanager
+def make_world(root: Path) -> Iterator[World]:
+    root.mkdir(parents=True, exist_ok=True)
+    mx_port = free_port("127.0.0.3")
+    sinks = {
+        "tls": Sink("starttls"),
+        "plain": Sink("plain"),
+        "broken": Sink("broken"),
+        "other": Sink("starttls"),
+        "mx": Sink("starttls", host="127.0.0.3", port=mx_port),
+    }
+    with contextlib.ExitStack() as stack:
+        for sink in sinks.values():
+            stack.enter_context(sink)
+        dns = stack.enter_context(LocalDns())
+        dns.add("mx.test", "MX", "10 mx1.mx.test.")
+        dns.add("mx.test", "MX", "20 mx2.mx.test.")
+        dns.add("mx1.mx.test", "A", "127.0.0.2")  # nothing listens there: connection refused
+        dns.add("mx2.mx.test", "A", "127.0.0.3")
+        dns.add("implicit.test", "A", "127.0.0.3")
+        redis = EmbeddedRedis(root / "redis")
+        redis.start()
+        stack.callback(redis.stop)
+        ingest_port = free_port()
+        config = write_config(root, redis.url, ingest_port, sinks, dns.port, mx_port)
+        world = World(root, redis, dns, sinks, ingest_port, config)
+        stack.callback(lambda: [world.stop_service(n) for n in list(world.procs)])
+        for name in SERVICES:
+            world.start_service(name)
+        yield world
