@@ -5,7 +5,8 @@
   stops every child (SIGTERM, then SIGKILL after a grace period) and the embedded Redis. If a child
   dies on its own, the others are stopped and ``run`` exits 1.
 - ``tlsrelay ingest|policy|deliver --config FILE``: one service (a Kubernetes container's command).
-- ``tlsrelay trace ID [--json]``: the recorded events of one message.
+- ``tlsrelay trace ID [--json]``: the recorded events of one message (without ``redis_url`` it
+  finds the embedded server of a running ``tlsrelay run`` with the same config).
 
 ``--config`` may be replaced by ``$TLSRELAY_CONFIG``; ``$TLSRELAY_REDIS_URL`` overrides
 ``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
@@ -23,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 
 from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
@@ -67,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _require_redis(config: Config, command: str) -> str:
+def _embedded_url_file(config: Config) -> Path:
+    """Where a running ``tlsrelay run`` leaves its embedded server's URL for the tools."""
+    return config.data_dir / "redis" / "url"
+
+
+def _require_redis(config: Config, command: str, tool: bool = False) -> str:
+    if not config.redis_url and tool and _embedded_url_file(config).exists():
+        return _embedded_url_file(config).read_text().strip()
     if not config.redis_url:
         print(
             f"tlsrelay {command}: redis_url is not configured (set it in the config file or "
@@ -111,7 +120,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
 def _trace(config: Config, args: argparse.Namespace) -> int:
     from services.common import spool
 
-    client = spool.connect(_require_redis(config, "trace"))
+    client = spool.connect(_require_redis(config, "trace", tool=True))
     events = spool.read_trace(client, args.id)
     if not events:
         print(f"tlsrelay trace: no events for message {args.id}", file=sys.stderr)
@@ -137,6 +146,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     if redis_url is None:
         embedded = EmbeddedRedis(config.data_dir / "redis")
         redis_url = embedded.start()
+        _embedded_url_file(config).write_text(redis_url + "\n")
         print(f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, AOF on)")
     print(f"ingest: smtp://{config.ingest.listen}", flush=True)
     children = _spawn(args.config, redis_url)
@@ -145,6 +155,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     finally:
         _stop(children)
         if embedded is not None:
+            _embedded_url_file(config).unlink(missing_ok=True)
             embedded.stop()
         print("tlsrelay: stopped", flush=True)
 
