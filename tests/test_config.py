@@ -11,6 +11,7 @@ import pytest
 from services.common.config import (
     ConfigError,
     HostPort,
+    Route,
     load_config,
     parse_duration,
     parse_hostport,
@@ -58,7 +59,7 @@ delivery:
     config = load_config(path)
     assert config.data_dir == (tmp_path / "var").resolve()
     assert config.ingest.listen == HostPort("::1", 2525)
-    assert config.delivery.routes["*.example.net"] == HostPort("::1", 2602)
+    assert config.delivery.routes["*.example.net"] == Route(HostPort("::1", 2602))
     assert config.delivery.dns_servers == (HostPort("127.0.0.1", 5353), HostPort("127.0.0.2", 53))
     assert config.delivery.retry_schedule == (1.0, 120.0, 3600.0)
 

@@ -11,7 +11,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from services.common.config import DeliveryConfig, HostPort
+from services.common.config import DeliveryConfig, HostPort, Route
 from services.deliver.mx import (
     Destination,
     DnsPermanentError,
@@ -79,22 +79,25 @@ def test_local_dns_answers_over_udp_and_tcp(local_dns: LocalDns) -> None:
 
 
 def test_route_exact_match_beats_wildcard() -> None:
-    routes = {"*.example.net": HostPort("wild", 25), "a.example.net": HostPort("exact", 26)}
-    assert route_for("A.Example.NET.", routes) == HostPort("exact", 26)
-    assert route_for("b.example.net", routes) == HostPort("wild", 25)
-    assert route_for("x.y.example.net", routes) == HostPort("wild", 25)
+    routes = {
+        "*.example.net": Route(HostPort("wild", 25)),
+        "a.example.net": Route(HostPort("exact", 26)),
+    }
+    assert route_for("A.Example.NET.", routes) == Route(HostPort("exact", 26))
+    assert route_for("b.example.net", routes) == Route(HostPort("wild", 25))
+    assert route_for("x.y.example.net", routes) == Route(HostPort("wild", 25))
 
 
 def test_wildcard_does_not_match_bare_suffix() -> None:
-    routes = {"*.example.net": HostPort("wild", 25)}
+    routes = {"*.example.net": Route(HostPort("wild", 25))}
     assert route_for("example.net", routes) is None
     assert route_for("badexample.net", routes) is None
 
 
 def test_longest_wildcard_wins() -> None:
-    routes = {"*.net": HostPort("short", 25), "*.example.net": HostPort("long", 25)}
-    assert route_for("a.example.net", routes) == HostPort("long", 25)
-    assert route_for("a.other.net", routes) == HostPort("short", 25)
+    routes = {"*.net": Route(HostPort("short", 25)), "*.example.net": Route(HostPort("long", 25))}
+    assert route_for("a.example.net", routes) == Route(HostPort("long", 25))
+    assert route_for("a.other.net", routes) == Route(HostPort("short", 25))
 
 
 # ----------------------------------------------------------------------------- MX
@@ -108,8 +111,8 @@ def test_mx_sorted_by_preference(local_dns: LocalDns) -> None:
     local_dns.add("mx2.example.test", "A", "127.0.0.3")
     result = _resolve(local_dns, "example.test")
     assert result == [
-        Destination("mx1.example.test", 2525, ("::1", "127.0.0.2"), 10, "mx"),
-        Destination("mx2.example.test", 2525, ("127.0.0.3",), 20, "mx"),
+        Destination("mx1.example.test", 2525, ("::1", "127.0.0.2"), 10, "mx", "mx1.example.test"),
+        Destination("mx2.example.test", 2525, ("127.0.0.3",), 20, "mx", "mx2.example.test"),
     ]
 
 
@@ -137,7 +140,7 @@ def test_mx_host_without_address_is_skipped(local_dns: LocalDns) -> None:
     local_dns.add("skip.test", "MX", "40 ok.skip.test.")
     local_dns.add("ok.skip.test", "A", "127.0.0.5")
     result = _resolve(local_dns, "skip.test")
-    assert result == [Destination("ok.skip.test", 2525, ("127.0.0.5",), 40, "mx")]
+    assert result == [Destination("ok.skip.test", 2525, ("127.0.0.5",), 40, "mx", "ok.skip.test")]
 
 
 def test_all_mx_hosts_without_address_defers(local_dns: LocalDns) -> None:
@@ -158,7 +161,9 @@ def test_implicit_mx_from_addresses(local_dns: LocalDns) -> None:
     local_dns.add("plain.test", "A", "127.0.0.6")
     local_dns.add("plain.test", "AAAA", "::1")
     result = _resolve(local_dns, "Plain.Test.")
-    assert result == [Destination("plain.test", 2525, ("::1", "127.0.0.6"), None, "implicit")]
+    assert result == [
+        Destination("plain.test", 2525, ("::1", "127.0.0.6"), None, "implicit", "plain.test")
+    ]
 
 
 def test_no_mx_and_no_address_is_permanent(local_dns: LocalDns) -> None:
@@ -204,13 +209,13 @@ def test_unreachable_dns_server_is_temporary() -> None:
 def test_route_ip_literal_v6(local_dns: LocalDns) -> None:
     routes = {"v6.test": "[::1]:2602"}
     result = _resolve(local_dns, "v6.test", routes=routes)
-    assert result == [Destination("::1", 2602, ("::1",), None, "route")]
+    assert result == [Destination("::1", 2602, ("::1",), None, "route", "v6.test")]
 
 
 def test_route_ip_literal_v4_skips_dns(local_dns: LocalDns) -> None:
     local_dns.servfail("v4.test")
     result = _resolve(local_dns, "v4.test", routes={"*.test": "127.0.0.8:2600"})
-    assert result == [Destination("127.0.0.8", 2600, ("127.0.0.8",), None, "route")]
+    assert result == [Destination("127.0.0.8", 2600, ("127.0.0.8",), None, "route", "v4.test")]
 
 
 def test_route_host_name_resolved(local_dns: LocalDns) -> None:
@@ -218,7 +223,9 @@ def test_route_host_name_resolved(local_dns: LocalDns) -> None:
     local_dns.add("relay.test", "AAAA", "::1")
     local_dns.add("routed.test", "MX", "10 ignored.test.")
     result = _resolve(local_dns, "routed.test", routes={"routed.test": "relay.test:2601"})
-    assert result == [Destination("relay.test", 2601, ("::1", "127.0.0.9"), None, "route")]
+    assert result == [
+        Destination("relay.test", 2601, ("::1", "127.0.0.9"), None, "route", "relay.test")
+    ]
 
 
 def test_exact_route_beats_wildcard_in_resolve(local_dns: LocalDns) -> None:
@@ -230,15 +237,17 @@ def test_exact_route_beats_wildcard_in_resolve(local_dns: LocalDns) -> None:
 def test_wildcard_route_does_not_apply_to_bare_suffix(local_dns: LocalDns) -> None:
     local_dns.add("corp.test", "A", "127.0.0.12")
     result = _resolve(local_dns, "corp.test", routes={"*.corp.test": "127.0.0.10:26"})
-    assert result == [Destination("corp.test", 2525, ("127.0.0.12",), None, "implicit")]
+    assert result == [
+        Destination("corp.test", 2525, ("127.0.0.12",), None, "implicit", "corp.test")
+    ]
 
 
 def test_explicit_route_overrides_routes_and_mx(local_dns: LocalDns) -> None:
     local_dns.add("over.test", "MX", "10 mx.over.test.")
     local_dns.add("mx.over.test", "A", "127.0.0.13")
-    route = HostPort("::1", 2602)
+    route = Route(HostPort("::1", 2602), tls_name="mail.override.test")
     result = _resolve(local_dns, "over.test", route=route, routes={"over.test": "127.0.0.1:1"})
-    assert result == [Destination("::1", 2602, ("::1",), None, "route")]
+    assert result == [Destination("::1", 2602, ("::1",), None, "route", "mail.override.test")]
 
 
 def test_route_host_without_address_defers(local_dns: LocalDns) -> None:

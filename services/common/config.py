@@ -32,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from services.common.model import TlsMode
+
 ENV_CONFIG = "TLSRELAY_CONFIG"
 ENV_REDIS_URL = "TLSRELAY_REDIS_URL"
 
@@ -120,7 +122,34 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+@dataclass(frozen=True)
+class Route:
+    """A transport route: where to connect and, optionally, the name its certificate must carry."""
+
+    address: HostPort
+    tls_name: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.address} (tls_name {self.tls_name})" if self.tls_name else str(self.address)
+
+
+def parse_route(value: object) -> Route:
+    """``"host:port"`` or ``{address: "host:port", tls_name: "mx.example.org"}``."""
+    if isinstance(value, Route):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {"address", "tls_name"}
+        if unknown or "address" not in value:
+            raise ValueError("a route is 'host:port' or {address: 'host:port', tls_name: NAME}")
+        name = value.get("tls_name")
+        if name is not None and (not isinstance(name, str) or not _HOSTNAME.match(name)):
+            raise ValueError(f"tls_name must be a host name, got {name!r}")
+        return Route(parse_hostport(value["address"]), name)
+    return Route(parse_hostport(value))
+
+
 HostPortT = Annotated[HostPort, BeforeValidator(parse_hostport)]
+RouteT = Annotated[Route, BeforeValidator(parse_route)]
 DnsServerT = Annotated[HostPort, BeforeValidator(lambda v: parse_hostport(v, default_port=53))]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -164,12 +193,16 @@ class PolicyConfig(_Section):
     """The classification workers (services/policy)."""
 
     concurrency: int = Field(default=2, gt=0)  # Celery worker processes
+    # Body rules scan at most this many bytes of decoded text per message.
+    body_scan_bytes: int = Field(default=1_048_576, gt=0)
 
 
 class DeliveryConfig(_Section):
     """The delivery workers (services/deliver)."""
 
-    routes: dict[str, HostPortT] = Field(default_factory=dict)  # transport map, before DNS
+    routes: dict[str, RouteT] = Field(default_factory=dict)  # transport map, before DNS
+    default_tls: TlsMode = TlsMode.OPPORTUNISTIC  # when no matching rule sets a mode
+    ca_file: Path | None = None  # CA bundle for `verified` (absent → the system CAs)
     dns_servers: tuple[DnsServerT, ...] = ()  # empty → the system resolver (/etc/resolv.conf)
     mx_port: int = Field(default=25, gt=0, lt=65536)
     connect_timeout: Duration = 30.0
@@ -181,12 +214,17 @@ class DeliveryConfig(_Section):
 
     @field_validator("routes")
     @classmethod
-    def _route_keys(cls, value: dict[str, HostPort]) -> dict[str, HostPort]:
+    def _route_keys(cls, value: dict[str, Route]) -> dict[str, Route]:
         for key in value:
             bare = key[2:] if key.startswith("*.") else key
             if not bare or "*" in bare or not _HOSTNAME.match(bare):
                 raise ValueError(f"route key must be a domain or '*.suffix', got {key!r}")
         return {k.lower().rstrip("."): v for k, v in value.items()}
+
+    @field_validator("default_tls", mode="before")
+    @classmethod
+    def _tls_mode(cls, value: object) -> TlsMode:
+        return value if isinstance(value, TlsMode) else TlsMode.parse(str(value))
 
     @field_validator("retry_schedule")
     @classmethod
@@ -214,6 +252,8 @@ class Config(_Section):
     policy: PolicyConfig = PolicyConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     celery: CeleryConfig = CeleryConfig()
+    # Special-handling rules, validated by services.policy.rules (issue 3).
+    rules: tuple[Any, ...] = ()
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("hostname")
@@ -342,7 +382,18 @@ def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) 
             "tls_key": absolute(ingest.tls_key) if ingest.tls_key else None,
         }
     )
-    return config.model_copy(update={"data_dir": absolute(config.data_dir), "ingest": new_ingest})
+    delivery = config.delivery
+    if delivery.ca_file is not None and not absolute(delivery.ca_file).is_file():
+        line = _locate(root, ("delivery", "ca_file"))
+        where = f"{source}:{line}" if line else str(source)
+        raise ConfigError(
+            f"{where}: delivery.ca_file: file not found: {absolute(delivery.ca_file)}"
+        )
+    if delivery.ca_file is not None:
+        delivery = delivery.model_copy(update={"ca_file": absolute(delivery.ca_file)})
+    return config.model_copy(
+        update={"data_dir": absolute(config.data_dir), "ingest": new_ingest, "delivery": delivery}
+    )
 
 
 def dump_summary(config: Config) -> Mapping[str, object]:

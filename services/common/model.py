@@ -129,6 +129,7 @@ class Decision:
     tls: TlsMode = TlsMode.OPPORTUNISTIC
     circumstances: tuple[str, ...] = ("default",)
     route: str | None = None  # "host:port" that replaces routes/MX, from a rule
+    route_tls_name: str | None = None  # the certificate name expected at ``route``
     reasons: tuple[str, ...] = ()  # why each circumstance matched (for traces / explain)
 
     def to_json(self) -> dict[str, Any]:
@@ -137,6 +138,7 @@ class Decision:
             "tls": self.tls.label,
             "circumstances": list(self.circumstances),
             "route": self.route,
+            "route_tls_name": self.route_tls_name,
             "reasons": list(self.reasons),
         }
 
@@ -147,6 +149,7 @@ class Decision:
             tls=TlsMode.parse(doc["tls"]),
             circumstances=tuple(doc.get("circumstances", ("default",))),
             route=doc.get("route"),
+            route_tls_name=doc.get("route_tls_name"),
             reasons=tuple(doc.get("reasons", ())),
         )
 

@@ -16,7 +16,6 @@ Failure: Redis errors propagate (the Celery task is then not acknowledged and ru
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import redis
 
 from services.common import spool
-from services.common.config import Config, parse_hostport
+from services.common.config import Config, Route, parse_hostport
 from services.common.model import Decision, Envelope, Reply
 from services.deliver import mx
 from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
@@ -91,7 +90,9 @@ class Deliverer:
         self, envelope: Envelope, body: bytes, decision: Decision, pending: list[str]
     ) -> Outcome:
         outcome = Outcome()
-        route = parse_hostport(decision.route) if decision.route else None
+        route = None
+        if decision.route:
+            route = Route(parse_hostport(decision.route), decision.route_tls_name)
         try:
             hosts = await mx.resolve(decision.domain, self.config.delivery, self.resolver, route)
         except mx.DnsPermanentError as exc:
@@ -116,14 +117,15 @@ class Deliverer:
 
     def _peers(self, hosts: list[mx.Destination], domain: str) -> list[Peer]:
         return [
-            Peer(host.host, address, host.port, _tls_name(host, domain))
+            Peer(host.host, address, host.port, host.tls_name or domain)
             for host in hosts
             for address in host.addresses
         ]
 
     def _tls(self, decision: Decision, peer: Peer) -> TlsSettings:
         broken = bool(self.client.exists(spool.tls_broken_key(peer.address, peer.port)))
-        return TlsSettings(mode=decision.tls, remembered_broken=broken)
+        ca_file = str(self.config.delivery.ca_file) if self.config.delivery.ca_file else None
+        return TlsSettings(mode=decision.tls, ca_file=ca_file, remembered_broken=broken)
 
     def _remember_broken(self, peer: Peer) -> None:
         ttl = max(1, int(self.config.delivery.tls_broken_ttl))
@@ -156,21 +158,6 @@ class Deliverer:
                 pipe.delete(spool.msg_key(envelope.id))
                 pipe.rpush(spool.trace_key(envelope.id), spool.event("completed"))
                 pipe.execute()
-
-
-def _tls_name(host: mx.Destination, domain: str) -> str:
-    """The name a certificate must carry: the MX or route host; the domain for an IP route."""
-    if host.source == "route" and _is_ip(host.host):
-        return domain
-    return host.host
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:

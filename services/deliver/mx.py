@@ -39,7 +39,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
-from services.common.config import DeliveryConfig, HostPort
+from services.common.config import DeliveryConfig, HostPort, Route
 
 _ADDRESS_TYPES = (dns.rdatatype.AAAA, dns.rdatatype.A)
 _T = TypeVar("_T")
@@ -54,6 +54,9 @@ class Destination:
     addresses: tuple[str, ...]  # IP addresses to try in order
     preference: int | None = None  # MX preference; None for routes and implicit MX
     source: str = "mx"  # "route" | "mx" | "implicit"
+    # The name its certificate must carry in verified mode: the MX host; for an implicit MX the
+    # domain; for a route its tls_name, else its host name, else (IP route) the domain.
+    tls_name: str = ""
 
 
 class DnsError(Exception):
@@ -80,7 +83,7 @@ def _normal(domain: str) -> str:
     return domain.strip().lower().rstrip(".")
 
 
-def route_for(domain: str, routes: Mapping[str, HostPort]) -> HostPort | None:
+def route_for(domain: str, routes: Mapping[str, Route]) -> Route | None:
     """The route for ``domain``: an exact key first, then the longest matching ``*.suffix``."""
     table = {_normal(key): value for key, value in routes.items()}
     name = _normal(domain)
@@ -113,7 +116,7 @@ async def resolve(
     domain: str,
     config: DeliveryConfig,
     resolver: dns.asyncresolver.Resolver,
-    route: HostPort | None = None,
+    route: Route | None = None,
     rng: random.Random | None = None,
 ) -> list[Destination]:
     """Destinations for ``domain`` in the order to try them; raises :class:`DnsError`."""
@@ -197,17 +200,18 @@ async def _gather_dns(lookups: Sequence[Awaitable[_T]]) -> list[_T | DnsError]:
 
 
 async def _route_destination(
-    domain: str, route: HostPort, resolver: dns.asyncresolver.Resolver
+    domain: str, route: Route, resolver: dns.asyncresolver.Resolver
 ) -> Destination:
     """A route is one destination; a named route host without addresses defers (config issue)."""
-    if route.is_ip:
-        ip = str(ipaddress.ip_address(route.host))
-        return Destination(ip, route.port, (ip,), None, "route")
-    host = _normal(route.host)
+    target = route.address
+    if target.is_ip:
+        ip = str(ipaddress.ip_address(target.host))
+        return Destination(ip, target.port, (ip,), None, "route", route.tls_name or domain)
+    host = _normal(target.host)
     addresses = await _addresses(resolver, domain, _name(host))
     if not addresses:
         raise DnsTemporaryError(domain, f"route host {host} for {domain} has no address")
-    return Destination(host, route.port, addresses, None, "route")
+    return Destination(host, target.port, addresses, None, "route", route.tls_name or host)
 
 
 async def _implicit_destination(
@@ -218,7 +222,7 @@ async def _implicit_destination(
     if not addresses:
         text = f"domain {domain} has no MX and no address records"
         raise DnsPermanentError(domain, "5.1.2", text)
-    return Destination(domain, config.mx_port, addresses, None, "implicit")
+    return Destination(domain, config.mx_port, addresses, None, "implicit", domain)
 
 
 def _ordered(records: Sequence[MX], rng: random.Random) -> list[MX]:
@@ -245,9 +249,10 @@ async def _mx_destinations(
         raise DnsPermanentError(domain, "5.1.10", f"domain {domain} accepts no mail (null MX)")
     ordered = _ordered(real, rng)
     outcomes = await _gather_dns([_addresses(resolver, domain, r.exchange) for r in ordered])
+    names = [_normal(r.exchange.to_text()) for r in ordered]
     result = [
-        Destination(_normal(r.exchange.to_text()), config.mx_port, found, r.preference, "mx")
-        for r, found in zip(ordered, outcomes, strict=True)
+        Destination(name, config.mx_port, found, r.preference, "mx", name)
+        for name, r, found in zip(names, ordered, outcomes, strict=True)
         if not isinstance(found, DnsError) and found
     ]
     if not result:
