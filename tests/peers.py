@@ -15,6 +15,12 @@ One class, :class:`Sink`, with a ``kind`` option:
     that are not a TLS record and closes the connection.  A client that reconnects and
     stays in clear is served normally.
 
+``extensions`` adds EHLO keywords to any kind, e.g. ``extensions=("REQUIRETLS",)``.  A sink
+that advertises REQUIRETLS (RFC 8689) accepts the ``REQUIRETLS`` MAIL parameter, in clear too
+(a misbehaving peer is a legitimate test subject), and keeps it in ``Message.mail_options``;
+one that does not refuses it with ``555 5.5.4``, as a real server would.  Every MAIL command
+is recorded in ``sink.mail_commands`` (:class:`MailCommand`), whatever the reply.
+
 Every kind runs a real aiosmtpd ``SMTP`` protocol on a loopback socket, in its own
 thread with its own event loop.  Everything the sink records is guarded by one
 ``threading.Condition``; read it from the test thread through the properties and use
@@ -41,12 +47,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
-__all__ = ["KINDS", "Message", "Sink", "default_ca", "selfsigned_cert_pem"]
+__all__ = ["KINDS", "MailCommand", "Message", "Sink", "default_ca", "selfsigned_cert_pem"]
 
 Kind = Literal["starttls", "plain", "broken"]
 KINDS: tuple[str, ...] = ("starttls", "plain", "broken")
@@ -58,6 +64,7 @@ DataReply = str | Callable[["Message"], str | None]
 BROKEN_TLS_GARBAGE = b"this is not a TLS ServerHello\r\n" * 4
 
 _EHLO_KEEP = ("SIZE", "8BITMIME", "SMTPUTF8")
+REQUIRETLS = "REQUIRETLS"  # RFC 8689 EHLO keyword and MAIL parameter
 
 
 @functools.cache
@@ -121,8 +128,24 @@ class Message:
     reply: str  # reply the sink sent for the DATA command
 
 
+class MailCommand(NamedTuple):
+    """One MAIL command a sink received, whatever it answered (also when no DATA followed).
+
+    A plain tuple ``(mail_from, options, tls)``, so it compares equal to one.
+    """
+
+    mail_from: str  # the reverse-path ("<>" for the null one), or the raw argument if unparsable
+    options: list[str]  # MAIL parameters as sent, upper-cased (aiosmtpd's view), in order
+    tls: str | None  # None in clear, else e.g. "TLSv1.3"
+
+
 def _is_positive(reply: str) -> bool:
     return reply[:1] == "2"
+
+
+def _keyword(text: str) -> str:
+    """The keyword of an EHLO line or of a MAIL parameter (``KEY`` of ``KEY=value``), upper."""
+    return text.split(" ", 1)[0].partition("=")[0].upper()
 
 
 class _SinkSMTP(SMTP):
@@ -133,6 +156,10 @@ class _SinkSMTP(SMTP):
         self.conn_no = 0
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
+        # Set while a MAIL command is processed, for _SinkHandler.handle_MAIL: the parameters
+        # as sent, and the REQUIRETLS ones taken out before aiosmtpd (which refuses them) saw it.
+        self.mail_options: list[str] = []
+        self.mail_requiretls: list[str] = []
         super().__init__(_SinkHandler(sink), **kwargs)
 
     # connection bookkeeping -------------------------------------------------
@@ -153,11 +180,45 @@ class _SinkSMTP(SMTP):
             if isinstance(transport, asyncio.Transport) and not transport.is_closing():
                 transport.abort()
 
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd answers unknown MAIL/RCPT parameters with a bare 555; add the RFC 3463 code.
+        if isinstance(status, str) and status.startswith("555 ") and not status[4:5].isdigit():
+            status = "555 5.5.4 " + status[4:]
+        await super().push(status)
+
     # commands ---------------------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:
         if self._tls_protocol is None:
             self._sink._bump("cleartext_transactions")
-        await super().smtp_MAIL(arg)
+        mail_from, path, options = self._parse_mail(arg)
+        self._sink._record_mail(MailCommand(mail_from, list(options), self.tls_version))
+        requiretls = [o for o in options if _keyword(o) == REQUIRETLS]
+        if requiretls and self._sink.advertises(REQUIRETLS) and path is not None:
+            # aiosmtpd does not know REQUIRETLS (555): hand it the command without it.
+            kept = [o for o in options if _keyword(o) != REQUIRETLS]
+            arg = " ".join(["FROM:" + path, *kept])
+        else:
+            requiretls = []
+        self.mail_options, self.mail_requiretls = options, requiretls
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self.mail_options, self.mail_requiretls = [], []
+
+    def _parse_mail(self, arg: str | None) -> tuple[str, str | None, list[str]]:
+        """``(mail_from, path, options)`` of a MAIL argument, parsed the way aiosmtpd does.
+
+        ``path`` is the reverse-path as written (None when aiosmtpd will refuse the command
+        anyway); ``options`` are the parameters, upper-cased.
+        """
+        rest = self._strip_command_keyword("FROM:", arg or "")
+        if rest is None:
+            return arg or "", None, []
+        address, params = self._getaddr(rest)
+        if not address or params is None:
+            return rest, None, []
+        path = rest[: len(rest) - len(params)].rstrip()
+        return address, path, params.upper().split()
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if arg:
@@ -217,7 +278,23 @@ class _SinkHandler:
         caps.append("250-PIPELINING")
         if self._sink.kind in ("starttls", "broken") and server._tls_protocol is None:
             caps.append("250-STARTTLS")
+        caps.extend(f"250-{extension}" for extension in self._sink.extensions)
         return [responses[0], *caps, "250 HELP"]
+
+    async def handle_MAIL(
+        self,
+        server: _SinkSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        # Reached only once aiosmtpd accepted the command (minus a REQUIRETLS it cannot parse).
+        if server.mail_requiretls and server.mail_requiretls != [REQUIRETLS]:
+            return "501 5.5.4 REQUIRETLS takes no value and is given once"
+        envelope.mail_from = address
+        envelope.mail_options.extend(server.mail_options)  # as sent, REQUIRETLS included
+        return "250 OK"  # aiosmtpd's own reply without a hook
 
     async def handle_RCPT(
         self,
@@ -291,6 +368,8 @@ class Sink:
         Messages answered 2xx go to ``messages``, others to ``rejected``.
     :param hostname: name in the greeting / EHLO reply.
     :param min_tls_version / max_tls_version: restrict the server's TLS versions.
+    :param extensions: extra EHLO keywords (lines) to advertise, in clear and over TLS, e.g.
+        ``("REQUIRETLS",)``; advertising REQUIRETLS makes the sink accept that MAIL parameter.
     """
 
     def __init__(
@@ -307,6 +386,7 @@ class Sink:
         hostname: str | None = None,
         min_tls_version: ssl.TLSVersion | None = None,
         max_tls_version: ssl.TLSVersion | None = None,
+        extensions: Iterable[str] = (),
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown sink kind {kind!r}; expected one of {KINDS}")
@@ -329,11 +409,18 @@ class Sink:
         self._data_reply_spec = data_reply
         self._min_tls = min_tls_version
         self._max_tls = max_tls_version
+        if isinstance(extensions, str):
+            raise TypeError("extensions must be an iterable of keywords, not one string")
+        self.extensions: tuple[str, ...] = tuple(extensions)
+        for extension in self.extensions:
+            if not extension.strip() or any(c in extension for c in "\r\n\0"):
+                raise ValueError(f"not an EHLO keyword line: {extension!r}")
 
         self._cond = threading.Condition(threading.RLock())
         self._messages: list[Message] = []
         self._rejected: list[Message] = []
         self._errors: list[str] = []
+        self._mail_commands: list[MailCommand] = []
         self._counters = dict.fromkeys(
             (
                 "connections",
@@ -423,6 +510,16 @@ class Sink:
         with self._cond:
             return list(self._rejected)
 
+    @property
+    def mail_commands(self) -> list[MailCommand]:
+        """Every MAIL command received, in order, whatever the reply (thread-safe)."""
+        with self._cond:
+            return list(self._mail_commands)
+
+    def advertises(self, keyword: str) -> bool:
+        """Whether ``keyword`` is one of the extra ``extensions`` (case-insensitive)."""
+        return any(_keyword(extension) == keyword.upper() for extension in self.extensions)
+
     connections = _counter("connections")
     closed_connections = _counter("closed_connections")
     starttls_attempts = _counter("starttls_attempts")
@@ -443,6 +540,10 @@ class Sink:
     def summary(self) -> str:
         with self._cond:
             lines = [f"{self!r} counters={self.stats()}"]
+            lines.extend(
+                f"  MAIL: from={c.mail_from!r} options={c.options!r} tls={c.tls}"
+                for c in self._mail_commands
+            )
             for label, msgs in (("message", self._messages), ("rejected", self._rejected)):
                 for m in msgs:
                     lines.append(
@@ -495,6 +596,11 @@ class Sink:
     def _record(self, msg: Message) -> None:
         with self._cond:
             (self._messages if _is_positive(msg.reply) else self._rejected).append(msg)
+            self._cond.notify_all()
+
+    def _record_mail(self, command: MailCommand) -> None:
+        with self._cond:
+            self._mail_commands.append(command)
             self._cond.notify_all()
 
     def _record_error(self, text: str) -> None:

@@ -367,3 +367,96 @@ def test_redis_down_answers_451_then_recovers(
 
     assert store.keys("tlsrelay:msg:*") == [f"tlsrelay:msg:{message_id}".encode()]
     assert policy_task_ids(store) == [message_id]
+
+
+# --------------------------------------------------------------------------- REQUIRETLS (RFC 8689)
+
+
+def _unverified_tls() -> ssl.SSLContext:
+    """Opportunistic STARTTLS as sending MTAs do it: the self-signed certificate is accepted."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def test_requiretls_is_advertised_only_over_tls_and_refused_in_clear(
+    tmp_path: Path, valkey: Valkey, store: redis.Redis
+) -> None:
+    with RunningServer(make_config(tmp_path), valkey.url) as address, client(address) as smtp:
+        smtp.ehlo()
+        assert "requiretls" not in smtp.esmtp_features
+        code, text = smtp.mail("a@client.example", ["REQUIRETLS"])
+        assert (code, text[:7]) == (530, b"5.7.10 "), (code, text)
+        assert b"REQUIRETLS" in text and b"TLS" in text[7:]
+        assert smtp.docmd("MAIL FROM:<> requiretls")[:1] == (530,)
+        assert smtp.docmd("MAIL FROM:<a@client.example> REQUIRETLS=yes")[0] == 501
+        assert smtp.docmd("MAIL FROM:<a@client.example> REQUIRETLS=yes")[1].startswith(b"5.5.4 ")
+        # The refused MAIL opened no transaction: the client may go on without REQUIRETLS.
+        assert smtp.mail("a@client.example") == (250, b"2.1.0 Ok")
+        assert smtp.rcpt("b@dest.example")[0] == 250
+        message_id = queued_id(smtp.data(MESSAGE))
+
+        assert smtp.starttls(context=_unverified_tls())[0] == 220
+        smtp.ehlo()
+        assert "requiretls" in smtp.esmtp_features
+        assert "starttls" not in smtp.esmtp_features
+
+    envelope, _body = stored(store, message_id)
+    assert envelope["mail_options"] == []
+
+
+def test_requiretls_over_tls_is_kept_in_mail_options(
+    tmp_path: Path, valkey: Valkey, store: redis.Redis
+) -> None:
+    with RunningServer(make_config(tmp_path), valkey.url) as address, client(address) as smtp:
+        smtp.ehlo()
+        smtp.starttls(context=_unverified_tls())
+        smtp.ehlo()
+        assert smtp.docmd("MAIL FROM:<a@client.example> REQUIRETLS=x")[:1] == (501,)
+        assert smtp.docmd("MAIL FROM:<a@client.example> REQUIRETLS REQUIRETLS")[:1] == (501,)
+        assert smtp.mail("a@client.example", ["BODY=8BITMIME", "REQUIRETLS", "SIZE=900"]) == (
+            250,
+            b"2.1.0 Ok",
+        )
+        assert smtp.mail("a@client.example", ["REQUIRETLS"]) == (
+            503,
+            b"5.5.1 Error: nested MAIL command",
+        )
+        assert smtp.rcpt("b@dest.example")[0] == 250
+        first = queued_id(smtp.data(MESSAGE))
+        assert smtp.docmd("MAIL FROM:<> requiretls") == (250, b"2.1.0 Ok")  # case-insensitive
+        assert smtp.rcpt("b@dest.example")[0] == 250
+        second = queued_id(smtp.data(MESSAGE))
+
+    envelope, body = stored(store, first)
+    assert envelope["mail_options"] == ["BODY=8BITMIME", "REQUIRETLS"]
+    assert envelope["inbound_tls"]["version"] is not None
+    assert body.endswith(MESSAGE)
+    envelope, _body = stored(store, second)
+    assert envelope["sender"] == ""
+    assert envelope["mail_options"] == ["REQUIRETLS"]
+    assert sorted(policy_task_ids(store)) == sorted([first, second])
+
+
+def test_requiretls_parameter_needs_ehlo(tmp_path: Path, valkey: Valkey) -> None:
+    with RunningServer(make_config(tmp_path), valkey.url) as address, client(address) as smtp:
+        smtp.helo()  # plain SMTP: MAIL takes no parameters at all
+        code, text = smtp.docmd("MAIL FROM:<a@client.example> REQUIRETLS")
+        assert (code, text[:6]) == (501, b"5.5.4 "), (code, text)
+
+
+def test_tls_required_no_header_is_stored_untouched(
+    tmp_path: Path, valkey: Valkey, store: redis.Redis
+) -> None:
+    message = b"From: a@client.example\r\nTLS-Required: No\r\nSubject: x\r\n\r\nbody\r\n"
+    with RunningServer(make_config(tmp_path), valkey.url) as address, client(address) as smtp:
+        smtp.ehlo()
+        smtp.mail("a@client.example")
+        smtp.rcpt("b@dest.example")
+        message_id = queued_id(smtp.data(message))
+    envelope, body = stored(store, message_id)
+    assert body.endswith(message)
+    assert b"\r\nTLS-Required: No\r\n" in body
+    assert envelope["mail_options"] == []
+    assert envelope["tls_required_no"] is True

@@ -13,6 +13,7 @@ import pytest
 from tests.peers import Sink
 
 MSG = b"Subject: hi\r\n\r\nline one\r\n.leading dot\r\n"
+SIZE = f"SIZE={len(MSG)}"  # what smtplib's sendmail() adds when the server offers SIZE
 
 
 def _client_ctx(sink: Sink, tmp_path: Path) -> ssl.SSLContext:
@@ -202,3 +203,93 @@ def test_restart_rebinds_same_port_and_bind_error_surfaces() -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
             client.sendmail("a@example.org", ["b@example.net"], MSG)
         sink.wait_messages(1)
+
+
+def test_extensions_requiretls_accepted_and_recorded(tmp_path: Path) -> None:
+    with Sink("starttls", extensions=("REQUIRETLS", "DSN")) as sink:
+        assert sink.advertises("requiretls") and not Sink("plain").advertises("REQUIRETLS")
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client:
+            caps = _ehlo_caps(client)
+            assert {"REQUIRETLS", "DSN", "STARTTLS"} <= caps
+            client.starttls(context=_client_ctx(sink, tmp_path))
+            assert {"REQUIRETLS", "DSN"} <= _ehlo_caps(client)
+            assert client.docmd("MAIL FROM:<a@example.org> REQUIRETLS=x")[0] == 501
+            assert client.docmd("MAIL FROM:<a@example.org> REQUIRETLS REQUIRETLS")[0] == 501
+            refused = client.sendmail(
+                "a@example.org", ["b@example.net"], MSG, ["BODY=8BITMIME", "requiretls"]
+            )
+            assert refused == {}
+            assert client.docmd("MAIL FROM:<> REQUIRETLS")[0] == 250  # no DATA follows
+            assert client.docmd("MAIL FROM:<c@example.org>") == (
+                503,
+                b"Error: nested MAIL command",
+            )
+        (msg,) = sink.wait_messages(1)
+        sent = [SIZE, "BODY=8BITMIME", "REQUIRETLS"]
+        assert msg.mail_options == sent
+        assert msg.tls is not None
+        sink.wait_for(lambda: sink.closed_connections == 1)
+        tls = msg.tls
+        assert sink.mail_commands == [
+            ("a@example.org", ["REQUIRETLS=X"], tls),
+            ("a@example.org", ["REQUIRETLS", "REQUIRETLS"], tls),
+            ("a@example.org", sent, tls),
+            ("<>", ["REQUIRETLS"], tls),
+            ("c@example.org", [], tls),
+        ]
+        assert sink.mail_commands[2].options == sent
+        assert sink.mail_commands[2].mail_from == "a@example.org"
+
+
+def test_requiretls_in_clear_is_accepted_when_advertised() -> None:
+    # A peer that (wrongly) offers REQUIRETLS in clear: tests see tls=None in the record.
+    with Sink("plain", extensions=["REQUIRETLS"]) as sink:
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client:
+            assert "REQUIRETLS" in _ehlo_caps(client)
+            client.sendmail("a@example.org", ["b@example.net"], MSG, ["REQUIRETLS"])
+        (msg,) = sink.wait_messages(1)
+        assert msg.tls is None and msg.mail_options == [SIZE, "REQUIRETLS"]
+        assert sink.mail_commands == [("a@example.org", [SIZE, "REQUIRETLS"], None)]
+
+
+def test_requiretls_refused_when_not_advertised(tmp_path: Path) -> None:
+    with Sink("starttls") as sink:
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client:
+            client.ehlo("client.test")
+            client.starttls(context=_client_ctx(sink, tmp_path))
+            assert "REQUIRETLS" not in _ehlo_caps(client)
+            code, text = client.docmd("MAIL FROM:<a@example.org> REQUIRETLS")
+            assert (code, text[:6]) == (555, b"5.5.4 "), (code, text)
+            code, text = client.docmd("MAIL FROM:<a@example.org> FROB")
+            assert (code, text[:6]) == (555, b"5.5.4 "), (code, text)
+            # Nothing was opened: a MAIL without the parameter goes through.
+            client.sendmail("a@example.org", ["b@example.net"], MSG)
+        (msg,) = sink.wait_messages(1)
+        assert msg.mail_options == [SIZE]
+        commands = sink.mail_commands
+        assert [c.options for c in commands] == [["REQUIRETLS"], ["FROB"], [SIZE]]
+        assert all(c.tls == msg.tls for c in commands)
+
+
+def test_mail_commands_recorded_before_ehlo_and_unparsable() -> None:
+    with Sink("plain") as sink:
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client:
+            assert client.docmd("MAIL FROM:<a@example.org>")[0] == 503  # no EHLO yet
+            client.ehlo("client.test")
+            assert client.docmd("MAIL TO:<a@example.org>")[0] == 501
+            assert client.docmd("MAIL FROM:<a@example.org> SIZE=10")[0] == 250
+            assert client.rset()[0] == 250
+        sink.wait_for(lambda: len(sink.mail_commands) == 3)
+        assert sink.mail_commands == [
+            ("a@example.org", [], None),
+            ("TO:<a@example.org>", [], None),
+            ("a@example.org", ["SIZE=10"], None),
+        ]
+        assert sink.messages == []
+
+
+def test_extensions_validation() -> None:
+    with pytest.raises(TypeError):
+        Sink("plain", extensions="REQUIRETLS")
+    with pytest.raises(ValueError):
+        Sink("plain", extensions=["REQUIRETLS\r\n250-X"])

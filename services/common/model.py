@@ -54,6 +54,15 @@ def is_message_id(text: str) -> bool:
     return bool(_MESSAGE_ID.match(text))
 
 
+_TLS_REQUIRED_NO = re.compile(rb"^TLS-Required:[ \t]*No[ \t]*\r?$", re.I | re.M)
+
+
+def has_tls_required_no(raw: bytes) -> bool:
+    """Whether the header section of ``raw`` has ``TLS-Required: No`` (RFC 8689 §5)."""
+    end = raw.find(b"\r\n\r\n")
+    return bool(_TLS_REQUIRED_NO.search(raw if end < 0 else raw[: end + 2]))
+
+
 def domain_of(address: str) -> str:
     """The lower-cased domain of ``local@domain`` (``""`` for the null path)."""
     return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
@@ -84,6 +93,9 @@ class Envelope:
     inbound_tls: InboundTls = field(default_factory=InboundTls)
     received_at: float = 0.0
     size: int = 0
+    # RFC 8689 §5: the message carries "TLS-Required: No" (noted at ingest, so policy and deliver
+    # know it without reading the body). It relaxes only MTA-STS/DANE, never rules or platform.
+    tls_required_no: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +108,7 @@ class Envelope:
             "inbound_tls": {"version": self.inbound_tls.version, "cipher": self.inbound_tls.cipher},
             "received_at": self.received_at,
             "size": self.size,
+            "tls_required_no": self.tls_required_no,
         }
 
     @classmethod
@@ -111,6 +124,7 @@ class Envelope:
             inbound_tls=InboundTls(tls.get("version"), tls.get("cipher")),
             received_at=float(doc.get("received_at", 0.0)),
             size=int(doc.get("size", 0)),
+            tls_required_no=bool(doc.get("tls_required_no", False)),
         )
 
     def recipients_by_domain(self) -> dict[str, tuple[str, ...]]:

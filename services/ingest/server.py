@@ -3,10 +3,15 @@
 Contract (these replies are relied on by clients and tests):
 
 - EHLO advertises SIZE <ingest.max_message_bytes>, 8BITMIME, SMTPUTF8, PIPELINING,
-  ENHANCEDSTATUSCODES, STARTTLS (only while the session is in clear) and HELP. Every reply but
-  the greeting, the HELO/EHLO lines, 354 and 334 carries an RFC 3463 enhanced status code;
-  replies aiosmtpd produces without one get a default from :data:`ENHANCED_DEFAULTS`.
+  ENHANCEDSTATUSCODES, STARTTLS (only while the session is in clear), REQUIRETLS (RFC 8689,
+  only once the session is TLS, never in clear) and HELP. Every reply but the greeting, the
+  HELO/EHLO lines, 354 and 334 carries an RFC 3463 enhanced status code; replies aiosmtpd
+  produces without one get a default from :data:`ENHANCED_DEFAULTS`.
 - MAIL: ``SIZE=`` above the limit → ``552 5.3.4``; the null reverse-path ``<>`` is accepted.
+  ``REQUIRETLS`` (RFC 8689 §4.1, takes no value) in clear → ``530 5.7.10``; with a value or given
+  twice → ``501 5.5.4``; over TLS it is accepted and kept as ``"REQUIRETLS"`` in
+  ``Envelope.mail_options`` for the policy and deliver services. A ``TLS-Required: No`` header
+  (RFC 8689 §5) sets ``Envelope.tls_required_no`` and, like every header, is stored untouched.
 - RCPT: more than ``ingest.max_recipients`` → ``452 4.5.3 Too many recipients``; a client outside
   ``ingest.relay_networks`` → ``554 5.7.1 Relay access denied`` (see :meth:`_may_relay`).
   CR, LF or NUL in an address → ``501 5.1.7`` (sender) / ``501 5.1.3`` (recipient).
@@ -37,16 +42,17 @@ import re
 import signal
 import ssl
 import time
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
-from aiosmtpd.smtp import SMTP, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
 from services.common import spool
 from services.common.config import Config, HostPort
-from services.common.model import Envelope, InboundTls, new_message_id
+from services.common.model import Envelope, InboundTls, has_tls_required_no, new_message_id
 from services.ingest import tlscert
 
 log = logging.getLogger("tlsrelay.ingest")
@@ -85,6 +91,19 @@ ACCEPT_TIMEOUT = 30.0  # seconds for the spool transaction; the client waits 10 
 _FORBIDDEN_IN_ADDRESS = re.compile("[\r\n\0]")
 _NOT_PRINTABLE = re.compile(r"[^!-~]")  # anything but visible ASCII (for the Received header)
 
+REQUIRETLS: Final = "REQUIRETLS"  # RFC 8689 MAIL parameter and EHLO keyword
+REQUIRETLS_IN_CLEAR = "530 5.7.10 REQUIRETLS needs a TLS session, use STARTTLS first"
+REQUIRETLS_WITH_VALUE = "501 5.5.4 REQUIRETLS takes no value"
+REQUIRETLS_TWICE = "501 5.5.4 REQUIRETLS given more than once"
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _help_syntax(text: str, extended: str | None = None) -> Callable[[_F], _F]:
+    """aiosmtpd's ``@syntax`` (the HELP text of an ``smtp_*`` method), typed."""
+    return cast(Callable[[_F], _F], syntax(text, extended=extended))
+
 
 def with_enhanced_code(reply: str) -> str:
     """``reply`` with an RFC 3463 status after the basic code, unless it has one or takes none."""
@@ -106,6 +125,8 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         self._connections = handler.connections
         self._greeted = False
         self._helo_reply = False
+        # The REQUIRETLS parameter(s) of the MAIL command being processed (see smtp_MAIL).
+        self.mail_requiretls: tuple[str, ...] = ()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.add(self)
@@ -140,6 +161,20 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         finally:
             self._helo_reply = False
 
+    @_help_syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, after taking out the REQUIRETLS parameter it does not know (555).
+
+        The parameter is removed from the command and remembered in :attr:`mail_requiretls`
+        for :meth:`IngestHandler.handle_MAIL`, which runs only once aiosmtpd's own checks (EHLO
+        first, no nested MAIL, SIZE, BODY...) passed; aiosmtpd then answers as it always does.
+        """
+        arg, self.mail_requiretls = _take_requiretls(self, arg)
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self.mail_requiretls = ()
+
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH not available")
 
@@ -173,8 +208,11 @@ class IngestHandler:
             "PIPELINING",
             "ENHANCEDSTATUSCODES",
         ]
-        if server.tls_context is not None and session.ssl is None:
-            extensions.append("STARTTLS")
+        if session.ssl is None:
+            if server.tls_context is not None:
+                extensions.append("STARTTLS")
+        else:
+            extensions.append(REQUIRETLS)  # RFC 8689 §4: only where it can be honoured
         lines = [server.hostname, *extensions, "HELP"]
         return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
 
@@ -190,8 +228,16 @@ class IngestHandler:
             return "501 5.1.7 Bad sender address syntax"
         if not address.isascii() and not envelope.smtp_utf8:
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+        requiretls = server.mail_requiretls if isinstance(server, IngestSMTP) else ()
+        if any(option != REQUIRETLS for option in requiretls):
+            return REQUIRETLS_WITH_VALUE
+        if len(requiretls) > 1:
+            return REQUIRETLS_TWICE
+        if requiretls and session.ssl is None:
+            return REQUIRETLS_IN_CLEAR
         envelope.mail_from = address  # "<>" for the null reverse-path (kept truthy for aiosmtpd)
         envelope.mail_options = [o for o in mail_options if not o.startswith("SIZE=")]
+        envelope.mail_options.extend(requiretls)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -228,7 +274,9 @@ class IngestHandler:
         stored = self._envelope(session, envelope)
         body = received_header(stored, self.config.hostname, _protocol(session, envelope))
         body += _raw_content(envelope)
-        stored = dataclasses.replace(stored, size=len(body))
+        stored = dataclasses.replace(
+            stored, size=len(body), tls_required_no=has_tls_required_no(body)
+        )
         try:
             await asyncio.wait_for(spool.accept(self.redis, stored, body), ACCEPT_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -311,6 +359,30 @@ def _protocol(session: Session, envelope: SmtpEnvelope) -> str:
     if envelope.smtp_utf8:
         base = "UTF8SMTP"
     return base + ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
+
+
+def _take_requiretls(server: SMTP, arg: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """``arg`` of a MAIL command without its REQUIRETLS parameter(s), and those parameters.
+
+    The address is found with aiosmtpd's own parser, so the remaining command is what aiosmtpd
+    would have seen but for REQUIRETLS. Anything aiosmtpd will refuse anyway (no ``FROM:``, a
+    malformed address, a HELO session, which takes no parameters) is left to it unchanged.
+    """
+    if arg is None or server.session is None or not server.session.extended_smtp:
+        return arg, ()
+    rest = server._strip_command_keyword("FROM:", arg)
+    if rest is None:
+        return arg, ()
+    address, params = server._getaddr(rest)
+    if not address or not params:
+        return arg, ()
+    words = params.split()
+    taken = tuple(w.upper() for w in words if w.upper().partition("=")[0] == REQUIRETLS)
+    if not taken:
+        return arg, ()
+    kept = [w for w in words if w.upper().partition("=")[0] != REQUIRETLS]
+    path = rest[: len(rest) - len(params)].rstrip()
+    return " ".join(["FROM:" + path, *kept]), taken
 
 
 def _raw_content(envelope: SmtpEnvelope) -> bytes:
