@@ -34,6 +34,11 @@ SERVICES = ("ingest", "policy", "deliver")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rules"]:  # `tlsrelay rules check|explain`: its own exit codes (bad file → 1)
+        from services.policy.cli import main as rules_main
+
+        return rules_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -61,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "deliver": "run a deliver worker",
         "trace": "print the event log of one message",
     }
+    # Listed for --help only: main() hands `rules ...` to services.policy.cli before parsing.
+    sub.add_parser("rules", help="check the rules of a config file; explain decisions (see -h)")
     for name, text in helps.items():
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", help="YAML configuration file (default: $TLSRELAY_CONFIG)")

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from services.common.model import TlsMode
+from services.policy.rules import Rules
 
 ENV_CONFIG = "TLSRELAY_CONFIG"
 ENV_REDIS_URL = "TLSRELAY_REDIS_URL"
@@ -252,8 +253,8 @@ class Config(_Section):
     policy: PolicyConfig = PolicyConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     celery: CeleryConfig = CeleryConfig()
-    # Special-handling rules, validated by services.policy.rules (issue 3).
-    rules: tuple[Any, ...] = ()
+    # Special-handling rules (syntax and validation: services/policy/rules.py).
+    rules: Rules = ()
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("hostname")
@@ -352,7 +353,9 @@ def _describe(exc: ValidationError, source: Path | None, root: yaml.Node | None)
     name = str(source) if source else "(defaults)"
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "duplicate_rule_name":  # point at the second rule's name
+            loc = ("rules", err.get("ctx", {})["index"], "name")
+        dotted = _dotted_rules(root, loc) or ".".join(str(p) for p in loc) or "(top level)"
         line = _locate(root, loc)
         where = f"{name}:{line}" if line else name
         message = err["msg"].removeprefix("Value error, ")
@@ -360,6 +363,21 @@ def _describe(exc: ValidationError, source: Path | None, root: yaml.Node | None)
             message = "unknown key"
         lines.append(f"{where}: {dotted}: {message}")
     return "\n".join(lines)
+
+
+def _dotted_rules(root: yaml.Node | None, loc: tuple[int | str, ...]) -> str | None:
+    """``rules[<name>].when.subject`` for a location inside a rule (its index without a name)."""
+    if len(loc) < 2 or loc[0] != "rules" or not isinstance(loc[1], int):
+        return None
+    label = str(loc[1])
+    if isinstance(root, yaml.MappingNode):
+        rules = [v for k, v in root.value if k.value == "rules"]
+        items = rules[0].value if rules and isinstance(rules[0], yaml.SequenceNode) else []
+        item = items[loc[1]] if loc[1] < len(items) else None
+        if isinstance(item, yaml.MappingNode):
+            names = [v.value for k, v in item.value if k.value == "name"]
+            label = names[0] if names and isinstance(names[0], str) and names[0] else label
+    return ".".join([f"rules[{label}]", *(str(p) for p in loc[2:])])
 
 
 def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) -> Config:

@@ -2,19 +2,34 @@
 
 Idempotent: a message that already has decisions is not classified again (a task redelivered after
 a worker crash would otherwise enqueue its deliveries twice). A message that is gone (already
-final) is ignored. Redis errors propagate: the task is not acknowledged and runs again later.
+final) is ignored. The body is read from Redis only when a rule looks at content
+(``Ruleset.needs_content``). Redis errors propagate: the task is not acknowledged and runs again.
+
+Rules reload on SIGHUP (replacing Celery's handler, which re-execs the worker and so would turn a
+bad file into a dead service): the main process re-reads the config file; a bad file is logged
+("rules reload failed, keeping the old rules: ...") and changes nothing; a good one bumps a
+generation counter in shared memory (created before the prefork pool forks). Each pool process
+compares it before its next task and then loads the rules from the file itself; if that fails
+(the file changed again in between) it keeps its rules and logs the error. The handler is
+installed on ``worker_ready``; a SIGHUP before that (while connecting to the broker) still has
+Celery's meaning.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
+from types import FrameType
 
 import redis
 from celery import Celery
+from celery.signals import worker_ready
 
 from services.common import queueing, spool
-from services.common.config import Config
-from services.policy.decide import MessageFacts, Ruleset, decide
+from services.common.config import Config, load_config
+from services.policy.decide import Ruleset, decide
+from services.policy.facts import facts_from_message
 
 log = logging.getLogger("tlsrelay.policy")
 
@@ -23,7 +38,11 @@ class PolicyService:
     def __init__(self, config: Config, redis_url: str) -> None:
         self.config = config
         self.redis_url = redis_url
-        self.ruleset = Ruleset()
+        self.ruleset = Ruleset.from_config(config)
+        # Shared memory read by the pool processes (forked after this, they inherit it). Only
+        # the main process writes it, so no lock: a reader killed mid-read cannot wedge others.
+        self.generation = multiprocessing.Value("i", 0, lock=False)
+        self._seen = 0  # the generation this process's ruleset belongs to
         self._client: redis.Redis | None = None
 
     @property
@@ -33,16 +52,56 @@ class PolicyService:
         return self._client
 
     def classify(self, message_id: str) -> None:
+        self.refresh()
         envelope = spool.load_envelope(self.client, message_id)
         if envelope is None or spool.is_classified(self.client, message_id):
             log.info("skip %s: gone or already classified", message_id)
             return
-        decisions = decide(MessageFacts(envelope=envelope), self.ruleset)
+        ruleset = self.ruleset
+        raw = spool.load_body(self.client, message_id) if ruleset.needs_content else None
+        decisions = decide(facts_from_message(envelope, raw, ruleset), ruleset)
         spool.record_classification(self.client, envelope, decisions)
         log.info("classified %s: %s", message_id, [d.to_json() for d in decisions])
+
+    def _load(self) -> Ruleset:
+        return Ruleset.from_config(load_config(self.config.source))
+
+    def reload(self) -> bool:
+        """Main process, on SIGHUP: validate the file; publish a new generation if it is good."""
+        try:
+            ruleset = self._load()
+        except Exception as exc:  # ConfigError, or anything else: never take the worker down
+            log.error("rules reload failed, keeping the old rules: %s", exc)
+            return False
+        self.generation.value += 1
+        self._seen = self.generation.value
+        self.ruleset = ruleset  # processes forked from now on start with it
+        log.info("rules reloaded: %d rules", len(ruleset.rules))
+        return True
+
+    def refresh(self) -> None:
+        """Pool process, before each task: load the rules again if a reload was published."""
+        current = self.generation.value
+        if current == self._seen:
+            return
+        self._seen = current
+        try:
+            self.ruleset = self._load()
+        except Exception as exc:
+            log.error("rules reload failed in this worker process, keeping its rules: %s", exc)
+            return
+        log.info("rules reloaded in this worker process: %d rules", len(self.ruleset.rules))
 
 
 def register(app: Celery, service: PolicyService) -> None:
     @app.task(name=queueing.TASK_CLASSIFY)  # type: ignore[untyped-decorator]
     def classify(message_id: str) -> None:
         service.classify(message_id)
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def handle_sighup(**_: object) -> None:
+        # worker_ready runs in the main process after Celery installed its own SIGHUP handler.
+        def on_sighup(signum: int, frame: FrameType | None) -> None:
+            service.reload()
+
+        signal.signal(signal.SIGHUP, on_sighup)
