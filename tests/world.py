@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from services.common import spool
 from services.common.redisserver import EmbeddedRedis, free_port
 from tests.dnsserver import LocalDns
@@ -132,43 +134,56 @@ def message(subject: str, body: str = "Hello.\r\n") -> bytes:
     ).encode()
 
 
-def write_config(root: Path, redis_url: str, ingest_port: int, sinks: dict[str, Sink],
-                 dns_port: int, mx_port: int) -> Path:  # fmt: skip
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, recursing into nested mappings."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config(root: Path, redis_url: str, ingest_port: int, sinks: dict[str, Sink],
+                dns_port: int, mx_port: int) -> dict[str, Any]:  # fmt: skip
     def at(name: str) -> str:
         return sinks[name].address_text
 
-    path = root / "tlsrelay.yaml"
-    path.write_text(
-        f"""
-hostname: relay.test
-redis_url: {redis_url}
-data_dir: {root / "var"}
-ingest:
-  listen: 127.0.0.1:{ingest_port}
-delivery:
-  routes:
-    tls.test: {at("tls")}
-    d1.test: {at("tls")}
-    plain.test: {at("plain")}
-    d2.test: {at("plain")}
-    broken.test: {at("broken")}
-    d3.test: {at("other")}
-  dns_servers: ["127.0.0.1:{dns_port}"]
-  mx_port: {mx_port}
-  connect_timeout: 5s
-  command_timeout: 20s
-  retry_schedule: [1s]
-  scheduler_interval: 0.2s
-  concurrency: 2
-policy:
-  concurrency: 1
-"""
-    )
-    return path
+    return {
+        "hostname": "relay.test",
+        "redis_url": redis_url,
+        "data_dir": str(root / "var"),
+        "ingest": {"listen": f"127.0.0.1:{ingest_port}"},
+        "delivery": {
+            "routes": {
+                "tls.test": at("tls"),
+                "d1.test": at("tls"),
+                "plain.test": at("plain"),
+                "d2.test": at("plain"),
+                "broken.test": at("broken"),
+                "d3.test": at("other"),
+            },
+            "dns_servers": [f"127.0.0.1:{dns_port}"],
+            "mx_port": mx_port,
+            "connect_timeout": "5s",
+            "command_timeout": "20s",
+            "retry_schedule": ["1s"],
+            "scheduler_interval": "0.2s",
+            "concurrency": 2,
+        },
+        "policy": {"concurrency": 1},
+    }
 
 
 @contextlib.contextmanager
-def make_world(root: Path) -> Iterator[World]:
+def make_world(
+    root: Path,
+    extra_sinks: dict[str, Sink] | None = None,
+    config: Callable[[World], dict[str, Any]] | None = None,
+) -> Iterator[World]:
+    """Start the world. ``extra_sinks`` join ``World.sinks`` (started here); ``config(world)``
+    returns settings merged over the base configuration before the services start."""
     root.mkdir(parents=True, exist_ok=True)
     mx_port = free_port("127.0.0.3")
     sinks = {
@@ -177,6 +192,7 @@ def make_world(root: Path) -> Iterator[World]:
         "broken": Sink("broken"),
         "other": Sink("starttls"),
         "mx": Sink("starttls", host="127.0.0.3", port=mx_port),
+        **(extra_sinks or {}),
     }
     with contextlib.ExitStack() as stack:
         for sink in sinks.values():
@@ -191,8 +207,10 @@ def make_world(root: Path) -> Iterator[World]:
         redis.start()
         stack.callback(redis.stop)
         ingest_port = free_port()
-        config = write_config(root, redis.url, ingest_port, sinks, dns.port, mx_port)
-        world = World(root, redis, dns, sinks, ingest_port, config)
+        world = World(root, redis, dns, sinks, ingest_port, root / "tlsrelay.yaml")
+        settings = base_config(root, redis.url, ingest_port, sinks, dns.port, mx_port)
+        settings = merge(settings, config(world) if config else {})
+        world.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         stack.callback(lambda: [world.stop_service(n) for n in list(world.procs)])
         for name in SERVICES:
             world.start_service(name)

@@ -101,7 +101,7 @@ class Deliverer:
         except mx.DnsError as exc:
             outcome.deferred = dict.fromkeys(pending, Reply(451, "4.4.3", str(exc)))
             return outcome
-        last_error = NO_HOST
+        errors: list[Reply] = []
         for peer in self._peers(hosts, decision.domain):
             settings = self._tls(decision, peer)
             result = await attempt(
@@ -111,8 +111,8 @@ class Deliverer:
             if not result.next_host:
                 outcome.settle(result.replies)
                 return outcome
-            last_error = result.error or NO_HOST
-        outcome.deferred = dict.fromkeys(pending, last_error)
+            errors.append(result.error or NO_HOST)
+        _give_up(outcome, pending, errors)
         return outcome
 
     def _peers(self, hosts: list[mx.Destination], domain: str) -> list[Peer]:
@@ -158,6 +158,15 @@ class Deliverer:
                 pipe.delete(spool.msg_key(envelope.id))
                 pipe.rpush(spool.trace_key(envelope.id), spool.event("completed"))
                 pipe.execute()
+
+
+def _give_up(outcome: Outcome, pending: list[str], errors: list[Reply]) -> None:
+    """No host ran a transaction: bounce when every host failed permanently, else defer."""
+    last = errors[-1] if errors else NO_HOST
+    if errors and all(e.is_permanent for e in errors):
+        outcome.bounced = dict.fromkeys(pending, last)
+    else:
+        outcome.deferred = dict.fromkeys(pending, last)
 
 
 def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:

@@ -27,6 +27,7 @@ from services.deliver.tls import Action, Outcome, Situation
 
 # RFC 3463 codes for failures that have no server reply of their own.
 TLS_UNAVAILABLE = Reply(451, "4.7.10", "TLS required but not available")
+REQUIRETLS = "REQUIRETLS"  # RFC 8689 MAIL parameter, kept in Envelope.mail_options
 CONNECT_FAILED = "4.4.1"  # RFC 3463: no answer from host
 CONNECTION_DROPPED = "4.4.2"  # RFC 3463: bad connection
 
@@ -205,8 +206,9 @@ async def _transaction(
     result: Attempt,
 ) -> None:
     """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
+    options = _mail_options(smtp, envelope, result)
     try:
-        await smtp.mail(envelope.sender, options=_mail_options(smtp, envelope))
+        await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code >= 500:  # the sender is refused: the same for every recipient
             result.replies = dict.fromkeys(recipients, Reply.parse(exc.code, exc.message))
@@ -246,8 +248,12 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes) -> Reply:
     return Reply.parse(response.code, response.message)
 
 
-def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope) -> list[str]:
-    """Pass on BODY=8BITMIME and SMTPUTF8 from the inbound session where the peer supports them."""
+def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) -> list[str]:
+    """Pass on BODY=8BITMIME and SMTPUTF8 where the peer supports them, and REQUIRETLS always.
+
+    RFC 8689 §4.2.1: a REQUIRETLS message is relayed only over TLS to a host that advertises
+    REQUIRETLS; anything else is a permanent failure for this host (5.7.30).
+    """
     options = []
     for option in envelope.mail_options:
         keyword = option.split("=", 1)[0].upper()
@@ -255,6 +261,11 @@ def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope) -> list[str]:
             options.append(option)
         elif keyword == "SMTPUTF8" and smtp.supports_extension("smtputf8"):
             options.append("SMTPUTF8")
+        elif keyword == REQUIRETLS:
+            if result.tls_version is None or not smtp.supports_extension("requiretls"):
+                host = result.peer.host
+                raise _NextHost(Reply(550, "5.7.30", f"REQUIRETLS not supported by {host}"))
+            options.append(REQUIRETLS)
     return options
 
 
