@@ -76,6 +76,8 @@ def settings(world: World) -> dict[str, Any]:
     ca = world.root / "ca.pem"
     default_ca().cert_pem.write_to_path(str(ca))
     routes = {domain(m, b): world.sinks[f"{m}/{b}"].address_text for (m, b) in TABLE}
+    # the same broken peer as the opportunistic row, reached with enforced TLS
+    routes["remembered.enforced.test"] = world.sinks["opportunistic/broken"].address_text
     routes["rt-ok.test"] = world.sinks["rt-ok"].address_text
     routes["rt-no.test"] = world.sinks["rt-no"].address_text
     rules: list[dict[str, Any]] = [
@@ -144,6 +146,19 @@ def test_mode_against_destination(world: World, mode: str, behaviour: str) -> No
         assert sink.cleartext_transactions == 0, "required-TLS mail reached the peer in clear"
     if mode == "none":
         assert sink.starttls_attempts == 0
+
+
+def test_remembered_broken_host_never_gets_enforced_mail_in_clear(world: World) -> None:
+    sink = world.sinks["opportunistic/broken"]
+    opportunistic = world.send(["x@broken.opportunistic.test"], message("remember me"))
+    world.wait_completed(opportunistic)  # the host is now remembered as "TLS broken"
+    before = (sink.starttls_attempts, sink.cleartext_transactions)
+    enforced = world.send(["y@remembered.enforced.test"], message("enforced to remembered"))
+    trace = settled(world, enforced)
+    attempts = [e["tls_outcome"] for e in trace if e["event"] == "attempt"]
+    assert attempts == ["handshake_failed"], "enforced mail must try TLS despite the memory"
+    assert (sink.starttls_attempts, sink.cleartext_transactions) == (before[0] + 1, before[1])
+    assert not any(b"enforced to remembered" in m.data for m in sink.messages)
 
 
 def test_enforced_skips_first_mx_without_starttls(world: World) -> None:
