@@ -15,6 +15,8 @@ Destinations (``World.sinks``):
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import smtplib
 import socket
 import subprocess
@@ -71,19 +73,26 @@ class World:
             [sys.executable, "-m", "services.common.cli", name, "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill() takes the pool children too
         )
         log.close()
         if name == "ingest":
             wait_until(lambda: port_open("127.0.0.1", self.ingest_port), what="ingest to listen")
 
     def stop_service(self, name: str, kill: bool = False) -> None:
+        """SIGTERM (warm shutdown), or SIGKILL to the whole process group with ``kill``."""
         proc = self.procs.pop(name)
-        proc.kill() if kill else proc.terminate()
+        if kill:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]

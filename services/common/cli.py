@@ -26,8 +26,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
+from services.common.config import (
+    ENV_REDIS_URL,
+    Config,
+    ConfigError,
+    format_duration,
+    load_config,
+)
 
 EXIT_CONFIG = 2
 SERVICES = ("ingest", "policy", "deliver")
@@ -52,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "policy": _worker,
         "deliver": _worker,
         "trace": _trace,
+        "queue": _queue,
     }[args.command]
     return handler(config, args)
 
@@ -65,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "policy": "run a policy (classification) worker",
         "deliver": "run a deliver worker",
         "trace": "print the event log of one message",
+        "queue": "list deferred mail; 'queue retry [ID]' makes it due now; 'queue bounce ID'",
     }
     # Listed for --help only: main() hands `rules ...` to services.policy.cli before parsing.
     sub.add_parser("rules", help="check the rules of a config file; explain decisions (see -h)")
@@ -73,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML configuration file (default: $TLSRELAY_CONFIG)")
     sub.choices["trace"].add_argument("id", help="message id, as in '250 2.0.0 Ok: queued as ID'")
     sub.choices["trace"].add_argument("--json", action="store_true", help="one JSON document")
+    queue = sub.choices["queue"]
+    queue.add_argument("action", nargs="?", choices=("list", "retry", "bounce"), default="list")
+    queue.add_argument("id", nargs="?", help="message id (required for bounce)")
+    queue.add_argument("--json", action="store_true", help="list as one JSON document")
     return parser
 
 
@@ -139,6 +152,43 @@ def _trace(config: Config, args: argparse.Namespace) -> int:
         at = datetime.fromtimestamp(ev.pop("at"), UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         kind = ev.pop("event")
         print(f"{at} {kind:<10} {json.dumps(ev, sort_keys=True)}")
+    return 0
+
+
+def _queue(config: Config, args: argparse.Namespace) -> int:
+    from services.common import spool
+    from services.deliver import queue
+
+    client = spool.connect(_require_redis(config, "queue", tool=True))
+    if args.action == "retry":
+        count = queue.retry(client, args.id)
+        print(f"{count} deferred deliveries made due now")
+        return 0 if count or args.id is None else 1
+    if args.action == "bounce":
+        if not args.id:
+            print("tlsrelay queue bounce: a message id is required", file=sys.stderr)
+            return EXIT_CONFIG
+        bounced = queue.bounce(config, client, args.id)
+        print(f"bounced {len(bounced)} recipients of {args.id}: {', '.join(bounced) or '-'}")
+        return 0 if bounced else 1
+    return _print_queue(queue.deferred(client, args.id), args.json)
+
+
+def _print_queue(entries: list[Any], as_json: bool) -> int:
+    now = time.time()
+    docs = [e.to_json(now) for e in entries]
+    if as_json:
+        print(json.dumps({"deferred": docs}, indent=2))
+        return 0
+    print(f"{'ID':<20} {'AGE':>8} {'NEXT':>8} {'TRIES':>5}  DOMAIN / RECIPIENTS / LAST ERROR")
+    for doc in docs:
+        age = format_duration(doc["age_seconds"]) if doc["age_seconds"] is not None else "?"
+        print(
+            f"{doc['id']:<20} {age:>8} {format_duration(doc['next_attempt_in_seconds']):>8} "
+            f"{doc['attempts']:>5}  {doc['domain']}: {', '.join(doc['recipients'])}\n"
+            f"{'':<46}{doc['last_error']}"
+        )
+    print(f"-- {len(docs)} deferred deliveries")
     return 0
 
 

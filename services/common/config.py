@@ -149,6 +149,15 @@ def parse_route(value: object) -> Route:
     return Route(parse_hostport(value))
 
 
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, for messages: ``432000`` → ``5d``."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g}{unit}"
+    return f"{seconds:.3g}s"
+
+
 HostPortT = Annotated[HostPort, BeforeValidator(parse_hostport)]
 RouteT = Annotated[Route, BeforeValidator(parse_route)]
 DnsServerT = Annotated[HostPort, BeforeValidator(lambda v: parse_hostport(v, default_port=53))]
@@ -210,6 +219,9 @@ class DeliveryConfig(_Section):
     command_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
     tls_broken_ttl: Duration = 3600.0  # how long a host with a failed handshake is skipped
     retry_schedule: tuple[Duration, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
+    # RFC 5321 §4.5.4.1: give up no sooner than 4-5 days; then bounce with a DSN.
+    max_queue_lifetime: Duration = 5 * 86400.0
+    delay_warning_after: Duration = 4 * 3600.0  # one "delayed" DSN to the sender; 0 = off
     scheduler_interval: Duration = 1.0  # how often deferred entries are checked for due ones
     concurrency: int = Field(default=4, gt=0)  # Celery worker processes
 
@@ -249,6 +261,7 @@ class Config(_Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     redis_url: str | None = None  # absent → embedded server under data_dir, AOF on
     data_dir: Path = Path("./var")
+    trace_ttl: Duration = 7 * 86400.0  # how long a message's event log is kept after its last event
     ingest: IngestConfig = IngestConfig()
     policy: PolicyConfig = PolicyConfig()
     delivery: DeliveryConfig = DeliveryConfig()

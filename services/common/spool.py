@@ -67,13 +67,29 @@ def connect_async(url: str) -> aioredis.Redis:
 # --------------------------------------------------------------------------- ingest
 
 
-async def accept(client: aioredis.Redis, envelope: Envelope, body: bytes) -> None:
+async def accept(
+    client: aioredis.Redis, envelope: Envelope, body: bytes, trace_ttl: float = TRACE_TTL
+) -> None:
     """Store message and envelope and enqueue its ``policy`` task, all or nothing.
 
     One ``MULTI``/``EXEC`` round trip. When this returns, the message is in Redis (and in its AOF
     within the configured fsync window); when it raises, Redis holds none of it.
     """
-    received = event(
+    async with client.pipeline(transaction=True) as pipe:
+        stage_message(pipe, envelope, body, trace_ttl)
+        await pipe.execute()
+
+
+def stage_message(
+    pipe: redis.client.Pipeline | aioredis.client.Pipeline,
+    envelope: Envelope,
+    body: bytes,
+    trace_ttl: float,
+    **received: Any,
+) -> None:
+    """Buffer the writes that queue a new message (ingest, or a DSN the relay itself generates)
+    into ``pipe``, a transaction the caller executes. ``received`` adds fields to the event."""
+    first = event(
         "received",
         client=envelope.client_address,
         helo=envelope.client_helo,
@@ -82,16 +98,14 @@ async def accept(client: aioredis.Redis, envelope: Envelope, body: bytes) -> Non
         size=envelope.size,
         sender=envelope.sender,
         recipients=list(envelope.recipients),
+        **received,
     )
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.hset(
-            msg_key(envelope.id),
-            mapping={"envelope": json.dumps(envelope.to_json()), "body": body},
-        )
-        pipe.rpush(trace_key(envelope.id), received)
-        pipe.expire(trace_key(envelope.id), TRACE_TTL)
-        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(envelope.id))
-        await pipe.execute()
+    pipe.hset(
+        msg_key(envelope.id), mapping={"envelope": json.dumps(envelope.to_json()), "body": body}
+    )
+    pipe.rpush(trace_key(envelope.id), first)
+    pipe.expire(trace_key(envelope.id), int(trace_ttl))
+    pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(envelope.id))
 
 
 # --------------------------------------------------------------------------- workers
@@ -115,7 +129,7 @@ def final_recipients(client: redis.Redis, message_id: str) -> set[str]:
 
 
 def record_classification(
-    client: redis.Redis, envelope: Envelope, decisions: list[Decision]
+    client: redis.Redis, envelope: Envelope, decisions: list[Decision], trace_ttl: float = TRACE_TTL
 ) -> None:
     """Store the decisions and enqueue one ``deliver`` task per destination domain, atomically."""
     groups = envelope.recipients_by_domain()
@@ -134,7 +148,7 @@ def record_classification(
             trace_key(envelope.id),
             event("classified", decisions=[d.to_json() for d in decisions]),
         )
-        pipe.expire(trace_key(envelope.id), TRACE_TTL)
+        pipe.expire(trace_key(envelope.id), int(trace_ttl))
         pipe.execute()
 
 
@@ -142,10 +156,12 @@ def is_classified(client: redis.Redis, message_id: str) -> bool:
     return bool(client.hexists(msg_key(message_id), "decisions"))
 
 
-def append_trace(client: redis.Redis, message_id: str, *events: str) -> None:
+def append_trace(
+    client: redis.Redis, message_id: str, *events: str, trace_ttl: float = TRACE_TTL
+) -> None:
     with client.pipeline(transaction=True) as pipe:
         pipe.rpush(trace_key(message_id), *events)
-        pipe.expire(trace_key(message_id), TRACE_TTL)
+        pipe.expire(trace_key(message_id), int(trace_ttl))
         pipe.execute()
 
 

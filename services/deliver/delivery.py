@@ -4,12 +4,15 @@ record what happened.
 Steps: skip recipients already final (never re-send an accepted recipient); find the destination
 hosts (a rule's route, else ``delivery.routes``, else MX, else implicit MX); try each address in
 order with :func:`services.deliver.session.attempt` until one runs a transaction; then, in one Redis
-transaction, record per-recipient results, the trace events and — for what is left — a deferred
-entry due per ``delivery.retry_schedule``.
+transaction, record per-recipient results, the trace events, — for what is left — a deferred
+entry due per ``delivery.retry_schedule``, and the DSN the round calls for (queued as a new
+message with a null reverse-path, in the same transaction, so it is neither lost nor doubled).
 
-Fates per recipient: 2xx after DATA → delivered; 5xx → bounced (the DSN is a later issue: the
-recipient is final and the trace says why); 4xx, no host reachable, TLS required but unavailable,
-DNS temporary failure → deferred. DNS NXDOMAIN / null MX → bounced (5.1.2 / 5.1.10).
+Fates per recipient: 2xx after DATA → delivered; 5xx → bounced with a DSN (RFC 3464); 4xx, no
+host reachable, TLS required but unavailable, DNS temporary failure → deferred, until
+``max_queue_lifetime`` after arrival, then bounced with the last reply. DNS NXDOMAIN / null MX →
+bounced (5.1.2 / 5.1.10). One "delayed" DSN per message once it waited ``delay_warning_after``.
+No DSN is ever sent about a message whose reverse-path is null.
 
 Failure: Redis errors propagate (the Celery task is then not acknowledged and runs again).
 """
@@ -25,9 +28,9 @@ from typing import Any
 import redis
 
 from services.common import spool
-from services.common.config import Config, Route, parse_hostport
+from services.common.config import Config, Route, format_duration, parse_hostport
 from services.common.model import Decision, Envelope, Reply
-from services.deliver import mx
+from services.deliver import dsn, mx
 from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -43,15 +46,24 @@ class Outcome:
     bounced: dict[str, Reply] = field(default_factory=dict)
     deferred: dict[str, Reply] = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
+    remote_mta: dict[str, str] = field(default_factory=dict)  # host that gave each reply
+    note: str = ""  # said in a DSN (e.g. why the relay gave up)
 
-    def settle(self, replies: dict[str, Reply]) -> None:
+    def settle(self, replies: dict[str, Reply], host: str) -> None:
         for rcpt, reply in replies.items():
+            self.remote_mta[rcpt] = host
             if reply.is_success:
                 self.delivered[rcpt] = reply
             elif reply.is_permanent:
                 self.bounced[rcpt] = reply
             else:
                 self.deferred[rcpt] = reply
+
+    def give_up(self, note: str) -> None:
+        """Time ran out: what was deferred is now bounced, with its last reply."""
+        self.bounced.update(self.deferred)
+        self.deferred = {}
+        self.note = note
 
 
 def retry_delay(schedule: tuple[float, ...], attempt_number: int) -> float:
@@ -83,7 +95,7 @@ class Deliverer:
             return None
         decision = Decision.from_json(job["decision"])
         outcome = await self.send(envelope, body, decision, pending)
-        self.record(job, envelope, outcome)
+        self.record(job, envelope, outcome, body)
         return outcome
 
     async def send(
@@ -109,7 +121,7 @@ class Deliverer:
             )
             outcome.attempts.append(result)
             if not result.next_host:
-                outcome.settle(result.replies)
+                outcome.settle(result.replies, peer.host)
                 return outcome
             errors.append(result.error or NO_HOST)
         _give_up(outcome, pending, errors)
@@ -131,25 +143,104 @@ class Deliverer:
         ttl = max(1, int(self.config.delivery.tls_broken_ttl))
         self.client.set(spool.tls_broken_key(peer.address, peer.port), peer.host, ex=ttl)
 
-    def record(self, job: dict[str, Any], envelope: Envelope, outcome: Outcome) -> None:
-        """Write the round's results in one transaction; delete the message once all are final."""
-        now, domain = time.time(), job["domain"]
-        events = [spool.event("attempt", domain=domain, **a.to_json()) for a in outcome.attempts]
+    def record(
+        self, job: dict[str, Any], envelope: Envelope, outcome: Outcome, body: bytes
+    ) -> None:
+        """Write the round's results in one transaction, with the DSN it calls for (if any);
+        delete the message once every recipient is final."""
+        now, delivery = time.time(), self.config.delivery
+        expires = envelope.received_at + delivery.max_queue_lifetime
+        if outcome.deferred and now >= expires:
+            lifetime = format_duration(delivery.max_queue_lifetime)
+            outcome.give_up(f"The relay gave up: the message was queued longer than {lifetime}.")
+        notice = self._notice(job, envelope, outcome, body, now, expires)
+        events = [
+            spool.event("attempt", domain=job["domain"], **a.to_json()) for a in outcome.attempts
+        ]
         with self.client.pipeline(transaction=True) as pipe:
-            for state, replies in (("delivered", outcome.delivered), ("bounced", outcome.bounced)):
-                if replies:
-                    pipe.hset(spool.rcpt_key(envelope.id), mapping=_states(state, replies, now))
-                    events.append(spool.event(state, domain=domain, **_replies(replies)))
+            events += self._stage_states(pipe, job, envelope, outcome, now)
             if outcome.deferred:
-                due = now + retry_delay(self.config.delivery.retry_schedule, job["attempt"])
-                retry = {**job, "recipients": list(outcome.deferred), "attempt": job["attempt"] + 1}
-                pipe.zadd(spool.DEFERRED, {json.dumps(retry, sort_keys=True): due})
-                deferred = _replies(outcome.deferred)
-                events.append(spool.event("deferred", domain=domain, due=round(due, 3), **deferred))
+                events.append(self._stage_retry(pipe, job, outcome, now, expires))
+            if notice is not None:
+                events.append(self._stage_notice(pipe, envelope, notice))
             pipe.rpush(spool.trace_key(envelope.id), *events)
-            pipe.expire(spool.trace_key(envelope.id), spool.TRACE_TTL)
+            pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
             pipe.execute()
         self._finish_if_final(envelope)
+
+    def _stage_states(
+        self, pipe: redis.client.Pipeline, job: dict[str, Any], envelope: Envelope,
+        outcome: Outcome, now: float,
+    ) -> list[str]:  # fmt: skip
+        events = []
+        for state, replies in (("delivered", outcome.delivered), ("bounced", outcome.bounced)):
+            if replies:
+                pipe.hset(spool.rcpt_key(envelope.id), mapping=_states(state, replies, now))
+                events.append(spool.event(state, domain=job["domain"], **_replies(replies)))
+        return events
+
+    def _stage_retry(
+        self, pipe: redis.client.Pipeline, job: dict[str, Any], outcome: Outcome,
+        now: float, expires: float,
+    ) -> str:  # fmt: skip
+        """Back into the deferred set; the last try happens at the expiry time, not after it."""
+        due = min(now + retry_delay(self.config.delivery.retry_schedule, job["attempt"]), expires)
+        last = next(iter(outcome.deferred.values()))
+        retry = {
+            **job,
+            "recipients": list(outcome.deferred),
+            "attempt": job["attempt"] + 1,
+            "last_error": str(last),
+        }
+        pipe.zadd(spool.DEFERRED, {json.dumps(retry, sort_keys=True): due})
+        return spool.event(
+            "deferred", domain=job["domain"], due=round(due, 3), **_replies(outcome.deferred)
+        )
+
+    def _notice(
+        self, job: dict[str, Any], envelope: Envelope, outcome: Outcome, body: bytes,
+        now: float, expires: float,
+    ) -> tuple[str, Envelope, bytes] | None:  # fmt: skip
+        """The DSN this round calls for: a bounce for failed recipients, else (once per message,
+        after ``delay_warning_after``) a delay notice; None when the sender is null."""
+        if not dsn.wanted(envelope):
+            return None
+        if outcome.bounced:
+            action, replies, until = dsn.FAILED, outcome.bounced, None
+        elif outcome.deferred and self._delay_warning_due(envelope, now):
+            action, replies, until = dsn.DELAYED, outcome.deferred, expires
+        else:
+            return None
+        remote = outcome.remote_mta
+        reports = [
+            dsn.RecipientReport(r, action, reply, remote.get(r)) for r, reply in replies.items()
+        ]
+        notes = (outcome.note,) if outcome.note else ()
+        report_env, report_body = dsn.build(
+            reporting_mta=self.config.hostname, envelope=envelope, original=body,
+            reports=reports, decision=Decision.from_json(job["decision"]), notes=notes,
+            retry_until=until, now=now,
+        )  # fmt: skip
+        return action, report_env, report_body
+
+    def _delay_warning_due(self, envelope: Envelope, now: float) -> bool:
+        after = self.config.delivery.delay_warning_after
+        if after <= 0 or now - envelope.received_at < after:
+            return False
+        return not self.client.hexists(spool.msg_key(envelope.id), "delay_warned")
+
+    def _stage_notice(
+        self, pipe: redis.client.Pipeline, envelope: Envelope,
+        notice: tuple[str, Envelope, bytes],
+    ) -> str:  # fmt: skip
+        action, report_env, report_body = notice
+        spool.stage_message(
+            pipe, report_env, report_body, self.config.trace_ttl, dsn_for=envelope.id, action=action
+        )
+        if action == dsn.DELAYED:
+            pipe.hset(spool.msg_key(envelope.id), "delay_warned", report_env.id)
+        recipients = list(report_env.recipients)
+        return spool.event("dsn", action=action, dsn_id=report_env.id, to=recipients)
 
     def _finish_if_final(self, envelope: Envelope) -> None:
         # Write-then-read: of two domain jobs finishing together, the later one sees all final.

@@ -278,7 +278,8 @@ class IngestHandler:
             stored, size=len(body), tls_required_no=has_tls_required_no(body)
         )
         try:
-            await asyncio.wait_for(spool.accept(self.redis, stored, body), ACCEPT_TIMEOUT)
+            accept = spool.accept(self.redis, stored, body, self.config.trace_ttl)
+            await asyncio.wait_for(accept, ACCEPT_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
             log.error(
                 "%s: not queued, spool unavailable: %s: %s", stored.id, type(exc).__name__, exc

@@ -60,7 +60,7 @@ class PolicyService:
         ruleset = self.ruleset
         raw = spool.load_body(self.client, message_id) if ruleset.needs_content else None
         decisions = decide(facts_from_message(envelope, raw, ruleset), ruleset)
-        spool.record_classification(self.client, envelope, decisions)
+        spool.record_classification(self.client, envelope, decisions, self.config.trace_ttl)
         log.info("classified %s: %s", message_id, [d.to_json() for d in decisions])
 
     def _load(self) -> Ruleset:

@@ -1,0 +1,195 @@
+"""Delivery status notifications (RFC 3464): the bounce and the delay notice.
+
+``build(...)`` is pure: from the original envelope, the original message's bytes and one
+:class:`RecipientReport` per recipient it returns the DSN as a new :class:`Envelope` (null
+reverse-path ``<>``, addressed to the original sender) and its bytes. The caller queues it through
+the normal pipeline (``spool.stage_message``) in the same transaction that records the outcome.
+
+Shape: ``multipart/report; report-type=delivery-status`` with a human-readable ``text/plain``
+part (what happened, and for TLS failures which host, that TLS was required and by which rule),
+a ``message/delivery-status`` part (``Reporting-MTA``, ``Arrival-Date``, then per recipient
+``Final-Recipient``, ``Action``, ``Status``, ``Remote-MTA``, ``Diagnostic-Code``) and the
+original headers as ``text/rfc822-headers`` (RFC 6522). Never call it for a message whose
+reverse-path is null (RFC 3461 §6.2: no DSN about a DSN) — :func:`wanted` says so.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
+
+FAILED, DELAYED = "failed", "delayed"
+
+
+@dataclass(frozen=True)
+class RecipientReport:
+    recipient: str
+    action: str  # "failed" | "delayed"
+    reply: Reply  # the last reply (remote, or the relay's own for DNS/TLS/connection problems)
+    remote_mta: str | None = None  # the host that gave ``reply`` (None: no host answered)
+
+    @property
+    def status(self) -> str:
+        """RFC 3463 status: the reply's own, else derived from its class."""
+        return self.reply.status or f"{str(self.reply.code)[0]}.0.0"
+
+    @property
+    def diagnostic(self) -> str:
+        return f"smtp; {self.reply}" if self.remote_mta else f"X-tlsrelay; {self.reply}"
+
+
+def wanted(envelope: Envelope) -> bool:
+    """A DSN is sent only for messages with a reverse-path (never about a bounce)."""
+    return bool(envelope.sender)
+
+
+def build(
+    *,
+    reporting_mta: str,
+    envelope: Envelope,
+    original: bytes,
+    reports: Sequence[RecipientReport],
+    decision: Decision | None = None,
+    notes: Sequence[str] = (),
+    retry_until: float | None = None,
+    now: float | None = None,
+) -> tuple[Envelope, bytes]:
+    """The DSN for ``reports`` (all failed, or all delayed) about ``envelope``."""
+    now = time.time() if now is None else now
+    action = reports[0].action
+    boundary = f"tlsrelay-dsn-{secrets.token_hex(8)}"
+    dsn_id = new_message_id()
+    parts = [
+        _part("text/plain; charset=utf-8", "Notification",
+              _human(reporting_mta, envelope, reports, decision, notes, retry_until)),
+        _part("message/delivery-status", "Delivery report",
+              _status(reporting_mta, envelope, reports, now, retry_until)),
+        _part("text/rfc822-headers", "Undelivered Message Headers", _headers(original)),
+    ]  # fmt: skip
+    head = _envelope_headers(reporting_mta, envelope, action, boundary, dsn_id, now)
+    body = head + b"".join(b"--" + boundary.encode() + b"\r\n" + p for p in parts)
+    body += b"--" + boundary.encode() + b"--\r\n"
+    dsn = Envelope(
+        id=dsn_id,
+        sender="",
+        recipients=(envelope.sender,),
+        client_address="127.0.0.1",
+        client_helo=reporting_mta,
+        received_at=now,
+        size=len(body),
+    )
+    return dsn, body
+
+
+def _envelope_headers(
+    mta: str, envelope: Envelope, action: str, boundary: str, dsn_id: str, now: float
+) -> bytes:
+    subject = (
+        "Undelivered Mail Returned to Sender"
+        if action == FAILED
+        else "Delayed Mail (still being retried)"
+    )
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
+        f"To: <{envelope.sender}>",
+        f"Subject: {subject}",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{dsn_id}.dsn@{mta}>",
+        "Auto-Submitted: auto-replied",  # RFC 3834: no auto-replies to this
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+    ]
+    return "\r\n".join(lines).encode() + b"\r\n"
+
+
+def _part(content_type: str, description: str, text: str) -> bytes:
+    head = f"Content-Type: {content_type}\r\nContent-Description: {description}\r\n\r\n"
+    return (head + text.rstrip("\r\n") + "\r\n\r\n").encode("utf-8", "replace")
+
+
+def _human(
+    mta: str,
+    envelope: Envelope,
+    reports: Sequence[RecipientReport],
+    decision: Decision | None,
+    notes: Sequence[str],
+    retry_until: float | None,
+) -> str:
+    failed = reports[0].action == FAILED
+    lines = [
+        f"This is the mail system at host {mta}.",
+        "",
+        "Your message could not be delivered to the recipients below."
+        if failed
+        else "Your message has not been delivered yet to the recipients below. "
+        "Nothing needs to be done; delivery will be retried"
+        + (f" until {_date(retry_until)}." if retry_until else "."),
+        f"Queue ID: {envelope.id}",
+        "",
+    ]
+    for report in reports:
+        where = f"host {report.remote_mta} said" if report.remote_mta else "the relay reports"
+        lines.append(f"<{report.recipient}>: {where}: {report.reply}")
+    lines += ["", *_tls_note(decision, reports), *notes]
+    return "\r\n".join(lines)
+
+
+def _tls_note(decision: Decision | None, reports: Sequence[RecipientReport]) -> list[str]:
+    """For mail that had to travel encrypted: say so, and which rule or policy required it."""
+    if decision is None or decision.tls < TlsMode.ENFORCED:
+        return []
+    why = ", ".join(decision.circumstances)
+    lines = [
+        f"This message required TLS (mode {decision.tls.label}) because of: {why}.",
+        *(f"  {reason}" for reason in decision.reasons),
+    ]
+    if any(r.reply.status.startswith(("4.7.10", "5.7.10")) for r in reports):
+        lines.append("It was never sent unencrypted: no destination host offered usable TLS.")
+    return [*lines, ""]
+
+
+def _status(
+    mta: str,
+    envelope: Envelope,
+    reports: Sequence[RecipientReport],
+    now: float,
+    retry_until: float | None,
+) -> str:
+    lines = [
+        f"Reporting-MTA: dns; {mta}",
+        f"X-Tlsrelay-Queue-ID: {envelope.id}",
+        f"Arrival-Date: {_date(envelope.received_at or now)}",
+    ]
+    for report in reports:
+        lines += [
+            "",
+            f"Final-Recipient: rfc822; {report.recipient}",
+            f"Action: {report.action}",
+            f"Status: {report.status}",
+            *([f"Remote-MTA: dns; {report.remote_mta}"] if report.remote_mta else []),
+            f"Diagnostic-Code: {report.diagnostic}",
+            f"Last-Attempt-Date: {_date(now)}",
+            *([f"Will-Retry-Until: {_date(retry_until)}"] if retry_until else []),
+        ]
+    return "\r\n".join(lines)
+
+
+def _date(timestamp: float) -> str:
+    """RFC 5322 date in UTC with a numeric zone (``+0000``)."""
+    return email.utils.format_datetime(datetime.fromtimestamp(timestamp, UTC))
+
+
+def _headers(original: bytes) -> str:
+    """The original header section (up to the first empty line), as text."""
+    end = original.find(b"\r\n\r\n")
+    head = original if end < 0 else original[:end]
+    return head.decode("utf-8", "replace")

@@ -1,0 +1,105 @@
+"""Operator actions on the deferred queue (``tlsrelay queue``): list, retry now, bounce.
+
+- :func:`deferred` lists what waits: per (message, domain) job its id, age, recipients left,
+  next attempt and last error.
+- :func:`retry` makes matching entries due now (``ZADD XX``: an entry the scheduler already took
+  is left alone); the scheduler moves them within ``delivery.scheduler_interval``.
+- :func:`bounce` takes a message's entries out of the deferred set (``ZREM`` decides who owns
+  each, so a concurrent scheduler cannot also deliver it) and bounces their recipients with a DSN,
+  through the same recording code as a delivery round.
+
+Failure: Redis errors propagate; a message with nothing deferred is reported, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from services.common import spool
+from services.common.config import Config
+from services.common.model import Reply
+from services.deliver.delivery import Deliverer, Outcome
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One deferred job as the operator sees it."""
+
+    id: str
+    domain: str
+    recipients: tuple[str, ...]
+    due: float
+    attempt: int
+    last_error: str
+    received_at: float | None  # None when the message is gone (should not happen)
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "domain": self.domain,
+            "recipients": list(self.recipients),
+            "age_seconds": round(now - self.received_at, 1) if self.received_at else None,
+            "next_attempt_in_seconds": round(self.due - now, 1),
+            "attempts": self.attempt - 1,
+            "last_error": self.last_error,
+        }
+
+
+def _members(client: redis.Redis) -> list[tuple[bytes, float]]:
+    raw: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
+        spool.DEFERRED, 0, -1, withscores=True
+    )
+    return raw
+
+
+def deferred(client: redis.Redis, message_id: str | None = None) -> list[Entry]:
+    members = [(json.loads(m), due) for m, due in _members(client)]
+    jobs = [(job, due) for job, due in members if message_id in (None, job["id"])]
+    envelopes = {job["id"]: spool.load_envelope(client, job["id"]) for job, _ in jobs}
+    return [
+        Entry(
+            id=job["id"],
+            domain=job["domain"],
+            recipients=tuple(job["recipients"]),
+            due=due,
+            attempt=job["attempt"],
+            last_error=job.get("last_error", ""),
+            received_at=env.received_at if (env := envelopes[job["id"]]) else None,
+        )
+        for job, due in jobs
+    ]
+
+
+def retry(client: redis.Redis, message_id: str | None = None) -> int:
+    """Make matching deferred entries due now; return how many."""
+    now = time.time()
+    members = [m for m, _ in _members(client) if message_id in (None, json.loads(m)["id"])]
+    with client.pipeline(transaction=True) as pipe:
+        for member in members:
+            pipe.zadd(spool.DEFERRED, {member: now}, xx=True)
+        pipe.execute()
+    return len(members)
+
+
+def bounce(config: Config, client: redis.Redis, message_id: str) -> list[str]:
+    """Give up on a deferred message: bounce its deferred recipients; return them."""
+    bounced: list[str] = []
+    for member, _ in _members(client):
+        job = json.loads(member)
+        if job["id"] != message_id or not client.zrem(spool.DEFERRED, member):
+            continue
+        envelope = spool.load_envelope(client, message_id)
+        body = spool.load_body(client, message_id)
+        if envelope is None or body is None:
+            continue
+        reason = f"given up by the administrator; last error: {job.get('last_error') or 'none'}"
+        outcome = Outcome(note="The relay's administrator stopped retrying this message.")
+        outcome.bounced = dict.fromkeys(job["recipients"], Reply(550, "5.0.0", reason))
+        Deliverer(config, client).record(job, envelope, outcome, body)
+        bounced += job["recipients"]
+    return bounced
