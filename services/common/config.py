@@ -172,10 +172,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+def _parse_networks(value: object) -> tuple[Network, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected a list of networks such as [127.0.0.0/8, '::1/128']")
+    return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
+
+
 class IngestConfig(_Section):
     """The SMTP listener (services/ingest)."""
 
     listen: HostPortT = HostPort("127.0.0.1", 2525)
+    # Submission (port 587's role): STARTTLS, then AUTH; absent → not offered.
+    submission: HostPortT | None = None
+    # The inter-region endpoint (mutual TLS with the platform CA); absent → regions[region].relay
+    # when this region is listed there, else not offered.
+    relay: HostPortT | None = None
+    auth_failure_limit: int = Field(default=5, gt=0)  # failed AUTHs per client address ...
+    auth_failure_window: Duration = 300.0  # ... in this window, then 421 4.7.0 until it passes
     tls_cert: Path | None = None  # absent → self-signed, generated into data_dir
     tls_key: Path | None = None
     max_message_bytes: int = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
@@ -188,15 +201,89 @@ class IngestConfig(_Section):
     @field_validator("relay_networks", mode="before")
     @classmethod
     def _networks(cls, value: object) -> tuple[Network, ...]:
-        if not isinstance(value, list | tuple):
-            raise ValueError("expected a list of networks such as [127.0.0.0/8, '::1/128']")
-        return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
+        return _parse_networks(value)
 
     @model_validator(mode="after")
     def _cert_pair(self) -> IngestConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
+
+
+class PlatformTls(_Section):
+    """The platform's own CA and this region's certificate (intra-platform mutual TLS)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class RegionConfig(_Section):
+    """Another data centre of the platform, reached at its inter-region endpoint."""
+
+    relay: HostPortT
+    tls_name: str | None = None  # the name on that endpoint's certificate; default: region name
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    count: int
+    window: float  # seconds
+
+    def __str__(self) -> str:
+        return f"{self.count}/{format_duration(self.window)}"
+
+
+def parse_rate(value: object) -> RateLimit:
+    """``600/m``, ``10/s``, ``5000/h`` or ``100/30s``."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d*\s*(?:s|m|h|d))\s*", str(value))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"expected a rate such as 600/m, got {value!r}")
+    window = m.group(2).strip()
+    return RateLimit(
+        int(m.group(1)), parse_duration(window if window[0].isdigit() else "1" + window)
+    )
+
+
+RateLimitT = Annotated[RateLimit, BeforeValidator(parse_rate)]
+
+
+class TenantConfig(_Section):
+    """A customer organisation of the platform."""
+
+    region: str | None = None  # default: this deployment's region
+    domains: tuple[str, ...] = Field(min_length=1)
+    mailbox: RouteT  # where mail for its domains is finally delivered (verified, platform CA)
+    users: dict[str, str] = Field(default_factory=dict)  # submission logins → passwd hashes
+    networks: tuple[Network, ...] = ()  # hosts that may relay without AUTH
+    rate_limit: RateLimitT | None = None  # messages per window; over it → 451 4.7.0
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for domain in value:
+            if not _HOSTNAME.match(domain):
+                raise ValueError(f"not a domain: {domain!r}")
+        return tuple(d.lower().rstrip(".") for d in value)
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, value: dict[str, str]) -> dict[str, str]:
+        from services.common.passwords import check_format
+
+        for user, stored in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9._+-]+", user):
+                raise ValueError(f"user name {user!r}: letters, digits and . _ + - only")
+            try:
+                check_format(stored)
+            except ValueError as exc:
+                raise ValueError(f"user {user}: {exc}") from None
+        return value
+
+    @field_validator("networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> tuple[Network, ...]:
+        return _parse_networks(value)
 
 
 class PolicyConfig(_Section):
@@ -268,6 +355,10 @@ class Config(_Section):
     celery: CeleryConfig = CeleryConfig()
     # Special-handling rules (syntax and validation: services/policy/rules.py).
     rules: Rules = ()
+    region: str = "default"  # this deployment's region
+    regions: dict[str, RegionConfig] = Field(default_factory=dict)
+    platform_tls: PlatformTls | None = None
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("hostname")
@@ -304,7 +395,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, root)) from None
-    return _resolve_paths(config, source, root)
+    return _check_platform(_resolve_paths(config, source, root), source, root)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
@@ -393,38 +484,64 @@ def _dotted_rules(root: yaml.Node | None, loc: tuple[int | str, ...]) -> str | N
     return ".".join([f"rules[{label}]", *(str(p) for p in loc[2:])])
 
 
+# Settings that name files: checked to exist, made absolute (against the config file's directory).
+FILE_KEYS = (
+    ("ingest", "tls_cert"),
+    ("ingest", "tls_key"),
+    ("delivery", "ca_file"),
+    ("platform_tls", "ca"),
+    ("platform_tls", "cert"),
+    ("platform_tls", "key"),
+)
+
+
+def _error(
+    source: Path | None, root: yaml.Node | None, loc: tuple[str, ...], text: str
+) -> ConfigError:
+    line = _locate(root, loc)
+    where = f"{source}:{line}" if line else str(source or "(defaults)")
+    return ConfigError(f"{where}: {'.'.join(loc)}: {text}")
+
+
 def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) -> Config:
     """Make relative paths absolute (against the config file's directory); check files exist."""
     base = source.parent.resolve() if source else Path.cwd()
+    updates: dict[str, dict[str, Path]] = {}
+    for section, key in FILE_KEYS:
+        value = getattr(getattr(config, section), key, None)
+        if value is None:
+            continue
+        path = value if value.is_absolute() else (base / value).resolve()
+        if not path.is_file():
+            raise _error(source, root, (section, key), f"file not found: {path}")
+        updates.setdefault(section, {})[key] = path
+    copies: dict[str, Any] = {
+        section: getattr(config, section).model_copy(update=fields)
+        for section, fields in updates.items()
+    }
+    data_dir = config.data_dir if config.data_dir.is_absolute() else base / config.data_dir
+    return config.model_copy(update={"data_dir": data_dir.resolve(), **copies})
 
-    def absolute(p: Path) -> Path:
-        return p if p.is_absolute() else (base / p).resolve()
 
-    ingest = config.ingest
-    for key in ("tls_cert", "tls_key"):
-        value = getattr(ingest, key)
-        if value is not None and not absolute(value).is_file():
-            line = _locate(root, ("ingest", key))
-            where = f"{source}:{line}" if line else str(source)
-            raise ConfigError(f"{where}: ingest.{key}: file not found: {absolute(value)}")
-    new_ingest = ingest.model_copy(
-        update={
-            "tls_cert": absolute(ingest.tls_cert) if ingest.tls_cert else None,
-            "tls_key": absolute(ingest.tls_key) if ingest.tls_key else None,
-        }
-    )
-    delivery = config.delivery
-    if delivery.ca_file is not None and not absolute(delivery.ca_file).is_file():
-        line = _locate(root, ("delivery", "ca_file"))
-        where = f"{source}:{line}" if line else str(source)
-        raise ConfigError(
-            f"{where}: delivery.ca_file: file not found: {absolute(delivery.ca_file)}"
-        )
-    if delivery.ca_file is not None:
-        delivery = delivery.model_copy(update={"ca_file": absolute(delivery.ca_file)})
-    return config.model_copy(
-        update={"data_dir": absolute(config.data_dir), "ingest": new_ingest, "delivery": delivery}
-    )
+def _check_platform(config: Config, source: Path | None, root: yaml.Node | None) -> Config:
+    """Cross-checks of tenants and regions; fills each tenant's region (default: ours)."""
+    owner: dict[str, str] = {}
+    tenants = {}
+    for name, tenant in config.tenants.items():
+        region = tenant.region or config.region
+        if region != config.region and region not in config.regions:
+            why = f"unknown region {region!r}: add it under 'regions' with its relay"
+            raise _error(source, root, ("tenants", name, "region"), why)
+        for domain in tenant.domains:
+            if domain in owner:
+                why = f"domain {domain} already belongs to tenant {owner[domain]}"
+                raise _error(source, root, ("tenants", name, "domains"), why)
+            owner[domain] = name
+        tenants[name] = tenant.model_copy(update={"region": region})
+    if tenants and config.platform_tls is None:
+        why = "tenants need platform_tls (ca, cert, key): mail between them is verified TLS"
+        raise _error(source, root, ("tenants",), why)
+    return config.model_copy(update={"tenants": tenants})
 
 
 def dump_summary(config: Config) -> Mapping[str, object]:
