@@ -42,6 +42,8 @@ SERVICES = ("ingest", "policy", "deliver")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["passwd"]:
+        return _passwd(argv[1:])
     if argv[:1] == ["rules"]:  # `tlsrelay rules check|explain`: its own exit codes (bad file → 1)
         from services.policy.cli import main as rules_main
 
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "deliver": _worker,
         "trace": _trace,
         "queue": _queue,
+        "tenants": _tenants,
     }[args.command]
     return handler(config, args)
 
@@ -74,9 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         "deliver": "run a deliver worker",
         "trace": "print the event log of one message",
         "queue": "list deferred mail; 'queue retry [ID]' makes it due now; 'queue bounce ID'",
+        "tenants": "list tenants, their domains, regions and where their mail goes",
     }
     # Listed for --help only: main() hands `rules ...` to services.policy.cli before parsing.
     sub.add_parser("rules", help="check the rules of a config file; explain decisions (see -h)")
+    sub.add_parser("passwd", help="print a password hash for tenants.*.users (reads stdin)")
     for name, text in helps.items():
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", help="YAML configuration file (default: $TLSRELAY_CONFIG)")
@@ -152,6 +157,41 @@ def _trace(config: Config, args: argparse.Namespace) -> int:
         at = datetime.fromtimestamp(ev.pop("at"), UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         kind = ev.pop("event")
         print(f"{at} {kind:<10} {json.dumps(ev, sort_keys=True)}")
+    return 0
+
+
+def _passwd(argv: Sequence[str]) -> int:
+    """``tlsrelay passwd``: read a password (first line of stdin), print its scrypt hash."""
+    from services.common.passwords import hash_password
+
+    if argv:
+        print("usage: tlsrelay passwd < password-file   (prints the hash)", file=sys.stderr)
+        return EXIT_CONFIG
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("tlsrelay passwd: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def _tenants(config: Config, args: argparse.Namespace) -> int:
+    """``tlsrelay tenants``: the directory as loaded (the config loader validated it)."""
+    from services.common.tenants import Directory
+
+    directory = Directory(config)
+    print(f"region {config.region}; {len(directory.tenants)} tenants")
+    for name, tenant in directory.tenants.items():
+        endpoint = directory.endpoint(name)
+        users = ", ".join(sorted(tenant.users)) or "-"
+        print(f"{name}: region {tenant.region}; domains {', '.join(tenant.domains)}")
+        print(f"  mail goes to {endpoint.route} ({endpoint.hop}); users {users}; "
+              f"rate limit {tenant.rate_limit or '-'}")  # fmt: skip
     return 0
 
 

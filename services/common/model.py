@@ -144,6 +144,7 @@ class Decision:
     circumstances: tuple[str, ...] = ("default",)
     route: str | None = None  # "host:port" that replaces routes/MX, from a rule
     route_tls_name: str | None = None  # the certificate name expected at ``route``
+    tls_profile: str | None = None  # "platform": verify with the platform CA, present our cert
     reasons: tuple[str, ...] = ()  # why each circumstance matched (for traces / explain)
 
     def to_json(self) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class Decision:
             "circumstances": list(self.circumstances),
             "route": self.route,
             "route_tls_name": self.route_tls_name,
+            "tls_profile": self.tls_profile,
             "reasons": list(self.reasons),
         }
 
@@ -164,6 +166,7 @@ class Decision:
             circumstances=tuple(doc.get("circumstances", ("default",))),
             route=doc.get("route"),
             route_tls_name=doc.get("route_tls_name"),
+            tls_profile=doc.get("tls_profile"),
             reasons=tuple(doc.get("reasons", ())),
         )
 

@@ -29,7 +29,8 @@ import redis
 
 from services.common import spool
 from services.common.config import Config, Route, format_duration, parse_hostport
-from services.common.model import Decision, Envelope, Reply
+from services.common.model import Decision, Envelope, Reply, TlsMode
+from services.common.tenants import PLATFORM_PROFILE
 from services.deliver import dsn, mx
 from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
 
@@ -135,7 +136,16 @@ class Deliverer:
         ]
 
     def _tls(self, decision: Decision, peer: Peer) -> TlsSettings:
+        """The TLS requirement and material: the platform's own for intra-platform mail."""
         broken = bool(self.client.exists(spool.tls_broken_key(peer.address, peer.port)))
+        platform = self.config.platform_tls
+        if decision.tls_profile == PLATFORM_PROFILE and platform is not None:
+            return TlsSettings(
+                mode=max(decision.tls, TlsMode.VERIFIED),
+                ca_file=str(platform.ca),
+                remembered_broken=broken,
+                client_cert=(str(platform.cert), str(platform.key)),
+            )
         ca_file = str(self.config.delivery.ca_file) if self.config.delivery.ca_file else None
         return TlsSettings(mode=decision.tls, ca_file=ca_file, remembered_broken=broken)
 

@@ -14,6 +14,7 @@ reconnects in clear and reports it through ``on_handshake_failed`` (the shared "
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class TlsSettings:
     mode: TlsMode
     ca_file: str | None = None  # verified mode: CA bundle (None → system CAs)
     remembered_broken: bool = False
+    client_cert: tuple[str, str] | None = None  # (cert, key) PEM files presented to the server
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,25 @@ class _NextHost(Exception):
 
 
 def tls_context(settings: TlsSettings) -> ssl.SSLContext:
-    """Verified mode checks chain and name; every other mode encrypts without checking."""
-    if settings.mode is TlsMode.VERIFIED:
-        return ssl.create_default_context(cafile=settings.ca_file)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    """Verified mode checks chain and name; every other mode encrypts without checking.
+
+    Contexts are built once per (mode, CA, client certificate) and reused: loading a CA bundle
+    costs milliseconds, a handshake with a ready context does not."""
+    return _context(settings.mode is TlsMode.VERIFIED, settings.ca_file, settings.client_cert)
+
+
+@functools.lru_cache(maxsize=32)
+def _context(
+    verify: bool, ca_file: str | None, client_cert: tuple[str, str] | None
+) -> ssl.SSLContext:
+    if verify:
+        context = ssl.create_default_context(cafile=ca_file)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
     return context
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from services.common.model import Decision, TlsMode, domain_of
+from services.common.tenants import PLATFORM_PROFILE
 from services.policy.facts import MessageFacts
 from services.policy.rules import (
     CONTENT_KEYS,
@@ -48,16 +49,40 @@ TLS_REQUIRED_NO = (
 
 
 @dataclass(frozen=True)
+class PlatformHop:
+    """Where mail for a tenant's domain goes from this region (see services.common.tenants)."""
+
+    tenant: str
+    region: str
+    hop: str  # "mailbox" or "region:<name>"
+    route: str  # host:port
+    tls_name: str | None
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """The parsed rules and the settings they are evaluated with; built once per (re)load."""
 
     default_tls: TlsMode = TlsMode.OPPORTUNISTIC
     rules: tuple[Rule, ...] = field(default=())
     body_scan_bytes: int = 1_048_576  # as PolicyConfig.body_scan_bytes
+    platform: dict[str, PlatformHop] = field(default_factory=dict)  # tenant domain → its hop
 
     @classmethod
     def from_config(cls, config: Config) -> Ruleset:
-        return cls(config.delivery.default_tls, config.rules, config.policy.body_scan_bytes)
+        from services.common.tenants import Directory
+
+        directory = Directory(config)
+        platform = {}
+        for name, tenant in directory.tenants.items():
+            endpoint = directory.endpoint(name)
+            route = endpoint.route
+            hop = PlatformHop(
+                name, str(tenant.region), endpoint.hop, str(route.address), route.tls_name
+            )
+            platform.update(dict.fromkeys(tenant.domains, hop))
+        default = config.delivery.default_tls
+        return cls(default, config.rules, config.policy.body_scan_bytes, platform)
 
     @cached_property
     def keys(self) -> frozenset[str]:
@@ -87,13 +112,21 @@ class Floor:
     reason: str
 
 
-def platform_floors(facts: MessageFacts, domain: str) -> list[Floor]:
+def platform_floors(facts: MessageFacts, domain: str, ruleset: Ruleset) -> list[Floor]:
     """The platform policy floors for one destination domain, strongest reasons first.
 
-    The seam for later floors: ``intra-platform`` (the destination is hosted here) and
-    ``mta-sts`` (the domain publishes an enforce policy) append here.
+    ``intra-platform``: the domain belongs to a tenant of the platform — verified TLS with the
+    platform CA, whatever a rule says. The seam for later floors (``mta-sts``) is here too.
     """
     floors = []
+    hop = ruleset.platform.get(domain)
+    if hop is not None:
+        where = "its mailbox" if hop.hop == "mailbox" else f"region {hop.region}'s relay"
+        reason = (
+            f"intra-platform: {domain} belongs to tenant {hop.tenant} (region {hop.region}); "
+            f"verified, mutually authenticated TLS to {where}"
+        )
+        floors.append(Floor("intra-platform", TlsMode.VERIFIED, reason))
     if facts.requiretls:
         floors.append(
             Floor(
@@ -115,7 +148,7 @@ def decide(facts: MessageFacts, ruleset: Ruleset) -> list[Decision]:
 
 
 def _decide_domain(target: _Target, ruleset: Ruleset) -> Decision:
-    floors = platform_floors(target.facts, target.domain)
+    floors = platform_floors(target.facts, target.domain, ruleset)
     matched = [(rule, why) for rule in ruleset.rules if (why := _rule_matches(rule, target))]
     modes = [rule.tls for rule, _ in matched if rule.tls is not None]
     tls = max([max(modes) if modes else ruleset.default_tls, *(f.tls for f in floors)])
@@ -128,15 +161,26 @@ def _decide_domain(target: _Target, ruleset: Ruleset) -> Decision:
         v.strip().lower() == "no" for v in facts.header_values("TLS-Required")
     ):
         reasons.append(TLS_REQUIRED_NO)
-    route = next((rule.route for rule, _ in matched if rule.route), None)
-    return Decision(
+    decision = Decision(
         domain=target.domain,
         tls=tls,
         circumstances=names or ("default",),
-        route=route.address if route else None,
-        route_tls_name=route.tls_name if route else None,
         reasons=tuple(reasons),
     )
+    return _routed(decision, matched, ruleset.platform.get(target.domain))
+
+
+def _routed(
+    decision: Decision, matched: list[tuple[Rule, str]], hop: PlatformHop | None
+) -> Decision:
+    """The route: a tenant's platform hop (no rule can redirect it), else the first rule's."""
+    if hop is not None:
+        return replace(decision, route=hop.route, route_tls_name=hop.tls_name,
+                       tls_profile=PLATFORM_PROFILE)  # fmt: skip
+    route = next((rule.route for rule, _ in matched if rule.route), None)
+    if route is None:
+        return decision
+    return replace(decision, route=route.address, route_tls_name=route.tls_name)
 
 
 # --------------------------------------------------------------------------- evaluation
