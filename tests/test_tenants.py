@@ -90,7 +90,7 @@ def test_directory_lookups(config: Config) -> None:
                     "a": {"domains": ["x.example"], "mailbox": "127.0.0.1:1"},
                     "b": {"domains": ["X.example"], "mailbox": "127.0.0.1:2"},
                 }
-            },  # fmt: skip
+            },
             "tenants.b.domains: domain x.example already belongs to tenant a",
         ),
         (
@@ -102,7 +102,7 @@ def test_directory_lookups(config: Config) -> None:
                 "tenants": {
                     "a": {"domains": ["x.example"], "mailbox": "h:1", "users": {"al": "plaintext"}}
                 }
-            },  # fmt: skip
+            },
             "tenants.a.users: Value error, user al: expected a hash from 'tlsrelay passwd'",
         ),
         (

@@ -96,6 +96,13 @@ class Envelope:
     # RFC 8689 §5: the message carries "TLS-Required: No" (noted at ingest, so policy and deliver
     # know it without reading the body). It relaxes only MTA-STS/DANE, never rules or platform.
     tls_required_no: bool = False
+    # How it came in (services/ingest): the listener ("listen", "submission" or "relay"), the
+    # sending tenant (authenticated, or by client network; None otherwise), the AUTH login, and
+    # the verified client certificate's subject CN (else first SAN) on the relay listener.
+    listener: str = "listen"
+    tenant: str | None = None
+    auth_user: str | None = None
+    client_cert: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +116,10 @@ class Envelope:
             "received_at": self.received_at,
             "size": self.size,
             "tls_required_no": self.tls_required_no,
+            "listener": self.listener,
+            "tenant": self.tenant,
+            "auth_user": self.auth_user,
+            "client_cert": self.client_cert,
         }
 
     @classmethod
@@ -125,6 +136,10 @@ class Envelope:
             received_at=float(doc.get("received_at", 0.0)),
             size=int(doc.get("size", 0)),
             tls_required_no=bool(doc.get("tls_required_no", False)),
+            listener=doc.get("listener", "listen"),
+            tenant=doc.get("tenant"),
+            auth_user=doc.get("auth_user"),
+            client_cert=doc.get("client_cert"),
         )
 
     def recipients_by_domain(self) -> dict[str, tuple[str, ...]]:

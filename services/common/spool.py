@@ -98,6 +98,10 @@ def stage_message(
         size=envelope.size,
         sender=envelope.sender,
         recipients=list(envelope.recipients),
+        listener=envelope.listener,
+        tenant=envelope.tenant,
+        auth_user=envelope.auth_user,
+        client_cert=envelope.client_cert,
         **received,
     )
     pipe.hset(

@@ -1,34 +1,70 @@
-"""The SMTP listener: receives mail, stores it in the Redis spool and queues it for policy.
+"""The SMTP listeners: receive mail, store it in the Redis spool and queue it for policy.
+
+One process runs up to three listeners (:class:`~services.ingest.access.Listener`), one socket
+and one :class:`IngestHandler` each, all storing through :func:`services.common.spool.accept`:
+
+- ``listen`` (``ingest.listen``, port 25's role): mail to tenant domains from anyone, to other
+  domains only from ``ingest.relay_networks`` or a tenant's ``networks``. No AUTH (``502``).
+- ``submission`` (``ingest.submission``, port 587's role; only when configured): AUTH PLAIN and
+  LOGIN, advertised and accepted only after STARTTLS; every message needs AUTH.
+- ``relay`` (``ingest.relay``, else ``regions[region].relay``; else not started): the
+  inter-region endpoint, STARTTLS with a platform-CA client certificate required.
+
+Who may send what where is decided in :mod:`services.ingest.access` (pure); the Redis counters
+(failed AUTHs per client, messages per tenant) are in :mod:`services.ingest.limits`.
 
 Contract (these replies are relied on by clients and tests):
 
 - EHLO advertises SIZE <ingest.max_message_bytes>, 8BITMIME, SMTPUTF8, PIPELINING,
   ENHANCEDSTATUSCODES, STARTTLS (only while the session is in clear), REQUIRETLS (RFC 8689,
-  only once the session is TLS, never in clear) and HELP. Every reply but the greeting, the
-  HELO/EHLO lines, 354 and 334 carries an RFC 3463 enhanced status code; replies aiosmtpd
-  produces without one get a default from :data:`ENHANCED_DEFAULTS`.
+  only once the session is TLS, never in clear), ``AUTH LOGIN PLAIN`` (submission, over TLS
+  only) and HELP. Every reply but the greeting, the HELO/EHLO lines, 354 and 334 carries an
+  RFC 3463 enhanced status code; replies aiosmtpd produces without one get a default from
+  :data:`ENHANCED_DEFAULTS`.
 - MAIL: ``SIZE=`` above the limit → ``552 5.3.4``; the null reverse-path ``<>`` is accepted.
   ``REQUIRETLS`` (RFC 8689 §4.1, takes no value) in clear → ``530 5.7.10``; with a value or given
   twice → ``501 5.5.4``; over TLS it is accepted and kept as ``"REQUIRETLS"`` in
   ``Envelope.mail_options`` for the policy and deliver services. A ``TLS-Required: No`` header
   (RFC 8689 §5) sets ``Envelope.tls_required_no`` and, like every header, is stored untouched.
-- RCPT: more than ``ingest.max_recipients`` → ``452 4.5.3 Too many recipients``; a client outside
-  ``ingest.relay_networks`` → ``554 5.7.1 Relay access denied`` (see :meth:`_may_relay`).
-  CR, LF or NUL in an address → ``501 5.1.7`` (sender) / ``501 5.1.3`` (recipient).
-- DATA: the stored body is a ``Received:`` header (RFC 5321 §4.4) followed by the octets exactly
-  as received (only SMTP dot-stuffing undone). ``250 2.0.0 Ok: queued as <ID>`` is sent only
-  after :func:`services.common.spool.accept` returned, i.e. the message and its ``policy`` task
-  are both in Redis. More data than the limit → ``552 5.3.4``.
-- STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate (see
-  :mod:`services.ingest.tlscert`).
+- RCPT: more than ``ingest.max_recipients`` → ``452 4.5.3 Too many recipients``; a recipient this
+  client may not send to → ``554 5.7.1 Relay access denied`` (:func:`access.may_relay`: on
+  ``listen`` other than tenant domains from outside the relay and tenant networks; on ``relay``
+  anything but a tenant of this region). CR, LF or NUL in an address → ``501 5.1.7`` (sender) /
+  ``501 5.1.3`` (recipient).
+- Submission: AUTH before STARTTLS → ``538 5.7.11 Encryption required for requested
+  authentication mechanism``; MAIL before AUTH → ``530 5.7.0 Authentication required``; login
+  ``user@<a domain of the tenant>``, checked with scrypt off the event loop: ``235 2.7.0
+  Authentication successful`` or ``535 5.7.8 Authentication credentials invalid``. Failed AUTHs
+  are counted per client address in Redis (all ingest processes): after
+  ``ingest.auth_failure_limit`` within ``ingest.auth_failure_window``, AUTH → ``421 4.7.0 Too
+  many authentication failures, try later`` and the connection is closed, the password unread.
+  MAIL FROM outside the tenant's domains → ``553 5.7.1 Sender address not owned by the
+  authenticated tenant``. Passwords and AUTH payloads are never logged.
+- Relay: nothing but EHLO/STARTTLS/NOOP/QUIT in clear (``530 5.7.0 Must issue a STARTTLS
+  command first``); a client without a certificate of ``platform_tls.ca`` fails the handshake
+  (:func:`tlscert.platform_context`) and the connection is closed.
+- Tenant rate limit: the sending tenant (authenticated on submission, by ``networks`` on
+  ``listen``) with a ``rate_limit`` has its MAIL commands counted in fixed windows; over it,
+  MAIL → ``451 4.7.0 Rate limit exceeded, try again later``.
+- The stored envelope records ``listener``, ``tenant`` (the sending tenant), ``auth_user`` and
+  ``client_cert`` (the relay client's certificate CN, else first SAN).
+- DATA: the stored body is a ``Received:`` header (RFC 5321 §4.4; ``with ESMTPSA`` when
+  authenticated, the client certificate's name on the relay listener) followed by the octets
+  exactly as received (only SMTP dot-stuffing undone). ``250 2.0.0 Ok: queued as <ID>`` is sent
+  only after :func:`services.common.spool.accept` returned, i.e. the message and its ``policy``
+  task are both in Redis. More data than the limit → ``552 5.3.4``.
+- STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate; the relay
+  listener uses ``platform_tls`` (see :mod:`services.ingest.tlscert`).
 
-Failure behaviour: when Redis is unreachable, fails or is too slow, DATA is answered
-``451 4.3.0 Temporary failure, try again later`` and the error is logged; ``accept()`` is one
-MULTI/EXEC, so nothing half-written remains and the client retries later. An unexpected
-exception in a command is logged and answered ``451 4.3.0`` too (never a stack trace to the
-peer). If Redis committed but the reply was lost, the client retries and the message may be
-delivered twice: mail is at-least-once (RFC 5321 §6.1), never lost. :meth:`IngestServer.stop`
-closes open sessions; a message whose 250 was not yet sent is not acknowledged.
+Failure behaviour: when Redis is unreachable, fails or is too slow, DATA (and AUTH or MAIL when
+they need a counter) is answered ``451 4.3.0 Temporary failure, try again later`` and the error
+is logged: nothing is accepted without its checks. ``accept()`` is one MULTI/EXEC, so nothing
+half-written remains and the client retries later. An unexpected exception in a command is
+logged and answered ``451 4.3.0`` too (never a stack trace to the peer). If Redis committed but
+the reply was lost, the client retries and the message may be delivered twice: mail is
+at-least-once (RFC 5321 §6.1), never lost. :meth:`IngestServer.stop` closes every listener and
+open session; a message whose 250 was not yet sent is not acknowledged. A listener that cannot
+be bound, or a relay listener without ``platform_tls``, stops the start-up (none listens).
 """
 
 from __future__ import annotations
@@ -46,14 +82,16 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
-from aiosmtpd.smtp import SMTP, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
 from services.common import spool
 from services.common.config import Config, HostPort
 from services.common.model import Envelope, InboundTls, has_tls_required_no, new_message_id
-from services.ingest import tlscert
+from services.common.tenants import Directory
+from services.ingest import access, limits, tlscert
+from services.ingest.access import Listener
 
 log = logging.getLogger("tlsrelay.ingest")
 
@@ -88,8 +126,21 @@ _REWRITES: Final[dict[str, str]] = {
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 ACCEPT_TIMEOUT = 30.0  # seconds for the spool transaction; the client waits 10 min (RFC 5321)
+CHECK_TIMEOUT = 10.0  # seconds for a limit counter (AUTH, MAIL); RFC 5321 §4.5.3.2: 5 min
+
+RELAY_DENIED = "554 5.7.1 Relay access denied"
+# RFC 4954 §6 and the RFC 5248 registry for the submission replies.
+AUTH_NOT_AVAILABLE = "502 5.5.1 AUTH not available"
+AUTH_TOO_MANY_FAILURES = "421 4.7.0 Too many authentication failures, try later"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+SENDER_NOT_OWNED = "553 5.7.1 Sender address not owned by the authenticated tenant"
+RATE_LIMITED = "451 4.7.0 Rate limit exceeded, try again later"
+# aiosmtpd's built-in mechanisms; our handle_EHLO advertises them (submission, over TLS only).
+AUTH_MECHANISMS: Final = ("LOGIN", "PLAIN")
+_CHECK_ERRORS = (RedisError, OSError, TimeoutError)
 _FORBIDDEN_IN_ADDRESS = re.compile("[\r\n\0]")
 _NOT_PRINTABLE = re.compile(r"[^!-~]")  # anything but visible ASCII (for the Received header)
+_NOT_QUOTABLE = re.compile(r'[^ -~]|["\\()]')  # ... in a quoted name inside a comment
 
 REQUIRETLS: Final = "REQUIRETLS"  # RFC 8689 MAIL parameter and EHLO keyword
 REQUIRETLS_IN_CLEAR = "530 5.7.10 REQUIRETLS needs a TLS session, use STARTTLS first"
@@ -105,6 +156,13 @@ def _help_syntax(text: str, extended: str | None = None) -> Callable[[_F], _F]:
     return cast(Callable[[_F], _F], syntax(text, extended=extended))
 
 
+def _credentials_received(
+    server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
+) -> AuthResult:
+    """aiosmtpd's ``authenticator``: pass the decoded credentials on to IngestSMTP._verify."""
+    return AuthResult(success=True, handled=False, auth_data=data)
+
+
 def with_enhanced_code(reply: str) -> str:
     """``reply`` with an RFC 3463 status after the basic code, unless it has one or takes none."""
     reply = _REWRITES.get(reply, reply)
@@ -117,16 +175,51 @@ def with_enhanced_code(reply: str) -> str:
     return f"{code}{sep}{status} {text}".rstrip()
 
 
-class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
-    """aiosmtpd's protocol with enhanced status codes on its replies and no AUTH."""
+class IngestSession(Session):  # type: ignore[misc]  # aiosmtpd is untyped
+    """aiosmtpd's session, with who authenticated (aiosmtpd makes a new one after STARTTLS)."""
 
-    def __init__(self, handler: IngestHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.tenant: str | None = None  # the authenticated tenant (submission)
+        self.auth_user: str | None = None  # its login, user@domain
+
+    # aiosmtpd sets this deprecated attribute after every AUTH and logs a warning doing so.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
+    """aiosmtpd's protocol with enhanced status codes on its replies; AUTH when the handler
+    offers it (submission), with the password checked off the event loop."""
+
+    def __init__(
+        self,
+        handler: IngestHandler,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # aiosmtpd's credentials check is synchronous: it only hands the parsed credentials back
+        # (see _verify). Its constructor logs a warning, per connection, for a context that
+        # requires client certificates: the relay listener means it, so the context is set after.
+        super().__init__(handler, authenticator=_credentials_received, **kwargs)
+        self.tls_context = tls_context
+        self.require_starttls = tls_context is not None and require_starttls
+        self.event_handler: IngestHandler = handler
         self._connections = handler.connections
         self._greeted = False
         self._helo_reply = False
         # The REQUIRETLS parameter(s) of the MAIL command being processed (see smtp_MAIL).
         self.mail_requiretls: tuple[str, ...] = ()
+
+    def _create_session(self) -> IngestSession:
+        return IngestSession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.add(self)
@@ -175,8 +268,39 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         finally:
             self.mail_requiretls = ()
 
-    async def smtp_AUTH(self, arg: str) -> None:
-        await self.push("502 5.5.1 AUTH not available")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """RFC 4954 AUTH on submission; before an exchange, the client's failure count is read."""
+        if not self.event_handler.offers_auth:
+            await self.push(AUTH_NOT_AVAILABLE)
+            return
+        session = self.session
+        if session is not None and session.ssl is not None and not session.authenticated:
+            refusal = await self.event_handler.refusal_before_auth(session)
+            if refusal is not None:
+                await self.push(refusal)
+                if refusal == AUTH_TOO_MANY_FAILURES and self.transport is not None:
+                    self.transport.close()  # RFC 5321 §3.8: 421, then close
+                return
+        await super().smtp_AUTH(arg)
+
+    # aiosmtpd's mechanisms decode the exchange (challenges, base64, PLAIN's NUL-separated
+    # fields); _verify then checks the credentials they return.
+    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+    async def _verify(self, parsed: AuthResult) -> AuthResult:
+        credentials = parsed.auth_data
+        if not parsed.success or not isinstance(credentials, LoginPassword):
+            return parsed  # malformed or aborted: aiosmtpd has answered (501) or answers 535
+        refusal = await self.event_handler.authenticate(
+            self.session, credentials.login, credentials.password
+        )
+        if refusal is not None:
+            return AuthResult(success=False, handled=False, message=refusal)
+        return AuthResult(success=True, auth_data=self.session.auth_user)
 
     def close(self) -> None:
         """Drop the session (server shutdown)."""
@@ -185,12 +309,24 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 
 
 class IngestHandler:
-    """The aiosmtpd hooks: envelope checks and storing a message in the spool."""
+    """The aiosmtpd hooks of one listener: envelope checks and storing a message in the spool."""
 
-    def __init__(self, config: Config, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        config: Config,
+        redis: aioredis.Redis,
+        listener: Listener = Listener.LISTEN,
+        directory: Directory | None = None,
+    ) -> None:
         self.config = config
         self.redis = redis
+        self.listener = listener
+        self.directory = directory if directory is not None else Directory(config)
         self.connections: set[IngestSMTP] = set()
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.listener is Listener.SUBMISSION
 
     async def handle_EHLO(
         self,
@@ -213,6 +349,8 @@ class IngestHandler:
                 extensions.append("STARTTLS")
         else:
             extensions.append(REQUIRETLS)  # RFC 8689 §4: only where it can be honoured
+            if self.offers_auth:  # RFC 4954 §4: no plaintext passwords over a clear channel
+                extensions.append("AUTH " + " ".join(AUTH_MECHANISMS))
         lines = [server.hostname, *extensions, "HELP"]
         return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
 
@@ -235,6 +373,11 @@ class IngestHandler:
             return REQUIRETLS_TWICE
         if requiretls and session.ssl is None:
             return REQUIRETLS_IN_CLEAR
+        if not access.may_send_as(self.listener, self.directory, _auth_tenant(session), address):
+            return SENDER_NOT_OWNED
+        refusal = await self._rate_refusal(session)
+        if refusal is not None:
+            return refusal
         envelope.mail_from = address  # "<>" for the null reverse-path (kept truthy for aiosmtpd)
         envelope.mail_options = [o for o in mail_options if not o.startswith("SIZE=")]
         envelope.mail_options.extend(requiretls)
@@ -255,20 +398,84 @@ class IngestHandler:
         if len(envelope.rcpt_tos) >= self.config.ingest.max_recipients:
             return "452 4.5.3 Too many recipients"
         if not self._may_relay(session, address):
-            return "554 5.7.1 Relay access denied"
+            return RELAY_DENIED
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
     def _may_relay(self, session: Session, rcpt: str) -> bool:
-        """Whether this client may send mail to ``rcpt``: today, when it is a relay client.
+        """Whether this client may send mail to ``rcpt`` on this listener (see access.py)."""
+        authenticated = bool(session.authenticated)
+        return access.may_relay(
+            self.listener, self.directory, client_ip(session), authenticated, rcpt
+        )
 
-        The seam for receiving some domains from anyone: decide on ``domain_of(rcpt)`` here.
-        """
+    def _sending_tenant(self, session: Session) -> str | None:
+        return access.sending_tenant(
+            self.listener, self.directory, client_ip(session), _auth_tenant(session)
+        )
+
+    async def _rate_refusal(self, session: Session) -> str | None:
+        """``451 4.7.0`` when the sending tenant is over its ``rate_limit`` (this MAIL counts)."""
+        tenant = self._sending_tenant(session)
+        limit = self.directory.tenants[tenant].rate_limit if tenant is not None else None
+        if tenant is None or limit is None:
+            return None
         try:
-            address = ipaddress.ip_address(client_ip(session))
-        except ValueError:
-            return False
-        return any(address in network for network in self.config.ingest.relay_networks)
+            count = await asyncio.wait_for(
+                limits.count_message(self.redis, tenant, limit), CHECK_TIMEOUT
+            )
+        except _CHECK_ERRORS as exc:
+            log.error("rate limit of tenant %s unknown, MAIL refused: %r", tenant, exc)
+            return TEMPFAIL
+        if count > limit.count:
+            log.info("tenant %s over its rate limit %s: MAIL refused", tenant, limit)
+            return RATE_LIMITED
+        return None
+
+    # ----------------------------------------------------------------------- AUTH (submission)
+    # No method of a handler may be named auth_*: aiosmtpd would offer it as a mechanism.
+
+    async def refusal_before_auth(self, session: Session) -> str | None:
+        """Before an AUTH exchange: 421 once this client failed too often, 451 if unknown."""
+        address = client_ip(session)
+        try:
+            failures = await asyncio.wait_for(
+                limits.auth_failures(self.redis, address), CHECK_TIMEOUT
+            )
+        except _CHECK_ERRORS as exc:
+            log.error("AUTH from %s refused, failure count unknown: %r", address, exc)
+            return TEMPFAIL
+        if failures >= self.config.ingest.auth_failure_limit:
+            log.warning("AUTH from %s refused: %d failures in the window", address, failures)
+            return AUTH_TOO_MANY_FAILURES
+        return None
+
+    async def authenticate(self, session: Session, login: bytes, password: bytes) -> str | None:
+        """Check a login (scrypt, in a worker thread); None when it is valid, else the reply.
+
+        On success the session records the tenant and login; a failure is counted in Redis.
+        """
+        username = login.decode("utf-8", errors="replace")
+        secret = password.decode("utf-8", errors="replace")
+        loop = asyncio.get_running_loop()
+        tenant = await loop.run_in_executor(None, self.directory.authenticate, username, secret)
+        address = client_ip(session)
+        if tenant is not None:
+            session.tenant, session.auth_user = tenant, username
+            log.info("%s authenticated as %s (tenant %s)", address, username, tenant)
+            return None
+        try:
+            failures = await asyncio.wait_for(
+                limits.record_auth_failure(
+                    self.redis, address, self.config.ingest.auth_failure_window
+                ),
+                CHECK_TIMEOUT,
+            )
+        except _CHECK_ERRORS as exc:
+            log.error("AUTH failure from %s not counted: %r", address, exc)
+            return TEMPFAIL
+        log.info("AUTH failed from %s (%d in the window)", address, failures)  # no login, ever
+        return AUTH_INVALID
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         stored = self._envelope(session, envelope)
@@ -299,6 +506,10 @@ class IngestHandler:
             client_helo=session.host_name or "",
             inbound_tls=inbound_tls(session),
             received_at=time.time(),
+            listener=self.listener.value,
+            tenant=self._sending_tenant(session),
+            auth_user=session.auth_user if isinstance(session, IngestSession) else None,
+            client_cert=client_certificate(session),
         )
 
     async def handle_exception(self, error: Exception) -> str:
@@ -310,6 +521,10 @@ class IngestHandler:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _auth_tenant(session: Session) -> str | None:
+    return session.tenant if isinstance(session, IngestSession) else None
 
 
 def client_ip(session: Session) -> str:
@@ -335,6 +550,23 @@ def inbound_tls(session: Session) -> InboundTls:
     return InboundTls(ssl_object.version(), cipher[0] if cipher else None)
 
 
+def client_certificate(session: Session) -> str | None:
+    """The verified client certificate's subject CN, else its first subjectAltName value."""
+    ssl_object = (session.ssl or {}).get("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    cert: Any = ssl_object.getpeercert()  # empty unless a certificate was requested and verified
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    for _kind, value in cert.get("subjectAltName", ()):
+        return str(value)
+    return None
+
+
 def received_header(envelope: Envelope, hostname: str, protocol: str) -> bytes:
     """The ``Received:`` trace field (RFC 5321 §4.4) for ``envelope``, CRLF-terminated."""
     helo = _NOT_PRINTABLE.sub("?", envelope.client_helo) or "unknown"
@@ -347,6 +579,9 @@ def received_header(envelope: Envelope, hostname: str, protocol: str) -> bytes:
     tls = envelope.inbound_tls
     if tls.used:
         clauses.append(f"(using {tls.version} with cipher {tls.cipher})")
+    if envelope.client_cert is not None:
+        name = _NOT_QUOTABLE.sub("?", envelope.client_cert)
+        clauses.append(f'(client certificate "{name}" verified by the platform CA)')
     if len(envelope.recipients) == 1:
         clauses.append(f"for <{envelope.recipients[0]}>")
     date = email.utils.formatdate(envelope.received_at, localtime=True)
@@ -406,37 +641,63 @@ def _has_surrogates(text: str) -> bool:
 
 
 class IngestServer:
-    """The listener. ``start()`` binds ``config.ingest.listen``; ``stop()`` releases everything."""
+    """Every configured listener (see :func:`access.listener_addresses`), sharing one Redis client.
+
+    ``start()`` binds them all (or none: a failure releases what was bound); ``stop()`` releases
+    everything.
+    """
 
     def __init__(self, config: Config, redis_url: str) -> None:
         self.config = config
         self.redis_url = redis_url
-        self._server: asyncio.Server | None = None
-        self._handler: IngestHandler | None = None
-        self._address: HostPort | None = None
+        self._servers: list[asyncio.Server] = []
+        self._handlers: list[IngestHandler] = []
+        self._redis: aioredis.Redis | None = None
+        self._addresses: dict[Listener, HostPort] = {}
+
+    @property
+    def addresses(self) -> dict[Listener, HostPort]:
+        """Each listener's endpoint actually bound (the real port when the configuration says 0)."""
+        if not self._addresses:
+            raise RuntimeError("IngestServer is not started")
+        return dict(self._addresses)
 
     @property
     def address(self) -> HostPort:
-        """The endpoint actually bound (the real port when the configuration says 0)."""
-        if self._address is None:
-            raise RuntimeError("IngestServer is not started")
-        return self._address
+        """The ``listen`` listener's endpoint."""
+        return self.addresses[Listener.LISTEN]
 
     async def start(self) -> None:
-        tls_context = tlscert.server_context(self.config)
-        handler = IngestHandler(self.config, spool.connect_async(self.redis_url))
-        loop = asyncio.get_running_loop()
-        listen = self.config.ingest.listen
+        self._addresses = {}
+        endpoints = access.listener_addresses(self.config)
+        public = tlscert.server_context(self.config)
+        contexts = {Listener.LISTEN: public, Listener.SUBMISSION: public}
+        if Listener.RELAY in endpoints:
+            contexts[Listener.RELAY] = tlscert.platform_context(self.config)
+        self._redis = spool.connect_async(self.redis_url)
+        directory = Directory(self.config)
         try:
-            self._server = await loop.create_server(
-                lambda: self._protocol(handler, tls_context, loop), listen.host, listen.port
-            )
+            for listener, endpoint in endpoints.items():
+                handler = IngestHandler(self.config, self._redis, listener, directory)
+                self._handlers.append(handler)
+                self._addresses[listener] = await self._listen(
+                    handler, contexts[listener], endpoint
+                )
         except BaseException:
-            await handler.redis.aclose()
+            await self.stop()
+            self._addresses = {}
             raise
-        self._handler = handler
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self._address = HostPort(host, port)
+
+    async def _listen(
+        self, handler: IngestHandler, tls_context: ssl.SSLContext, endpoint: HostPort
+    ) -> HostPort:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: self._protocol(handler, tls_context, loop), endpoint.host, endpoint.port
+        )
+        self._servers.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
+        return HostPort(host, port)
 
     def _protocol(
         self, handler: IngestHandler, tls_context: ssl.SSLContext, loop: asyncio.AbstractEventLoop
@@ -449,18 +710,25 @@ class IngestServer:
             hostname=self.config.hostname,
             ident="ESMTP tlsrelay",
             tls_context=tls_context,
+            # RFC 3207 §4: the relay endpoint takes nothing but EHLO/STARTTLS/NOOP/QUIT in clear.
+            require_starttls=handler.listener is Listener.RELAY,
+            # RFC 4954: submission takes mail only after AUTH, and AUTH only over TLS (538).
+            auth_required=handler.offers_auth,
+            auth_require_tls=True,
             loop=loop,
         )
 
     async def stop(self) -> None:
-        server, handler = self._server, self._handler
-        self._server = self._handler = None
-        if server is not None:
+        servers, handlers, redis = self._servers, self._handlers, self._redis
+        self._servers, self._handlers, self._redis = [], [], None
+        for server in servers:
             server.close()
+        for server in servers:
             await server.wait_closed()
-        if handler is not None:
+        for handler in handlers:
             await _close_sessions(handler.connections)
-            await handler.redis.aclose()
+        if redis is not None:
+            await redis.aclose()
 
 
 async def _close_sessions(connections: set[IngestSMTP], timeout: float = 5.0) -> None:
@@ -474,7 +742,7 @@ async def _close_sessions(connections: set[IngestSMTP], timeout: float = 5.0) ->
 
 
 def serve(config: Config, redis_url: str) -> None:
-    """Run the listener until SIGTERM or SIGINT, then stop it cleanly."""
+    """Run every configured listener until SIGTERM or SIGINT, then stop them all cleanly."""
     asyncio.run(_serve(config, redis_url))
 
 
@@ -486,7 +754,8 @@ async def _serve(config: Config, redis_url: str) -> None:
     server = IngestServer(config, redis_url)
     await server.start()
     try:
-        print(f"ingest listening on smtp://{server.address}", flush=True)
+        for listener, address in server.addresses.items():
+            print(f"ingest listening on smtp://{address} ({listener})", flush=True)
         await stopping.wait()
     finally:
         await server.stop()

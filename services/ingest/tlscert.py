@@ -1,17 +1,24 @@
-"""The server certificate for inbound STARTTLS.
+"""The server certificates for inbound STARTTLS.
 
-Contract: :func:`server_context` returns the ``ssl.SSLContext`` the SMTP listener offers with
-STARTTLS. With ``ingest.tls_cert``/``ingest.tls_key`` configured it loads that pair. Without
-them it uses a self-signed certificate (CN and SAN = ``config.hostname``) that
-:func:`ensure_self_signed` generates once into ``<data_dir>/ingest-selfsigned.pem`` and
-``ingest-selfsigned.key`` (key mode 0600, ``data_dir`` created when missing) and reuses on every
-later start, as long as both files exist, still name the host name and have not expired.
+Contract: :func:`server_context` returns the ``ssl.SSLContext`` the ``listen`` and
+``submission`` listeners offer with STARTTLS. With ``ingest.tls_cert``/``ingest.tls_key``
+configured it loads that pair. Without them it uses a self-signed certificate (CN and SAN =
+``config.hostname``) that :func:`ensure_self_signed` generates once into
+``<data_dir>/ingest-selfsigned.pem`` and ``ingest-selfsigned.key`` (key mode 0600, ``data_dir``
+created when missing) and reuses on every later start, as long as both files exist, still name
+the host name and have not expired.
 
 Sending MTAs do not verify certificates when they upgrade opportunistically (RFC 7435), so a
 self-signed certificate still gives encryption; a configured, CA-issued pair gives more.
 
-Failure: an unreadable, malformed or mismatched pair raises :class:`ConfigError` naming the
-files, before anything listens. A failure to write into ``data_dir`` raises ``OSError``.
+:func:`platform_context` is the ``relay`` listener's (inter-region) context: this region's
+certificate ``platform_tls.cert``/``key``, and a client certificate is *required* and verified
+against ``platform_tls.ca`` (``ssl.CERT_REQUIRED``): a client without one, or with one from
+another CA, fails the handshake.
+
+Failure: an unreadable, malformed or mismatched pair (or CA file) raises :class:`ConfigError`
+naming the files, before anything listens; so does a relay listener without ``platform_tls``.
+A failure to write into ``data_dir`` raises ``OSError``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,24 @@ def server_context(config: Config) -> ssl.SSLContext:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"ingest.tls_cert/tls_key: cannot load {cert} / {key}: {exc}") from None
+    return context
+
+
+def platform_context(config: Config) -> ssl.SSLContext:
+    """The relay listener's context: our platform certificate, client certificates required."""
+    platform = config.platform_tls
+    if platform is None:
+        raise ConfigError(
+            "ingest.relay: the inter-region endpoint needs platform_tls (ca, cert, key)"
+        )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no certificate, no session
+    try:
+        context.load_cert_chain(platform.cert, platform.key)
+        context.load_verify_locations(cafile=platform.ca)
+    except (OSError, ssl.SSLError) as exc:
+        files = f"{platform.cert} / {platform.key} / {platform.ca}"
+        raise ConfigError(f"platform_tls: cannot load {files}: {exc}") from None
     return context
 
 
