@@ -18,7 +18,7 @@ import yaml
 from services.common.redisserver import EmbeddedRedis, free_port
 from tests.dnsserver import LocalDns
 from tests.peers import Sink
-from tests.world import SERVICES, World, message
+from tests.world import SERVICES, World, message, wait_until
 
 REGIONS = ("us-east", "ap-south")
 
@@ -32,6 +32,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Wor
     mailboxes = {
         "us-east": Sink("starttls", ca=ca, cert_names=["contoso.example"]),
         "ap-south": Sink("starttls", ca=ca, cert_names=["fabrikam.example"]),
+        "plain": Sink("plain"),  # a tenant mailbox without STARTTLS
     }
     with contextlib.ExitStack() as stack:
         for sink in mailboxes.values():
@@ -44,6 +45,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Wor
             settings = region_config(root, region, relay_ports, mailboxes)
             worlds[region] = stack.enter_context(start_region(root / region, settings, dns))
             worlds[region].sinks["mailbox"] = mailboxes[region]
+        worlds["us-east"].sinks["plain"] = mailboxes["plain"]
         yield worlds
 
 
@@ -69,6 +71,11 @@ def region_config(
                 "region": "ap-south",
                 "domains": ["fabrikam.example"],
                 "mailbox": mailboxes["ap-south"].address_text,
+            },
+            "plainco": {
+                "region": "us-east",
+                "domains": ["plainco.example"],
+                "mailbox": mailboxes["plain"].address_text,
             },
         },
         "rules": [
@@ -144,3 +151,13 @@ def test_same_region_tenant_goes_to_its_mailbox_verified(platform: dict[str, Wor
     trace = east.wait_completed(message_id)
     (attempt,) = [e for e in trace if e["event"] == "attempt"]
     assert attempt["tls_outcome"] == "tls_verified"
+
+
+def test_tenant_mailbox_without_tls_waits_never_in_clear(platform: dict[str, World]) -> None:
+    east = platform["us-east"]
+    message_id = east.send(["dan@plainco.example"], message("no tls mailbox"))
+    wait_until(lambda: east.events(message_id, "deferred"), 30, "the delivery to be deferred")
+    (deferred,) = east.events(message_id, "deferred")[:1]
+    assert deferred["recipients"]["dan@plainco.example"].startswith("451 4.7.10")
+    plain = east.sinks["plain"]
+    assert plain.cleartext_transactions == 0 and plain.messages == []
