@@ -514,6 +514,7 @@ def test_serve_prints_every_listener_and_stops_on_sigterm(
         f"ingest:\n  listen: 127.0.0.1:{ports[Listener.LISTEN]}\n"
         f"  submission: 127.0.0.1:{ports[Listener.SUBMISSION]}\n"
         "tenants:\n  acme: {domains: [acme.test], mailbox: '127.0.0.1:2601'}\n"
+        f"metrics:\n  ingest: 127.0.0.1:{_free_port()}\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.common.cli", "ingest", "--config", str(config)],

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
-from services.common.redisserver import EmbeddedRedis
+from services.common.redisserver import EmbeddedRedis, free_port
 from services.policy.decide import TLS_REQUIRED_NO, Ruleset, decide
 from services.policy.facts import facts_from_message
 from services.policy.rules import Rules
@@ -593,11 +593,13 @@ class PolicyWorker:
         self.config = root / "tlsrelay.yaml"
         self.log_path = root / "policy.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
 
     def write_rules(self, rules_yaml: str) -> None:
         self.config.write_text(
             f"hostname: relay.test\nredis_url: {self.redis.url}\ndata_dir: {self.root / 'var'}\n"
-            f"policy:\n  concurrency: 2\nrules:\n{rules_yaml}"
+            f"policy:\n  concurrency: 2\nmetrics:\n  policy: 127.0.0.1:{self.metrics_port}\n"
+            f"rules:\n{rules_yaml}"
         )
 
     def start(self) -> None:
@@ -687,7 +689,7 @@ def test_sighup_reloads_rules_and_keeps_them_when_the_file_is_bad(worker: Policy
     worker.write_rules(BROKEN)
     worker.hangup()
     log = worker.wait_log("rules reload failed, keeping the old rules:")
-    assert f"{worker.config}:8: rules[v3].when.subject: bad regex '(?i'" in log
+    assert f"{worker.config}:10: rules[v3].when.subject: bad regex '(?i'" in log
     for decision in worker.classify(8):
         assert (decision["tls"], decision["circumstances"]) == ("verified", ["v2"])
     assert worker.log().count("rules reloaded: ") == 1

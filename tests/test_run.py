@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.common.redisserver import free_port
 from tests.peers import Sink
-from tests.world import port_open, wait_until
+from tests.world import metrics_ports, port_open, wait_until
 
 
 def trace(config: Path, message_id: str) -> bytes:
@@ -25,12 +25,15 @@ def trace(config: Path, message_id: str) -> bytes:
 
 def test_run_starts_everything_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
+    metrics = metrics_ports()
     with Sink("starttls") as sink:
         config = tmp_path / "tlsrelay.yaml"
         config.write_text(
             f"hostname: relay.test\ndata_dir: ./var\ningest:\n  listen: 127.0.0.1:{port}\n"
             f"delivery:\n  routes:\n    example.org: {sink.address_text}\n"
             "policy:\n  concurrency: 1\n"
+            + "metrics:\n"
+            + "".join(f"  {name}: {where}\n" for name, where in metrics.items())
         )
         log = (tmp_path / "run.log").open("wb")
         proc = subprocess.Popen(
@@ -57,5 +60,7 @@ def test_run_starts_everything_delivers_and_stops_cleanly(tmp_path: Path) -> Non
     assert "redis: embedded server at redis://127.0.0.1:" in output
     assert f"ingest: smtp://127.0.0.1:{port}" in output
     assert "tlsrelay: stopped" in output
+    for name, where in metrics.items():
+        assert f"metrics: {name} http://{where}/metrics" in output
     assert (tmp_path / "var" / "redis" / "server.log").exists()
     assert not port_open("127.0.0.1", port), "ingest still listening after run stopped"

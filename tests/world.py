@@ -10,6 +10,10 @@ Destinations (``World.sinks``):
 - ``other``   STARTTLS                                        ← route ``d3.test``
 - ``mx``      STARTTLS on 127.0.0.3:``mx_port``               ← via DNS: ``mx.test`` (first MX
               127.0.0.2 refuses connections), ``implicit.test`` (A record only)
+
+Every service of a world serves ``/metrics`` on a free port: a config file without a ``metrics``
+section gets one when the first service starts (:func:`metrics_ports`), so worlds side by side
+(two regions) never meet on the default ports. ``World.metrics_url(service)`` says where.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class World:
 
     # ----------------------------------------------------------------- processes
     def start_service(self, name: str) -> None:
+        settings = yaml.safe_load(self.config_path.read_text()) or {}
+        if "metrics" not in settings:
+            settings["metrics"] = metrics_ports()
+            self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         log = (self.root / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "services.common.cli", name, "--config", str(self.config_path)],
@@ -93,6 +101,11 @@ class World:
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+
+    def metrics_url(self, name: str) -> str:
+        """Where service ``name`` serves its metrics (from the config file)."""
+        settings = yaml.safe_load(self.config_path.read_text())
+        return f"http://{settings['metrics'][name]}/metrics"
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
@@ -134,6 +147,11 @@ class World:
             f"message {message_id} to complete; trace: {self.trace(message_id)}",
         )
         return self.trace(message_id)
+
+
+def metrics_ports() -> dict[str, str]:
+    """A free loopback port for each service's ``/metrics`` (instead of the fixed defaults)."""
+    return {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
 
 
 def message(subject: str, body: str = "Hello.\r\n") -> bytes:

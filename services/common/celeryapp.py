@@ -4,13 +4,19 @@ Every setting says why it is set. Tasks are thin wrappers over domain code and a
 the service that owns them (``services/policy/tasks.py``, ``services/deliver/tasks.py``). Task
 messages are produced by :mod:`services.common.queueing` (inside our own Redis transactions), so
 this app is only ever used to *consume*.
+
+Metrics: the worker's main process serves ``/metrics`` for its whole pool (prometheus_client
+multiprocess mode, see :mod:`services.common.metrics`); :func:`wire_metrics` connects the pool
+processes' start and exit to it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Exchange, Queue
 
 from services.common import queueing
@@ -74,6 +80,7 @@ def make_app(config: Config, redis_url: str, name: str) -> Celery:
 def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
     """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control)."""
     return [
+        "--quiet",  # no banner on stdout: logs are JSON lines on stderr (services/common/logs.py)
         "worker",
         "--queues", queue,
         "--concurrency", str(concurrency),
@@ -83,3 +90,17 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
         "--without-mingle",
         "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def wire_metrics(server: WSGIServer) -> None:
+    """Pool processes and the main process's ``/metrics`` server (call before the pool forks)."""
+    from services.common import metrics
+
+    @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def close_inherited_socket(**_: object) -> None:
+        # A forked pool process holds a copy of the listening socket; only the parent serves.
+        server.socket.close()
+
+    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def mark_process_dead(pid: int, **_: object) -> None:
+        metrics.process_dead(pid)

@@ -11,6 +11,12 @@
 ``--config`` may be replaced by ``$TLSRELAY_CONFIG``; ``$TLSRELAY_REDIS_URL`` overrides
 ``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
 listens.
+
+Each service serves Prometheus ``/metrics`` at ``metrics.<service>`` (``null``: not served); a
+port that cannot be bound stops the service at start-up with a message naming that key (exit 1).
+The Celery workers use prometheus_client's multiprocess mode: :func:`_metrics_mode` sets
+``PROMETHEUS_MULTIPROC_DIR`` (``data_dir/metrics/<service>``) before anything imports
+prometheus_client, and the main process serves the sum of its pool processes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from services.common.config import (
     format_duration,
     load_config,
 )
+from services.common.logs import setup_logging
 
 EXIT_CONFIG = 2
 SERVICES = ("ingest", "policy", "deliver")
@@ -50,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rules_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    setup_logging(args.command if args.command in (*SERVICES, "run") else "cli")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -112,16 +120,43 @@ def _require_redis(config: Config, command: str, tool: bool = False) -> str:
     return config.redis_url
 
 
+def _metrics_mode(config: Config, service: str) -> None:
+    """Choose prometheus_client's mode for this process; it reads the variable when it is first
+    imported, so this runs before anything imports it. Workers with metrics: multiprocess, in a
+    per-service directory (``metrics.serve_workers`` removes earlier runs' files once it listens).
+    """
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        os.environ.pop(name, None)
+    if service != "ingest" and getattr(config.metrics, service) is not None:
+        directory = config.data_dir / "metrics" / service
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def _metrics_failed(service: str, error: Exception) -> int:
+    print(f"tlsrelay {service}: {error}", file=sys.stderr)
+    return 1
+
+
 def _ingest(config: Config, args: argparse.Namespace) -> int:
+    _metrics_mode(config, "ingest")
+    from services.common import metrics
     from services.ingest.server import serve
 
-    serve(config, _require_redis(config, "ingest"))
+    redis_url = _require_redis(config, "ingest")
+    if config.metrics.ingest is not None:
+        try:
+            metrics.serve(config.metrics.ingest, "metrics.ingest", "ingest")
+        except metrics.MetricsError as exc:
+            return _metrics_failed("ingest", exc)
+    serve(config, redis_url)  # prints the listeners, then the metrics URL
     return 0
 
 
 def _worker(config: Config, args: argparse.Namespace) -> int:
-    from services.common import queueing
-    from services.common.celeryapp import make_app, worker_argv
+    _metrics_mode(config, args.command)
+    from services.common import metrics, queueing
+    from services.common.celeryapp import make_app, wire_metrics, worker_argv
 
     redis_url = _require_redis(config, args.command)
     app = make_app(config, redis_url, args.command)
@@ -137,6 +172,14 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
 
         register_deliver(app, DeliverService(config, redis_url))
         queue, concurrency = queueing.QUEUE_DELIVER, config.delivery.concurrency
+    address = getattr(config.metrics, args.command)
+    if address is not None:
+        try:
+            key = f"metrics.{args.command}"
+            wire_metrics(metrics.serve_workers(address, key, args.command, redis_url))
+        except metrics.MetricsError as exc:
+            return _metrics_failed(args.command, exc)
+        print(f"{args.command} metrics on http://{address}/metrics", flush=True)
     print(f"{args.command} worker consuming queue '{queue}' on {redis_url}", flush=True)
     app.worker_main(worker_argv(queue, concurrency, config.hostname))
     return 0
@@ -246,6 +289,9 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         _embedded_url_file(config).write_text(redis_url + "\n")
         print(f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, AOF on)")
     print(f"ingest: smtp://{config.ingest.listen}", flush=True)
+    for name in SERVICES:
+        address = getattr(config.metrics, name)
+        print(f"metrics: {name} {f'http://{address}/metrics' if address else 'off'}", flush=True)
     children = _spawn(args.config, redis_url)
     try:
         return _supervise(children)

@@ -342,6 +342,25 @@ class CeleryConfig(_Section):
     visibility_timeout: Duration = 1800.0
 
 
+class MetricsConfig(_Section):
+    """Where each service serves Prometheus ``/metrics`` over HTTP (``null`` → not served)."""
+
+    ingest: HostPortT | None = HostPort("127.0.0.1", 9101)
+    policy: HostPortT | None = HostPort("127.0.0.1", 9102)
+    deliver: HostPortT | None = HostPort("127.0.0.1", 9103)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> MetricsConfig:
+        seen: dict[HostPort, str] = {}
+        for service in ("ingest", "policy", "deliver"):
+            address = getattr(self, service)
+            if address is not None and address in seen:
+                raise ValueError(f"{service} and {seen[address]} both on {address}")
+            if address is not None:
+                seen[address] = service
+        return self
+
+
 class Config(_Section):
     """The whole file. ``source`` is the path it was read from (None for built-in defaults)."""
 
@@ -353,6 +372,7 @@ class Config(_Section):
     policy: PolicyConfig = PolicyConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     celery: CeleryConfig = CeleryConfig()
+    metrics: MetricsConfig = MetricsConfig()
     # Special-handling rules (syntax and validation: services/policy/rules.py).
     rules: Rules = ()
     region: str = "default"  # this deployment's region
@@ -395,7 +415,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source, root)) from None
-    return _check_platform(_resolve_paths(config, source, root), source, root)
+    config = _check_platform(_resolve_paths(config, source, root), source, root)
+    _check_metrics(config, source, root)
+    return config
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
@@ -542,6 +564,16 @@ def _check_platform(config: Config, source: Path | None, root: yaml.Node | None)
         why = "tenants need platform_tls (ca, cert, key): mail between them is verified TLS"
         raise _error(source, root, ("tenants",), why)
     return config.model_copy(update={"tenants": tenants})
+
+
+def _check_metrics(config: Config, source: Path | None, root: yaml.Node | None) -> None:
+    """A metrics endpoint must not be one of the SMTP listeners."""
+    smtp = {config.ingest.listen, config.ingest.submission, config.ingest.relay} - {None}
+    for service in ("ingest", "policy", "deliver"):
+        address = getattr(config.metrics, service)
+        if address in smtp:
+            why = f"{address} is also an SMTP listener (ingest.*)"
+            raise _error(source, root, ("metrics", service), why)
 
 
 def dump_summary(config: Config) -> Mapping[str, object]:

@@ -14,6 +14,9 @@ host reachable, TLS required but unavailable, DNS temporary failure → deferred
 bounced (5.1.2 / 5.1.10). One "delayed" DSN per message once it waited ``delay_warning_after``.
 No DSN is ever sent about a message whose reverse-path is null.
 
+Metrics (``services.common.metrics``): each attempt is counted by the session; a recorded round,
+its DSN and a message becoming final are counted here, after their transaction committed.
+
 Failure: Redis errors propagate (the Celery task is then not acknowledged and runs again).
 """
 
@@ -27,11 +30,11 @@ from typing import Any
 
 import redis
 
-from services.common import spool
+from services.common import metrics, spool
 from services.common.config import Config, Route, format_duration, parse_hostport
 from services.common.model import Decision, Envelope, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
-from services.deliver import dsn, mx
+from services.deliver import dsn, mx, scheduler
 from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -176,6 +179,9 @@ class Deliverer:
             pipe.rpush(spool.trace_key(envelope.id), *events)
             pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
             pipe.execute()
+        metrics.delivery_round(outcome, envelope.received_at, now)
+        if notice is not None:
+            metrics.dsn_sent(notice[0])
         self._finish_if_final(envelope)
 
     def _stage_states(
@@ -202,7 +208,7 @@ class Deliverer:
             "attempt": job["attempt"] + 1,
             "last_error": str(last),
         }
-        pipe.zadd(spool.DEFERRED, {json.dumps(retry, sort_keys=True): due})
+        scheduler.stage_deferral(pipe, retry, due)
         return spool.event(
             "deferred", domain=job["domain"], due=round(due, 3), **_replies(outcome.deferred)
         )
@@ -254,11 +260,15 @@ class Deliverer:
 
     def _finish_if_final(self, envelope: Envelope) -> None:
         # Write-then-read: of two domain jobs finishing together, the later one sees all final.
-        if spool.final_recipients(self.client, envelope.id) >= set(envelope.recipients):
+        states = _final_states(self.client, envelope.id)
+        if set(states) >= set(envelope.recipients):
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(spool.msg_key(envelope.id))
                 pipe.rpush(spool.trace_key(envelope.id), spool.event("completed"))
-                pipe.execute()
+                scheduler.stage_completion(pipe, envelope.id)
+                deleted = pipe.execute()[0]
+            if deleted:  # both may see all final; only one of them deleted the message
+                metrics.message_final(states.values())
 
 
 def _give_up(outcome: Outcome, pending: list[str], errors: list[Reply]) -> None:
@@ -268,6 +278,13 @@ def _give_up(outcome: Outcome, pending: list[str], errors: list[Reply]) -> None:
         outcome.bounced = dict.fromkeys(pending, last)
     else:
         outcome.deferred = dict.fromkeys(pending, last)
+
+
+def _final_states(client: redis.Redis, message_id: str) -> dict[str, str]:
+    """recipient → its final state (delivered / bounced), for recipients that have one."""
+    raw: dict[bytes, bytes] = client.hgetall(spool.rcpt_key(message_id))  # type: ignore[assignment]
+    states = {k.decode(): json.loads(v).get("state") for k, v in raw.items()}
+    return {r: state for r, state in states.items() if state in spool.FINAL_STATES}
 
 
 def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:

@@ -6,6 +6,13 @@ transport a task delayed past ``visibility_timeout`` is handed out again (celery
 kombu#337). ``move_due`` is safe to run in every deliver pod at once: one Lua script removes each
 due member and pushes its task atomically, so a job is claimed by exactly one caller and is never
 lost between the two steps. Restarts lose nothing: the sorted set is the state.
+
+Beside it, ``tlsrelay:deferred:since`` indexes the deferred *messages* by acceptance time (member
+message id, score the time in its id), so the age of the oldest deferred message is one
+``ZRANGE`` (the ``tlsrelay_queue_oldest_age_seconds`` gauge) rather than a scan of the set.
+:func:`stage_deferral` writes both in the caller's transaction (``ZADD NX`` for the index: a
+message stays at its first entry); :func:`stage_completion` drops a message from the index when
+its last recipient is final. A message with something deferred once stays indexed until then.
 """
 
 from __future__ import annotations
@@ -14,12 +21,37 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
 from services.common import queueing, spool
+from services.common.model import is_message_id
 
 log = logging.getLogger("tlsrelay.scheduler")
+
+DEFERRED_SINCE = spool.DEFERRED + ":since"
+
+
+def message_time(message_id: str) -> float | None:
+    """When a message was accepted, from its id (12 hex digits of milliseconds since the epoch,
+    see ``model.new_message_id``); None for anything that is not a message id."""
+    return int(message_id[:12], 16) / 1000 if is_message_id(message_id) else None
+
+
+def stage_deferral(pipe: redis.client.Pipeline, job: dict[str, Any], due: float) -> None:
+    """Buffer into ``pipe`` (the caller's transaction): ``job`` waits in the deferred set until
+    ``due``, and its message is in the index of deferred messages."""
+    pipe.zadd(spool.DEFERRED, {json.dumps(job, sort_keys=True): due})
+    accepted = message_time(job["id"])
+    if accepted is not None:
+        pipe.zadd(DEFERRED_SINCE, {job["id"]: accepted}, nx=True)
+
+
+def stage_completion(pipe: redis.client.Pipeline, message_id: str) -> None:
+    """Buffer into ``pipe``: the message is final, out of the index of deferred messages."""
+    pipe.zrem(DEFERRED_SINCE, message_id)
+
 
 # KEYS[1] = deferred zset, KEYS[2] = deliver list; ARGV = member1, task1, member2, task2, ...
 _MOVE_DUE = """

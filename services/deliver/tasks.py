@@ -10,7 +10,6 @@ propagate, so the task is not acknowledged and Celery runs it again.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from services.common import queueing, spool
 from services.common.config import Config
+from services.deliver import scheduler
 from services.deliver.delivery import Deliverer
 from services.deliver.scheduler import SchedulerThread
 
@@ -54,7 +54,9 @@ class DeliverService:
 
     def _park(self, client: redis.Redis, job: dict[str, Any]) -> None:
         due = time.time() + self.config.delivery.retry_schedule[0]
-        client.zadd(spool.DEFERRED, {json.dumps(job, sort_keys=True): due})
+        with client.pipeline(transaction=True) as pipe:
+            scheduler.stage_deferral(pipe, job, due)
+            pipe.execute()
         spool.append_trace(client, job["id"], spool.event("error", domain=job["domain"]))
 
 

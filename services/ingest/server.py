@@ -65,6 +65,10 @@ the reply was lost, the client retries and the message may be delivered twice: m
 at-least-once (RFC 5321 §6.1), never lost. :meth:`IngestServer.stop` closes every listener and
 open session; a message whose 250 was not yet sent is not acknowledged. A listener that cannot
 be bound, or a relay listener without ``platform_tls``, stops the start-up (none listens).
+
+Metrics (``services.common.metrics``): each connection is counted when it closes (with whether
+STARTTLS succeeded); each 4xx/5xx reply to MAIL, RCPT or DATA, and each message stored, is counted
+per listener.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupExce
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
-from services.common import spool
+from services.common import metrics, spool
 from services.common.config import Config, HostPort
 from services.common.model import Envelope, InboundTls, has_tls_required_no, new_message_id
 from services.common.tenants import Directory
@@ -217,6 +221,7 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         self._helo_reply = False
         # The REQUIRETLS parameter(s) of the MAIL command being processed (see smtp_MAIL).
         self.mail_requiretls: tuple[str, ...] = ()
+        self._counted_verb: str | None = None  # MAIL, RCPT or DATA while one is processed
 
     def _create_session(self) -> IngestSession:
         return IngestSession(self.loop)
@@ -227,10 +232,14 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 
     def connection_lost(self, error: Exception | None) -> None:
         self._connections.discard(self)
+        tls = self.session is not None and self.session.ssl is not None
+        metrics.ingest_connection(self.event_handler.listener.value, tls)
         super().connection_lost(error)
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            if self._counted_verb is not None:
+                metrics.ingest_refused(self.event_handler.listener.value, status)
             await super().push(with_enhanced_code(status) if self._needs_code(status) else status)
         else:
             await super().push(status)
@@ -263,10 +272,29 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         first, no nested MAIL, SIZE, BODY...) passed; aiosmtpd then answers as it always does.
         """
         arg, self.mail_requiretls = _take_requiretls(self, arg)
+        self._counted_verb = "MAIL"
         try:
             await super().smtp_MAIL(arg)
         finally:
-            self.mail_requiretls = ()
+            self.mail_requiretls, self._counted_verb = (), None
+
+    @_help_syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT; its 4xx/5xx replies are counted (see :meth:`push`)."""
+        self._counted_verb = "RCPT"
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._counted_verb = None
+
+    @_help_syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA; its 4xx/5xx replies are counted (see :meth:`push`)."""
+        self._counted_verb = "DATA"
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._counted_verb = None
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         """RFC 4954 AUTH on submission; before an exchange, the client's failure count is read."""
@@ -493,6 +521,7 @@ class IngestHandler:
             )
             return TEMPFAIL
         log.info("%s: queued from %s, %d bytes", stored.id, stored.client_address, stored.size)
+        metrics.ingest_accepted(self.listener.value, stored.size)
         return f"250 2.0.0 Ok: queued as {stored.id}"
 
     def _envelope(self, session: Session, envelope: SmtpEnvelope) -> Envelope:
@@ -676,6 +705,7 @@ class IngestServer:
             contexts[Listener.RELAY] = tlscert.platform_context(self.config)
         self._redis = spool.connect_async(self.redis_url)
         directory = Directory(self.config)
+        metrics.prime_ingest(listener.value for listener in endpoints)
         try:
             for listener, endpoint in endpoints.items():
                 handler = IngestHandler(self.config, self._redis, listener, directory)
@@ -756,6 +786,8 @@ async def _serve(config: Config, redis_url: str) -> None:
     try:
         for listener, address in server.addresses.items():
             print(f"ingest listening on smtp://{address} ({listener})", flush=True)
+        if config.metrics.ingest is not None:  # served by the CLI before the listeners started
+            print(f"ingest metrics on http://{config.metrics.ingest}/metrics", flush=True)
         await stopping.wait()
     finally:
         await server.stop()

@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready
 
-from services.common import queueing, spool
+from services.common import metrics, queueing, spool
 from services.common.config import Config, load_config
 from services.policy.decide import Ruleset, decide
 from services.policy.facts import facts_from_message
@@ -61,6 +61,7 @@ class PolicyService:
         raw = spool.load_body(self.client, message_id) if ruleset.needs_content else None
         decisions = decide(facts_from_message(envelope, raw, ruleset), ruleset)
         spool.record_classification(self.client, envelope, decisions, self.config.trace_ttl)
+        metrics.decisions(decisions)
         log.info("classified %s: %s", message_id, [d.to_json() for d in decisions])
 
     def _load(self) -> Ruleset:

@@ -1,0 +1,459 @@
+"""Prometheus metrics: every metric object of every service, one recording function per event,
+the Redis queue collector and the ``/metrics`` HTTP server.
+
+Names and labels are a contract — dashboards and alerts use them (README, "Observability").
+Labels take few values: never an address, a domain or a message id. The services call the
+functions below at the point where the event happens (``metrics.attempt(result, seconds)``); the
+label logic lives here, not there. The metric objects belong to no registry until a service
+serves them: each service exposes only its own (:data:`SERVED`), plus the queue gauges from the
+policy and deliver services.
+
+Processes:
+
+- **ingest** is one asyncio process: the default registry (with the client library's
+  ``process_*``/``python_*`` collectors), served by :func:`serve` from a daemon thread.
+- **policy** and **deliver** are Celery prefork pools: prometheus_client's multiprocess mode.
+  ``PROMETHEUS_MULTIPROC_DIR`` must be set before prometheus_client is first imported in the
+  process (the CLI does that: ``services/common/cli.py``); each pool process writes its own
+  ``*_<pid>.db`` files there and the parent serves their sum (:func:`serve_workers`, with
+  :class:`MultiProcessCollector`). There are no in-process gauges (``multiprocess_mode`` would
+  apply to them); the queue gauges come from :class:`QueueCollector`, which reads Redis when
+  scraped, in the parent only.
+
+Failure: :func:`serve` raises :class:`MetricsError` naming the config key when the address cannot
+be bound. A scrape while Redis is down leaves the queue gauges out (and logs a warning) rather
+than failing the whole exposition.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+import redis
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+    start_http_server,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.common import queueing, spool
+from services.common.config import HostPort
+from services.common.model import Decision, TlsMode
+from services.deliver.scheduler import DEFERRED_SINCE, message_time
+
+if TYPE_CHECKING:
+    from services.deliver.delivery import Outcome
+    from services.deliver.session import Attempt
+
+log = logging.getLogger("tlsrelay.metrics")
+
+ENV_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+# The exposition carries no ``*_created`` series: nothing reads them, and they double the output.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class MetricsError(Exception):
+    """``/metrics`` cannot be served; ``str()`` names the config key (``metrics.ingest: ...``)."""
+
+
+# --------------------------------------------------------------------------- ingest
+
+INGEST_CONNECTIONS = Counter(
+    "tlsrelay_ingest_connections_total",
+    "SMTP connections, counted when they close. listener: listen | submission | relay; "
+    "tls: yes when STARTTLS succeeded during the connection, else no.",
+    ["listener", "tls"],
+    registry=None,
+)
+INGEST_MESSAGES = Counter(
+    "tlsrelay_ingest_messages_total",
+    "Replies to MAIL, RCPT and DATA that decide a message's fate. result: accepted (250 after "
+    "DATA: the message is in the spool), rejected (a 5xx), tempfail (a 4xx: 451 4.3.0, rate "
+    "limit, too many recipients).",
+    ["listener", "result"],
+    registry=None,
+)
+INGEST_MESSAGE_SIZE = Histogram(
+    "tlsrelay_ingest_message_size_bytes",
+    "Size of accepted messages as stored (with our Received header).",
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+    registry=None,
+)
+
+
+def ingest_connection(listener: str, tls: bool) -> None:
+    """A connection to ``listener`` closed; ``tls``: STARTTLS succeeded on it."""
+    INGEST_CONNECTIONS.labels(listener, "yes" if tls else "no").inc()
+
+
+def ingest_accepted(listener: str, size: int) -> None:
+    """A message was stored and is answered ``250`` after DATA."""
+    INGEST_MESSAGES.labels(listener, "accepted").inc()
+    INGEST_MESSAGE_SIZE.observe(size)
+
+
+def ingest_refused(listener: str, reply: str) -> None:
+    """A reply to MAIL, RCPT or DATA: 5xx → rejected, 4xx → tempfail, anything else ignored."""
+    result = {"5": "rejected", "4": "tempfail"}.get(reply[:1])
+    if result is not None and reply[1:3].isdigit():
+        INGEST_MESSAGES.labels(listener, result).inc()
+
+
+# --------------------------------------------------------------------------- policy
+
+POLICY_DECISIONS = Counter(
+    "tlsrelay_policy_decisions_total",
+    "Policy decisions, one per destination domain of a message. circumstance: the decision's "
+    "first circumstance (a platform floor such as intra-platform or requiretls, else the first "
+    "matching rule's name, else default); tls_mode: none | opportunistic | enforced | verified.",
+    ["circumstance", "tls_mode"],
+    registry=None,
+)
+
+
+def decisions(made: Iterable[Decision]) -> None:
+    """The decisions of one classified message."""
+    for decision in made:
+        first = decision.circumstances[0] if decision.circumstances else "default"
+        POLICY_DECISIONS.labels(first, decision.tls.label).inc()
+
+
+# --------------------------------------------------------------------------- deliver
+
+NO_CONNECTION: Final = "no_connection"  # tls_outcome of an attempt that never got to TLS
+FALLBACK_REASONS: Final = frozenset({"not_offered", "handshake_failed", "remembered_broken"})
+TLS_REQUIRED_STATUS: Final = "4.7.10"  # RFC 5248 registry: X.7.10 "Encryption needed"
+
+DELIVERY_ATTEMPTS = Counter(
+    "tlsrelay_delivery_attempts_total",
+    "Delivery attempts, one per address tried. tls_mode: the requirement; tls_outcome: tls, "
+    "tls_verified, not_offered, handshake_failed, remembered_broken, verify_failed, disabled, or "
+    "no_connection (refused, timeout, bad greeting); result: delivered (some recipient accepted), "
+    "bounced (none accepted, some refused permanently), deferred (otherwise, incl. next host).",
+    ["tls_mode", "tls_outcome", "result"],
+    registry=None,
+)
+PLAINTEXT_FALLBACK = Counter(
+    "tlsrelay_plaintext_fallback_total",
+    "Opportunistic attempts that sent a message in clear (reached DATA). reason: not_offered | "
+    "handshake_failed | remembered_broken.",
+    ["reason"],
+    registry=None,
+)
+TLS_REQUIRED_DEFERRALS = Counter(
+    "tlsrelay_tls_required_deferrals_total",
+    "Delivery rounds that ended with recipients deferred because TLS was required but not "
+    "available (4.7.10). tls_mode: enforced | verified.",
+    ["tls_mode"],
+    registry=None,
+)
+MESSAGES_FINAL = Counter(
+    "tlsrelay_messages_final_total",
+    "Messages whose last recipient became final. result: delivered (every recipient was "
+    "delivered) | bounced (some recipient bounced).",
+    ["result"],
+    registry=None,
+)
+DSN_SENT = Counter(
+    "tlsrelay_dsn_sent_total",
+    "Delivery status notifications queued to senders. action: failed | delayed.",
+    ["action"],
+    registry=None,
+)
+DELIVERY_DURATION = Histogram(
+    "tlsrelay_delivery_duration_seconds",
+    "Duration of one delivery attempt (connect to QUIT).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=None,
+)
+END_TO_END = Histogram(
+    "tlsrelay_end_to_end_seconds",
+    "From acceptance by ingest to delivery, per delivery round that delivered recipients.",
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400, 432000),
+    registry=None,
+)
+
+
+def attempt(result: Attempt, seconds: float) -> None:
+    """One attempt (one address) ended after ``seconds``."""
+    outcome = result.outcome.value if result.outcome is not None else NO_CONNECTION
+    DELIVERY_ATTEMPTS.labels(result.mode.label, outcome, _attempt_result(result)).inc()
+    DELIVERY_DURATION.observe(seconds)
+    clear = result.mode is TlsMode.OPPORTUNISTIC and outcome in FALLBACK_REASONS
+    if clear and result.data_sent:
+        PLAINTEXT_FALLBACK.labels(outcome).inc()
+
+
+def _attempt_result(result: Attempt) -> str:
+    replies = result.replies.values()
+    if result.next_host:
+        return "deferred"
+    if any(reply.is_success for reply in replies):
+        return "delivered"
+    if any(reply.is_permanent for reply in replies):
+        return "bounced"
+    return "deferred"
+
+
+def delivery_round(outcome: Outcome, received_at: float, now: float) -> None:
+    """A delivery round was recorded (after the lifetime check, so expired mail is bounced)."""
+    if outcome.delivered:
+        END_TO_END.observe(max(0.0, now - received_at))
+    held = any(reply.status == TLS_REQUIRED_STATUS for reply in outcome.deferred.values())
+    if held and outcome.attempts:
+        TLS_REQUIRED_DEFERRALS.labels(outcome.attempts[-1].mode.label).inc()
+
+
+def dsn_sent(action: str) -> None:
+    """A DSN (``failed`` or ``delayed``) was queued in the same transaction as the round."""
+    DSN_SENT.labels(action).inc()
+
+
+def message_final(states: Iterable[str]) -> None:
+    """Every recipient of a message is final; ``states`` are theirs (delivered / bounced)."""
+    result = "delivered" if all(state == "delivered" for state in states) else "bounced"
+    MESSAGES_FINAL.labels(result).inc()
+
+
+def prime(service: str) -> None:
+    """Create the label sets every deployment has, at 0, so they exist before the first event
+    (a series that appears only with its first increment hides that increment from rate())."""
+    if service == "deliver":
+        for action in ("failed", "delayed"):
+            DSN_SENT.labels(action)
+        for result in ("delivered", "bounced"):
+            MESSAGES_FINAL.labels(result)
+        for reason in sorted(FALLBACK_REASONS):
+            PLAINTEXT_FALLBACK.labels(reason)
+        for mode in (TlsMode.ENFORCED, TlsMode.VERIFIED):
+            TLS_REQUIRED_DEFERRALS.labels(mode.label)
+
+
+def prime_ingest(listeners: Iterable[str]) -> None:
+    """As :func:`prime`, for the ingest listeners that are configured."""
+    for listener in listeners:
+        for tls in ("yes", "no"):
+            INGEST_CONNECTIONS.labels(listener, tls)
+        for result in ("accepted", "rejected", "tempfail"):
+            INGEST_MESSAGES.labels(listener, result)
+
+
+# --------------------------------------------------------------------------- queues
+
+QUEUES: Final = (queueing.QUEUE_POLICY, queueing.QUEUE_DELIVER)
+DEFERRED: Final = "deferred"
+_HEAD = 10  # entries of the deferred index checked per round for messages already gone
+_ROUNDS = 5
+
+
+class QueueCollector:
+    """``tlsrelay_queue_messages{queue}`` and ``tlsrelay_queue_oldest_age_seconds{queue}``,
+    read from Redis when scraped (a handful of O(1)/O(log n) commands, never a scan).
+
+    - ``policy`` and ``deliver`` (the Celery lists): ``LLEN``; the oldest entry is ``LINDEX -1``
+      (kombu pushes on the left, consumes from the right); its age is read from the message id
+      in the task (message ids start with the acceptance time, see ``model.new_message_id``).
+    - ``deferred``: ``ZCARD tlsrelay:deferred`` (entries are per-domain jobs); the oldest age
+      comes from the index ``tlsrelay:deferred:since`` (message id → acceptance time, written
+      with every deferral, removed when the message completes; see ``deliver/scheduler.py``).
+      Entries of messages already gone are dropped from it here, a few per scrape.
+
+    An empty queue has age 0.
+    """
+
+    def __init__(self, redis_url: str, timeout: float = 2.0) -> None:
+        self.redis_url = redis_url
+        self.timeout = timeout
+        self._client: redis.Redis | None = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:  # on first scrape, in the serving process
+            self._client = redis.Redis.from_url(
+                self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+        return self._client
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            readings = self.read(time.time())
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("queue gauges left out of this scrape, Redis unavailable: %s", exc)
+            return iter(())
+        return self._families(readings)
+
+    def read(self, now: float) -> dict[str, tuple[int, float]]:
+        """queue → (entries, age of the oldest in seconds)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in QUEUES:
+                pipe.llen(queue)
+                pipe.lindex(queue, -1)
+            pipe.zcard(spool.DEFERRED)
+            replies = pipe.execute()
+        readings = {}
+        for i, queue in enumerate(QUEUES):
+            size, oldest = replies[2 * i], replies[2 * i + 1]
+            readings[queue] = (int(size), _age(task_message_id(oldest), now) if size else 0.0)
+        deferred = int(replies[-1])
+        readings[DEFERRED] = (deferred, self._oldest_deferred(now) if deferred else 0.0)
+        return readings
+
+    def _oldest_deferred(self, now: float) -> float:
+        client = self.client
+        for _ in range(_ROUNDS):
+            head: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
+                DEFERRED_SINCE, 0, _HEAD - 1, withscores=True
+            )
+            if not head:
+                return 0.0
+            with client.pipeline(transaction=False) as pipe:
+                for member, _score in head:
+                    pipe.exists(spool.msg_key(member.decode()))
+                alive = pipe.execute()
+            gone = [member for (member, _), exists in zip(head, alive, strict=True) if not exists]
+            if gone:
+                client.zrem(DEFERRED_SINCE, *gone)
+            for (_member, score), exists in zip(head, alive, strict=True):
+                if exists:
+                    return max(0.0, now - score)
+        return 0.0
+
+    def _families(self, readings: dict[str, tuple[int, float]]) -> Iterator[Metric]:
+        sizes = GaugeMetricFamily(
+            "tlsrelay_queue_messages",
+            "Entries waiting, read from Redis when scraped: the policy and deliver task lists, "
+            "and the deferred set (one entry per message and destination domain).",
+            labels=["queue"],
+        )
+        ages = GaugeMetricFamily(
+            "tlsrelay_queue_oldest_age_seconds",
+            "Age (since acceptance by ingest) of the oldest message waiting in each queue; 0 "
+            "when the queue is empty.",
+            labels=["queue"],
+        )
+        for queue, (size, age) in readings.items():
+            sizes.add_metric([queue], size)
+            ages.add_metric([queue], round(age, 3))
+        yield sizes
+        yield ages
+
+
+def task_message_id(raw: bytes | str | None) -> str | None:
+    """The message id in a queued Celery task (kombu envelope → base64 body → [args, ...]):
+    the ``policy`` task's argument, or the ``id`` of the ``deliver`` task's job."""
+    if raw is None:
+        return None
+    try:
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        first = body[0][0]
+        found = first["id"] if isinstance(first, dict) else first
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _age(message_id: str | None, now: float) -> float:
+    accepted = message_time(message_id) if message_id else None
+    return max(0.0, now - accepted) if accepted is not None else 0.0
+
+
+# --------------------------------------------------------------------------- serving
+
+SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
+    "ingest": (INGEST_CONNECTIONS, INGEST_MESSAGES, INGEST_MESSAGE_SIZE),
+    "policy": (POLICY_DECISIONS,),
+    "deliver": (
+        DELIVERY_ATTEMPTS,
+        PLAINTEXT_FALLBACK,
+        TLS_REQUIRED_DEFERRALS,
+        MESSAGES_FINAL,
+        DSN_SENT,
+        DELIVERY_DURATION,
+        END_TO_END,
+    ),
+}
+
+
+class _Only:
+    """The families of ``collector`` named in ``names`` (a pool's files also hold the unlabeled
+    histograms every process creates when it imports this module, at 0)."""
+
+    def __init__(self, collector: Collector, names: frozenset[str]) -> None:
+        self.collector, self.names = collector, names
+
+    def collect(self) -> Iterable[Metric]:
+        return [family for family in self.collector.collect() if family.name in self.names]
+
+
+def serve(address: HostPort, key: str, service: str = "ingest") -> WSGIServer:
+    """One process (ingest): serve ``service``'s metrics and the client library's process
+    collectors at ``http://address/metrics`` from a daemon thread; return the server.
+
+    A port in use (or an address that cannot be bound) raises :class:`MetricsError` naming
+    ``key`` (``metrics.ingest``...)."""
+    for metric in SERVED[service]:
+        REGISTRY.register(metric)
+    return _listen(address, key, REGISTRY)
+
+
+def serve_workers(address: HostPort, key: str, service: str, redis_url: str) -> WSGIServer:
+    """The main process of a Celery prefork pool: serve the sum of its processes' metrics
+    (multiprocess mode) and the queue gauges. Binds first, then removes earlier runs' files from
+    the directory (so a second instance on a busy port exits without touching them)."""
+    directory = os.environ.get(ENV_MULTIPROC_DIR)
+    if not directory or values.ValueClass is values.MutexValue:
+        raise RuntimeError(
+            f"{ENV_MULTIPROC_DIR} must be set before prometheus_client is first imported"
+        )
+    registry = CollectorRegistry()
+    files = multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+    names = frozenset(family.name for metric in SERVED[service] for family in metric.describe())
+    registry.register(_Only(files, names))
+    registry.register(QueueCollector(redis_url))
+    prime(service)
+    server = _listen(address, key, registry)
+    _remove_stale(Path(directory))
+    return server
+
+
+def _listen(address: HostPort, key: str, registry: CollectorRegistry) -> WSGIServer:
+    try:
+        server, _thread = start_http_server(address.port, addr=address.host, registry=registry)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise MetricsError(f"{key}: cannot serve /metrics on {address}: {why}") from None
+    return server
+
+
+def _remove_stale(directory: Path) -> None:
+    """Delete the ``*.db`` files of other processes (earlier runs); keep this process's own."""
+    mine = f"_{os.getpid()}.db"
+    for path in directory.glob("*.db"):
+        if not path.name.endswith(mine):
+            path.unlink(missing_ok=True)
+
+
+def process_dead(pid: int) -> None:
+    """A pool process exited: drop its live-gauge files (its counters stay in the sum)."""
+    directory = os.environ.get(ENV_MULTIPROC_DIR)
+    if directory:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
