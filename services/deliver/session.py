@@ -9,6 +9,8 @@ session-level ``error`` with ``next_host=True`` when the caller should try the n
 Clear text happens only where :func:`services.deliver.tls.after_starttls` or
 :func:`~services.deliver.tls.wants_starttls` says so; a handshake failure in opportunistic mode
 reconnects in clear and reports it through ``on_handshake_failed`` (the shared "TLS broken" memory).
+
+Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
 
+from services.common import metrics
 from services.common.model import Envelope, Reply, TlsMode
 from services.deliver import tls
 from services.deliver.tls import Action, Outcome, Situation
@@ -74,6 +78,7 @@ class Attempt:
     error: Reply | None = None  # session-level failure (nothing was accepted)
     next_host: bool = False  # the caller should try the next address/host
     replies: dict[str, Reply] = field(default_factory=dict)  # per recipient, final for this try
+    data_sent: bool = False  # the transaction got to DATA (the message went over the wire)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +136,7 @@ async def attempt(
 ) -> Attempt:
     result = Attempt(peer=peer, mode=settings.mode)
     smtp: aiosmtplib.SMTP | None = None
+    started = time.monotonic()
     try:
         smtp = await _open(peer, timeouts)
         smtp = await _negotiate_tls(smtp, result, settings, timeouts, on_handshake_failed)
@@ -140,6 +146,7 @@ async def attempt(
     finally:
         if smtp is not None:
             await _close(smtp)
+    metrics.attempt(result, time.monotonic() - started)
     return result
 
 
@@ -160,7 +167,7 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
-        raise _NextHost(Reply.parse(exc.code, exc.message)) from None
+        raise _NextHost(_server_reply(exc)) from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
         raise _NextHost(Reply(421, CONNECT_FAILED, f"connect failed: {_text(exc)}")) from None
@@ -226,13 +233,14 @@ async def _transaction(
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code >= 500:  # the sender is refused: the same for every recipient
-            result.replies = dict.fromkeys(recipients, Reply.parse(exc.code, exc.message))
+            result.replies = dict.fromkeys(recipients, _server_reply(exc))
             return
-        raise _NextHost(Reply.parse(exc.code, exc.message)) from None
+        raise _NextHost(_server_reply(exc)) from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     accepted = await _recipients(smtp, recipients, result)
     if accepted:
+        result.data_sent = True
         reply = await _data(smtp, body)
         result.replies.update(dict.fromkeys(accepted, reply))
 
@@ -246,7 +254,7 @@ async def _recipients(
             await smtp.rcpt(rcpt)
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
-            result.replies[rcpt] = Reply.parse(exc.code, exc.message)
+            result.replies[rcpt] = _server_reply(exc)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     return accepted
@@ -256,7 +264,7 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes) -> Reply:
     try:
         response = await smtp.data(body)
     except aiosmtplib.SMTPResponseException as exc:
-        return Reply.parse(exc.code, exc.message)
+        return _server_reply(exc)
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
@@ -299,6 +307,14 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         await asyncio.wait_for(smtp.quit(), timeout=5)
     except Exception:
         smtp.close()
+
+
+def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
+    """The peer's reply; a line that is not an SMTP reply at all (aiosmtplib's code -1) is a
+    temporary protocol failure (RFC 3463 X.5.0), never a permanent one."""
+    if 200 <= exc.code < 600:
+        return Reply.parse(exc.code, exc.message)
+    return Reply(451, "4.5.0", f"invalid SMTP reply from server: {exc.message[:200]!r}")
 
 
 def _text(exc: BaseException) -> str:

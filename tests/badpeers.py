@@ -1,0 +1,123 @@
+"""Misbehaving SMTP peers for fault tests: raw asyncio servers that speak just enough SMTP to go
+wrong in one specific way. Each runs in its own thread on loopback.
+
+Kinds:
+- ``silent``: accepts the TCP connection and never sends a byte (no greeting).
+- ``hang_after_data``: a normal session until the final dot, then never answers it.
+- ``drop_after_data``: a normal session until the final dot, then closes without a reply.
+- ``garbage``: greets, then answers every command with bytes that are not an SMTP reply.
+
+``connections`` counts accepted connections; ``data_received`` counts messages whose final dot
+arrived (the relay may believe they were not delivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Literal
+
+Kind = Literal["silent", "hang_after_data", "drop_after_data", "garbage"]
+
+
+class BadPeer:
+    def __init__(self, kind: Kind, host: str = "127.0.0.1") -> None:
+        self.kind = kind
+        self.host = host
+        self.port = 0
+        self.connections = 0
+        self.data_received = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address_text(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> BadPeer:
+        self._thread = threading.Thread(target=self._run, name=f"badpeer-{self.kind}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("bad peer did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> BadPeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._server = loop.run_until_complete(asyncio.start_server(self._serve, self.host, 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            for writer in list(self._writers):
+                writer.close()
+            self._server.close()
+            loop.run_until_complete(self._server.wait_closed())
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.connections += 1
+        self._writers.add(writer)
+        try:
+            if self.kind == "silent":
+                await reader.read()  # until the client gives up
+                return
+            writer.write(b"220 bad.peer.test ESMTP\r\n")
+            await self._session(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if self.kind == "garbage":
+                writer.write(b"\x00\xffnot smtp at all\r\n")
+            elif verb in (b"EHLO", b"HELO"):
+                writer.write(b"250-bad.peer.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await self._read_data(reader)
+                with self._lock:
+                    self.data_received += 1
+                if self.kind == "drop_after_data":
+                    return
+                await reader.read()  # hang_after_data: never answer the final dot
+                return
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    async def _read_data(self, reader: asyncio.StreamReader) -> None:
+        while (line := await reader.readline()) and line not in (b".\r\n", b".\n"):
+            pass
