@@ -12,15 +12,17 @@ processes' start and exit to it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Exchange, Queue
 
 from services.common import queueing
 from services.common.config import Config
+from services.common.health import Heartbeat
 
 
 def settings(config: Config, redis_url: str) -> dict[str, Any]:
@@ -90,6 +92,27 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
         "--without-mingle",
         "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def wire_heartbeat(app: Celery, path: Path, interval: float) -> None:
+    """A worker bootstep that keeps ``path`` fresh while the worker runs (liveness probes read
+    it with ``tlsrelay healthcheck``). A thread, not the worker's event loop: the loop blocks
+    while the broker reconnects, and a Redis outage must not look like a dead worker."""
+
+    class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        def __init__(self, worker: object, **kwargs: object) -> None:
+            super().__init__(worker, **kwargs)
+            self.thread: Heartbeat | None = None
+
+        def start(self, worker: object) -> None:
+            self.thread = Heartbeat(path, interval)
+            self.thread.start()
+
+        def stop(self, worker: object) -> None:
+            if self.thread is not None:
+                self.thread.stop()
+
+    app.steps["worker"].add(HeartbeatStep)
 
 
 def wire_metrics(server: WSGIServer) -> None:

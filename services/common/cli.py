@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trace": _trace,
         "queue": _queue,
         "tenants": _tenants,
+        "healthcheck": _healthcheck,
     }[args.command]
     return handler(config, args)
 
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "trace": "print the event log of one message",
         "queue": "list deferred mail; 'queue retry [ID]' makes it due now; 'queue bounce ID'",
         "tenants": "list tenants, their domains, regions and where their mail goes",
+        "healthcheck": "exit 0 while the named worker's heartbeat is fresh (liveness probe)",
     }
     # Listed for --help only: main() hands `rules ...` to services.policy.cli before parsing.
     sub.add_parser("rules", help="check the rules of a config file; explain decisions (see -h)")
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML configuration file (default: $TLSRELAY_CONFIG)")
     sub.choices["trace"].add_argument("id", help="message id, as in '250 2.0.0 Ok: queued as ID'")
     sub.choices["trace"].add_argument("--json", action="store_true", help="one JSON document")
+    sub.choices["healthcheck"].add_argument("service", choices=("policy", "deliver"))
     queue = sub.choices["queue"]
     queue.add_argument("action", nargs="?", choices=("list", "retry", "bounce"), default="list")
     queue.add_argument("id", nargs="?", help="message id (required for bounce)")
@@ -156,7 +159,8 @@ def _ingest(config: Config, args: argparse.Namespace) -> int:
 def _worker(config: Config, args: argparse.Namespace) -> int:
     _metrics_mode(config, args.command)
     from services.common import metrics, queueing
-    from services.common.celeryapp import make_app, wire_metrics, worker_argv
+    from services.common.celeryapp import make_app, wire_heartbeat, wire_metrics, worker_argv
+    from services.common.health import heartbeat_path
 
     redis_url = _require_redis(config, args.command)
     app = make_app(config, redis_url, args.command)
@@ -172,6 +176,8 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
 
         register_deliver(app, DeliverService(config, redis_url))
         queue, concurrency = queueing.QUEUE_DELIVER, config.delivery.concurrency
+    beat = heartbeat_path(config.data_dir, args.command)
+    wire_heartbeat(app, beat, config.celery.heartbeat_interval)
     address = getattr(config.metrics, args.command)
     if address is not None:
         try:
@@ -221,6 +227,19 @@ def _passwd(argv: Sequence[str]) -> int:
         return 1
     print(hash_password(password))
     return 0
+
+
+def _healthcheck(config: Config, args: argparse.Namespace) -> int:
+    """``tlsrelay healthcheck policy|deliver``: the worker's heartbeat file is fresh (no Redis)."""
+    from services.common.health import check_heartbeat, heartbeat_path
+
+    path = heartbeat_path(config.data_dir, args.service)
+    ok, why = check_heartbeat(path, config.celery.heartbeat_max_age)
+    print(
+        f"{args.service}: {'ok' if ok else 'unhealthy'}: {why}",
+        file=sys.stdout if ok else sys.stderr,
+    )
+    return 0 if ok else 1
 
 
 def _tenants(config: Config, args: argparse.Namespace) -> int:

@@ -189,6 +189,8 @@ class IngestConfig(_Section):
     relay: HostPortT | None = None
     auth_failure_limit: int = Field(default=5, gt=0)  # failed AUTHs per client address ...
     auth_failure_window: Duration = 300.0  # ... in this window, then 421 4.7.0 until it passes
+    # On SIGTERM: stop accepting, let open sessions finish this long, then answer 421 to them.
+    drain_grace: Duration = 30.0
     tls_cert: Path | None = None  # absent → self-signed, generated into data_dir
     tls_key: Path | None = None
     max_message_bytes: int = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
@@ -340,6 +342,10 @@ class CeleryConfig(_Section):
     # kombu's Redis transport hands an unacknowledged task to another worker after this long;
     # it must exceed the longest task (a delivery bounded by the timeouts above).
     visibility_timeout: Duration = 1800.0
+    # Workers touch <data_dir>/heartbeat-<service> this often; `tlsrelay healthcheck` fails when
+    # the file is older than heartbeat_max_age (Kubernetes liveness, independent of Redis).
+    heartbeat_interval: Duration = 10.0
+    heartbeat_max_age: Duration = 60.0
 
 
 class MetricsConfig(_Section):

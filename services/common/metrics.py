@@ -31,11 +31,13 @@ import base64
 import json
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIServer, make_server
 
 import prometheus_client
 import redis
@@ -45,13 +47,13 @@ from prometheus_client import (
     Counter,
     Histogram,
     multiprocess,
-    start_http_server,
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
 from prometheus_client.registry import Collector
 
-from services.common import queueing, spool
+from services.common import health, queueing, spool
 from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
 from services.deliver.scheduler import DEFERRED_SINCE, message_time
@@ -412,7 +414,7 @@ def serve(address: HostPort, key: str, service: str = "ingest") -> WSGIServer:
     ``key`` (``metrics.ingest``...)."""
     for metric in SERVED[service]:
         REGISTRY.register(metric)
-    return _listen(address, key, REGISTRY)
+    return _listen(address, key, REGISTRY, probes=service == "ingest")
 
 
 def serve_workers(address: HostPort, key: str, service: str, redis_url: str) -> WSGIServer:
@@ -435,12 +437,23 @@ def serve_workers(address: HostPort, key: str, service: str, redis_url: str) -> 
     return server
 
 
-def _listen(address: HostPort, key: str, registry: CollectorRegistry) -> WSGIServer:
+def _listen(
+    address: HostPort, key: str, registry: CollectorRegistry, probes: bool = False
+) -> WSGIServer:
+    """Serve ``/metrics`` (and, for ingest, the ``/ready`` and ``/live`` probes) from a thread."""
+    app = make_wsgi_app(registry)
+    if probes:
+        app = health.with_probes(app)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+
     try:
-        server, _thread = start_http_server(address.port, addr=address.host, registry=registry)
+        server = make_server(address.host, address.port, app, Server, handler_class=_SilentHandler)
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise MetricsError(f"{key}: cannot serve /metrics on {address}: {why}") from None
+    threading.Thread(target=server.serve_forever, name=f"metrics-{key}", daemon=True).start()
     return server
 
 

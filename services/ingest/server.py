@@ -82,7 +82,7 @@ import re
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -90,7 +90,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupExce
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
-from services.common import metrics, spool
+from services.common import health, metrics, spool
 from services.common.config import Config, HostPort
 from services.common.model import Envelope, InboundTls, has_tls_required_no, new_message_id
 from services.common.tenants import Directory
@@ -197,6 +197,19 @@ class IngestSession(Session):  # type: ignore[misc]  # aiosmtpd is untyped
         self._login_data = value
 
 
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+
+
+class _Every:
+    """A stand-in for aiosmtpd's verb → method table that answers every verb the same way."""
+
+    def __init__(self, method: Callable[[str | None], Awaitable[None]]) -> None:
+        self.method = method
+
+    def get(self, command: str) -> Callable[[str | None], Awaitable[None]]:
+        return self.method
+
+
 class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     """aiosmtpd's protocol with enhanced status codes on its replies; AUTH when the handler
     offers it (submission), with the password checked off the event loop."""
@@ -225,6 +238,17 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 
     def _create_session(self) -> IngestSession:
         return IngestSession(self.loop)
+
+    def refuse_new_commands(self) -> None:
+        """Draining: the command in hand (a DATA being read, say) finishes as usual; every later
+        command is answered ``421 4.3.2`` and the session closes (RFC 5321 §3.8)."""
+
+        async def shutting_down(arg: str | None) -> None:
+            await self.push(SHUTTING_DOWN)
+            if self.transport is not None:
+                self.transport.close()
+
+        self._smtp_methods = _Every(shutting_down)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.add(self)
@@ -748,6 +772,18 @@ class IngestServer:
             loop=loop,
         )
 
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: stop accepting (readiness fails first), let sessions finish for ``grace``
+        seconds, then answer ``421`` to their next command; close what is left 10 s later."""
+        health.INGEST.ready = False
+        for server in self._servers:
+            server.close()
+        sessions = set().union(*(h.connections for h in self._handlers))
+        await _wait_gone(sessions, grace)
+        for session in sessions:
+            session.refuse_new_commands()
+        await _wait_gone(sessions, 10.0)
+
     async def stop(self) -> None:
         servers, handlers, redis = self._servers, self._handlers, self._redis
         self._servers, self._handlers, self._redis = [], [], None
@@ -759,6 +795,20 @@ class IngestServer:
             await _close_sessions(handler.connections)
         if redis is not None:
             await redis.aclose()
+
+
+async def _wait_gone(sessions: set[IngestSMTP], timeout: float) -> None:
+    """Wait until every session in ``sessions`` has disconnected, or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while any(s.transport is not None for s in sessions) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def _beat() -> None:
+    """Liveness: prove the event loop runs (``/live`` turns 503 if this stops)."""
+    while True:
+        health.INGEST.beat = time.monotonic()
+        await asyncio.sleep(1)
 
 
 async def _close_sessions(connections: set[IngestSMTP], timeout: float = 5.0) -> None:
@@ -783,13 +833,18 @@ async def _serve(config: Config, redis_url: str) -> None:
         loop.add_signal_handler(signum, stopping.set)
     server = IngestServer(config, redis_url)
     await server.start()
+    beat = asyncio.create_task(_beat())
+    health.INGEST.ready = True
     try:
         for listener, address in server.addresses.items():
             print(f"ingest listening on smtp://{address} ({listener})", flush=True)
         if config.metrics.ingest is not None:  # served by the CLI before the listeners started
             print(f"ingest metrics on http://{config.metrics.ingest}/metrics", flush=True)
         await stopping.wait()
+        log.info("draining: no new connections; sessions get %ss", config.ingest.drain_grace)
+        await server.drain(config.ingest.drain_grace)
     finally:
+        beat.cancel()
         await server.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
