@@ -20,14 +20,14 @@ from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Exchange, Queue
 
-from services.common import queueing
+from services.common import queueing, spool
 from services.common.config import Config
 from services.common.health import Heartbeat
 
 
 def settings(config: Config, redis_url: str) -> dict[str, Any]:
     return {
-        "broker_url": redis_url,
+        "broker_url": _broker_url(redis_url),
         # Only JSON crosses the queues: pickle from a shared Redis is remote code execution.
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -56,6 +56,7 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
         "broker_transport_options": {
             # Unacked tasks go back to the queue after this long; longer than any delivery.
             "visibility_timeout": int(config.celery.visibility_timeout),
+            **_sentinel_options(redis_url),
         },
         # Keep retrying the broker forever (at start-up too): a Redis outage must not stop workers.
         "broker_connection_retry_on_startup": True,
@@ -71,6 +72,22 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
         # Recycle a worker process now and then so a slow leak cannot grow without bound.
         "worker_max_tasks_per_child": 10000,
     }
+
+
+def _broker_url(redis_url: str) -> str:
+    spec = spool.SentinelUrl.parse(redis_url)
+    return spec.kombu_url() if spec else redis_url
+
+
+def _sentinel_options(redis_url: str) -> dict[str, Any]:
+    """kombu takes the Sentinel master's name (and the sentinels' password) as options."""
+    spec = spool.SentinelUrl.parse(redis_url)
+    if spec is None:
+        return {}
+    options: dict[str, Any] = {"master_name": spec.master}
+    if spec.password:
+        options["sentinel_kwargs"] = {"password": spec.password}
+    return options
 
 
 def make_app(config: Config, redis_url: str, name: str) -> Celery:

@@ -287,9 +287,7 @@ class QueueCollector:
     @property
     def client(self) -> redis.Redis:
         if self._client is None:  # on first scrape, in the serving process
-            self._client = redis.Redis.from_url(
-                self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-            )
+            self._client = spool.connect(self.redis_url)
         return self._client
 
     def describe(self) -> list[Metric]:

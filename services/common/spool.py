@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel
+import redis.sentinel
 
 from services.common import queueing
 from services.common.model import Decision, Envelope
@@ -54,14 +58,71 @@ def event(kind: str, **fields: Any) -> str:
     return json.dumps({"at": round(time.time(), 6), "event": kind, **fields}, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``sentinel://[:password@]host:port[,host:port...]/master_name[/db]`` (Redis Sentinel):
+    the sentinels to ask, the monitored master's name, the database and the password (used for
+    the master and, as Redis deployments usually share it, for the sentinels)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl | None:
+        """The parts of a ``sentinel://`` URL, None for any other scheme; ValueError if bad."""
+        if not url.startswith("sentinel://"):
+            return None
+        parts = urlsplit(url)
+        hosts = parts.netloc.rpartition("@")[2]
+        path = [p for p in parts.path.split("/") if p]
+        if not hosts or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(f"expected sentinel://[:password@]host:port[,...]/master[/db]: {url}")
+        sentinels = tuple(_host_port(h) for h in hosts.split(","))
+        password = unquote(parts.password) if parts.password else None
+        return cls(sentinels, path[0], int(path[1]) if len(path) == 2 else 0, password)
+
+    def kombu_url(self) -> str:
+        """kombu's form: one ``sentinel://`` URL per sentinel joined by ``;`` (the master name
+        goes into ``broker_transport_options['master_name']``)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}{h}:{p}/{self.db}" for h, p in self.sentinels)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+TIMEOUTS: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
+
+
 def connect(url: str) -> redis.Redis:
-    """A synchronous client (workers). Timeouts keep a dead Redis from hanging a task forever."""
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    """A synchronous client (workers). Timeouts keep a dead Redis from hanging a task forever.
+    A ``sentinel://`` URL gives a client that follows the master through failovers."""
+    spec = SentinelUrl.parse(url)
+    if spec is None:
+        return redis.Redis.from_url(url, **TIMEOUTS)
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(spec.sentinels), sentinel_kwargs={"password": spec.password, **TIMEOUTS}, **TIMEOUTS
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        spec.master, db=spec.db, password=spec.password
+    )
+    return client
 
 
 def connect_async(url: str) -> aioredis.Redis:
-    """An asyncio client (ingest)."""
-    return aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    """An asyncio client (ingest); ``sentinel://`` as in :func:`connect`."""
+    spec = SentinelUrl.parse(url)
+    if spec is None:
+        return aioredis.Redis.from_url(url, **TIMEOUTS)
+    sentinel = aioredis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(spec.sentinels), sentinel_kwargs={"password": spec.password, **TIMEOUTS}, **TIMEOUTS
+    )
+    client: aioredis.Redis = sentinel.master_for(spec.master, db=spec.db, password=spec.password)
+    return client
 
 
 # --------------------------------------------------------------------------- ingest
