@@ -17,7 +17,9 @@ from tests.world import World, make_world, message
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with make_world(tmp_path_factory.mktemp("world")) as w:
+    # One connection per delivery here, as issue 2 specified it (reuse: tests/test_reuse.py).
+    no_reuse = {"delivery": {"reuse_max_messages": 1}}
+    with make_world(tmp_path_factory.mktemp("world"), config=lambda w: no_reuse) as w:
         yield w
 
 

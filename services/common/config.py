@@ -312,6 +312,10 @@ class DeliveryConfig(_Section):
     max_queue_lifetime: Duration = 5 * 86400.0
     delay_warning_after: Duration = 4 * 3600.0  # one "delayed" DSN to the sender; 0 = off
     scheduler_interval: Duration = 1.0  # how often deferred entries are checked for due ones
+    # Connection reuse (per worker process, per destination and TLS profile): a session carries
+    # at most this many transactions (1 = no reuse) and is kept idle at most this long.
+    reuse_max_messages: int = Field(default=100, gt=0)
+    reuse_idle_timeout: Duration = 30.0
     concurrency: int = Field(default=4, gt=0)  # Celery worker processes
 
     @field_validator("routes")

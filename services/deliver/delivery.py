@@ -35,6 +35,7 @@ from services.common.config import Config, Route, format_duration, parse_hostpor
 from services.common.model import Decision, Envelope, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
 from services.deliver import dsn, mx, scheduler
+from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -83,6 +84,7 @@ class Deliverer:
         self.client = client
         delivery = config.delivery
         self.resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.connect_timeout)
+        self.pool = ConnectionPool(delivery.reuse_max_messages, delivery.reuse_idle_timeout)
         self.timeouts = Timeouts(
             config.hostname, delivery.connect_timeout, delivery.command_timeout
         )
@@ -121,7 +123,14 @@ class Deliverer:
         for peer in self._peers(hosts, decision.domain):
             settings = self._tls(decision, peer)
             result = await attempt(
-                peer, envelope, pending, body, settings, self.timeouts, self._remember_broken
+                peer,
+                envelope,
+                pending,
+                body,
+                settings,
+                self.timeouts,
+                self._remember_broken,
+                self.pool,
             )
             outcome.attempts.append(result)
             if not result.next_host:

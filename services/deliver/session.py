@@ -28,6 +28,7 @@ import aiosmtplib
 from services.common import metrics
 from services.common.model import Envelope, Reply, TlsMode
 from services.deliver import tls
+from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 
 # RFC 3463 codes for failures that have no server reply of their own.
@@ -79,6 +80,7 @@ class Attempt:
     next_host: bool = False  # the caller should try the next address/host
     replies: dict[str, Reply] = field(default_factory=dict)  # per recipient, final for this try
     data_sent: bool = False  # the transaction got to DATA (the message went over the wire)
+    reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +93,7 @@ class Attempt:
             "cipher": self.cipher,
             "error": str(self.error) if self.error else None,
             "replies": {r: str(reply) for r, reply in self.replies.items()},
+            "reused": self.reused,
         }
 
 
@@ -133,21 +136,91 @@ async def attempt(
     settings: TlsSettings,
     timeouts: Timeouts,
     on_handshake_failed: Callable[[Peer], None] = lambda peer: None,
+    pool: ConnectionPool | None = None,
+) -> Attempt:
+    """One attempt; with a ``pool``, on a parked session for the same key when there is one."""
+    started = time.monotonic()
+    key = _pool_key(peer, settings)
+    pooled = await _reusable(pool, key) if pool is not None else None
+    result = await _attempt(
+        peer, envelope, recipients, body, settings, timeouts, on_handshake_failed, pool, pooled
+    )
+    if pooled is not None and result.next_host and not result.data_sent:
+        # The parked session died under us (before DATA): try once more on a fresh one.
+        result = await _attempt(
+            peer, envelope, recipients, body, settings, timeouts, on_handshake_failed, pool, None
+        )
+    metrics.attempt(result, time.monotonic() - started)
+    return result
+
+
+async def _attempt(
+    peer: Peer,
+    envelope: Envelope,
+    recipients: Sequence[str],
+    body: bytes,
+    settings: TlsSettings,
+    timeouts: Timeouts,
+    on_handshake_failed: Callable[[Peer], None],
+    pool: ConnectionPool | None,
+    pooled: Pooled | None,
 ) -> Attempt:
     result = Attempt(peer=peer, mode=settings.mode)
     smtp: aiosmtplib.SMTP | None = None
-    started = time.monotonic()
     try:
-        smtp = await _open(peer, timeouts)
-        smtp = await _negotiate_tls(smtp, result, settings, timeouts, on_handshake_failed)
+        if pooled is not None:
+            smtp = pooled.smtp
+            result.outcome, result.tls_version, result.cipher = (
+                pooled.outcome,
+                pooled.tls_version,
+                pooled.cipher,
+            )
+            result.reused = True
+        else:
+            smtp = await _open(peer, timeouts)
+            smtp = await _negotiate_tls(smtp, result, settings, timeouts, on_handshake_failed)
         await _transaction(smtp, envelope, recipients, body, result)
     except _NextHost as exc:
         result.error, result.next_host = exc.reply, True
     finally:
-        if smtp is not None:
+        if smtp is not None and not _park(pool, peer, settings, smtp, result, pooled):
             await _close(smtp)
-    metrics.attempt(result, time.monotonic() - started)
     return result
+
+
+def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
+    return PoolKey(
+        peer.address, peer.port, int(settings.mode), settings.ca_file, settings.client_cert,
+        peer.tls_name,
+    )  # fmt: skip
+
+
+async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
+    """A parked session that still answers ``RSET`` with 250 (else it is closed)."""
+    pool.expire()
+    while (pooled := pool.take(key)) is not None:
+        try:
+            await pooled.smtp.rset()
+            return pooled
+        except Exception:  # dead, timed out by the server, or a stale reply in the buffer
+            pooled.smtp.close()
+    return None
+
+
+def _park(
+    pool: ConnectionPool | None,
+    peer: Peer,
+    settings: TlsSettings,
+    smtp: aiosmtplib.SMTP,
+    result: Attempt,
+    pooled: Pooled | None,
+) -> bool:
+    """Keep the session for the next delivery when the transaction ended cleanly."""
+    if pool is None or result.next_host or not smtp.is_connected:
+        return False
+    uses = pooled.uses + 1 if pooled is not None else 1
+    parked = Pooled(smtp, result.outcome, result.tls_version, result.cipher, uses)
+    return pool.give(_pool_key(peer, settings), parked)
 
 
 async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
