@@ -33,6 +33,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, peers: dict[str, BadPeer]) -
                 "routes": routes,
                 "connect_timeout": f"{TIMEOUT}s",
                 "command_timeout": f"{TIMEOUT}s",
+                "greeting_timeout": f"{TIMEOUT}s",
+                "data_timeout": f"{TIMEOUT}s",
                 "retry_schedule": ["1h"],
                 "concurrency": 2,
             }

@@ -268,6 +268,7 @@ OWN_FAMILIES = {
         "tlsrelay_tls_required_deferrals",
         "tlsrelay_messages_final",
         "tlsrelay_dsn_sent",
+        "tlsrelay_delivery_interrupted",
         "tlsrelay_delivery_duration_seconds",
         "tlsrelay_end_to_end_seconds",
     },

@@ -56,6 +56,14 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
         "broker_transport_options": {
             # Unacked tasks go back to the queue after this long; longer than any delivery.
             "visibility_timeout": int(config.celery.visibility_timeout),
+            # ... and the sweep that hands them back runs this often (kombu's default is about
+            # 100 s; a sixth of the visibility timeout keeps a SIGKILLed worker's task from
+            # waiting much longer than the timeout itself).
+            "unacked_restore_interval": max(1, min(60, int(config.celery.visibility_timeout / 6))),
+            "unacked_restore_throttle": 1,
+            # A broker that vanishes without closing TCP (failover, NAT) must not hang a publish.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
             **_sentinel_options(redis_url),
         },
         # Keep retrying the broker forever (at start-up too): a Redis outage must not stop workers.

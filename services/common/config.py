@@ -306,6 +306,8 @@ class DeliveryConfig(_Section):
     mx_port: int = Field(default=25, gt=0, lt=65536)
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
+    greeting_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2.1: the 220 greeting, 5 minutes
+    data_timeout: Duration = 600.0  # RFC 5321 §4.5.3.2.6: the reply to the final dot, 10 min
     tls_broken_ttl: Duration = 3600.0  # how long a host with a failed handshake is skipped
     retry_schedule: tuple[Duration, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
     # RFC 5321 §4.5.4.1: give up no sooner than 4-5 days; then bounce with a DSN.

@@ -178,6 +178,12 @@ DSN_SENT = Counter(
     ["action"],
     registry=None,
 )
+INTERRUPTED = Counter(
+    "tlsrelay_delivery_interrupted_total",
+    "Deliveries found interrupted while sending DATA (a worker died in the RFC 1047 window): "
+    "their recipients are sent again, so the destination may see the message twice.",
+    registry=None,
+)
 DELIVERY_DURATION = Histogram(
     "tlsrelay_delivery_duration_seconds",
     "Duration of one delivery attempt (connect to QUIT).",
@@ -225,6 +231,11 @@ def delivery_round(outcome: Outcome, received_at: float, now: float) -> None:
 def dsn_sent(action: str) -> None:
     """A DSN (``failed`` or ``delayed``) was queued in the same transaction as the round."""
     DSN_SENT.labels(action).inc()
+
+
+def interrupted() -> None:
+    """A delivery resumed after a worker died while sending DATA (a possible duplicate)."""
+    INTERRUPTED.inc()
 
 
 def message_final(states: Iterable[str]) -> None:
@@ -387,6 +398,7 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
         TLS_REQUIRED_DEFERRALS,
         MESSAGES_FINAL,
         DSN_SENT,
+        INTERRUPTED,
         DELIVERY_DURATION,
         END_TO_END,
     ),

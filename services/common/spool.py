@@ -49,6 +49,11 @@ def trace_key(message_id: str) -> str:
     return f"{PREFIX}trace:{message_id}"
 
 
+def in_flight_key(message_id: str, domain: str) -> str:
+    """Set while a delivery sends DATA (services.deliver.delivery); see RFC 1047."""
+    return f"{PREFIX}inflight:{message_id}:{domain}"
+
+
 def tls_broken_key(host: str, port: int) -> str:
     return f"{PREFIX}tlsbroken:{host}:{port}"
 

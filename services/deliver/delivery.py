@@ -36,7 +36,7 @@ from services.common.model import Decision, Envelope, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
 from services.deliver import dsn, mx, scheduler
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
+from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -86,7 +86,11 @@ class Deliverer:
         self.resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.connect_timeout)
         self.pool = ConnectionPool(delivery.reuse_max_messages, delivery.reuse_idle_timeout)
         self.timeouts = Timeouts(
-            config.hostname, delivery.connect_timeout, delivery.command_timeout
+            config.hostname,
+            connect=delivery.connect_timeout,
+            command=delivery.command_timeout,
+            greeting=delivery.greeting_timeout,
+            data=delivery.data_timeout,
         )
 
     async def run(self, job: dict[str, Any]) -> Outcome | None:
@@ -100,9 +104,37 @@ class Deliverer:
         if not pending or body is None:
             return None
         decision = Decision.from_json(job["decision"])
+        self._note_interrupted(envelope.id, decision.domain)
         outcome = await self.send(envelope, body, decision, pending)
         self.record(job, envelope, outcome, body)
         return outcome
+
+    def _in_flight(self, envelope: Envelope, decision: Decision, peer: Peer) -> None:
+        """Mark the job as sending DATA; ``record`` clears the mark in its transaction. A mark
+        found at the start of a later run means a worker died in the RFC 1047 window."""
+        note = json.dumps({"host": peer.host, "address": peer.address, "at": time.time()})
+        ttl = int(self.config.celery.visibility_timeout * 4)
+        self.client.set(spool.in_flight_key(envelope.id, decision.domain), note, ex=ttl)
+
+    def _note_interrupted(self, message_id: str, domain: str) -> None:
+        raw = self.client.get(spool.in_flight_key(message_id, domain))
+        if raw is None:
+            return
+        previous = json.loads(raw)
+        spool.append_trace(
+            self.client,
+            message_id,
+            spool.event(
+                "interrupted",
+                domain=domain,
+                host=previous["host"],
+                since=previous["at"],
+                note="a worker stopped while sending DATA; recipients not recorded as delivered "
+                "are sent again, so the destination may receive this message twice (RFC 1047)",
+            ),
+            trace_ttl=self.config.trace_ttl,
+        )
+        metrics.interrupted()
 
     async def send(
         self, envelope: Envelope, body: bytes, decision: Decision, pending: list[str]
@@ -120,17 +152,11 @@ class Deliverer:
             outcome.deferred = dict.fromkeys(pending, Reply(451, "4.4.3", str(exc)))
             return outcome
         errors: list[Reply] = []
+        hooks = Hooks(self._remember_broken, lambda peer: self._in_flight(envelope, decision, peer))
         for peer in self._peers(hosts, decision.domain):
             settings = self._tls(decision, peer)
             result = await attempt(
-                peer,
-                envelope,
-                pending,
-                body,
-                settings,
-                self.timeouts,
-                self._remember_broken,
-                self.pool,
+                peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool
             )
             outcome.attempts.append(result)
             if not result.next_host:
@@ -185,6 +211,7 @@ class Deliverer:
                 events.append(self._stage_retry(pipe, job, outcome, now, expires))
             if notice is not None:
                 events.append(self._stage_notice(pipe, envelope, notice))
+            pipe.delete(spool.in_flight_key(envelope.id, job["domain"]))
             pipe.rpush(spool.trace_key(envelope.id), *events)
             pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
             pipe.execute()

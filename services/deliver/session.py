@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -60,11 +61,24 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Our EHLO name and how long to wait (RFC 5321 §4.5.3.2 gives the defaults)."""
+    """Our EHLO name and how long to wait for each phase (RFC 5321 §4.5.3.2 gives the defaults:
+    greeting 5 min, MAIL/RCPT 5 min, DATA end 10 min; TCP connect is ours, as Postfix's 30 s)."""
 
     local_hostname: str
     connect: float = 30.0
     command: float = 300.0
+    greeting: float = 300.0
+    data: float = 600.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the session tells its caller while it runs (both default to doing nothing)."""
+
+    on_handshake_failed: Callable[[Peer], None] = lambda peer: None
+    # Called just before the message is sent: from here until the reply is recorded, a crash
+    # leaves the relay unsure whether the peer has it (RFC 1047).
+    before_data: Callable[[Peer], None] = lambda peer: None
 
 
 @dataclass
@@ -135,7 +149,7 @@ async def attempt(
     body: bytes,
     settings: TlsSettings,
     timeouts: Timeouts,
-    on_handshake_failed: Callable[[Peer], None] = lambda peer: None,
+    hooks: Hooks = Hooks(),
     pool: ConnectionPool | None = None,
 ) -> Attempt:
     """One attempt; with a ``pool``, on a parked session for the same key when there is one."""
@@ -143,12 +157,12 @@ async def attempt(
     key = _pool_key(peer, settings)
     pooled = await _reusable(pool, key) if pool is not None else None
     result = await _attempt(
-        peer, envelope, recipients, body, settings, timeouts, on_handshake_failed, pool, pooled
+        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled
     )
     if pooled is not None and result.next_host and not result.data_sent:
         # The parked session died under us (before DATA): try once more on a fresh one.
         result = await _attempt(
-            peer, envelope, recipients, body, settings, timeouts, on_handshake_failed, pool, None
+            peer, envelope, recipients, body, settings, timeouts, hooks, pool, None
         )
     metrics.attempt(result, time.monotonic() - started)
     return result
@@ -161,7 +175,7 @@ async def _attempt(
     body: bytes,
     settings: TlsSettings,
     timeouts: Timeouts,
-    on_handshake_failed: Callable[[Peer], None],
+    hooks: Hooks,
     pool: ConnectionPool | None,
     pooled: Pooled | None,
 ) -> Attempt:
@@ -178,8 +192,8 @@ async def _attempt(
             result.reused = True
         else:
             smtp = await _open(peer, timeouts)
-            smtp = await _negotiate_tls(smtp, result, settings, timeouts, on_handshake_failed)
-        await _transaction(smtp, envelope, recipients, body, result)
+            smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
+        await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
     except _NextHost as exc:
         result.error, result.next_host = exc.reply, True
     finally:
@@ -227,8 +241,7 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
     """Connect, read the greeting and say EHLO; anything wrong → next host."""
     # start_tls=False: STARTTLS is decided by our TLS table, never by aiosmtplib's defaults.
     smtp = aiosmtplib.SMTP(
-        hostname=peer.address,
-        port=peer.port,
+        hostname=peer.address,  # for messages only: we connect the socket ourselves
         local_hostname=timeouts.local_hostname,
         timeout=timeouts.command,
         start_tls=False,
@@ -236,7 +249,8 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
         validate_certs=False,
     )
     try:
-        await smtp.connect(timeout=timeouts.connect)
+        sock = await _tcp_connect(peer, timeouts.connect)
+        await smtp.connect(sock=sock, timeout=timeouts.greeting)
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
@@ -245,6 +259,20 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
         smtp.close()
         raise _NextHost(Reply(421, CONNECT_FAILED, f"connect failed: {_text(exc)}")) from None
     return smtp
+
+
+async def _tcp_connect(peer: Peer, timeout: float) -> socket.socket:
+    """The TCP connection alone, under ``timeout`` (the greeting gets its own, longer one)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in peer.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (peer.address, peer.port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _negotiate_tls(
@@ -299,6 +327,8 @@ async def _transaction(
     recipients: Sequence[str],
     body: bytes,
     result: Attempt,
+    hooks: Hooks,
+    timeouts: Timeouts,
 ) -> None:
     """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
     options = _mail_options(smtp, envelope, result)
@@ -313,8 +343,9 @@ async def _transaction(
         raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     accepted = await _recipients(smtp, recipients, result)
     if accepted:
+        hooks.before_data(result.peer)
         result.data_sent = True
-        reply = await _data(smtp, body)
+        reply = await _data(smtp, body, timeouts.data)
         result.replies.update(dict.fromkeys(accepted, reply))
 
 
@@ -333,9 +364,9 @@ async def _recipients(
     return accepted
 
 
-async def _data(smtp: aiosmtplib.SMTP, body: bytes) -> Reply:
+async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float) -> Reply:
     try:
-        response = await smtp.data(body)
+        response = await smtp.data(body, timeout=timeout)
     except aiosmtplib.SMTPResponseException as exc:
         return _server_reply(exc)
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
