@@ -12,17 +12,30 @@ processes' start and exit to it.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import redis
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    task_received,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from kombu import Exchange, Queue
 
 from services.common import queueing, spool
 from services.common.config import Config
 from services.common.health import Heartbeat
+
+log = logging.getLogger("tlsrelay.worker")
 
 
 def settings(config: Config, redis_url: str) -> dict[str, Any]:
@@ -138,6 +151,52 @@ def wire_heartbeat(app: Celery, path: Path, interval: float) -> None:
                 self.thread.stop()
 
     app.steps["worker"].add(HeartbeatStep)
+
+
+class Watchdog(threading.Thread):
+    """Celery's consumer can stop consuming after the broker restarts while a task runs
+    (celery#8030, #9054, #10205): the process lives, the heartbeat beats, the queue grows. This
+    thread, in the worker's main process, ends such a worker so its supervisor (Kubernetes,
+    ``tlsrelay run``) starts a fresh one: when ``queue`` has waited tasks for ``stall_after``
+    seconds while this worker received none and runs none, it exits with status 3."""
+
+    def __init__(self, redis_url: str, queue: str, stall_after: float) -> None:
+        super().__init__(name="tlsrelay-watchdog", daemon=True)
+        self.redis_url, self.queue, self.stall_after = redis_url, queue, stall_after
+        self.last_received = time.monotonic()
+        self._stopped = threading.Event()
+
+    def received(self, **_: object) -> None:
+        self.last_received = time.monotonic()
+
+    def run(self) -> None:
+        client = spool.connect(self.redis_url)
+        while not self._stopped.wait(min(5.0, self.stall_after / 3)):
+            if self._stalled(client):
+                why = "worker stopped consuming queue %r for %.0fs while it has tasks; exiting"
+                log.critical(why, self.queue, self.stall_after)
+                os._exit(3)
+
+    def _stalled(self, client: redis.Redis) -> bool:
+        from celery.worker import state
+
+        if state.active_requests or time.monotonic() - self.last_received < self.stall_after:
+            return False
+        try:
+            return bool(client.llen(self.queue))
+        except redis.exceptions.RedisError:
+            self.last_received = time.monotonic()  # Redis is down: not a stall of ours
+            return False
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def wire_watchdog(app: Celery, redis_url: str, queue: str, stall_after: float) -> None:
+    watchdog = Watchdog(redis_url, queue, stall_after)
+    task_received.connect(watchdog.received, weak=False)
+    worker_ready.connect(lambda **_: watchdog.start(), weak=False)
+    worker_shutdown.connect(lambda **_: watchdog.stop(), weak=False)
 
 
 def wire_metrics(server: WSGIServer) -> None:

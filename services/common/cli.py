@@ -159,7 +159,13 @@ def _ingest(config: Config, args: argparse.Namespace) -> int:
 def _worker(config: Config, args: argparse.Namespace) -> int:
     _metrics_mode(config, args.command)
     from services.common import metrics, queueing
-    from services.common.celeryapp import make_app, wire_heartbeat, wire_metrics, worker_argv
+    from services.common.celeryapp import (
+        make_app,
+        wire_heartbeat,
+        wire_metrics,
+        wire_watchdog,
+        worker_argv,
+    )
     from services.common.health import heartbeat_path
 
     redis_url = _require_redis(config, args.command)
@@ -178,6 +184,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
         queue, concurrency = queueing.QUEUE_DELIVER, config.delivery.concurrency
     beat = heartbeat_path(config.data_dir, args.command)
     wire_heartbeat(app, beat, config.celery.heartbeat_interval)
+    wire_watchdog(app, redis_url, queue, config.celery.stall_after)
     address = getattr(config.metrics, args.command)
     if address is not None:
         try:
@@ -313,7 +320,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         print(f"metrics: {name} {f'http://{address}/metrics' if address else 'off'}", flush=True)
     children = _spawn(args.config, redis_url)
     try:
-        return _supervise(children)
+        return _supervise(children, args.config, redis_url)
     finally:
         _stop(children)
         if embedded is not None:
@@ -323,18 +330,25 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _spawn(config_path: str | None, redis_url: str) -> dict[str, subprocess.Popen[bytes]]:
-    env = {**os.environ, ENV_REDIS_URL: redis_url}
-    children = {}
-    for name in SERVICES:
-        argv = [sys.executable, "-m", "services.common.cli", name]
-        if config_path:
-            argv += ["--config", config_path]
-        children[name] = subprocess.Popen(argv, env=env)
-    return children
+    return {name: _start(name, config_path, redis_url) for name in SERVICES}
 
 
-def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
+def _start(name: str, config_path: str | None, redis_url: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "services.common.cli", name]
+    if config_path:
+        argv += ["--config", config_path]
+    return subprocess.Popen(argv, env={**os.environ, ENV_REDIS_URL: redis_url})
+
+
+RESTARTS_PER_MINUTE = 5  # more than this and the failure is not transient: stop everything
+
+
+def _supervise(
+    children: dict[str, subprocess.Popen[bytes]], config_path: str | None, redis_url: str
+) -> int:
+    """Restart a child that dies (as Kubernetes would); give up (exit 1) when one keeps dying."""
     stop = {"signal": 0}
+    restarts: dict[str, list[float]] = {name: [] for name in children}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop["signal"] = signum
@@ -343,9 +357,14 @@ def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop["signal"]:
         for name, child in children.items():
-            if child.poll() is not None:
-                print(f"tlsrelay: {name} exited with {child.returncode}", file=sys.stderr)
+            if child.poll() is None:
+                continue
+            recent = [t for t in restarts[name] if time.monotonic() - t < 60] + [time.monotonic()]
+            restarts[name] = recent
+            print(f"tlsrelay: {name} exited with {child.returncode}", file=sys.stderr)
+            if len(recent) > RESTARTS_PER_MINUTE:
                 return 1
+            children[name] = _start(name, config_path, redis_url)
         time.sleep(0.2)  # supervisor poll; signals interrupt it at once
     return 0
 

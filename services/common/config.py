@@ -352,6 +352,9 @@ class CeleryConfig(_Section):
     # the file is older than heartbeat_max_age (Kubernetes liveness, independent of Redis).
     heartbeat_interval: Duration = 10.0
     heartbeat_max_age: Duration = 60.0
+    # A worker that has received no task for this long while its queue has some exits (status
+    # 3) so its supervisor starts a fresh one (see services/common/celeryapp.py, Watchdog).
+    stall_after: Duration = 120.0
 
 
 class MetricsConfig(_Section):
