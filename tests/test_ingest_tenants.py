@@ -50,6 +50,7 @@ STARTTLS_FIRST = (530, b"5.7.0 Must issue a STARTTLS command first")
 RATE_LIMITED = (451, b"4.7.0 Rate limit exceeded, try again later")
 TEMPFAIL = (451, b"4.3.0 Temporary failure, try again later")
 MAIL_OK = (250, b"2.1.0 Ok")
+LINE_TOO_LONG = (500, b"5.5.2 Line too long")
 RCPT_OK = (250, b"2.1.5 Ok")
 
 
@@ -364,6 +365,33 @@ def test_submission_login_works_through_smtplib_login(
         starttls(smtp, unverified())
         assert smtp.login("alice@acme.test", PASSWORD) == AUTH_OK
         assert smtp.sendmail("alice@acme.test", ["x@external.example"], MESSAGE) == {}
+
+
+def test_sasl_responses_aborted_malformed_or_too_long_get_exactly_one_reply(
+    tmp_path: Path,
+    valkey: Valkey,
+    store: redis.Redis,
+    pki: Pki,
+    users: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    running = RunningServer(tenant_config(tmp_path, pki, users), valkey.url)
+    with running, connect(running.server.addresses[Listener.SUBMISSION]) as smtp:
+        starttls(smtp, unverified())
+        for response, reply in [
+            ("*", (501, b"5.7.0 Auth aborted")),  # RFC 4954 §4: the client cancels
+            ("not base64!", (501, b"5.5.2 Can't decode base64")),
+            ("QUFB" * 3100, LINE_TOO_LONG),  # over RFC 4954's 12288 octets
+        ]:
+            assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+            assert smtp.docmd(response) == reply
+            assert smtp.noop() == (250, b"2.0.0 OK")  # no 535 followed the refusal
+        # AUTH lines may be longer than other commands (RFC 4954 §4), up to 12288 octets.
+        assert smtp.docmd("AUTH", plain("alice@acme.test", "p" * 8000)) == AUTH_INVALID
+        assert smtp.docmd("AUTH", plain("alice@acme.test", "p" * 9500)) == LINE_TOO_LONG
+        assert smtp.login("alice@acme.test", PASSWORD) == AUTH_OK
+    assert "QUFBQUFB" not in caplog.text and "cHBwcHBw" not in caplog.text  # base64 of ppp...
 
 
 def test_failed_auth_is_limited_per_client_until_the_window_passes(

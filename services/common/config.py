@@ -195,6 +195,14 @@ class IngestConfig(_Section):
     tls_key: Path | None = None
     max_message_bytes: int = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
     max_recipients: int = Field(default=1000, gt=0)  # RFC 5321 §4.5.3.1.8: at least 100
+    # Hostile-client limits (services/ingest/server.py). Open sessions per listener, beyond which
+    # a new connection is answered 421 4.7.0 and closed.
+    max_connections: int = Field(default=1000, gt=0)
+    # RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes for the next command (and for
+    # each line of DATA); then 421 4.4.2 and the connection is closed.
+    command_timeout: Duration = Field(default=300.0, gt=0)
+    max_bad_commands: int = Field(default=10, gt=0)  # 5xx syntax replies, then 421 4.7.0, close
+    max_header_bytes: int = Field(default=1_048_576, gt=0)  # header section; above: 552 5.3.4
     relay_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),

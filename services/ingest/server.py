@@ -54,7 +54,42 @@ Contract (these replies are relied on by clients and tests):
   only after :func:`services.common.spool.accept` returned, i.e. the message and its ``policy``
   task are both in Redis. More data than the limit → ``552 5.3.4``.
 - STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate; the relay
-  listener uses ``platform_tls`` (see :mod:`services.ingest.tlscert`).
+  listener uses ``platform_tls`` (see :mod:`services.ingest.tlscert`). Commands pipelined in
+  clear after STARTTLS are discarded, never run inside the TLS session (RFC 3207 §4.2; aiosmtpd
+  ≥ 1.4.6 clears its buffer, tests/test_hostile.py guards it).
+
+Limits against hostile or broken clients (constants below, beside their RFC sections):
+
+- ``ingest.max_connections`` open sessions *per listener* (a flood on ``listen`` cannot lock
+  out ``submission`` or ``relay``): a further connection → ``421 4.7.0 Too many connections,
+  try again later`` and closed, before any session; the others are served as usual.
+- A command line over 512 octets with its CRLF (RFC 5321 §4.5.3.1.4; MAIL 575 for SIZE=,
+  BODY=, SMTPUTF8 and REQUIRETLS; AUTH and SASL responses 12288, RFC 4954 §4) → ``500 5.5.2
+  Line too long``; no line is buffered beyond 12288 octets whatever its length.
+- A text line of DATA over 1000 octets with its CRLF (RFC 5321 §4.5.3.1.6, a transparency dot
+  not counted) → the whole message is read, then refused ``500 5.6.0 Line too long: text lines
+  are limited to 1000 octets``. Lines are not folded as Postfix does: the stored octets are
+  exactly those received (DKIM signatures stay valid), and the sender learns now rather than
+  from a later bounce.
+- A header section over ``ingest.max_header_bytes`` → ``552 5.3.4 Header section too large``
+  (at the end of DATA). The header section ends at the first empty line or at the first line
+  that is neither a field nor a folded continuation: a message without a blank line or without
+  any header is accepted and stored as received, and so are 8-bit headers without 8BITMIME or
+  SMTPUTF8 (a relay does not repair messages; policy parses them leniently).
+- No command, DATA line or TLS handshake progress for ``ingest.command_timeout`` (RFC 5321
+  §4.5.3.2.7) → ``421 4.4.2 Timeout, closing connection`` and closed; a slow but steady DATA
+  transfer is not cut off.
+- ``ingest.max_bad_commands`` syntax errors (replies 500-509 and 555: unknown verbs, bad
+  arguments, bad sequence, lines too long) → that reply, then ``421 4.7.0 Too many errors,
+  closing connection`` (as Postfix's hard error limit), closed; pipelined commands after it are
+  never run. aiosmtpd's own hang-up after 5 unknown verbs (``502``) is replaced by this count.
+- Every DATA limit is checked while reading: after the first limit crossed nothing more is
+  kept, so a session holds at most ``max_message_bytes`` plus one buffer whatever it sends
+  (aiosmtpd kept an endless line whole). A session closed with a 421 that its client does not
+  read is aborted after :data:`HANG_UP_GRACE` seconds, and one closed in the middle of the TLS
+  handshake is ended at once (asyncio never reports it lost): neither holds a slot.
+- Replies are printable ASCII of at most 512 octets (RFC 5321 §4.5.3.1.5) even where aiosmtpd
+  echoes an argument; an address the stdlib parser cannot read (``<``, ``a@``) is ``553 5.1.3``.
 
 Failure behaviour: when Redis is unreachable, fails or is too slow, DATA (and AUTH or MAIL when
 they need a counter) is answered ``451 4.3.0 Temporary failure, try again later`` and the error
@@ -74,8 +109,12 @@ per listener.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import dataclasses
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -86,7 +125,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
@@ -121,11 +168,40 @@ ENHANCED_DEFAULTS: Final[dict[int, str]] = {
 _NO_ENHANCED_CODE: Final = frozenset({"334", "354"})  # AUTH challenge, DATA go-ahead
 _HAS_ENHANCED_CODE = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
+# --------------------------------------------------------------------------- protocol limits
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included. Extensions raise it
+# for MAIL by their parameters: SIZE= (RFC 1870 §3: 26), BODY= (RFC 6152: 16), SMTPUTF8
+# (RFC 6531: 10) and " REQUIRETLS" (RFC 8689: its 11 octets). Longer → LINE_TOO_LONG.
+COMMAND_LINE_MAX: Final = 512
+MAIL_LINE_MAX: Final = COMMAND_LINE_MAX + 26 + 16 + 10 + 11
+# RFC 4954 §4: AUTH lines and SASL responses; 12288 octets suffice for deployed mechanisms. It is
+# also the most any line is buffered before it is known to be too long (the stream limit).
+AUTH_LINE_MAX: Final = 12288
+# RFC 5321 §4.5.3.1.6: a text line of DATA is at most 1000 octets, CRLF included, not counting
+# a dot doubled for transparency (§4.5.2). Longer lines are not folded (that would change the
+# octets and break DKIM signatures): the message is read to its end and refused with
+# DATA_LINE_TOO_LONG, so the sender learns at once rather than from a bounce later.
+TEXT_LINE_MAX: Final = 1000
+REPLY_LINE_MAX: Final = 512  # RFC 5321 §4.5.3.1.5, CRLF included
+HANG_UP_GRACE = 10.0  # seconds a closed session may take to flush its last reply, then aborted
+
+LINE_TOO_LONG = "500 5.5.2 Line too long"  # RFC 5321 §4.5.3.1.9
+DATA_LINE_TOO_LONG = "500 5.6.0 Line too long: text lines are limited to 1000 octets"
+HEADER_TOO_LARGE = "552 5.3.4 Header section too large"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TIMEOUT = "421 4.4.2 Timeout, closing connection"  # RFC 5321 §4.5.3.2.7
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+# RFC 5321 §4.2.1: 50z replies are syntax errors (555: MAIL/RCPT parameters, RFC 5321 §4.3.2).
+_SYNTAX_ERROR = re.compile(r"^(50\d|555)[ -]")
+# RFC 5322 §2.2 (and §4.5's obsolete space before the colon): a header field, or a folded line.
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]")
+
 # aiosmtpd texts replaced by the wording of our contract.
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 _REWRITES: Final[dict[str, str]] = {
     "552 Error: message size exceeds fixed maximum message size": TOO_BIG,
     "552 Error: Too much mail data": TOO_BIG,
+    "500 Command line too long": LINE_TOO_LONG,
 }
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
@@ -144,6 +220,7 @@ AUTH_MECHANISMS: Final = ("LOGIN", "PLAIN")
 _CHECK_ERRORS = (RedisError, OSError, TimeoutError)
 _FORBIDDEN_IN_ADDRESS = re.compile("[\r\n\0]")
 _NOT_PRINTABLE = re.compile(r"[^!-~]")  # anything but visible ASCII (for the Received header)
+_NOT_PRINTABLE_REPLY = re.compile(r"[^ -~]")  # ... or a space (for replies)
 _NOT_QUOTABLE = re.compile(r'[^ -~]|["\\()]')  # ... in a quoted name inside a comment
 
 REQUIRETLS: Final = "REQUIRETLS"  # RFC 8689 MAIL parameter and EHLO keyword
@@ -167,6 +244,12 @@ def _credentials_received(
     return AuthResult(success=True, handled=False, auth_data=data)
 
 
+def _printable(reply: str) -> str:
+    """A reply line as it may go out: printable ASCII (aiosmtpd echoes arguments, which may hold
+    CR, NUL or undecodable octets), at most 512 octets with the CRLF (RFC 5321 §4.5.3.1.5)."""
+    return _NOT_PRINTABLE_REPLY.sub("?", reply)[: REPLY_LINE_MAX - 2]
+
+
 def with_enhanced_code(reply: str) -> str:
     """``reply`` with an RFC 3463 status after the basic code, unless it has one or takes none."""
     reply = _REWRITES.get(reply, reply)
@@ -177,6 +260,66 @@ def with_enhanced_code(reply: str) -> str:
         return reply
     status = ENHANCED_DEFAULTS.get(int(code), f"{code[0]}.0.0")
     return f"{code}{sep}{status} {text}".rstrip()
+
+
+class MessageReader:
+    """The lines of one DATA transfer, kept within the limits (pure, no I/O).
+
+    Feed it every line up to and including the final dot (:meth:`line`; the pieces of a line
+    longer than the stream buffer through :meth:`fragment`). Dot-stuffing is undone (RFC 5321
+    §4.5.2); the size counts the message as stored (RFC 1870: CRLFs, not the stuffed dots). The
+    first limit crossed decides the refusal, after which nothing more is kept, so memory stays
+    bounded by ``max_bytes`` whatever the client sends. The header section is the lines up to
+    the first empty line or the first that is neither a field nor a folded continuation (a
+    message without headers or without a blank line is accepted as it is).
+    """
+
+    def __init__(self, max_bytes: int, max_header_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_header_bytes = max_header_bytes
+        self.content = bytearray()
+        self.refusal: str | None = None  # the reply once the final dot arrived, if not 250
+        self._in_line = False  # inside a line longer than the stream buffer
+        self._in_header = True
+        self._size = self._header_bytes = 0
+
+    def fragment(self, data: bytes) -> None:
+        """A piece of a line too long for the stream buffer (no CRLF yet)."""
+        self._in_line = True
+        self._count(len(data), DATA_LINE_TOO_LONG)
+
+    def line(self, line: bytes) -> bool:
+        """One line ending in CRLF; True when it is the final dot."""
+        continued, self._in_line = self._in_line, False
+        if line == b".\r\n" and not continued:
+            return True
+        if line.startswith(b"."):
+            line = line[1:]
+        too_long = continued or len(line) > TEXT_LINE_MAX
+        self._count(len(line), DATA_LINE_TOO_LONG if too_long else None)
+        if self.refusal is None:
+            self._keep(line)
+        return False
+
+    def _count(self, size: int, refusal: str | None) -> None:
+        self._size += size
+        self._refuse(TOO_BIG if self._size > self.max_bytes else refusal)
+
+    def _keep(self, line: bytes) -> None:
+        if self._in_header:
+            if line == b"\r\n" or not _HEADER_LINE.match(line):
+                self._in_header = False
+            else:
+                self._header_bytes += len(line)
+                if self._header_bytes > self.max_header_bytes:
+                    self._refuse(HEADER_TOO_LARGE)
+                    return
+        self.content += line
+
+    def _refuse(self, refusal: str | None) -> None:
+        if refusal is not None and self.refusal is None:
+            self.refusal = refusal
+            self.content = bytearray()  # nothing more is kept
 
 
 class IngestSession(Session):  # type: ignore[misc]  # aiosmtpd is untyped
@@ -210,9 +353,32 @@ class _Every:
         return self.method
 
 
+_Method = Callable[[str | None], Awaitable[None]]
+
+
+class _Verbs(dict[str, _Method]):
+    """aiosmtpd's verb → method table, where an unknown verb finds ``unknown`` (aiosmtpd's own
+    answer, a ``502`` and a hang-up after 5 of them, is replaced by our error count)."""
+
+    def __init__(
+        self, methods: dict[str, _Method], unknown: Callable[[str, str | None], Awaitable[None]]
+    ) -> None:
+        super().__init__(methods)
+        self.unknown = unknown
+
+    def get(self, verb: str, default: object = None) -> _Method:
+        method = super().get(verb)
+        return method if method is not None else functools.partial(self.unknown, verb)
+
+
 class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     """aiosmtpd's protocol with enhanced status codes on its replies; AUTH when the handler
-    offers it (submission), with the password checked off the event loop."""
+    offers it (submission), with the password checked off the event loop; and the limits
+    against hostile clients (connections, line lengths, timeouts, errors, the header section)."""
+
+    # The stream buffer: no line is held beyond this before it is known to be too long.
+    line_length_limit = AUTH_LINE_MAX
+    _smtp_methods: dict[str, _Method] | _Every  # aiosmtpd's verb → method table
 
     def __init__(
         self,
@@ -230,8 +396,15 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         self.require_starttls = tls_context is not None and require_starttls
         self.event_handler: IngestHandler = handler
         self._connections = handler.connections
+        self._limits = handler.config.ingest
+        self._refused = False  # over max_connections: never served
+        self._errors = 0  # syntax errors answered so far (max_bad_commands)
+        assert isinstance(self._smtp_methods, dict)
+        self._smtp_methods = _Verbs(self._smtp_methods, self._unrecognized)
+        self._set_command_limits()
         self._greeted = False
         self._helo_reply = False
+        self._auth_answered = False  # the last SASL response was refused already (501/500)
         # The REQUIRETLS parameter(s) of the MAIL command being processed (see smtp_MAIL).
         self.mail_requiretls: tuple[str, ...] = ()
         self._counted_verb: str | None = None  # MAIL, RCPT or DATA while one is processed
@@ -251,10 +424,28 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         self._smtp_methods = _Every(shutting_down)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        upgraded = self._original_transport is not None  # called again after STARTTLS
+        if not upgraded and len(self._connections) >= self._limits.max_connections:
+            self._refuse_connection(transport)
+            return
         self._connections.add(self)
         super().connection_made(transport)
 
+    def _refuse_connection(self, transport: asyncio.BaseTransport) -> None:
+        """Over ``max_connections`` on this listener: 421 and close, before any session."""
+        self._refused = True
+        log.warning(
+            "%s: %d sessions open on %s: connection refused",
+            transport.get_extra_info("peername"),
+            len(self._connections),
+            self.event_handler.listener.value,
+        )
+        cast(asyncio.WriteTransport, transport).write(TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+        transport.close()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # no session was started
         self._connections.discard(self)
         tls = self.session is not None and self.session.ssl is not None
         metrics.ingest_connection(self.event_handler.listener.value, tls)
@@ -264,10 +455,67 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         if isinstance(status, str):
             if self._counted_verb is not None:
                 metrics.ingest_refused(self.event_handler.listener.value, status)
-            await super().push(with_enhanced_code(status) if self._needs_code(status) else status)
+            reply = with_enhanced_code(status) if self._needs_code(status) else status
+            await super().push(_printable(reply))
+            if _SYNTAX_ERROR.match(status):
+                await self._count_error()
         else:
             await super().push(status)
         self._greeted = True
+
+    async def _count_error(self) -> None:
+        """After ``max_bad_commands`` syntax errors: 421 and close, as Postfix's hard error
+        limit does (RFC 5321 §3.8: a server may close with 421 at any point)."""
+        self._errors += 1
+        if self._errors == self._limits.max_bad_commands and self.transport is not None:
+            log.info("%s: %d bad commands: closing", client_ip(self.session), self._errors)
+            await super().push(TOO_MANY_ERRORS)
+            self._hang_up()
+
+    async def _unrecognized(self, verb: str, arg: str | None) -> None:
+        # The verb is ASCII but may hold control characters: never echo them.
+        await self.push(f'500 Error: command "{_NOT_PRINTABLE.sub("?", verb)[:20]}" not recognized')
+
+    def _timeout_cb(self) -> None:
+        """No command (or DATA line, or TLS handshake) for ``command_timeout``: 421 and close
+        (aiosmtpd closes without a word)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        log.info("%s: timeout: closing", client_ip(self.session))
+        if not self._handshaking:
+            self._writer.write(TIMEOUT.encode() + b"\r\n")
+        self._hang_up()
+
+    @property
+    def _handshaking(self) -> bool:
+        """STARTTLS was answered 220 and the handshake has not completed yet."""
+        return self._tls_protocol is not None and self.session.ssl is None
+
+    def _hang_up(self) -> None:
+        """Close now: nothing more is read or executed; the reply written last is flushed, but a
+        client that does not read it is cut off after HANG_UP_GRACE seconds."""
+        if self.transport is None:
+            return
+        if self._handshaking:
+            self._lost_in_handshake()
+            return
+        self._reader._buffer.clear()  # pipelined commands after this point are never run
+        raw = self._original_transport or self.transport  # the TCP transport under any TLS
+        self.transport.close()
+        self.loop.call_later(HANG_UP_GRACE, raw.abort)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    def _set_command_limits(self) -> None:
+        """The longest command line per verb, as aiosmtpd compares it (without the CRLF).
+
+        An instance attribute: aiosmtpd's is shared by every session and grows with each EHLO.
+        """
+        default = COMMAND_LINE_MAX - 2
+        self.command_size_limit = default  # a HELO session
+        self.command_size_limits: dict[str, int] = collections.defaultdict(
+            lambda: default, {"MAIL": MAIL_LINE_MAX - 2, "AUTH": AUTH_LINE_MAX - 2}
+        )
 
     def _needs_code(self, status: str) -> bool:
         # RFC 2034 §3: not the greeting, not the replies to HELO/EHLO.
@@ -286,6 +534,17 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
             await super().smtp_EHLO(hostname)
         finally:
             self._helo_reply = False
+            self._set_command_limits()  # aiosmtpd adds to them on every EHLO
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser (MAIL, RCPT, VRFY). The stdlib parser under it raises on
+        some malformed input (``<``, ``a@``, ``"``: IndexError): that is a malformed address
+        too (``553 5.1.3``), not an internal error (``451`` and a stack trace per command)."""
+        try:
+            address, rest = super()._getaddr(arg)
+        except Exception:  # whatever the header parser trips over, the address is unparsable
+            return None, None
+        return address, rest
 
     @_help_syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -312,16 +571,55 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
             self._counted_verb = None
 
     @_help_syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA; its 4xx/5xx replies are counted (see :meth:`push`)."""
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA, with the message read by :class:`MessageReader` (line, size and
+        header limits, bounded memory); its 4xx/5xx replies are counted (see :meth:`push`)."""
         self._counted_verb = "DATA"
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self._counted_verb = None
 
+    async def _data(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        message = await self._read_message()
+        if message.refusal is not None:  # RFC 5321 §4.2.5: answered once the data has ended
+            self._set_post_data_state()
+            await self.push(message.refusal)
+            return
+        self.envelope.content = self.envelope.original_content = bytes(message.content)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_message(self) -> MessageReader:
+        """Every line up to the final dot. Lines read restart the command timeout (at most ten
+        times per timeout, to keep timers off the per-line path), so a slow but steady transfer
+        is not cut off while a stalled one is."""
+        message = MessageReader(self.data_size_limit, self._limits.max_header_bytes)
+        every = min(1.0, self._timeout_duration / 10)
+        restarted = self.loop.time()
+        while True:
+            try:
+                if message.line(await self._reader.readuntil(b"\r\n")):
+                    return message
+            except asyncio.LimitOverrunError as exc:  # no CRLF within the stream buffer
+                message.fragment(await self._reader.read(exc.consumed))
+            if self.loop.time() - restarted >= every:
+                self._reset_timeout()
+                restarted = self.loop.time()
+
     async def smtp_AUTH(self, arg: str | None) -> None:
         """RFC 4954 AUTH on submission; before an exchange, the client's failure count is read."""
+        self._auth_answered = False
         if not self.event_handler.offers_auth:
             await self.push(AUTH_NOT_AVAILABLE)
             return
@@ -343,10 +641,55 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
         return await self._verify(await super().auth_LOGIN(_, args))
 
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
+        """aiosmtpd's SASL challenge (RFC 4954 §4): the decoded response, or MISSING once it was
+        refused: ``*`` → ``501 5.7.0``, bad base64 → ``501 5.5.2``, longer than AUTH_LINE_MAX
+        → LINE_TOO_LONG (the whole line read and dropped; aiosmtpd answered 451 and read the
+        rest as commands). Responses are never logged, whatever ``log_client_response`` says.
+        """
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        line = await self._read_line()
+        self._auth_answered = True  # until the response is known to be good
+        if line is None:
+            await self.push(LINE_TOO_LONG)
+            return MISSING
+        if line.strip() == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            response = base64.b64decode(line.strip(), validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+        self._auth_answered = False
+        return response
+
+    async def _read_line(self) -> bytes | None:
+        """One line (to its LF), or None when it did not fit the stream buffer: then it is read
+        to its end and dropped, as aiosmtpd does for a command line."""
+        try:
+            return bytes(await self._reader.readuntil(b"\n"))
+        except asyncio.LimitOverrunError as exc:
+            await self._reader.read(exc.consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return None
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+
     async def _verify(self, parsed: AuthResult) -> AuthResult:
         credentials = parsed.auth_data
+        if not parsed.success and self._auth_answered:
+            return AuthResult(success=False, handled=True)  # answered: no 535 after the 501
         if not parsed.success or not isinstance(credentials, LoginPassword):
-            return parsed  # malformed or aborted: aiosmtpd has answered (501) or answers 535
+            return parsed  # malformed: aiosmtpd has answered (501) or answers 535
         refusal = await self.event_handler.authenticate(
             self.session, credentials.login, credentials.password
         )
@@ -356,8 +699,18 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 
     def close(self) -> None:
         """Drop the session (server shutdown)."""
-        if self.transport is not None:
+        if self.transport is not None and self._handshaking:
+            self._lost_in_handshake()
+        elif self.transport is not None:
             self.transport.close()
+
+    def _lost_in_handshake(self) -> None:
+        """Abort a connection in the middle of the STARTTLS handshake and end its session here:
+        asyncio (sslproto) never reports such a connection lost to the SMTP protocol, and
+        aiosmtpd cleans up only after a handshake that failed. Without this the session would
+        stay open forever, holding one of ``max_connections``."""
+        self._original_transport.abort()
+        self.connection_lost(None)
 
 
 class IngestHandler:
@@ -769,6 +1122,7 @@ class IngestServer:
             # RFC 4954: submission takes mail only after AUTH, and AUTH only over TLS (538).
             auth_required=handler.offers_auth,
             auth_require_tls=True,
+            timeout=self.config.ingest.command_timeout,
             loop=loop,
         )
 
