@@ -44,8 +44,8 @@ k8s-check: $(STAMP)
 	done
 
 lint: $(STAMP)
-	$(BIN)/ruff check services tests
-	$(BIN)/ruff format --check services tests
+	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff format --check services tests bench
 	$(BIN)/mypy
 
 fmt: $(STAMP)
@@ -54,3 +54,13 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# Throughput and latency (bench/README.md): tlsrelay alone, then the same load through Postfix.
+# Other loads: make bench BENCH_ARGS='--messages 2000 --rate 100'
+.PHONY: bench bench-compare
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-compare: $(STAMP)
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)

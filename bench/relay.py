@@ -1,0 +1,176 @@
+"""tlsrelay as a benchmark target: the embedded Redis and the three services as real processes.
+
+:class:`TlsRelay` starts exactly what an operator runs — an embedded Redis (valkey, AOF with
+``appendfsync everysec``, :class:`services.common.redisserver.EmbeddedRedis`) and
+``tlsrelay ingest|policy|deliver --config FILE`` — with a generated configuration: ingest on a
+free loopback port, one route per benchmark domain to its sink, the worker concurrencies asked
+for, metrics on free ports, every other setting at its default unless overridden (``--set
+delivery.some_key=VALUE``, the value read as YAML). Each service is started in its
+own process group, with its log in ``<root>/<service>.log``.
+
+Failure: :class:`TargetError` when ingest does not listen in time or a service exits early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from bench.env import REPO, python_env
+from services.common.redisserver import EmbeddedRedis, free_port
+
+SERVICES = ("ingest", "policy", "deliver")
+START_TIMEOUT = 60.0
+
+
+class TargetError(RuntimeError):
+    pass
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def wait_listening(port: int, alive: Any, what: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll until ``port`` accepts connections; fail when ``alive()`` turns false or at the end."""
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        if not alive():
+            raise TargetError(f"{what} exited before listening")
+        if time.monotonic() > deadline:
+            raise TargetError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+class TlsRelay:
+    """Context manager; ``smtp_port`` is ingest's port, ``processes()`` what to measure."""
+
+    name = "tlsrelay"
+
+    def __init__(
+        self,
+        root: Path,
+        routes: dict[str, str],
+        policy_workers: int | None = None,
+        deliver_workers: int | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = root
+        self.overrides = overrides or {}
+        self.routes = routes
+        self.policy_workers = policy_workers
+        self.deliver_workers = deliver_workers
+        self.smtp_port = free_port()
+        self.redis = EmbeddedRedis(root / "redis")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.config_path = root / "tlsrelay.yaml"
+
+    def config(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "hostname": "relay.bench.test",
+            "redis_url": self.redis.url,
+            "data_dir": str(self.root / "var"),
+            "ingest": {"listen": f"127.0.0.1:{self.smtp_port}"},
+            "policy": {},
+            "delivery": {"routes": dict(self.routes)},
+            "metrics": {name: f"127.0.0.1:{free_port()}" for name in SERVICES},
+        }
+        if self.policy_workers:
+            settings["policy"]["concurrency"] = self.policy_workers
+        if self.deliver_workers:
+            settings["delivery"]["concurrency"] = self.deliver_workers
+        for key, value in self.overrides.items():
+            *parents, last = key.split(".")
+            section = settings
+            for name in parents:
+                section = section.setdefault(name, {})
+            section[last] = value
+        return settings
+
+    def settings_summary(self) -> dict[str, Any]:
+        """The worker concurrencies in force (the service defaults when not given), and the
+        ``--set`` overrides."""
+        from services.common.config import DeliveryConfig, PolicyConfig
+
+        return {
+            "policy_workers": self.policy_workers or PolicyConfig().concurrency,
+            "deliver_workers": self.deliver_workers or DeliveryConfig().concurrency,
+            "settings": dict(self.overrides),
+        }
+
+    def __enter__(self) -> TlsRelay:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
+        try:
+            self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+            for name in SERVICES:
+                self._start(name)
+            ingest = self.procs["ingest"]
+            wait_listening(self.smtp_port, lambda: ingest.poll() is None, "tlsrelay ingest")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _start(self, name: str) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "services.common.cli",
+            name,
+            "--config",
+            str(self.config_path),
+        ]
+        with (self.root / f"{name}.log").open("ab") as log:
+            self.procs[name] = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env=python_env(),
+                start_new_session=True,  # its own process group: the pool children stop with it
+            )
+
+    def processes(self) -> dict[str, int]:
+        assert self.redis.process is not None
+        pids = {name: proc.pid for name, proc in self.procs.items()}
+        return {**pids, "redis": self.redis.process.pid}
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise TargetError(f"tlsrelay {name} exited with {proc.returncode}: see {name}.log")
+
+    def stop(self) -> None:
+        """SIGTERM (warm shutdown) to every service, SIGKILL to what is left after 20 s."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+        self.procs.clear()
+        self.redis.stop()

@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark (``make bench``): it runs end to end on a small load and reports.
+
+Runs ``python -m bench.run --messages 200 --sessions 5`` as a subprocess (real Redis, the three
+services, the sink and the load client as processes) and checks only that it works: exit 0, the
+last line is the JSON report with every field, nothing lost. Nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = {
+    "target", "client", "messages", "size", "sessions", "recipients", "domains", "tls_mix",
+    "rate", "client_tls", "policy_workers", "deliver_workers", "accepted", "refused",
+    "queue_ids", "delivered", "lost", "duplicates", "e2e_msgs_per_s", "accept_msgs_per_s",
+    "e2e_seconds", "latency_ms", "tls_handshakes_per_msg", "tls_resumed_per_msg",
+    "sink_connections_per_msg", "tls_delivery_share", "cpu_ms_per_msg", "peak_rss_mb",
+    "other_load_cores", "complete_before_deadline",
+}  # fmt: skip
+SERVICES = {"ingest", "policy", "deliver", "redis"}
+
+
+def test_bench_runs_small_load_and_reports_every_field(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench.run", "--messages", "200", "--sessions", "5",
+            "--warmup", "5", "--deadline", "60", "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) >= FIELDS, FIELDS - set(report)
+    assert report["lost"] == 0
+    assert report["delivered"] == report["accepted"] == report["queue_ids"] == 200
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "max"}
+    assert SERVICES | {"relay_total", "sink", "client"} <= set(report["cpu_ms_per_msg"])
+    for service in SERVICES:
+        assert report["peak_rss_mb"][service][0]["role"] == "main"
+    # The Celery workers' pool processes are measured too (policy 2, deliver 4 by default).
+    assert len(report["peak_rss_mb"]["policy"]) == 1 + report["policy_workers"]
+    assert len(report["peak_rss_mb"]["deliver"]) == 1 + report["deliver_workers"]
+    assert "end-to-end" in done.stdout  # the readable table precedes the JSON line
