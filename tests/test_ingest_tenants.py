@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,24 +55,6 @@ RCPT_OK = (250, b"2.1.5 Ok")
 
 
 # --------------------------------------------------------------------------- the small world
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
-    server = Valkey(tmp_path_factory.mktemp("valkey"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def store(valkey: Valkey) -> Iterator[redis.Redis]:
-    """A client on an empty database."""
-    with redis.Redis.from_url(valkey.url) as client:
-        client.flushall()
-        yield client
 
 
 @dataclass(frozen=True)
