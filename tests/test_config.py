@@ -89,6 +89,7 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ("ingest: [1, 2\n", ": invalid YAML"),
         ("- a\n- b\n", ":1: the top level must be a mapping"),
         ("redis_url: http://x\n", ":1: redis_url: expected redis://"),
+        ("redis_appendfsync: sometimes\n", ":1: redis_appendfsync: Input should be 'everysec'"),
         (
             "ingest:\n  tls_cert: /nonexistent/cert.pem\n  tls_key: /nonexistent/key.pem\n",
             ":2: ingest.tls_cert: file not found",

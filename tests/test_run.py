@@ -29,7 +29,8 @@ def test_run_starts_everything_delivers_and_stops_cleanly(tmp_path: Path) -> Non
     with Sink("starttls") as sink:
         config = tmp_path / "tlsrelay.yaml"
         config.write_text(
-            f"hostname: relay.test\ndata_dir: ./var\ningest:\n  listen: 127.0.0.1:{port}\n"
+            f"hostname: relay.test\ndata_dir: ./var\nredis_appendfsync: always\n"
+            f"ingest:\n  listen: 127.0.0.1:{port}\n"
             f"delivery:\n  routes:\n    example.org: {sink.address_text}\n"
             "policy:\n  concurrency: 1\n"
             + "metrics:\n"
@@ -58,6 +59,7 @@ def test_run_starts_everything_delivers_and_stops_cleanly(tmp_path: Path) -> Non
             log.close()
     output = (tmp_path / "run.log").read_text()
     assert "redis: embedded server at redis://127.0.0.1:" in output
+    assert "AOF on, appendfsync always" in output
     assert f"ingest: smtp://127.0.0.1:{port}" in output
     assert "tlsrelay: stopped" in output
     for name, where in metrics.items():

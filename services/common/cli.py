@@ -310,10 +310,13 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     embedded = None
     redis_url = config.redis_url
     if redis_url is None:
-        embedded = EmbeddedRedis(config.data_dir / "redis")
+        embedded = EmbeddedRedis(config.data_dir / "redis", appendfsync=config.redis_appendfsync)
         redis_url = embedded.start()
         _embedded_url_file(config).write_text(redis_url + "\n")
-        print(f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, AOF on)")
+        print(
+            f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, "
+            f"AOF on, appendfsync {config.redis_appendfsync})"
+        )
     print(f"ingest: smtp://{config.ingest.listen}", flush=True)
     for name in SERVICES:
         address = getattr(config.metrics, name)

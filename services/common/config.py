@@ -19,7 +19,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -389,6 +389,9 @@ class Config(_Section):
 
     hostname: str = Field(default_factory=socket.getfqdn)
     redis_url: str | None = None  # absent → embedded server under data_dir, AOF on
+    # The embedded server's AOF fsync policy: everysec (a machine crash may lose the last second
+    # of accepted mail) or always (fsync before every reply: nothing lost, slower).
+    redis_appendfsync: Literal["everysec", "always"] = "everysec"
     data_dir: Path = Path("./var")
     trace_ttl: Duration = 7 * 86400.0  # how long a message's event log is kept after its last event
     ingest: IngestConfig = IngestConfig()
