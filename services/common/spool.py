@@ -187,6 +187,28 @@ def load_envelope(client: redis.Redis, message_id: str) -> Envelope | None:
     return Envelope.from_json(json.loads(raw)) if raw else None
 
 
+@dataclass(frozen=True)
+class JobState:
+    """What a delivery job needs from Redis, read in one round trip (see :func:`load_job`)."""
+
+    envelope: Envelope | None
+    body: bytes | None
+    final: set[str]  # recipients already delivered or bounced
+    in_flight: bytes | None  # the mark of an earlier run that died while sending DATA
+
+
+def load_job(client: redis.Redis, message_id: str, domain: str) -> JobState:
+    """Envelope, body, final recipients and the in-flight mark: one pipelined round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hmget(msg_key(message_id), ["envelope", "body"])
+        pipe.hgetall(rcpt_key(message_id))
+        pipe.get(in_flight_key(message_id, domain))
+        (raw_envelope, body), states, in_flight = pipe.execute()
+    final = {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
+    envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
+    return JobState(envelope, body, final, in_flight)
+
+
 def load_body(client: redis.Redis, message_id: str) -> bytes | None:
     raw: bytes | None = client.hget(msg_key(message_id), "body")  # type: ignore[assignment]
     return raw

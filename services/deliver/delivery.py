@@ -95,16 +95,14 @@ class Deliverer:
 
     async def run(self, job: dict[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
-        envelope = spool.load_envelope(self.client, job["id"])
-        if envelope is None:
-            return None
-        done = spool.final_recipients(self.client, envelope.id)
-        pending = [r for r in job["recipients"] if r not in done]
-        body = spool.load_body(self.client, envelope.id)
-        if not pending or body is None:
+        state = spool.load_job(self.client, job["id"], job["domain"])
+        envelope, body = state.envelope, state.body
+        pending = [r for r in job["recipients"] if r not in state.final]
+        if envelope is None or body is None or not pending:
             return None
         decision = Decision.from_json(job["decision"])
-        self._note_interrupted(envelope.id, decision.domain)
+        if state.in_flight is not None:
+            self._note_interrupted(envelope.id, decision.domain, state.in_flight)
         outcome = await self.send(envelope, body, decision, pending)
         self.record(job, envelope, outcome, body)
         return outcome
@@ -116,10 +114,7 @@ class Deliverer:
         ttl = int(self.config.celery.visibility_timeout * 4)
         self.client.set(spool.in_flight_key(envelope.id, decision.domain), note, ex=ttl)
 
-    def _note_interrupted(self, message_id: str, domain: str) -> None:
-        raw = self.client.get(spool.in_flight_key(message_id, domain))
-        if raw is None:
-            return
+    def _note_interrupted(self, message_id: str, domain: str, raw: bytes) -> None:
         previous = json.loads(raw)
         spool.append_trace(
             self.client,
