@@ -95,11 +95,12 @@ def stored(store: redis.Redis, message_id: str) -> tuple[dict[str, Any], bytes]:
 
 
 def policy_task_ids(store: redis.Redis) -> list[str]:
-    """The message ids carried by the queued ``policy`` tasks (kombu/Celery protocol 2)."""
+    """The message ids carried by the queued ``policy`` tasks (kombu/Celery protocol 2; each
+    task's one argument is a batch of ids), oldest task first."""
     ids = []
-    for raw in store.lrange("policy", 0, -1):
-        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        ids.extend(args)
+    for raw in reversed(store.lrange("policy", 0, -1)):
+        (batch,), _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        ids.extend(batch)
     return ids
 
 

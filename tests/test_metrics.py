@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import metrics, queueing, spool
 from services.common.config import ConfigError, load_config
-from services.common.model import new_message_id
 from services.common.redisserver import EmbeddedRedis, free_port
 from services.deliver import scheduler
 from tests.peers import Message, Sink
@@ -328,15 +327,6 @@ def test_exposition_follows_prometheus_conventions(world: World, service: str) -
                     assert label == "circumstance", (name, label)
 
 
-def test_queue_task_payloads_name_their_message() -> None:
-    message_id = new_message_id()
-    job = {"id": message_id, "domain": "tls.test", "recipients": ["a@tls.test"]}
-    assert metrics.task_message_id(queueing.classify_task(message_id)) == message_id
-    assert metrics.task_message_id(queueing.deliver_task(job).encode()) == message_id
-    assert metrics.task_message_id(b"not json") is None
-    assert metrics.task_message_id(None) is None
-
-
 def message_id_at(when: float) -> str:
     return f"{int(when * 1000):012X}ABCDEF01"
 
@@ -353,9 +343,11 @@ def test_queue_readings_from_redis(tmp_path: Path) -> None:
                 job = {"id": mid, "domain": "x.test", "recipients": ["a@x.test"], "attempt": 2}
                 scheduler.stage_deferral(pipe, job, now + 3600)
             pipe.execute()
-        client.lpush(queueing.QUEUE_POLICY, queueing.classify_task(older))
-        client.lpush(queueing.QUEUE_POLICY, queueing.classify_task(newer))
-        client.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task({"id": newer}))
+        # Tasks carry batches: the gauges count messages (waiting sets), not list entries.
+        client.lpush(queueing.QUEUE_POLICY, queueing.classify_task([older, newer]))
+        client.zadd(spool.WAITING_POLICY, {older: now - 50, newer: now - 10})
+        client.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([{"id": newer}]))
+        client.zadd(spool.WAITING_DELIVER, {spool.waiting_job(newer, "x.test"): now - 10})
         readings = metrics.QueueCollector(server.url).read(now)
         assert readings == {
             "policy": (2, pytest.approx(50, abs=0.01)),

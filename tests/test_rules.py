@@ -701,15 +701,21 @@ def test_policy_task_reads_the_body_only_when_a_rule_needs_content(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rules_yaml: str, reads_body: bool
 ) -> None:
     read: list[str] = []
-    load_body = spool.load_body
-    monkeypatch.setattr(spool, "load_body", lambda c, i: read.append(i) or load_body(c, i))
+    load = spool.load_unclassified
+
+    def spy(client: Any, ids: list[str], with_body: bool) -> Any:
+        loaded = load(client, ids, with_body)
+        read.extend(envelope.id for envelope, body in loaded if body is not None)
+        return loaded
+
+    monkeypatch.setattr(spool, "load_unclassified", spy)
     with EmbeddedRedis(tmp_path / "redis") as redis:
         helper = PolicyWorker(tmp_path, redis)
         helper.write_rules(rules_yaml)
         service = PolicyService(load_config(helper.config), redis.url)
         message_id = new_message_id()
         asyncio.run(helper._accept([message_id]))
-        service.classify(message_id)
+        service.classify([message_id])
         decision = helper._decision(service.client, message_id)
         service.client.close()
     assert decision is not None and decision["tls"] == ("enforced" if reads_body else "verified")

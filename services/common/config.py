@@ -203,6 +203,11 @@ class IngestConfig(_Section):
     command_timeout: Duration = Field(default=300.0, gt=0)
     max_bad_commands: int = Field(default=10, gt=0)  # 5xx syntax replies, then 421 4.7.0, close
     max_header_bytes: int = Field(default=1_048_576, gt=0)  # header section; above: 552 5.3.4
+    # Group commit (spool.Committer): messages finishing DATA within this window share one Redis
+    # transaction and one policy task; the 250 waits for it. 0 = only those finished in the same
+    # event-loop turn. At most batch_max messages per commit.
+    batch_window: Duration = Field(default=0.002, ge=0, le=1)
+    batch_max: int = Field(default=100, gt=0)
     relay_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -326,6 +331,10 @@ class DeliveryConfig(_Section):
     # at most this many transactions (1 = no reuse) and is kept idle at most this long.
     reuse_max_messages: int = Field(default=100, gt=0)
     reuse_idle_timeout: Duration = 30.0
+    # Jobs per deliver task (all for one destination domain, sent one after another over one
+    # connection): fewer Celery hops per message. A destination that fails a job (no host
+    # reachable, TLS unavailable) defers the rest of its batch without trying each.
+    batch_max: int = Field(default=50, gt=0)
     concurrency: int = Field(default=4, gt=0)  # Celery worker processes
 
     @field_validator("routes")

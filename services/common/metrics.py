@@ -27,8 +27,6 @@ than failing the whole exposition.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import socket
@@ -56,7 +54,7 @@ from prometheus_client.registry import Collector
 from services.common import health, queueing, spool
 from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
-from services.deliver.scheduler import DEFERRED_SINCE, message_time
+from services.deliver.scheduler import DEFERRED_SINCE
 
 if TYPE_CHECKING:
     from services.deliver.delivery import Outcome
@@ -271,6 +269,10 @@ def prime_ingest(listeners: Iterable[str]) -> None:
 
 QUEUES: Final = (queueing.QUEUE_POLICY, queueing.QUEUE_DELIVER)
 DEFERRED: Final = "deferred"
+_WAITING: Final = {
+    queueing.QUEUE_POLICY: spool.WAITING_POLICY,
+    queueing.QUEUE_DELIVER: spool.WAITING_DELIVER,
+}
 _HEAD = 10  # entries of the deferred index checked per round for messages already gone
 _ROUNDS = 5
 
@@ -279,9 +281,11 @@ class QueueCollector:
     """``tlsrelay_queue_messages{queue}`` and ``tlsrelay_queue_oldest_age_seconds{queue}``,
     read from Redis when scraped (a handful of O(1)/O(log n) commands, never a scan).
 
-    - ``policy`` and ``deliver`` (the Celery lists): ``LLEN``; the oldest entry is ``LINDEX -1``
-      (kombu pushes on the left, consumes from the right); its age is read from the message id
-      in the task (message ids start with the acceptance time, see ``model.new_message_id``).
+    - ``policy`` and ``deliver``: ``ZCARD`` of ``tlsrelay:waiting:policy`` (messages not yet
+      classified) and ``tlsrelay:waiting:deliver`` (message × domain jobs queued or being sent,
+      not deferred), kept in the same transactions as the work (see ``common/spool.py``): Celery
+      tasks carry batches, so the lists' lengths count tasks, not messages. The oldest age is
+      the lowest score (the acceptance time).
     - ``deferred``: ``ZCARD tlsrelay:deferred`` (entries are per-domain jobs); the oldest age
       comes from the index ``tlsrelay:deferred:since`` (message id → acceptance time, written
       with every deferral, removed when the message completes; see ``deliver/scheduler.py``).
@@ -316,14 +320,15 @@ class QueueCollector:
         """queue → (entries, age of the oldest in seconds)."""
         with self.client.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
-                pipe.llen(queue)
-                pipe.lindex(queue, -1)
+                pipe.zcard(_WAITING[queue])
+                pipe.zrange(_WAITING[queue], 0, 0, withscores=True)
             pipe.zcard(spool.DEFERRED)
             replies = pipe.execute()
         readings = {}
         for i, queue in enumerate(QUEUES):
             size, oldest = replies[2 * i], replies[2 * i + 1]
-            readings[queue] = (int(size), _age(task_message_id(oldest), now) if size else 0.0)
+            age = max(0.0, now - oldest[0][1]) if oldest else 0.0
+            readings[queue] = (int(size), age)
         deferred = int(replies[-1])
         readings[DEFERRED] = (deferred, self._oldest_deferred(now) if deferred else 0.0)
         return readings
@@ -366,25 +371,6 @@ class QueueCollector:
             ages.add_metric([queue], round(age, 3))
         yield sizes
         yield ages
-
-
-def task_message_id(raw: bytes | str | None) -> str | None:
-    """The message id in a queued Celery task (kombu envelope → base64 body → [args, ...]):
-    the ``policy`` task's argument, or the ``id`` of the ``deliver`` task's job."""
-    if raw is None:
-        return None
-    try:
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        first = body[0][0]
-        found = first["id"] if isinstance(first, dict) else first
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return found if isinstance(found, str) else None
-
-
-def _age(message_id: str | None, now: float) -> float:
-    accepted = message_time(message_id) if message_id else None
-    return max(0.0, now - accepted) if accepted is not None else 0.0
 
 
 # --------------------------------------------------------------------------- serving

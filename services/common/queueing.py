@@ -9,6 +9,10 @@ the end-to-end tests prove the format.
 
 Celery queues here use a direct exchange named like the queue, with routing key = queue name, so
 the Redis list key is the queue name itself (priority 0).
+
+Tasks carry batches (a list of message ids, a list of delivery jobs): the Celery hop costs a few
+milliseconds of CPU per task, so one task per message would cap the relay (bench/README.md).
+Payloads are ids and small job documents, never bodies.
 """
 
 from __future__ import annotations
@@ -72,11 +76,13 @@ def task_payload(task_name: str, args: list[Any], queue: str, task_id: str | Non
     return json.dumps(message)
 
 
-def classify_task(message_id: str) -> str:
-    """The ``policy`` task for one accepted message."""
-    return task_payload(TASK_CLASSIFY, [message_id], QUEUE_POLICY)
+def classify_task(message_ids: list[str]) -> str:
+    """The ``policy`` task for a batch of accepted messages (one ingest commit, see
+    :class:`services.common.spool.Committer`)."""
+    return task_payload(TASK_CLASSIFY, [message_ids], QUEUE_POLICY)
 
 
-def deliver_task(job: dict[str, Any]) -> str:
-    """The ``deliver`` task for one (message, destination domain) job."""
-    return task_payload(TASK_DELIVER, [job], QUEUE_DELIVER)
+def deliver_task(jobs: list[dict[str, Any]]) -> str:
+    """The ``deliver`` task for a batch of (message, destination domain) jobs, all for one
+    destination domain (so one worker delivers them over one reused connection)."""
+    return task_payload(TASK_DELIVER, [jobs], QUEUE_DELIVER)

@@ -9,6 +9,12 @@ Layout (every key under ``tlsrelay:``):
 - ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
 - ``deferred``       sorted set: member = JSON delivery job, score = due time (unix seconds).
 - ``tlsbroken:{host}:{port}``  set with a TTL when a STARTTLS handshake failed there.
+- ``waiting:policy``  sorted set: message ids not yet classified, score = acceptance time.
+- ``waiting:deliver`` sorted set: ``"{id} {domain}"`` jobs queued for delivery (not deferred),
+                     score = acceptance time. Celery tasks carry batches, so the task lists'
+                     lengths are not message counts; these two sets are (the queue gauges). Both
+                     are written in the transactions that queue and consume the work, and
+                     removing a member twice is harmless, so a redelivered task cannot skew them.
 
 Writes that must not be half-done go in one ``MULTI``/``EXEC`` (or one Lua script): a failed
 transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError`` (and
@@ -17,8 +23,10 @@ transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -35,6 +43,8 @@ PREFIX = "tlsrelay:"
 DEFERRED = PREFIX + "deferred"
 TRACE_TTL = 7 * 86400
 FINAL_STATES = frozenset({"delivered", "bounced"})
+WAITING_POLICY = PREFIX + "waiting:policy"
+WAITING_DELIVER = PREFIX + "waiting:deliver"
 
 
 def msg_key(message_id: str) -> str:
@@ -56,6 +66,11 @@ def in_flight_key(message_id: str, domain: str) -> str:
 
 def tls_broken_key(host: str, port: int) -> str:
     return f"{PREFIX}tlsbroken:{host}:{port}"
+
+
+def waiting_job(message_id: str, domain: str) -> str:
+    """The ``waiting:deliver`` member of one delivery job."""
+    return f"{message_id} {domain}"
 
 
 def event(kind: str, **fields: Any) -> str:
@@ -136,14 +151,81 @@ def connect_async(url: str) -> aioredis.Redis:
 async def accept(
     client: aioredis.Redis, envelope: Envelope, body: bytes, trace_ttl: float = TRACE_TTL
 ) -> None:
-    """Store message and envelope and enqueue its ``policy`` task, all or nothing.
+    """Store one message and envelope and enqueue its ``policy`` task, all or nothing.
 
     One ``MULTI``/``EXEC`` round trip. When this returns, the message is in Redis (and in its AOF
-    within the configured fsync window); when it raises, Redis holds none of it.
+    within the configured fsync window); when it raises, Redis holds none of it. Ingest uses
+    :class:`Committer`, which does the same for several messages at once.
     """
     async with client.pipeline(transaction=True) as pipe:
         stage_message(pipe, envelope, body, trace_ttl)
         await pipe.execute()
+
+
+class Committer:
+    """Group commit for ingest: messages that finish DATA close together share one ``MULTI``/
+    ``EXEC`` and one ``policy`` task (as PostgreSQL's ``commit_delay`` or Kafka's ``linger.ms``).
+
+    :meth:`accept` adds a message to the open batch and waits for the batch's transaction. A batch
+    is written ``window`` seconds after its first message arrived (0: on the next turn of the event
+    loop, which still groups messages finished in the same turn), or at once when it holds
+    ``max_batch`` messages. Each caller's ``accept`` returns only after EXEC succeeded and raises
+    what the transaction raised (then none of the batch was stored: every session answers 451).
+    A caller that stops waiting (timeout) does not stop the write: its message may be stored
+    although its client was told 451 — the same as with one transaction per message.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, trace_ttl: float, window: float, max_batch: int
+    ) -> None:
+        self.client = client
+        self.trace_ttl = trace_ttl
+        self.window = window
+        self.max_batch = max_batch
+        self._batch: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def accept(self, envelope: Envelope, body: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._batch.append((envelope, body, done))
+        if len(self._batch) >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window, self._flush)
+        await asyncio.shield(done)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._batch = self._batch, []
+        if batch:
+            write = asyncio.get_running_loop().create_task(self._write(batch))
+            self._writes.add(write)  # keep a reference until it is done
+            write.add_done_callback(self._writes.discard)
+
+    async def _write(self, batch: list[tuple[Envelope, bytes, asyncio.Future[None]]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for envelope, body, _ in batch:
+                    stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
+                ids = [envelope.id for envelope, _, _ in batch]
+                pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+                await pipe.execute()
+        except Exception as exc:
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        except BaseException:  # cancelled (shutdown): the callers must not wait forever
+            for _, _, done in batch:
+                done.cancel()
+            raise
+        for _, _, done in batch:
+            if not done.done():
+                done.set_result(None)
 
 
 def stage_message(
@@ -151,10 +233,12 @@ def stage_message(
     envelope: Envelope,
     body: bytes,
     trace_ttl: float,
+    enqueue: bool = True,
     **received: Any,
 ) -> None:
     """Buffer the writes that queue a new message (ingest, or a DSN the relay itself generates)
-    into ``pipe``, a transaction the caller executes. ``received`` adds fields to the event."""
+    into ``pipe``, a transaction the caller executes. ``received`` adds fields to the event.
+    ``enqueue=False``: the caller pushes the ``policy`` task itself (one for a batch)."""
     first = event(
         "received",
         client=envelope.client_address,
@@ -175,7 +259,9 @@ def stage_message(
     )
     pipe.rpush(trace_key(envelope.id), first)
     pipe.expire(trace_key(envelope.id), int(trace_ttl))
-    pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(envelope.id))
+    pipe.zadd(WAITING_POLICY, {envelope.id: envelope.received_at})
+    if enqueue:
+        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task([envelope.id]))
 
 
 # --------------------------------------------------------------------------- workers
@@ -189,24 +275,37 @@ def load_envelope(client: redis.Redis, message_id: str) -> Envelope | None:
 
 @dataclass(frozen=True)
 class JobState:
-    """What a delivery job needs from Redis, read in one round trip (see :func:`load_job`)."""
+    """What a delivery job needs from Redis, read in one round trip (see :func:`load_jobs`)."""
 
     envelope: Envelope | None
     body: bytes | None
-    final: set[str]  # recipients already delivered or bounced
+    final: dict[str, str]  # recipient → its final state (delivered / bounced), when it has one
     in_flight: bytes | None  # the mark of an earlier run that died while sending DATA
+    delay_warned: bool = False  # a "delayed" DSN was sent already
+
+
+def load_jobs(client: redis.Redis, jobs: list[tuple[str, str]]) -> list[JobState]:
+    """For each (message id, domain): envelope, body, final recipients, in-flight mark and
+    whether a delay notice went out — all jobs in one pipelined round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        for message_id, domain in jobs:
+            pipe.hmget(msg_key(message_id), ["envelope", "body", "delay_warned"])
+            pipe.hgetall(rcpt_key(message_id))
+            pipe.get(in_flight_key(message_id, domain))
+        replies = pipe.execute()
+    states = []
+    for i in range(len(jobs)):
+        (raw_envelope, body, warned), rcpts, in_flight = replies[3 * i : 3 * i + 3]
+        final = {k.decode(): json.loads(v).get("state") for k, v in rcpts.items()}
+        final = {r: state for r, state in final.items() if state in FINAL_STATES}
+        envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
+        states.append(JobState(envelope, body, final, in_flight, warned is not None))
+    return states
 
 
 def load_job(client: redis.Redis, message_id: str, domain: str) -> JobState:
-    """Envelope, body, final recipients and the in-flight mark: one pipelined round trip."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.hmget(msg_key(message_id), ["envelope", "body"])
-        pipe.hgetall(rcpt_key(message_id))
-        pipe.get(in_flight_key(message_id, domain))
-        (raw_envelope, body), states, in_flight = pipe.execute()
-    final = {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
-    envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
-    return JobState(envelope, body, final, in_flight)
+    """:func:`load_jobs` for one job."""
+    return load_jobs(client, [(message_id, domain)])[0]
 
 
 def load_body(client: redis.Redis, message_id: str) -> bytes | None:
@@ -220,32 +319,65 @@ def final_recipients(client: redis.Redis, message_id: str) -> set[str]:
     return {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
 
 
-def record_classification(
-    client: redis.Redis, envelope: Envelope, decisions: list[Decision], trace_ttl: float = TRACE_TTL
+def load_unclassified(
+    client: redis.Redis, message_ids: list[str], with_body: bool
+) -> list[tuple[Envelope, bytes | None]]:
+    """Envelope (and body when ``with_body``) of each message that is still stored and not yet
+    classified, in one pipelined round trip. Messages gone (final) or already classified (a
+    redelivered ``policy`` task) are left out."""
+    fields = ["envelope", "decisions", *(["body"] if with_body else [])]
+    with client.pipeline(transaction=False) as pipe:
+        for message_id in message_ids:
+            pipe.hmget(msg_key(message_id), fields)
+        rows = pipe.execute()
+    return [
+        (Envelope.from_json(json.loads(row[0])), row[2] if with_body else None)
+        for row in rows
+        if row[0] is not None and row[1] is None
+    ]
+
+
+def record_classifications(
+    client: redis.Redis,
+    classified: list[tuple[Envelope, list[Decision]]],
+    trace_ttl: float = TRACE_TTL,
+    batch_max: int = 50,
+    message_ids: Sequence[str] = (),
 ) -> None:
-    """Store the decisions and enqueue one ``deliver`` task per destination domain, atomically."""
-    groups = envelope.recipients_by_domain()
+    """Store the decisions of several messages and enqueue their delivery jobs, atomically: one
+    ``deliver`` task per destination domain with up to ``batch_max`` jobs (so one worker sends a
+    domain's messages over one connection). ``message_ids`` (the whole policy task, including
+    messages skipped as gone or already classified) leave ``waiting:policy``."""
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    waiting: dict[str, float] = {}
+    batch = len(message_ids) or len(classified)  # shown in the trace: messages in the task
     with client.pipeline(transaction=True) as pipe:
-        pipe.hset(msg_key(envelope.id), "decisions", json.dumps([d.to_json() for d in decisions]))
-        for decision in decisions:
-            job = {
-                "id": envelope.id,
-                "domain": decision.domain,
-                "recipients": list(groups[decision.domain]),
-                "decision": decision.to_json(),
-                "attempt": 1,
-            }
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(job))
-        pipe.rpush(
-            trace_key(envelope.id),
-            event("classified", decisions=[d.to_json() for d in decisions]),
-        )
-        pipe.expire(trace_key(envelope.id), int(trace_ttl))
+        for envelope, decisions in classified:
+            groups = envelope.recipients_by_domain()
+            as_json = [d.to_json() for d in decisions]
+            pipe.hset(msg_key(envelope.id), "decisions", json.dumps(as_json))
+            classified_event = event("classified", decisions=as_json, batch=batch)
+            pipe.rpush(trace_key(envelope.id), classified_event)
+            pipe.expire(trace_key(envelope.id), int(trace_ttl))
+            for decision, raw in zip(decisions, as_json, strict=True):
+                job = {
+                    "id": envelope.id,
+                    "domain": decision.domain,
+                    "recipients": list(groups[decision.domain]),
+                    "decision": raw,
+                    "attempt": 1,
+                }
+                by_domain.setdefault(decision.domain, []).append(job)
+                waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
+        for jobs in by_domain.values():
+            for i in range(0, len(jobs), batch_max):
+                pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(jobs[i : i + batch_max]))
+        if waiting:
+            pipe.zadd(WAITING_DELIVER, waiting)
+        gone = list(message_ids) or [envelope.id for envelope, _ in classified]
+        if gone:
+            pipe.zrem(WAITING_POLICY, *gone)
         pipe.execute()
-
-
-def is_classified(client: redis.Redis, message_id: str) -> bool:
-    return bool(client.hexists(msg_key(message_id), "decisions"))
 
 
 def append_trace(

@@ -53,6 +53,14 @@ class Outcome:
     attempts: list[Attempt] = field(default_factory=list)
     remote_mta: dict[str, str] = field(default_factory=dict)  # host that gave each reply
     note: str = ""  # said in a DSN (e.g. why the relay gave up)
+    unreachable: bool = False  # deferred without any host running a transaction
+    skipped: str = ""  # not tried: why (the destination failed earlier in the same batch)
+
+    def not_tried(self, pending: list[str]) -> Outcome:
+        """The outcome for another job of the batch to this unreachable destination."""
+        reply = next(iter(self.deferred.values()), NO_HOST)
+        skipped = f"not tried: the destination failed for an earlier message just now: {reply}"
+        return Outcome(deferred=dict.fromkeys(pending, reply), skipped=skipped)
 
     def settle(self, replies: dict[str, Reply], host: str) -> None:
         for rcpt, reply in replies.items():
@@ -92,20 +100,69 @@ class Deliverer:
             greeting=delivery.greeting_timeout,
             data=delivery.data_timeout,
         )
+        self._broken: dict[tuple[str, int], bool] = {}  # the "TLS broken" memory, this batch
+
+    async def run_batch(self, jobs: list[dict[str, Any]]) -> list[Outcome | None]:
+        """Deliver and record a batch of jobs (one ``deliver`` task: one destination domain), one
+        after another so they share a reused connection. Their state is read in one round trip;
+        each job's outcome is recorded in its own transaction as soon as it is known (a worker
+        dying mid-batch re-sends nothing already recorded). When a job finds its destination
+        unreachable, the rest of the batch with the same route and TLS requirement is deferred
+        with the same error instead of waiting out the same timeouts again. An unexpected error
+        in one job parks that job for a retry and lets the batch go on; Redis errors propagate."""
+        states = spool.load_jobs(self.client, [(job["id"], job["domain"]) for job in jobs])
+        self._broken = {}
+        unreachable: dict[tuple[Any, ...], Outcome] = {}
+        results: list[Outcome | None] = []
+        for job, state in zip(jobs, states, strict=True):
+            try:
+                results.append(await self._run(job, state, unreachable))
+            except redis.exceptions.RedisError:
+                raise
+            except Exception:
+                log.exception("delivery of %s to %s failed unexpectedly", job["id"], job["domain"])
+                self.park(job)
+                results.append(None)
+        return results
 
     async def run(self, job: dict[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
-        state = spool.load_job(self.client, job["id"], job["domain"])
+        return (await self.run_batch([job]))[0]
+
+    async def _run(
+        self,
+        job: dict[str, Any],
+        state: spool.JobState,
+        unreachable: dict[tuple[Any, ...], Outcome],
+    ) -> Outcome | None:
         envelope, body = state.envelope, state.body
         pending = [r for r in job["recipients"] if r not in state.final]
         if envelope is None or body is None or not pending:
+            self.client.zrem(spool.WAITING_DELIVER, spool.waiting_job(job["id"], job["domain"]))
             return None
         decision = Decision.from_json(job["decision"])
         if state.in_flight is not None:
             self._note_interrupted(envelope.id, decision.domain, state.in_flight)
-        outcome = await self.send(envelope, body, decision, pending)
-        self.record(job, envelope, outcome, body)
+        key = (decision.domain, decision.route, decision.tls, decision.tls_profile)
+        if key in unreachable:
+            outcome = unreachable[key].not_tried(pending)
+        else:
+            outcome = await self.send(envelope, body, decision, pending)
+            if outcome.unreachable:
+                unreachable[key] = outcome
+        self.record(job, envelope, outcome, body, state)
         return outcome
+
+    def park(self, job: dict[str, Any]) -> None:
+        """Put a job that failed unexpectedly back into the deferred set, due after the first
+        retry step, so a bug in delivery code never drops mail."""
+        due = time.time() + self.config.delivery.retry_schedule[0]
+        with self.client.pipeline(transaction=True) as pipe:
+            scheduler.stage_deferral(pipe, job, due)
+            pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(job["id"], job["domain"]))
+            pipe.rpush(spool.trace_key(job["id"]), spool.event("error", domain=job["domain"]))
+            pipe.expire(spool.trace_key(job["id"]), int(self.config.trace_ttl))
+            pipe.execute()
 
     def _in_flight(self, envelope: Envelope, decision: Decision, peer: Peer) -> None:
         """Mark the job as sending DATA; ``record`` clears the mark in its transaction. A mark
@@ -145,6 +202,7 @@ class Deliverer:
             return outcome
         except mx.DnsError as exc:
             outcome.deferred = dict.fromkeys(pending, Reply(451, "4.4.3", str(exc)))
+            outcome.unreachable = True
             return outcome
         errors: list[Reply] = []
         hooks = Hooks(self._remember_broken, lambda peer: self._in_flight(envelope, decision, peer))
@@ -159,6 +217,7 @@ class Deliverer:
                 return outcome
             errors.append(result.error or NO_HOST)
         _give_up(outcome, pending, errors)
+        outcome.unreachable = bool(outcome.deferred)
         return outcome
 
     def _peers(self, hosts: list[mx.Destination], domain: str) -> list[Peer]:
@@ -170,7 +229,10 @@ class Deliverer:
 
     def _tls(self, decision: Decision, peer: Peer) -> TlsSettings:
         """The TLS requirement and material: the platform's own for intra-platform mail."""
-        broken = bool(self.client.exists(spool.tls_broken_key(peer.address, peer.port)))
+        broken = self._broken.get((peer.address, peer.port))
+        if broken is None:  # read once per peer and batch
+            broken = bool(self.client.exists(spool.tls_broken_key(peer.address, peer.port)))
+            self._broken[(peer.address, peer.port)] = broken
         platform = self.config.platform_tls
         if decision.tls_profile == PLATFORM_PROFILE and platform is not None:
             return TlsSettings(
@@ -184,22 +246,32 @@ class Deliverer:
 
     def _remember_broken(self, peer: Peer) -> None:
         ttl = max(1, int(self.config.delivery.tls_broken_ttl))
+        self._broken[(peer.address, peer.port)] = True
         self.client.set(spool.tls_broken_key(peer.address, peer.port), peer.host, ex=ttl)
 
     def record(
-        self, job: dict[str, Any], envelope: Envelope, outcome: Outcome, body: bytes
-    ) -> None:
+        self, job: dict[str, Any], envelope: Envelope, outcome: Outcome, body: bytes,
+        state: spool.JobState | None = None,
+    ) -> None:  # fmt: skip
         """Write the round's results in one transaction, with the DSN it calls for (if any);
-        delete the message once every recipient is final."""
+        delete the message once every recipient is final. ``state``: what was read before the
+        round (:func:`spool.load_jobs`); read now when not given."""
+        if state is None:
+            state = spool.load_job(self.client, envelope.id, job["domain"])
         now, delivery = time.time(), self.config.delivery
         expires = envelope.received_at + delivery.max_queue_lifetime
         if outcome.deferred and now >= expires:
             lifetime = format_duration(delivery.max_queue_lifetime)
             outcome.give_up(f"The relay gave up: the message was queued longer than {lifetime}.")
-        notice = self._notice(job, envelope, outcome, body, now, expires)
+        notice = self._notice(job, envelope, outcome, body, now, expires, state.delay_warned)
         events = [
             spool.event("attempt", domain=job["domain"], **a.to_json()) for a in outcome.attempts
         ]
+        if outcome.skipped:
+            events.append(spool.event("skipped", domain=job["domain"], note=outcome.skipped))
+        # Final when nothing is left: known here unless another domain's job is still open.
+        final = {**state.final, **_final(outcome)}
+        complete = set(final) >= set(envelope.recipients)
         with self.client.pipeline(transaction=True) as pipe:
             events += self._stage_states(pipe, job, envelope, outcome, now)
             if outcome.deferred:
@@ -207,13 +279,23 @@ class Deliverer:
             if notice is not None:
                 events.append(self._stage_notice(pipe, envelope, notice))
             pipe.delete(spool.in_flight_key(envelope.id, job["domain"]))
+            pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(envelope.id, job["domain"]))
+            if complete:
+                events.append(spool.event("completed"))
+                pipe.delete(spool.msg_key(envelope.id))
+                scheduler.stage_completion(pipe, envelope.id)
+            elif not outcome.deferred:  # the other jobs may have finished meanwhile: look
+                pipe.hgetall(spool.rcpt_key(envelope.id))
             pipe.rpush(spool.trace_key(envelope.id), *events)
             pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
-            pipe.execute()
+            replies = pipe.execute()
         metrics.delivery_round(outcome, envelope.received_at, now)
         if notice is not None:
             metrics.dsn_sent(notice[0])
-        self._finish_if_final(envelope)
+        if complete:
+            metrics.message_final(final.values())
+        elif not outcome.deferred:
+            self._finish_if_final(envelope, replies[-3])
 
     def _stage_states(
         self, pipe: redis.client.Pipeline, job: dict[str, Any], envelope: Envelope,
@@ -246,7 +328,7 @@ class Deliverer:
 
     def _notice(
         self, job: dict[str, Any], envelope: Envelope, outcome: Outcome, body: bytes,
-        now: float, expires: float,
+        now: float, expires: float, delay_warned: bool,
     ) -> tuple[str, Envelope, bytes] | None:  # fmt: skip
         """The DSN this round calls for: a bounce for failed recipients, else (once per message,
         after ``delay_warning_after``) a delay notice; None when the sender is null."""
@@ -254,7 +336,7 @@ class Deliverer:
             return None
         if outcome.bounced:
             action, replies, until = dsn.FAILED, outcome.bounced, None
-        elif outcome.deferred and self._delay_warning_due(envelope, now):
+        elif outcome.deferred and not delay_warned and self._delay_warning_due(envelope, now):
             action, replies, until = dsn.DELAYED, outcome.deferred, expires
         else:
             return None
@@ -272,9 +354,7 @@ class Deliverer:
 
     def _delay_warning_due(self, envelope: Envelope, now: float) -> bool:
         after = self.config.delivery.delay_warning_after
-        if after <= 0 or now - envelope.received_at < after:
-            return False
-        return not self.client.hexists(spool.msg_key(envelope.id), "delay_warned")
+        return after > 0 and now - envelope.received_at >= after
 
     def _stage_notice(
         self, pipe: redis.client.Pipeline, envelope: Envelope,
@@ -289,9 +369,11 @@ class Deliverer:
         recipients = list(report_env.recipients)
         return spool.event("dsn", action=action, dsn_id=report_env.id, to=recipients)
 
-    def _finish_if_final(self, envelope: Envelope) -> None:
-        # Write-then-read: of two domain jobs finishing together, the later one sees all final.
-        states = _final_states(self.client, envelope.id)
+    def _finish_if_final(self, envelope: Envelope, raw: dict[bytes, bytes]) -> None:
+        """``raw``: the recipients' states read in the recording transaction (after its writes),
+        so of two domain jobs finishing together the later one sees every recipient final."""
+        states = {k.decode(): json.loads(v).get("state") for k, v in raw.items()}
+        states = {r: state for r, state in states.items() if state in spool.FINAL_STATES}
         if set(states) >= set(envelope.recipients):
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(spool.msg_key(envelope.id))
@@ -311,11 +393,12 @@ def _give_up(outcome: Outcome, pending: list[str], errors: list[Reply]) -> None:
         outcome.deferred = dict.fromkeys(pending, last)
 
 
-def _final_states(client: redis.Redis, message_id: str) -> dict[str, str]:
-    """recipient → its final state (delivered / bounced), for recipients that have one."""
-    raw: dict[bytes, bytes] = client.hgetall(spool.rcpt_key(message_id))  # type: ignore[assignment]
-    states = {k.decode(): json.loads(v).get("state") for k, v in raw.items()}
-    return {r: state for r, state in states.items() if state in spool.FINAL_STATES}
+def _final(outcome: Outcome) -> dict[str, str]:
+    """recipient → final state, for the recipients this round made final."""
+    return {
+        **dict.fromkeys(outcome.delivered, "delivered"),
+        **dict.fromkeys(outcome.bounced, "bounced"),
+    }
 
 
 def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:

@@ -53,12 +53,14 @@ def stage_completion(pipe: redis.client.Pipeline, message_id: str) -> None:
     pipe.zrem(DEFERRED_SINCE, message_id)
 
 
-# KEYS[1] = deferred zset, KEYS[2] = deliver list; ARGV = member1, task1, member2, task2, ...
+# KEYS[1] = deferred zset, KEYS[2] = deliver list, KEYS[3] = waiting:deliver zset;
+# ARGV = per job: member, task, waiting member, acceptance time
 _MOVE_DUE = """
 local moved = 0
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 4 do
   if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
     redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    redis.call('ZADD', KEYS[3], ARGV[i + 3], ARGV[i + 2])
     moved = moved + 1
   end
 end
@@ -74,10 +76,15 @@ def move_due(client: redis.Redis, now: float | None = None, limit: int = 500) ->
     )
     if not members:
         return 0
-    args: list[bytes | str] = []
+    args: list[bytes | str | float] = []
     for member in members:
-        args += [member, queueing.deliver_task(json.loads(member))]
-    moved: int = client.eval(_MOVE_DUE, 2, spool.DEFERRED, queueing.QUEUE_DELIVER, *args)
+        job = json.loads(member)
+        accepted = message_time(job["id"]) or now
+        args += [member, queueing.deliver_task([job]), spool.waiting_job(job["id"], job["domain"])]
+        args.append(accepted)
+    moved: int = client.eval(
+        _MOVE_DUE, 3, spool.DEFERRED, queueing.QUEUE_DELIVER, spool.WAITING_DELIVER, *args
+    )
     return moved
 
 

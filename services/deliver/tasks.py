@@ -1,26 +1,24 @@
 """The ``deliver`` Celery task and the deliver worker's process wiring.
 
-The task is a thin wrapper: it runs :meth:`services.deliver.delivery.Deliverer.run` on this
-process's event loop (one per worker process, kept for its lifetime so later connection reuse can
-live on it). An unexpected error in delivery code is not allowed to drop the job: the job is put
-back into the deferred set (due after the first retry step) and the error is logged. Redis errors
-propagate, so the task is not acknowledged and Celery runs it again.
+The task is a thin wrapper: it runs :meth:`services.deliver.delivery.Deliverer.run_batch` for its
+batch of jobs on this process's event loop (one per worker process, kept for its lifetime so the
+connection pool lives on it). An unexpected error in delivery code is not allowed to drop a job:
+the job is put back into the deferred set (due after the first retry step) and the error is
+logged. Redis errors propagate, so the task is not acknowledged and Celery runs it again (jobs
+already recorded are then skipped: their recipients are final or deferred).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from services.common import queueing, spool
 from services.common.config import Config
-from services.deliver import scheduler
 from services.deliver.delivery import Deliverer
 from services.deliver.scheduler import SchedulerThread
 
@@ -41,29 +39,17 @@ class DeliverService:
             self._loop = asyncio.new_event_loop()
         return self._deliverer
 
-    def deliver(self, job: dict[str, Any]) -> None:
+    def deliver(self, jobs: list[dict[str, Any]]) -> None:
         deliverer = self.deliverer
         assert self._loop is not None
-        try:
-            self._loop.run_until_complete(deliverer.run(job))
-        except redis.exceptions.RedisError:
-            raise
-        except Exception:
-            log.exception("delivery of %s to %s failed unexpectedly", job["id"], job["domain"])
-            self._park(deliverer.client, job)
-
-    def _park(self, client: redis.Redis, job: dict[str, Any]) -> None:
-        due = time.time() + self.config.delivery.retry_schedule[0]
-        with client.pipeline(transaction=True) as pipe:
-            scheduler.stage_deferral(pipe, job, due)
-            pipe.execute()
-        spool.append_trace(client, job["id"], spool.event("error", domain=job["domain"]))
+        self._loop.run_until_complete(deliverer.run_batch(jobs))
 
 
 def register(app: Celery, service: DeliverService) -> None:
     @app.task(name=queueing.TASK_DELIVER)  # type: ignore[untyped-decorator]
-    def deliver(job: dict[str, Any]) -> None:
-        service.deliver(job)
+    def deliver(jobs: list[dict[str, Any]] | dict[str, Any]) -> None:
+        # A single job: a task queued before tasks carried batches.
+        service.deliver([jobs] if isinstance(jobs, dict) else jobs)
 
     scheduler = SchedulerThread(service.redis_url, service.config.delivery.scheduler_interval)
 

@@ -1,7 +1,8 @@
 """The SMTP listeners: receive mail, store it in the Redis spool and queue it for policy.
 
 One process runs up to three listeners (:class:`~services.ingest.access.Listener`), one socket
-and one :class:`IngestHandler` each, all storing through :func:`services.common.spool.accept`:
+and one :class:`IngestHandler` each, all storing through one
+:class:`services.common.spool.Committer`:
 
 - ``listen`` (``ingest.listen``, port 25's role): mail to tenant domains from anyone, to other
   domains only from ``ingest.relay_networks`` or a tenant's ``networks``. No AUTH (``502``).
@@ -51,8 +52,9 @@ Contract (these replies are relied on by clients and tests):
 - DATA: the stored body is a ``Received:`` header (RFC 5321 §4.4; ``with ESMTPSA`` when
   authenticated, the client certificate's name on the relay listener) followed by the octets
   exactly as received (only SMTP dot-stuffing undone). ``250 2.0.0 Ok: queued as <ID>`` is sent
-  only after :func:`services.common.spool.accept` returned, i.e. the message and its ``policy``
-  task are both in Redis. More data than the limit → ``552 5.3.4``.
+  only after the transaction that stores the message and its ``policy`` task committed
+  (:class:`services.common.spool.Committer`: messages finishing within ``ingest.batch_window``
+  share one transaction and one policy task). More data than the limit → ``552 5.3.4``.
 - STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate; the relay
   listener uses ``platform_tls`` (see :mod:`services.ingest.tlscert`). Commands pipelined in
   clear after STARTTLS are discarded, never run inside the TLS session (RFC 3207 §4.2; aiosmtpd
@@ -93,7 +95,7 @@ Limits against hostile or broken clients (constants below, beside their RFC sect
 
 Failure behaviour: when Redis is unreachable, fails or is too slow, DATA (and AUTH or MAIL when
 they need a counter) is answered ``451 4.3.0 Temporary failure, try again later`` and the error
-is logged: nothing is accepted without its checks. ``accept()`` is one MULTI/EXEC, so nothing
+is logged: nothing is accepted without its checks. A commit is one MULTI/EXEC, so nothing
 half-written remains and the client retries later. An unexpected exception in a command is
 logged and answered ``451 4.3.0`` too (never a stack trace to the peer). If Redis committed but
 the reply was lost, the client retries and the message may be delivered twice: mail is
@@ -722,9 +724,13 @@ class IngestHandler:
         redis: aioredis.Redis,
         listener: Listener = Listener.LISTEN,
         directory: Directory | None = None,
+        committer: spool.Committer | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
+        self.committer = committer or spool.Committer(
+            redis, config.trace_ttl, config.ingest.batch_window, config.ingest.batch_max
+        )
         self.listener = listener
         self.directory = directory if directory is not None else Directory(config)
         self.connections: set[IngestSMTP] = set()
@@ -890,8 +896,7 @@ class IngestHandler:
             stored, size=len(body), tls_required_no=has_tls_required_no(body)
         )
         try:
-            accept = spool.accept(self.redis, stored, body, self.config.trace_ttl)
-            await asyncio.wait_for(accept, ACCEPT_TIMEOUT)
+            await asyncio.wait_for(self.committer.accept(stored, body), ACCEPT_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
             log.error(
                 "%s: not queued, spool unavailable: %s: %s", stored.id, type(exc).__name__, exc
@@ -1082,10 +1087,15 @@ class IngestServer:
             contexts[Listener.RELAY] = tlscert.platform_context(self.config)
         self._redis = spool.connect_async(self.redis_url)
         directory = Directory(self.config)
+        ingest = self.config.ingest
+        # One group commit for all listeners: their messages share transactions.
+        committer = spool.Committer(
+            self._redis, self.config.trace_ttl, ingest.batch_window, ingest.batch_max
+        )
         metrics.prime_ingest(listener.value for listener in endpoints)
         try:
             for listener, endpoint in endpoints.items():
-                handler = IngestHandler(self.config, self._redis, listener, directory)
+                handler = IngestHandler(self.config, self._redis, listener, directory, committer)
                 self._handlers.append(handler)
                 self._addresses[listener] = await self._listen(
                     handler, contexts[listener], endpoint

@@ -1,9 +1,11 @@
 """The ``policy`` Celery task: load the message facts, call ``decide``, enqueue deliveries.
 
-Idempotent: a message that already has decisions is not classified again (a task redelivered after
-a worker crash would otherwise enqueue its deliveries twice). A message that is gone (already
-final) is ignored. The body is read from Redis only when a rule looks at content
-(``Ruleset.needs_content``). Redis errors propagate: the task is not acknowledged and runs again.
+A task carries a batch of message ids (one ingest commit); its decisions and deliveries are
+written in one transaction, all or nothing. Idempotent: a message that already has decisions is
+not classified again (a task redelivered after a worker crash would otherwise enqueue its
+deliveries twice). A message that is gone (already final) is ignored. The body is read from
+Redis only when a rule looks at content (``Ruleset.needs_content``). Redis errors propagate: the
+task is not acknowledged and runs again.
 
 Rules reload on SIGHUP (replacing Celery's handler, which re-execs the worker and so would turn a
 bad file into a dead service): the main process re-reads the config file; a bad file is logged
@@ -51,18 +53,29 @@ class PolicyService:
             self._client = spool.connect(self.redis_url)
         return self._client
 
-    def classify(self, message_id: str) -> None:
+    def classify(self, message_ids: list[str]) -> None:
+        """Classify a batch (one ingest commit): one pipelined read, ``decide`` per message, one
+        transaction that stores every decision and enqueues the deliveries."""
         self.refresh()
-        envelope = spool.load_envelope(self.client, message_id)
-        if envelope is None or spool.is_classified(self.client, message_id):
-            log.info("skip %s: gone or already classified", message_id)
-            return
         ruleset = self.ruleset
-        raw = spool.load_body(self.client, message_id) if ruleset.needs_content else None
-        decisions = decide(facts_from_message(envelope, raw, ruleset), ruleset)
-        spool.record_classification(self.client, envelope, decisions, self.config.trace_ttl)
-        metrics.decisions(decisions)
-        log.info("classified %s: %s", message_id, [d.to_json() for d in decisions])
+        loaded = spool.load_unclassified(self.client, message_ids, ruleset.needs_content)
+        classified = [
+            (envelope, decide(facts_from_message(envelope, raw, ruleset), ruleset))
+            for envelope, raw in loaded
+        ]
+        spool.record_classifications(
+            self.client,
+            classified,
+            self.config.trace_ttl,
+            batch_max=self.config.delivery.batch_max,
+            message_ids=message_ids,
+        )
+        for envelope, decisions in classified:
+            metrics.decisions(decisions)
+            log.info("classified %s: %s", envelope.id, [d.to_json() for d in decisions])
+        if len(classified) < len(message_ids):
+            log.info("skipped %d of %d: gone or already classified",
+                     len(message_ids) - len(classified), len(message_ids))  # fmt: skip
 
     def _load(self) -> Ruleset:
         return Ruleset.from_config(load_config(self.config.source))
@@ -96,8 +109,9 @@ class PolicyService:
 
 def register(app: Celery, service: PolicyService) -> None:
     @app.task(name=queueing.TASK_CLASSIFY)  # type: ignore[untyped-decorator]
-    def classify(message_id: str) -> None:
-        service.classify(message_id)
+    def classify(message_ids: list[str] | str) -> None:
+        # A bare id: a task queued before tasks carried batches.
+        service.classify([message_ids] if isinstance(message_ids, str) else message_ids)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def handle_sighup(**_: object) -> None:

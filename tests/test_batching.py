@@ -1,0 +1,247 @@
+"""Batching (issue #8): ingest's group commit, policy tasks that classify several messages, and
+deliver tasks that send several jobs to one destination — against a real Redis, real sockets and,
+end to end, the real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gc
+import json
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from services.common import queueing, spool
+from services.common.config import Config, load_config
+from services.common.model import Decision, Envelope, TlsMode, new_message_id
+from services.common.redisserver import EmbeddedRedis, free_port
+from services.deliver.delivery import Deliverer
+from tests.peers import Sink
+from tests.world import World, make_world, message, wait_until
+
+BODY = b"Subject: batch\r\n\r\nHello.\r\n"
+
+
+def tasks(client: redis.Redis, queue: str) -> list[list[Any]]:
+    """The batches carried by the queued tasks of ``queue``, oldest first."""
+    found = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        (batch,), _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        found.append(batch)
+    return found
+
+
+def envelope(*recipients: str) -> Envelope:
+    return Envelope(new_message_id(), "s@origin.test", recipients, received_at=time.time())
+
+
+async def commit_all(url: str, envelopes: list[Envelope], window: float, max_batch: int) -> None:
+    client = spool.connect_async(url)
+    try:
+        committer = spool.Committer(client, spool.TRACE_TTL, window, max_batch)
+        await asyncio.gather(*(committer.accept(e, BODY) for e in envelopes))
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def test_messages_accepted_together_share_one_transaction_and_one_policy_task(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    envelopes = [envelope(f"r{i}@dest.test") for i in range(10)]
+    asyncio.run(commit_all(valkey.url, envelopes, window=0.05, max_batch=100))
+    assert tasks(store, queueing.QUEUE_POLICY) == [[e.id for e in envelopes]]
+    for e in envelopes:
+        assert store.hget(spool.msg_key(e.id), "body") == BODY
+    assert store.zcard(spool.WAITING_POLICY) == 10
+
+
+def test_a_commit_holds_at_most_batch_max_messages(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    envelopes = [envelope(f"r{i}@dest.test") for i in range(10)]
+    asyncio.run(commit_all(valkey.url, envelopes, window=0.05, max_batch=4))
+    batches = tasks(store, queueing.QUEUE_POLICY)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(i for b in batches for i in b) == sorted(e.id for e in envelopes)
+
+
+def test_a_failed_commit_fails_every_message_of_its_batch(tmp_path: Path) -> None:
+    """Redis gone: every waiting session hears the error (→ 451), none waits forever."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    envelopes = [envelope("r@dest.test") for _ in range(3)]
+
+    async def run() -> list[Any]:
+        client = spool.connect_async(url)
+        committer = spool.Committer(client, spool.TRACE_TTL, 0.01, 100)
+        try:
+            return await asyncio.gather(
+                *(committer.accept(e, BODY) for e in envelopes), return_exceptions=True
+            )
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
+
+
+# --------------------------------------------------------------------------- deliver batches
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> Config:
+    path.write_text(yaml.safe_dump(settings))
+    return load_config(path)
+
+
+def queue_jobs(client: redis.Redis, domain: str, count: int) -> list[dict[str, Any]]:
+    """``count`` stored messages to ``domain``, classified opportunistic: their jobs."""
+    jobs = []
+    for i in range(count):
+        e = envelope(f"r{i}@{domain}")
+        with client.pipeline(transaction=True) as pipe:
+            spool.stage_message(pipe, e, BODY, spool.TRACE_TTL)
+            pipe.execute()
+        decision = Decision(domain=domain, tls=TlsMode.OPPORTUNISTIC)
+        jobs.append(
+            {"id": e.id, "domain": domain, "recipients": [f"r{i}@{domain}"],
+             "decision": decision.to_json(), "attempt": 1}
+        )  # fmt: skip
+    return jobs
+
+
+def deliver(config: Config, client: redis.Redis, jobs: list[dict[str, Any]]) -> list[Any]:
+    """Run one deliver task's batch in this process, then close the sessions it parked."""
+    deliverer = Deliverer(config, client)
+
+    async def run() -> list[Any]:
+        try:
+            return await deliverer.run_batch(jobs)
+        finally:
+            deliverer.pool.close_all()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        # A worker's loop lives as long as the process, so a closed TLS session finishes its
+        # shutdown there; this loop is gone first, leaving the socket below it to the collector.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink("starttls").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_batch_rides_one_connection_and_is_recorded_job_by_job(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"redis_url": valkey.url, "delivery": {"routes": {"batch.test": sink.address_text}}},
+    )
+    jobs = queue_jobs(store, "batch.test", 8)
+    outcomes = deliver(config, store, jobs)
+    assert all(o is not None and len(o.delivered) == 1 for o in outcomes)
+    assert len(sink.messages) == 8 and sink.tls_handshakes_ok == 1, sink.summary()
+    for job in jobs:  # each message final and gone, its trace complete
+        assert not store.exists(spool.msg_key(job["id"]))
+        kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
+        assert kinds[-3:] == ["attempt", "delivered", "completed"], kinds
+    assert store.zcard(spool.WAITING_DELIVER) == 0
+
+
+def test_an_unreachable_destination_defers_the_rest_of_its_batch_without_trying(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """One connection attempt for the batch, not one timeout per message (a hung or dead host
+    must not hold a worker for batch × timeout)."""
+    dead = f"127.0.0.1:{free_port()}"
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"redis_url": valkey.url, "delivery": {"routes": {"dead.test": dead}}},
+    )
+    jobs = queue_jobs(store, "dead.test", 5)
+    outcomes = deliver(config, store, jobs)
+    assert [len(o.attempts) for o in outcomes if o is not None] == [1, 0, 0, 0, 0]
+    for job in jobs:
+        trace = spool.read_trace(store, job["id"])
+        deferred = [e for e in trace if e["event"] == "deferred"]
+        assert deferred and deferred[0]["recipients"][job["recipients"][0]].startswith("4")
+    skipped = [e for j in jobs[1:] for e in spool.read_trace(store, j["id"])]
+    assert sum(e["event"] == "skipped" for e in skipped) == 4
+    assert store.zcard(spool.DEFERRED) == 5 and store.zcard(spool.WAITING_DELIVER) == 0
+
+
+def test_an_unexpected_error_parks_one_job_and_the_batch_goes_on(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"redis_url": valkey.url, "delivery": {"routes": {"batch.test": sink.address_text}}},
+    )
+    jobs = queue_jobs(store, "batch.test", 3)
+    jobs[1]["decision"] = {"domain": "batch.test", "tls": "no-such-mode"}  # a bug's stand-in
+    outcomes = deliver(config, store, jobs)
+    assert outcomes[1] is None and outcomes[0] is not None and outcomes[2] is not None
+    assert len(sink.messages) == 2
+    parked = [json.loads(m) for m in store.zrange(spool.DEFERRED, 0, -1)]
+    assert [p["id"] for p in parked] == [jobs[1]["id"]]
+    assert "error" in [e["event"] for e in spool.read_trace(store, jobs[1]["id"])]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def settings(world: World) -> dict[str, Any]:
+    return {
+        "ingest": {"batch_window": "200ms"},  # wide, so concurrent sessions surely share
+        "delivery": {"routes": {"many.test": world.sinks["many"].address_text}},
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with make_world(tmp_path_factory.mktemp("batching"), {"many": Sink("starttls")}, settings) as w:
+        yield w
+
+
+def test_concurrent_sessions_are_classified_and_delivered_in_batches(world: World) -> None:
+    ids: list[str] = []
+    start = threading.Barrier(8)
+
+    def send(i: int) -> None:
+        start.wait()
+        ids.append(world.send([f"u{i}@many.test"], message(f"batch {i}")))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 8
+    for m in ids:
+        world.wait_completed(m)
+    batches = [world.events(m, "classified")[0]["batch"] for m in ids]
+    assert max(batches) > 1, batches
+    sink = world.sinks["many"]
+    assert len(sink.messages) == 8 and all(m.tls for m in sink.messages)
+    with contextlib.closing(world.client()) as client:
+        waiting = (spool.WAITING_POLICY, spool.WAITING_DELIVER)
+        wait_until(lambda: not any(client.zcard(k) for k in waiting), 10, "empty waiting sets")
