@@ -165,6 +165,9 @@ def test_a_batch_rides_one_connection_and_is_recorded_job_by_job(
         kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
         assert kinds[-3:] == ["attempt", "delivered", "completed"], kinds
     assert store.zcard(spool.WAITING_DELIVER) == 0
+    # Each job's in-flight mark rode in the previous job's transaction and was cleared by its
+    # own: none is left to claim an interruption later.
+    assert store.keys(spool.in_flight_key("*", "*")) == []
 
 
 def test_an_unreachable_destination_defers_the_rest_of_its_batch_without_trying(
@@ -187,6 +190,7 @@ def test_an_unreachable_destination_defers_the_rest_of_its_batch_without_trying(
     skipped = [e for j in jobs[1:] for e in spool.read_trace(store, j["id"])]
     assert sum(e["event"] == "skipped" for e in skipped) == 4
     assert store.zcard(spool.DEFERRED) == 5 and store.zcard(spool.WAITING_DELIVER) == 0
+    assert store.keys(spool.in_flight_key("*", "*")) == []
 
 
 def test_an_unexpected_error_parks_one_job_and_the_batch_goes_on(

@@ -14,12 +14,15 @@ from typing import Any, cast
 
 import redis
 import trustme
+from aiosmtpd.smtp import SMTP
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.common.config import Config, HostPort
 from services.common.redisserver import EmbeddedRedis
-from services.ingest.server import IngestServer
+from services.ingest.server import _SIMPLE_PATH, IngestServer, IngestSMTP
 
 HOSTNAME = "mx.test.example"
 
@@ -407,3 +410,29 @@ def test_tls_required_no_header_is_stored_untouched(
     assert b"\r\nTLS-Required: No\r\n" in body
     assert envelope["mail_options"] == []
     assert envelope["tls_required_no"] is True
+
+
+# The fast path for plain "<local@domain>" addresses must agree with aiosmtpd's parser wherever
+# it applies (and leave everything else to it).
+_ATOM = st.text(alphabet="abcXYZ019!#$%&'*+/=?^_`{|}~-.", min_size=1, max_size=8)
+_LABEL = st.text(alphabet="abz09-.", min_size=1, max_size=8)
+_PARAMS = st.sampled_from(["", " SIZE=100", " SIZE=1 BODY=8BITMIME", "  SIZE=1", " SIZE=1 ", "x"])
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(local=_ATOM, domain=_LABEL, params=_PARAMS, lead=st.sampled_from(["", " "]))
+def test_plain_addresses_parse_as_aiosmtpd_parses_them(
+    local: str, domain: str, params: str, lead: str
+) -> None:
+    arg = f"{lead}<{local}@{domain}>{params}"
+    server = IngestSMTP.__new__(IngestSMTP)
+    fast = _SIMPLE_PATH.fullmatch(arg)
+    if fast is not None:
+        assert server._getaddr(arg) == SMTP._getaddr(server, arg), arg
+
+
+def test_the_fast_path_covers_what_clients_send() -> None:
+    for arg in ("<a@b.example>", "<first.last+tag@mail.example.com> SIZE=2048 BODY=8BITMIME"):
+        assert _SIMPLE_PATH.fullmatch(arg) is not None
+    for arg in ("<>", '<"quoted"@b.example>', "<a@[127.0.0.1]>", "<@relay:a@b.example>"):
+        assert _SIMPLE_PATH.fullmatch(arg) is None

@@ -101,6 +101,9 @@ class Deliverer:
             data=delivery.data_timeout,
         )
         self._broken: dict[tuple[str, int], bool] = {}  # the "TLS broken" memory, this batch
+        self._last_peer: Peer | None = None  # where the last DATA went
+        self._premarked: tuple[str, str, str, int] | None = None  # (id, domain, address, port)
+        self._mark_ttl = int(config.celery.visibility_timeout * 4)
 
     async def run_batch(self, jobs: list[dict[str, Any]]) -> list[Outcome | None]:
         """Deliver and record a batch of jobs (one ``deliver`` task: one destination domain), one
@@ -114,9 +117,10 @@ class Deliverer:
         self._broken = {}
         unreachable: dict[tuple[Any, ...], Outcome] = {}
         results: list[Outcome | None] = []
-        for job, state in zip(jobs, states, strict=True):
+        for i, (job, state) in enumerate(zip(jobs, states, strict=True)):
+            upcoming = _sendable(jobs[i + 1], states[i + 1]) if i + 1 < len(jobs) else None
             try:
-                results.append(await self._run(job, state, unreachable))
+                results.append(await self._run(job, state, unreachable, upcoming))
             except redis.exceptions.RedisError:
                 raise
             except Exception:
@@ -134,6 +138,7 @@ class Deliverer:
         job: dict[str, Any],
         state: spool.JobState,
         unreachable: dict[tuple[Any, ...], Outcome],
+        upcoming: tuple[str, str] | None = None,
     ) -> Outcome | None:
         envelope, body = state.envelope, state.body
         pending = [r for r in job["recipients"] if r not in state.final]
@@ -150,7 +155,7 @@ class Deliverer:
             outcome = await self.send(envelope, body, decision, pending)
             if outcome.unreachable:
                 unreachable[key] = outcome
-        self.record(job, envelope, outcome, body, state)
+        self.record(job, envelope, outcome, body, state, upcoming)
         return outcome
 
     def park(self, job: dict[str, Any]) -> None:
@@ -160,16 +165,25 @@ class Deliverer:
         with self.client.pipeline(transaction=True) as pipe:
             scheduler.stage_deferral(pipe, job, due)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(job["id"], job["domain"]))
+            pipe.delete(spool.in_flight_key(job["id"], job["domain"]))
             pipe.rpush(spool.trace_key(job["id"]), spool.event("error", domain=job["domain"]))
             pipe.expire(spool.trace_key(job["id"]), int(self.config.trace_ttl))
             pipe.execute()
 
     def _in_flight(self, envelope: Envelope, decision: Decision, peer: Peer) -> None:
         """Mark the job as sending DATA; ``record`` clears the mark in its transaction. A mark
-        found at the start of a later run means a worker died in the RFC 1047 window."""
-        note = json.dumps({"host": peer.host, "address": peer.address, "at": time.time()})
-        ttl = int(self.config.celery.visibility_timeout * 4)
-        self.client.set(spool.in_flight_key(envelope.id, decision.domain), note, ex=ttl)
+        found at the start of a later run means a worker died in the RFC 1047 window.
+
+        Within a batch the mark is usually set already: the previous job's recording
+        transaction set it for the next job, naming the peer it had just used (one Redis round
+        trip less per message). It is set here when that guess was wrong or there was none. So
+        the mark may precede DATA by a few commands: a worker dying in between reports a
+        possible duplicate that cannot be one (on the safe side)."""
+        self._last_peer = peer
+        if self._premarked == (envelope.id, decision.domain, peer.address, peer.port):
+            return
+        note = _in_flight_note(peer)
+        self.client.set(spool.in_flight_key(envelope.id, decision.domain), note, ex=self._mark_ttl)
 
     def _note_interrupted(self, message_id: str, domain: str, raw: bytes) -> None:
         previous = json.loads(raw)
@@ -251,11 +265,12 @@ class Deliverer:
 
     def record(
         self, job: dict[str, Any], envelope: Envelope, outcome: Outcome, body: bytes,
-        state: spool.JobState | None = None,
+        state: spool.JobState | None = None, upcoming: tuple[str, str] | None = None,
     ) -> None:  # fmt: skip
         """Write the round's results in one transaction, with the DSN it calls for (if any);
         delete the message once every recipient is final. ``state``: what was read before the
-        round (:func:`spool.load_jobs`); read now when not given."""
+        round (:func:`spool.load_jobs`); read now when not given. ``upcoming``: the (message id,
+        domain) the batch sends next, whose in-flight mark rides in this transaction."""
         if state is None:
             state = spool.load_job(self.client, envelope.id, job["domain"])
         now, delivery = time.time(), self.config.delivery
@@ -279,6 +294,7 @@ class Deliverer:
             if notice is not None:
                 events.append(self._stage_notice(pipe, envelope, notice))
             pipe.delete(spool.in_flight_key(envelope.id, job["domain"]))
+            premark = self._premark(pipe, upcoming)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(envelope.id, job["domain"]))
             if complete:
                 events.append(spool.event("completed"))
@@ -289,6 +305,7 @@ class Deliverer:
             pipe.rpush(spool.trace_key(envelope.id), *events)
             pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
             replies = pipe.execute()
+        self._premarked = premark
         metrics.delivery_round(outcome, envelope.received_at, now)
         if notice is not None:
             metrics.dsn_sent(notice[0])
@@ -296,6 +313,15 @@ class Deliverer:
             metrics.message_final(final.values())
         elif not outcome.deferred:
             self._finish_if_final(envelope, replies[-3])
+
+    def _premark(
+        self, pipe: redis.client.Pipeline, upcoming: tuple[str, str] | None
+    ) -> tuple[str, str, str, int] | None:
+        peer = self._last_peer
+        if upcoming is None or peer is None:
+            return None
+        pipe.set(spool.in_flight_key(*upcoming), _in_flight_note(peer), ex=self._mark_ttl)
+        return (*upcoming, peer.address, peer.port)
 
     def _stage_states(
         self, pipe: redis.client.Pipeline, job: dict[str, Any], envelope: Envelope,
@@ -382,6 +408,19 @@ class Deliverer:
                 deleted = pipe.execute()[0]
             if deleted:  # both may see all final; only one of them deleted the message
                 metrics.message_final(states.values())
+
+
+def _sendable(job: dict[str, Any], state: spool.JobState) -> tuple[str, str] | None:
+    """(message id, domain) of a job that has something to send, else None."""
+    if state.envelope is None or state.body is None:
+        return None
+    if all(r in state.final for r in job["recipients"]):
+        return None
+    return job["id"], job["domain"]
+
+
+def _in_flight_note(peer: Peer) -> str:
+    return json.dumps({"host": peer.host, "address": peer.address, "at": time.time()})
 
 
 def _give_up(outcome: Outcome, pending: list[str], errors: list[Reply]) -> None:

@@ -3,8 +3,11 @@
 After a transaction that ended cleanly (the DATA reply came back), the session is parked here
 instead of being closed; the next delivery to the same key takes it, checks it with ``RSET``
 (anything but 250 — a server that timed us out, a dead socket — discards it) and skips the
-connect, EHLO and TLS handshake. Postfix does the same with ``smtp_connection_cache`` and
-``smtp_tls_connection_reuse``.
+connect, EHLO and TLS handshake. A session whose last transaction completed and that was parked
+less than ``RECHECK_AFTER`` ago (the next message of the same batch) skips the RSET: if it died
+meanwhile, MAIL fails before anything was sent and the delivery is retried once on a fresh
+session (``services.deliver.session.attempt``). Postfix does the same with
+``smtp_connection_cache`` and ``smtp_tls_connection_reuse``.
 
 The key is (address, port, TLS mode, CA file, client certificate, expected certificate name):
 an enforced or verified delivery can only ever take a session that was negotiated for exactly
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from services.deliver.tls import Outcome
+
+RECHECK_AFTER = 2.0  # seconds parked after which a session is checked with RSET before use
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class Pooled:
     cipher: str | None
     uses: int = 1
     parked_at: float = field(default_factory=time.monotonic)
+    # The last transaction ended with the reply to DATA: the server is between transactions, and
+    # a session parked a moment ago can take the next MAIL without an RSET first.
+    clean: bool = False
 
 
 class ConnectionPool:
@@ -88,6 +96,11 @@ class ConnectionPool:
             for pooled in sessions:
                 pooled.smtp.close()
         self._idle.clear()
+
+    @staticmethod
+    def needs_check(pooled: Pooled) -> bool:
+        """Whether to send RSET before reusing ``pooled`` (see the module docstring)."""
+        return not pooled.clean or time.monotonic() - pooled.parked_at >= RECHECK_AFTER
 
     def _fresh(self, pooled: Pooled) -> bool:
         idle = time.monotonic() - pooled.parked_at

@@ -210,9 +210,12 @@ def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
 
 
 async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
-    """A parked session that still answers ``RSET`` with 250 (else it is closed)."""
+    """A parked session that still answers ``RSET`` with 250 (else it is closed); one that
+    finished a transaction a moment ago is taken without the check (see ``pool.needs_check``)."""
     pool.expire()
     while (pooled := pool.take(key)) is not None:
+        if not pool.needs_check(pooled):
+            return pooled
         try:
             await pooled.smtp.rset()
             return pooled
@@ -233,7 +236,9 @@ def _park(
     if pool is None or result.next_host or not smtp.is_connected:
         return False
     uses = pooled.uses + 1 if pooled is not None else 1
-    parked = Pooled(smtp, result.outcome, result.tls_version, result.cipher, uses)
+    parked = Pooled(
+        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.data_sent
+    )
     return pool.give(_pool_key(peer, settings), parked)
 
 

@@ -226,6 +226,15 @@ _NOT_PRINTABLE_REPLY = re.compile(r"[^ -~]")  # ... or a space (for replies)
 _NOT_QUOTABLE = re.compile(r'[^ -~]|["\\()]')  # ... in a quoted name inside a comment
 
 REQUIRETLS: Final = "REQUIRETLS"  # RFC 8689 MAIL parameter and EHLO keyword
+# "<local@domain>" with a dot-atom local part and a plain domain (RFC 5321 §4.1.2), then nothing
+# or parameters: what nearly every client sends. Parsed here directly; anything else (quoted
+# local parts, address literals, source routes, odd spacing) goes to aiosmtpd's parser, which
+# gives the same result for these (tests/test_ingest.py compares them).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(?: ([!-~]+(?: [!-~]+)*))?"
+)
 REQUIRETLS_IN_CLEAR = "530 5.7.10 REQUIRETLS needs a TLS session, use STARTTLS first"
 REQUIRETLS_WITH_VALUE = "501 5.5.4 REQUIRETLS takes no value"
 REQUIRETLS_TWICE = "501 5.5.4 REQUIRETLS given more than once"
@@ -542,6 +551,9 @@ class IngestSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         """aiosmtpd's address parser (MAIL, RCPT, VRFY). The stdlib parser under it raises on
         some malformed input (``<``, ``a@``, ``"``: IndexError): that is a malformed address
         too (``553 5.1.3``), not an internal error (``451`` and a stack trace per command)."""
+        fast = _SIMPLE_PATH.fullmatch(arg) if arg else None
+        if fast is not None:  # the common case, without the header parser's cost (~0.1 ms)
+            return fast.group(1), fast.group(2) or ""
         try:
             address, rest = super()._getaddr(arg)
         except Exception:  # whatever the header parser trips over, the address is unparsable
@@ -1016,6 +1028,8 @@ def _take_requiretls(server: SMTP, arg: str | None) -> tuple[str | None, tuple[s
     malformed address, a HELO session, which takes no parameters) is left to it unchanged.
     """
     if arg is None or server.session is None or not server.session.extended_smtp:
+        return arg, ()
+    if REQUIRETLS not in arg.upper():  # nearly always: no need to parse the address here
         return arg, ()
     rest = server._strip_command_keyword("FROM:", arg)
     if rest is None:
