@@ -5,16 +5,27 @@ are tested without waiting)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email
+import gzip
+import json
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
-from services.deliver import mtasts
+from services.common.redisserver import free_port
+from services.deliver import mtasts, tlsrpt
 from services.deliver.mtasts import (
     Policy,
     PolicyCache,
@@ -27,6 +38,8 @@ from services.deliver.mtasts import (
 from services.deliver.mx import make_resolver
 from tests.dnsserver import LocalDns
 from tests.httpsserver import PolicyServer
+from tests.peers import Sink, default_ca
+from tests.world import World, make_world, message, wait_until
 
 ENFORCE_TEXT = (
     "version: STSv1\r\nmode: enforce\r\nmx: mx.a.test\r\nmx: *.b.test\r\nmax_age: 86400\r\n"
@@ -367,3 +380,207 @@ def test_lookup_time_limit(store: redis.Redis, dns: LocalDns, ca_file: Path) -> 
         silent.close()
     assert (found.policy, found.error_type) == (None, "sts-policy-fetch-error")
     assert "longer than 0.5s" in (found.error or "")
+
+
+# --------------------------------------------------------------------------- end to end
+# Real services, a real DNS server publishing MX and _mta-sts records, a real HTTPS server with
+# the test CA publishing the policies, real SMTP sinks as MX hosts (one port, several addresses).
+
+MX_PORT = free_port("127.0.0.20")
+E2E_SINKS = {  # name: (kind, address, certificate name)
+    "good": ("starttls", "127.0.0.21", "mx.good.test"),
+    "plainenf": ("plain", "127.0.0.22", ""),
+    "outside": ("plain", "127.0.0.23", ""),
+    "inside": ("starttls", "127.0.0.24", "mx2.skip.test"),
+    "testing": ("plain", "127.0.0.25", ""),
+    "relax": ("plain", "127.0.0.26", ""),
+}
+# domain: (policy mode, mx patterns, [(preference, MX host, sink)])
+E2E_DOMAINS = {
+    "good.test": ("enforce", "mx.good.test", [(10, "mx.good.test", "good")]),
+    "plainenf.test": ("enforce", "mx.plainenf.test", [(10, "mx.plainenf.test", "plainenf")]),
+    "skip.test": (
+        "enforce",
+        "*.inside.test\nmx: mx2.skip.test",
+        [(10, "mx1.skip.test", "outside"), (20, "mx2.skip.test", "inside")],
+    ),
+    "testing.test": ("testing", "mx.testing.test", [(10, "mx.testing.test", "testing")]),
+    "relax.test": ("enforce", "mx.relax.test", [(10, "mx.relax.test", "relax")]),
+}
+MTA_STS_ON = True  # set False to see these tests fail: they depend on MTA-STS being applied
+
+
+def sink(kind: str, host: str, cert: str) -> Sink:
+    if kind == "plain":
+        return Sink("plain", host=host, port=MX_PORT)
+    return Sink("starttls", host=host, port=MX_PORT, cert_names=[cert])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    sinks = {name: sink(*spec) for name, spec in E2E_SINKS.items()}
+    with contextlib.ExitStack() as stack:
+        web = stack.enter_context(PolicyServer(default_ca()))
+
+        def settings(world: World) -> dict[str, Any]:
+            ca = world.root / "ca.pem"
+            default_ca().cert_pem.write_to_path(str(ca))
+            return {
+                "delivery": {
+                    "ca_file": str(ca),
+                    "mta_sts": MTA_STS_ON,
+                    "mta_sts_ca_file": str(ca),
+                    "mta_sts_port": web.port,
+                    "mx_port": MX_PORT,
+                    "retry_schedule": ["1h"],  # deferred mail stays deferred while we look
+                }
+            }
+
+        w = stack.enter_context(make_world(tmp_path_factory.mktemp("sts"), sinks, settings))
+        for domain, (mode, mx, hosts) in E2E_DOMAINS.items():
+            for preference, host, name in hosts:
+                w.dns.add(domain, "MX", f"{preference} {host}.")
+                w.dns.add(host, "A", E2E_SINKS[name][1])
+            w.dns.add(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={mode}1;")
+            w.dns.add(f"mta-sts.{domain}", "A", "127.0.0.1")
+            web.publish(domain, policy_text(mode, 86400, mx))
+        w.dns.add("_smtp._tls.plainenf.test", "TXT", "v=TLSRPTv1; rua=mailto:tlsrpt@plainenf.test")
+        yield w
+
+
+def settled(world: World, message_id: str) -> list[dict[str, Any]]:
+    return wait_until(
+        lambda: (
+            (t := world.trace(message_id))
+            and any(e["event"] in ("delivered", "deferred", "bounced") for e in t)
+            and t
+        ),
+        30,
+        f"{message_id} to be delivered or deferred",
+    )
+
+
+def only(trace: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [e for e in trace if e["event"] == kind]
+    assert len(found) == 1, (kind, trace)
+    return found[0]
+
+
+def attempts(trace: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(e["host"], e["tls_mode"], e["tls_outcome"]) for e in trace if e["event"] == "attempt"]
+
+
+def tlsrpt_counts(world: World, domain: str) -> dict[str, int]:
+    with contextlib.closing(world.client()) as client:
+        raw = client.hgetall(tlsrpt.day_key(tlsrpt.utc_day(time.time())))
+    counts: dict[str, int] = {}
+    for name, value in raw.items():
+        kind, field_domain, _pkey, *detail = json.loads(name)
+        if field_domain == domain and kind != "policy":
+            label = kind if kind == "ok" else detail[0]
+            counts[label] = counts.get(label, 0) + int(value)
+    return counts
+
+
+def sts_metric(world: World, mode: str, result: str) -> float:
+    with urllib.request.urlopen(world.metrics_url("deliver"), timeout=5) as response:
+        text = response.read().decode()
+    wanted = {"mode": mode, "result": result}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tlsrelay_mta_sts_total" and sample.labels == wanted:
+                return float(sample.value)
+    return 0.0
+
+
+def test_enforce_with_valid_tls_is_delivered_verified(world: World) -> None:
+    message_id = world.send(["user@good.test"], message("sts good"))
+    (got,) = world.sinks["good"].wait_messages(1)
+    assert got.tls is not None and b"sts good" in got.data
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.good.test", "verified", "tls_verified")]
+    sts = only(trace, "mta-sts")
+    assert (sts["mode"], sts["policy_id"], sts["mx"], sts["relaxed"]) == (
+        "enforce",
+        "enforce1",
+        ["mx.good.test"],
+        None,
+    )
+    wait_until(lambda: tlsrpt_counts(world, "good.test") == {"ok": 1}, what="one TLS success")
+    wait_until(lambda: sts_metric(world, "enforce", "ok") >= 1, what="the ok metric")
+
+
+def test_enforce_without_starttls_defers_and_sends_nothing_in_clear(world: World) -> None:
+    sink = world.sinks["plainenf"]
+    message_id = world.send(["user@plainenf.test"], message("sts plain"))
+    trace = settled(world, message_id)
+    reply = only(trace, "deferred")["recipients"]["user@plainenf.test"]
+    assert reply.startswith("451 4.7.10 TLS required but not available"), reply
+    assert attempts(trace) == [("mx.plainenf.test", "verified", "not_offered")]
+    assert sink.messages == [] and sink.cleartext_transactions == 0 and sink.mail_commands == []
+    wait_until(
+        lambda: tlsrpt_counts(world, "plainenf.test") == {"starttls-not-supported": 1},
+        what="the failure counted for TLSRPT",
+    )
+    wait_until(lambda: sts_metric(world, "enforce", "failed") >= 1, what="the failed metric")
+
+
+def test_mx_outside_the_policy_is_skipped(world: World) -> None:
+    message_id = world.send(["user@skip.test"], message("sts skip"))
+    (got,) = world.sinks["inside"].wait_messages(1)
+    assert got.tls is not None
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx2.skip.test", "verified", "tls_verified")]
+    assert only(trace, "mta-sts")["skipped"] == ["mx1.skip.test"]
+    assert world.sinks["outside"].connections == 0, "the MX outside the patterns was contacted"
+
+
+def test_testing_mode_delivers_and_counts_the_failure(world: World) -> None:
+    message_id = world.send(["user@testing.test"], message("sts testing"))
+    (got,) = world.sinks["testing"].wait_messages(1)
+    assert got.tls is None  # delivered as before: opportunistic, in clear
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.testing.test", "opportunistic", "not_offered")]
+    assert only(trace, "mta-sts")["mode"] == "testing"
+    wait_until(
+        lambda: tlsrpt_counts(world, "testing.test") == {"starttls-not-supported": 1},
+        what="the would-be failure counted for TLSRPT",
+    )
+    wait_until(lambda: sts_metric(world, "testing", "failed") >= 1, what="the testing metric")
+
+
+def test_tls_required_no_relaxes_the_policy_for_that_message(world: World) -> None:
+    body = message("sts relaxed").replace(b"Subject:", b"TLS-Required: No\r\nSubject:", 1)
+    message_id = world.send(["user@relax.test"], body)
+    (got,) = world.sinks["relax"].wait_messages(1)
+    assert got.tls is None and b"sts relaxed" in got.data
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.relax.test", "opportunistic", "not_offered")]
+    assert "TLS-Required: No" in only(trace, "mta-sts")["relaxed"]
+    wait_until(lambda: sts_metric(world, "enforce", "relaxed") >= 1, what="the relaxed metric")
+
+
+def test_tlsrpt_report_is_mailed_past_the_failure_it_reports(world: World, tmp_path: Path) -> None:
+    sink = world.sinks["plainenf"]
+    wait_until(lambda: tlsrpt_counts(world, "plainenf.test"), what="something to report")
+    day = tlsrpt.utc_day(time.time())
+    command = [sys.executable, "-m", "services.common.cli", "tlsrpt", "build", "--date", day,
+               "--out", str(tmp_path), "--config", str(world.config_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "mailed to tlsrpt@plainenf.test" in done.stdout, done.stdout
+    name = tlsrpt.file_name("relay.test", "plainenf.test", day)
+    assert (tmp_path / name).exists()
+    (got,) = sink.wait_messages(1, timeout=30)  # the enforced domain's plain MX, in clear
+    assert got.tls is None and got.rcpt_tos == ["tlsrpt@plainenf.test"]
+    parsed = email.message_from_bytes(got.data)
+    assert parsed["TLS-Required"] == "No" and parsed.get_content_type() == "multipart/report"
+    (attachment,) = [p for p in parsed.walk() if p.get_content_type() == tlsrpt.MEDIA_TYPE]
+    assert attachment.get_filename() == name
+    payload = attachment.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    (policy,) = json.loads(gzip.decompress(payload))["policies"]
+    assert policy["policy"]["policy-domain"] == "plainenf.test"
+    assert [f["result-type"] for f in policy["failure-details"]] == ["starttls-not-supported"]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert "already mailed" in again.stdout, again.stdout

@@ -34,13 +34,14 @@ from services.common import metrics, spool
 from services.common.config import Config, Route, format_duration, parse_hostport
 from services.common.model import Decision, Envelope, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
-from services.deliver import dsn, mx, scheduler
+from services.deliver import dsn, mtasts, mx, scheduler, tlsrpt
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")
+TLS_REQUIRED = "4.7.10"  # RFC 5248: encryption needed (as session.TLS_UNAVAILABLE)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Outcome:
     attempts: list[Attempt] = field(default_factory=list)
     remote_mta: dict[str, str] = field(default_factory=dict)  # host that gave each reply
     note: str = ""  # said in a DSN (e.g. why the relay gave up)
+    decision: Decision | None = None  # the effective decision, when MTA-STS changed it
+    sts: tlsrpt.StsRound | None = None  # MTA-STS and TLSRPT facts (None: routed mail)
 
     def settle(self, replies: dict[str, Reply], host: str) -> None:
         for rcpt, reply in replies.items():
@@ -92,6 +95,12 @@ class Deliverer:
             greeting=delivery.greeting_timeout,
             data=delivery.data_timeout,
         )
+        self.policies = None
+        if delivery.mta_sts:
+            ca = str(delivery.mta_sts_ca_file) if delivery.mta_sts_ca_file else None
+            self.policies = mtasts.PolicyCache(
+                client, self.resolver, ca, delivery.mta_sts_port, delivery.mta_sts_timeout
+            )
 
     async def run(self, job: dict[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
@@ -135,9 +144,9 @@ class Deliverer:
         self, envelope: Envelope, body: bytes, decision: Decision, pending: list[str]
     ) -> Outcome:
         outcome = Outcome()
-        route = None
-        if decision.route:
-            route = Route(parse_hostport(decision.route), decision.route_tls_name)
+        route = self._route(decision)
+        if route is None:  # MTA-STS is about MX hosts: never for routed mail
+            decision = await self._sts(envelope, decision, outcome)
         try:
             hosts = await mx.resolve(decision.domain, self.config.delivery, self.resolver, route)
         except mx.DnsPermanentError as exc:
@@ -145,6 +154,11 @@ class Deliverer:
             return outcome
         except mx.DnsError as exc:
             outcome.deferred = dict.fromkeys(pending, Reply(451, "4.4.3", str(exc)))
+            return outcome
+        hosts = _sts_hosts(hosts, decision, outcome)
+        if not hosts:
+            text = f"no MX host of {decision.domain} matches its MTA-STS policy (RFC 8461 §4.1)"
+            outcome.deferred = dict.fromkeys(pending, Reply(451, TLS_REQUIRED, text))
             return outcome
         errors: list[Reply] = []
         hooks = Hooks(self._remember_broken, lambda peer: self._in_flight(envelope, decision, peer))
@@ -160,6 +174,26 @@ class Deliverer:
             errors.append(result.error or NO_HOST)
         _give_up(outcome, pending, errors)
         return outcome
+
+    def _route(self, decision: Decision) -> Route | None:
+        """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""
+        if decision.route:
+            return Route(parse_hostport(decision.route), decision.route_tls_name)
+        return mx.route_for(decision.domain, self.config.delivery.routes)
+
+    async def _sts(self, envelope: Envelope, decision: Decision, outcome: Outcome) -> Decision:
+        """Look up the domain's MTA-STS policy and apply it (services/deliver/mtasts.py)."""
+        outcome.sts = sts = tlsrpt.StsRound(decision.domain)
+        if self.policies is None:
+            return decision
+        found = await self.policies.lookup(decision.domain)
+        sts.policy, sts.error, sts.error_type = found.policy, found.error, found.error_type
+        enforceable = found.policy is not None and found.policy.mode != mtasts.NONE
+        sts.relaxed = envelope.tls_required_no and enforceable
+        effective = mtasts.apply_sts(decision, found.policy, envelope.tls_required_no)
+        if effective != decision:
+            outcome.decision = effective
+        return effective
 
     def _peers(self, hosts: list[mx.Destination], domain: str) -> list[Peer]:
         return [
@@ -197,10 +231,13 @@ class Deliverer:
             lifetime = format_duration(delivery.max_queue_lifetime)
             outcome.give_up(f"The relay gave up: the message was queued longer than {lifetime}.")
         notice = self._notice(job, envelope, outcome, body, now, expires)
-        events = [
+        events = _sts_events(outcome) + [
             spool.event("attempt", domain=job["domain"], **a.to_json()) for a in outcome.attempts
         ]
+        sts_failures = 0
         with self.client.pipeline(transaction=True) as pipe:
+            if outcome.sts is not None:  # TLSRPT counts ride this transaction
+                sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, now)
             events += self._stage_states(pipe, job, envelope, outcome, now)
             if outcome.deferred:
                 events.append(self._stage_retry(pipe, job, outcome, now, expires))
@@ -211,6 +248,8 @@ class Deliverer:
             pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
             pipe.execute()
         metrics.delivery_round(outcome, envelope.received_at, now)
+        if outcome.sts is not None:
+            metrics.mta_sts(outcome.sts, outcome, sts_failures)
         if notice is not None:
             metrics.dsn_sent(notice[0])
         self._finish_if_final(envelope)
@@ -265,7 +304,8 @@ class Deliverer:
         notes = (outcome.note,) if outcome.note else ()
         report_env, report_body = dsn.build(
             reporting_mta=self.config.hostname, envelope=envelope, original=body,
-            reports=reports, decision=Decision.from_json(job["decision"]), notes=notes,
+            reports=reports, decision=outcome.decision or Decision.from_json(job["decision"]),
+            notes=notes,
             retry_until=until, now=now,
         )  # fmt: skip
         return action, report_env, report_body
@@ -309,6 +349,27 @@ def _give_up(outcome: Outcome, pending: list[str], errors: list[Reply]) -> None:
         outcome.bounced = dict.fromkeys(pending, last)
     else:
         outcome.deferred = dict.fromkeys(pending, last)
+
+
+def _sts_hosts(
+    hosts: list[mx.Destination], decision: Decision, outcome: Outcome
+) -> list[mx.Destination]:
+    """Under an enforced MTA-STS policy only MX hosts that match it are used (RFC 8461 §4.1)."""
+    if not decision.mx_patterns:
+        return hosts
+    allowed = [h for h in hosts if mtasts.mx_matches(h.host, decision.mx_patterns)]
+    if outcome.sts is not None:
+        outcome.sts.skipped = [h.host for h in hosts if h not in allowed]
+    return allowed
+
+
+def _sts_events(outcome: Outcome) -> list[str]:
+    """The ``mta-sts`` trace event: the policy that applied (mode, id), any relaxation by
+    ``TLS-Required: No``, MX hosts skipped, a lookup failure. None for domains without one."""
+    sts = outcome.sts
+    if sts is None or (sts.policy is None and sts.error is None):
+        return []
+    return [spool.event("mta-sts", **sts.trace_fields())]
 
 
 def _final_states(client: redis.Redis, message_id: str) -> dict[str, str]:
