@@ -245,6 +245,33 @@ def test_fetch_then_cache_until_recheck(
     assert lookup(cache(store, dns, web, ca_file), "c1.test", 1031.0).source == "cache"
 
 
+class CountingRedis(redis.Redis):
+    """A real client that counts the commands it sends (pipelines count once per execute)."""
+
+    commands: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+
+def test_a_cached_policy_costs_one_redis_get_and_no_dns(
+    valkey: Any, dns: LocalDns, web: PolicyServer, ca_file: Path
+) -> None:
+    publish(dns, web, "perf.test", "one", policy_text())
+    dns.add("nosts.test", "MX", "10 mx.nosts.test.")
+    with CountingRedis.from_url(valkey.url) as client:
+        client.commands = []
+        policies = cache(client, dns, web, ca_file)
+        lookup(policies, "perf.test", 1000.0)
+        lookup(policies, "nosts.test", 1000.0)
+        dns.clear()  # any DNS query would now fail: the answers must come from Redis
+        client.commands.clear()
+        assert lookup(policies, "perf.test", 1010.0).source == "cache"
+        assert lookup(policies, "nosts.test", 1010.0) == mtasts.Lookup(None, "cache")
+        assert client.commands == ["GET", "GET"]
+
+
 def test_txt_id_change_triggers_refetch(
     store: redis.Redis, dns: LocalDns, web: PolicyServer, ca_file: Path
 ) -> None:
@@ -562,6 +589,8 @@ def test_tls_required_no_relaxes_the_policy_for_that_message(world: World) -> No
 
 def test_tlsrpt_report_is_mailed_past_the_failure_it_reports(world: World, tmp_path: Path) -> None:
     sink = world.sinks["plainenf"]
+    held = world.send(["other@plainenf.test"], message("sts held for the report"))
+    settled(world, held)  # deferred: the enforced domain's MX offers no STARTTLS
     wait_until(lambda: tlsrpt_counts(world, "plainenf.test"), what="something to report")
     day = tlsrpt.utc_day(time.time())
     command = [sys.executable, "-m", "services.common.cli", "tlsrpt", "build", "--date", day,
