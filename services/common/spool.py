@@ -9,6 +9,8 @@ Layout (every key under ``tlsrelay:``):
 - ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
 - ``deferred``       sorted set: member = JSON delivery job, score = due time (unix seconds).
 - ``tlsbroken:{host}:{port}``  set with a TTL when a STARTTLS handshake failed there.
+- ``mtasts:{domain}``  the domain's cached MTA-STS policy or "none" (services/deliver/mtasts.py).
+- ``tlsrpt:{YYYY-MM-DD}``  the day's TLS session counts for RFC 8460 reports (deliver/tlsrpt.py).
 
 Writes that must not be half-done go in one ``MULTI``/``EXEC`` (or one Lua script): a failed
 transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError`` (and

@@ -1,12 +1,15 @@
 """Deliver one job — (message, destination domain, its recipients, the policy decision) — and
 record what happened.
 
-Steps: skip recipients already final (never re-send an accepted recipient); find the destination
+Steps: skip recipients already final (never re-send an accepted recipient); for mail that is
+not routed, look up the domain's MTA-STS policy and apply it (:mod:`services.deliver.mtasts`:
+``enforce`` → verified TLS to matching MX hosts only); find the destination
 hosts (a rule's route, else ``delivery.routes``, else MX, else implicit MX); try each address in
 order with :func:`services.deliver.session.attempt` until one runs a transaction; then, in one Redis
 transaction, record per-recipient results, the trace events, — for what is left — a deferred
 entry due per ``delivery.retry_schedule``, and the DSN the round calls for (queued as a new
-message with a null reverse-path, in the same transaction, so it is neither lost nor doubled).
+message with a null reverse-path, in the same transaction, so it is neither lost nor doubled) and
+the round's TLSRPT counts (:mod:`services.deliver.tlsrpt`).
 
 Fates per recipient: 2xx after DATA → delivered; 5xx → bounced with a DSN (RFC 3464); 4xx, no
 host reachable, TLS required but unavailable, DNS temporary failure → deferred, until
