@@ -421,6 +421,7 @@ E2E_SINKS = {  # name: (kind, address, certificate name)
     "inside": ("starttls", "127.0.0.24", "mx2.skip.test"),
     "testing": ("plain", "127.0.0.25", ""),
     "relax": ("plain", "127.0.0.26", ""),
+    "wrongname": ("starttls", "127.0.0.27", "mx.elsewhere.test"),
 }
 # domain: (policy mode, mx patterns, [(preference, MX host, sink)])
 E2E_DOMAINS = {
@@ -433,6 +434,7 @@ E2E_DOMAINS = {
     ),
     "testing.test": ("testing", "mx.testing.test", [(10, "mx.testing.test", "testing")]),
     "relax.test": ("enforce", "mx.relax.test", [(10, "mx.relax.test", "relax")]),
+    "wrongcert.test": ("enforce", "mx.wrongcert.test", [(10, "mx.wrongcert.test", "wrongname")]),
 }
 MTA_STS_ON = True  # set False to see these tests fail: they depend on MTA-STS being applied
 
@@ -550,6 +552,20 @@ def test_enforce_without_starttls_defers_and_sends_nothing_in_clear(world: World
         what="the failure counted for TLSRPT",
     )
     wait_until(lambda: sts_metric(world, "enforce", "failed") >= 1, what="the failed metric")
+
+
+def test_enforce_with_a_certificate_for_another_name_defers(world: World) -> None:
+    sink = world.sinks["wrongname"]
+    message_id = world.send(["user@wrongcert.test"], message("sts wrong name"))
+    trace = settled(world, message_id)
+    reply = only(trace, "deferred")["recipients"]["user@wrongcert.test"]
+    assert reply.startswith("451 4.7.10"), reply
+    assert attempts(trace) == [("mx.wrongcert.test", "verified", "verify_failed")]
+    assert sink.messages == [] and sink.mail_commands == []
+    wait_until(
+        lambda: tlsrpt_counts(world, "wrongcert.test") == {"certificate-host-mismatch": 1},
+        what="the certificate failure counted for TLSRPT",
+    )
 
 
 def test_mx_outside_the_policy_is_skipped(world: World) -> None:
