@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import email
 import gzip
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -123,6 +125,26 @@ def test_parse_policy_none_mode_needs_no_mx_and_ignores_unknown_keys() -> None:
 )
 def test_mx_matches(host: str, matches: bool) -> None:
     assert mx_matches(host, ("mx.a.test", "*.b.test")) is matches
+
+
+# --------------------------------------------------------------------------- testing mode
+
+
+def der(cert: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+def test_leaf_problem(ca: trustme.CA) -> None:
+    now = time.time()
+    good = der(ca.issue_cert("mx.a.test", "*.b.test"))
+    assert mtasts.leaf_problem(good, "mx.a.test", now) is None
+    assert mtasts.leaf_problem(good, "x.b.test", now) is None
+    assert mtasts.leaf_problem(good, "y.x.b.test", now) == mtasts.HOSTNAME_MISMATCH
+    assert mtasts.leaf_problem(good, "mx.c.test", now) == mtasts.HOSTNAME_MISMATCH
+    old = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    expired = der(ca.issue_cert("mx.a.test", not_before=old, not_after=old.replace(month=2)))
+    assert mtasts.leaf_problem(expired, "mx.a.test", now) == mtasts.CERT_HAS_EXPIRED
+    assert mtasts.leaf_problem(b"not DER", "mx.a.test", now) == mtasts.HOSTNAME_MISMATCH
 
 
 # --------------------------------------------------------------------------- apply (pure)
@@ -422,6 +444,7 @@ E2E_SINKS = {  # name: (kind, address, certificate name)
     "testing": ("plain", "127.0.0.25", ""),
     "relax": ("plain", "127.0.0.26", ""),
     "wrongname": ("starttls", "127.0.0.27", "mx.elsewhere.test"),
+    "testing-wrongname": ("starttls", "127.0.0.28", "mx.elsewhere.test"),
 }
 # domain: (policy mode, mx patterns, [(preference, MX host, sink)])
 E2E_DOMAINS = {
@@ -435,6 +458,11 @@ E2E_DOMAINS = {
     "testing.test": ("testing", "mx.testing.test", [(10, "mx.testing.test", "testing")]),
     "relax.test": ("enforce", "mx.relax.test", [(10, "mx.relax.test", "relax")]),
     "wrongcert.test": ("enforce", "mx.wrongcert.test", [(10, "mx.wrongcert.test", "wrongname")]),
+    "testcert.test": (
+        "testing",
+        "mx.testcert.test",
+        [(10, "mx.testcert.test", "testing-wrongname")],
+    ),
 }
 MTA_STS_ON = True  # set False to see these tests fail: they depend on MTA-STS being applied
 
@@ -590,6 +618,18 @@ def test_testing_mode_delivers_and_counts_the_failure(world: World) -> None:
         what="the would-be failure counted for TLSRPT",
     )
     wait_until(lambda: sts_metric(world, "testing", "failed") >= 1, what="the testing metric")
+
+
+def test_testing_mode_counts_a_certificate_that_would_not_verify(world: World) -> None:
+    message_id = world.send(["user@testcert.test"], message("sts testing cert"))
+    (got,) = world.sinks["testing-wrongname"].wait_messages(1)
+    assert got.tls is not None  # delivered as before: TLS, certificate not checked
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.testcert.test", "opportunistic", "tls")]
+    wait_until(
+        lambda: tlsrpt_counts(world, "testcert.test") == {"certificate-host-mismatch": 1},
+        what="the would-be certificate failure counted for TLSRPT",
+    )
 
 
 def test_tls_required_no_relaxes_the_policy_for_that_message(world: World) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -165,8 +165,11 @@ class Deliverer:
             return outcome
         errors: list[Reply] = []
         hooks = Hooks(self._remember_broken, lambda peer: self._in_flight(envelope, decision, peer))
+        testing = outcome.sts is not None and outcome.sts.mode == mtasts.TESTING
         for peer in self._peers(hosts, decision.domain):
             settings = self._tls(decision, peer)
+            if testing:  # note what verification would say (TLSRPT), change nothing else
+                settings = replace(settings, check_leaf=True)
             result = await attempt(
                 peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool
             )

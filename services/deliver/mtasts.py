@@ -228,6 +228,35 @@ def apply_sts(decision: Decision, policy: Policy | None, tls_required_no: bool) 
     )
 
 
+# --------------------------------------------------------------------------- testing mode
+
+# OpenSSL X509_V_ERR_* codes, as ssl.SSLCertVerificationError.verify_code gives them
+CERT_HAS_EXPIRED = 10
+HOSTNAME_MISMATCH = 62
+
+
+def leaf_problem(der: bytes, name: str, now: float) -> int | None:
+    """What verification would say about a server certificate in ``testing`` mode, where the
+    session does not verify (as before): ``CERT_HAS_EXPIRED``, ``HOSTNAME_MISMATCH`` (RFC 6125
+    DNS names; a wildcard only as the whole leftmost label), or None. The chain is not checked
+    (the unverified session does not give it)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return HOSTNAME_MISMATCH
+    if not cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp():
+        return CERT_HAS_EXPIRED
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = names.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns_names = []
+    wanted = [n.lower().rstrip(".") for n in dns_names]
+    return None if mx_matches(name, wanted) else HOSTNAME_MISMATCH
+
+
 # --------------------------------------------------------------------------- fetching
 
 

@@ -28,7 +28,7 @@ import aiosmtplib
 
 from services.common import metrics
 from services.common.model import Envelope, Reply, TlsMode
-from services.deliver import tls
+from services.deliver import mtasts, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 
@@ -57,6 +57,9 @@ class TlsSettings:
     ca_file: str | None = None  # verified mode: CA bundle (None → system CAs)
     remembered_broken: bool = False
     client_cert: tuple[str, str] | None = None  # (cert, key) PEM files presented to the server
+    # MTA-STS testing mode: after an unverified handshake, note in ``Attempt.verify_code`` what
+    # verification would have said (services.deliver.mtasts.leaf_problem); never changes a fate.
+    check_leaf: bool = False
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,8 @@ async def _negotiate_tls(
     result.outcome = outcome
     if action is Action.SEND_TLS:
         result.tls_version, result.cipher = _tls_info(smtp)
+        if settings.check_leaf and settings.mode is not TlsMode.VERIFIED:
+            result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"
         detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({why})"
@@ -407,6 +412,14 @@ def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) ->
                 raise _NextHost(Reply(550, "5.7.30", f"REQUIRETLS not supported by {host}"))
             options.append(REQUIRETLS)
     return options
+
+
+def _leaf_problem(smtp: aiosmtplib.SMTP, name: str) -> int | None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return mtasts.leaf_problem(der, name, time.time()) if der else None
 
 
 def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:

@@ -15,7 +15,8 @@ A session is one new connection that asked for TLS (a reused pooled session is n
 a connection that never got to EHLO and mode ``none`` are no TLS sessions). Result types
 (§4.3.2): STARTTLS not offered → ``starttls-not-supported``; certificate name →
 ``certificate-host-mismatch``; expired → ``certificate-expired``; chain →
-``certificate-not-trusted``; a broken handshake, a host remembered as broken, an MX host outside
+``certificate-not-trusted`` (in MTA-STS ``testing`` mode, where the session does not verify,
+name and dates of the leaf are checked afterwards: ``Attempt.verify_code``); a broken handshake, a host remembered as broken, an MX host outside
 the MTA-STS policy → ``validation-failure`` (with a failure-reason-code); the policy fetch →
 ``sts-policy-fetch-error`` / ``sts-policy-invalid`` / ``sts-webpki-invalid``. Routed mail is
 not recorded (no policy domain's MX was involved). Hashes expire after :data:`RETENTION`.
@@ -65,10 +66,6 @@ KEY_PREFIX = "tlsrelay:tlsrpt:"
 RETENTION = 8 * 86400  # a day's counts are kept this long after the last one
 MEDIA_TYPE = "application/tlsrpt+gzip"  # §5.3 (gzip-compressed report)
 SUCCESS = "success"
-
-# OpenSSL X509_V_ERR_* codes of certificate failures (ssl.SSLCertVerificationError.verify_code)
-_EXPIRED = 10  # X509_V_ERR_CERT_HAS_EXPIRED
-_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
 
 
 def day_key(day: str) -> str:
@@ -124,16 +121,17 @@ def classify(attempt: Attempt, round_: StsRound) -> tuple[str, str] | None:
     tested = policy is not None and policy.mode != mtasts.NONE
     if tested and policy and not mtasts.mx_matches(attempt.peer.host, policy.mx):
         return "validation-failure", "mx-not-in-policy"  # only seen in testing mode
+    checked = outcome is TlsOutcome.TLS and attempt.verify_code is not None  # testing mode
+    if outcome is TlsOutcome.VERIFY_FAILED or checked:
+        if attempt.verify_code == mtasts.HOSTNAME_MISMATCH:
+            return "certificate-host-mismatch", ""
+        if attempt.verify_code == mtasts.CERT_HAS_EXPIRED:
+            return "certificate-expired", ""
+        return "certificate-not-trusted", ""
     if outcome in (TlsOutcome.TLS, TlsOutcome.TLS_VERIFIED):
         return SUCCESS, ""
     if outcome is TlsOutcome.NOT_OFFERED:
         return "starttls-not-supported", ""
-    if outcome is TlsOutcome.VERIFY_FAILED:
-        if attempt.verify_code == _HOSTNAME_MISMATCH:
-            return "certificate-host-mismatch", ""
-        if attempt.verify_code == _EXPIRED:
-            return "certificate-expired", ""
-        return "certificate-not-trusted", ""
     return "validation-failure", outcome.value  # handshake_failed, remembered_broken
 
 
