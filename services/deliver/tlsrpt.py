@@ -16,8 +16,9 @@ a connection that never got to EHLO and mode ``none`` are no TLS sessions). Resu
 (§4.3.2): STARTTLS not offered → ``starttls-not-supported``; certificate name →
 ``certificate-host-mismatch``; expired → ``certificate-expired``; chain →
 ``certificate-not-trusted`` (in MTA-STS ``testing`` mode, where the session does not verify,
-name and dates of the leaf are checked afterwards: ``Attempt.verify_code``); a broken handshake, a host remembered as broken, an MX host outside
-the MTA-STS policy → ``validation-failure`` (with a failure-reason-code); the policy fetch →
+name and dates of the leaf are checked afterwards: ``Attempt.verify_code``); a broken
+handshake, a host remembered as broken, an MX host outside the MTA-STS policy →
+``validation-failure`` (with a failure-reason-code); the policy fetch →
 ``sts-policy-fetch-error`` / ``sts-policy-invalid`` / ``sts-webpki-invalid``. Routed mail is
 not recorded (no policy domain's MX was involved). Hashes expire after :data:`RETENTION`.
 
