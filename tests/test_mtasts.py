@@ -445,6 +445,8 @@ E2E_SINKS = {  # name: (kind, address, certificate name)
     "relax": ("plain", "127.0.0.26", ""),
     "wrongname": ("starttls", "127.0.0.27", "mx.elsewhere.test"),
     "testing-wrongname": ("starttls", "127.0.0.28", "mx.elsewhere.test"),
+    "keep": ("plain", "127.0.0.29", ""),
+    "unfetched": ("plain", "127.0.0.30", ""),
 }
 # domain: (policy mode, mx patterns, [(preference, MX host, sink)])
 E2E_DOMAINS = {
@@ -463,6 +465,8 @@ E2E_DOMAINS = {
         "mx.testcert.test",
         [(10, "mx.testcert.test", "testing-wrongname")],
     ),
+    "keep.test": ("enforce", "mx.keep.test", [(10, "mx.keep.test", "keep")]),
+    "unfetched.test": ("enforce", "mx.unfetched.test", [(10, "mx.unfetched.test", "unfetched")]),
 }
 MTA_STS_ON = True  # set False to see these tests fail: they depend on MTA-STS being applied
 
@@ -474,10 +478,16 @@ def sink(kind: str, host: str, cert: str) -> Sink:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def policy_web() -> Iterator[PolicyServer]:
+    with PolicyServer(default_ca()) as web:
+        yield web
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, policy_web: PolicyServer) -> Iterator[World]:
     sinks = {name: sink(*spec) for name, spec in E2E_SINKS.items()}
+    web = policy_web
     with contextlib.ExitStack() as stack:
-        web = stack.enter_context(PolicyServer(default_ca()))
 
         def settings(world: World) -> dict[str, Any]:
             ca = world.root / "ca.pem"
@@ -641,6 +651,51 @@ def test_tls_required_no_relaxes_the_policy_for_that_message(world: World) -> No
     assert attempts(trace) == [("mx.relax.test", "opportunistic", "not_offered")]
     assert "TLS-Required: No" in only(trace, "mta-sts")["relaxed"]
     wait_until(lambda: sts_metric(world, "enforce", "relaxed") >= 1, what="the relaxed metric")
+
+
+def test_a_failed_refresh_keeps_the_cached_enforce_policy(
+    world: World, policy_web: PolicyServer
+) -> None:
+    sink = world.sinks["keep"]
+    first = world.send(["a@keep.test"], message("sts keep 1"))
+    assert only(settled(world, first), "mta-sts")["policy_id"] == "enforce1"
+    # The TXT id changes, the policy server fails, and the cached entry is due for a re-check.
+    world.dns.set_txt("_mta-sts.keep.test", "v=STSv1; id=enforce2;")
+    policy_web.publish("keep.test", "unavailable", status=503)
+    with contextlib.closing(world.client()) as client:
+        entry = json.loads(client.get(mtasts.KEY_PREFIX + "keep.test"))
+        entry["check_after"] = 0
+        client.set(mtasts.KEY_PREFIX + "keep.test", json.dumps(entry))
+    second = world.send(["b@keep.test"], message("sts keep 2"))
+    trace = settled(world, second)
+    sts = only(trace, "mta-sts")
+    assert sts["policy_id"] == "enforce1" and "503" in sts["error"], sts
+    assert only(trace, "deferred")["recipients"]["b@keep.test"].startswith("451 4.7.10")
+    assert policy_web.requests("keep.test") == 2
+    assert sink.messages == [] and sink.cleartext_transactions == 0
+    wait_until(lambda: sts_metric(world, "enforce", "fetch_error") >= 1, what="fetch_error")
+    wait_until(
+        lambda: (
+            tlsrpt_counts(world, "keep.test")
+            == {"starttls-not-supported": 2, "sts-policy-fetch-error": 1}
+        ),
+        what="the fetch error counted for TLSRPT",
+    )
+
+
+def test_no_policy_to_be_had_and_none_cached_delivers_as_before(
+    world: World, policy_web: PolicyServer
+) -> None:
+    """RFC 8461 §5.1: a TXT record but no policy, nothing cached → as if there were no policy."""
+    policy_web.publish("unfetched.test", "gone", status=404)
+    message_id = world.send(["a@unfetched.test"], message("sts unfetched"))
+    (got,) = world.sinks["unfetched"].wait_messages(1)
+    assert got.tls is None
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.unfetched.test", "opportunistic", "not_offered")]
+    sts = only(trace, "mta-sts")
+    assert sts["mode"] is None and "404" in sts["error"]
+    wait_until(lambda: sts_metric(world, "unknown", "fetch_error") >= 1, what="fetch_error")
 
 
 def test_tlsrpt_report_is_mailed_past_the_failure_it_reports(world: World, tmp_path: Path) -> None:
