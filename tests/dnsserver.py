@@ -9,7 +9,10 @@
 Records are kept by (name, type) and may change while the server runs. A name with no records
 at all answers NXDOMAIN; a known name without records of the asked type answers NOERROR with an
 empty answer (NODATA); a name marked with :meth:`LocalDns.servfail` answers SERVFAIL. Null MX is
-``dns.add(name, "MX", "0 .")``. :meth:`LocalDns.stop` shuts both servers down, closes their
+``dns.add(name, "MX", "0 .")``. TXT data is given
+unquoted, as one record's text (``dns.add("_mta-sts.a.test", "TXT", "v=STSv1; id=1")``), and
+:meth:`LocalDns.set_txt` replaces a name's TXT records while the server runs.
+:meth:`LocalDns.stop` shuts both servers down, closes their
 sockets and joins their threads, so nothing leaks into ``filterwarnings = error`` runs.
 """
 
@@ -19,7 +22,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from dnslib import QTYPE, RCODE, RR, DNSRecord
+from dnslib import QTYPE, RCODE, RR, TXT, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 _BIND_ATTEMPTS = 20
@@ -80,9 +83,20 @@ class LocalDns:
         elif not known:
             reply.header.rcode = RCODE.NXDOMAIN
         for rdata in rdatas if not failing else ():
+            if qtype == "TXT":  # as given (zone syntax would take ";" for a comment)
+                strings = [rdata[i : i + 255] for i in range(0, len(rdata), 255)] or [""]
+                reply.add_answer(RR(f"{qname}.", QTYPE.TXT, rdata=TXT(strings), ttl=60))
+                continue
             for rr in RR.fromZone(f"{qname}. 60 IN {qtype} {rdata}"):
                 reply.add_answer(rr)
         return reply
+
+    def set_txt(self, name: str, *texts: str) -> None:
+        """Replace the TXT records of ``name`` (each text one record; none → remove them)."""
+        with self._lock:
+            self._records.pop((_key(name), "TXT"), None)
+            if texts:
+                self._records[(_key(name), "TXT")] = list(texts)
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -141,3 +141,38 @@ def test_cli_refuses_bad_config_before_listening(tmp_path: Path, command: str) -
     )
     assert done.returncode == 2
     assert f"{path}:3: ingest.bogus: unknown key" in done.stderr
+
+
+def test_mta_sts_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TLSRELAY_CONFIG", raising=False)
+    defaults = load_config(None).delivery
+    assert (defaults.mta_sts, defaults.mta_sts_ca_file, defaults.mta_sts_port) == (True, None, 443)
+    assert defaults.mta_sts_timeout == 10.0
+    (tmp_path / "sts-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    path = write(tmp_path, "delivery:\n  mta_sts: off\n  mta_sts_ca_file: sts-ca.pem\n"
+                           "  mta_sts_port: 8443\n  mta_sts_timeout: 3s\n")  # fmt: skip
+    delivery = load_config(path).delivery
+    assert (delivery.mta_sts, delivery.mta_sts_port, delivery.mta_sts_timeout) == (False, 8443, 3)
+    assert delivery.mta_sts_ca_file == (tmp_path / "sts-ca.pem").resolve()
+    assert load_config(write(tmp_path, 'delivery:\n  mta_sts: "on"\n')).delivery.mta_sts
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("delivery:\n  mta_sts: maybe\n", ":2: delivery.mta_sts: Input should be a valid boolean"),
+        (
+            "delivery:\n\n  mta_sts_ca_file: none.pem\n",
+            ":3: delivery.mta_sts_ca_file: file not found",
+        ),
+        ("delivery:\n  mta_sts_port: 0\n", ":2: delivery.mta_sts_port: Input should be greater"),
+        (
+            "delivery:\n  mta_sts_timeout: 0s\n",
+            ":2: delivery.mta_sts_timeout: Input should be greater",
+        ),
+    ],
+)
+def test_bad_mta_sts_keys_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value)

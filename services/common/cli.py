@@ -7,6 +7,9 @@
 - ``tlsrelay ingest|policy|deliver --config FILE``: one service (a Kubernetes container's command).
 - ``tlsrelay trace ID [--json]``: the recorded events of one message (without ``redis_url`` it
   finds the embedded server of a running ``tlsrelay run`` with the same config).
+- ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
+  gzip JSON file per policy domain, mailed through the relay where the domain asks for it
+  (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
 
 ``--config`` may be replaced by ``$TLSRELAY_CONFIG``; ``$TLSRELAY_REDIS_URL`` overrides
 ``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
@@ -72,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queue": _queue,
         "tenants": _tenants,
         "healthcheck": _healthcheck,
+        "tlsrpt": _tlsrpt,
     }[args.command]
     return handler(config, args)
 
@@ -88,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "queue": "list deferred mail; 'queue retry [ID]' makes it due now; 'queue bounce ID'",
         "tenants": "list tenants, their domains, regions and where their mail goes",
         "healthcheck": "exit 0 while the named worker's heartbeat is fresh (liveness probe)",
+        "tlsrpt": "'tlsrpt build --date YYYY-MM-DD': write (and mail) the day's TLS reports",
     }
     # Listed for --help only: main() hands `rules ...` to services.policy.cli before parsing.
     sub.add_parser("rules", help="check the rules of a config file; explain decisions (see -h)")
@@ -98,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["trace"].add_argument("id", help="message id, as in '250 2.0.0 Ok: queued as ID'")
     sub.choices["trace"].add_argument("--json", action="store_true", help="one JSON document")
     sub.choices["healthcheck"].add_argument("service", choices=("policy", "deliver"))
+    tlsrpt = sub.choices["tlsrpt"]
+    tlsrpt.add_argument("action", choices=("build",))
+    tlsrpt.add_argument("--date", required=True, type=_day, help="the UTC day, YYYY-MM-DD")
+    tlsrpt.add_argument("--out", default=".", help="directory for the .json.gz reports")
     queue = sub.choices["queue"]
     queue.add_argument("action", nargs="?", choices=("list", "retry", "bounce"), default="list")
     queue.add_argument("id", nargs="?", help="message id (required for bounce)")
@@ -213,6 +222,34 @@ def _trace(config: Config, args: argparse.Namespace) -> int:
         at = datetime.fromtimestamp(ev.pop("at"), UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         kind = ev.pop("event")
         print(f"{at} {kind:<10} {json.dumps(ev, sort_keys=True)}")
+    return 0
+
+
+def _day(text: str) -> str:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+
+
+def _tlsrpt(config: Config, args: argparse.Namespace) -> int:
+    """``tlsrelay tlsrpt build --date D``: write the day's reports, queue those with a rua."""
+    import asyncio
+
+    from services.common import spool
+    from services.deliver import mx, tlsrpt
+
+    client = spool.connect(_require_redis(config, "tlsrpt", tool=True))
+    delivery = config.delivery
+    resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.mta_sts_timeout)
+    built = asyncio.run(
+        tlsrpt.build(client, resolver, config.hostname, args.date, Path(args.out),
+                     config.trace_ttl)
+    )  # fmt: skip
+    for report in built:
+        sent = f"mailed to {', '.join(report.mailed_to)}" if report.mailed_to else report.note
+        print(f"{report.path}: {sent}")
+    print(f"-- {len(built)} reports for {args.date}")
     return 0
 
 

@@ -336,6 +336,14 @@ class DeliveryConfig(_Section):
     # reachable, TLS unavailable) defers the rest of its batch without trying each.
     batch_max: int = Field(default=50, gt=0)
     concurrency: int = Field(default=4, gt=0)  # Celery worker processes
+    # MTA-STS (RFC 8461, services/deliver/mtasts.py): look up and apply the destination domain's
+    # policy at delivery time (never for routed mail). The policy is fetched over verified HTTPS
+    # with mta_sts_ca_file (absent → the system CAs) from mta_sts_port (443; another port only
+    # for tests and labs); the DNS lookup and fetch of one domain take at most mta_sts_timeout.
+    mta_sts: bool = True  # on | off (YAML booleans; "on"/"off" quoted work too)
+    mta_sts_ca_file: Path | None = None
+    mta_sts_port: int = Field(default=443, gt=0, lt=65536)
+    mta_sts_timeout: Duration = Field(default=10.0, gt=0)
 
     @field_validator("routes")
     @classmethod
@@ -546,6 +554,7 @@ FILE_KEYS = (
     ("ingest", "tls_cert"),
     ("ingest", "tls_key"),
     ("delivery", "ca_file"),
+    ("delivery", "mta_sts_ca_file"),
     ("platform_tls", "ca"),
     ("platform_tls", "cert"),
     ("platform_tls", "key"),

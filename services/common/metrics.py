@@ -59,6 +59,7 @@ from services.deliver.scheduler import DEFERRED_SINCE
 if TYPE_CHECKING:
     from services.deliver.delivery import Outcome
     from services.deliver.session import Attempt
+    from services.deliver.tlsrpt import StsRound
 
 log = logging.getLogger("tlsrelay.metrics")
 
@@ -182,6 +183,16 @@ INTERRUPTED = Counter(
     "their recipients are sent again, so the destination may see the message twice.",
     registry=None,
 )
+MTA_STS = Counter(
+    "tlsrelay_mta_sts_total",
+    "Delivery rounds to a domain with an MTA-STS policy (RFC 8461), or whose policy lookup "
+    "failed. mode: enforce | testing | none | unknown (lookup failed, nothing cached); result: "
+    "ok (the policy was met), failed (enforce: held back, never sent in clear; testing: would "
+    "have failed), relaxed (TLS-Required: No on the message), fetch_error (refresh failed; a "
+    "cached policy still applies).",
+    ["mode", "result"],
+    registry=None,
+)
 DELIVERY_DURATION = Histogram(
     "tlsrelay_delivery_duration_seconds",
     "Duration of one delivery attempt (connect to QUIT).",
@@ -224,6 +235,23 @@ def delivery_round(outcome: Outcome, received_at: float, now: float) -> None:
     held = any(reply.status == TLS_REQUIRED_STATUS for reply in outcome.deferred.values())
     if held and outcome.attempts:
         TLS_REQUIRED_DEFERRALS.labels(outcome.attempts[-1].mode.label).inc()
+
+
+def mta_sts(sts: StsRound, outcome: Outcome, failures: int) -> None:
+    """A recorded round's MTA-STS result; ``failures``: the TLSRPT failures counted for it."""
+    mode = sts.policy.mode if sts.policy is not None else None
+    if sts.error_type:
+        MTA_STS.labels(mode or "unknown", "fetch_error").inc()
+    if mode is None:
+        return
+    if sts.relaxed:
+        result = "relaxed"
+    elif mode == "enforce":
+        held = any(r.status == TLS_REQUIRED_STATUS for r in outcome.deferred.values())
+        result = "failed" if held else "ok"
+    else:
+        result = "failed" if mode == "testing" and failures else "ok"
+    MTA_STS.labels(mode, result).inc()
 
 
 def dsn_sent(action: str) -> None:
@@ -385,6 +413,7 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
         MESSAGES_FINAL,
         DSN_SENT,
         INTERRUPTED,
+        MTA_STS,
         DELIVERY_DURATION,
         END_TO_END,
     ),

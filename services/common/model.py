@@ -161,9 +161,12 @@ class Decision:
     route_tls_name: str | None = None  # the certificate name expected at ``route``
     tls_profile: str | None = None  # "platform": verify with the platform CA, present our cert
     reasons: tuple[str, ...] = ()  # why each circumstance matched (for traces / explain)
+    # Only MX hosts matching these patterns may be used (RFC 8461 §4.1); () = any. Set at
+    # delivery time by an MTA-STS policy in mode enforce (services/deliver/mtasts.py).
+    mx_patterns: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "domain": self.domain,
             "tls": self.tls.label,
             "circumstances": list(self.circumstances),
@@ -172,6 +175,9 @@ class Decision:
             "tls_profile": self.tls_profile,
             "reasons": list(self.reasons),
         }
+        if self.mx_patterns:
+            doc["mx_patterns"] = list(self.mx_patterns)
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Decision:
@@ -183,6 +189,7 @@ class Decision:
             route_tls_name=doc.get("route_tls_name"),
             tls_profile=doc.get("tls_profile"),
             reasons=tuple(doc.get("reasons", ())),
+            mx_patterns=tuple(doc.get("mx_patterns", ())),
         )
 
 

@@ -15,6 +15,8 @@ Layout (every key under ``tlsrelay:``):
                      lengths are not message counts; these two sets are (the queue gauges). Both
                      are written in the transactions that queue and consume the work, and
                      removing a member twice is harmless, so a redelivered task cannot skew them.
+- ``mtasts:{domain}``  the domain's cached MTA-STS policy or "none" (services/deliver/mtasts.py).
+- ``tlsrpt:{YYYY-MM-DD}``  the day's TLS session counts for RFC 8460 reports (deliver/tlsrpt.py).
 
 Writes that must not be half-done go in one ``MULTI``/``EXEC`` (or one Lua script): a failed
 transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError`` (and

@@ -1,12 +1,15 @@
 """Deliver one job — (message, destination domain, its recipients, the policy decision) — and
 record what happened.
 
-Steps: skip recipients already final (never re-send an accepted recipient); find the destination
+Steps: skip recipients already final (never re-send an accepted recipient); for mail that is
+not routed, look up the domain's MTA-STS policy and apply it (:mod:`services.deliver.mtasts`:
+``enforce`` → verified TLS to matching MX hosts only); find the destination
 hosts (a rule's route, else ``delivery.routes``, else MX, else implicit MX); try each address in
 order with :func:`services.deliver.session.attempt` until one runs a transaction; then, in one Redis
 transaction, record per-recipient results, the trace events, — for what is left — a deferred
 entry due per ``delivery.retry_schedule``, and the DSN the round calls for (queued as a new
-message with a null reverse-path, in the same transaction, so it is neither lost nor doubled).
+message with a null reverse-path, in the same transaction, so it is neither lost nor doubled) and
+the round's TLSRPT counts (:mod:`services.deliver.tlsrpt`).
 
 Fates per recipient: 2xx after DATA → delivered; 5xx → bounced with a DSN (RFC 3464); 4xx, no
 host reachable, TLS required but unavailable, DNS temporary failure → deferred, until
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -34,13 +37,14 @@ from services.common import metrics, spool
 from services.common.config import Config, Route, format_duration, parse_hostport
 from services.common.model import Decision, Envelope, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
-from services.deliver import dsn, mx, scheduler
+from services.deliver import dsn, mtasts, mx, scheduler, tlsrpt
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")
+TLS_REQUIRED = "4.7.10"  # RFC 5248: encryption needed (as session.TLS_UNAVAILABLE)
 
 
 @dataclass
@@ -60,7 +64,12 @@ class Outcome:
         """The outcome for another job of the batch to this unreachable destination."""
         reply = next(iter(self.deferred.values()), NO_HOST)
         skipped = f"not tried: the destination failed for an earlier message just now: {reply}"
-        return Outcome(deferred=dict.fromkeys(pending, reply), skipped=skipped)
+        return Outcome(
+            deferred=dict.fromkeys(pending, reply), skipped=skipped, decision=self.decision
+        )
+
+    decision: Decision | None = None  # the effective decision, when MTA-STS changed it
+    sts: tlsrpt.StsRound | None = None  # MTA-STS and TLSRPT facts (None: routed mail)
 
     def settle(self, replies: dict[str, Reply], host: str) -> None:
         for rcpt, reply in replies.items():
@@ -101,9 +110,16 @@ class Deliverer:
             data=delivery.data_timeout,
         )
         self._broken: dict[tuple[str, int], bool] = {}  # the "TLS broken" memory, this batch
+        self._sts_seen: dict[str, mtasts.Lookup] = {}  # MTA-STS lookups, this batch
         self._last_peer: Peer | None = None  # where the last DATA went
         self._premarked: tuple[str, str, str, int] | None = None  # (id, domain, address, port)
         self._mark_ttl = int(config.celery.visibility_timeout * 4)
+        self.policies: mtasts.PolicyCache | None = None
+        if delivery.mta_sts:
+            ca = str(delivery.mta_sts_ca_file) if delivery.mta_sts_ca_file else None
+            self.policies = mtasts.PolicyCache(
+                client, self.resolver, ca, delivery.mta_sts_port, delivery.mta_sts_timeout
+            )
 
     async def run_batch(self, jobs: list[dict[str, Any]]) -> list[Outcome | None]:
         """Deliver and record a batch of jobs (one ``deliver`` task: one destination domain), one
@@ -114,7 +130,7 @@ class Deliverer:
         with the same error instead of waiting out the same timeouts again. An unexpected error
         in one job parks that job for a retry and lets the batch go on; Redis errors propagate."""
         states = spool.load_jobs(self.client, [(job["id"], job["domain"]) for job in jobs])
-        self._broken = {}
+        self._broken, self._sts_seen = {}, {}
         unreachable: dict[tuple[Any, ...], Outcome] = {}
         results: list[Outcome | None] = []
         for i, (job, state) in enumerate(zip(jobs, states, strict=True)):
@@ -206,9 +222,9 @@ class Deliverer:
         self, envelope: Envelope, body: bytes, decision: Decision, pending: list[str]
     ) -> Outcome:
         outcome = Outcome()
-        route = None
-        if decision.route:
-            route = Route(parse_hostport(decision.route), decision.route_tls_name)
+        route = self._route(decision)
+        if route is None:  # MTA-STS is about MX hosts: never for routed mail
+            decision = await self._sts(envelope, decision, outcome)
         try:
             hosts = await mx.resolve(decision.domain, self.config.delivery, self.resolver, route)
         except mx.DnsPermanentError as exc:
@@ -218,10 +234,18 @@ class Deliverer:
             outcome.deferred = dict.fromkeys(pending, Reply(451, "4.4.3", str(exc)))
             outcome.unreachable = True
             return outcome
+        hosts = _sts_hosts(hosts, decision, outcome)
+        if not hosts:
+            text = f"no MX host of {decision.domain} matches its MTA-STS policy (RFC 8461 §4.1)"
+            outcome.deferred = dict.fromkeys(pending, Reply(451, TLS_REQUIRED, text))
+            return outcome
         errors: list[Reply] = []
         hooks = Hooks(self._remember_broken, lambda peer: self._in_flight(envelope, decision, peer))
+        testing = outcome.sts is not None and outcome.sts.mode == mtasts.TESTING
         for peer in self._peers(hosts, decision.domain):
             settings = self._tls(decision, peer)
+            if testing:  # note what verification would say (TLSRPT), change nothing else
+                settings = replace(settings, check_leaf=True)
             result = await attempt(
                 peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool
             )
@@ -233,6 +257,28 @@ class Deliverer:
         _give_up(outcome, pending, errors)
         outcome.unreachable = bool(outcome.deferred)
         return outcome
+
+    def _route(self, decision: Decision) -> Route | None:
+        """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""
+        if decision.route:
+            return Route(parse_hostport(decision.route), decision.route_tls_name)
+        return mx.route_for(decision.domain, self.config.delivery.routes)
+
+    async def _sts(self, envelope: Envelope, decision: Decision, outcome: Outcome) -> Decision:
+        """Look up the domain's MTA-STS policy and apply it (services/deliver/mtasts.py)."""
+        outcome.sts = sts = tlsrpt.StsRound(decision.domain)
+        if self.policies is None:
+            return decision
+        found = self._sts_seen.get(decision.domain)
+        if found is None:  # once per domain and batch
+            found = self._sts_seen[decision.domain] = await self.policies.lookup(decision.domain)
+        sts.policy, sts.error, sts.error_type = found.policy, found.error, found.error_type
+        enforceable = found.policy is not None and found.policy.mode != mtasts.NONE
+        sts.relaxed = envelope.tls_required_no and enforceable
+        effective = mtasts.apply_sts(decision, found.policy, envelope.tls_required_no)
+        if effective != decision:
+            outcome.decision = effective
+        return effective
 
     def _peers(self, hosts: list[mx.Destination], domain: str) -> list[Peer]:
         return [
@@ -279,7 +325,7 @@ class Deliverer:
             lifetime = format_duration(delivery.max_queue_lifetime)
             outcome.give_up(f"The relay gave up: the message was queued longer than {lifetime}.")
         notice = self._notice(job, envelope, outcome, body, now, expires, state.delay_warned)
-        events = [
+        events = _sts_events(outcome) + [
             spool.event("attempt", domain=job["domain"], **a.to_json()) for a in outcome.attempts
         ]
         if outcome.skipped:
@@ -287,7 +333,10 @@ class Deliverer:
         # Final when nothing is left: known here unless another domain's job is still open.
         final = {**state.final, **_final(outcome)}
         complete = set(final) >= set(envelope.recipients)
+        sts_failures = 0
         with self.client.pipeline(transaction=True) as pipe:
+            if outcome.sts is not None:  # TLSRPT counts ride this transaction
+                sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, now)
             events += self._stage_states(pipe, job, envelope, outcome, now)
             if outcome.deferred:
                 events.append(self._stage_retry(pipe, job, outcome, now, expires))
@@ -307,6 +356,8 @@ class Deliverer:
             replies = pipe.execute()
         self._premarked = premark
         metrics.delivery_round(outcome, envelope.received_at, now)
+        if outcome.sts is not None:
+            metrics.mta_sts(outcome.sts, outcome, sts_failures)
         if notice is not None:
             metrics.dsn_sent(notice[0])
         if complete:
@@ -373,7 +424,8 @@ class Deliverer:
         notes = (outcome.note,) if outcome.note else ()
         report_env, report_body = dsn.build(
             reporting_mta=self.config.hostname, envelope=envelope, original=body,
-            reports=reports, decision=Decision.from_json(job["decision"]), notes=notes,
+            reports=reports, decision=outcome.decision or Decision.from_json(job["decision"]),
+            notes=notes,
             retry_until=until, now=now,
         )  # fmt: skip
         return action, report_env, report_body
@@ -438,6 +490,27 @@ def _final(outcome: Outcome) -> dict[str, str]:
         **dict.fromkeys(outcome.delivered, "delivered"),
         **dict.fromkeys(outcome.bounced, "bounced"),
     }
+
+
+def _sts_hosts(
+    hosts: list[mx.Destination], decision: Decision, outcome: Outcome
+) -> list[mx.Destination]:
+    """Under an enforced MTA-STS policy only MX hosts that match it are used (RFC 8461 §4.1)."""
+    if not decision.mx_patterns:
+        return hosts
+    allowed = [h for h in hosts if mtasts.mx_matches(h.host, decision.mx_patterns)]
+    if outcome.sts is not None:
+        outcome.sts.skipped = [h.host for h in hosts if h not in allowed]
+    return allowed
+
+
+def _sts_events(outcome: Outcome) -> list[str]:
+    """The ``mta-sts`` trace event: the policy that applied (mode, id), any relaxation by
+    ``TLS-Required: No``, MX hosts skipped, a lookup failure. None for domains without one."""
+    sts = outcome.sts
+    if sts is None or (sts.policy is None and sts.error is None):
+        return []
+    return [spool.event("mta-sts", **sts.trace_fields())]
 
 
 def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:

@@ -28,7 +28,7 @@ import aiosmtplib
 
 from services.common import metrics
 from services.common.model import Envelope, Reply, TlsMode
-from services.deliver import tls
+from services.deliver import mtasts, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 
@@ -57,6 +57,9 @@ class TlsSettings:
     ca_file: str | None = None  # verified mode: CA bundle (None → system CAs)
     remembered_broken: bool = False
     client_cert: tuple[str, str] | None = None  # (cert, key) PEM files presented to the server
+    # MTA-STS testing mode: after an unverified handshake, note in ``Attempt.verify_code`` what
+    # verification would have said (services.deliver.mtasts.leaf_problem); never changes a fate.
+    check_leaf: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class Attempt:
     replies: dict[str, Reply] = field(default_factory=dict)  # per recipient, final for this try
     data_sent: bool = False  # the transaction got to DATA (the message went over the wire)
     reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
+    verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
+    local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -192,6 +197,7 @@ async def _attempt(
             result.reused = True
         else:
             smtp = await _open(peer, timeouts)
+            result.local_address = _local_address(smtp)
             smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
         await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
     except _NextHost as exc:
@@ -290,11 +296,13 @@ async def _negotiate_tls(
     """Upgrade per the TLS table; return the client to continue on (a new one after reconnect)."""
     action, outcome = tls.wants_starttls(settings.mode, settings.remembered_broken)
     if action is Action.TRY_TLS:
-        situation = await _starttls(smtp, result.peer, settings)
+        situation = await _starttls(smtp, result, settings)
         action, outcome = tls.after_starttls(settings.mode, situation)
     result.outcome = outcome
     if action is Action.SEND_TLS:
         result.tls_version, result.cipher = _tls_info(smtp)
+        if settings.check_leaf and settings.mode is not TlsMode.VERIFIED:
+            result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"
         detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({why})"
@@ -306,24 +314,34 @@ async def _negotiate_tls(
     return smtp
 
 
-async def _starttls(smtp: aiosmtplib.SMTP, peer: Peer, settings: TlsSettings) -> Situation:
+async def _starttls(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSettings) -> Situation:
     if not smtp.supports_extension("starttls"):
         return Situation.NOT_OFFERED
     try:
-        await smtp.starttls(server_hostname=peer.tls_name, tls_context=tls_context(settings))
+        context = tls_context(settings)
+        await smtp.starttls(server_hostname=result.peer.tls_name, tls_context=context)
         await smtp.ehlo()  # RFC 3207 §4.2: forget what was said in clear, ask again
     except Exception as exc:
-        return Situation.VERIFY_FAILED if _is_verify_error(exc) else Situation.HANDSHAKE_FAILED
+        verify = _verify_error(exc)
+        if verify is None:
+            return Situation.HANDSHAKE_FAILED
+        result.verify_code = verify.verify_code
+        return Situation.VERIFY_FAILED
     return Situation.HANDSHAKE_OK
 
 
-def _is_verify_error(exc: BaseException | None) -> bool:
+def _verify_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return True
+            return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return None
+
+
+def _local_address(smtp: aiosmtplib.SMTP) -> str | None:
+    sockname = smtp.get_transport_info("sockname")
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
 
 
 async def _transaction(
@@ -399,6 +417,14 @@ def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) ->
                 raise _NextHost(Reply(550, "5.7.30", f"REQUIRETLS not supported by {host}"))
             options.append(REQUIRETLS)
     return options
+
+
+def _leaf_problem(smtp: aiosmtplib.SMTP, name: str) -> int | None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return mtasts.leaf_problem(der, name, time.time()) if der else None
 
 
 def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:
