@@ -96,6 +96,32 @@ def test_a_failed_commit_fails_every_message_of_its_batch(tmp_path: Path) -> Non
     assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
 
 
+def test_a_batch_waits_for_company_only_when_company_is_coming(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The window is spent only while messages come faster than one per window from more than
+    one session: a lone sender or a trickle is written at once."""
+
+    async def linger_after_two(sessions: int) -> float:
+        client = spool.connect_async(valkey.url)
+        try:
+            committer = spool.Committer(client, spool.TRACE_TTL, 0.5, 100, lambda: sessions)
+            for _ in range(2):  # two quick commits: the average gap is well under the window
+                await committer.accept(envelope("r@dest.test"), BODY)
+            third = asyncio.ensure_future(committer.accept(envelope("r@dest.test"), BODY))
+            await asyncio.sleep(0)  # let it open its batch
+            assert committer._timer is not None
+            linger = committer._timer.when() - asyncio.get_running_loop().time()
+            await third
+            return linger
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(linger_after_two(sessions=5)) > 0.25
+    assert asyncio.run(linger_after_two(sessions=1)) <= 0.0
+    assert len(tasks(store, queueing.QUEUE_POLICY)) == 6
+
+
 # --------------------------------------------------------------------------- deliver batches
 
 

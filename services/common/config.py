@@ -203,10 +203,11 @@ class IngestConfig(_Section):
     command_timeout: Duration = Field(default=300.0, gt=0)
     max_bad_commands: int = Field(default=10, gt=0)  # 5xx syntax replies, then 421 4.7.0, close
     max_header_bytes: int = Field(default=1_048_576, gt=0)  # header section; above: 552 5.3.4
-    # Group commit (spool.Committer): messages finishing DATA within this window share one Redis
-    # transaction and one policy task; the 250 waits for it. 0 = only those finished in the same
+    # Group commit (spool.Committer): while messages arrive more often than once per window,
+    # those finishing DATA within it share one Redis transaction and one policy task (the 250
+    # waits for it); slower, each is written at once. 0 = only those finished in the same
     # event-loop turn. At most batch_max messages per commit.
-    batch_window: Duration = Field(default=0.002, ge=0, le=1)
+    batch_window: Duration = Field(default=0.02, ge=0, le=1)
     batch_max: int = Field(default=100, gt=0)
     relay_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),

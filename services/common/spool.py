@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -169,34 +170,58 @@ class Committer:
     ``EXEC`` and one ``policy`` task (as PostgreSQL's ``commit_delay`` or Kafka's ``linger.ms``).
 
     :meth:`accept` adds a message to the open batch and waits for the batch's transaction. A batch
-    is written ``window`` seconds after its first message arrived (0: on the next turn of the event
-    loop, which still groups messages finished in the same turn), or at once when it holds
-    ``max_batch`` messages. Each caller's ``accept`` returns only after EXEC succeeded and raises
-    what the transaction raised (then none of the batch was stored: every session answers 451).
+    is written ``window`` seconds after its first message arrived, or at once when it holds
+    ``max_batch`` messages — but only while messages arrive more often than once per ``window``
+    (a moving average of the gaps between them) and more than one session is open: otherwise
+    nobody would join the batch, so it is written on the next turn of the event loop (which still
+    groups messages finished in the same turn) and the sender does not wait for nothing. So the
+    batch grows with the load: one message at 10/s, several at hundreds per second, where the
+    Celery hops' cost per task matters.
+
+    Each caller's ``accept`` returns only after EXEC succeeded and raises what the transaction
+    raised (then none of the batch was stored: every session answers 451).
     A caller that stops waiting (timeout) does not stop the write: its message may be stored
     although its client was told 451 — the same as with one transaction per message.
     """
 
     def __init__(
-        self, client: aioredis.Redis, trace_ttl: float, window: float, max_batch: int
+        self,
+        client: aioredis.Redis,
+        trace_ttl: float,
+        window: float,
+        max_batch: int,
+        sessions: Callable[[], int] | None = None,
     ) -> None:
         self.client = client
+        self.sessions = sessions  # open SMTP sessions: with one, nobody else can join a batch
         self.trace_ttl = trace_ttl
         self.window = window
         self.max_batch = max_batch
         self._batch: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._last = 0.0  # when the previous message arrived (loop time)
+        self._gap = math.inf  # moving average of the time between messages
 
     async def accept(self, envelope: Envelope, body: bytes) -> None:
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._last:
+            gap = now - self._last
+            self._gap = gap if math.isinf(self._gap) else 0.8 * self._gap + 0.2 * gap
+        self._last = now
         done: asyncio.Future[None] = loop.create_future()
         self._batch.append((envelope, body, done))
         if len(self._batch) >= self.max_batch:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.window, self._flush)
+            self._timer = loop.call_later(self._linger(), self._flush)
         await asyncio.shield(done)
+
+    def _linger(self) -> float:
+        if self._gap >= self.window or (self.sessions is not None and self.sessions() < 2):
+            return 0.0
+        return self.window
 
     def _flush(self) -> None:
         if self._timer is not None:

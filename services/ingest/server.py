@@ -1104,8 +1104,9 @@ class IngestServer:
         ingest = self.config.ingest
         # One group commit for all listeners: their messages share transactions.
         committer = spool.Committer(
-            self._redis, self.config.trace_ttl, ingest.batch_window, ingest.batch_max
-        )
+            self._redis, self.config.trace_ttl, ingest.batch_window, ingest.batch_max,
+            sessions=lambda: sum(len(h.connections) for h in self._handlers),
+        )  # fmt: skip
         metrics.prime_ingest(listener.value for listener in endpoints)
         try:
             for listener, endpoint in endpoints.items():
