@@ -24,6 +24,7 @@ from services.common import queueing, spool
 from services.common.config import Config, load_config
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis, free_port
+from services.deliver import scheduler
 from services.deliver.delivery import Deliverer
 from tests.peers import Sink
 from tests.world import World, make_world, message, wait_until
@@ -275,3 +276,57 @@ def test_concurrent_sessions_are_classified_and_delivered_in_batches(world: Worl
     with contextlib.closing(world.client()) as client:
         waiting = (spool.WAITING_POLICY, spool.WAITING_DELIVER)
         wait_until(lambda: not any(client.zcard(k) for k in waiting), 10, "empty waiting sets")
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def defer(client: redis.Redis, jobs: list[dict[str, Any]], due: float) -> None:
+    with client.pipeline(transaction=True) as pipe:
+        for job in jobs:
+            scheduler.stage_deferral(pipe, job, due)
+        pipe.execute()
+
+
+def test_due_retries_go_out_in_one_task_per_domain(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """After an outage a domain's backlog comes back in batches, not a task per message."""
+    a = [{"id": new_message_id(), "domain": "a.test", "recipients": ["x@a.test"]} for _ in range(5)]
+    b = [{"id": new_message_id(), "domain": "b.test", "recipients": ["x@b.test"]} for _ in range(2)]
+    later = {"id": new_message_id(), "domain": "a.test", "recipients": ["y@a.test"]}
+    defer(store, a + b, time.time() - 1)
+    defer(store, [later], time.time() + 3600)
+    assert scheduler.move_due(store, batch_max=3) == 7
+    batches = tasks(store, queueing.QUEUE_DELIVER)
+    assert sorted(len(batch) for batch in batches) == [2, 2, 3]
+    assert sorted(j["id"] for batch in batches for j in batch) == sorted(j["id"] for j in a + b)
+    assert [json.loads(m)["id"] for m in store.zrange(spool.DEFERRED, 0, -1)] == [later["id"]]
+    assert store.zcard(spool.WAITING_DELIVER) == 7
+
+
+def test_a_group_another_scheduler_took_part_of_is_left_alone(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Between reading the due jobs and moving them, another scheduler took one: that group
+    moves nothing (the other scheduler owns the job it took), the other groups move."""
+    a = [{"id": new_message_id(), "domain": "a.test", "recipients": ["x@a.test"]} for _ in range(2)]
+    b = [{"id": new_message_id(), "domain": "b.test", "recipients": ["x@b.test"]}]
+    defer(store, a + b, time.time() - 1)
+    members = store.zrangebyscore(spool.DEFERRED, "-inf", "+inf")
+    taken = next(m for m in members if json.loads(m)["id"] == a[0]["id"])
+
+    class Racing(redis.Redis):
+        def eval(self, *args: Any) -> Any:  # the other scheduler wins the race just before
+            store.zrem(spool.DEFERRED, taken)
+            return super().eval(*args)
+
+    racing = Racing.from_url(valkey.url)
+    try:
+        assert scheduler.move_due(racing) == 1
+    finally:
+        racing.close()
+    assert [[j["id"] for j in batch] for batch in tasks(store, queueing.QUEUE_DELIVER)] == [
+        [b[0]["id"]]
+    ]
+    assert [json.loads(m)["id"] for m in store.zrange(spool.DEFERRED, 0, -1)] == [a[1]["id"]]

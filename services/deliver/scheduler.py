@@ -3,9 +3,11 @@ onto the ``deliver`` queue when due.
 
 Deferred jobs live in our own Redis structure, not in Celery countdowns/ETAs: with the Redis
 transport a task delayed past ``visibility_timeout`` is handed out again (celery#7009, #2599,
-kombu#337). ``move_due`` is safe to run in every deliver pod at once: one Lua script removes each
-due member and pushes its task atomically, so a job is claimed by exactly one caller and is never
-lost between the two steps. Restarts lose nothing: the sorted set is the state.
+kombu#337). ``move_due`` is safe to run in every deliver pod at once: one Lua script removes due
+members and pushes their task atomically (one task per destination domain, up to
+``delivery.batch_max`` jobs, moved only if all of them are still there), so a job is claimed by
+exactly one caller and is never lost between the two steps. Restarts lose nothing: the sorted
+set is the state.
 
 Beside it, ``tlsrelay:deferred:since`` indexes the deferred *messages* by acceptance time (member
 message id, score the time in its id), so the age of the oldest deferred message is one
@@ -53,35 +55,60 @@ def stage_completion(pipe: redis.client.Pipeline, message_id: str) -> None:
     pipe.zrem(DEFERRED_SINCE, message_id)
 
 
-# KEYS[1] = deferred zset, KEYS[2] = deliver list, KEYS[3] = waiting:deliver zset;
-# ARGV = per job: member, task, waiting member, acceptance time
+# KEYS[1] = deferred zset, KEYS[2] = deliver list, KEYS[3] = waiting:deliver zset.
+# ARGV: groups, each: n, the group's task, then per job: member, waiting member, acceptance time.
+# A group moves only if every member is still there (another scheduler may have taken one since
+# the caller read them): then all its members leave the deferred set and its one task is pushed.
 _MOVE_DUE = """
-local moved = 0
-for i = 1, #ARGV, 4 do
-  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
-    redis.call('LPUSH', KEYS[2], ARGV[i + 1])
-    redis.call('ZADD', KEYS[3], ARGV[i + 3], ARGV[i + 2])
-    moved = moved + 1
+local i, moved = 1, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local all = true
+  for j = 0, n - 1 do
+    if not redis.call('ZSCORE', KEYS[1], ARGV[i + 2 + 3 * j]) then
+      all = false
+      break
+    end
   end
+  if all then
+    for j = 0, n - 1 do
+      local at = i + 2 + 3 * j
+      redis.call('ZREM', KEYS[1], ARGV[at])
+      redis.call('ZADD', KEYS[3], ARGV[at + 2], ARGV[at + 1])
+    end
+    redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    moved = moved + n
+  end
+  i = i + 2 + 3 * n
 end
 return moved
 """
 
 
-def move_due(client: redis.Redis, now: float | None = None, limit: int = 500) -> int:
-    """Move up to ``limit`` due jobs to the ``deliver`` queue; return how many moved."""
+def move_due(
+    client: redis.Redis, now: float | None = None, limit: int = 500, batch_max: int = 50
+) -> int:
+    """Move up to ``limit`` due jobs to the ``deliver`` queue, one task per destination domain
+    with up to ``batch_max`` jobs (after an outage, a domain's backlog goes out in batches over
+    reused connections, not one Celery task per message); return how many moved."""
     now = time.time() if now is None else now
     members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
         spool.DEFERRED, "-inf", now, start=0, num=limit
     )
     if not members:
         return 0
-    args: list[bytes | str | float] = []
+    by_domain: dict[str, list[tuple[bytes, dict[str, Any]]]] = {}
     for member in members:
         job = json.loads(member)
-        accepted = message_time(job["id"]) or now
-        args += [member, queueing.deliver_task([job]), spool.waiting_job(job["id"], job["domain"])]
-        args.append(accepted)
+        by_domain.setdefault(job["domain"], []).append((member, job))
+    args: list[bytes | str | float] = []
+    for group in by_domain.values():
+        for start in range(0, len(group), batch_max):
+            chunk = group[start : start + batch_max]
+            args += [len(chunk), queueing.deliver_task([job for _, job in chunk])]
+            for member, job in chunk:
+                accepted = message_time(job["id"]) or now
+                args += [member, spool.waiting_job(job["id"], job["domain"]), accepted]
     moved: int = client.eval(
         _MOVE_DUE, 3, spool.DEFERRED, queueing.QUEUE_DELIVER, spool.WAITING_DELIVER, *args
     )
@@ -91,17 +118,18 @@ def move_due(client: redis.Redis, now: float | None = None, limit: int = 500) ->
 class SchedulerThread(threading.Thread):
     """Runs ``move_due`` every ``interval`` seconds until ``stop()``; survives Redis outages."""
 
-    def __init__(self, redis_url: str, interval: float) -> None:
+    def __init__(self, redis_url: str, interval: float, batch_max: int = 50) -> None:
         super().__init__(name="tlsrelay-scheduler", daemon=True)
         self.redis_url = redis_url
         self.interval = interval
+        self.batch_max = batch_max
         self._stopped = threading.Event()
 
     def run(self) -> None:
         client = spool.connect(self.redis_url)
         while not self._stopped.is_set():
             try:
-                while move_due(client) > 0:
+                while move_due(client, batch_max=self.batch_max) > 0:
                     pass
             except redis.exceptions.RedisError as exc:
                 log.warning("scheduler: Redis unavailable: %s", exc)

@@ -51,7 +51,8 @@ def register(app: Celery, service: DeliverService) -> None:
         # A single job: a task queued before tasks carried batches.
         service.deliver([jobs] if isinstance(jobs, dict) else jobs)
 
-    scheduler = SchedulerThread(service.redis_url, service.config.delivery.scheduler_interval)
+    delivery = service.config.delivery
+    scheduler = SchedulerThread(service.redis_url, delivery.scheduler_interval, delivery.batch_max)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def start_scheduler(**_: object) -> None:
