@@ -302,14 +302,29 @@ async def _negotiate_tls(
 
 
 async def _starttls(smtp: aiosmtplib.SMTP, peer: Peer, settings: TlsSettings) -> Situation:
+    """STARTTLS, then EHLO again over TLS (RFC 3207 §4.2: forget what was said in clear).
+
+    Bytes the peer sent after its ``220`` and before the handshake are not from the TLS peer
+    (response injection, the client side of the CVE-2011-0411 class): aiosmtplib discards them;
+    should any still be buffered after the upgrade, the session is treated as a failed handshake
+    and the TLS table decides (next host for required TLS), never read as replies."""
     if not smtp.supports_extension("starttls"):
         return Situation.NOT_OFFERED
     try:
         await smtp.starttls(server_hostname=peer.tls_name, tls_context=tls_context(settings))
-        await smtp.ehlo()  # RFC 3207 §4.2: forget what was said in clear, ask again
+        if _buffered_before_tls(smtp):
+            smtp.close()
+            return Situation.HANDSHAKE_FAILED
+        await smtp.ehlo()
     except Exception as exc:
         return Situation.VERIFY_FAILED if _is_verify_error(exc) else Situation.HANDSHAKE_FAILED
     return Situation.HANDSHAKE_OK
+
+
+def _buffered_before_tls(smtp: aiosmtplib.SMTP) -> bool:
+    """Unparsed bytes left in aiosmtplib's reply buffer (its ``_buffer``, private: absent or
+    empty when the library discards them itself, as 5.x does)."""
+    return bool(getattr(smtp.protocol, "_buffer", b""))
 
 
 def _is_verify_error(exc: BaseException | None) -> bool:
