@@ -1,0 +1,50 @@
+"""The soak (``make soak``, :mod:`bench.soak`) on a tiny load: it runs end to end with a worker
+SIGKILLed, accounts for every message and reports every field.
+
+Runs ``python -m bench.soak --messages 60 --kills 1`` as a subprocess (real Redis, the three
+services, real sinks, the load client as a process), with a short queue lifetime so that the
+enforced-to-clear mail bounces within seconds. Checks the contract, not speed: exit 0, nothing
+lost, enforced mail never in clear, the relay's TLS account agrees with the sinks', every
+behaviour met its expected fate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.soak import BEHAVIOURS
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = {
+    "messages", "accepted", "refused", "delivered", "bounced", "dsn_received", "dsn_missing",
+    "still_queued", "lost", "overlap", "duplicates", "interrupted", "unexpected_fate",
+    "sink_tls", "sink_clear", "relay_tls", "relay_clear", "tls_mismatches",
+    "enforced_seen_in_clear", "drained", "seconds", "kills", "kills_by_role", "restarts",
+    "delivered_by_tls_outcome", "attempts_by_tls_outcome", "behaviours", "settings",
+}  # fmt: skip
+
+
+def test_soak_with_a_kill_loses_nothing_and_reports_every_field(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench.soak", "--messages", "60", "--kills", "1",
+            "--kill-every", "1", "--lifetime", "4", "--deadline", "40",
+            "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) >= FIELDS, FIELDS - set(report)
+    assert report["kills"] == 1 and report["drained"]
+    assert report["accepted"] == 60 and report["lost"] == 0 and report["still_queued"] == 0
+    assert report["delivered"] + report["bounced"] == 60
+    assert report["enforced_seen_in_clear"] == 0 and report["tls_mismatches"] == 0
+    assert report["unexpected_fate"] == 0
+    rows = {row["behaviour"]: row for row in report["behaviours"]}
+    assert list(rows) == [b.name for b in BEHAVIOURS]
+    assert rows["tls"]["sink_tls"] == rows["tls"]["delivered"] == 10
+    assert rows["clear"]["sink_clear"] == rows["broken-handshake"]["sink_clear"] == 10
+    assert rows["enforced-to-clear"]["bounced"] == rows["5xx"]["dsn_received"] == 10
+    assert rows["4xx-then-ok"]["refused_at_sink"] == 10  # each was refused once, then delivered
+    assert report["delivered_by_tls_outcome"]["tls"] == 20
+    assert "LOST 0" in done.stdout  # the readable table precedes the JSON line
