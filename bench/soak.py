@@ -204,7 +204,8 @@ def settings(options: Options) -> Any:
 @dataclass
 class Killer:
     """SIGKILLs a random policy or deliver worker process; restarts a killed main (and any
-    worker main that exited on its own, counted in ``restarts``)."""
+    worker main that exited on its own, counted in ``restarts``: e.g. Celery gives up with
+    "Could not start worker processes" when a pool process is killed while the pool starts)."""
 
     world: World
     rng: random.Random
@@ -227,8 +228,7 @@ class Killer:
             return
         service, role, pid = self.rng.choice(victims)
         if role == "main":
-            self.world.stop_service(service, kill=True)
-            self.world.start_service(service)
+            self.restart(service)
         else:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -236,13 +236,20 @@ class Killer:
                 return
         self.kills[f"{service} {role}"] += 1
 
+    def restart(self, service: str) -> None:
+        """SIGKILL the service's process group (what is left of it), then start it again."""
+        proc = self.world.procs.pop(service)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.world.start_service(service)
+
     def keep_alive(self) -> None:
         """A worker main that exited by itself (e.g. the stall watchdog) is started again."""
         for service in ("policy", "deliver"):
             proc = self.world.procs.get(service)
             if proc is not None and proc.poll() is not None:
-                self.world.stop_service(service, kill=True)
-                self.world.start_service(service)
+                self.restart(service)
                 self.restarts += 1
         ingest = self.world.procs["ingest"]
         if ingest.poll() is not None:
