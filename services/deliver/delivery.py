@@ -98,7 +98,10 @@ class Deliverer:
         state = spool.load_job(self.client, job["id"], job["domain"])
         envelope, body = state.envelope, state.body
         pending = [r for r in job["recipients"] if r not in state.final]
-        if envelope is None or body is None or not pending:
+        if envelope is None or body is None:
+            return None
+        if not pending:  # an earlier run recorded them and died before finishing the message
+            self._finish_if_final(envelope)
             return None
         decision = Decision.from_json(job["decision"])
         if state.in_flight is not None:
