@@ -19,9 +19,11 @@ d5    5xx                 STARTTLS; ``550`` to DATA                       bounce
 
 The sender's domain routes to a sixth sink that collects the bounces (RFC 3464 DSNs, matched to
 the original by its ``X-Bench-Id`` in the returned headers). Enforced-to-clear mail defers
-(4.7.10) until the soak's short ``delivery.max_queue_lifetime`` (``--lifetime``, 60 s) and then
+(4.7.10) until the soak's short ``delivery.max_queue_lifetime`` (``--lifetime``, 300 s) and then
 bounces: it is counted as bounced, and must never reach its sink (any MAIL command there is
-"enforced mail seen in clear"). Retries are shortened (``retry_schedule`` 1 s, then 5 s).
+"enforced mail seen in clear"). Retries are shortened (``retry_schedule`` 1 s, then 120 s). A
+4xx-then-ok message first tried only after its lifetime (the relay more than ``--lifetime``
+behind) bounces, as configured: counted in ``unexpected_fate``, not a failure.
 
 Kills: every ``--kill-every`` seconds (until ``--kills`` were made, or the queue is drained) one
 process chosen at random among the policy and deliver workers — a Celery pool process (SIGKILL;
@@ -31,13 +33,16 @@ supervisor would; its reserved tasks come back after ``celery.visibility_timeout
 ``--visibility-timeout``).
 
 The end: once the client is done, wait until no message is left in Redis (``tlsrelay:msg:*``,
-bounces included) or ``--deadline`` seconds, then report, per behaviour and in total:
+bounces included), or every message left has had no task anywhere (not queued, not reserved in
+kombu's ``unacked``, not deferred) for twice the visibility timeout, or ``--deadline`` seconds;
+then report, per behaviour and in total:
 
 - ``accepted``: ``250`` replies to the client; ``refused``: anything else.
 - ``delivered``: accepted messages that arrived at their destination sink (unique ids).
 - ``bounced``: accepted messages recorded bounced in their trace or whose DSN arrived
   (``dsn_received``; ``dsn_missing``: recorded but no DSN arrived).
-- ``still_queued``: the others whose message is still in Redis.
+- ``still_queued``: the others whose message is still in Redis; ``stuck``: those of them with no
+  task anywhere, which no worker will ever take (``bounces_stuck``: the same for DSNs).
 - ``lost`` = accepted − delivered − bounced − still queued (the three sets are disjoint;
   ``overlap`` counts any message in two): must be 0.
 - ``duplicates``: extra copies at the destination sinks (a worker killed after the final dot and
@@ -51,9 +56,9 @@ bounces included) or ``--deadline`` seconds, then report, per behaviour and in t
 - ``enforced_seen_in_clear``: MAIL commands received by the enforced domain's sink: must be 0.
 
 Output: a readable table on stdout, then one JSON line (``--json-only``: the line alone).
-Progress on stderr. Exit 0 when lost, enforced_seen_in_clear and tls_mismatches are all 0 and
-the queue drained; 1 otherwise (the work directory is then kept, its path printed); 2 for bad
-options.
+Progress on stderr. Exit 0 when lost, stuck, enforced_seen_in_clear, tls_mismatches and overlap
+are all 0 and the queue drained; 1 otherwise (the work directory is then kept, its path printed);
+2 for bad options.
 """
 
 from __future__ import annotations
@@ -79,13 +84,16 @@ from typing import Any
 from bench import procstat
 from bench.env import REPO, python_env
 from bench.workload import Workload, bench_id
-from services.common import spool
+from services.common import metrics, queueing, spool
 from tests.peers import Message, Sink
 from tests.world import World, make_world
 
 ENFORCED_DOMAIN = "d3.bench.test"
 SENDER_DOMAIN = "load.bench.test"  # bench.workload.SENDER's domain: where bounces go
 TLS_OUTCOMES = frozenset({"tls", "tls_verified"})
+UNACKED = "unacked"  # kombu's Redis transport: the tasks reserved by a worker, not yet acked
+STUCK_CHECK_MAX = 2000  # look for messages without a task when at most this many are left
+RETRY_SCHEDULE = ["1s", "120s"]  # 4xx-then-ok is retried after 1 s; enforced every 2 minutes
 _BENCH_ID = re.compile(rb"^X-Bench-Id:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -152,7 +160,7 @@ class Options:
     rate: float = 0.0
     kill_every: float = 3.0
     kills: int | None = None  # at most this many (None: until drained)
-    lifetime: float = 60.0
+    lifetime: float = 300.0
     visibility_timeout: float = 20.0
     deadline: float = 600.0
     policy_workers: int = 2
@@ -185,7 +193,7 @@ def settings(options: Options) -> Any:
         return {
             "delivery": {
                 "routes": routes,
-                "retry_schedule": ["1s", "5s"],
+                "retry_schedule": RETRY_SCHEDULE,
                 "max_queue_lifetime": f"{options.lifetime:g}s",
                 "delay_warning_after": 0,  # only bounces reach the sender's sink
                 "concurrency": options.deliver_workers,
@@ -261,10 +269,48 @@ class Killer:
 # --------------------------------------------------------------------------- the run
 
 
-def queued_messages(world: World) -> int:
-    """Messages (originals and bounces) still in the spool."""
-    with contextlib.closing(world.client()) as client:
-        return sum(1 for _ in client.scan_iter(match=spool.msg_key("*"), count=1000))
+def spooled(client: Any) -> set[str]:
+    """Ids of the messages (originals and bounces) still in the spool."""
+    prefix = len(spool.msg_key(""))
+    return {key.decode()[prefix:] for key in client.scan_iter(match=spool.msg_key("*"), count=1000)}
+
+
+def with_task(client: Any) -> set[str]:
+    """Ids of the messages some task will work on: queued for a worker, reserved by one
+    (kombu's ``unacked`` hash) or deferred."""
+    raws = [
+        *client.lrange(queueing.QUEUE_POLICY, 0, -1),
+        *client.lrange(queueing.QUEUE_DELIVER, 0, -1),
+    ]
+    raws += [json.dumps(json.loads(v)[0]) for v in client.hvals(UNACKED)]
+    ids = {metrics.task_message_id(raw) for raw in raws}
+    ids |= {json.loads(member)["id"] for member in client.zrange(spool.DEFERRED, 0, -1)}
+    return {i for i in ids if i}
+
+
+@dataclass
+class Drain:
+    """Watches the spool once the client is done: empty (drained), or every message left has
+    had no task for ``patience`` seconds (stuck: no worker will ever take it)."""
+
+    patience: float
+    drained: bool = False
+    stuck: set[str] = field(default_factory=set)
+    since: float | None = None
+
+    def over(self, client: Any, now: float) -> bool:
+        left = spooled(client)
+        self.drained = not left
+        if self.drained or len(left) > STUCK_CHECK_MAX:
+            self.since = None
+            return self.drained
+        stuck = left - with_task(client)
+        if stuck != left:
+            self.since = None
+        elif self.since is None or stuck != self.stuck:
+            self.since = now
+        self.stuck = stuck
+        return self.since is not None and now - self.since > self.patience
 
 
 def start_load(
@@ -295,6 +341,8 @@ class Run:
     sinks: dict[str, Sink]
     traces: dict[str, list[dict[str, Any]]]  # queue id → events
     in_spool: set[str]  # queue ids whose message is still in Redis
+    stuck: set[str]  # ids of messages in the spool with no task (originals and bounces)
+    bounces_in_spool: int  # bounces (DSNs) still in the spool
 
 
 def soak(options: Options, root: Path) -> Run:
@@ -306,8 +354,9 @@ def soak(options: Options, root: Path) -> Run:
         started = time.monotonic()
         say(f"sending {options.messages} messages; a kill every {options.kill_every:g}s")
         load = start_load(world, options.workload(), run_id, root)
-        next_kill, drained, deadline = started + options.kill_every, False, None
-        next_look = started
+        next_kill, deadline, next_look = started + options.kill_every, None, started
+        drain = Drain(patience=2 * options.visibility_timeout + 10)
+        client = world.client()
         while True:
             now = time.monotonic()
             more = options.kills is None or sum(killer.kills.values()) < options.kills
@@ -319,19 +368,22 @@ def soak(options: Options, root: Path) -> Run:
                 deadline = now + options.deadline
                 say(f"client done after {now - started:.0f}s; waiting for the queue to drain")
             if deadline is not None and now >= next_look:
-                drained = queued_messages(world) == 0
-                next_look = now + 1.0
-                if drained or now > deadline:
+                next_look = now + 2.0
+                if drain.over(client, now) or now > deadline:
                     break
             time.sleep(0.1)  # a script's poll interval, not a test's synchronisation
         seconds = time.monotonic() - started
-        say(f"{'drained' if drained else 'deadline reached'} after {seconds:.0f}s; counting")
+        why = "drained" if drain.drained else "stuck" if drain.since else "deadline reached"
+        say(f"{why} after {seconds:.0f}s; counting")
         doc = json.loads((root / "load.json").read_text())
         queue_ids = [qid for _, _, qid in doc["accepted"] if qid]
         traces, in_spool = read_spool(world, queue_ids)
+        left = spooled(client)
+        stuck = left - with_task(client)
+        client.close()
         return Run(
-            options, run_id, doc, killer.kills, killer.restarts, drained, seconds,
-            dict(world.sinks), traces, in_spool,
+            options, run_id, doc, killer.kills, killer.restarts, drain.drained, seconds,
+            dict(world.sinks), traces, in_spool, stuck, len(left - in_spool),
         )  # fmt: skip
 
 
@@ -392,6 +444,9 @@ def report(run: Run) -> dict[str, Any]:
         "messages": opts.messages,
         **{key: totals[key] for key in SUMMED},
         "enforced_seen_in_clear": seen_in_clear,
+        "bounces_in_spool": run.bounces_in_spool,
+        "bounces_stuck": len(run.stuck - set(accepted.values())),
+        "stuck_ids": sorted(run.stuck)[:20],
         "drained": run.drained,
         "seconds": round(run.seconds, 1),
         "kills": sum(run.kills.values()),
@@ -411,8 +466,8 @@ def report(run: Run) -> dict[str, Any]:
 
 SUMMED = (
     "accepted", "refused", "delivered", "bounced", "dsn_received", "dsn_missing", "still_queued",
-    "lost", "overlap", "duplicates", "interrupted", "unexpected_fate", "sink_tls", "sink_clear",
-    "relay_tls", "relay_clear", "tls_mismatches",
+    "lost", "stuck", "overlap", "duplicates", "interrupted", "unexpected_fate", "sink_tls",
+    "sink_clear", "relay_tls", "relay_clear", "tls_mismatches",
 )  # fmt: skip
 
 
@@ -448,6 +503,7 @@ def behaviour_row(
     dsn = {i for i in mine if i in bounce_copies}
     bounced = (recorded_bounce | dsn) - delivered
     queued = {i for i in mine if accepted[i] in run.in_spool} - delivered - bounced
+    stuck = {i for i in queued if accepted[i] in run.stuck}
     fates = {"delivered": delivered, "bounced": bounced}
     return {
         "behaviour": behaviour.name,
@@ -460,6 +516,7 @@ def behaviour_row(
         "dsn_received": len(dsn),
         "dsn_missing": len(recorded_bounce - dsn),
         "still_queued": len(queued),
+        "stuck": len(stuck),
         "lost": len(mine) - len(delivered | bounced | queued),
         "overlap": len(delivered & (recorded_bounce | dsn)),
         "duplicates": sum(len(arrived[i]) - 1 for i in delivered),
@@ -478,6 +535,7 @@ def failures(result: dict[str, Any]) -> list[str]:
     """Why the soak failed (empty: it passed)."""
     checks = {
         "lost": result["lost"],
+        "stuck": result["stuck"] + result["bounces_stuck"],
         "enforced_seen_in_clear": result["enforced_seen_in_clear"],
         "tls_mismatches": result["tls_mismatches"],
         "overlap": result["overlap"],
@@ -498,6 +556,8 @@ def table(r: dict[str, Any]) -> str:
         f"  accepted {r['accepted']}  delivered {r['delivered']}  bounced {r['bounced']} "
         f"(DSNs received {r['dsn_received']}, missing {r['dsn_missing']})  still queued "
         f"{r['still_queued']}  LOST {r['lost']}",
+        f"  stuck (in the spool, no task anywhere): {r['stuck']} messages, "
+        f"{r['bounces_stuck']} bounces (of {r['bounces_in_spool']} bounces left in the spool)",
         f"  duplicates {r['duplicates']} (interrupted deliveries in traces: {r['interrupted']})"
         f"  refused {r['refused']}  unexpected fates {r['unexpected_fate']}",
         f"  enforced mail seen in clear {r['enforced_seen_in_clear']}  TLS mismatches "

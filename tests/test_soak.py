@@ -29,22 +29,24 @@ FIELDS = {
 
 def test_soak_with_a_kill_loses_nothing_and_reports_every_field(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "bench.soak", "--messages", "60", "--kills", "1",
-            "--kill-every", "1", "--lifetime", "4", "--deadline", "40",
-            "--workdir", str(tmp_path)]  # fmt: skip
+            "--kill-every", "1", "--lifetime", "4", "--visibility-timeout", "5",
+            "--deadline", "40", "--workdir", str(tmp_path)]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(report) >= FIELDS, FIELDS - set(report)
-    assert report["kills"] == 1 and report["drained"]
-    assert report["accepted"] == 60 and report["lost"] == 0 and report["still_queued"] == 0
-    assert report["delivered"] + report["bounced"] == 60
-    assert report["enforced_seen_in_clear"] == 0 and report["tls_mismatches"] == 0
-    assert report["unexpected_fate"] == 0
+    assert report["kills"] == 1 and report["drained"], report
+    assert report["accepted"] == 60 and report["lost"] == 0 and report["stuck"] == 0, report
+    assert report["still_queued"] == 0 and report["delivered"] + report["bounced"] == 60, report
+    assert report["enforced_seen_in_clear"] == 0 and report["tls_mismatches"] == 0, report
     rows = {row["behaviour"]: row for row in report["behaviours"]}
     assert list(rows) == [b.name for b in BEHAVIOURS]
-    assert rows["tls"]["sink_tls"] == rows["tls"]["delivered"] == 10
-    assert rows["clear"]["sink_clear"] == rows["broken-handshake"]["sink_clear"] == 10
-    assert rows["enforced-to-clear"]["bounced"] == rows["5xx"]["dsn_received"] == 10
-    assert rows["4xx-then-ok"]["refused_at_sink"] == 10  # each was refused once, then delivered
-    assert report["delivered_by_tls_outcome"]["tls"] == 20
+    assert rows["tls"]["sink_tls"] == rows["tls"]["delivered"] == 10, rows["tls"]
+    assert rows["clear"]["sink_clear"] == rows["broken-handshake"]["sink_clear"] == 10, rows
+    assert rows["enforced-to-clear"]["bounced"] == rows["5xx"]["dsn_received"] == 10, rows
+    # Each was refused once; it is delivered on the retry — or, when the kill held it up past
+    # the 4 s lifetime, bounced (as configured): never both, never neither.
+    flaky = rows["4xx-then-ok"]
+    assert flaky["refused_at_sink"] == 10 and flaky["delivered"] + flaky["bounced"] == 10, flaky
+    assert flaky["sink_tls"] == flaky["delivered"]
     assert "LOST 0" in done.stdout  # the readable table precedes the JSON line
