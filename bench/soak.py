@@ -30,7 +30,7 @@ process chosen at random among the policy and deliver workers — a Celery pool 
 the worker's pool replaces it, ``task_reject_on_worker_lost`` requeues its task) or a worker's
 main process (SIGKILL to its process group, as when a container dies, then started again as its
 supervisor would; its reserved tasks come back after ``celery.visibility_timeout``, here
-``--visibility-timeout``).
+``--visibility-timeout``). Each kill is logged in ``kills.jsonl`` in the work directory.
 
 The end: once the client is done, wait until no message is left in Redis (``tlsrelay:msg:*``,
 bounces included), or every message left has had no task anywhere (not queued, not reserved in
@@ -51,7 +51,8 @@ then report, per behaviour and in total:
 - TLS: per outcome of the delivering attempt (from the traces: ``tls``, ``not_offered``,
   ``handshake_failed``, ``remembered_broken``, ...), all attempts per outcome, and what each sink
   saw (TLS or clear); ``tls_mismatches`` counts messages where the relay's account and the sink's
-  differ. Traces, not the workers' Prometheus counters: a killed worker main restarts with fresh
+  differ; ``unexpected_channel`` those that arrived in clear where TLS was expected or the other
+  way round. Traces, not the workers' Prometheus counters: a killed worker main restarts with fresh
   counters, the traces in Redis survive it.
 - ``enforced_seen_in_clear``: MAIL commands received by the enforced domain's sink: must be 0.
 
@@ -102,7 +103,7 @@ class Behaviour:
     name: str
     sink: str  # key in World.sinks
     fate: str  # the expected one: "delivered" or "bounced"
-    over_tls: bool | None  # how it should arrive (None: it should not arrive)
+    over_tls: bool | None  # how it should arrive (None: it should not arrive at all)
 
 
 BEHAVIOURS = (
@@ -217,8 +218,14 @@ class Killer:
 
     world: World
     rng: random.Random
+    log: Path  # one JSON line per kill or restart: wall time, service, role, pid
     kills: Counter[str] = field(default_factory=Counter)  # "deliver child" → count
     restarts: int = 0
+
+    def note(self, service: str, role: str, pid: int) -> None:
+        line = {"at": round(time.time(), 3), "service": service, "role": role, "pid": pid}
+        with self.log.open("a") as out:
+            out.write(json.dumps(line) + "\n")
 
     def victims(self) -> list[tuple[str, str, int]]:
         out = []
@@ -235,6 +242,7 @@ class Killer:
         if not victims:
             return
         service, role, pid = self.rng.choice(victims)
+        self.note(service, role, pid)
         if role == "main":
             self.restart(service)
         else:
@@ -257,6 +265,7 @@ class Killer:
         for service in ("policy", "deliver"):
             proc = self.world.procs.get(service)
             if proc is not None and proc.poll() is not None:
+                self.note(service, f"exited {proc.returncode}", proc.pid)
                 self.restart(service)
                 self.restarts += 1
         ingest = self.world.procs["ingest"]
@@ -350,7 +359,7 @@ def soak(options: Options, root: Path) -> Run:
     rng = random.Random(options.seed)
     say(f"starting the world in {root}")
     with make_world(root, extra_sinks(), settings(options)) as world:
-        killer = Killer(world, rng)
+        killer = Killer(world, rng, root / "kills.jsonl")
         started = time.monotonic()
         say(f"sending {options.messages} messages; a kill every {options.kill_every:g}s")
         load = start_load(world, options.workload(), run_id, root)
@@ -467,7 +476,7 @@ def report(run: Run) -> dict[str, Any]:
 SUMMED = (
     "accepted", "refused", "delivered", "bounced", "dsn_received", "dsn_missing", "still_queued",
     "lost", "stuck", "overlap", "duplicates", "interrupted", "unexpected_fate", "sink_tls",
-    "sink_clear", "relay_tls", "relay_clear", "tls_mismatches",
+    "sink_clear", "unexpected_channel", "relay_tls", "relay_clear", "tls_mismatches",
 )  # fmt: skip
 
 
@@ -524,6 +533,7 @@ def behaviour_row(
         "unexpected_fate": len(mine) - len(fates[behaviour.fate]) - len(queued),
         "sink_tls": sum(arrived[i][0] for i in delivered),
         "sink_clear": sum(not arrived[i][0] for i in delivered),
+        "unexpected_channel": sum(arrived[i][0] is not behaviour.over_tls for i in delivered),
         "relay_tls": relay_tls,
         "relay_clear": relay_clear,
         "tls_mismatches": mismatches,
@@ -559,7 +569,8 @@ def table(r: dict[str, Any]) -> str:
         f"  stuck (in the spool, no task anywhere): {r['stuck']} messages, "
         f"{r['bounces_stuck']} bounces (of {r['bounces_in_spool']} bounces left in the spool)",
         f"  duplicates {r['duplicates']} (interrupted deliveries in traces: {r['interrupted']})"
-        f"  refused {r['refused']}  unexpected fates {r['unexpected_fate']}",
+        f"  refused {r['refused']}  unexpected fates {r['unexpected_fate']}, channels "
+        f"{r['unexpected_channel']}",
         f"  enforced mail seen in clear {r['enforced_seen_in_clear']}  TLS mismatches "
         f"relay/sink {r['tls_mismatches']}",
         "  delivered by TLS outcome: "

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIELDS = {
     "messages", "accepted", "refused", "delivered", "bounced", "dsn_received", "dsn_missing",
     "still_queued", "lost", "overlap", "duplicates", "interrupted", "unexpected_fate",
-    "sink_tls", "sink_clear", "relay_tls", "relay_clear", "tls_mismatches",
+    "sink_tls", "sink_clear", "unexpected_channel", "relay_tls", "relay_clear", "tls_mismatches",
     "enforced_seen_in_clear", "drained", "seconds", "kills", "kills_by_role", "restarts",
     "delivered_by_tls_outcome", "attempts_by_tls_outcome", "behaviours", "settings",
 }  # fmt: skip
@@ -38,7 +38,8 @@ def test_soak_with_a_kill_loses_nothing_and_reports_every_field(tmp_path: Path) 
     assert report["kills"] == 1 and report["drained"], report
     assert report["accepted"] == 60 and report["lost"] == 0 and report["stuck"] == 0, report
     assert report["still_queued"] == 0 and report["delivered"] + report["bounced"] == 60, report
-    assert report["enforced_seen_in_clear"] == 0 and report["tls_mismatches"] == 0, report
+    assert report["enforced_seen_in_clear"] == report["tls_mismatches"] == 0, report
+    assert report["unexpected_channel"] == 0, report
     rows = {row["behaviour"]: row for row in report["behaviours"]}
     assert list(rows) == [b.name for b in BEHAVIOURS]
     assert rows["tls"]["sink_tls"] == rows["tls"]["delivered"] == 10, rows["tls"]
