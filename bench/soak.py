@@ -26,7 +26,8 @@ bounces: it is counted as bounced, and must never reach its sink (any MAIL comma
 behind) bounces, as configured: counted in ``unexpected_fate``, not a failure.
 
 Kills: every ``--kill-every`` seconds (until ``--kills`` were made, or the queue is drained) one
-process chosen at random among the policy and deliver workers — a Celery pool process (SIGKILL;
+process chosen at random among the policy and deliver workers (``--victims``: any, only ``main``
+processes, only ``child`` ones) — a Celery pool process (SIGKILL;
 the worker's pool replaces it, ``task_reject_on_worker_lost`` requeues its task) or a worker's
 main process (SIGKILL to its process group, as when a container dies, then started again as its
 supervisor would; its reserved tasks come back after ``celery.visibility_timeout``, here
@@ -161,6 +162,7 @@ class Options:
     rate: float = 0.0
     kill_every: float = 3.0
     kills: int | None = None  # at most this many (None: until drained)
+    victims: str = "any"  # "any", "main" (worker main processes) or "child" (pool processes)
     lifetime: float = 300.0
     visibility_timeout: float = 20.0
     deadline: float = 600.0
@@ -219,6 +221,7 @@ class Killer:
     world: World
     rng: random.Random
     log: Path  # one JSON line per kill or restart: wall time, service, role, pid
+    roles: tuple[str, ...] = ("main", "child")  # which processes may be chosen
     kills: Counter[str] = field(default_factory=Counter)  # "deliver child" → count
     restarts: int = 0
 
@@ -235,7 +238,7 @@ class Killer:
                 continue
             out.append((service, "main", proc.pid))
             out += [(service, "child", pid) for pid in procstat.descendants(proc.pid)]
-        return out
+        return [victim for victim in out if victim[1] in self.roles]
 
     def kill_one(self) -> None:
         victims = self.victims()
@@ -359,7 +362,8 @@ def soak(options: Options, root: Path) -> Run:
     rng = random.Random(options.seed)
     say(f"starting the world in {root}")
     with make_world(root, extra_sinks(), settings(options)) as world:
-        killer = Killer(world, rng, root / "kills.jsonl")
+        roles = ("main", "child") if options.victims == "any" else (options.victims,)
+        killer = Killer(world, rng, root / "kills.jsonl", roles)
         started = time.monotonic()
         say(f"sending {options.messages} messages; a kill every {options.kill_every:g}s")
         load = start_load(world, options.workload(), run_id, root)
@@ -604,6 +608,12 @@ def parse(argv: Sequence[str] | None) -> Options:
     add("--rate", type=float, default=d.rate, help="messages/s offered; 0: as fast as accepted")
     add("--kill-every", type=float, default=d.kill_every, help="seconds between kills")
     add("--kills", type=int, default=None, help="at most this many kills (default: no limit)")
+    add(
+        "--victims",
+        choices=("any", "main", "child"),
+        default=d.victims,
+        help="kill any worker process, only worker main processes, or only pool processes",
+    )
     add("--lifetime", type=float, default=d.lifetime, help="delivery.max_queue_lifetime, s")
     add("--visibility-timeout", type=float, default=d.visibility_timeout, help="celery's, s")
     add("--deadline", type=float, default=d.deadline, help="s after the client to drain")
