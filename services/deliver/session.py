@@ -323,7 +323,7 @@ async def _starttls(smtp: aiosmtplib.SMTP, peer: Peer, settings: TlsSettings) ->
 
 def _buffered_before_tls(smtp: aiosmtplib.SMTP) -> bool:
     """Unparsed bytes left in aiosmtplib's reply buffer (its ``_buffer``, private: absent or
-    empty when the library discards them itself, as 5.x does)."""
+    empty when the library discards them itself, as 5.1 does)."""
     return bool(getattr(smtp.protocol, "_buffer", b""))
 
 
