@@ -451,7 +451,7 @@ def report(run: Run) -> dict[str, Any]:
         row = behaviour_row(run, behaviour, ids, accepted, bounce_copies, attempts, delivered_by)
         rows.append(row)
         totals.update({k: v for k, v in row.items() if isinstance(v, int)})
-    enforced = run.sinks[BEHAVIOURS[3].sink]
+    (enforced,) = [run.sinks[b.sink] for b in BEHAVIOURS if b.name == "enforced-to-clear"]
     seen_in_clear = len(enforced.mail_commands)  # envelopes sent in clear, DATA or not
     result = {
         "messages": opts.messages,
@@ -556,7 +556,8 @@ def failures(result: dict[str, Any]) -> list[str]:
     }
     out = [f"{name} = {value}" for name, value in checks.items() if value]
     if not result["drained"]:
-        out.append(f"the queue did not drain within the deadline ({result['still_queued']} left)")
+        left = result["still_queued"] + result["bounces_in_spool"]
+        out.append(f"the spool did not drain ({left} messages left, bounces included)")
     return out
 
 
