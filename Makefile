@@ -64,3 +64,17 @@ bench: $(STAMP)
 
 bench-compare: $(STAMP)
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
+
+# Peak RSS per process with 50 000 messages queued, then worked off (bench/README.md, "Backlog").
+# Smaller: make bench-backlog BENCH_ARGS='--messages 5000'
+.PHONY: bench-backlog
+bench-backlog: $(STAMP)
+	$(BIN)/python -m bench.backlog $(BENCH_ARGS)
+
+# Reliability soak (bench/README.md, "Soak"): 20 000 messages to six kinds of destination while a
+# random policy/deliver worker process is SIGKILLed every 3 s; exit 1 if any message is lost.
+# Other runs: make soak SOAK_ARGS='--messages 2000 --kill-every 1'
+.PHONY: soak
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)

@@ -86,3 +86,29 @@ def deliver_task(jobs: list[dict[str, Any]]) -> str:
     """The ``deliver`` task for a batch of (message, destination domain) jobs, all for one
     destination domain (so one worker delivers them over one reused connection)."""
     return task_payload(TASK_DELIVER, [jobs], QUEUE_DELIVER)
+
+
+UNACKED = "unacked"  # kombu's Redis transport: tasks reserved by a worker and not yet acked
+
+
+def task_batch(raw: bytes | str) -> tuple[str, list[Any]] | None:
+    """(task name, its batch) of a task as stored in a queue list — or, given the first element
+    of an ``unacked`` entry, as reserved; None for anything else. A bare id or job (a task from
+    before batches) comes back as a batch of one."""
+    try:
+        message = json.loads(raw)
+        (batch,), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        name = message["headers"]["task"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name, batch if isinstance(batch, list) else [batch]
+
+
+def reserved(raw: bytes | str) -> str | None:
+    """The task document inside one value of kombu's ``unacked`` hash ([message, exchange,
+    routing key]), as :func:`task_batch` reads it; None when it is not one."""
+    try:
+        entry = json.loads(raw)
+        return json.dumps(entry[0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None

@@ -159,7 +159,13 @@ class Deliverer:
         envelope, body = state.envelope, state.body
         pending = [r for r in job["recipients"] if r not in state.final]
         if envelope is None or body is None or not pending:
-            self.client.zrem(spool.WAITING_DELIVER, spool.waiting_job(job["id"], job["domain"]))
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(job["id"], job["domain"]))
+                pipe.delete(spool.in_flight_key(job["id"], job["domain"]))
+                pipe.hgetall(spool.rcpt_key(job["id"]))
+                states = pipe.execute()[-1]
+            if envelope is not None:  # an earlier run recorded them and died before finishing
+                self._finish_if_final(envelope, states)
             return None
         decision = Decision.from_json(job["decision"])
         if state.in_flight is not None:

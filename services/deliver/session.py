@@ -315,12 +315,21 @@ async def _negotiate_tls(
 
 
 async def _starttls(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSettings) -> Situation:
+    """STARTTLS, then EHLO again over TLS (RFC 3207 §4.2: forget what was said in clear).
+
+    Bytes the peer sent after its ``220`` and before the handshake are not from the TLS peer
+    (response injection, the client side of the CVE-2011-0411 class): aiosmtplib discards them;
+    should any still be buffered after the upgrade, the session is treated as a failed handshake
+    and the TLS table decides (next host for required TLS), never read as replies."""
     if not smtp.supports_extension("starttls"):
         return Situation.NOT_OFFERED
     try:
         context = tls_context(settings)
         await smtp.starttls(server_hostname=result.peer.tls_name, tls_context=context)
-        await smtp.ehlo()  # RFC 3207 §4.2: forget what was said in clear, ask again
+        if _buffered_before_tls(smtp):
+            smtp.close()
+            return Situation.HANDSHAKE_FAILED
+        await smtp.ehlo()
     except Exception as exc:
         verify = _verify_error(exc)
         if verify is None:
@@ -328,6 +337,12 @@ async def _starttls(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSetting
         result.verify_code = verify.verify_code
         return Situation.VERIFY_FAILED
     return Situation.HANDSHAKE_OK
+
+
+def _buffered_before_tls(smtp: aiosmtplib.SMTP) -> bool:
+    """Unparsed bytes left in aiosmtplib's reply buffer (its ``_buffer``, private: absent or
+    empty when the library discards them itself, as 5.1 does)."""
+    return bool(getattr(smtp.protocol, "_buffer", b""))
 
 
 def _verify_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:

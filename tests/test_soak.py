@@ -1,0 +1,56 @@
+"""The soak (``make soak``, :mod:`bench.soak`) on a tiny load: it runs end to end with a worker
+process SIGKILLed, accounts for every message and reports every field.
+
+Runs ``python -m bench.soak --messages 60 --kills 1 --victims child`` as a subprocess (real
+Redis, the three services, real sinks, the load client as a process), with a short queue
+lifetime so that the enforced-to-clear mail bounces within seconds. Checks the contract, not
+speed: exit 0, nothing lost or stuck, enforced mail never in clear, the relay's TLS account agrees
+with the sinks', every behaviour met its expected fate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.soak import BEHAVIOURS
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = {
+    "messages", "accepted", "refused", "delivered", "bounced", "dsn_received", "dsn_missing",
+    "still_queued", "lost", "overlap", "duplicates", "interrupted", "unexpected_fate",
+    "sink_tls", "sink_clear", "unexpected_channel", "relay_tls", "relay_clear", "tls_mismatches",
+    "enforced_seen_in_clear", "drained", "seconds", "kills", "kills_by_role", "restarts",
+    "delivered_by_tls_outcome", "attempts_by_tls_outcome", "behaviours", "settings",
+}  # fmt: skip
+
+
+def test_soak_with_a_kill_loses_nothing_and_reports_every_field(tmp_path: Path) -> None:
+    # A pool process: killing a worker's main process can lose a task in kombu's BRPOP window
+    # (a known gap, bench/README.md "Stuck messages"; `make soak` reports it): not at random here.
+    argv = [sys.executable, "-m", "bench.soak", "--messages", "60", "--kills", "1",
+            "--victims", "child", "--kill-every", "1", "--lifetime", "4",
+            "--visibility-timeout", "5", "--deadline", "40",
+            "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) >= FIELDS, FIELDS - set(report)
+    assert report["kills"] == 1 and report["drained"], report
+    assert report["accepted"] == 60 and report["lost"] == 0 and report["stuck"] == 0, report
+    assert report["still_queued"] == 0 and report["delivered"] + report["bounced"] == 60, report
+    assert report["enforced_seen_in_clear"] == report["tls_mismatches"] == 0, report
+    assert report["unexpected_channel"] == 0, report
+    rows = {row["behaviour"]: row for row in report["behaviours"]}
+    assert list(rows) == [b.name for b in BEHAVIOURS]
+    assert rows["tls"]["sink_tls"] == rows["tls"]["delivered"] == 10, rows["tls"]
+    assert rows["clear"]["sink_clear"] == rows["broken-handshake"]["sink_clear"] == 10, rows
+    assert rows["enforced-to-clear"]["bounced"] == rows["5xx"]["dsn_received"] == 10, rows
+    # Each was refused once; it is delivered on the retry — or, when the kill held it up past
+    # the 4 s lifetime, bounced (as configured): never both, never neither.
+    flaky = rows["4xx-then-ok"]
+    assert flaky["refused_at_sink"] == 10 and flaky["delivered"] + flaky["bounced"] == 10, flaky
+    assert flaky["sink_tls"] == flaky["delivered"]
+    assert "LOST 0" in done.stdout  # the readable table precedes the JSON line
