@@ -199,6 +199,9 @@ def settings(options: Options) -> Any:
                 "max_queue_lifetime": f"{options.lifetime:g}s",
                 "delay_warning_after": 0,  # only bounces reach the sender's sink
                 "concurrency": options.deliver_workers,
+                # Lost tasks (a main process killed inside kombu's two-step take) come back
+                # within two rescue sweeps: short here, so the soak sees them delivered.
+                "rescue_interval": "3s",
             },
             "policy": {"concurrency": options.policy_workers},
             "celery": {"visibility_timeout": f"{options.visibility_timeout:g}s"},

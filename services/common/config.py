@@ -336,6 +336,10 @@ class DeliveryConfig(_Section):
     # connection): fewer Celery hops per message. A destination that fails a job (no host
     # reachable, TLS unavailable) defers the rest of its batch without trying each.
     batch_max: int = Field(default=50, gt=0)
+    # How often one deliver worker looks for queued work whose Celery task was lost (a worker
+    # killed inside kombu's two-step take or restore) and queues it again: services/deliver/
+    # rescue.py. Work is re-queued after two sweeps without a task, at least this far apart.
+    rescue_interval: Duration = Field(default=30.0, gt=0)
     concurrency: int = Field(default=4, gt=0)  # Celery worker processes
     # MTA-STS (RFC 8461, services/deliver/mtasts.py): look up and apply the destination domain's
     # policy at delivery time (never for routed mail). The policy is fetched over verified HTTPS

@@ -29,6 +29,7 @@ import redis
 
 from services.common import queueing, spool
 from services.common.model import is_message_id
+from services.deliver import rescue
 
 log = logging.getLogger("tlsrelay.scheduler")
 
@@ -116,21 +117,30 @@ def move_due(
 
 
 class SchedulerThread(threading.Thread):
-    """Runs ``move_due`` every ``interval`` seconds until ``stop()``; survives Redis outages."""
+    """Runs ``move_due`` every ``interval`` seconds, and :func:`rescue.sweep` every
+    ``rescue_interval``, until ``stop()``; survives Redis outages."""
 
-    def __init__(self, redis_url: str, interval: float, batch_max: int = 50) -> None:
+    def __init__(
+        self, redis_url: str, interval: float, batch_max: int = 50, rescue_interval: float = 30.0
+    ) -> None:
         super().__init__(name="tlsrelay-scheduler", daemon=True)
         self.redis_url = redis_url
         self.interval = interval
         self.batch_max = batch_max
+        self.rescue_interval = rescue_interval  # see services/deliver/rescue.py
         self._stopped = threading.Event()
 
     def run(self) -> None:
         client = spool.connect(self.redis_url)
+        next_rescue = time.monotonic() + self.rescue_interval
         while not self._stopped.is_set():
             try:
                 while move_due(client, batch_max=self.batch_max) > 0:
                     pass
+                if time.monotonic() >= next_rescue:
+                    next_rescue = time.monotonic() + self.rescue_interval
+                    grace = 2 * self.rescue_interval
+                    rescue.sweep(client, time.time(), grace, self.rescue_interval, self.batch_max)
             except redis.exceptions.RedisError as exc:
                 log.warning("scheduler: Redis unavailable: %s", exc)
             self._stopped.wait(self.interval)

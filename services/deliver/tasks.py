@@ -52,7 +52,9 @@ def register(app: Celery, service: DeliverService) -> None:
         service.deliver([jobs] if isinstance(jobs, dict) else jobs)
 
     delivery = service.config.delivery
-    scheduler = SchedulerThread(service.redis_url, delivery.scheduler_interval, delivery.batch_max)
+    scheduler = SchedulerThread(
+        service.redis_url, delivery.scheduler_interval, delivery.batch_max, delivery.rescue_interval
+    )
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def start_scheduler(**_: object) -> None:

@@ -1,0 +1,153 @@
+"""Re-queue work whose Celery task was lost, so nothing accepted waits forever.
+
+kombu's Redis transport takes a task off its queue list (``BRPOP``) before it records it as
+reserved (the ``unacked`` hash), and moves a reserved task back to the list in two steps when it
+restores it: a worker's main process killed in between loses the task (``make soak`` found about
+one main-process SIGKILL in ten doing so). The spool still names the work — ``waiting:policy``
+(messages not yet classified) and ``waiting:deliver`` (jobs not yet recorded), both written in
+the transactions that queue and consume it — so :func:`sweep` finds the members older than
+``grace`` that no task refers to (not in the ``policy`` or ``deliver`` list, not reserved, not
+deferred) and queues a new task for them. A member must be found so in two sweeps in a row (at
+least ``interval`` apart) before it is re-queued, so a task caught between two of kombu's steps
+is never doubled; a doubled task would do no harm anyway for ``policy`` (classification is
+idempotent) and little for ``deliver`` (final recipients are never sent again).
+
+One sweeper at a time across all deliver pods (a Redis lock); the suspects of the last sweep
+are kept in Redis, so it does not matter which pod sweeps next. Cost while nothing is old: two
+``ZRANGEBYSCORE ... LIMIT``. With old members (a backlog, or lost tasks) it reads the queue lists
+and the ``unacked`` hash once. Redis errors propagate to the caller (the scheduler thread logs
+them and tries again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+
+from services.common import queueing, spool
+from services.common.model import Decision, Envelope
+
+log = logging.getLogger("tlsrelay.rescue")
+
+LOCK = spool.PREFIX + "rescue:lock"
+SUSPECTS = spool.PREFIX + "rescue:suspects"
+LIMIT = 1000  # members looked at per sweep and queue
+
+
+def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_max: int) -> int:
+    """One sweep (if no other process holds the lock); return how many were re-queued."""
+    if not client.set(LOCK, "1", nx=True, px=max(1, int(interval * 900))):  # 0.9 × interval
+        return 0
+    old_policy = _old(client, spool.WAITING_POLICY, now - grace)
+    old_deliver = _old(client, spool.WAITING_DELIVER, now - grace)
+    if not old_policy and not old_deliver:
+        client.delete(SUSPECTS)
+        return 0
+    policy_refs, deliver_refs = _referenced(client)
+    orphans = {f"p {m}" for m in old_policy if m not in policy_refs}
+    orphans |= {f"d {m}" for m in old_deliver if m not in deliver_refs}
+    previous = {m.decode() for m in client.smembers(SUSPECTS)}  # type: ignore[union-attr]
+    confirmed = orphans & previous
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(SUSPECTS)
+        if orphans - confirmed:
+            pipe.sadd(SUSPECTS, *(orphans - confirmed))
+            pipe.expire(SUSPECTS, max(1, int(interval * 3)))
+        pipe.execute()
+    if not confirmed:
+        return 0
+    ids = sorted(m[2:] for m in confirmed if m.startswith("p "))
+    jobs = sorted(m[2:] for m in confirmed if m.startswith("d "))
+    requeued = _requeue_policy(client, ids) + _requeue_deliver(client, jobs, batch_max)
+    log.warning("re-queued %d messages/jobs whose task was lost: %s", requeued, sorted(confirmed))
+    return requeued
+
+
+def _old(client: redis.Redis, key: str, before: float) -> set[str]:
+    members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
+        key, "-inf", before, start=0, num=LIMIT
+    )
+    return {m.decode() for m in members}
+
+
+def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
+    """Message ids in ``policy`` tasks; ``"id domain"`` of jobs in ``deliver`` tasks or deferred —
+    queued, reserved by a worker, or waiting in the deferred set."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.lrange(queueing.QUEUE_POLICY, 0, -1)
+        pipe.lrange(queueing.QUEUE_DELIVER, 0, -1)
+        pipe.hvals(queueing.UNACKED)
+        pipe.zrange(spool.DEFERRED, 0, -1)
+        policy_list, deliver_list, unacked, deferred = pipe.execute()
+    raws = [*policy_list, *deliver_list]
+    raws += [doc for doc in map(queueing.reserved, unacked) if doc is not None]
+    policy: set[str] = set()
+    deliver = {spool.waiting_job(j["id"], j["domain"]) for j in map(json.loads, deferred)}
+    for found in map(queueing.task_batch, raws):
+        if found is None:
+            continue
+        name, batch = found
+        if name == queueing.TASK_CLASSIFY:
+            policy.update(i for i in batch if isinstance(i, str))
+        elif name == queueing.TASK_DELIVER:
+            deliver.update(spool.waiting_job(j["id"], j["domain"]) for j in batch)
+    return policy, deliver
+
+
+def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
+    if not ids:
+        return 0
+    with client.pipeline(transaction=True) as pipe:
+        for message_id in ids:
+            pipe.rpush(spool.trace_key(message_id), spool.event("requeued", queue="policy"))
+        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+        pipe.execute()
+    return len(ids)
+
+
+def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) -> int:
+    """Rebuild each lost job from the spool (recipients of its domain, its decision); a
+    message already gone just leaves the waiting set."""
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    gone = []
+    for member in members:
+        message_id, domain = member.split(" ", 1)
+        job = _job(client, message_id, domain)
+        if job is None:
+            gone.append(member)
+        else:
+            by_domain.setdefault(domain, []).append(job)
+    with client.pipeline(transaction=True) as pipe:
+        if gone:
+            pipe.zrem(spool.WAITING_DELIVER, *gone)
+        for jobs in by_domain.values():
+            for job in jobs:
+                event = spool.event("requeued", queue="deliver", domain=job["domain"])
+                pipe.rpush(spool.trace_key(job["id"]), event)
+            for i in range(0, len(jobs), batch_max):
+                pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(jobs[i : i + batch_max]))
+        pipe.execute()
+    return sum(len(jobs) for jobs in by_domain.values())
+
+
+def _job(client: redis.Redis, message_id: str, domain: str) -> dict[str, Any] | None:
+    fields = client.hmget(spool.msg_key(message_id), ["envelope", "decisions"])
+    raw_envelope, raw_decisions = fields
+    if raw_envelope is None or raw_decisions is None:
+        return None
+    envelope = Envelope.from_json(json.loads(raw_envelope))
+    decisions = [Decision.from_json(d) for d in json.loads(raw_decisions)]
+    decision = next((d for d in decisions if d.domain == domain), None)
+    recipients = envelope.recipients_by_domain().get(domain)
+    if decision is None or not recipients:
+        return None
+    return {
+        "id": message_id,
+        "domain": domain,
+        "recipients": list(recipients),
+        "decision": decision.to_json(),
+        "attempt": 1,
+    }
