@@ -150,8 +150,16 @@ class World:
 
 
 def metrics_ports() -> dict[str, str]:
-    """A free loopback port for each service's ``/metrics`` (instead of the fixed defaults)."""
-    return {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
+    """A free loopback port for each service's ``/metrics`` (instead of the fixed defaults),
+    all different: each stays bound until all are chosen (the kernel may hand a port that was
+    just released straight back)."""
+    with contextlib.ExitStack() as held:
+        ports = {}
+        for name in SERVICES:
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = f"127.0.0.1:{sock.getsockname()[1]}"
+        return ports
 
 
 def message(subject: str, body: str = "Hello.\r\n") -> bytes:
