@@ -100,8 +100,9 @@ def test_a_failed_commit_fails_every_message_of_its_batch(tmp_path: Path) -> Non
 def test_a_batch_waits_for_company_only_when_company_is_coming(
     valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
-    """The window is spent only while messages come faster than one per window from more than
-    one session: a lone sender or a trickle is written at once."""
+    """The window is spent only while messages come faster than one per window and more
+    sessions may join: a lone sender (its session is the batch's only one) or a trickle is
+    written at once."""
 
     async def linger_after_two(sessions: int) -> float:
         client = spool.connect_async(valkey.url)
@@ -111,8 +112,8 @@ def test_a_batch_waits_for_company_only_when_company_is_coming(
                 await committer.accept(envelope("r@dest.test"), BODY)
             third = asyncio.ensure_future(committer.accept(envelope("r@dest.test"), BODY))
             await asyncio.sleep(0)  # let it open its batch
-            assert committer._timer is not None
-            linger = committer._timer.when() - asyncio.get_running_loop().time()
+            timer = committer._timer  # None: written at once (every session is in the batch)
+            linger = timer.when() - asyncio.get_running_loop().time() if timer else 0.0
             await third
             return linger
         finally:
@@ -330,3 +331,42 @@ def test_a_group_another_scheduler_took_part_of_is_left_alone(
         [b[0]["id"]]
     ]
     assert [json.loads(m)["id"] for m in store.zrange(spool.DEFERRED, 0, -1)] == [a[1]["id"]]
+
+
+def test_bodies_are_read_a_few_megabytes_at_a_time() -> None:
+    mb = 1024 * 1024
+    assert spool.budgeted([2 * mb] * 10, budget=8 * mb) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert spool.budgeted([20 * mb, 1, 1], budget=8 * mb) == [range(0, 1), range(1, 3)]
+    assert spool.budgeted([0, 0, 5], budget=4) == [range(0, 2), range(2, 3)]
+    assert spool.budgeted([]) == []
+
+
+def test_a_batch_of_large_messages_is_not_read_at_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A deliver batch holds a budget of bodies, not the batch's: each read stays within it."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"redis_url": valkey.url, "delivery": {"routes": {"batch.test": sink.address_text}}},
+    )
+    jobs = queue_jobs(store, "batch.test", 6)
+    big = BODY + (b"x" * 998 + b"\r\n") * 300  # 300 kB in lines of 1000 octets
+    for job in jobs:  # as stored by ingest: the size is in the envelope
+        raw = json.loads(store.hget(spool.msg_key(job["id"]), "envelope"))
+        store.hset(spool.msg_key(job["id"]), mapping={
+            "body": big, "envelope": json.dumps({**raw, "size": len(big)}),
+        })  # fmt: skip
+    reads: list[int] = []
+    load = spool.load_bodies
+    monkeypatch.setattr(spool, "BODY_BUDGET", 700_000)  # two of these messages
+
+    def spy(client: Any, ids: Any) -> Any:
+        reads.append(len(ids))
+        return load(client, ids)
+
+    monkeypatch.setattr(spool, "load_bodies", spy)
+    outcomes = deliver(config, store, jobs)
+    assert all(o is not None and len(o.delivered) == 1 for o in outcomes), outcomes
+    assert reads == [2, 2, 2], reads
+    assert len(sink.messages) == 6

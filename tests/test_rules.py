@@ -701,14 +701,13 @@ def test_policy_task_reads_the_body_only_when_a_rule_needs_content(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rules_yaml: str, reads_body: bool
 ) -> None:
     read: list[str] = []
-    load = spool.load_unclassified
+    load = spool.load_bodies
 
-    def spy(client: Any, ids: list[str], with_body: bool) -> Any:
-        loaded = load(client, ids, with_body)
-        read.extend(envelope.id for envelope, body in loaded if body is not None)
-        return loaded
+    def spy(client: Any, ids: list[str]) -> Any:
+        read.extend(ids)
+        return load(client, ids)
 
-    monkeypatch.setattr(spool, "load_unclassified", spy)
+    monkeypatch.setattr(spool, "load_bodies", spy)
     with EmbeddedRedis(tmp_path / "redis") as redis:
         helper = PolicyWorker(tmp_path, redis)
         helper.write_rules(rules_yaml)

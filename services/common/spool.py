@@ -174,7 +174,9 @@ class Committer:
     ``max_batch`` messages — but only while messages arrive more often than once per ``window``
     (a moving average of the gaps between them) and more than one session is open: otherwise
     nobody would join the batch, so it is written on the next turn of the event loop (which still
-    groups messages finished in the same turn) and the sender does not wait for nothing. So the
+    groups messages finished in the same turn) and the sender does not wait for nothing. Once
+    every open session has a message in the batch, no one else can join it: it is written at
+    once (clients that wait for their 250 before sending more are not slowed by the window). So the
     batch grows with the load: one message at 10/s, several at hundreds per second, where the
     Celery hops' cost per task matters.
 
@@ -212,11 +214,15 @@ class Committer:
         self._last = now
         done: asyncio.Future[None] = loop.create_future()
         self._batch.append((envelope, body, done))
-        if len(self._batch) >= self.max_batch:
+        if len(self._batch) >= self.max_batch or self._everyone_waits():
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self._linger(), self._flush)
         await asyncio.shield(done)
+
+    def _everyone_waits(self) -> bool:
+        """Every open session has a message in this batch: nobody else can join it now."""
+        return self.sessions is not None and len(self._batch) >= self.sessions()
 
     def _linger(self) -> float:
         if self._gap >= self.window or (self.sessions is not None and self.sessions() < 2):
@@ -311,21 +317,27 @@ class JobState:
     delay_warned: bool = False  # a "delayed" DSN was sent already
 
 
-def load_jobs(client: redis.Redis, jobs: list[tuple[str, str]]) -> list[JobState]:
-    """For each (message id, domain): envelope, body, final recipients, in-flight mark and
-    whether a delay notice went out — all jobs in one pipelined round trip."""
+def load_jobs(
+    client: redis.Redis, jobs: list[tuple[str, str]], with_body: bool = True
+) -> list[JobState]:
+    """For each (message id, domain): envelope, body (unless ``with_body`` is false: then None,
+    see :func:`load_bodies`), final recipients, in-flight mark and whether a delay notice went
+    out — all jobs in one pipelined round trip."""
+    fields = ["envelope", "delay_warned", *(["body"] if with_body else [])]
     with client.pipeline(transaction=False) as pipe:
         for message_id, domain in jobs:
-            pipe.hmget(msg_key(message_id), ["envelope", "body", "delay_warned"])
+            pipe.hmget(msg_key(message_id), fields)
             pipe.hgetall(rcpt_key(message_id))
             pipe.get(in_flight_key(message_id, domain))
         replies = pipe.execute()
     states = []
     for i in range(len(jobs)):
-        (raw_envelope, body, warned), rcpts, in_flight = replies[3 * i : 3 * i + 3]
+        row, rcpts, in_flight = replies[3 * i : 3 * i + 3]
+        raw_envelope, warned = row[0], row[1]
         final = {k.decode(): json.loads(v).get("state") for k, v in rcpts.items()}
         final = {r: state for r, state in final.items() if state in FINAL_STATES}
         envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
+        body = row[2] if with_body else None
         states.append(JobState(envelope, body, final, in_flight, warned is not None))
     return states
 
@@ -346,22 +358,45 @@ def final_recipients(client: redis.Redis, message_id: str) -> set[str]:
     return {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
 
 
-def load_unclassified(
-    client: redis.Redis, message_ids: list[str], with_body: bool
-) -> list[tuple[Envelope, bytes | None]]:
-    """Envelope (and body when ``with_body``) of each message that is still stored and not yet
-    classified, in one pipelined round trip. Messages gone (final) or already classified (a
-    redelivered ``policy`` task) are left out."""
-    fields = ["envelope", "decisions", *(["body"] if with_body else [])]
+BODY_BUDGET = 8 * 1024 * 1024  # bytes of message bodies a worker process reads at once
+
+
+def load_unclassified(client: redis.Redis, message_ids: list[str]) -> list[Envelope]:
+    """The envelope of each message that is still stored and not yet classified, in one
+    pipelined round trip. Messages gone (final) or already classified (a redelivered ``policy``
+    task) are left out. Bodies: :func:`load_bodies`."""
     with client.pipeline(transaction=False) as pipe:
         for message_id in message_ids:
-            pipe.hmget(msg_key(message_id), fields)
+            pipe.hmget(msg_key(message_id), ["envelope", "decisions"])
         rows = pipe.execute()
     return [
-        (Envelope.from_json(json.loads(row[0])), row[2] if with_body else None)
-        for row in rows
-        if row[0] is not None and row[1] is None
+        Envelope.from_json(json.loads(e)) for e, decided in rows if e is not None and not decided
     ]
+
+
+def load_bodies(client: redis.Redis, message_ids: Sequence[str]) -> list[bytes | None]:
+    """The bodies of these messages (None for one that is gone), in one pipelined round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        for message_id in message_ids:
+            pipe.hget(msg_key(message_id), "body")
+        bodies: list[bytes | None] = pipe.execute()
+    return bodies
+
+
+def budgeted(sizes: Sequence[int], budget: int | None = None) -> list[range]:
+    """Consecutive index ranges whose sizes add up to at most ``budget`` (a bigger item alone):
+    how a batch reads its bodies, so a worker holds a few megabytes of mail, not a batch of
+    35 MB messages (bodies stay in Redis, issue #9). ``budget`` None: :data:`BODY_BUDGET`."""
+    budget = BODY_BUDGET if budget is None else budget
+    chunks, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            chunks.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        chunks.append(range(start, len(sizes)))
+    return chunks
 
 
 def record_classifications(

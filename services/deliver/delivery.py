@@ -129,13 +129,16 @@ class Deliverer:
         unreachable, the rest of the batch with the same route and TLS requirement is deferred
         with the same error instead of waiting out the same timeouts again. An unexpected error
         in one job parks that job for a retry and lets the batch go on; Redis errors propagate."""
-        states = spool.load_jobs(self.client, [(job["id"], job["domain"]) for job in jobs])
+        keys = [(job["id"], job["domain"]) for job in jobs]
+        states = spool.load_jobs(self.client, keys, with_body=False)
+        bodies = _Bodies(self.client, jobs, states)
         self._broken, self._sts_seen = {}, {}
         unreachable: dict[tuple[Any, ...], Outcome] = {}
         results: list[Outcome | None] = []
         for i, (job, state) in enumerate(zip(jobs, states, strict=True)):
             upcoming = _sendable(jobs[i + 1], states[i + 1]) if i + 1 < len(jobs) else None
             try:
+                state = replace(state, body=bodies.take(i))
                 results.append(await self._run(job, state, unreachable, upcoming))
             except redis.exceptions.RedisError:
                 raise
@@ -468,9 +471,37 @@ class Deliverer:
                 metrics.message_final(states.values())
 
 
+class _Bodies:
+    """A batch's message bodies, read a few megabytes at a time (``spool.budgeted``) as the batch
+    reaches them, and let go once used: a worker never holds a whole batch of large messages."""
+
+    def __init__(
+        self, client: redis.Redis, jobs: list[dict[str, Any]], states: list[spool.JobState]
+    ) -> None:
+        self.client = client
+        self.ids = [job["id"] for job in jobs]
+        # Only jobs with something to send need their body (size 0 for the others).
+        sizes = [
+            (s.envelope.size or 1) if _sendable(j, s) and s.envelope else 0
+            for j, s in zip(jobs, states, strict=True)
+        ]
+        self.sizes = sizes
+        self.chunks = spool.budgeted(sizes)
+        self.loaded: dict[int, bytes | None] = {}
+
+    def take(self, index: int) -> bytes | None:
+        if not self.sizes[index]:
+            return None
+        if index not in self.loaded:
+            chunk = [i for i in next(c for c in self.chunks if index in c) if self.sizes[i]]
+            bodies = spool.load_bodies(self.client, [self.ids[i] for i in chunk])
+            self.loaded.update(zip(chunk, bodies, strict=True))
+        return self.loaded.pop(index)
+
+
 def _sendable(job: dict[str, Any], state: spool.JobState) -> tuple[str, str] | None:
     """(message id, domain) of a job that has something to send, else None."""
-    if state.envelope is None or state.body is None:
+    if state.envelope is None:  # the message is gone (its body with it)
         return None
     if all(r in state.final for r in job["recipients"]):
         return None

@@ -58,11 +58,20 @@ class PolicyService:
         transaction that stores every decision and enqueues the deliveries."""
         self.refresh()
         ruleset = self.ruleset
-        loaded = spool.load_unclassified(self.client, message_ids, ruleset.needs_content)
-        classified = [
-            (envelope, decide(facts_from_message(envelope, raw, ruleset), ruleset))
-            for envelope, raw in loaded
-        ]
+        loaded = spool.load_unclassified(self.client, message_ids)
+        classified = []
+        if not ruleset.needs_content:
+            for envelope in loaded:
+                classified.append(
+                    (envelope, decide(facts_from_message(envelope, None, ruleset), ruleset))
+                )
+        else:  # bodies a few megabytes at a time, never a whole batch of them
+            for chunk in spool.budgeted([e.size for e in loaded]):
+                envelopes = [loaded[i] for i in chunk]
+                bodies = spool.load_bodies(self.client, [e.id for e in envelopes])
+                for envelope, raw in zip(envelopes, bodies, strict=True):
+                    facts = facts_from_message(envelope, raw, ruleset)
+                    classified.append((envelope, decide(facts, ruleset)))
         spool.record_classifications(
             self.client,
             classified,
