@@ -132,6 +132,12 @@ def write_config(path: Path, settings: dict[str, Any]) -> Config:
     return load_config(path)
 
 
+def routed(tmp_path: Path, valkey: EmbeddedRedis, domain: str, address: str) -> Config:
+    """A configuration whose mail for ``domain`` goes to ``address``."""
+    settings = {"redis_url": valkey.url, "delivery": {"routes": {domain: address}}}
+    return write_config(tmp_path / "c.yaml", settings)
+
+
 def queue_jobs(client: redis.Redis, domain: str, count: int) -> list[dict[str, Any]]:
     """``count`` stored messages to ``domain``, classified opportunistic: their jobs."""
     jobs = []
@@ -180,10 +186,7 @@ def sink() -> Iterator[Sink]:
 def test_a_batch_rides_one_connection_and_is_recorded_job_by_job(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
 ) -> None:
-    config = write_config(
-        tmp_path / "c.yaml",
-        {"redis_url": valkey.url, "delivery": {"routes": {"batch.test": sink.address_text}}},
-    )
+    config = routed(tmp_path, valkey, "batch.test", sink.address_text)
     jobs = queue_jobs(store, "batch.test", 8)
     outcomes = deliver(config, store, jobs)
     assert all(o is not None and len(o.delivered) == 1 for o in outcomes)
@@ -204,10 +207,7 @@ def test_an_unreachable_destination_defers_the_rest_of_its_batch_without_trying(
     """One connection attempt for the batch, not one timeout per message (a hung or dead host
     must not hold a worker for batch × timeout)."""
     dead = f"127.0.0.1:{free_port()}"
-    config = write_config(
-        tmp_path / "c.yaml",
-        {"redis_url": valkey.url, "delivery": {"routes": {"dead.test": dead}}},
-    )
+    config = routed(tmp_path, valkey, "dead.test", dead)
     jobs = queue_jobs(store, "dead.test", 5)
     outcomes = deliver(config, store, jobs)
     assert [len(o.attempts) for o in outcomes if o is not None] == [1, 0, 0, 0, 0]
@@ -224,10 +224,7 @@ def test_an_unreachable_destination_defers_the_rest_of_its_batch_without_trying(
 def test_an_unexpected_error_parks_one_job_and_the_batch_goes_on(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
 ) -> None:
-    config = write_config(
-        tmp_path / "c.yaml",
-        {"redis_url": valkey.url, "delivery": {"routes": {"batch.test": sink.address_text}}},
-    )
+    config = routed(tmp_path, valkey, "batch.test", sink.address_text)
     jobs = queue_jobs(store, "batch.test", 3)
     jobs[1]["decision"] = {"domain": "batch.test", "tls": "no-such-mode"}  # a bug's stand-in
     outcomes = deliver(config, store, jobs)
@@ -346,10 +343,7 @@ def test_a_batch_of_large_messages_is_not_read_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """A deliver batch holds a budget of bodies, not the batch's: each read stays within it."""
-    config = write_config(
-        tmp_path / "c.yaml",
-        {"redis_url": valkey.url, "delivery": {"routes": {"batch.test": sink.address_text}}},
-    )
+    config = routed(tmp_path, valkey, "batch.test", sink.address_text)
     jobs = queue_jobs(store, "batch.test", 6)
     big = BODY + (b"x" * 998 + b"\r\n") * 300  # 300 kB in lines of 1000 octets
     for job in jobs:  # as stored by ingest: the size is in the envelope

@@ -515,18 +515,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, policy_web: PolicyServer) ->
         yield w
 
 
-def settled(world: World, message_id: str) -> list[dict[str, Any]]:
-    return wait_until(
-        lambda: (
-            (t := world.trace(message_id))
-            and any(e["event"] in ("delivered", "deferred", "bounced") for e in t)
-            and t
-        ),
-        30,
-        f"{message_id} to be delivered or deferred",
-    )
-
-
 def only(trace: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = [e for e in trace if e["event"] == kind]
     assert len(found) == 1, (kind, trace)
@@ -580,7 +568,7 @@ def test_enforce_with_valid_tls_is_delivered_verified(world: World) -> None:
 def test_enforce_without_starttls_defers_and_sends_nothing_in_clear(world: World) -> None:
     sink = world.sinks["plainenf"]
     message_id = world.send(["user@plainenf.test"], message("sts plain"))
-    trace = settled(world, message_id)
+    trace = world.wait_settled(message_id)
     reply = only(trace, "deferred")["recipients"]["user@plainenf.test"]
     assert reply.startswith("451 4.7.10 TLS required but not available"), reply
     assert attempts(trace) == [("mx.plainenf.test", "verified", "not_offered")]
@@ -595,7 +583,7 @@ def test_enforce_without_starttls_defers_and_sends_nothing_in_clear(world: World
 def test_enforce_with_a_certificate_for_another_name_defers(world: World) -> None:
     sink = world.sinks["wrongname"]
     message_id = world.send(["user@wrongcert.test"], message("sts wrong name"))
-    trace = settled(world, message_id)
+    trace = world.wait_settled(message_id)
     reply = only(trace, "deferred")["recipients"]["user@wrongcert.test"]
     assert reply.startswith("451 4.7.10"), reply
     assert attempts(trace) == [("mx.wrongcert.test", "verified", "verify_failed")]
@@ -658,7 +646,7 @@ def test_a_failed_refresh_keeps_the_cached_enforce_policy(
 ) -> None:
     sink = world.sinks["keep"]
     first = world.send(["a@keep.test"], message("sts keep 1"))
-    assert only(settled(world, first), "mta-sts")["policy_id"] == "enforce1"
+    assert only(world.wait_settled(first), "mta-sts")["policy_id"] == "enforce1"
     # The TXT id changes, the policy server fails, and the cached entry is due for a re-check.
     world.dns.set_txt("_mta-sts.keep.test", "v=STSv1; id=enforce2;")
     policy_web.publish("keep.test", "unavailable", status=503)
@@ -667,7 +655,7 @@ def test_a_failed_refresh_keeps_the_cached_enforce_policy(
         entry["check_after"] = 0
         client.set(mtasts.KEY_PREFIX + "keep.test", json.dumps(entry))
     second = world.send(["b@keep.test"], message("sts keep 2"))
-    trace = settled(world, second)
+    trace = world.wait_settled(second)
     sts = only(trace, "mta-sts")
     assert sts["policy_id"] == "enforce1" and "503" in sts["error"], sts
     assert only(trace, "deferred")["recipients"]["b@keep.test"].startswith("451 4.7.10")
@@ -701,7 +689,7 @@ def test_no_policy_to_be_had_and_none_cached_delivers_as_before(
 def test_tlsrpt_report_is_mailed_past_the_failure_it_reports(world: World, tmp_path: Path) -> None:
     sink = world.sinks["plainenf"]
     held = world.send(["other@plainenf.test"], message("sts held for the report"))
-    settled(world, held)  # deferred: the enforced domain's MX offers no STARTTLS
+    world.wait_settled(held)  # deferred: the enforced domain's MX offers no STARTTLS
     wait_until(lambda: tlsrpt_counts(world, "plainenf.test"), what="something to report")
     day = tlsrpt.utc_day(time.time())
     command = [sys.executable, "-m", "services.common.cli", "tlsrpt", "build", "--date", day,

@@ -107,25 +107,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield w
 
 
-def settled(world: World, message_id: str) -> list[dict[str, Any]]:
-    """Wait until the message's (only) domain was delivered or deferred; return its trace."""
-    return wait_until(
-        lambda: (
-            (t := world.trace(message_id))
-            and any(e["event"] in ("delivered", "deferred", "bounced") for e in t)
-            and t
-        ),
-        30,
-        f"{message_id} to be delivered or deferred",
-    )
-
-
 @pytest.mark.parametrize(("mode", "behaviour"), list(TABLE))
 def test_mode_against_destination(world: World, mode: str, behaviour: str) -> None:
     sink = world.sinks[f"{mode}/{behaviour}"]
     subject = f"{mode} to {behaviour}"
     message_id = world.send([f"user@{domain(mode, behaviour)}"], message(subject))
-    trace = settled(world, message_id)
+    trace = world.wait_settled(message_id)
     fate, expected_outcome = TABLE[(mode, behaviour)]
     attempts = [e for e in trace if e["event"] == "attempt"]
     assert [a["tls_outcome"] for a in attempts] == [expected_outcome]
@@ -154,7 +141,7 @@ def test_remembered_broken_host_never_gets_enforced_mail_in_clear(world: World) 
     world.wait_completed(opportunistic)  # the host is now remembered as "TLS broken"
     before = (sink.starttls_attempts, sink.cleartext_transactions)
     enforced = world.send(["y@remembered.enforced.test"], message("enforced to remembered"))
-    trace = settled(world, enforced)
+    trace = world.wait_settled(enforced)
     attempts = [e["tls_outcome"] for e in trace if e["event"] == "attempt"]
     assert attempts == ["handshake_failed"], "enforced mail must try TLS despite the memory"
     assert (sink.starttls_attempts, sink.cleartext_transactions) == (before[0] + 1, before[1])

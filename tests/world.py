@@ -148,6 +148,16 @@ class World:
         )
         return self.trace(message_id)
 
+    def wait_settled(self, message_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until a delivery round recorded an outcome (delivered, deferred or bounced) for
+        the message; return its trace."""
+        outcomes = ("delivered", "deferred", "bounced")
+        return wait_until(
+            lambda: (t := self.trace(message_id)) and any(e["event"] in outcomes for e in t) and t,
+            timeout,
+            f"{message_id} to be delivered or deferred",
+        )
+
 
 def metrics_ports() -> dict[str, str]:
     """A free loopback port for each service's ``/metrics`` (instead of the fixed defaults),

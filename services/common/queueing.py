@@ -20,7 +20,10 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 QUEUE_POLICY = "policy"
 QUEUE_DELIVER = "deliver"
@@ -80,6 +83,15 @@ def classify_task(message_ids: list[str]) -> str:
     """The ``policy`` task for a batch of accepted messages (one ingest commit, see
     :class:`services.common.spool.Committer`)."""
     return task_payload(TASK_CLASSIFY, [message_ids], QUEUE_POLICY)
+
+
+def domain_batches(items: Iterable[T], batch_max: int, domain: Callable[[T], str]) -> list[list[T]]:
+    """``items`` grouped by ``domain(item)``, in order, in batches of at most ``batch_max``: one
+    ``deliver`` task each, so one worker sends a domain's messages over one connection."""
+    by_domain: dict[str, list[T]] = {}
+    for item in items:
+        by_domain.setdefault(domain(item), []).append(item)
+    return [g[i : i + batch_max] for g in by_domain.values() for i in range(0, len(g), batch_max)]
 
 
 def deliver_task(jobs: list[dict[str, Any]]) -> str:

@@ -170,15 +170,14 @@ class Committer:
     ``EXEC`` and one ``policy`` task (as PostgreSQL's ``commit_delay`` or Kafka's ``linger.ms``).
 
     :meth:`accept` adds a message to the open batch and waits for the batch's transaction. A batch
-    is written ``window`` seconds after its first message arrived, or at once when it holds
-    ``max_batch`` messages — but only while messages arrive more often than once per ``window``
-    (a moving average of the gaps between them) and more than one session is open: otherwise
-    nobody would join the batch, so it is written on the next turn of the event loop (which still
-    groups messages finished in the same turn) and the sender does not wait for nothing. Once
-    every open session has a message in the batch, no one else can join it: it is written at
-    once (clients that wait for their 250 before sending more are not slowed by the window). So the
-    batch grows with the load: one message at 10/s, several at hundreds per second, where the
-    Celery hops' cost per task matters.
+    is written ``window`` seconds after its first message arrived, but only while messages arrive
+    more often than once per ``window`` (a moving average of the gaps between them): otherwise
+    nobody would join it, so it is written on the next turn of the event loop (which still groups
+    messages finished in the same turn). It is written at once when it holds ``max_batch``
+    messages, or a message of every open session (``sessions``): then no one else can join it, so
+    a lone sender, or clients that wait for their 250 before sending more, are not slowed by the
+    window. So the batch grows with the load: one message at 10/s, several at hundreds per
+    second, where the Celery hops' cost per task matters.
 
     Each caller's ``accept`` returns only after EXEC succeeded and raises what the transaction
     raised (then none of the batch was stored: every session answers 451).
@@ -195,7 +194,7 @@ class Committer:
         sessions: Callable[[], int] | None = None,
     ) -> None:
         self.client = client
-        self.sessions = sessions  # open SMTP sessions: with one, nobody else can join a batch
+        self.sessions = sessions  # how many SMTP sessions are open (None: unknown)
         self.trace_ttl = trace_ttl
         self.window = window
         self.max_batch = max_batch
@@ -225,9 +224,7 @@ class Committer:
         return self.sessions is not None and len(self._batch) >= self.sessions()
 
     def _linger(self) -> float:
-        if self._gap >= self.window or (self.sessions is not None and self.sessions() < 2):
-            return 0.0
-        return self.window
+        return 0.0 if self._gap >= self.window else self.window
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -311,34 +308,29 @@ class JobState:
     """What a delivery job needs from Redis, read in one round trip (see :func:`load_jobs`)."""
 
     envelope: Envelope | None
-    body: bytes | None
+    body: bytes | None  # None from load_jobs: read separately (load_bodies), as needed
     final: dict[str, str]  # recipient → its final state (delivered / bounced), when it has one
     in_flight: bytes | None  # the mark of an earlier run that died while sending DATA
     delay_warned: bool = False  # a "delayed" DSN was sent already
 
 
-def load_jobs(
-    client: redis.Redis, jobs: list[tuple[str, str]], with_body: bool = True
-) -> list[JobState]:
-    """For each (message id, domain): envelope, body (unless ``with_body`` is false: then None,
-    see :func:`load_bodies`), final recipients, in-flight mark and whether a delay notice went
-    out — all jobs in one pipelined round trip."""
-    fields = ["envelope", "delay_warned", *(["body"] if with_body else [])]
+def load_jobs(client: redis.Redis, jobs: list[tuple[str, str]]) -> list[JobState]:
+    """For each (message id, domain): envelope, final recipients, in-flight mark and whether a
+    delay notice went out — all jobs in one pipelined round trip. Bodies are left out (``body``
+    None; the caller reads them with :func:`load_bodies`, a few megabytes at a time)."""
     with client.pipeline(transaction=False) as pipe:
         for message_id, domain in jobs:
-            pipe.hmget(msg_key(message_id), fields)
+            pipe.hmget(msg_key(message_id), ["envelope", "delay_warned"])
             pipe.hgetall(rcpt_key(message_id))
             pipe.get(in_flight_key(message_id, domain))
         replies = pipe.execute()
     states = []
     for i in range(len(jobs)):
-        row, rcpts, in_flight = replies[3 * i : 3 * i + 3]
-        raw_envelope, warned = row[0], row[1]
+        (raw_envelope, warned), rcpts, in_flight = replies[3 * i : 3 * i + 3]
         final = {k.decode(): json.loads(v).get("state") for k, v in rcpts.items()}
         final = {r: state for r, state in final.items() if state in FINAL_STATES}
         envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
-        body = row[2] if with_body else None
-        states.append(JobState(envelope, body, final, in_flight, warned is not None))
+        states.append(JobState(envelope, None, final, in_flight, warned is not None))
     return states
 
 
@@ -350,12 +342,6 @@ def load_job(client: redis.Redis, message_id: str, domain: str) -> JobState:
 def load_body(client: redis.Redis, message_id: str) -> bytes | None:
     raw: bytes | None = client.hget(msg_key(message_id), "body")  # type: ignore[assignment]
     return raw
-
-
-def final_recipients(client: redis.Redis, message_id: str) -> set[str]:
-    """Recipients that reached a final state (never to be sent again)."""
-    states: dict[bytes, bytes] = client.hgetall(rcpt_key(message_id))  # type: ignore[assignment]
-    return {k.decode() for k, v in states.items() if json.loads(v).get("state") in FINAL_STATES}
 
 
 BODY_BUDGET = 8 * 1024 * 1024  # bytes of message bodies a worker process reads at once
@@ -410,7 +396,7 @@ def record_classifications(
     ``deliver`` task per destination domain with up to ``batch_max`` jobs (so one worker sends a
     domain's messages over one connection). ``message_ids`` (the whole policy task, including
     messages skipped as gone or already classified) leave ``waiting:policy``."""
-    by_domain: dict[str, list[dict[str, Any]]] = {}
+    jobs: list[dict[str, Any]] = []
     waiting: dict[str, float] = {}
     batch = len(message_ids) or len(classified)  # shown in the trace: messages in the task
     with client.pipeline(transaction=True) as pipe:
@@ -429,11 +415,10 @@ def record_classifications(
                     "decision": raw,
                     "attempt": 1,
                 }
-                by_domain.setdefault(decision.domain, []).append(job)
+                jobs.append(job)
                 waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
-        for jobs in by_domain.values():
-            for i in range(0, len(jobs), batch_max):
-                pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(jobs[i : i + batch_max]))
+        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j["domain"]):
+            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(chunk))
         if waiting:
             pipe.zadd(WAITING_DELIVER, waiting)
         gone = list(message_ids) or [envelope.id for envelope, _ in classified]

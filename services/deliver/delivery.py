@@ -130,7 +130,7 @@ class Deliverer:
         with the same error instead of waiting out the same timeouts again. An unexpected error
         in one job parks that job for a retry and lets the batch go on; Redis errors propagate."""
         keys = [(job["id"], job["domain"]) for job in jobs]
-        states = spool.load_jobs(self.client, keys, with_body=False)
+        states = spool.load_jobs(self.client, keys)
         bodies = _Bodies(self.client, jobs, states)
         self._broken, self._sts_seen = {}, {}
         unreachable: dict[tuple[Any, ...], Outcome] = {}

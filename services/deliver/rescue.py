@@ -111,26 +111,24 @@ def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
 def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) -> int:
     """Rebuild each lost job from the spool (recipients of its domain, its decision); a
     message already gone just leaves the waiting set."""
-    by_domain: dict[str, list[dict[str, Any]]] = {}
-    gone = []
+    jobs, gone = [], []
     for member in members:
         message_id, domain = member.split(" ", 1)
         job = _job(client, message_id, domain)
         if job is None:
             gone.append(member)
         else:
-            by_domain.setdefault(domain, []).append(job)
+            jobs.append(job)
     with client.pipeline(transaction=True) as pipe:
         if gone:
             pipe.zrem(spool.WAITING_DELIVER, *gone)
-        for jobs in by_domain.values():
-            for job in jobs:
-                event = spool.event("requeued", queue="deliver", domain=job["domain"])
-                pipe.rpush(spool.trace_key(job["id"]), event)
-            for i in range(0, len(jobs), batch_max):
-                pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(jobs[i : i + batch_max]))
+        for job in jobs:
+            event = spool.event("requeued", queue="deliver", domain=job["domain"])
+            pipe.rpush(spool.trace_key(job["id"]), event)
+        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j["domain"]):
+            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(chunk))
         pipe.execute()
-    return sum(len(jobs) for jobs in by_domain.values())
+    return len(jobs)
 
 
 def _job(client: redis.Redis, message_id: str, domain: str) -> dict[str, Any] | None:

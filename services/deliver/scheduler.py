@@ -98,18 +98,14 @@ def move_due(
     )
     if not members:
         return 0
-    by_domain: dict[str, list[tuple[bytes, dict[str, Any]]]] = {}
-    for member in members:
-        job = json.loads(member)
-        by_domain.setdefault(job["domain"], []).append((member, job))
     args: list[bytes | str | float] = []
-    for group in by_domain.values():
-        for start in range(0, len(group), batch_max):
-            chunk = group[start : start + batch_max]
-            args += [len(chunk), queueing.deliver_task([job for _, job in chunk])]
-            for member, job in chunk:
-                accepted = message_time(job["id"]) or now
-                args += [member, spool.waiting_job(job["id"], job["domain"]), accepted]
+    for chunk in queueing.domain_batches(
+        ((m, json.loads(m)) for m in members), batch_max, lambda pair: pair[1]["domain"]
+    ):
+        args += [len(chunk), queueing.deliver_task([job for _, job in chunk])]
+        for member, job in chunk:
+            accepted = message_time(job["id"]) or now
+            args += [member, spool.waiting_job(job["id"], job["domain"]), accepted]
     moved: int = client.eval(
         _MOVE_DUE, 3, spool.DEFERRED, queueing.QUEUE_DELIVER, spool.WAITING_DELIVER, *args
     )

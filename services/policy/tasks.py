@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+from collections.abc import Iterator
 from types import FrameType
 
 import redis
@@ -30,6 +31,7 @@ from celery.signals import worker_ready
 
 from services.common import metrics, queueing, spool
 from services.common.config import Config, load_config
+from services.common.model import Envelope
 from services.policy.decide import Ruleset, decide
 from services.policy.facts import facts_from_message
 
@@ -59,19 +61,10 @@ class PolicyService:
         self.refresh()
         ruleset = self.ruleset
         loaded = spool.load_unclassified(self.client, message_ids)
-        classified = []
-        if not ruleset.needs_content:
-            for envelope in loaded:
-                classified.append(
-                    (envelope, decide(facts_from_message(envelope, None, ruleset), ruleset))
-                )
-        else:  # bodies a few megabytes at a time, never a whole batch of them
-            for chunk in spool.budgeted([e.size for e in loaded]):
-                envelopes = [loaded[i] for i in chunk]
-                bodies = spool.load_bodies(self.client, [e.id for e in envelopes])
-                for envelope, raw in zip(envelopes, bodies, strict=True):
-                    facts = facts_from_message(envelope, raw, ruleset)
-                    classified.append((envelope, decide(facts, ruleset)))
+        classified = [
+            (envelope, decide(facts_from_message(envelope, raw, ruleset), ruleset))
+            for envelope, raw in self._with_bodies(loaded, ruleset.needs_content)
+        ]
         spool.record_classifications(
             self.client,
             classified,
@@ -85,6 +78,19 @@ class PolicyService:
         if len(classified) < len(message_ids):
             log.info("skipped %d of %d: gone or already classified",
                      len(message_ids) - len(classified), len(message_ids))  # fmt: skip
+
+    def _with_bodies(
+        self, loaded: list[Envelope], needed: bool
+    ) -> Iterator[tuple[Envelope, bytes | None]]:
+        """Each envelope with its body when a rule needs content (read a few megabytes at a
+        time, never a whole batch of bodies at once), else with None."""
+        if not needed:
+            yield from ((envelope, None) for envelope in loaded)
+            return
+        for chunk in spool.budgeted([e.size for e in loaded]):
+            envelopes = [loaded[i] for i in chunk]
+            bodies = spool.load_bodies(self.client, [e.id for e in envelopes])
+            yield from zip(envelopes, bodies, strict=True)
 
     def _load(self) -> Ruleset:
         return Ruleset.from_config(load_config(self.config.source))
