@@ -33,6 +33,32 @@ class TlsMode(enum.IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    # Predicates, as Postfix's tls.h asks TLS_REQUIRED()/TLS_MUST_PKIX()/TLS_MUST_MATCH(): call sites
+    # ask these questions instead of comparing levels, so a new mode (DANE) changes this class only.
+    @property
+    def tries_tls(self) -> bool:
+        """STARTTLS is attempted when the server offers it."""
+        return self is not TlsMode.NONE
+
+    @property
+    def requires_encryption(self) -> bool:
+        """The message is never sent in clear: no TLS means defer, never fall back."""
+        return self >= TlsMode.ENFORCED
+
+    @property
+    def must_verify_chain(self) -> bool:
+        """The server's certificate chain must verify against the trusted CAs."""
+        return self >= TlsMode.VERIFIED
+
+    @property
+    def must_match_name(self) -> bool:
+        """The server's certificate must name the host (or an allowed MTA-STS/MX name)."""
+        return self >= TlsMode.VERIFIED
+
+    def at_least(self, floor: TlsMode) -> TlsMode:
+        """The stricter of this mode and ``floor``."""
+        return max(self, floor)
+
     @classmethod
     def parse(cls, text: str) -> TlsMode:
         try:
