@@ -33,7 +33,7 @@ class TlsMode(enum.IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
-    # Predicates, as Postfix's tls.h asks TLS_REQUIRED()/TLS_MUST_PKIX()/TLS_MUST_MATCH(): call sites
+    # Predicates, as Postfix's tls.h asks TLS_REQUIRED()/TLS_MUST_PKIX()/TLS_MUST_MATCH(): callers
     # ask these questions instead of comparing levels, so a new mode (DANE) changes this class only.
     @property
     def tries_tls(self) -> bool:
