@@ -14,14 +14,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/tlsrelay
-# Dependencies first (a layer that changes only with pyproject.toml), then the code.
+# Dependencies first, every one pinned with its hash by the runtime lock (a layer that changes
+# only with the lock), then the code, built with the locked setuptools and installed without
+# dependencies: the image holds exactly what tests/test_install.py installs and tests.
+COPY requirements/runtime.lock ./requirements/
+RUN /opt/tlsrelay/bin/pip install --require-hashes -r requirements/runtime.lock
 COPY pyproject.toml ./
-RUN mkdir -p services \
- && touch services/__init__.py \
- && /opt/tlsrelay/bin/pip install . \
- && /opt/tlsrelay/bin/pip uninstall --yes tlsrelay
 COPY services ./services
-RUN /opt/tlsrelay/bin/pip wheel --no-deps --wheel-dir /wheels . \
+RUN /opt/tlsrelay/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
  && /opt/tlsrelay/bin/pip install --no-deps /wheels/tlsrelay-*.whl \
  && /opt/tlsrelay/bin/python -m compileall -q /opt/tlsrelay/lib
 

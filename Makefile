@@ -1,22 +1,42 @@
-# tlsrelay — every target creates .venv and installs what it needs.
+# tlsrelay — every target creates .venv and installs what it needs, from the lock files.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/tlsrelay.yaml
+RUNTIME_LOCK := requirements/runtime.lock
+DEV_LOCK := requirements/dev.lock
+# Locks are resolved for the Python the project supports, for every platform at once
+# (x86_64 and aarch64 Linux alike: markers, and hashes of every wheel).
+LOCK_PYTHON := 3.11
+UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version $(LOCK_PYTHON) \
+	--generate-hashes --custom-compile-command 'make lock'
 
-.PHONY: run test lint fmt clean k8s-check
+.PHONY: run test lint fmt clean k8s-check lock lock-check
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# A new venv whenever a lock changes (--clear: nothing unpinned stays behind), every package
+# from the dev lock with its hash checked, then tlsrelay itself (editable, no dependencies).
+$(STAMP): $(DEV_LOCK) pyproject.toml
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install -qq --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install -qq --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Resolve both locks again from pyproject.toml and requirements/build.in (newest versions the
+# ranges allow); the dev lock keeps every runtime pin as it is in the runtime lock.
+lock: $(STAMP)
+	$(UV_COMPILE) pyproject.toml requirements/build.in -o $(RUNTIME_LOCK)
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra dev -c $(RUNTIME_LOCK) -o $(DEV_LOCK)
+	$(BIN)/python -m tools.lockcheck stamp
+
+# Fails, naming `make lock`, when pyproject.toml changed and the locks did not follow.
+lock-check:
+	$(PYTHON) -m tools.lockcheck check
 
 run: $(STAMP)
 	$(BIN)/tlsrelay run --config $(CONFIG)
 
-test: $(STAMP) k8s-check
+test: lock-check $(STAMP) k8s-check
 	$(BIN)/pytest -q
 
 # Kubernetes manifests, offline: render every overlay with kustomize (kubectl from the
@@ -43,14 +63,14 @@ k8s-check: $(STAMP)
 	    "(Kubernetes $(K8S_MIN_VERSION) and $$latest)"; \
 	done
 
-lint: $(STAMP)
-	$(BIN)/ruff check services tests bench
-	$(BIN)/ruff format --check services tests bench
+lint: lock-check $(STAMP)
+	$(BIN)/ruff check services tests bench tools
+	$(BIN)/ruff format --check services tests bench tools
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format services tests
-	$(BIN)/ruff check --fix services tests
+	$(BIN)/ruff format services tests bench tools
+	$(BIN)/ruff check --fix services tests bench tools
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -755,7 +755,15 @@ def test_dockerfile_final_stage_is_slim_and_non_root() -> None:
     runs = " ".join(i for i in final if i.startswith("RUN "))
     assert not re.search(r"\b(apt-get|gcc|build-essential|pip install)\b", runs), runs
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] != "#"]
-    assert ignore[:3] == ["*", "!pyproject.toml", "!services/"]  # nothing else enters the image
+    # nothing else enters the image
+    assert ignore[:4] == ["*", "!requirements/runtime.lock", "!pyproject.toml", "!services/"]
+
+
+def test_dockerfile_installs_from_the_runtime_lock() -> None:
+    builder = " ".join(dockerfile_stages()[0])
+    assert "pip install --require-hashes -r requirements/runtime.lock" in builder
+    installs = re.findall(r"pip install [^&]*", builder)
+    assert all("--require-hashes" in i or "--no-deps" in i for i in installs), installs
 
 
 if __name__ == "__main__":

@@ -127,12 +127,10 @@ def connect(url: str) -> redis.Redis:
     spec = SentinelUrl.parse(url)
     if spec is None:
         return redis.Redis.from_url(url, **TIMEOUTS)
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(
         list(spec.sentinels), sentinel_kwargs={"password": spec.password, **TIMEOUTS}, **TIMEOUTS
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        spec.master, db=spec.db, password=spec.password
-    )
+    client: redis.Redis = sentinel.master_for(spec.master, db=spec.db, password=spec.password)
     return client
 
 
@@ -141,7 +139,7 @@ def connect_async(url: str) -> aioredis.Redis:
     spec = SentinelUrl.parse(url)
     if spec is None:
         return aioredis.Redis.from_url(url, **TIMEOUTS)
-    sentinel = aioredis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = aioredis.sentinel.Sentinel(
         list(spec.sentinels), sentinel_kwargs={"password": spec.password, **TIMEOUTS}, **TIMEOUTS
     )
     client: aioredis.Redis = sentinel.master_for(spec.master, db=spec.db, password=spec.password)
