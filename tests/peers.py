@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 import trustme
 
+from tests.background import Background
 from tests.certs import default_ca, server_context
 from tests.sinksmtp import MailCommand, Message, SinkSMTP, is_positive, keyword_of
 
@@ -69,7 +70,7 @@ def _counter(name: str) -> Any:
     return property(get, doc=f"Number of {name.replace('_', ' ')} (thread-safe).")
 
 
-class Sink:
+class Sink(Background):
     """A real SMTP server on loopback that records what it receives.
 
     :param kind: ``"starttls"`` | ``"plain"`` | ``"broken"`` (see module docstring).
@@ -193,12 +194,6 @@ class Sink:
         self._thread = None
         self._loop = None
         self._stop_event = None
-
-    def __enter__(self) -> Sink:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<Sink kind={self.kind} {self.address_text}>"
