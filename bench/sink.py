@@ -1,7 +1,8 @@
 """A fast SMTP destination sink for the benchmark, in its own process: ``python -m bench.sink``.
 
 Two listeners on 127.0.0.1 (free ports): one offers STARTTLS (a self-signed RSA-2048 certificate,
-as many MX hosts have; opportunistic senders do not verify it), one does not. Both speak ESMTP
+as many MX hosts have, from :func:`services.ingest.tlscert.selfsigned_cert_pem`; opportunistic
+senders do not verify it), one does not. Both speak ESMTP
 with PIPELINING, accept every sender and recipient, and answer DATA with ``250 2.0.0 Ok: queued
 as S<n>``. Written on ``asyncio.Protocol`` (no aiosmtpd: one parser, no per-command coroutines)
 so that the sink is never what limits the relay.
@@ -24,7 +25,6 @@ Protocol with the parent (stdin/stdout, one JSON line each): on start it prints
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import re
@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+from services.ingest import tlscert
 
 HOSTNAME = "sink.bench.test"
 GREETING = f"220 {HOSTNAME} ESMTP bench sink\r\n".encode()
@@ -231,36 +233,11 @@ class SinkProtocol(asyncio.Protocol):
 
 def server_context() -> ssl.SSLContext:
     """A server context with a fresh self-signed RSA-2048 certificate for the sink's name."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTNAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    cert_pem, key_pem = tlscert.selfsigned_cert_pem([HOSTNAME])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with tempfile.TemporaryDirectory() as tmp:
         pem = Path(tmp) / "sink.pem"
-        pem.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            + cert.public_bytes(serialization.Encoding.PEM)
-        )
+        pem.write_bytes(key_pem + cert_pem)
         context.load_cert_chain(pem)
     return context
 

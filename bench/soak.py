@@ -87,7 +87,8 @@ from bench import procstat
 from bench.env import REPO, python_env
 from bench.workload import Workload, bench_id
 from services.common import queueing, spool
-from tests.peers import Message, Sink
+from tests.peers import Sink
+from tests.sinksmtp import Message
 from tests.world import World, make_world
 
 ENFORCED_DOMAIN = "d3.bench.test"

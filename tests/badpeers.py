@@ -18,10 +18,12 @@ import contextlib
 import threading
 from typing import Literal
 
+from tests.background import Background
+
 Kind = Literal["silent", "hang_after_data", "drop_after_data", "garbage"]
 
 
-class BadPeer:
+class BadPeer(Background):
     def __init__(self, kind: Kind, host: str = "127.0.0.1") -> None:
         self.kind = kind
         self.host = host
@@ -51,12 +53,6 @@ class BadPeer:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
-
-    def __enter__(self) -> BadPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()

@@ -19,11 +19,12 @@ sockets and joins their threads, so nothing leaks into ``filterwarnings = error`
 from __future__ import annotations
 
 import threading
-from types import TracebackType
 from typing import Any
 
 from dnslib import QTYPE, RCODE, RR, TXT, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+from tests.background import Background
 
 _BIND_ATTEMPTS = 20
 
@@ -40,7 +41,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         return self._owner._answer(request)
 
 
-class LocalDns:
+class LocalDns(Background):
     """An in-memory authoritative server; ``port`` is known after :meth:`start`."""
 
     def __init__(self, address: str = "127.0.0.1") -> None:
@@ -141,14 +142,3 @@ class LocalDns:
         for server in self._servers:
             server.server.server_close()  # closes the socket, joins handler threads
         self._servers, self._threads = [], []
-
-    def __enter__(self) -> LocalDns:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -20,10 +20,11 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import trustme
+
+from tests.background import Background
 
 
 @dataclass
@@ -85,7 +86,7 @@ class _Server(ThreadingHTTPServer):
         pass  # a client hanging up mid-answer is not the test's business
 
 
-class PolicyServer:
+class PolicyServer(Background):
     """Policies by domain, served at ``https://mta-sts.<domain>:<port>/.well-known/...``."""
 
     def __init__(self, ca: trustme.CA, address: str = "127.0.0.1") -> None:
@@ -158,14 +159,3 @@ class PolicyServer:
             self._server.server_close()
         self._server, self._thread = None, None
         self._tmp.cleanup()
-
-    def __enter__(self) -> PolicyServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from services.common.health import heartbeat_path
-from tests.peers import Message, Sink
+from tests.peers import Sink
+from tests.sinksmtp import Message
 from tests.world import World, make_world, message, port_open, wait_until
 
 HOLD = threading.Event()  # the "slow" sink answers DATA only once this is set

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from services.common import spool
-from tests.peers import Message, Sink
+from tests.peers import Sink
+from tests.sinksmtp import Message
 from tests.world import World, make_world, message, wait_until
 
 LIFETIME = 12  # seconds: max_queue_lifetime in this world

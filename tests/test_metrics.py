@@ -29,7 +29,8 @@ from services.common import metrics, queueing, spool
 from services.common.config import ConfigError, load_config
 from services.common.redisserver import EmbeddedRedis, free_port
 from services.deliver import scheduler
-from tests.peers import Message, Sink
+from tests.peers import Sink
+from tests.sinksmtp import Message
 from tests.world import SERVICES, World, make_world, message, metrics_ports, wait_until
 
 Key = tuple[str, tuple[tuple[str, str], ...]]

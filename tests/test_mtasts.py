@@ -38,9 +38,10 @@ from services.deliver.mtasts import (
     parse_txt,
 )
 from services.deliver.mx import make_resolver
+from tests.certs import default_ca
 from tests.dnsserver import LocalDns
 from tests.httpsserver import PolicyServer
-from tests.peers import Sink, default_ca
+from tests.peers import Sink
 from tests.world import World, make_world, message, wait_until
 
 ENFORCE_TEXT = (

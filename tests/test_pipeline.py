@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import Message, Sink
+from tests.peers import Sink
+from tests.sinksmtp import Message
 from tests.world import World, make_world, message
 
 

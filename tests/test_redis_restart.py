@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.peers import Message, Sink
+from tests.peers import Sink
+from tests.sinksmtp import Message
 from tests.world import World, make_world, message, wait_until
 
 HELD = threading.Event()

@@ -26,6 +26,7 @@ from services.policy.decide import TLS_REQUIRED_NO, Ruleset, decide
 from services.policy.facts import facts_from_message
 from services.policy.rules import Rules
 from services.policy.tasks import PolicyService
+from tests.rulesets import partner_rules
 
 T = TypeVar("T")
 RULES = TypeAdapter(Rules)
@@ -430,26 +431,7 @@ def test_facts_skip_content_when_no_rule_needs_it() -> None:
 
 # --------------------------------------------------------------------------- validation
 
-GOOD = """\
-delivery:
-  default_tls: opportunistic
-rules:
-  - name: bank-partners
-    when:
-      recipient_domain: [bank.example, "*.bank.example"]
-    tls: verified
-  - name: confidential
-    when:
-      any:
-        - subject: "(?i)\\\\bconfidential\\\\b"
-        - header: {name: X-Classification, matches: "(?i)^(secret|confidential)$"}
-        - body: "(?i)account number"
-        - attachment: {filename: "*.xlsx"}
-    unless:
-      sender_domain: [newsletter.example.com]
-    tls: enforced
-    route: 127.0.0.1:2700
-"""
+GOOD = partner_rules("127.0.0.1:2700")
 BAD: list[tuple[str, str, str, str]] = [
     (
         "bad regex",

@@ -9,29 +9,15 @@ from pathlib import Path
 
 import pytest
 
-CONFIG = """\
-delivery:
-  default_tls: opportunistic
-rules:
-  - name: bank-partners
-    when:
-      recipient_domain: [bank.example, "*.bank.example"]
-    tls: verified
-  - name: confidential
-    when:
-      any:
-        - subject: "(?i)\\\\bconfidential\\\\b"
-        - header: {name: X-Classification, matches: "(?i)^(secret|confidential)$"}
-        - body: "(?i)account number"
-        - attachment: {filename: "*.xlsx"}
-    unless:
-      sender_domain: [newsletter.example.com]
-    tls: enforced
-    route: {address: "127.0.0.1:2700", tls_name: gateway.example}
+from tests.rulesets import partner_rules
+
+GATEWAY = '{address: "127.0.0.1:2700", tls_name: gateway.example}'
+PLAIN_PARTNER = """\
   - name: plain-partner
     when: {recipient_domain: legacy.example}
     tls: none
 """
+CONFIG = partner_rules(GATEWAY) + PLAIN_PARTNER
 
 
 def rules(*args: str) -> subprocess.CompletedProcess[str]:

@@ -29,7 +29,7 @@ from aiosmtplib.protocol import SMTPProtocol
 from services.common.model import Envelope, Reply, TlsMode
 from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
 from services.deliver.tls import Outcome
-from tests.peers import default_ca
+from tests.certs import default_ca
 
 #: Replies to commands not yet sent, pipelined after the 220 to STARTTLS (one write).
 INJECTED = (

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from services.common.redisserver import free_port
-from tests.peers import Sink, default_ca
+from tests.certs import default_ca
+from tests.peers import Sink
 from tests.world import World, make_world, message, wait_until
 
 MODES = ("none", "opportunistic", "enforced", "verified")

@@ -16,16 +16,23 @@ certificate ``platform_tls.cert``/``key``, and a client certificate is *required
 against ``platform_tls.ca`` (``ssl.CERT_REQUIRED``): a client without one, or with one from
 another CA, fails the handshake.
 
+:func:`selfsigned_cert_pem` is the one self-signed certificate maker of the project (ingest,
+the test sinks and the benchmark sink use it): RSA-2048, SHA-256, valid from five minutes ago
+for ten years, CN = the first name when it is a host name of at most 64 characters, one SAN per
+name (a ``str`` is a DNS name, an ``ipaddress`` object an IP address), not a CA.
+
 Failure: an unreadable, malformed or mismatched pair (or CA file) raises :class:`ConfigError`
 naming the files, before anything listens; so does a relay listener without ``platform_tls``.
-A failure to write into ``data_dir`` raises ``OSError``.
+A failure to write into ``data_dir`` raises ``OSError``; no names raise ``ValueError``.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -39,6 +46,8 @@ CERT_NAME = "ingest-selfsigned.pem"
 KEY_NAME = "ingest-selfsigned.key"
 VALIDITY = datetime.timedelta(days=3650)
 _CN_MAX = 64  # RFC 5280 ub-common-name
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def server_context(config: Config) -> ssl.SSLContext:
@@ -78,14 +87,8 @@ def ensure_self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
     if key_path.is_file() and _reusable(cert_path, hostname):
         return cert_path, key_path
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    cert_pem, key_pem = selfsigned_cert_pem([hostname])
     _write_atomically(key_path, key_pem, 0o600)
-    cert_pem = _certificate(key, hostname).public_bytes(serialization.Encoding.PEM)
     _write_atomically(cert_path, cert_pem, 0o644)
     return cert_path, key_path
 
@@ -101,9 +104,24 @@ def _reusable(cert_path: Path, hostname: str) -> bool:
     return hostname in names.get_values_for_type(x509.DNSName) and cert.not_valid_after_utc > now
 
 
-def _certificate(key: rsa.RSAPrivateKey, hostname: str) -> x509.Certificate:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, hostname)]
-    name = x509.Name(attributes if len(hostname) <= _CN_MAX else [])
+def selfsigned_cert_pem(names: Sequence[str | IpAddress]) -> tuple[bytes, bytes]:
+    """A fresh self-signed certificate for ``names``: ``(cert_pem, key_pem)``, key in PKCS#8."""
+    if not names:
+        raise ValueError("a certificate needs at least one name")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert = _certificate(key, names)
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _certificate(key: rsa.RSAPrivateKey, names: Sequence[str | IpAddress]) -> x509.Certificate:
+    first = names[0]
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, first)] if isinstance(first, str) else []
+    name = x509.Name(attributes if len(str(first)) <= _CN_MAX else [])
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -113,10 +131,14 @@ def _certificate(key: rsa.RSAPrivateKey, hostname: str) -> x509.Certificate:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_sans(names)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+
+
+def _sans(names: Sequence[str | IpAddress]) -> list[x509.GeneralName]:
+    return [x509.DNSName(n) if isinstance(n, str) else x509.IPAddress(n) for n in names]
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
