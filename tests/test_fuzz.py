@@ -25,7 +25,7 @@ from pydantic import TypeAdapter
 
 from services.common.config import HostPort
 from services.common.model import Envelope, TlsMode, has_tls_required_no, new_message_id
-from services.ingest import server as ingest_server
+from services.ingest import session as ingest_session
 from services.policy.decide import Ruleset
 from services.policy.facts import facts_from_message
 from services.policy.rules import Rules
@@ -69,7 +69,7 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPort]:
     directory = tmp_path_factory.mktemp("fuzz")
     valkey = Valkey(directory)
     valkey.start()
-    grace, ingest_server.HANG_UP_GRACE = ingest_server.HANG_UP_GRACE, 0.5
+    grace, ingest_session.HANG_UP_GRACE = ingest_session.HANG_UP_GRACE, 0.5
     config = make_config(
         directory,
         command_timeout=1.0,
@@ -82,7 +82,7 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPort]:
         with RunningServer(config, valkey.url) as bound:
             yield bound
     finally:
-        ingest_server.HANG_UP_GRACE = grace
+        ingest_session.HANG_UP_GRACE = grace
         valkey.stop()
 
 

@@ -25,9 +25,11 @@ import redis
 
 from services.common.config import Config, HostPort
 from services.common.passwords import hash_password, verify
-from services.ingest import server as ingest_server
+from services.ingest import replies
+from services.ingest import session as ingest_session
 from services.ingest.access import Listener
-from services.ingest.server import COMMAND_LINE_MAX, MAIL_LINE_MAX, MessageReader
+from services.ingest.message import MessageReader
+from services.ingest.session import COMMAND_LINE_MAX, MAIL_LINE_MAX
 from tests.test_ingest import RunningServer, Valkey, client, make_config, queued_id, stored
 
 # The replies of the contract (services/ingest/server.py), as they go over the wire.
@@ -261,7 +263,7 @@ def test_a_client_that_never_reads_is_cut_off(
 ) -> None:
     """Replies pile up unread until the server stops reading too; the timeout's 421 cannot be
     flushed, so the connection is aborted after the grace instead of being held forever."""
-    monkeypatch.setattr(ingest_server, "HANG_UP_GRACE", 0.5)
+    monkeypatch.setattr(ingest_session, "HANG_UP_GRACE", 0.5)
     cfg = config(tmp_path, command_timeout=0.5, max_connections=1)
     with RunningServer(cfg, valkey.url) as address:
         sock = socket.socket()
@@ -514,13 +516,13 @@ def test_message_reader_table() -> None:
     ok = read(b"A: b\r\n", b"\r\n", b"..dot\r\n", b".\r\n")
     assert (ok.refusal, bytes(ok.content)) == (None, b"A: b\r\n\r\n.dot\r\n")
     # After a fragment, ".\r\n" ends the long line, not the message.
-    assert read(b"x" * 50, b".\r\n", b".\r\n").refusal == ingest_server.DATA_LINE_TOO_LONG
-    assert read(b"x" * 1001 + b"\r\n", b".\r\n").refusal == ingest_server.DATA_LINE_TOO_LONG
-    assert read(b"y" * 90 + b"\r\n", b".\r\n", max_bytes=91).refusal == ingest_server.TOO_BIG
-    assert read(b"A: " + b"h" * 98 + b"\r\n", b".\r\n").refusal == ingest_server.HEADER_TOO_LARGE
+    assert read(b"x" * 50, b".\r\n", b".\r\n").refusal == replies.DATA_LINE_TOO_LONG
+    assert read(b"x" * 1001 + b"\r\n", b".\r\n").refusal == replies.DATA_LINE_TOO_LONG
+    assert read(b"y" * 90 + b"\r\n", b".\r\n", max_bytes=91).refusal == replies.TOO_BIG
+    assert read(b"A: " + b"h" * 98 + b"\r\n", b".\r\n").refusal == replies.HEADER_TOO_LARGE
     # The first limit crossed decides; nothing is kept after it.
     first = read(b"x" * 1001 + b"\r\n", b"y" * 5000 + b"\r\n", b".\r\n", max_bytes=3000)
-    assert (first.refusal, first.content) == (ingest_server.DATA_LINE_TOO_LONG, bytearray())
+    assert (first.refusal, first.content) == (replies.DATA_LINE_TOO_LONG, bytearray())
 
 
 def test_smtplib_sees_the_limits_as_errors(tmp_path: Path, valkey: Valkey) -> None:

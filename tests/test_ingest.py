@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from services.common.config import Config, HostPort
 from services.common.redisserver import EmbeddedRedis
-from services.ingest.server import _SIMPLE_PATH, IngestServer, IngestSMTP
+from services.ingest.server import IngestServer
+from services.ingest.session import _SIMPLE_PATH, IngestSMTP
 
 HOSTNAME = "mx.test.example"
 
