@@ -64,7 +64,7 @@ def trace_key(message_id: str) -> str:
 
 
 def in_flight_key(message_id: str, domain: str) -> str:
-    """Set while a delivery sends DATA (services.deliver.delivery); see RFC 1047."""
+    """Set while a delivery sends DATA (services.deliver.ledger); see RFC 1047."""
     return f"{PREFIX}inflight:{message_id}:{domain}"
 
 
