@@ -25,7 +25,7 @@ from services.common.config import Config, load_config
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis, free_port
 from services.deliver import scheduler
-from services.deliver.delivery import Deliverer
+from services.deliver.batch import Deliverer
 from tests.peers import Sink
 from tests.world import World, make_world, message, wait_until
 

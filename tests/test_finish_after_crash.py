@@ -17,7 +17,7 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.model import Decision, Envelope, new_message_id
-from services.deliver.delivery import Deliverer
+from services.deliver.batch import Deliverer
 
 
 def test_a_rerun_finishes_a_message_whose_recipients_were_all_recorded(

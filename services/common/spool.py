@@ -40,6 +40,7 @@ import redis.asyncio.sentinel
 import redis.sentinel
 
 from services.common import queueing
+from services.common.jobs import Job
 from services.common.model import Decision, Envelope
 
 PREFIX = "tlsrelay:"
@@ -63,7 +64,7 @@ def trace_key(message_id: str) -> str:
 
 
 def in_flight_key(message_id: str, domain: str) -> str:
-    """Set while a delivery sends DATA (services.deliver.delivery); see RFC 1047."""
+    """Set while a delivery sends DATA (services.deliver.ledger); see RFC 1047."""
     return f"{PREFIX}inflight:{message_id}:{domain}"
 
 
@@ -394,7 +395,7 @@ def record_classifications(
     ``deliver`` task per destination domain with up to ``batch_max`` jobs (so one worker sends a
     domain's messages over one connection). ``message_ids`` (the whole policy task, including
     messages skipped as gone or already classified) leave ``waiting:policy``."""
-    jobs: list[dict[str, Any]] = []
+    jobs: list[Job] = []
     waiting: dict[str, float] = {}
     batch = len(message_ids) or len(classified)  # shown in the trace: messages in the task
     with client.pipeline(transaction=True) as pipe:
@@ -405,18 +406,11 @@ def record_classifications(
             classified_event = event("classified", decisions=as_json, batch=batch)
             pipe.rpush(trace_key(envelope.id), classified_event)
             pipe.expire(trace_key(envelope.id), int(trace_ttl))
-            for decision, raw in zip(decisions, as_json, strict=True):
-                job = {
-                    "id": envelope.id,
-                    "domain": decision.domain,
-                    "recipients": list(groups[decision.domain]),
-                    "decision": raw,
-                    "attempt": 1,
-                }
-                jobs.append(job)
+            for decision in decisions:
+                jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
                 waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
-        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j["domain"]):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(chunk))
+        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
+            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
         if waiting:
             pipe.zadd(WAITING_DELIVER, waiting)
         gone = list(message_ids) or [envelope.id for envelope, _ in classified]

@@ -11,6 +11,10 @@ a ``message/delivery-status`` part (``Reporting-MTA``, ``Arrival-Date``, then pe
 ``Final-Recipient``, ``Action``, ``Status``, ``Remote-MTA``, ``Diagnostic-Code``) and the
 original headers as ``text/rfc822-headers`` (RFC 6522). Never call it for a message whose
 reverse-path is null (RFC 3461 §6.2: no DSN about a DSN) — :func:`wanted` says so.
+
+:func:`notice` decides which DSN a recorded delivery round calls for: a bounce for its failed
+recipients, else (once per message, ``delivery.delay_warning_after`` after arrival) a delay
+notice for its deferred ones, else none.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
+
+if TYPE_CHECKING:
+    from services.deliver.delivery import Outcome, Round
 
 FAILED, DELAYED = "failed", "delayed"
 
@@ -193,3 +201,43 @@ def _headers(original: bytes) -> str:
     end = original.find(b"\r\n\r\n")
     head = original if end < 0 else original[:end]
     return head.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A DSN to queue with the round that called for it."""
+
+    action: str  # FAILED | DELAYED
+    envelope: Envelope  # the DSN's own (null reverse-path, to the original sender)
+    body: bytes
+
+
+def notice(
+    round_: Round, outcome: Outcome, reporting_mta: str, delay_warning_after: float
+) -> Notice | None:
+    """The DSN ``round_`` calls for: a bounce for failed recipients, else (once per message,
+    after ``delay_warning_after``; 0: never) a delay notice; None when the sender is null."""
+    envelope = round_.envelope
+    if not wanted(envelope):
+        return None
+    waited = round_.now - envelope.received_at
+    delay_due = delay_warning_after > 0 and waited >= delay_warning_after
+    if outcome.bounced:
+        action, replies, until = FAILED, outcome.bounced, None
+    elif outcome.deferred and not round_.state.delay_warned and delay_due:
+        action, replies, until = DELAYED, outcome.deferred, round_.expires
+    else:
+        return None
+    remote = outcome.remote_mta
+    reports = [RecipientReport(r, action, reply, remote.get(r)) for r, reply in replies.items()]
+    dsn_envelope, dsn_body = build(
+        reporting_mta=reporting_mta,
+        envelope=envelope,
+        original=round_.body,
+        reports=reports,
+        decision=outcome.decision or round_.decision,
+        notes=(outcome.note,) if outcome.note else (),
+        retry_until=until,
+        now=round_.now,
+    )
+    return Notice(action, dsn_envelope, dsn_body)

@@ -22,8 +22,10 @@ import redis
 
 from services.common import spool
 from services.common.config import Config
+from services.common.jobs import Job, job_key
 from services.common.model import Reply
-from services.deliver.delivery import Deliverer, Outcome
+from services.deliver.delivery import Outcome
+from services.deliver.ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,18 @@ def _members(client: redis.Redis) -> list[tuple[bytes, float]]:
 
 
 def deferred(client: redis.Redis, message_id: str | None = None) -> list[Entry]:
-    members = [(json.loads(m), due) for m, due in _members(client)]
-    jobs = [(job, due) for job, due in members if message_id in (None, job["id"])]
-    envelopes = {job["id"]: spool.load_envelope(client, job["id"]) for job, _ in jobs}
+    members = [(Job.from_json(json.loads(m)), due) for m, due in _members(client)]
+    jobs = [(job, due) for job, due in members if message_id in (None, job.id)]
+    envelopes = {job.id: spool.load_envelope(client, job.id) for job, _ in jobs}
     return [
         Entry(
-            id=job["id"],
-            domain=job["domain"],
-            recipients=tuple(job["recipients"]),
+            id=job.id,
+            domain=job.domain,
+            recipients=job.recipients,
             due=due,
-            attempt=job["attempt"],
-            last_error=job.get("last_error", ""),
-            received_at=env.received_at if (env := envelopes[job["id"]]) else None,
+            attempt=job.attempt,
+            last_error=job.last_error or "",
+            received_at=env.received_at if (env := envelopes[job.id]) else None,
         )
         for job, due in jobs
     ]
@@ -78,7 +80,7 @@ def deferred(client: redis.Redis, message_id: str | None = None) -> list[Entry]:
 def retry(client: redis.Redis, message_id: str | None = None) -> int:
     """Make matching deferred entries due now; return how many."""
     now = time.time()
-    members = [m for m, _ in _members(client) if message_id in (None, json.loads(m)["id"])]
+    members = [m for m, _ in _members(client) if message_id in (None, job_key(json.loads(m))[0])]
     with client.pipeline(transaction=True) as pipe:
         for member in members:
             pipe.zadd(spool.DEFERRED, {member: now}, xx=True)
@@ -90,16 +92,19 @@ def bounce(config: Config, client: redis.Redis, message_id: str) -> list[str]:
     """Give up on a deferred message: bounce its deferred recipients; return them."""
     bounced: list[str] = []
     for member, _ in _members(client):
-        job = json.loads(member)
-        if job["id"] != message_id or not client.zrem(spool.DEFERRED, member):
+        if job_key(json.loads(member))[0] != message_id:
+            continue
+        job = Job.from_json(json.loads(member))  # read before ZREM: a failure loses nothing
+        if not client.zrem(spool.DEFERRED, member):
             continue
         envelope = spool.load_envelope(client, message_id)
         body = spool.load_body(client, message_id)
         if envelope is None or body is None:
             continue
-        reason = f"given up by the administrator; last error: {job.get('last_error') or 'none'}"
+        reason = f"given up by the administrator; last error: {job.last_error or 'none'}"
         outcome = Outcome(note="The relay's administrator stopped retrying this message.")
-        outcome.bounced = dict.fromkeys(job["recipients"], Reply(550, "5.0.0", reason))
-        Deliverer(config, client).record(job, envelope, outcome, body)
-        bounced += job["recipients"]
+        outcome.bounced = dict.fromkeys(job.recipients, Reply(550, "5.0.0", reason))
+        ledger = Ledger(config, client)
+        ledger.record(ledger.round(job, envelope, body), outcome)
+        bounced += job.recipients
     return bounced

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import redis
 
 from services.common import queueing, spool
+from services.common.jobs import Job, job_key
 from services.common.model import Decision, Envelope
 
 log = logging.getLogger("tlsrelay.rescue")
@@ -85,7 +85,7 @@ def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
     raws = [*policy_list, *deliver_list]
     raws += [doc for doc in map(queueing.reserved, unacked) if doc is not None]
     policy: set[str] = set()
-    deliver = {spool.waiting_job(j["id"], j["domain"]) for j in map(json.loads, deferred)}
+    deliver = {spool.waiting_job(*job_key(doc)) for doc in map(json.loads, deferred)}
     for found in map(queueing.task_batch, raws):
         if found is None:
             continue
@@ -93,7 +93,7 @@ def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
         if name == queueing.TASK_CLASSIFY:
             policy.update(i for i in batch if isinstance(i, str))
         elif name == queueing.TASK_DELIVER:
-            deliver.update(spool.waiting_job(j["id"], j["domain"]) for j in batch)
+            deliver.update(spool.waiting_job(*job_key(doc)) for doc in batch)
     return policy, deliver
 
 
@@ -123,15 +123,15 @@ def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) ->
         if gone:
             pipe.zrem(spool.WAITING_DELIVER, *gone)
         for job in jobs:
-            event = spool.event("requeued", queue="deliver", domain=job["domain"])
-            pipe.rpush(spool.trace_key(job["id"]), event)
-        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j["domain"]):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task(chunk))
+            event = spool.event("requeued", queue="deliver", domain=job.domain)
+            pipe.rpush(spool.trace_key(job.id), event)
+        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
+            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
         pipe.execute()
     return len(jobs)
 
 
-def _job(client: redis.Redis, message_id: str, domain: str) -> dict[str, Any] | None:
+def _job(client: redis.Redis, message_id: str, domain: str) -> Job | None:
     fields = client.hmget(spool.msg_key(message_id), ["envelope", "decisions"])
     raw_envelope, raw_decisions = fields
     if raw_envelope is None or raw_decisions is None:
@@ -142,10 +142,4 @@ def _job(client: redis.Redis, message_id: str, domain: str) -> dict[str, Any] | 
     recipients = envelope.recipients_by_domain().get(domain)
     if decision is None or not recipients:
         return None
-    return {
-        "id": message_id,
-        "domain": domain,
-        "recipients": list(recipients),
-        "decision": decision.to_json(),
-        "attempt": 1,
-    }
+    return Job(message_id, domain, recipients, decision)

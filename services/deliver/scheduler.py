@@ -23,11 +23,13 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 
 from services.common import queueing, spool
+from services.common.jobs import Job, job_key
 from services.common.model import is_message_id
 from services.deliver import rescue
 
@@ -42,13 +44,17 @@ def message_time(message_id: str) -> float | None:
     return int(message_id[:12], 16) / 1000 if is_message_id(message_id) else None
 
 
-def stage_deferral(pipe: redis.client.Pipeline, job: dict[str, Any], due: float) -> None:
+def stage_deferral(pipe: redis.client.Pipeline, job: Job | Mapping[str, Any], due: float) -> None:
     """Buffer into ``pipe`` (the caller's transaction): ``job`` waits in the deferred set until
-    ``due``, and its message is in the index of deferred messages."""
-    pipe.zadd(spool.DEFERRED, {json.dumps(job, sort_keys=True): due})
-    accepted = message_time(job["id"])
+    ``due``, and its message is in the index of deferred messages. The member is the job's
+    document with sorted keys, so the same job is the same member (services/common/jobs.py).
+    A document that could not be read as a :class:`Job` is parked as it is, never dropped."""
+    doc = job.to_json() if isinstance(job, Job) else job
+    message_id, _ = job_key(doc)
+    pipe.zadd(spool.DEFERRED, {json.dumps(doc, sort_keys=True): due})
+    accepted = message_time(message_id)
     if accepted is not None:
-        pipe.zadd(DEFERRED_SINCE, {job["id"]: accepted}, nx=True)
+        pipe.zadd(DEFERRED_SINCE, {message_id: accepted}, nx=True)
 
 
 def stage_completion(pipe: redis.client.Pipeline, message_id: str) -> None:
@@ -91,7 +97,8 @@ def move_due(
 ) -> int:
     """Move up to ``limit`` due jobs to the ``deliver`` queue, one task per destination domain
     with up to ``batch_max`` jobs (after an outage, a domain's backlog goes out in batches over
-    reused connections, not one Celery task per message); return how many moved."""
+    reused connections, not one Celery task per message); return how many moved. The documents
+    move as they are: only their (message id, domain) is read here."""
     now = time.time() if now is None else now
     members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
         spool.DEFERRED, "-inf", now, start=0, num=limit
@@ -100,12 +107,13 @@ def move_due(
         return 0
     args: list[bytes | str | float] = []
     for chunk in queueing.domain_batches(
-        ((m, json.loads(m)) for m in members), batch_max, lambda pair: pair[1]["domain"]
+        ((m, json.loads(m)) for m in members), batch_max, lambda pair: job_key(pair[1])[1]
     ):
-        args += [len(chunk), queueing.deliver_task([job for _, job in chunk])]
-        for member, job in chunk:
-            accepted = message_time(job["id"]) or now
-            args += [member, spool.waiting_job(job["id"], job["domain"]), accepted]
+        args += [len(chunk), queueing.deliver_task([doc for _, doc in chunk])]
+        for member, doc in chunk:
+            message_id, domain = job_key(doc)
+            accepted = message_time(message_id) or now
+            args += [member, spool.waiting_job(message_id, domain), accepted]
     moved: int = client.eval(
         _MOVE_DUE, 3, spool.DEFERRED, queueing.QUEUE_DELIVER, spool.WAITING_DELIVER, *args
     )

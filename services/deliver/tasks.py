@@ -1,6 +1,6 @@
 """The ``deliver`` Celery task and the deliver worker's process wiring.
 
-The task is a thin wrapper: it runs :meth:`services.deliver.delivery.Deliverer.run_batch` for its
+The task is a thin wrapper: it runs :meth:`services.deliver.batch.Deliverer.run_batch` for its
 batch of jobs on this process's event loop (one per worker process, kept for its lifetime so the
 connection pool lives on it). An unexpected error in delivery code is not allowed to drop a job:
 the job is put back into the deferred set (due after the first retry step) and the error is
@@ -19,7 +19,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from services.common import queueing, spool
 from services.common.config import Config
-from services.deliver.delivery import Deliverer
+from services.deliver.batch import Deliverer
 from services.deliver.scheduler import SchedulerThread
 
 log = logging.getLogger("tlsrelay.deliver")

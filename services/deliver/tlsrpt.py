@@ -1,7 +1,7 @@
 """SMTP TLS reporting (RFC 8460): count TLS sessions per policy domain and day, build the reports.
 
 Recording (deliver worker): :func:`stage` buffers ``HINCRBY``s on one hash per UTC day,
-``tlsrelay:tlsrpt:<YYYY-MM-DD>``, into the caller's transaction (``Deliverer.record``): no round
+``tlsrelay:tlsrpt:<YYYY-MM-DD>``, into the caller's transaction (``Ledger.record``): no round
 trip of its own. Fields are JSON arrays:
 
 - ``["policy", domain, pkey]`` → the policy that applied (RFC 8460 §4.4 ``policy`` object);
