@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import (
-    ConfigError,
-    HostPort,
-    Route,
-    load_config,
-    parse_duration,
-    parse_hostport,
-)
+from services.common.config import ConfigError, load_config
+from services.common.values import HostPort, Route, parse_duration, parse_hostport
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -20,9 +20,10 @@ import pytest
 import redis
 import trustme
 
-from services.common.config import Config, ConfigError, HostPort, RegionConfig
+from services.common.config import Config, ConfigError, RegionConfig
 from services.common.passwords import hash_password
 from services.common.tenants import Directory
+from services.common.values import HostPort
 from services.ingest import access
 from services.ingest.access import Listener
 from tests.test_ingest import (

@@ -24,9 +24,9 @@ import redis
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
 from services.common.redisserver import free_port
+from services.common.values import HostPort
 from services.deliver import mtasts, tlsrpt
 from services.deliver.mtasts import (
     Policy,

@@ -22,9 +22,9 @@ from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis, free_port
+from services.common.rules import Rules
 from services.policy.decide import TLS_REQUIRED_NO, Ruleset, decide
 from services.policy.facts import facts_from_message
-from services.policy.rules import Rules
 from services.policy.tasks import PolicyService
 
 T = TypeVar("T")

@@ -37,14 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from services.common.config import (
-    ENV_REDIS_URL,
-    Config,
-    ConfigError,
-    format_duration,
-    load_config,
-)
+from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
 from services.common.logs import setup_logging
+from services.common.values import format_duration
 
 EXIT_CONFIG = 2
 SERVICES = ("ingest", "policy", "deliver")

@@ -52,8 +52,8 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, ma
 from prometheus_client.registry import Collector
 
 from services.common import health, queueing, spool
-from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
+from services.common.values import HostPort
 from services.deliver.scheduler import DEFERRED_SINCE
 
 if TYPE_CHECKING:

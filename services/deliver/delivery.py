@@ -34,9 +34,10 @@ from typing import Any
 import redis
 
 from services.common import metrics, spool
-from services.common.config import Config, Route, format_duration, parse_hostport
+from services.common.config import Config
 from services.common.model import Decision, Envelope, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
+from services.common.values import Route, format_duration
 from services.deliver import dsn, mtasts, mx, scheduler, tlsrpt
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
@@ -270,7 +271,7 @@ class Deliverer:
     def _route(self, decision: Decision) -> Route | None:
         """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""
         if decision.route:
-            return Route(parse_hostport(decision.route), decision.route_tls_name)
+            return decision.override_route
         return mx.route_for(decision.domain, self.config.delivery.routes)
 
     async def _sts(self, envelope: Envelope, decision: Decision, outcome: Outcome) -> Decision:

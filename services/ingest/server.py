@@ -140,9 +140,10 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
 from services.common import health, metrics, spool
-from services.common.config import Config, HostPort
+from services.common.config import Config
 from services.common.model import Envelope, InboundTls, has_tls_required_no, new_message_id
 from services.common.tenants import Directory
+from services.common.values import HostPort
 from services.ingest import access, limits, tlscert
 from services.ingest.access import Listener
 
