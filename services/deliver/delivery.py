@@ -33,19 +33,19 @@ from typing import Any
 
 import redis
 
-from services.common import metrics, spool
+from services.common import spool
 from services.common.config import Config
 from services.common.model import Decision, Envelope, Reply, TlsMode
+from services.common.protocol import TLS_REQUIRED_STATUS
 from services.common.tenants import PLATFORM_PROFILE
 from services.common.values import Route, format_duration
-from services.deliver import dsn, mtasts, mx, scheduler, tlsrpt
+from services.deliver import dsn, mtasts, mx, observe, scheduler, tlsrpt
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")
-TLS_REQUIRED = "4.7.10"  # RFC 5248: encryption needed (as session.TLS_UNAVAILABLE)
 
 
 @dataclass
@@ -226,7 +226,7 @@ class Deliverer:
             ),
             trace_ttl=self.config.trace_ttl,
         )
-        metrics.interrupted()
+        observe.interrupted()
 
     async def send(
         self, envelope: Envelope, body: bytes, decision: Decision, pending: list[str]
@@ -247,7 +247,7 @@ class Deliverer:
         hosts = _sts_hosts(hosts, decision, outcome)
         if not hosts:
             text = f"no MX host of {decision.domain} matches its MTA-STS policy (RFC 8461 §4.1)"
-            outcome.deferred = dict.fromkeys(pending, Reply(451, TLS_REQUIRED, text))
+            outcome.deferred = dict.fromkeys(pending, Reply(451, TLS_REQUIRED_STATUS, text))
             return outcome
         errors: list[Reply] = []
         hooks = Hooks(self._remember_broken, lambda peer: self._in_flight(envelope, decision, peer))
@@ -365,13 +365,13 @@ class Deliverer:
             pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
             replies = pipe.execute()
         self._premarked = premark
-        metrics.delivery_round(outcome, envelope.received_at, now)
+        observe.delivery_round(outcome, envelope.received_at, now)
         if outcome.sts is not None:
-            metrics.mta_sts(outcome.sts, outcome, sts_failures)
+            observe.mta_sts(outcome.sts, outcome, sts_failures)
         if notice is not None:
-            metrics.dsn_sent(notice[0])
+            observe.dsn_sent(notice[0])
         if complete:
-            metrics.message_final(final.values())
+            observe.message_final(final.values())
         elif not outcome.deferred:
             self._finish_if_final(envelope, replies[-3])
 
@@ -469,7 +469,7 @@ class Deliverer:
                 scheduler.stage_completion(pipe, envelope.id)
                 deleted = pipe.execute()[0]
             if deleted:  # both may see all final; only one of them deleted the message
-                metrics.message_final(states.values())
+                observe.message_final(states.values())
 
 
 class _Bodies:
