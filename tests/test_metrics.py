@@ -404,7 +404,7 @@ def test_a_busy_metrics_port_stops_the_service_naming_the_key(world: World, serv
     argv = [
         sys.executable,
         "-m",
-        "services.common.cli",
+        "services.cli",
         service,
         "--config",
         str(world.config_path),
@@ -457,7 +457,7 @@ def test_run_prints_and_serves_the_three_urls(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.common.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "services.cli", "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={"PATH": "/usr/bin:/bin"},  # the embedded Redis

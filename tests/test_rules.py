@@ -604,7 +604,7 @@ class PolicyWorker:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
-            argv = [sys.executable, "-m", "services.common.cli", "policy", "--config"]
+            argv = [sys.executable, "-m", "services.cli", "policy", "--config"]
             self.proc = subprocess.Popen([*argv, str(self.config)], stdout=log, stderr=log)
         self.wait_log("ready.")
 

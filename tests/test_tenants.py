@@ -153,7 +153,7 @@ def test_intra_platform_is_verified_and_routed_whatever_a_rule_says(tmp_path: Pa
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.common.cli", *args],
+        [sys.executable, "-m", "services.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
