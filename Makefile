@@ -67,6 +67,7 @@ lint: lock-check $(STAMP)
 	$(BIN)/ruff check services tests bench tools
 	$(BIN)/ruff format --check services tests bench tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 fmt: $(STAMP)
 	$(BIN)/ruff format services tests bench tools

@@ -133,7 +133,7 @@ class TlsRelay:
         argv = [
             sys.executable,
             "-m",
-            "services.common.cli",
+            "services.cli",
             name,
             "--config",
             str(self.config_path),

@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import (
-    ConfigError,
-    HostPort,
-    Route,
-    load_config,
-    parse_duration,
-    parse_hostport,
-)
+from services.common.config import ConfigError, load_config
+from services.common.values import HostPort, Route, parse_duration, parse_hostport
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -134,7 +128,7 @@ def test_hostport(text: str, parsed: HostPort) -> None:
 def test_cli_refuses_bad_config_before_listening(tmp_path: Path, command: str) -> None:
     path = write(tmp_path, "ingest:\n  listen: 127.0.0.1:2525\n  bogus: 1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "services.common.cli", command, "--config", str(path)],
+        [sys.executable, "-m", "services.cli", command, "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

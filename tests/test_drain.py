@@ -58,7 +58,7 @@ def probe(world: World, path: str) -> int:
 
 
 def healthcheck(world: World, service: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "services.common.cli", "healthcheck", service]
+    argv = [sys.executable, "-m", "services.cli", "healthcheck", service]
     return subprocess.run(
         [*argv, "--config", str(world.config_path)], capture_output=True, text=True, timeout=60
     )

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from services.common.config import HostPort
 from services.common.model import Envelope, TlsMode, has_tls_required_no, new_message_id
+from services.common.rules import Rules
+from services.common.values import HostPort
 from services.ingest import session as ingest_session
 from services.policy.decide import Ruleset
 from services.policy.facts import facts_from_message
-from services.policy.rules import Rules
 from tests.test_ingest import RunningServer, Valkey, make_config
 
 FUZZ = settings(

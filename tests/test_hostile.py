@@ -23,8 +23,9 @@ from unittest import mock
 import pytest
 import redis
 
-from services.common.config import Config, HostPort
+from services.common.config import Config
 from services.common.passwords import hash_password, verify
+from services.common.values import HostPort
 from services.ingest import replies
 from services.ingest import session as ingest_session
 from services.ingest.access import Listener

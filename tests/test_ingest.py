@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.config import Config, HostPort
+from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
+from services.common.values import HostPort
 from services.ingest.server import IngestServer
 from services.ingest.session import _SIMPLE_PATH, IngestSMTP
 

@@ -20,9 +20,10 @@ import pytest
 import redis
 import trustme
 
-from services.common.config import Config, ConfigError, HostPort, RegionConfig
+from services.common.config import Config, ConfigError, RegionConfig
 from services.common.passwords import hash_password
 from services.common.tenants import Directory
+from services.common.values import HostPort
 from services.ingest import access
 from services.ingest.access import Listener
 from tests.test_ingest import (
@@ -527,7 +528,7 @@ def test_serve_prints_every_listener_and_stops_on_sigterm(
         f"metrics:\n  ingest: 127.0.0.1:{_free_port()}\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.common.cli", "ingest", "--config", str(config)],
+        [sys.executable, "-m", "services.cli", "ingest", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={"PATH": "/usr/bin:/bin", "TLSRELAY_REDIS_URL": valkey.url},

@@ -194,7 +194,7 @@ def test_no_dsn_about_a_null_sender_message(world: World) -> None:
 
 
 def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "services.common.cli", *args, "--config", str(world.config_path)]
+    argv = [sys.executable, "-m", "services.cli", *args, "--config", str(world.config_path)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 

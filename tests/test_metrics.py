@@ -334,7 +334,8 @@ def message_id_at(when: float) -> str:
 
 def test_queue_readings_from_redis(tmp_path: Path) -> None:
     """Lists: length and the age of the tail (the oldest); deferred: the set's size and the age
-    of the oldest message in the index, skipping (and dropping) messages already gone."""
+    of the oldest message in the index, skipping messages already gone (the scrape only reads;
+    the scheduler drops them from the index)."""
     now = time.time()
     gone, alive, older, newer = (message_id_at(now - age) for age in (300, 100, 50, 10))
     with EmbeddedRedis(tmp_path / "redis") as server, closing(spool.connect(server.url)) as client:
@@ -355,7 +356,9 @@ def test_queue_readings_from_redis(tmp_path: Path) -> None:
             "deliver": (1, pytest.approx(10, abs=0.01)),
             "deferred": (2, pytest.approx(100, abs=0.01)),
         }
-        assert client.zrange(scheduler.DEFERRED_SINCE, 0, -1) == [alive.encode()]
+        assert client.zcard(spool.DEFERRED_SINCE) == 2  # the scrape only reads
+        assert scheduler.prune_deferred_index(client) == 1
+        assert client.zrange(spool.DEFERRED_SINCE, 0, -1) == [alive.encode()]
 
 
 def test_queue_gauges_are_left_out_while_redis_is_down() -> None:
@@ -402,7 +405,7 @@ def test_a_busy_metrics_port_stops_the_service_naming_the_key(world: World, serv
     argv = [
         sys.executable,
         "-m",
-        "services.common.cli",
+        "services.cli",
         service,
         "--config",
         str(world.config_path),
@@ -455,7 +458,7 @@ def test_run_prints_and_serves_the_three_urls(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.common.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "services.cli", "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={"PATH": "/usr/bin:/bin"},  # the embedded Redis

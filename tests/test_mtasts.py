@@ -24,9 +24,9 @@ import redis
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
 from services.common.redisserver import free_port
+from services.common.values import HostPort
 from services.deliver import mtasts, tlsrpt
 from services.deliver.mtasts import (
     Policy,
@@ -693,7 +693,7 @@ def test_tlsrpt_report_is_mailed_past_the_failure_it_reports(world: World, tmp_p
     world.wait_settled(held)  # deferred: the enforced domain's MX offers no STARTTLS
     wait_until(lambda: tlsrpt_counts(world, "plainenf.test"), what="something to report")
     day = tlsrpt.utc_day(time.time())
-    command = [sys.executable, "-m", "services.common.cli", "tlsrpt", "build", "--date", day,
+    command = [sys.executable, "-m", "services.cli", "tlsrpt", "build", "--date", day,
                "--out", str(tmp_path), "--config", str(world.config_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

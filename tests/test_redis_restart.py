@@ -80,7 +80,7 @@ def test_queued_deferred_and_in_flight_survive_a_redis_kill(world: World) -> Non
     RELEASE.set()  # the held delivery now finishes at the peer while Redis is gone
     world.redis.start()
     world.start_service("policy")
-    retry = [sys.executable, "-m", "services.common.cli", "queue", "retry"]
+    retry = [sys.executable, "-m", "services.cli", "queue", "retry"]
     subprocess.run([*retry, "--config", str(world.config_path)], check=True, timeout=60)
 
     everything = [*deferred, *queued, in_flight]

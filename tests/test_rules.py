@@ -22,9 +22,9 @@ from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis, free_port
+from services.common.rules import Rules
 from services.policy.decide import TLS_REQUIRED_NO, Ruleset, decide
 from services.policy.facts import facts_from_message
-from services.policy.rules import Rules
 from services.policy.tasks import PolicyService
 from tests.rulesets import partner_rules
 
@@ -329,7 +329,7 @@ def test_route_comes_from_the_first_matching_rule_with_a_route() -> None:
         rule(EVERYONE, "second", route="127.0.0.1:2800"),
     ]
     (decision,) = run(rules)
-    assert (decision.route, decision.route_tls_name) == ("[::1]:2700", "mx.bank.example")
+    assert (str(decision.route), decision.route_tls_name) == ("[::1]:2700", "mx.bank.example")
     (plain,) = run([rule(EVERYONE)])
     assert (plain.route, plain.route_tls_name) == (None, None)
 
@@ -533,7 +533,7 @@ def test_good_rules_load(tmp_path: Path) -> None:
     config = load_config(path)
     rs = Ruleset.from_config(config)
     assert [r.name for r in rs.rules] == ["bank-partners", "confidential"]
-    assert rs.rules[1].route is not None and rs.rules[1].route.address == "127.0.0.1:2700"
+    assert rs.rules[1].route is not None and str(rs.rules[1].route.address) == "127.0.0.1:2700"
     assert (rs.default_tls, rs.body_scan_bytes, rs.needs_content) == (
         TlsMode.OPPORTUNISTIC,
         config.policy.body_scan_bytes,
@@ -586,7 +586,7 @@ class PolicyWorker:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
-            argv = [sys.executable, "-m", "services.common.cli", "policy", "--config"]
+            argv = [sys.executable, "-m", "services.cli", "policy", "--config"]
             self.proc = subprocess.Popen([*argv, str(self.config)], stdout=log, stderr=log)
         self.wait_log("ready.")
 

@@ -21,7 +21,7 @@ CONFIG = partner_rules(GATEWAY) + PLAIN_PARTNER
 
 
 def rules(*args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "services.common.cli", "rules", *args]
+    argv = [sys.executable, "-m", "services.cli", "rules", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -75,7 +75,7 @@ def test_check_a_bad_file_exits_1_naming_line_rule_and_key(config: Path) -> None
 
 
 def test_check_reads_tlsrelay_config_from_the_environment(config: Path) -> None:
-    argv = [sys.executable, "-m", "services.common.cli", "rules", "check"]
+    argv = [sys.executable, "-m", "services.cli", "rules", "check"]
     env = {"PATH": "/usr/bin:/bin", "TLSRELAY_CONFIG": str(config)}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from tests.world import metrics_ports, port_open, wait_until
 def trace(config: Path, message_id: str) -> bytes:
     """`tlsrelay trace` finds the embedded Redis of the running `tlsrelay run` by itself."""
     return subprocess.run(
-        [sys.executable, "-m", "services.common.cli", "trace", "--config", str(config), message_id],
+        [sys.executable, "-m", "services.cli", "trace", "--config", str(config), message_id],
         capture_output=True,
         env={"PATH": "/usr/bin:/bin"},
         timeout=30,
@@ -38,7 +38,7 @@ def test_run_starts_everything_delivers_and_stops_cleanly(tmp_path: Path) -> Non
         )
         log = (tmp_path / "run.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.common.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "services.cli", "run", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={"PATH": "/usr/bin:/bin"},  # no TLSRELAY_REDIS_URL: the embedded server is used

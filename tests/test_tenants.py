@@ -136,13 +136,17 @@ def test_intra_platform_is_verified_and_routed_whatever_a_rule_says(tmp_path: Pa
     decisions = decide_for(config, "f@fabrikam.example", "c@contoso.example", "x@outside.example")
     fab = decisions["fabrikam.example"]
     assert (fab.tls, fab.circumstances) == (TlsMode.VERIFIED, ("intra-platform", "weaken"))
-    assert (fab.route, fab.route_tls_name, fab.tls_profile) == (
+    assert (str(fab.route), fab.route_tls_name, fab.tls_profile) == (
         "127.0.0.1:3526",
         "ap-south",
         PLATFORM_PROFILE,
     )
     con = decisions["contoso.example"]
-    assert (con.tls, con.route, con.tls_profile) == (TlsMode.VERIFIED, "127.0.0.1:2801", "platform")
+    assert (con.tls, str(con.route), con.tls_profile) == (
+        TlsMode.VERIFIED,
+        "127.0.0.1:2801",
+        "platform",
+    )
     out = decisions["outside.example"]
     assert (out.tls, out.tls_profile, out.circumstances) == (
         TlsMode.OPPORTUNISTIC,
@@ -153,7 +157,7 @@ def test_intra_platform_is_verified_and_routed_whatever_a_rule_says(tmp_path: Pa
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.common.cli", *args],
+        [sys.executable, "-m", "services.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from services.common import queueing, spool
-from services.common.config import HostPort
 from services.common.model import Envelope, TlsMode
+from services.common.values import HostPort
 from services.deliver import tlsrpt
 from services.deliver.mtasts import Policy, parse_policy
 from services.deliver.mx import make_resolver

@@ -78,7 +78,7 @@ class World:
             self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         log = (self.root / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.common.cli", name, "--config", str(self.config_path)],
+            [sys.executable, "-m", "services.cli", name, "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: kill() takes the pool children too

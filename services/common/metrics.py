@@ -1,10 +1,12 @@
-"""Prometheus metrics: every metric object of every service, one recording function per event,
-the Redis queue collector and the ``/metrics`` HTTP server.
+"""Prometheus metrics: every metric object of every service with its name and labels, the
+recording functions of ingest and policy events, the Redis queue collector and the ``/metrics``
+HTTP server.
 
 Names and labels are a contract — dashboards and alerts use them (README, "Observability").
-Labels take few values: never an address, a domain or a message id. The services call the
-functions below at the point where the event happens (``metrics.attempt(result, seconds)``); the
-label logic lives here, not there. The metric objects belong to no registry until a service
+Labels take few values: never an address, a domain or a message id. The services call a
+recording function at the point where the event happens (``metrics.ingest_accepted(...)``;
+deliver's, which read delivery results, are in ``services/deliver/observe.py``); the label logic
+lives there, not at the call site. The metric objects belong to no registry until a service
 serves them: each service exposes only its own (:data:`SERVED`), plus the queue gauges from the
 policy and deliver services.
 
@@ -14,7 +16,7 @@ Processes:
   ``process_*``/``python_*`` collectors), served by :func:`serve` from a daemon thread.
 - **policy** and **deliver** are Celery prefork pools: prometheus_client's multiprocess mode.
   ``PROMETHEUS_MULTIPROC_DIR`` must be set before prometheus_client is first imported in the
-  process (the CLI does that: ``services/common/cli.py``); each pool process writes its own
+  process (the CLI does that: ``services/cli.py``); each pool process writes its own
   ``*_<pid>.db`` files there and the parent serves their sum (:func:`serve_workers`, with
   :class:`MultiProcessCollector`). There are no in-process gauges (``multiprocess_mode`` would
   apply to them); the queue gauges come from :class:`QueueCollector`, which reads Redis when
@@ -34,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 from wsgiref.simple_server import WSGIServer, make_server
 
 import prometheus_client
@@ -52,14 +54,8 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, ma
 from prometheus_client.registry import Collector
 
 from services.common import health, queueing, spool
-from services.common.config import HostPort
 from services.common.model import Decision, TlsMode
-from services.deliver.scheduler import DEFERRED_SINCE
-
-if TYPE_CHECKING:
-    from services.deliver.delivery import Outcome
-    from services.deliver.session import Attempt
-    from services.deliver.tlsrpt import StsRound
+from services.common.values import HostPort
 
 log = logging.getLogger("tlsrelay.metrics")
 
@@ -137,9 +133,10 @@ def decisions(made: Iterable[Decision]) -> None:
 
 # --------------------------------------------------------------------------- deliver
 
+# Label values. The functions that turn a delivery's results into observations of these
+# metrics live beside the delivery code (services/deliver/observe.py).
 NO_CONNECTION: Final = "no_connection"  # tls_outcome of an attempt that never got to TLS
 FALLBACK_REASONS: Final = frozenset({"not_offered", "handshake_failed", "remembered_broken"})
-TLS_REQUIRED_STATUS: Final = "4.7.10"  # RFC 5248 registry: X.7.10 "Encryption needed"
 
 DELIVERY_ATTEMPTS = Counter(
     "tlsrelay_delivery_attempts_total",
@@ -207,69 +204,6 @@ END_TO_END = Histogram(
 )
 
 
-def attempt(result: Attempt, seconds: float) -> None:
-    """One attempt (one address) ended after ``seconds``."""
-    outcome = result.outcome.value if result.outcome is not None else NO_CONNECTION
-    DELIVERY_ATTEMPTS.labels(result.mode.label, outcome, _attempt_result(result)).inc()
-    DELIVERY_DURATION.observe(seconds)
-    clear = result.mode is TlsMode.OPPORTUNISTIC and outcome in FALLBACK_REASONS
-    if clear and result.data_sent:
-        PLAINTEXT_FALLBACK.labels(outcome).inc()
-
-
-def _attempt_result(result: Attempt) -> str:
-    replies = result.replies.values()
-    if result.next_host:
-        return "deferred"
-    if any(reply.is_success for reply in replies):
-        return "delivered"
-    if any(reply.is_permanent for reply in replies):
-        return "bounced"
-    return "deferred"
-
-
-def delivery_round(outcome: Outcome, received_at: float, now: float) -> None:
-    """A delivery round was recorded (after the lifetime check, so expired mail is bounced)."""
-    if outcome.delivered:
-        END_TO_END.observe(max(0.0, now - received_at))
-    held = any(reply.status == TLS_REQUIRED_STATUS for reply in outcome.deferred.values())
-    if held and outcome.attempts:
-        TLS_REQUIRED_DEFERRALS.labels(outcome.attempts[-1].mode.label).inc()
-
-
-def mta_sts(sts: StsRound, outcome: Outcome, failures: int) -> None:
-    """A recorded round's MTA-STS result; ``failures``: the TLSRPT failures counted for it."""
-    mode = sts.policy.mode if sts.policy is not None else None
-    if sts.error_type:
-        MTA_STS.labels(mode or "unknown", "fetch_error").inc()
-    if mode is None:
-        return
-    if sts.relaxed:
-        result = "relaxed"
-    elif mode == "enforce":
-        held = any(r.status == TLS_REQUIRED_STATUS for r in outcome.deferred.values())
-        result = "failed" if held else "ok"
-    else:
-        result = "failed" if mode == "testing" and failures else "ok"
-    MTA_STS.labels(mode, result).inc()
-
-
-def dsn_sent(action: str) -> None:
-    """A DSN (``failed`` or ``delayed``) was queued in the same transaction as the round."""
-    DSN_SENT.labels(action).inc()
-
-
-def interrupted() -> None:
-    """A delivery resumed after a worker died while sending DATA (a possible duplicate)."""
-    INTERRUPTED.inc()
-
-
-def message_final(states: Iterable[str]) -> None:
-    """Every recipient of a message is final; ``states`` are theirs (delivered / bounced)."""
-    result = "delivered" if all(state == "delivered" for state in states) else "bounced"
-    MESSAGES_FINAL.labels(result).inc()
-
-
 def prime(service: str) -> None:
     """Create the label sets every deployment has, at 0, so they exist before the first event
     (a series that appears only with its first increment hides that increment from rate())."""
@@ -301,8 +235,6 @@ _WAITING: Final = {
     queueing.QUEUE_POLICY: spool.WAITING_POLICY,
     queueing.QUEUE_DELIVER: spool.WAITING_DELIVER,
 }
-_HEAD = 10  # entries of the deferred index checked per round for messages already gone
-_ROUNDS = 5
 
 
 class QueueCollector:
@@ -317,7 +249,8 @@ class QueueCollector:
     - ``deferred``: ``ZCARD tlsrelay:deferred`` (entries are per-domain jobs); the oldest age
       comes from the index ``tlsrelay:deferred:since`` (message id → acceptance time, written
       with every deferral, removed when the message completes; see ``deliver/scheduler.py``).
-      Entries of messages already gone are dropped from it here, a few per scrape.
+      Entries of messages already gone are skipped here (a scrape only reads); the scheduler
+      drops them from the index.
 
     An empty queue has age 0.
     """
@@ -362,20 +295,13 @@ class QueueCollector:
         return readings
 
     def _oldest_deferred(self, now: float) -> float:
-        client = self.client
-        for _ in range(_ROUNDS):
-            head: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
-                DEFERRED_SINCE, 0, _HEAD - 1, withscores=True
-            )
+        """The age of the first message in the index that still exists (a few pages at most)."""
+        for page in range(spool.DEFERRED_SINCE_PAGES):
+            start = page * spool.DEFERRED_SINCE_PAGE
+            head = spool.deferred_since_page(self.client, start)
             if not head:
                 return 0.0
-            with client.pipeline(transaction=False) as pipe:
-                for member, _score in head:
-                    pipe.exists(spool.msg_key(member.decode()))
-                alive = pipe.execute()
-            gone = [member for (member, _), exists in zip(head, alive, strict=True) if not exists]
-            if gone:
-                client.zrem(DEFERRED_SINCE, *gone)
+            alive = spool.messages_exist(self.client, [member for member, _ in head])
             for (_member, score), exists in zip(head, alive, strict=True):
                 if exists:
                     return max(0.0, now - score)

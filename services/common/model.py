@@ -11,8 +11,10 @@ import enum
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from services.common.values import HostPort, Route, parse_hostport
 
 
 class TlsMode(enum.IntEnum):
@@ -183,20 +185,40 @@ class Decision:
     domain: str
     tls: TlsMode = TlsMode.OPPORTUNISTIC
     circumstances: tuple[str, ...] = ("default",)
-    route: str | None = None  # "host:port" that replaces routes/MX, from a rule
-    route_tls_name: str | None = None  # the certificate name expected at ``route``
+    # The route that replaces routes/MX (a rule's, or a tenant's platform hop): its address and
+    # the certificate name expected there; :attr:`override_route` gives both as one Route. Two
+    # fields because the JSON document has two ("route" as "host:port" text, "route_tls_name").
+    route: HostPort | None = None
+    route_tls_name: str | None = None
     tls_profile: str | None = None  # "platform": verify with the platform CA, present our cert
     reasons: tuple[str, ...] = ()  # why each circumstance matched (for traces / explain)
     # Only MX hosts matching these patterns may be used (RFC 8461 §4.1); () = any. Set at
     # delivery time by an MTA-STS policy in mode enforce (services/deliver/mtasts.py).
     mx_patterns: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        route: object = self.route
+        if isinstance(route, str):  # the document's "host:port" text (from_json, callers)
+            object.__setattr__(self, "route", parse_hostport(route))
+
+    @property
+    def override_route(self) -> Route | None:
+        """The route that replaces routes/MX for this domain; None when routes/MX apply."""
+        return Route(self.route, self.route_tls_name) if self.route is not None else None
+
+    def routed(self, route: Route, tls_profile: str | None = None) -> Decision:
+        """This decision sent along ``route`` (a rule's or a platform hop's)."""
+        profile = tls_profile if tls_profile is not None else self.tls_profile
+        return replace(
+            self, route=route.address, route_tls_name=route.tls_name, tls_profile=profile
+        )
+
     def to_json(self) -> dict[str, Any]:
         doc = {
             "domain": self.domain,
             "tls": self.tls.label,
             "circumstances": list(self.circumstances),
-            "route": self.route,
+            "route": str(self.route) if self.route is not None else None,
             "route_tls_name": self.route_tls_name,
             "tls_profile": self.tls_profile,
             "reasons": list(self.reasons),
@@ -211,7 +233,7 @@ class Decision:
             domain=doc["domain"],
             tls=TlsMode.parse(doc["tls"]),
             circumstances=tuple(doc.get("circumstances", ("default",))),
-            route=doc.get("route"),
+            route=parse_hostport(doc["route"]) if doc.get("route") else None,
             route_tls_name=doc.get("route_tls_name"),
             tls_profile=doc.get("tls_profile"),
             reasons=tuple(doc.get("reasons", ())),

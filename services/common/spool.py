@@ -8,6 +8,7 @@ Layout (every key under ``tlsrelay:``):
                      ``bounced``: a recipient with a final state here is never sent again.
 - ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
 - ``deferred``       sorted set: member = JSON delivery job, score = due time (unix seconds).
+- ``deferred:since`` sorted set: message ids with something deferred, score = acceptance time.
 - ``tlsbroken:{host}:{port}``  set with a TTL when a STARTTLS handshake failed there.
 - ``waiting:policy``  sorted set: message ids not yet classified, score = acceptance time.
 - ``waiting:deliver`` sorted set: ``"{id} {domain}"`` jobs queued for delivery (not deferred),
@@ -45,6 +46,9 @@ from services.common.model import Decision, Envelope
 
 PREFIX = "tlsrelay:"
 DEFERRED = PREFIX + "deferred"
+# The deferred messages by acceptance time (member message id): services/deliver/scheduler.py
+# writes and prunes it, the queue gauges read it (services/common/metrics.py).
+DEFERRED_SINCE = DEFERRED + ":since"
 TRACE_TTL = 7 * 86400
 FINAL_STATES = frozenset({"delivered", "bounced"})
 WAITING_POLICY = PREFIX + "waiting:policy"
@@ -430,3 +434,26 @@ def append_trace(
 
 def read_trace(client: redis.Redis, message_id: str) -> list[dict[str, Any]]:
     return [json.loads(e) for e in client.lrange(trace_key(message_id), 0, -1)]
+
+
+# --------------------------------------------------------------------------- deferred index
+
+DEFERRED_SINCE_PAGE = 10  # entries of the index read at once, oldest first
+DEFERRED_SINCE_PAGES = 5  # pages looked at per scrape or prune before giving up for this round
+
+
+def deferred_since_page(client: redis.Redis, start: int) -> list[tuple[bytes, float]]:
+    """``DEFERRED_SINCE_PAGE`` (message id, acceptance time) entries of the index from ``start``."""
+    page: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
+        DEFERRED_SINCE, start, start + DEFERRED_SINCE_PAGE - 1, withscores=True
+    )
+    return page
+
+
+def messages_exist(client: redis.Redis, message_ids: Sequence[bytes | str]) -> list[bool]:
+    """Whether each message is still stored (its ``msg:{id}`` hash exists), in one round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        for message_id in message_ids:
+            text = message_id.decode() if isinstance(message_id, bytes) else message_id
+            pipe.exists(msg_key(text))
+        return [bool(found) for found in pipe.execute()]

@@ -12,7 +12,8 @@ import ipaddress
 from dataclasses import dataclass
 
 from services.common import passwords
-from services.common.config import Config, Route, TenantConfig
+from services.common.config import Config, TenantConfig
+from services.common.values import Route
 
 PLATFORM_PROFILE = "platform"  # Decision.tls_profile: verify with the platform CA, present ours
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common import spool
-from services.common.config import format_duration
 from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply
+from services.common.values import format_duration
 from services.deliver import tlsrpt
 from services.deliver.session import Attempt
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
+from services.common.model import Decision, Envelope, Reply, new_message_id
+from services.common.protocol import TLS_REQUIRED_STATUSES
 
 if TYPE_CHECKING:
     from services.deliver.delivery import Outcome, Round
@@ -153,14 +154,14 @@ def _human(
 
 def _tls_note(decision: Decision | None, reports: Sequence[RecipientReport]) -> list[str]:
     """For mail that had to travel encrypted: say so, and which rule or policy required it."""
-    if decision is None or decision.tls < TlsMode.ENFORCED:
+    if decision is None or not decision.tls.requires_encryption:
         return []
     why = ", ".join(decision.circumstances)
     lines = [
         f"This message required TLS (mode {decision.tls.label}) because of: {why}.",
         *(f"  {reason}" for reason in decision.reasons),
     ]
-    if any(r.reply.status.startswith(("4.7.10", "5.7.10")) for r in reports):
+    if any(r.reply.status.startswith(TLS_REQUIRED_STATUSES) for r in reports):
         lines.append("It was never sent unencrypted: no destination host offered usable TLS.")
     return [*lines, ""]
 

@@ -14,7 +14,7 @@
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
   the first retry step, so a bug in delivery code never drops mail.
 
-Metrics (``services.common.metrics``): a recorded round, its DSN, a message becoming final and an
+Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
 interrupted delivery are counted here, after their transaction committed — each in one place.
 
 Failure: Redis errors propagate (the Celery task is then not acknowledged and runs again; what was
@@ -31,11 +31,11 @@ from typing import Any
 
 import redis
 
-from services.common import metrics, spool
+from services.common import spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.deliver import dsn, scheduler, tlsrpt
+from services.deliver import dsn, observe, scheduler, tlsrpt
 from services.deliver.delivery import Outcome, Round, expire, retry_due
 from services.deliver.session import Peer
 
@@ -151,11 +151,11 @@ class Ledger:
     def _count(self, rec: _Recording, sts_failures: int) -> None:
         """The round's metrics, once its transaction committed."""
         outcome = rec.outcome
-        metrics.delivery_round(outcome, rec.round.envelope.received_at, rec.round.now)
+        observe.delivery_round(outcome, rec.round.envelope.received_at, rec.round.now)
         if outcome.sts is not None:
-            metrics.mta_sts(outcome.sts, outcome, sts_failures)
+            observe.mta_sts(outcome.sts, outcome, sts_failures)
         if rec.notice is not None:
-            metrics.dsn_sent(rec.notice.action)
+            observe.dsn_sent(rec.notice.action)
 
     # ----------------------------------------------------------------- in flight (RFC 1047)
 
@@ -189,7 +189,7 @@ class Ledger:
         host, since = previous["host"], previous["at"]
         event = spool.event("interrupted", domain=job.domain, host=host, since=since, note=RFC1047)
         spool.append_trace(self.client, job.id, event, trace_ttl=self.config.trace_ttl)
-        metrics.interrupted()
+        observe.interrupted()
 
     # ----------------------------------------------------------------- nothing to send
 
@@ -237,7 +237,7 @@ class Ledger:
 
 def _final(states: Iterable[str]) -> None:
     """A message became final (counted by whichever transaction deleted it)."""
-    metrics.message_final(states)
+    observe.message_final(states)
 
 
 def _round_events(rec: _Recording) -> list[str]:

@@ -41,6 +41,7 @@ import dns.rdatatype
 import dns.resolver
 import redis
 
+from services.common import spool
 from services.common.model import Decision, TlsMode
 
 ENFORCE, TESTING, NONE = "enforce", "testing", "none"
@@ -53,7 +54,7 @@ MAX_AGE_LIMIT = 31_557_600  # §3.2: max_age is at most one year
 NEGATIVE_TTL = 3600.0  # "no policy" (no TXT record) is believed this long
 FAILURE_RETRY = 300.0  # after a failed lookup or fetch, try again after this long
 RECHECK_MIN, RECHECK_MAX = 60.0, 3600.0  # the TXT id is re-checked after its TTL, clamped
-KEY_PREFIX = "tlsrelay:mtasts:"
+KEY_PREFIX = spool.PREFIX + "mtasts:"
 
 # RFC 8460 §4.3.2.3 result types of policy retrieval failures
 FETCH_ERROR = "sts-policy-fetch-error"
@@ -214,14 +215,14 @@ def apply_sts(decision: Decision, policy: Policy | None, tls_required_no: bool) 
     about = f"mta-sts: {decision.domain} publishes policy {policy.id} (mode {policy.mode}, mx {mx})"
     if tls_required_no:
         relaxed = f"{about}; not enforced for this message: TLS-Required: No (RFC 8689 §5)"
-        tls = max(decision.tls, TlsMode.OPPORTUNISTIC)
+        tls = decision.tls.at_least(TlsMode.OPPORTUNISTIC)
         return replace(decision, tls=tls, reasons=(*decision.reasons, relaxed))
     if policy.mode == TESTING:
         return replace(decision, reasons=(*decision.reasons, f"{about}; testing: reported only"))
     names = decision.circumstances if decision.circumstances != ("default",) else ()
     return replace(
         decision,
-        tls=max(decision.tls, TlsMode.VERIFIED),
+        tls=decision.tls.at_least(TlsMode.VERIFIED),
         circumstances=(*names, CIRCUMSTANCE),
         reasons=(*decision.reasons, f"{about}: verified TLS to a matching MX host"),
         mx_patterns=policy.mx,

@@ -39,7 +39,8 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
-from services.common.config import DeliveryConfig, HostPort, Route
+from services.common.config import DeliveryConfig
+from services.common.values import HostPort, Route
 
 _ADDRESS_TYPES = (dns.rdatatype.AAAA, dns.rdatatype.A)
 _T = TypeVar("_T")

@@ -27,9 +27,10 @@ import dns.asyncresolver
 import redis
 
 from services.common import spool
-from services.common.config import Config, Route, parse_hostport
+from services.common.config import Config
 from services.common.model import Decision, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
+from services.common.values import Route
 from services.deliver import destination, mtasts, mx, tlsrpt
 from services.deliver.session import TLS_UNAVAILABLE, Peer, TlsSettings
 
@@ -100,7 +101,7 @@ class Planner:
     def _route(self, decision: Decision) -> Route | None:
         """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""
         if decision.route:
-            return Route(parse_hostport(decision.route), decision.route_tls_name)
+            return decision.override_route
         return mx.route_for(decision.domain, self.config.delivery.routes)
 
     def tls(self, plan: Plan, hop: Hop) -> TlsSettings:

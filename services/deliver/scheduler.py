@@ -14,7 +14,8 @@ message id, score the time in its id), so the age of the oldest deferred message
 ``ZRANGE`` (the ``tlsrelay_queue_oldest_age_seconds`` gauge) rather than a scan of the set.
 :func:`stage_deferral` writes both in the caller's transaction (``ZADD NX`` for the index: a
 message stays at its first entry); :func:`stage_completion` drops a message from the index when
-its last recipient is final. A message with something deferred once stays indexed until then.
+its last recipient is final. A message with something deferred once stays indexed until then;
+if it disappears otherwise, :func:`prune_deferred_index` (run with the rescue sweep) drops it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from services.deliver import rescue
 
 log = logging.getLogger("tlsrelay.scheduler")
 
-DEFERRED_SINCE = spool.DEFERRED + ":since"
-
 
 def message_time(message_id: str) -> float | None:
     """When a message was accepted, from its id (12 hex digits of milliseconds since the epoch,
@@ -54,12 +53,30 @@ def stage_deferral(pipe: redis.client.Pipeline, job: Job | Mapping[str, Any], du
     pipe.zadd(spool.DEFERRED, {json.dumps(doc, sort_keys=True): due})
     accepted = message_time(message_id)
     if accepted is not None:
-        pipe.zadd(DEFERRED_SINCE, {message_id: accepted}, nx=True)
+        pipe.zadd(spool.DEFERRED_SINCE, {message_id: accepted}, nx=True)
 
 
 def stage_completion(pipe: redis.client.Pipeline, message_id: str) -> None:
     """Buffer into ``pipe``: the message is final, out of the index of deferred messages."""
-    pipe.zrem(DEFERRED_SINCE, message_id)
+    pipe.zrem(spool.DEFERRED_SINCE, message_id)
+
+
+def prune_deferred_index(client: redis.Redis) -> int:
+    """Drop the oldest entries of the deferred index whose message is gone, up to the first that
+    still exists (a few pages at most per call); return how many were dropped. The queue gauge
+    skips such entries when it reads; this keeps the index from growing with them."""
+    dropped = 0
+    for _ in range(spool.DEFERRED_SINCE_PAGES):
+        head = spool.deferred_since_page(client, 0)
+        if not head:
+            break
+        alive = spool.messages_exist(client, [member for member, _ in head])
+        gone = [member for (member, _), exists in zip(head, alive, strict=True) if not exists]
+        if gone:
+            dropped += int(client.zrem(spool.DEFERRED_SINCE, *gone))
+        if any(alive):
+            break
+    return dropped
 
 
 # KEYS[1] = deferred zset, KEYS[2] = deliver list, KEYS[3] = waiting:deliver zset.
@@ -121,8 +138,9 @@ def move_due(
 
 
 class SchedulerThread(threading.Thread):
-    """Runs ``move_due`` every ``interval`` seconds, and :func:`rescue.sweep` every
-    ``rescue_interval``, until ``stop()``; survives Redis outages."""
+    """Runs ``move_due`` every ``interval`` seconds, and :func:`rescue.sweep` and
+    :func:`prune_deferred_index` every ``rescue_interval``, until ``stop()``; survives Redis
+    outages."""
 
     def __init__(
         self, redis_url: str, interval: float, batch_max: int = 50, rescue_interval: float = 30.0
@@ -145,6 +163,7 @@ class SchedulerThread(threading.Thread):
                     next_rescue = time.monotonic() + self.rescue_interval
                     grace = 2 * self.rescue_interval
                     rescue.sweep(client, time.time(), grace, self.rescue_interval, self.batch_max)
+                    prune_deferred_index(client)
             except redis.exceptions.RedisError as exc:
                 log.warning("scheduler: Redis unavailable: %s", exc)
             self._stopped.wait(self.interval)

@@ -26,15 +26,14 @@ from typing import Any
 
 import aiosmtplib
 
-from services.common import metrics
 from services.common.model import Envelope, Reply, TlsMode
-from services.deliver import mtasts, tls
+from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
+from services.deliver import mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 
 # RFC 3463 codes for failures that have no server reply of their own.
-TLS_UNAVAILABLE = Reply(451, "4.7.10", "TLS required but not available")
-REQUIRETLS = "REQUIRETLS"  # RFC 8689 MAIL parameter, kept in Envelope.mail_options
+TLS_UNAVAILABLE = Reply(451, TLS_REQUIRED_STATUS, "TLS required but not available")
 CONNECT_FAILED = "4.4.1"  # RFC 3463: no answer from host
 CONNECTION_DROPPED = "4.4.2"  # RFC 3463: bad connection
 
@@ -129,7 +128,7 @@ def tls_context(settings: TlsSettings) -> ssl.SSLContext:
 
     Contexts are built once per (mode, CA, client certificate) and reused: loading a CA bundle
     costs milliseconds, a handshake with a ready context does not."""
-    return _context(settings.mode is TlsMode.VERIFIED, settings.ca_file, settings.client_cert)
+    return _context(settings.mode.must_verify_chain, settings.ca_file, settings.client_cert)
 
 
 @functools.lru_cache(maxsize=32)
@@ -169,7 +168,7 @@ async def attempt(
         result = await _attempt(
             peer, envelope, recipients, body, settings, timeouts, hooks, pool, None
         )
-    metrics.attempt(result, time.monotonic() - started)
+    observe.attempt(result, time.monotonic() - started)
     return result
 
 
@@ -301,7 +300,7 @@ async def _negotiate_tls(
     result.outcome = outcome
     if action is Action.SEND_TLS:
         result.tls_version, result.cipher = _tls_info(smtp)
-        if settings.check_leaf and settings.mode is not TlsMode.VERIFIED:
+        if settings.check_leaf and not settings.mode.must_verify_chain:
             result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"

@@ -58,20 +58,20 @@ class Action(enum.Enum):
 
 def wants_starttls(mode: TlsMode, remembered_broken: bool) -> tuple[Action, Outcome | None]:
     """Before EHLO: should this session try STARTTLS at all?"""
-    if mode is TlsMode.NONE:
+    if not mode.tries_tls:
         return Action.SEND_CLEAR, Outcome.DISABLED
-    if remembered_broken and mode is TlsMode.OPPORTUNISTIC:
+    if remembered_broken and not mode.requires_encryption:
         return Action.SEND_CLEAR, Outcome.REMEMBERED_BROKEN
     return Action.TRY_TLS, None
 
 
 def after_starttls(mode: TlsMode, situation: Situation) -> tuple[Action, Outcome]:
     """After EHLO / the STARTTLS handshake: how to go on (never clear when TLS is required)."""
-    required = mode >= TlsMode.ENFORCED
+    required = mode.requires_encryption
     if situation is Situation.HANDSHAKE_OK:
-        return Action.SEND_TLS, Outcome.TLS_VERIFIED if mode is TlsMode.VERIFIED else Outcome.TLS
+        return Action.SEND_TLS, Outcome.TLS_VERIFIED if mode.must_verify_chain else Outcome.TLS
     outcome = Outcome(situation.value)
-    if required or mode is TlsMode.NONE or situation is Situation.VERIFY_FAILED:
+    if required or not mode.tries_tls or situation is Situation.VERIFY_FAILED:
         return Action.NEXT_HOST, outcome
     if situation is Situation.NOT_OFFERED:
         return Action.SEND_CLEAR, outcome

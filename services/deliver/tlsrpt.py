@@ -63,7 +63,7 @@ from services.deliver import mtasts
 from services.deliver.session import Attempt
 from services.deliver.tls import Outcome as TlsOutcome
 
-KEY_PREFIX = "tlsrelay:tlsrpt:"
+KEY_PREFIX = spool.PREFIX + "tlsrpt:"
 RETENTION = 8 * 86400  # a day's counts are kept this long after the last one
 MEDIA_TYPE = "application/tlsrpt+gzip"  # §5.3 (gzip-compressed report)
 SUCCESS = "success"

@@ -22,9 +22,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 
-from services.common.config import Config, HostPort
+from services.common.config import Config
 from services.common.model import domain_of
 from services.common.tenants import Directory
+from services.common.values import HostPort
 
 
 class Listener(enum.StrEnum):

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from services.common import metrics, spool
 from services.common.config import Config
 from services.common.model import Envelope, has_tls_required_no, new_message_id
+from services.common.protocol import REQUIRETLS
 from services.common.tenants import Directory
 from services.ingest import access, limits, replies
 from services.ingest.access import Listener
@@ -51,7 +52,6 @@ log = logging.getLogger("tlsrelay.ingest")
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the spool transaction; the client waits 10 min (RFC 5321)
 CHECK_TIMEOUT = 10.0  # seconds for a limit counter (AUTH, MAIL); RFC 5321 §4.5.3.2: 5 min
-REQUIRETLS: Final = "REQUIRETLS"  # RFC 8689 MAIL parameter and EHLO keyword
 # aiosmtpd's built-in mechanisms; our handle_EHLO advertises them (submission, over TLS only).
 AUTH_MECHANISMS: Final = ("LOGIN", "PLAIN")
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)

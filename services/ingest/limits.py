@@ -20,8 +20,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from services.common.config import RateLimit
 from services.common.spool import PREFIX
+from services.common.values import RateLimit
 
 
 def auth_failure_key(client_address: str) -> str:

@@ -129,8 +129,9 @@ import time
 import redis.asyncio as aioredis
 
 from services.common import health, metrics, spool
-from services.common.config import Config, HostPort
+from services.common.config import Config
 from services.common.tenants import Directory
+from services.common.values import HostPort
 from services.ingest import access, tlscert
 from services.ingest.access import Listener
 from services.ingest.handler import Connection, IngestHandler

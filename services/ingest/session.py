@@ -31,9 +31,10 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syn
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from services.common import metrics
+from services.common.protocol import REQUIRETLS
 from services.ingest import replies
 from services.ingest.adapter import AiosmtpdAdapter
-from services.ingest.handler import REQUIRETLS, IngestHandler
+from services.ingest.handler import IngestHandler
 from services.ingest.message import MessageReader, client_ip
 
 log = logging.getLogger("tlsrelay.ingest")

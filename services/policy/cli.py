@@ -20,9 +20,10 @@ from pathlib import Path
 
 from services.common.config import Config, ConfigError, load_config
 from services.common.model import Decision, Envelope
+from services.common.protocol import REQUIRETLS
+from services.common.rules import Rule, summarize
 from services.policy.decide import Ruleset, decide
-from services.policy.facts import REQUIRETLS, facts_from_message
-from services.policy.rules import Rule, summarize
+from services.policy.facts import facts_from_message
 
 EXIT_OK, EXIT_BAD = 0, 1
 
@@ -111,9 +112,8 @@ def explain_rules(config: Config, args: argparse.Namespace) -> int:
 def describe_decision(decision: Decision) -> list[str]:
     """The lines ``rules explain`` prints for one destination domain."""
     lines = [f"{decision.domain}: tls {decision.tls.label}"]
-    if decision.route:
-        tls_name = f" (tls_name {decision.route_tls_name})" if decision.route_tls_name else ""
-        lines.append(f"  route: {decision.route}{tls_name}")
+    if decision.override_route is not None:
+        lines.append(f"  route: {decision.override_route}")
     lines.append(f"  circumstances: {', '.join(decision.circumstances)}")
     lines.extend(f"  - {reason}" for reason in decision.reasons)
     return lines

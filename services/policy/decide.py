@@ -14,7 +14,8 @@ destination domain, in the order the domains first appear among the recipients. 
    first matching rule that has one. A ``TLS-Required: No`` header (RFC 8689 §5) is recorded in
    the reasons and changes nothing.
 
-The ruleset is parsed and validated once (``services.policy.rules``); evaluating it never fails.
+The ruleset is parsed and validated once, with the configuration (``services.common.rules``);
+evaluating it never fails.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, field
+from functools import cached_property, reduce
 from typing import TYPE_CHECKING, Any
 
 from services.common.model import Decision, TlsMode, domain_of
-from services.common.tenants import PLATFORM_PROFILE
-from services.policy.facts import MessageFacts
-from services.policy.rules import (
+from services.common.rules import (
     CONTENT_KEYS,
     AttachmentCondition,
     Condition,
@@ -37,6 +36,9 @@ from services.policy.rules import (
     Rule,
     summarize,
 )
+from services.common.tenants import PLATFORM_PROFILE
+from services.common.values import Route
+from services.policy.facts import MessageFacts
 
 if TYPE_CHECKING:
     from services.common.config import Config
@@ -55,8 +57,7 @@ class PlatformHop:
     tenant: str
     region: str
     hop: str  # "mailbox" or "region:<name>"
-    route: str  # host:port
-    tls_name: str | None
+    route: Route  # the tenant's mailbox, or the region's relay endpoint
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,7 @@ class Ruleset:
         platform = {}
         for name, tenant in directory.tenants.items():
             endpoint = directory.endpoint(name)
-            route = endpoint.route
-            hop = PlatformHop(
-                name, str(tenant.region), endpoint.hop, str(route.address), route.tls_name
-            )
+            hop = PlatformHop(name, str(tenant.region), endpoint.hop, endpoint.route)
             platform.update(dict.fromkeys(tenant.domains, hop))
         default = config.delivery.default_tls
         return cls(default, config.rules, config.policy.body_scan_bytes, platform)
@@ -151,7 +149,8 @@ def _decide_domain(target: _Target, ruleset: Ruleset) -> Decision:
     floors = platform_floors(target.facts, target.domain, ruleset)
     matched = [(rule, why) for rule in ruleset.rules if (why := _rule_matches(rule, target))]
     modes = [rule.tls for rule, _ in matched if rule.tls is not None]
-    tls = max([max(modes) if modes else ruleset.default_tls, *(f.tls for f in floors)])
+    tls = reduce(TlsMode.at_least, modes) if modes else ruleset.default_tls
+    tls = reduce(TlsMode.at_least, (f.tls for f in floors), tls)
     names = tuple(f.circumstance for f in floors) + tuple(rule.name for rule, _ in matched)
     reasons = [f.reason for f in floors] + [f"{rule.name}: {why}" for rule, why in matched]
     if not names:
@@ -175,12 +174,9 @@ def _routed(
 ) -> Decision:
     """The route: a tenant's platform hop (no rule can redirect it), else the first rule's."""
     if hop is not None:
-        return replace(decision, route=hop.route, route_tls_name=hop.tls_name,
-                       tls_profile=PLATFORM_PROFILE)  # fmt: skip
+        return decision.routed(hop.route, tls_profile=PLATFORM_PROFILE)
     route = next((rule.route for rule, _ in matched if rule.route), None)
-    if route is None:
-        return decision
-    return replace(decision, route=route.address, route_tls_name=route.tls_name)
+    return decision if route is None else decision.routed(route)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -20,15 +20,25 @@ from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from html.parser import HTMLParser
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from services.common.model import Envelope
+from services.common.protocol import REQUIRETLS
 
-if TYPE_CHECKING:
-    from services.policy.decide import Ruleset
-
-REQUIRETLS = "REQUIRETLS"  # RFC 8689 §4.1 MAIL FROM parameter, kept in Envelope.mail_options
 TEXT_TYPES = ("text/plain", "text/html")
+
+
+class Needs(Protocol):
+    """How deep to look: what the rules use (``services.policy.decide.Ruleset`` answers these)."""
+
+    @property
+    def needs_content(self) -> bool: ...
+    @property
+    def needs_body(self) -> bool: ...
+    @property
+    def needs_attachments(self) -> bool: ...
+    @property
+    def body_scan_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class MessageFacts:
         return tuple(v for n, v in self.headers if n.lower() == wanted)
 
 
-def facts_from_message(envelope: Envelope, raw: bytes | None, ruleset: Ruleset) -> MessageFacts:
+def facts_from_message(envelope: Envelope, raw: bytes | None, ruleset: Needs) -> MessageFacts:
     """The facts of one message; ``raw`` None (not loaded) leaves content fields empty."""
     base = MessageFacts(
         envelope=envelope,

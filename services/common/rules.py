@@ -1,7 +1,8 @@
-"""The rule syntax: the ``rules:`` list of the configuration file, parsed and validated once.
+"""The rule grammar: the ``rules:`` list of the configuration file, parsed and validated once.
 
-Input: the YAML data under ``rules:`` (a list of mappings), validated as part of
-:func:`services.common.config.load_config` (``Config.rules`` is ``tuple[Rule, ...]``)::
+Part of the configuration language (the policy service evaluates rules, ``services.policy.decide``;
+it does not define them). Input: the YAML data under ``rules:`` (a list of mappings), validated as
+part of :func:`services.common.config.load_config` (``Config.rules`` is ``tuple[Rule, ...]``)::
 
     - name: confidential                   # the circumstance's name (traces, metrics)
       when:                                # a condition (all keys must hold)
@@ -21,15 +22,13 @@ never fails.
 
 Failure: pydantic ``ValidationError`` with the offending location (``rules.3.when.any.0.subject``)
 and a message such as ``bad regex '(?i': missing -, : or ) at position 3``;
-``load_config`` turns it into a ``ConfigError`` naming the file, line and rule. This module must
-not import :mod:`services.common.config` at module level (that module imports this one).
+``load_config`` turns it into a ``ConfigError`` naming the file, line and rule.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import (
@@ -48,6 +47,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from services.common.model import TlsMode
+from services.common.values import Route, parse_route
 
 # Circumstances that platform policy (not a rule) records; a rule may not take these names.
 RESERVED_NAMES = frozenset({"default", "requiretls", "intra-platform", "mta-sts"})
@@ -101,31 +101,13 @@ def _tls_mode(value: object) -> TlsMode:
     return TlsMode.parse(value)
 
 
-@dataclass(frozen=True)
-class RuleRoute:
-    """Where a rule sends matching mail instead of routes/MX: canonical ``host:port`` and the
-    certificate name expected there (``Decision.route`` / ``Decision.route_tls_name``)."""
-
-    address: str
-    tls_name: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.address} (tls_name {self.tls_name})" if self.tls_name else self.address
-
-
-def _route(value: object) -> RuleRoute:
-    if isinstance(value, RuleRoute):
-        return value
-    from services.common.config import parse_route  # config imports this module
-
-    route = parse_route(value)
-    return RuleRoute(str(route.address), route.tls_name)
+def _route_document(route: Route) -> dict[str, str | None]:
+    """A rule's route in the configuration's JSON form (``config.dump_summary``): address text."""
+    return {"address": str(route.address), "tls_name": route.tls_name}
 
 
 Mode = Annotated[TlsMode, BeforeValidator(_tls_mode), PlainSerializer(lambda m: m.label)]
-RouteOverride = Annotated[
-    RuleRoute, PlainValidator(_route), PlainSerializer(lambda r: vars(r).copy())
-]
+RouteOverride = Annotated[Route, PlainValidator(parse_route), PlainSerializer(_route_document)]
 
 
 # --------------------------------------------------------------------------- conditions

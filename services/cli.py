@@ -1,5 +1,8 @@
 """The ``tlsrelay`` command.
 
+The composition root, on top of every service: the services import ``common`` and never this
+module; it imports them (lazily, for the command that runs) and wires them together.
+
 - ``tlsrelay run --config FILE``: the whole relay on one machine — the embedded Redis (when no
   ``redis_url``), then ``ingest``, ``policy`` and ``deliver`` as child processes. SIGINT/SIGTERM
   stops every child (SIGTERM, then SIGKILL after a grace period) and the embedded Redis. If a child
@@ -7,9 +10,9 @@
 - ``tlsrelay ingest|policy|deliver --config FILE``: one service (a Kubernetes container's command).
 - ``tlsrelay trace ID [--json]``: the recorded events of one message (without ``redis_url`` it
   finds the embedded server of a running ``tlsrelay run`` with the same config).
-- ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
-  gzip JSON file per policy domain, mailed through the relay where the domain asks for it
-  (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
+- ``tlsrelay queue ...`` and ``tlsrelay tlsrpt build --date YYYY-MM-DD``: the deferred mail and
+  the day's RFC 8460 TLS reports (``services/deliver/cli.py``); ``tlsrelay rules check|explain``
+  (``services/policy/cli.py``).
 
 ``--config`` may be replaced by ``$TLSRELAY_CONFIG``; ``$TLSRELAY_REDIS_URL`` overrides
 ``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
@@ -35,16 +38,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from services.common.config import (
-    ENV_REDIS_URL,
-    Config,
-    ConfigError,
-    format_duration,
-    load_config,
-)
+from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
 from services.common.logs import setup_logging
+from services.deliver import cli as deliver_cli
 
 EXIT_CONFIG = 2
 SERVICES = ("ingest", "policy", "deliver")
@@ -103,14 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["trace"].add_argument("id", help="message id, as in '250 2.0.0 Ok: queued as ID'")
     sub.choices["trace"].add_argument("--json", action="store_true", help="one JSON document")
     sub.choices["healthcheck"].add_argument("service", choices=("policy", "deliver"))
-    tlsrpt = sub.choices["tlsrpt"]
-    tlsrpt.add_argument("action", choices=("build",))
-    tlsrpt.add_argument("--date", required=True, type=_day, help="the UTC day, YYYY-MM-DD")
-    tlsrpt.add_argument("--out", default=".", help="directory for the .json.gz reports")
-    queue = sub.choices["queue"]
-    queue.add_argument("action", nargs="?", choices=("list", "retry", "bounce"), default="list")
-    queue.add_argument("id", nargs="?", help="message id (required for bounce)")
-    queue.add_argument("--json", action="store_true", help="list as one JSON document")
+    deliver_cli.add_tlsrpt_arguments(sub.choices["tlsrpt"])
+    deliver_cli.add_queue_arguments(sub.choices["queue"])
     return parser
 
 
@@ -225,34 +216,6 @@ def _trace(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _day(text: str) -> str:
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
-
-
-def _tlsrpt(config: Config, args: argparse.Namespace) -> int:
-    """``tlsrelay tlsrpt build --date D``: write the day's reports, queue those with a rua."""
-    import asyncio
-
-    from services.common import spool
-    from services.deliver import mx, tlsrpt
-
-    client = spool.connect(_require_redis(config, "tlsrpt", tool=True))
-    delivery = config.delivery
-    resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.mta_sts_timeout)
-    built = asyncio.run(
-        tlsrpt.build(client, resolver, config.hostname, args.date, Path(args.out),
-                     config.trace_ttl)
-    )  # fmt: skip
-    for report in built:
-        sent = f"mailed to {', '.join(report.mailed_to)}" if report.mailed_to else report.note
-        print(f"{report.path}: {sent}")
-    print(f"-- {len(built)} reports for {args.date}")
-    return 0
-
-
 def _passwd(argv: Sequence[str]) -> int:
     """``tlsrelay passwd``: read a password (first line of stdin), print its scrypt hash."""
     from services.common.passwords import hash_password
@@ -301,41 +264,18 @@ def _tenants(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tlsrpt(config: Config, args: argparse.Namespace) -> int:
+    from services.common import spool
+    from services.deliver import cli
+
+    return cli.tlsrpt(config, spool.connect(_require_redis(config, "tlsrpt", tool=True)), args)
+
+
 def _queue(config: Config, args: argparse.Namespace) -> int:
     from services.common import spool
-    from services.deliver import queue
+    from services.deliver import cli
 
-    client = spool.connect(_require_redis(config, "queue", tool=True))
-    if args.action == "retry":
-        count = queue.retry(client, args.id)
-        print(f"{count} deferred deliveries made due now")
-        return 0 if count or args.id is None else 1
-    if args.action == "bounce":
-        if not args.id:
-            print("tlsrelay queue bounce: a message id is required", file=sys.stderr)
-            return EXIT_CONFIG
-        bounced = queue.bounce(config, client, args.id)
-        print(f"bounced {len(bounced)} recipients of {args.id}: {', '.join(bounced) or '-'}")
-        return 0 if bounced else 1
-    return _print_queue(queue.deferred(client, args.id), args.json)
-
-
-def _print_queue(entries: list[Any], as_json: bool) -> int:
-    now = time.time()
-    docs = [e.to_json(now) for e in entries]
-    if as_json:
-        print(json.dumps({"deferred": docs}, indent=2))
-        return 0
-    print(f"{'ID':<20} {'AGE':>8} {'NEXT':>8} {'TRIES':>5}  DOMAIN / RECIPIENTS / LAST ERROR")
-    for doc in docs:
-        age = format_duration(doc["age_seconds"]) if doc["age_seconds"] is not None else "?"
-        print(
-            f"{doc['id']:<20} {age:>8} {format_duration(doc['next_attempt_in_seconds']):>8} "
-            f"{doc['attempts']:>5}  {doc['domain']}: {', '.join(doc['recipients'])}\n"
-            f"{'':<46}{doc['last_error']}"
-        )
-    print(f"-- {len(docs)} deferred deliveries")
-    return 0
+    return cli.queue(config, spool.connect(_require_redis(config, "queue", tool=True)), args)
 
 
 # --------------------------------------------------------------------------- run
@@ -374,7 +314,7 @@ def _spawn(config_path: str | None, redis_url: str) -> dict[str, subprocess.Pope
 
 
 def _start(name: str, config_path: str | None, redis_url: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "services.common.cli", name]
+    argv = [sys.executable, "-m", "services.cli", name]
     if config_path:
         argv += ["--config", config_path]
     return subprocess.Popen(argv, env={**os.environ, ENV_REDIS_URL: redis_url})

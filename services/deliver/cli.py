@@ -1,0 +1,108 @@
+"""The deliver side's commands: ``tlsrelay queue`` and ``tlsrelay tlsrpt`` (wired in by
+``services/cli.py``, which resolves the configuration and the Redis client first).
+
+- ``tlsrelay queue [list] [ID] [--json]``: the deferred deliveries (all, or one message's);
+  ``queue retry [ID]`` makes them due now (exit 1 when ID has none); ``queue bounce ID`` bounces
+  the message's pending recipients with a DSN (exit 1 when there was nothing to bounce, 2
+  without an ID).
+- ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
+  gzip JSON file per policy domain, mailed through the relay where the domain asks for it
+  (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
+
+The delivery modules are imported when a command runs, not when the parser is built: the
+command line of every service builds it, and ``prometheus_client`` must not be imported before
+the service chose its metrics mode. Redis errors propagate (the caller reports them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.common.config import Config
+from services.common.values import format_duration
+
+if TYPE_CHECKING:
+    import redis
+
+EXIT_USAGE = 2  # as the command line's usage and configuration errors
+
+
+def add_queue_arguments(queue: argparse.ArgumentParser) -> None:
+    queue.add_argument("action", nargs="?", choices=("list", "retry", "bounce"), default="list")
+    queue.add_argument("id", nargs="?", help="message id (required for bounce)")
+    queue.add_argument("--json", action="store_true", help="list as one JSON document")
+
+
+def add_tlsrpt_arguments(tlsrpt: argparse.ArgumentParser) -> None:
+    tlsrpt.add_argument("action", choices=("build",))
+    tlsrpt.add_argument("--date", required=True, type=_day, help="the UTC day, YYYY-MM-DD")
+    tlsrpt.add_argument("--out", default=".", help="directory for the .json.gz reports")
+
+
+def _day(text: str) -> str:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+
+
+def tlsrpt(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
+    """``tlsrelay tlsrpt build --date D``: write the day's reports, queue those with a rua."""
+    import asyncio
+
+    from services.deliver import mx
+    from services.deliver import tlsrpt as reports
+
+    delivery = config.delivery
+    resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.mta_sts_timeout)
+    built = asyncio.run(
+        reports.build(client, resolver, config.hostname, args.date, Path(args.out),
+                      config.trace_ttl)
+    )  # fmt: skip
+    for report in built:
+        sent = f"mailed to {', '.join(report.mailed_to)}" if report.mailed_to else report.note
+        print(f"{report.path}: {sent}")
+    print(f"-- {len(built)} reports for {args.date}")
+    return 0
+
+
+def queue(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
+    """``tlsrelay queue [list|retry|bounce] [ID]``."""
+    from services.deliver import queue as deferred
+
+    if args.action == "retry":
+        count = deferred.retry(client, args.id)
+        print(f"{count} deferred deliveries made due now")
+        return 0 if count or args.id is None else 1
+    if args.action == "bounce":
+        if not args.id:
+            print("tlsrelay queue bounce: a message id is required", file=sys.stderr)
+            return EXIT_USAGE
+        bounced = deferred.bounce(config, client, args.id)
+        print(f"bounced {len(bounced)} recipients of {args.id}: {', '.join(bounced) or '-'}")
+        return 0 if bounced else 1
+    return _print_queue(deferred.deferred(client, args.id), args.json)
+
+
+def _print_queue(entries: list[Any], as_json: bool) -> int:
+    now = time.time()
+    docs = [e.to_json(now) for e in entries]
+    if as_json:
+        print(json.dumps({"deferred": docs}, indent=2))
+        return 0
+    print(f"{'ID':<20} {'AGE':>8} {'NEXT':>8} {'TRIES':>5}  DOMAIN / RECIPIENTS / LAST ERROR")
+    for doc in docs:
+        age = format_duration(doc["age_seconds"]) if doc["age_seconds"] is not None else "?"
+        print(
+            f"{doc['id']:<20} {age:>8} {format_duration(doc['next_attempt_in_seconds']):>8} "
+            f"{doc['attempts']:>5}  {doc['domain']}: {', '.join(doc['recipients'])}\n"
+            f"{'':<46}{doc['last_error']}"
+        )
+    print(f"-- {len(docs)} deferred deliveries")
+    return 0

@@ -1,0 +1,121 @@
+"""Delivery results as metric observations: what an attempt, a round, its MTA-STS result, a DSN
+or a final message means for the deliver metrics of ``services/common/metrics.py``.
+
+The metric objects, names and label values are defined there (a contract: README,
+"Observability"); the label logic that reads delivery results is here, beside the code that
+produces them. The results are read through the small protocols below (the fields used), so this
+module imports neither the session nor the delivery loop. Recording never fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from services.common import metrics
+from services.common.model import Reply, TlsMode
+from services.common.protocol import TLS_REQUIRED_STATUS
+from services.deliver.tls import Outcome as TlsOutcome
+
+
+class AttemptResult(Protocol):
+    """What one attempt did (``services.deliver.session.Attempt``)."""
+
+    @property
+    def mode(self) -> TlsMode: ...
+    @property
+    def outcome(self) -> TlsOutcome | None: ...
+    @property
+    def next_host(self) -> bool: ...
+    @property
+    def replies(self) -> Mapping[str, Reply]: ...
+    @property
+    def data_sent(self) -> bool: ...
+
+
+class RoundResult(Protocol):
+    """The fate of a round's recipients (``services.deliver.delivery.Outcome``)."""
+
+    @property
+    def delivered(self) -> Mapping[str, Reply]: ...
+    @property
+    def deferred(self) -> Mapping[str, Reply]: ...
+    @property
+    def attempts(self) -> Sequence[AttemptResult]: ...
+
+
+class StsResult(Protocol):
+    """What MTA-STS meant for a round (``services.deliver.tlsrpt.StsRound``)."""
+
+    @property
+    def mode(self) -> str | None: ...
+    @property
+    def relaxed(self) -> bool: ...
+    @property
+    def error_type(self) -> str | None: ...
+
+
+def attempt(result: AttemptResult, seconds: float) -> None:
+    """One attempt (one address) ended after ``seconds``."""
+    outcome = result.outcome.value if result.outcome is not None else metrics.NO_CONNECTION
+    metrics.DELIVERY_ATTEMPTS.labels(result.mode.label, outcome, _attempt_result(result)).inc()
+    metrics.DELIVERY_DURATION.observe(seconds)
+    may_fall_back = result.mode.tries_tls and not result.mode.requires_encryption
+    if may_fall_back and outcome in metrics.FALLBACK_REASONS and result.data_sent:
+        metrics.PLAINTEXT_FALLBACK.labels(outcome).inc()
+
+
+def _attempt_result(result: AttemptResult) -> str:
+    replies = result.replies.values()
+    if result.next_host:
+        return "deferred"
+    if any(reply.is_success for reply in replies):
+        return "delivered"
+    if any(reply.is_permanent for reply in replies):
+        return "bounced"
+    return "deferred"
+
+
+def _held_for_tls(outcome: RoundResult) -> bool:
+    """Some recipient was deferred because TLS was required and not available (X.7.10)."""
+    return any(reply.status == TLS_REQUIRED_STATUS for reply in outcome.deferred.values())
+
+
+def delivery_round(outcome: RoundResult, received_at: float, now: float) -> None:
+    """A delivery round was recorded (after the lifetime check, so expired mail is bounced)."""
+    if outcome.delivered:
+        metrics.END_TO_END.observe(max(0.0, now - received_at))
+    if _held_for_tls(outcome) and outcome.attempts:
+        metrics.TLS_REQUIRED_DEFERRALS.labels(outcome.attempts[-1].mode.label).inc()
+
+
+def mta_sts(sts: StsResult, outcome: RoundResult, failures: int) -> None:
+    """A recorded round's MTA-STS result; ``failures``: the TLSRPT failures counted for it."""
+    mode = sts.mode
+    if sts.error_type:
+        metrics.MTA_STS.labels(mode or "unknown", "fetch_error").inc()
+    if mode is None:
+        return
+    if sts.relaxed:
+        result = "relaxed"
+    elif mode == "enforce":
+        result = "failed" if _held_for_tls(outcome) else "ok"
+    else:
+        result = "failed" if mode == "testing" and failures else "ok"
+    metrics.MTA_STS.labels(mode, result).inc()
+
+
+def dsn_sent(action: str) -> None:
+    """A DSN (``failed`` or ``delayed``) was queued in the same transaction as the round."""
+    metrics.DSN_SENT.labels(action).inc()
+
+
+def interrupted() -> None:
+    """A delivery resumed after a worker died while sending DATA (a possible duplicate)."""
+    metrics.INTERRUPTED.inc()
+
+
+def message_final(states: Iterable[str]) -> None:
+    """Every recipient of a message is final; ``states`` are theirs (delivered / bounced)."""
+    result = "delivered" if all(state == "delivered" for state in states) else "bounced"
+    metrics.MESSAGES_FINAL.labels(result).inc()
