@@ -95,7 +95,7 @@ class SinkHost(Protocol):
     def data_reply(self, msg: Message) -> str | None: ...
 
 
-class SinkSMTP(SMTP):
+class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     """aiosmtpd protocol with per-kind STARTTLS behaviour and recording."""
 
     def __init__(self, sink: SinkHost, **kwargs: Any) -> None:
@@ -263,7 +263,7 @@ class SinkHandler:
         # A failed STARTTLS handshake is an expected event in these tests: record it
         # instead of letting aiosmtpd log a traceback (the connection is closed anyway).
         if isinstance(error, TLSSetupException) and error.__cause__ is not None:
-            error = error.__cause__  # type: ignore[assignment]
+            error = error.__cause__
         self._sink.record_error(f"{type(error).__name__}: {error}")
         return f"451 4.3.0 sink error: {type(error).__name__}"
 

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -30,6 +30,11 @@ from tests.peers import Sink
 from tests.world import World, make_world, message, wait_until
 
 BODY = b"Subject: batch\r\n\r\nHello.\r\n"
+
+
+def deferred_members(client: redis.Redis) -> list[bytes]:
+    """The deferred set's members (JSON job documents), lowest score first."""
+    return cast(list[bytes], client.zrange(spool.DEFERRED, 0, -1))
 
 
 def tasks(client: redis.Redis, queue: str) -> list[list[Any]]:
@@ -230,7 +235,7 @@ def test_an_unexpected_error_parks_one_job_and_the_batch_goes_on(
     outcomes = deliver(config, store, jobs)
     assert outcomes[1] is None and outcomes[0] is not None and outcomes[2] is not None
     assert len(sink.messages) == 2
-    parked = [json.loads(m) for m in store.zrange(spool.DEFERRED, 0, -1)]
+    parked = [json.loads(m) for m in deferred_members(store)]
     assert [p["id"] for p in parked] == [jobs[1]["id"]]
     assert "error" in [e["event"] for e in spool.read_trace(store, jobs[1]["id"])]
 
@@ -290,16 +295,20 @@ def test_due_retries_go_out_in_one_task_per_domain(
     valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
     """After an outage a domain's backlog comes back in batches, not a task per message."""
-    a = [{"id": new_message_id(), "domain": "a.test", "recipients": ["x@a.test"]} for _ in range(5)]
-    b = [{"id": new_message_id(), "domain": "b.test", "recipients": ["x@b.test"]} for _ in range(2)]
-    later = {"id": new_message_id(), "domain": "a.test", "recipients": ["y@a.test"]}
+    a: list[dict[str, Any]] = [
+        {"id": new_message_id(), "domain": "a.test", "recipients": ["x@a.test"]} for _ in range(5)
+    ]
+    b: list[dict[str, Any]] = [
+        {"id": new_message_id(), "domain": "b.test", "recipients": ["x@b.test"]} for _ in range(2)
+    ]
+    later: dict[str, Any] = {"id": new_message_id(), "domain": "a.test", "recipients": ["y@a.test"]}
     defer(store, a + b, time.time() - 1)
     defer(store, [later], time.time() + 3600)
     assert scheduler.move_due(store, batch_max=3) == 7
     batches = tasks(store, queueing.QUEUE_DELIVER)
     assert sorted(len(batch) for batch in batches) == [2, 2, 3]
     assert sorted(j["id"] for batch in batches for j in batch) == sorted(j["id"] for j in a + b)
-    assert [json.loads(m)["id"] for m in store.zrange(spool.DEFERRED, 0, -1)] == [later["id"]]
+    assert [json.loads(m)["id"] for m in deferred_members(store)] == [later["id"]]
     assert store.zcard(spool.WAITING_DELIVER) == 7
 
 
@@ -311,7 +320,7 @@ def test_a_group_another_scheduler_took_part_of_is_left_alone(
     a = [{"id": new_message_id(), "domain": "a.test", "recipients": ["x@a.test"]} for _ in range(2)]
     b = [{"id": new_message_id(), "domain": "b.test", "recipients": ["x@b.test"]}]
     defer(store, a + b, time.time() - 1)
-    members = store.zrangebyscore(spool.DEFERRED, "-inf", "+inf")
+    members = deferred_members(store)
     taken = next(m for m in members if json.loads(m)["id"] == a[0]["id"])
 
     class Racing(redis.Redis):
@@ -327,7 +336,7 @@ def test_a_group_another_scheduler_took_part_of_is_left_alone(
     assert [[j["id"] for j in batch] for batch in tasks(store, queueing.QUEUE_DELIVER)] == [
         [b[0]["id"]]
     ]
-    assert [json.loads(m)["id"] for m in store.zrange(spool.DEFERRED, 0, -1)] == [a[1]["id"]]
+    assert [json.loads(m)["id"] for m in deferred_members(store)] == [a[1]["id"]]
 
 
 def test_bodies_are_read_a_few_megabytes_at_a_time() -> None:
@@ -347,7 +356,7 @@ def test_a_batch_of_large_messages_is_not_read_at_once(
     jobs = queue_jobs(store, "batch.test", 6)
     big = BODY + (b"x" * 998 + b"\r\n") * 300  # 300 kB in lines of 1000 octets
     for job in jobs:  # as stored by ingest: the size is in the envelope
-        raw = json.loads(store.hget(spool.msg_key(job["id"]), "envelope"))
+        raw = json.loads(cast(bytes, store.hget(spool.msg_key(job["id"]), "envelope")))
         store.hset(spool.msg_key(job["id"]), mapping={
             "body": big, "envelope": json.dumps({**raw, "size": len(big)}),
         })  # fmt: skip

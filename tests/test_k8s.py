@@ -95,7 +95,8 @@ def deployment(objs: list[Obj], component: str) -> Obj:
 
 def container(objs: list[Obj], component: str) -> Obj:
     (c,) = deployment(objs, component)["spec"]["template"]["spec"]["containers"]
-    return c
+    found: Obj = c
+    return found
 
 
 def selects(selector: Obj, labels: dict[str, str]) -> bool:
@@ -250,7 +251,7 @@ def test_every_container_has_probes_and_resources(overlay: str) -> None:
 def port_number(c: Obj, port: int | str) -> int:
     if isinstance(port, int):
         return port
-    return next(p["containerPort"] for p in c["ports"] if p["name"] == port)
+    return int(next(p["containerPort"] for p in c["ports"] if p["name"] == port))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

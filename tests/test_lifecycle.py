@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import functools
 import json
 import subprocess
 import sys
@@ -255,7 +256,7 @@ def test_killed_deliver_workers_and_scheduler_lose_nothing(world: World) -> None
         SCRIPT.replies[rcpt] = ["451 4.3.0 hold"] * 1000
     ids = [world.send([rcpt], message(f"held {rcpt}")) for rcpt in rcpts]
     for message_id in ids:
-        wait_until(lambda m=message_id: world.events(m, "deferred"), 30, "deferred")
+        wait_until(functools.partial(world.events, message_id, "deferred"), 30, "deferred")
     world.stop_service("deliver", kill=True)  # the workers and the scheduler, mid-schedule
     for rcpt in rcpts:
         SCRIPT.replies[rcpt] = []

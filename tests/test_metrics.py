@@ -9,6 +9,7 @@ port stops a service with a message naming the config key.
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import ssl
@@ -79,7 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     }
     with make_world(tmp_path_factory.mktemp("metrics"), sinks, settings) as w:
         for service in SERVICES:
-            wait_until(lambda s=service: serving(w, s), 30, f"{service} to serve /metrics")
+            wait_until(functools.partial(serving, w, service), 30, f"{service} to serve /metrics")
         yield w
 
 
@@ -224,7 +225,7 @@ def per_process_attempts(world: World) -> dict[str, float]:
     """pid → delivery attempts counted in that process's multiprocess file."""
     counts = {}
     for path in (world.root / "var" / "metrics" / "deliver").glob("counter_*.db"):
-        families = MultiProcessCollector.merge([str(path)], accumulate=False)
+        families = MultiProcessCollector.merge([str(path)], accumulate=False)  # type: ignore[no-untyped-call]
         counts[path.stem.rpartition("_")[2]] = sum(
             s.value for f in families for s in f.samples
             if s.name == "tlsrelay_delivery_attempts_total"
@@ -350,7 +351,7 @@ def test_queue_readings_from_redis(tmp_path: Path) -> None:
         client.zadd(spool.WAITING_POLICY, {older: now - 50, newer: now - 10})
         client.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([{"id": newer}]))
         client.zadd(spool.WAITING_DELIVER, {spool.waiting_job(newer, "x.test"): now - 10})
-        readings = metrics.QueueCollector(server.url).read(now)
+        readings: dict[str, Any] = dict(metrics.QueueCollector(server.url).read(now))
         assert readings == {
             "policy": (2, pytest.approx(50, abs=0.01)),
             "deliver": (1, pytest.approx(10, abs=0.01)),
@@ -466,7 +467,7 @@ def test_run_prints_and_serves_the_three_urls(tmp_path: Path) -> None:
     try:
         for service, address in ports.items():
             url = f"http://{address}/metrics"
-            wait_until(lambda u=url: reachable(u), 30, f"{service} metrics in tlsrelay run")
+            wait_until(functools.partial(reachable, url), 30, f"{service} metrics in tlsrelay run")
             assert f"metrics: {service} {url}\n" in log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)

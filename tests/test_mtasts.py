@@ -159,7 +159,7 @@ POLICIES = {
 DEFAULT = Decision("a.test")
 RULED = Decision("a.test", TlsMode.ENFORCED, ("confidential",), reasons=("confidential: x",))
 NONE_RULE = Decision("a.test", TlsMode.NONE, ("cleartext",))
-ROUTED = Decision("a.test", TlsMode.OPPORTUNISTIC, ("hop",), route="127.0.0.1:2525")
+ROUTED = Decision("a.test", TlsMode.OPPORTUNISTIC, ("hop",), route=HostPort("127.0.0.1", 2525))
 
 # (decision, policy, TLS-Required: No) -> (tls, circumstances, mx_patterns)
 APPLY_TABLE = [
@@ -275,7 +275,7 @@ class CountingRedis(redis.Redis):
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         self.commands.append(str(args[0]))
-        return super().execute_command(*args, **options)
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
 def test_a_cached_policy_costs_one_redis_get_and_no_dns(

@@ -46,7 +46,7 @@ def _config(local_dns: LocalDns, **kwargs: object) -> DeliveryConfig:
 def _resolve(
     local_dns: LocalDns,
     domain: str,
-    route: HostPort | None = None,
+    route: Route | None = None,
     rng: random.Random | None = None,
     **kwargs: object,
 ) -> list[Destination]:

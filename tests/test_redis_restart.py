@@ -4,6 +4,7 @@ a machine crash could lose the last ``appendfsync everysec`` second (README, Gua
 
 from __future__ import annotations
 
+import functools
 import smtplib
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_queued_deferred_and_in_flight_survive_a_redis_kill(world: World) -> Non
     sink = world.sinks["r"]
     deferred = [world.send([f"later{i}@r.test"], message(f"deferred {i}")) for i in range(3)]
     for message_id in deferred:
-        wait_until(lambda m=message_id: world.events(m, "deferred"), 30, "a deferral")
+        wait_until(functools.partial(world.events, message_id, "deferred"), 30, "a deferral")
     in_flight = world.send(["inflight@r.test"], message("in flight"))
     assert HELD.wait(30), "the in-flight delivery did not reach DATA"
     world.stop_service("policy")  # so the next ones stay queued for policy

@@ -106,7 +106,7 @@ def start_region(root: Path, settings: dict[str, Any], dns: LocalDns) -> Iterato
         }
         world = World(root, redis, dns, {}, ingest_port, root / "tlsrelay.yaml")
         world.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
-        stack.callback(lambda: [world.stop_service(n) for n in list(world.procs)])
+        stack.callback(world.stop_all)
         for name in SERVICES:
             world.start_service(name)
         yield world

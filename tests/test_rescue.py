@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import cast
 
 import redis
 
@@ -81,7 +82,7 @@ def test_a_lost_deliver_task_is_rebuilt_from_the_spool(store: redis.Redis) -> No
 
 def test_work_reserved_by_a_worker_or_deferred_is_not_doubled(store: redis.Redis) -> None:
     reserved = accepted(store, "a@x.test")
-    raw = store.rpop(queueing.QUEUE_POLICY)  # taken and recorded as reserved (unacked)
+    raw = cast(bytes, store.rpop(queueing.QUEUE_POLICY))  # taken and recorded as reserved (unacked)
     store.hset(queueing.UNACKED, "tag", json.dumps([json.loads(raw), "policy", "policy"]))
     deferred = accepted(store, "b@y.test")
     store.lpop(queueing.QUEUE_POLICY)  # its policy task ran
@@ -101,7 +102,7 @@ def test_work_reserved_by_a_worker_or_deferred_is_not_doubled(store: redis.Redis
 def test_a_task_seen_again_between_sweeps_is_not_queued_twice(store: redis.Redis) -> None:
     """Caught between two of kombu's steps in the first sweep, back in the list by the next."""
     envelope = accepted(store, "a@x.test")
-    raw = store.rpop(queueing.QUEUE_POLICY)
+    raw = cast(bytes, store.rpop(queueing.QUEUE_POLICY))
     now = time.time()
     sweep(store, now)
     store.lpush(queueing.QUEUE_POLICY, raw)

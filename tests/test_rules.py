@@ -4,13 +4,13 @@ errors that name file, line, rule and key, and SIGHUP reload in a real policy wo
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ from services.policy.decide import TLS_REQUIRED_NO, Ruleset, decide
 from services.policy.facts import facts_from_message
 from services.policy.tasks import PolicyService
 from tests.rulesets import partner_rules
+from tests.world import wait_until
 
 T = TypeVar("T")
 RULES = TypeAdapter(Rules)
@@ -557,16 +558,6 @@ def test_bad_rules_name_file_line_rule_and_key(
 # --------------------------------------------------------------------------- the worker
 
 
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    """Poll ``predicate`` until truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return value
-
-
 class PolicyWorker:
     """A real ``tlsrelay policy`` process (two pool processes) on an embedded Redis."""
 
@@ -597,7 +588,7 @@ class PolicyWorker:
         """Wait for ``text`` in the worker's output (failing at once if the worker exits)."""
         proc = self.proc
         assert proc is not None
-        wait_for(lambda: text in self.log() or proc.poll() is not None, text)
+        wait_until(lambda: text in self.log() or proc.poll() is not None, 30.0, text)
         assert proc.poll() is None, f"worker exited:\n{self.log()[-3000:]}"
         return self.log()
 
@@ -612,7 +603,10 @@ class PolicyWorker:
         asyncio.run(self._accept(ids))
         client = spool.connect(self.redis.url)
         try:
-            return [wait_for(lambda i=i: self._decision(client, i), f"{i} classified") for i in ids]
+            return [
+                wait_until(functools.partial(self._decision, client, i), 30.0, f"{i} classified")
+                for i in ids
+            ]
         finally:
             client.close()
 

@@ -67,7 +67,9 @@ class Sentinel:
 
     def _master(self, client: redis.Redis) -> Any:
         try:
-            return client.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster")
+            return client.execute_command(  # type: ignore[no-untyped-call]
+                "SENTINEL", "get-master-addr-by-name", "mymaster"
+            )
         except redis.RedisError:
             return None
 

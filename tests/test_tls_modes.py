@@ -57,7 +57,8 @@ def row_sink(mode: str, behaviour: str) -> Sink:
             cert="selfsigned" if behaviour == "selfsigned" else "ca",
             cert_names=["wrong.invalid"] if behaviour == "wrongname" else names,
         )
-    return Sink(behaviour)
+    assert behaviour in ("plain", "broken"), behaviour
+    return Sink("plain" if behaviour == "plain" else "broken")
 
 
 # Second world part: enforced delivery over two MX hosts, the first without STARTTLS.

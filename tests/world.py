@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -42,8 +42,13 @@ T = TypeVar("T")
 SERVICES = ("ingest", "policy", "deliver")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+def wait_until(
+    predicate: Callable[[], T | Literal[False] | None],
+    timeout: float = 20.0,
+    what: str = "condition",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline.
+    The value returned is that truthy one (so never None or False)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -101,6 +106,10 @@ class World:
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop_service(name)
 
     def metrics_url(self, name: str) -> str:
         """Where service ``name`` serves its metrics (from the config file)."""
@@ -256,7 +265,7 @@ def make_world(
         settings = base_config(root, redis.url, ingest_port, sinks, dns.port, mx_port)
         settings = merge(settings, config(world) if config else {})
         world.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
-        stack.callback(lambda: [world.stop_service(n) for n in list(world.procs)])
+        stack.callback(world.stop_all)
         for name in SERVICES:
             world.start_service(name)
         yield world
