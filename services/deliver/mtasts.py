@@ -26,6 +26,7 @@ propagate, as everywhere in the deliver worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -50,6 +51,7 @@ CIRCUMSTANCE = "mta-sts"
 WELL_KNOWN = "/.well-known/mta-sts.txt"  # §3.3
 MAX_BODY = 64 * 1024  # §3.3: senders may limit the policy size; 64 KB is the suggested bound
 MAX_HEADER_LINES = 100
+CLOSE_WAIT = 1.0  # seconds to wait for a closed HTTPS connection to finish closing
 MAX_AGE_LIMIT = 31_557_600  # §3.2: max_age is at most one year
 NEGATIVE_TTL = 3600.0  # "no policy" (no TXT record) is believed this long
 FAILURE_RETRY = 300.0  # after a failed lookup or fetch, try again after this long
@@ -320,11 +322,19 @@ async def _get(address: str, port: int, host: str, context: ssl.SSLContext) -> s
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
         raise FetchError(f"reading https://{host}{WELL_KNOWN} failed: {exc}") from None
     finally:
-        writer.close()
+        await _close(writer)
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         raise FetchError(f"policy of {host} is not UTF-8 text", POLICY_INVALID) from None
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close the connection and wait (briefly) until its socket is closed: TLS sends its
+    close_notify first, and a loop that ends before that leaves the socket open behind it."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
 
 
 async def _response(reader: asyncio.StreamReader, host: str) -> bytes:
