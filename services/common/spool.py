@@ -20,8 +20,11 @@ Layout (every key under ``tlsrelay:``):
 - ``tlsrpt:{YYYY-MM-DD}``  the day's TLS session counts for RFC 8460 reports (deliver/tlsrpt.py).
 
 Writes that must not be half-done go in one ``MULTI``/``EXEC`` (or one Lua script): a failed
-transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError`` (and
-``OSError``) when Redis cannot be reached; callers decide what that means (ingest: 451).
+transaction leaves nothing behind. A new message is written only under an id no message (nor
+trace) has (:data:`STORE_NEW`): a colliding id leaves the message already there untouched, and
+ingest stores the new one under another id (:class:`IdTaken`). Functions raise
+``redis.exceptions.RedisError`` (and ``OSError``) when Redis cannot be reached; callers decide
+what that means (ingest: 451).
 """
 
 from __future__ import annotations
@@ -154,18 +157,41 @@ def connect_async(url: str) -> aioredis.Redis:
 # --------------------------------------------------------------------------- ingest
 
 
+class IdTaken(Exception):
+    """The message's id belongs to another message (or its trace): nothing of it was stored."""
+
+
+# A new message, written only if its id is free: no msg:{id} and no trace:{id} (a finished
+# message's trace outlives it). The same envelope already stored is this very write sent again
+# (the client retried after a lost reply): done. Returns 1 when stored, 0 when the id is taken.
+# KEYS: msg, trace, waiting:policy. ARGV: envelope, body, first event, trace TTL, score, id.
+STORE_NEW = """
+local stored = redis.call('HGET', KEYS[1], 'envelope')
+if stored then return stored == ARGV[1] and 1 or 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'envelope', ARGV[1], 'body', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+return 1
+"""
+
+
 async def accept(
     client: aioredis.Redis, envelope: Envelope, body: bytes, trace_ttl: float = TRACE_TTL
 ) -> None:
     """Store one message and envelope and enqueue its ``policy`` task, all or nothing.
 
     One ``MULTI``/``EXEC`` round trip. When this returns, the message is in Redis (and in its AOF
-    within the configured fsync window); when it raises, Redis holds none of it. Ingest uses
+    within the configured fsync window); when it raises, Redis holds none of it (:class:`IdTaken`:
+    another message has its id; store it under a new one). Ingest uses
     :class:`Committer`, which does the same for several messages at once.
     """
     async with client.pipeline(transaction=True) as pipe:
         stage_message(pipe, envelope, body, trace_ttl)
-        await pipe.execute()
+        stored, _ = await pipe.execute()
+    if not stored:
+        raise IdTaken(envelope.id)
 
 
 class Committer:
@@ -241,12 +267,7 @@ class Committer:
 
     async def _write(self, batch: list[tuple[Envelope, bytes, asyncio.Future[None]]]) -> None:
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                for envelope, body, _ in batch:
-                    stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
-                ids = [envelope.id for envelope, _, _ in batch]
-                pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
-                await pipe.execute()
+            stored = await self._commit([(envelope, body) for envelope, body, _ in batch])
         except Exception as exc:
             for _, _, done in batch:
                 if not done.done():
@@ -256,9 +277,20 @@ class Committer:
             for _, _, done in batch:
                 done.cancel()
             raise
-        for _, _, done in batch:
+        for (envelope, _, done), ok in zip(batch, stored, strict=True):
             if not done.done():
-                done.set_result(None)
+                done.set_result(None) if ok else done.set_exception(IdTaken(envelope.id))
+
+    async def _commit(self, messages: list[tuple[Envelope, bytes]]) -> list[bool]:
+        """One transaction: the messages and their policy task; whether each was stored (False:
+        its id was taken, see :data:`STORE_NEW`)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            for envelope, body in messages:
+                stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
+            ids = [envelope.id for envelope, _ in messages]
+            pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+            replies = await pipe.execute()
+        return [bool(reply) for reply in replies[: len(messages)]]
 
 
 def stage_message(
@@ -270,7 +302,8 @@ def stage_message(
     **received: Any,
 ) -> None:
     """Buffer the writes that queue a new message (ingest, or a DSN the relay itself generates)
-    into ``pipe``, a transaction the caller executes. ``received`` adds fields to the event.
+    into ``pipe``, a transaction the caller executes: first one :data:`STORE_NEW` script, whose
+    reply is 0 when the id was taken (nothing stored). ``received`` adds fields to the event.
     ``enqueue=False``: the caller pushes the ``policy`` task itself (one for a batch)."""
     first = event(
         "received",
@@ -287,12 +320,11 @@ def stage_message(
         client_cert=envelope.client_cert,
         **received,
     )
-    pipe.hset(
-        msg_key(envelope.id), mapping={"envelope": json.dumps(envelope.to_json()), "body": body}
+    keys = (msg_key(envelope.id), trace_key(envelope.id), WAITING_POLICY)
+    doc = json.dumps(envelope.to_json())
+    pipe.eval(
+        STORE_NEW, 3, *keys, doc, body, first, int(trace_ttl), envelope.received_at, envelope.id
     )
-    pipe.rpush(trace_key(envelope.id), first)
-    pipe.expire(trace_key(envelope.id), int(trace_ttl))
-    pipe.zadd(WAITING_POLICY, {envelope.id: envelope.received_at})
     if enqueue:
         pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task([envelope.id]))
 
