@@ -420,39 +420,84 @@ def budgeted(sizes: Sequence[int], budget: int | None = None) -> list[range]:
     return chunks
 
 
+# Which of KEYS (msg:{id}) already carry decisions (1) or not (0), in one round trip.
+CLASSIFIED = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HEXISTS', key, 'decisions') end
+return out
+"""
+WATCH_ATTEMPTS = 10  # optimistic transactions retried this often before giving up (raising)
+
+
 def record_classifications(
     client: redis.Redis,
     classified: list[tuple[Envelope, list[Decision]]],
     trace_ttl: float = TRACE_TTL,
     batch_max: int = 50,
     message_ids: Sequence[str] = (),
-) -> None:
+) -> list[str]:
     """Store the decisions of several messages and enqueue their delivery jobs, atomically: one
     ``deliver`` task per destination domain with up to ``batch_max`` jobs (so one worker sends a
     domain's messages over one connection). ``message_ids`` (the whole policy task, including
-    messages skipped as gone or already classified) leave ``waiting:policy``."""
+    messages skipped as gone or already classified) leave ``waiting:policy``.
+
+    Idempotent: the messages' hashes are ``WATCH``ed and those that have decisions already (a
+    copy of the same task ran at the same time) are left out, so two copies queue one set of
+    deliveries; when a watched hash changes before ``EXEC`` the transaction is tried again.
+    Returns the ids classified here; ``redis.WatchError`` after :data:`WATCH_ATTEMPTS` tries."""
+    for _ in range(WATCH_ATTEMPTS):
+        with client.pipeline(transaction=True) as pipe:
+            fresh = _not_yet_classified(pipe, classified)
+            pipe.multi()
+            _stage_classifications(pipe, fresh, trace_ttl, batch_max, message_ids)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                continue
+            return [envelope.id for envelope, _ in fresh]
+    raise redis.WatchError(f"classifications not recorded after {WATCH_ATTEMPTS} attempts")
+
+
+def _not_yet_classified(
+    pipe: redis.client.Pipeline, classified: list[tuple[Envelope, list[Decision]]]
+) -> list[tuple[Envelope, list[Decision]]]:
+    """WATCH the messages' hashes (``pipe`` then runs commands at once until ``multi()``) and
+    keep those without decisions."""
+    if not classified:
+        return []
+    keys = [msg_key(envelope.id) for envelope, _ in classified]
+    pipe.watch(*keys)  # type: ignore[no-untyped-call]
+    done: list[int] = pipe.eval(CLASSIFIED, len(keys), *keys)
+    return [item for item, decided in zip(classified, done, strict=True) if not decided]
+
+
+def _stage_classifications(
+    pipe: redis.client.Pipeline,
+    classified: list[tuple[Envelope, list[Decision]]],
+    trace_ttl: float,
+    batch_max: int,
+    message_ids: Sequence[str],
+) -> None:
     jobs: list[Job] = []
     waiting: dict[str, float] = {}
     batch = len(message_ids) or len(classified)  # shown in the trace: messages in the task
-    with client.pipeline(transaction=True) as pipe:
-        for envelope, decisions in classified:
-            groups = envelope.recipients_by_domain()
-            as_json = [d.to_json() for d in decisions]
-            pipe.hset(msg_key(envelope.id), "decisions", json.dumps(as_json))
-            classified_event = event("classified", decisions=as_json, batch=batch)
-            pipe.rpush(trace_key(envelope.id), classified_event)
-            pipe.expire(trace_key(envelope.id), int(trace_ttl))
-            for decision in decisions:
-                jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
-                waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
-        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
-        if waiting:
-            pipe.zadd(WAITING_DELIVER, waiting)
-        gone = list(message_ids) or [envelope.id for envelope, _ in classified]
-        if gone:
-            pipe.zrem(WAITING_POLICY, *gone)
-        pipe.execute()
+    for envelope, decisions in classified:
+        groups = envelope.recipients_by_domain()
+        as_json = [d.to_json() for d in decisions]
+        pipe.hset(msg_key(envelope.id), "decisions", json.dumps(as_json))
+        classified_event = event("classified", decisions=as_json, batch=batch)
+        pipe.rpush(trace_key(envelope.id), classified_event)
+        pipe.expire(trace_key(envelope.id), int(trace_ttl))
+        for decision in decisions:
+            jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
+            waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
+    for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
+        pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
+    if waiting:
+        pipe.zadd(WAITING_DELIVER, waiting)
+    gone = list(message_ids) or [envelope.id for envelope, _ in classified]
+    if gone:
+        pipe.zrem(WAITING_POLICY, *gone)
 
 
 def append_trace(
