@@ -52,12 +52,14 @@ class EmbeddedRedis:
         appendonly: bool = True,
         appendfsync: str = "everysec",
         maxmemory_policy: str = "noeviction",
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.maxmemory_policy = maxmemory_policy
+        self.extra = extra  # more server arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,6 +78,7 @@ class EmbeddedRedis:
             "--maxmemory-policy", self.maxmemory_policy,
             "--logfile", "server.log",
             "--protected-mode", "yes",
+            *self.extra,
         ]  # fmt: skip
 
     def start(self, timeout: float = 15.0) -> str:

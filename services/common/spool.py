@@ -29,11 +29,9 @@ what that means (ingest: 451).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -185,112 +183,13 @@ async def accept(
     One ``MULTI``/``EXEC`` round trip. When this returns, the message is in Redis (and in its AOF
     within the configured fsync window); when it raises, Redis holds none of it (:class:`IdTaken`:
     another message has its id; store it under a new one). Ingest uses
-    :class:`Committer`, which does the same for several messages at once.
+    :class:`services.common.commit.Committer`, which does the same for several messages at once.
     """
     async with client.pipeline(transaction=True) as pipe:
         stage_message(pipe, envelope, body, trace_ttl)
         stored, _ = await pipe.execute()
     if not stored:
         raise IdTaken(envelope.id)
-
-
-class Committer:
-    """Group commit for ingest: messages that finish DATA close together share one ``MULTI``/
-    ``EXEC`` and one ``policy`` task (as PostgreSQL's ``commit_delay`` or Kafka's ``linger.ms``).
-
-    :meth:`accept` adds a message to the open batch and waits for the batch's transaction. A batch
-    is written ``window`` seconds after its first message arrived, but only while messages arrive
-    more often than once per ``window`` (a moving average of the gaps between them): otherwise
-    nobody would join it, so it is written on the next turn of the event loop (which still groups
-    messages finished in the same turn). It is written at once when it holds ``max_batch``
-    messages, or a message of every open session (``sessions``): then no one else can join it, so
-    a lone sender, or clients that wait for their 250 before sending more, are not slowed by the
-    window. So the batch grows with the load: one message at 10/s, several at hundreds per
-    second, where the Celery hops' cost per task matters.
-
-    Each caller's ``accept`` returns only after EXEC succeeded and raises what the transaction
-    raised (then none of the batch was stored: every session answers 451).
-    A caller that stops waiting (timeout) does not stop the write: its message may be stored
-    although its client was told 451 — the same as with one transaction per message.
-    """
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        trace_ttl: float,
-        window: float,
-        max_batch: int,
-        sessions: Callable[[], int] | None = None,
-    ) -> None:
-        self.client = client
-        self.sessions = sessions  # how many SMTP sessions are open (None: unknown)
-        self.trace_ttl = trace_ttl
-        self.window = window
-        self.max_batch = max_batch
-        self._batch: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._writes: set[asyncio.Task[None]] = set()
-        self._last = 0.0  # when the previous message arrived (loop time)
-        self._gap = math.inf  # moving average of the time between messages
-
-    async def accept(self, envelope: Envelope, body: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._last:
-            gap = now - self._last
-            self._gap = gap if math.isinf(self._gap) else 0.8 * self._gap + 0.2 * gap
-        self._last = now
-        done: asyncio.Future[None] = loop.create_future()
-        self._batch.append((envelope, body, done))
-        if len(self._batch) >= self.max_batch or self._everyone_waits():
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._linger(), self._flush)
-        await asyncio.shield(done)
-
-    def _everyone_waits(self) -> bool:
-        """Every open session has a message in this batch: nobody else can join it now."""
-        return self.sessions is not None and len(self._batch) >= self.sessions()
-
-    def _linger(self) -> float:
-        return 0.0 if self._gap >= self.window else self.window
-
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._batch = self._batch, []
-        if batch:
-            write = asyncio.get_running_loop().create_task(self._write(batch))
-            self._writes.add(write)  # keep a reference until it is done
-            write.add_done_callback(self._writes.discard)
-
-    async def _write(self, batch: list[tuple[Envelope, bytes, asyncio.Future[None]]]) -> None:
-        try:
-            stored = await self._commit([(envelope, body) for envelope, body, _ in batch])
-        except Exception as exc:
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        except BaseException:  # cancelled (shutdown): the callers must not wait forever
-            for _, _, done in batch:
-                done.cancel()
-            raise
-        for (envelope, _, done), ok in zip(batch, stored, strict=True):
-            if not done.done():
-                done.set_result(None) if ok else done.set_exception(IdTaken(envelope.id))
-
-    async def _commit(self, messages: list[tuple[Envelope, bytes]]) -> list[bool]:
-        """One transaction: the messages and their policy task; whether each was stored (False:
-        its id was taken, see :data:`STORE_NEW`)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            for envelope, body in messages:
-                stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
-            ids = [envelope.id for envelope, _ in messages]
-            pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
-            replies = await pipe.execute()
-        return [bool(reply) for reply in replies[: len(messages)]]
 
 
 def stage_message(

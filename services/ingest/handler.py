@@ -3,7 +3,7 @@
 :class:`IngestHandler` answers EHLO, MAIL, RCPT and DATA (aiosmtpd's ``handle_<VERB>`` hooks,
 each returning its reply), checks AUTH credentials for the session
 (:mod:`services.ingest.session`) and stores each message with its ``policy`` task through
-:class:`services.common.spool.Committer`. Who may send what where is
+:class:`services.common.commit.Committer`. Who may send what where is
 :mod:`services.ingest.access` (pure); the Redis counters (failed AUTHs, messages per tenant) are
 :mod:`services.ingest.limits`. The replies are those of the contract in
 :mod:`services.ingest.server`, named in :mod:`services.ingest.replies`.
@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
-from services.common import metrics, spool
+from services.common import commit, metrics, spool
 from services.common.config import Config
 from services.common.model import Envelope, has_tls_required_no, new_message_id
 from services.common.protocol import REQUIRETLS
@@ -118,13 +118,14 @@ class IngestHandler:
         redis: aioredis.Redis,
         listener: Listener = Listener.LISTEN,
         directory: Directory | None = None,
-        committer: spool.Committer | None = None,
+        committer: commit.Committer | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
-        self.committer = committer or spool.Committer(
-            redis, config.trace_ttl, config.ingest.batch_window, config.ingest.batch_max
-        )
+        self.committer = committer or commit.Committer(
+            redis, config.trace_ttl, config.ingest.batch_window, config.ingest.batch_max,
+            min_replicas=config.redis_min_replicas, replica_timeout=config.redis_replica_timeout,
+        )  # fmt: skip
         self.listener = listener
         self.directory = directory if directory is not None else Directory(config)
         self.connections: set[Connection] = set()  # the open sessions, added by each session
