@@ -74,8 +74,8 @@ def deferred(store: redis.Redis, *recipients: str) -> tuple[Job, bytes]:
     with store.pipeline(transaction=True) as pipe:
         scheduler.stage_deferral(pipe, job, time.time() + 600)
         pipe.execute()
-    member: bytes = store.zrange(spool.DEFERRED, 0, 0)[0]  # type: ignore[index]
-    return job, member
+    members: list[bytes] = store.zrange(spool.DEFERRED, 0, 0)  # type: ignore[assignment]
+    return job, members[0]
 
 
 def test_a_bounce_that_fails_leaves_the_entry_deferred(

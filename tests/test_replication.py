@@ -16,7 +16,7 @@ import smtplib
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ def replica_of(root: Path, master: EmbeddedRedis) -> EmbeddedRedis:
     with redis.Redis(port=replica.port, decode_responses=True) as client:
 
         def linked() -> bool:
-            return client.info("replication").get("master_link_status") == "up"
+            info: dict[str, Any] = client.info("replication")
+            return bool(info.get("master_link_status") == "up")
 
         wait_until(linked, 20, "the replica to sync")
     return replica
@@ -192,15 +193,22 @@ def test_failover_under_load(tmp_path: Path, min_replicas: int) -> None:
         url = f"sentinel://127.0.0.1:{sentinel.port}/mymaster/0"
         ingest = stack.enter_context(Ingest(tmp_path, url, min_replicas))
         with Load(ingest) as load:
-            wait_until(lambda: len(load.accepted) >= 30, 30, "mail accepted before the fault")
+
+            def accepted(at_least: int) -> Callable[[], bool]:
+                return lambda: len(load.accepted) >= at_least
+
+            def promoted() -> bool:
+                return master_port(sentinel) == replica.port
+
+            wait_until(accepted(30), 30, "mail accepted before the fault")
             assert master.process is not None
             os.kill(master.process.pid, signal.SIGKILL)
             before = len(load.accepted)
-            wait_until(lambda: master_port(sentinel) == replica.port, 30, "the promotion")
+            wait_until(promoted, 30, "the promotion")
             if min_replicas == 0:  # no replica is left: only then is anything accepted again
-                wait_until(lambda: len(load.accepted) > before, 30, "mail accepted again")
-        with redis.Redis(port=replica.port) as promoted:
-            lost = [i for i in load.accepted if not promoted.exists(spool.trace_key(i))]
+                wait_until(accepted(before + 1), 30, "mail accepted again")
+        with redis.Redis(port=replica.port) as new_master:
+            lost = [i for i in load.accepted if not new_master.exists(spool.trace_key(i))]
         print(  # the report asked for: what a failover costs without WAIT
             f"\nfailover with redis_min_replicas {min_replicas}: {len(load.accepted)} accepted "
             f"({before} before the kill), {load.refused} refused, {len(lost)} lost"

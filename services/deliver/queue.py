@@ -89,6 +89,11 @@ def retry(client: redis.Redis, message_id: str | None = None) -> int:
     return len(members)
 
 
+# The deferred set changes with every deferral and scheduler move: a busy relay may need a few
+# tries before the set stays still from WATCH to EXEC (each try takes a few milliseconds).
+BOUNCE_ATTEMPTS = 100
+
+
 def bounce(config: Config, client: redis.Redis, message_id: str) -> list[str]:
     """Give up on a deferred message: bounce its deferred recipients; return them."""
     bounced: list[str] = []
@@ -104,7 +109,7 @@ def _bounce_entry(config: Config, client: redis.Redis, member: bytes) -> tuple[s
     it (nothing bounced), and a failure leaves the entry where it was."""
     job = Job.from_json(json.loads(member))
     ledger = Ledger(config, client)
-    for _ in range(spool.WATCH_ATTEMPTS):
+    for _ in range(BOUNCE_ATTEMPTS):
         with client.pipeline(transaction=True) as pipe:
             pipe.watch(spool.DEFERRED)  # type: ignore[no-untyped-call]
             if pipe.zscore(spool.DEFERRED, member) is None:
