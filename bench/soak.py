@@ -33,6 +33,11 @@ main process (SIGKILL to its process group, as when a container dies, then start
 supervisor would; its reserved tasks come back after ``celery.visibility_timeout``, here
 ``--visibility-timeout``). Each kill is logged in ``kills.jsonl`` in the work directory.
 
+A Redis fault: ``--redis-kill-after`` seconds into the run (default 10; 0: never) the Redis server
+is SIGKILLed once and started again at once on its AOF (``appendfsync everysec``: a process crash
+loses nothing). Ingest answers ``451`` meanwhile (counted as refused); the workers reconnect, or
+exit after ``celery.stall_after`` (here 15 s) and are started again. Reported as ``redis_kills``.
+
 The end: once the client is done, wait until no message is left in Redis (``tlsrelay:msg:*``,
 bounces included), or every message left has had no task anywhere (not queued, not reserved in
 kombu's ``unacked``, not deferred) for twice the visibility timeout, or ``--deadline`` seconds;
@@ -161,6 +166,7 @@ class Options:
     sessions: int = 20
     rate: float = 0.0
     kill_every: float = 3.0
+    redis_kill_after: float = 10.0  # SIGKILL and restart Redis once, this far in (0: never)
     kills: int | None = None  # at most this many (None: until drained)
     victims: str = "any"  # "any", "main" (worker main processes) or "child" (pool processes)
     lifetime: float = 300.0
@@ -205,7 +211,11 @@ def settings(options: Options) -> Any:
                 "rescue_interval": "3s",
             },
             "policy": {"concurrency": options.policy_workers},
-            "celery": {"visibility_timeout": f"{options.visibility_timeout:g}s"},
+            # A worker whose consumer stalled after the Redis restart is replaced soon.
+            "celery": {
+                "visibility_timeout": f"{options.visibility_timeout:g}s",
+                "stall_after": "15s",
+            },
             "rules": [{**rule, "tls": "enforced"}],
         }
 
@@ -227,6 +237,7 @@ class Killer:
     roles: tuple[str, ...] = ("main", "child")  # which processes may be chosen
     kills: Counter[str] = field(default_factory=Counter)  # "deliver child" → count
     restarts: int = 0
+    redis_kills: int = 0
 
     def note(self, service: str, role: str, pid: int) -> None:
         line = {"at": round(time.time(), 3), "service": service, "role": role, "pid": pid}
@@ -265,6 +276,14 @@ class Killer:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         self.world.start_service(service)
+
+    def kill_redis(self) -> None:
+        """SIGKILL the Redis server, then start it again on its AOF (as its supervisor would)."""
+        process = self.world.redis.process
+        self.note("redis", "server", process.pid if process else 0)
+        self.world.redis.stop(kill=True)
+        self.world.redis.start()
+        self.redis_kills += 1
 
     def keep_alive(self) -> None:
         """A worker main that exited by itself (e.g. the stall watchdog) is started again."""
@@ -354,6 +373,7 @@ class Run:
     load: dict[str, Any]
     kills: Counter[str]
     restarts: int
+    redis_kills: int
     drained: bool
     seconds: float
     sinks: dict[str, Sink]
@@ -382,6 +402,10 @@ def soak(options: Options, root: Path) -> Run:
             if more and now >= next_kill:
                 killer.kill_one()
                 next_kill = now + options.kill_every
+            due = options.redis_kill_after and now - started >= options.redis_kill_after
+            if due and not killer.redis_kills:
+                say("SIGKILL to Redis; starting it again on its AOF")
+                killer.kill_redis()
             killer.keep_alive()
             if load.poll() is not None and deadline is None:
                 deadline = now + options.deadline
@@ -401,7 +425,8 @@ def soak(options: Options, root: Path) -> Run:
         stuck = left - with_task(client)
         client.close()
         return Run(
-            options, run_id, doc, killer.kills, killer.restarts, drain.drained, seconds,
+            options, run_id, doc, killer.kills, killer.restarts, killer.redis_kills,
+            drain.drained, seconds,
             dict(world.sinks), traces, in_spool, stuck, len(left - in_spool),
         )  # fmt: skip
 
@@ -471,6 +496,7 @@ def report(run: Run) -> dict[str, Any]:
         "kills": sum(run.kills.values()),
         "kills_by_role": dict(sorted(run.kills.items())),
         "restarts": run.restarts,
+        "redis_kills": run.redis_kills,
         "delivered_by_tls_outcome": dict(sorted(delivered_by.items())),
         "attempts_by_tls_outcome": dict(sorted(attempts.items())),
         "behaviours": rows,
@@ -572,7 +598,8 @@ def table(r: dict[str, Any]) -> str:
     kills = ", ".join(f"{k} {v}" for k, v in r["kills_by_role"].items()) or "none"
     lines = [
         f"soak: {r['messages']} messages × {s['size']} B over {s['sessions']} sessions, "
-        f"{len(BEHAVIOURS)} behaviours; {r['kills']} kills ({kills}), {r['restarts']} restarts; "
+        f"{len(BEHAVIOURS)} behaviours; {r['kills']} kills ({kills}), {r['restarts']} restarts, "
+        f"Redis killed {r['redis_kills']}x; "
         f"{r['seconds']:.0f} s, {'drained' if r['drained'] else 'NOT drained'}",
         f"  accepted {r['accepted']}  delivered {r['delivered']}  bounced {r['bounced']} "
         f"(DSNs received {r['dsn_received']}, missing {r['dsn_missing']})  still queued "
@@ -614,6 +641,8 @@ def parse(argv: Sequence[str] | None) -> Options:
     add("--sessions", type=int, default=d.sessions, help="concurrent client sessions")
     add("--rate", type=float, default=d.rate, help="messages/s offered; 0: as fast as accepted")
     add("--kill-every", type=float, default=d.kill_every, help="seconds between kills")
+    add("--redis-kill-after", type=float, default=d.redis_kill_after,
+        help="s into the run: SIGKILL Redis once and restart it (AOF); 0: never")  # fmt: skip
     add("--kills", type=int, default=None, help="at most this many kills (default: no limit)")
     add(
         "--victims",
@@ -630,7 +659,8 @@ def parse(argv: Sequence[str] | None) -> Options:
     add("--workdir", type=Path, default=None, help="keep logs and data here")
     add("--json-only", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
-    if args.messages < len(BEHAVIOURS) or args.kill_every <= 0 or args.lifetime <= 0:
+    bad = args.kill_every <= 0 or args.lifetime <= 0 or args.redis_kill_after < 0
+    if args.messages < len(BEHAVIOURS) or bad:
         p.error(f"--messages must be at least {len(BEHAVIOURS)}; durations positive")
     return Options(**{k: v for k, v in vars(args).items()})
 

@@ -18,6 +18,10 @@ module; it imports them (lazily, for the command that runs) and wires them toget
 ``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
 listens.
 
+Every command that runs a service (``run``, ``ingest``, ``policy``, ``deliver``) first checks
+that Redis never evicts (``maxmemory-policy noeviction``, services/common/eviction.py); another
+policy stops it with a message naming the setting (exit 1) before it serves anything.
+
 Each service serves Prometheus ``/metrics`` at ``metrics.<service>`` (``null``: not served); a
 port that cannot be bound stops the service at start-up with a message naming that key (exit 1).
 The Celery workers use prometheus_client's multiprocess mode: :func:`_metrics_mode` sets
@@ -123,6 +127,21 @@ def _require_redis(config: Config, command: str, tool: bool = False) -> str:
     return config.redis_url
 
 
+def _refuse_evicting(redis_url: str, service: str) -> int | None:
+    """Exit status 1 (message printed) when Redis may evict keys; None when it may be used."""
+    from services.common import eviction, spool
+
+    client = spool.connect(redis_url)
+    try:
+        eviction.check(client)
+    except eviction.EvictingRedis as exc:
+        print(f"tlsrelay {service}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return None
+
+
 def _metrics_mode(config: Config, service: str) -> None:
     """Choose prometheus_client's mode for this process; it reads the variable when it is first
     imported, so this runs before anything imports it. Workers with metrics: multiprocess, in a
@@ -147,6 +166,8 @@ def _ingest(config: Config, args: argparse.Namespace) -> int:
     from services.ingest.server import serve
 
     redis_url = _require_redis(config, "ingest")
+    if (refused := _refuse_evicting(redis_url, "ingest")) is not None:
+        return refused
     if config.metrics.ingest is not None:
         try:
             metrics.serve(config.metrics.ingest, "metrics.ingest", "ingest")
@@ -169,6 +190,8 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     from services.common.health import heartbeat_path
 
     redis_url = _require_redis(config, args.command)
+    if (refused := _refuse_evicting(redis_url, args.command)) is not None:
+        return refused
     app = make_app(config, redis_url, args.command)
     if args.command == "policy":
         from services.policy.tasks import PolicyService
@@ -294,6 +317,11 @@ def _run(config: Config, args: argparse.Namespace) -> int:
             f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, "
             f"AOF on, appendfsync {config.redis_appendfsync})"
         )
+    if (refused := _refuse_evicting(redis_url, "run")) is not None:
+        if embedded is not None:
+            _embedded_url_file(config).unlink(missing_ok=True)
+            embedded.stop()
+        return refused
     print(f"ingest: smtp://{config.ingest.listen}", flush=True)
     for name in SERVICES:
         address = getattr(config.metrics, name)

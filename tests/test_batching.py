@@ -20,7 +20,7 @@ import pytest
 import redis
 import yaml
 
-from services.common import queueing, spool
+from services.common import commit, queueing, spool
 from services.common.config import Config, load_config
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis, free_port
@@ -53,7 +53,7 @@ def envelope(*recipients: str) -> Envelope:
 async def commit_all(url: str, envelopes: list[Envelope], window: float, max_batch: int) -> None:
     client = spool.connect_async(url)
     try:
-        committer = spool.Committer(client, spool.TRACE_TTL, window, max_batch)
+        committer = commit.Committer(client, spool.TRACE_TTL, window, max_batch)
         await asyncio.gather(*(committer.accept(e, BODY) for e in envelopes))
     finally:
         await client.aclose()
@@ -90,7 +90,7 @@ def test_a_failed_commit_fails_every_message_of_its_batch(tmp_path: Path) -> Non
 
     async def run() -> list[Any]:
         client = spool.connect_async(url)
-        committer = spool.Committer(client, spool.TRACE_TTL, 0.01, 100)
+        committer = commit.Committer(client, spool.TRACE_TTL, 0.01, 100)
         try:
             return await asyncio.gather(
                 *(committer.accept(e, BODY) for e in envelopes), return_exceptions=True
@@ -112,7 +112,7 @@ def test_a_batch_waits_for_company_only_when_company_is_coming(
     async def linger_after_two(sessions: int) -> float:
         client = spool.connect_async(valkey.url)
         try:
-            committer = spool.Committer(client, spool.TRACE_TTL, 0.5, 100, lambda: sessions)
+            committer = commit.Committer(client, spool.TRACE_TTL, 0.5, 100, lambda: sessions)
             for _ in range(2):  # two quick commits: the average gap is well under the window
                 await committer.accept(envelope("r@dest.test"), BODY)
             third = asyncio.ensure_future(committer.accept(envelope("r@dest.test"), BODY))

@@ -553,6 +553,7 @@ def test_dev_redis_is_a_statefulset_with_aof_on_a_volume_claim() -> None:
     args = " ".join(c.get("command", []) + c.get("args", []))
     assert re.search(r"--appendonly\s+yes\b", args), args
     assert re.search(r"--appendfsync\s+everysec\b", args), args
+    assert re.search(r"--maxmemory-policy\s+noeviction\b", args), args
     data_dir = re.search(r"--dir\s+(\S+)", args)
     assert data_dir, args
     (claim,) = sts["spec"]["volumeClaimTemplates"]

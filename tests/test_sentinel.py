@@ -48,13 +48,13 @@ def test_kombu_gets_every_sentinel_and_the_master_name() -> None:
 
 
 class Sentinel:
-    def __init__(self, root: Path, master_port: int) -> None:
+    def __init__(self, root: Path, master_port: int, settings: str = "") -> None:
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
         self.conf = root / "sentinel.conf"
         self.conf.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {root}\n"
-            f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n{settings}"
         )
         self.proc = subprocess.Popen(
             [str(binary_path()), str(self.conf), "--sentinel"],

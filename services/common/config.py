@@ -100,7 +100,7 @@ class IngestConfig(_Section):
     command_timeout: Duration = Field(default=300.0, gt=0)
     max_bad_commands: int = Field(default=10, gt=0)  # 5xx syntax replies, then 421 4.7.0, close
     max_header_bytes: int = Field(default=1_048_576, gt=0)  # header section; above: 552 5.3.4
-    # Group commit (spool.Committer): while messages arrive more often than once per window,
+    # Group commit (commit.Committer): while messages arrive more often than once per window,
     # those finishing DATA within it share one Redis transaction and one policy task (the 250
     # waits for it); slower, each is written at once. 0 = only those finished in the same
     # event-loop turn. At most batch_max messages per commit.
@@ -291,6 +291,10 @@ class Config(_Section):
     # The embedded server's AOF fsync policy: everysec (a machine crash may lose the last second
     # of accepted mail) or always (fsync before every reply: nothing lost, slower).
     redis_appendfsync: Literal["everysec", "always"] = "everysec"
+    # Ingest answers 250 only once this many replicas acknowledged the commit (WAIT, at most
+    # redis_replica_timeout; below the client's 10 s socket timeout), else 451 4.3.0.
+    redis_min_replicas: int = Field(default=0, ge=0)
+    redis_replica_timeout: Duration = Field(default=1.0, gt=0, le=5.0)
     data_dir: Path = Path("./var")
     trace_ttl: Duration = 7 * 86400.0  # how long a message's event log is kept after its last event
     ingest: IngestConfig = IngestConfig()

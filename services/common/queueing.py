@@ -81,7 +81,7 @@ def task_payload(task_name: str, args: list[Any], queue: str, task_id: str | Non
 
 def classify_task(message_ids: list[str]) -> str:
     """The ``policy`` task for a batch of accepted messages (one ingest commit, see
-    :class:`services.common.spool.Committer`)."""
+    :class:`services.common.commit.Committer`)."""
     return task_payload(TASK_CLASSIFY, [message_ids], QUEUE_POLICY)
 
 

@@ -4,6 +4,8 @@ Used by ``tlsrelay run`` when no ``redis_url`` is configured, and by the tests, 
 server they can stop and restart. The server keeps its data under ``data_dir`` with AOF on
 (``appendfsync everysec`` by default: at most about one second of acknowledged writes can be lost
 if the *machine* crashes; a process crash loses nothing), so a restart finds the queue as it was.
+It never evicts keys (``maxmemory-policy noeviction``, which tlsrelay requires of every Redis:
+services/common/eviction.py); tests may start it with another policy to check that refusal.
 
 Failure: :class:`EmbeddedRedisError` when the binary is missing or the server does not answer
 ``PING`` within the start-up deadline (the message includes the tail of its log).
@@ -49,11 +51,15 @@ class EmbeddedRedis:
         port: int | None = None,
         appendonly: bool = True,
         appendfsync: str = "everysec",
+        maxmemory_policy: str = "noeviction",
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.maxmemory_policy = maxmemory_policy
+        self.extra = extra  # more server arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,8 +75,10 @@ class EmbeddedRedis:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync,
+            "--maxmemory-policy", self.maxmemory_policy,
             "--logfile", "server.log",
             "--protected-mode", "yes",
+            *self.extra,
         ]  # fmt: skip
 
     def start(self, timeout: float = 15.0) -> str:

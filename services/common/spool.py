@@ -20,17 +20,18 @@ Layout (every key under ``tlsrelay:``):
 - ``tlsrpt:{YYYY-MM-DD}``  the day's TLS session counts for RFC 8460 reports (deliver/tlsrpt.py).
 
 Writes that must not be half-done go in one ``MULTI``/``EXEC`` (or one Lua script): a failed
-transaction leaves nothing behind. Functions raise ``redis.exceptions.RedisError`` (and
-``OSError``) when Redis cannot be reached; callers decide what that means (ingest: 451).
+transaction leaves nothing behind. A new message is written only under an id no message (nor
+trace) has (:data:`STORE_NEW`): a colliding id leaves the message already there untouched, and
+ingest stores the new one under another id (:class:`IdTaken`). Functions raise
+``redis.exceptions.RedisError`` (and ``OSError``) when Redis cannot be reached; callers decide
+what that means (ingest: 451).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -154,111 +155,41 @@ def connect_async(url: str) -> aioredis.Redis:
 # --------------------------------------------------------------------------- ingest
 
 
+class IdTaken(Exception):
+    """The message's id belongs to another message (or its trace): nothing of it was stored."""
+
+
+# A new message, written only if its id is free: no msg:{id} and no trace:{id} (a finished
+# message's trace outlives it). The same envelope already stored is this very write sent again
+# (the client retried after a lost reply): done. Returns 1 when stored, 0 when the id is taken.
+# KEYS: msg, trace, waiting:policy. ARGV: envelope, body, first event, trace TTL, score, id.
+STORE_NEW = """
+local stored = redis.call('HGET', KEYS[1], 'envelope')
+if stored then return stored == ARGV[1] and 1 or 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'envelope', ARGV[1], 'body', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+return 1
+"""
+
+
 async def accept(
     client: aioredis.Redis, envelope: Envelope, body: bytes, trace_ttl: float = TRACE_TTL
 ) -> None:
     """Store one message and envelope and enqueue its ``policy`` task, all or nothing.
 
     One ``MULTI``/``EXEC`` round trip. When this returns, the message is in Redis (and in its AOF
-    within the configured fsync window); when it raises, Redis holds none of it. Ingest uses
-    :class:`Committer`, which does the same for several messages at once.
+    within the configured fsync window); when it raises, Redis holds none of it (:class:`IdTaken`:
+    another message has its id; store it under a new one). Ingest uses
+    :class:`services.common.commit.Committer`, which does the same for several messages at once.
     """
     async with client.pipeline(transaction=True) as pipe:
         stage_message(pipe, envelope, body, trace_ttl)
-        await pipe.execute()
-
-
-class Committer:
-    """Group commit for ingest: messages that finish DATA close together share one ``MULTI``/
-    ``EXEC`` and one ``policy`` task (as PostgreSQL's ``commit_delay`` or Kafka's ``linger.ms``).
-
-    :meth:`accept` adds a message to the open batch and waits for the batch's transaction. A batch
-    is written ``window`` seconds after its first message arrived, but only while messages arrive
-    more often than once per ``window`` (a moving average of the gaps between them): otherwise
-    nobody would join it, so it is written on the next turn of the event loop (which still groups
-    messages finished in the same turn). It is written at once when it holds ``max_batch``
-    messages, or a message of every open session (``sessions``): then no one else can join it, so
-    a lone sender, or clients that wait for their 250 before sending more, are not slowed by the
-    window. So the batch grows with the load: one message at 10/s, several at hundreds per
-    second, where the Celery hops' cost per task matters.
-
-    Each caller's ``accept`` returns only after EXEC succeeded and raises what the transaction
-    raised (then none of the batch was stored: every session answers 451).
-    A caller that stops waiting (timeout) does not stop the write: its message may be stored
-    although its client was told 451 — the same as with one transaction per message.
-    """
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        trace_ttl: float,
-        window: float,
-        max_batch: int,
-        sessions: Callable[[], int] | None = None,
-    ) -> None:
-        self.client = client
-        self.sessions = sessions  # how many SMTP sessions are open (None: unknown)
-        self.trace_ttl = trace_ttl
-        self.window = window
-        self.max_batch = max_batch
-        self._batch: list[tuple[Envelope, bytes, asyncio.Future[None]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._writes: set[asyncio.Task[None]] = set()
-        self._last = 0.0  # when the previous message arrived (loop time)
-        self._gap = math.inf  # moving average of the time between messages
-
-    async def accept(self, envelope: Envelope, body: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._last:
-            gap = now - self._last
-            self._gap = gap if math.isinf(self._gap) else 0.8 * self._gap + 0.2 * gap
-        self._last = now
-        done: asyncio.Future[None] = loop.create_future()
-        self._batch.append((envelope, body, done))
-        if len(self._batch) >= self.max_batch or self._everyone_waits():
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._linger(), self._flush)
-        await asyncio.shield(done)
-
-    def _everyone_waits(self) -> bool:
-        """Every open session has a message in this batch: nobody else can join it now."""
-        return self.sessions is not None and len(self._batch) >= self.sessions()
-
-    def _linger(self) -> float:
-        return 0.0 if self._gap >= self.window else self.window
-
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._batch = self._batch, []
-        if batch:
-            write = asyncio.get_running_loop().create_task(self._write(batch))
-            self._writes.add(write)  # keep a reference until it is done
-            write.add_done_callback(self._writes.discard)
-
-    async def _write(self, batch: list[tuple[Envelope, bytes, asyncio.Future[None]]]) -> None:
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                for envelope, body, _ in batch:
-                    stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
-                ids = [envelope.id for envelope, _, _ in batch]
-                pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
-                await pipe.execute()
-        except Exception as exc:
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        except BaseException:  # cancelled (shutdown): the callers must not wait forever
-            for _, _, done in batch:
-                done.cancel()
-            raise
-        for _, _, done in batch:
-            if not done.done():
-                done.set_result(None)
+        stored, _ = await pipe.execute()
+    if not stored:
+        raise IdTaken(envelope.id)
 
 
 def stage_message(
@@ -270,7 +201,8 @@ def stage_message(
     **received: Any,
 ) -> None:
     """Buffer the writes that queue a new message (ingest, or a DSN the relay itself generates)
-    into ``pipe``, a transaction the caller executes. ``received`` adds fields to the event.
+    into ``pipe``, a transaction the caller executes: first one :data:`STORE_NEW` script, whose
+    reply is 0 when the id was taken (nothing stored). ``received`` adds fields to the event.
     ``enqueue=False``: the caller pushes the ``policy`` task itself (one for a batch)."""
     first = event(
         "received",
@@ -287,12 +219,11 @@ def stage_message(
         client_cert=envelope.client_cert,
         **received,
     )
-    pipe.hset(
-        msg_key(envelope.id), mapping={"envelope": json.dumps(envelope.to_json()), "body": body}
+    keys = (msg_key(envelope.id), trace_key(envelope.id), WAITING_POLICY)
+    doc = json.dumps(envelope.to_json())
+    pipe.eval(
+        STORE_NEW, 3, *keys, doc, body, first, int(trace_ttl), envelope.received_at, envelope.id
     )
-    pipe.rpush(trace_key(envelope.id), first)
-    pipe.expire(trace_key(envelope.id), int(trace_ttl))
-    pipe.zadd(WAITING_POLICY, {envelope.id: envelope.received_at})
     if enqueue:
         pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task([envelope.id]))
 
@@ -388,39 +319,84 @@ def budgeted(sizes: Sequence[int], budget: int | None = None) -> list[range]:
     return chunks
 
 
+# Which of KEYS (msg:{id}) already carry decisions (1) or not (0), in one round trip.
+CLASSIFIED = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HEXISTS', key, 'decisions') end
+return out
+"""
+WATCH_ATTEMPTS = 10  # optimistic transactions retried this often before giving up (raising)
+
+
 def record_classifications(
     client: redis.Redis,
     classified: list[tuple[Envelope, list[Decision]]],
     trace_ttl: float = TRACE_TTL,
     batch_max: int = 50,
     message_ids: Sequence[str] = (),
-) -> None:
+) -> list[str]:
     """Store the decisions of several messages and enqueue their delivery jobs, atomically: one
     ``deliver`` task per destination domain with up to ``batch_max`` jobs (so one worker sends a
     domain's messages over one connection). ``message_ids`` (the whole policy task, including
-    messages skipped as gone or already classified) leave ``waiting:policy``."""
+    messages skipped as gone or already classified) leave ``waiting:policy``.
+
+    Idempotent: the messages' hashes are ``WATCH``ed and those that have decisions already (a
+    copy of the same task ran at the same time) are left out, so two copies queue one set of
+    deliveries; when a watched hash changes before ``EXEC`` the transaction is tried again.
+    Returns the ids classified here; ``redis.WatchError`` after :data:`WATCH_ATTEMPTS` tries."""
+    for _ in range(WATCH_ATTEMPTS):
+        with client.pipeline(transaction=True) as pipe:
+            fresh = _not_yet_classified(pipe, classified)
+            pipe.multi()
+            _stage_classifications(pipe, fresh, trace_ttl, batch_max, message_ids)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                continue
+            return [envelope.id for envelope, _ in fresh]
+    raise redis.WatchError(f"classifications not recorded after {WATCH_ATTEMPTS} attempts")
+
+
+def _not_yet_classified(
+    pipe: redis.client.Pipeline, classified: list[tuple[Envelope, list[Decision]]]
+) -> list[tuple[Envelope, list[Decision]]]:
+    """WATCH the messages' hashes (``pipe`` then runs commands at once until ``multi()``) and
+    keep those without decisions."""
+    if not classified:
+        return []
+    keys = [msg_key(envelope.id) for envelope, _ in classified]
+    pipe.watch(*keys)  # type: ignore[no-untyped-call]
+    done: list[int] = pipe.eval(CLASSIFIED, len(keys), *keys)
+    return [item for item, decided in zip(classified, done, strict=True) if not decided]
+
+
+def _stage_classifications(
+    pipe: redis.client.Pipeline,
+    classified: list[tuple[Envelope, list[Decision]]],
+    trace_ttl: float,
+    batch_max: int,
+    message_ids: Sequence[str],
+) -> None:
     jobs: list[Job] = []
     waiting: dict[str, float] = {}
     batch = len(message_ids) or len(classified)  # shown in the trace: messages in the task
-    with client.pipeline(transaction=True) as pipe:
-        for envelope, decisions in classified:
-            groups = envelope.recipients_by_domain()
-            as_json = [d.to_json() for d in decisions]
-            pipe.hset(msg_key(envelope.id), "decisions", json.dumps(as_json))
-            classified_event = event("classified", decisions=as_json, batch=batch)
-            pipe.rpush(trace_key(envelope.id), classified_event)
-            pipe.expire(trace_key(envelope.id), int(trace_ttl))
-            for decision in decisions:
-                jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
-                waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
-        for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
-        if waiting:
-            pipe.zadd(WAITING_DELIVER, waiting)
-        gone = list(message_ids) or [envelope.id for envelope, _ in classified]
-        if gone:
-            pipe.zrem(WAITING_POLICY, *gone)
-        pipe.execute()
+    for envelope, decisions in classified:
+        groups = envelope.recipients_by_domain()
+        as_json = [d.to_json() for d in decisions]
+        pipe.hset(msg_key(envelope.id), "decisions", json.dumps(as_json))
+        classified_event = event("classified", decisions=as_json, batch=batch)
+        pipe.rpush(trace_key(envelope.id), classified_event)
+        pipe.expire(trace_key(envelope.id), int(trace_ttl))
+        for decision in decisions:
+            jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
+            waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
+    for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
+        pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
+    if waiting:
+        pipe.zadd(WAITING_DELIVER, waiting)
+    gone = list(message_ids) or [envelope.id for envelope, _ in classified]
+    if gone:
+        pipe.zrem(WAITING_POLICY, *gone)
 
 
 def append_trace(

@@ -79,11 +79,17 @@ class Ledger:
         return Round(job, envelope, body, state, time.time(), envelope.received_at + lifetime)
 
     def record(
-        self, round_: Round, outcome: Outcome, upcoming: tuple[str, str] | None = None
+        self,
+        round_: Round,
+        outcome: Outcome,
+        upcoming: tuple[str, str] | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> None:
         """Write the round's results in one transaction, with the DSN it calls for (if any);
         delete the message once every recipient is final. ``upcoming``: the (message id,
-        domain) the batch sends next, whose in-flight mark rides in this transaction."""
+        domain) the batch sends next, whose in-flight mark rides in this transaction. ``pipe``:
+        the caller's transaction (after ``multi()``, with its own commands staged first and
+        what it decided on WATCHed); executed here, ``redis.WatchError`` propagates."""
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
@@ -93,7 +99,7 @@ class Ledger:
         final = {**round_.state.final, **outcome.final}
         complete = set(final) >= set(round_.envelope.recipients)
         events, sts_failures = _round_events(rec), 0
-        with self.client.pipeline(transaction=True) as pipe:
+        with pipe or self.client.pipeline(transaction=True) as pipe:
             if outcome.sts is not None:  # TLSRPT counts ride this transaction
                 sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, round_.now)
             events += _stage_states(pipe, rec)

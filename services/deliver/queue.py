@@ -4,9 +4,10 @@
   next attempt and last error.
 - :func:`retry` makes matching entries due now (``ZADD XX``: an entry the scheduler already took
   is left alone); the scheduler moves them within ``delivery.scheduler_interval``.
-- :func:`bounce` takes a message's entries out of the deferred set (``ZREM`` decides who owns
-  each, so a concurrent scheduler cannot also deliver it) and bounces their recipients with a DSN,
-  through the same recording code as a delivery round.
+- :func:`bounce` takes a message's entries out of the deferred set and bounces their recipients
+  with a DSN (the same recording code as a delivery round), each entry in one transaction under
+  ``WATCH`` of the set: an entry a concurrent scheduler took is left to it, and a failure half-way
+  leaves the entry deferred, never removed without its bounce.
 
 Failure: Redis errors propagate; a message with nothing deferred is reported, not an error.
 """
@@ -88,23 +89,47 @@ def retry(client: redis.Redis, message_id: str | None = None) -> int:
     return len(members)
 
 
+# The deferred set changes with every deferral and scheduler move: a busy relay may need a few
+# tries before the set stays still from WATCH to EXEC (each try takes a few milliseconds).
+BOUNCE_ATTEMPTS = 100
+
+
 def bounce(config: Config, client: redis.Redis, message_id: str) -> list[str]:
     """Give up on a deferred message: bounce its deferred recipients; return them."""
     bounced: list[str] = []
     for member, _ in _members(client):
-        if job_key(json.loads(member))[0] != message_id:
-            continue
-        job = Job.from_json(json.loads(member))  # read before ZREM: a failure loses nothing
-        if not client.zrem(spool.DEFERRED, member):
-            continue
-        envelope = spool.load_envelope(client, message_id)
-        body = spool.load_body(client, message_id)
-        if envelope is None or body is None:
-            continue
-        reason = f"given up by the administrator; last error: {job.last_error or 'none'}"
-        outcome = Outcome(note="The relay's administrator stopped retrying this message.")
-        outcome.bounced = dict.fromkeys(job.recipients, Reply(550, "5.0.0", reason))
-        ledger = Ledger(config, client)
-        ledger.record(ledger.round(job, envelope, body), outcome)
-        bounced += job.recipients
+        if job_key(json.loads(member))[0] == message_id:
+            bounced += _bounce_entry(config, client, member)
     return bounced
+
+
+def _bounce_entry(config: Config, client: redis.Redis, member: bytes) -> tuple[str, ...]:
+    """One deferred entry: out of the deferred set and its recipients bounced (with the DSN) in
+    ONE transaction, under ``WATCH`` of the set: an entry the scheduler took meanwhile is left to
+    it (nothing bounced), and a failure leaves the entry where it was."""
+    job = Job.from_json(json.loads(member))
+    ledger = Ledger(config, client)
+    for _ in range(BOUNCE_ATTEMPTS):
+        with client.pipeline(transaction=True) as pipe:
+            pipe.watch(spool.DEFERRED)  # type: ignore[no-untyped-call]
+            if pipe.zscore(spool.DEFERRED, member) is None:
+                return ()  # the scheduler (or another bounce) has it
+            envelope, body = spool.load_envelope(client, job.id), spool.load_body(client, job.id)
+            pipe.multi()
+            pipe.zrem(spool.DEFERRED, member)
+            try:
+                if envelope is None or body is None:  # the message is gone: a stale entry
+                    pipe.execute()
+                    return ()
+                ledger.record(ledger.round(job, envelope, body), _given_up(job), pipe=pipe)
+            except redis.WatchError:
+                continue
+        return job.recipients
+    raise redis.WatchError(f"deferred set too busy: {job.id} not bounced, try again")
+
+
+def _given_up(job: Job) -> Outcome:
+    reason = f"given up by the administrator; last error: {job.last_error or 'none'}"
+    outcome = Outcome(note="The relay's administrator stopped retrying this message.")
+    outcome.bounced = dict.fromkeys(job.recipients, Reply(550, "5.0.0", reason))
+    return outcome

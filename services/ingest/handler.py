@@ -3,7 +3,7 @@
 :class:`IngestHandler` answers EHLO, MAIL, RCPT and DATA (aiosmtpd's ``handle_<VERB>`` hooks,
 each returning its reply), checks AUTH credentials for the session
 (:mod:`services.ingest.session`) and stores each message with its ``policy`` task through
-:class:`services.common.spool.Committer`. Who may send what where is
+:class:`services.common.commit.Committer`. Who may send what where is
 :mod:`services.ingest.access` (pure); the Redis counters (failed AUTHs, messages per tenant) are
 :mod:`services.ingest.limits`. The replies are those of the contract in
 :mod:`services.ingest.server`, named in :mod:`services.ingest.replies`.
@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from redis.exceptions import RedisError
 
-from services.common import metrics, spool
+from services.common import commit, metrics, spool
 from services.common.config import Config
 from services.common.model import Envelope, has_tls_required_no, new_message_id
 from services.common.protocol import REQUIRETLS
@@ -51,6 +51,7 @@ from services.ingest.message import (
 log = logging.getLogger("tlsrelay.ingest")
 
 ACCEPT_TIMEOUT = 30.0  # seconds for the spool transaction; the client waits 10 min (RFC 5321)
+ID_ATTEMPTS = 3  # message ids tried when one is taken (64 random bits: practically never)
 CHECK_TIMEOUT = 10.0  # seconds for a limit counter (AUTH, MAIL); RFC 5321 §4.5.3.2: 5 min
 # aiosmtpd's built-in mechanisms; our handle_EHLO advertises them (submission, over TLS only).
 AUTH_MECHANISMS: Final = ("LOGIN", "PLAIN")
@@ -117,13 +118,14 @@ class IngestHandler:
         redis: aioredis.Redis,
         listener: Listener = Listener.LISTEN,
         directory: Directory | None = None,
-        committer: spool.Committer | None = None,
+        committer: commit.Committer | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
-        self.committer = committer or spool.Committer(
-            redis, config.trace_ttl, config.ingest.batch_window, config.ingest.batch_max
-        )
+        self.committer = committer or commit.Committer(
+            redis, config.trace_ttl, config.ingest.batch_window, config.ingest.batch_max,
+            min_replicas=config.redis_min_replicas, replica_timeout=config.redis_replica_timeout,
+        )  # fmt: skip
         self.listener = listener
         self.directory = directory if directory is not None else Directory(config)
         self.connections: set[Connection] = set()  # the open sessions, added by each session
@@ -280,21 +282,31 @@ class IngestHandler:
 
     @tempfail_without_redis
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        for _ in range(ID_ATTEMPTS):  # a new id (and Received: field) when one is taken
+            stored, body = self._message(session, envelope)
+            try:
+                await from_redis(
+                    self.committer.accept(stored, body),
+                    ACCEPT_TIMEOUT,
+                    "%s: not queued, spool unavailable",
+                    stored.id,
+                )
+            except spool.IdTaken:
+                log.warning("%s: id already in use, storing under a new one", stored.id)
+                continue
+            log.info("%s: queued from %s, %d bytes", stored.id, stored.client_address, stored.size)
+            metrics.ingest_accepted(self.listener.value, stored.size)
+            return replies.queued_as(stored.id)
+        log.error("no free message id in %d attempts: not queued", ID_ATTEMPTS)
+        return replies.TEMPFAIL
+
+    def _message(self, session: Session, envelope: SmtpEnvelope) -> tuple[Envelope, bytes]:
+        """The envelope (with a new id) and the body as stored, ``Received:`` field first."""
         stored = self._envelope(session, envelope)
         body = received_header(stored, self.config.hostname, with_keyword(session, envelope))
         body += raw_content(envelope)
-        stored = dataclasses.replace(
-            stored, size=len(body), tls_required_no=has_tls_required_no(body)
-        )
-        await from_redis(
-            self.committer.accept(stored, body),
-            ACCEPT_TIMEOUT,
-            "%s: not queued, spool unavailable",
-            stored.id,
-        )
-        log.info("%s: queued from %s, %d bytes", stored.id, stored.client_address, stored.size)
-        metrics.ingest_accepted(self.listener.value, stored.size)
-        return replies.queued_as(stored.id)
+        size, no_tls = len(body), has_tls_required_no(body)
+        return dataclasses.replace(stored, size=size, tls_required_no=no_tls), body
 
     def _envelope(self, session: Session, envelope: SmtpEnvelope) -> Envelope:
         sender = envelope.mail_from or ""

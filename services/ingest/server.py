@@ -2,7 +2,7 @@
 
 One process runs up to three listeners (:class:`~services.ingest.access.Listener`), one socket
 and one :class:`~services.ingest.handler.IngestHandler` each, all storing through one
-:class:`services.common.spool.Committer`:
+:class:`services.common.commit.Committer`:
 
 - ``listen`` (``ingest.listen``, port 25's role): mail to tenant domains from anyone, to other
   domains only from ``ingest.relay_networks`` or a tenant's ``networks``. No AUTH (``502``).
@@ -61,7 +61,7 @@ Contract (these replies are relied on by clients and tests):
   authenticated, the client certificate's name on the relay listener) followed by the octets
   exactly as received (only SMTP dot-stuffing undone). ``250 2.0.0 Ok: queued as <ID>`` is sent
   only after the transaction that stores the message and its ``policy`` task committed
-  (:class:`services.common.spool.Committer`: messages finishing within ``ingest.batch_window``
+  (:class:`services.common.commit.Committer`: messages finishing within ``ingest.batch_window``
   share one transaction and one policy task). More data than the limit → ``552 5.3.4``.
 - STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate; the relay
   listener uses ``platform_tls`` (see :mod:`services.ingest.tlscert`). Commands pipelined in
@@ -128,7 +128,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from services.common import health, metrics, spool
+from services.common import commit, health, metrics, spool
 from services.common.config import Config
 from services.common.tenants import Directory
 from services.common.values import HostPort
@@ -178,9 +178,11 @@ class IngestServer:
         directory = Directory(self.config)
         ingest = self.config.ingest
         # One group commit for all listeners: their messages share transactions.
-        committer = spool.Committer(
+        committer = commit.Committer(
             self._redis, self.config.trace_ttl, ingest.batch_window, ingest.batch_max,
             sessions=lambda: sum(len(h.connections) for h in self._handlers),
+            min_replicas=self.config.redis_min_replicas,
+            replica_timeout=self.config.redis_replica_timeout,
         )  # fmt: skip
         metrics.prime_ingest(listener.value for listener in endpoints)
         try:

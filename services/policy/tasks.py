@@ -3,7 +3,9 @@
 A task carries a batch of message ids (one ingest commit); its decisions and deliveries are
 written in one transaction, all or nothing. Idempotent: a message that already has decisions is
 not classified again (a task redelivered after a worker crash would otherwise enqueue its
-deliveries twice). A message that is gone (already final) is ignored. The body is read from
+deliveries twice), checked again under ``WATCH`` in the writing transaction, so two copies of a
+task running at the same time queue one set of deliveries (``spool.record_classifications``).
+A message that is gone (already final) is ignored. The body is read from
 Redis only when a rule looks at content (``Ruleset.needs_content``). Redis errors propagate: the
 task is not acknowledged and runs again.
 
@@ -65,19 +67,22 @@ class PolicyService:
             (envelope, decide(facts_from_message(envelope, raw, ruleset), ruleset))
             for envelope, raw in self._with_bodies(loaded, ruleset.needs_content)
         ]
-        spool.record_classifications(
-            self.client,
-            classified,
-            self.config.trace_ttl,
-            batch_max=self.config.delivery.batch_max,
-            message_ids=message_ids,
+        recorded = set(
+            spool.record_classifications(
+                self.client,
+                classified,
+                self.config.trace_ttl,
+                batch_max=self.config.delivery.batch_max,
+                message_ids=message_ids,
+            )
         )
         for envelope, decisions in classified:
-            metrics.decisions(decisions)
-            log.info("classified %s: %s", envelope.id, [d.to_json() for d in decisions])
-        if len(classified) < len(message_ids):
+            if envelope.id in recorded:
+                metrics.decisions(decisions)
+                log.info("classified %s: %s", envelope.id, [d.to_json() for d in decisions])
+        if len(recorded) < len(message_ids):
             log.info("skipped %d of %d: gone or already classified",
-                     len(message_ids) - len(classified), len(message_ids))  # fmt: skip
+                     len(message_ids) - len(recorded), len(message_ids))  # fmt: skip
 
     def _with_bodies(
         self, loaded: list[Envelope], needed: bool
