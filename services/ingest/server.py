@@ -240,12 +240,16 @@ class IngestServer:
         )
 
     async def drain(self, grace: float) -> None:
-        """SIGTERM: stop accepting (readiness fails first), let sessions finish for ``grace``
-        seconds, then answer ``421`` to their next command; close what is left 10 s later."""
+        """SIGTERM: stop accepting (readiness fails first); sessions between transactions get
+        ``421 4.3.2`` and are closed at once, those in a transaction get ``grace`` seconds to
+        finish it (then the same); after that the rest answer ``421`` to their next command,
+        and what is left is closed 10 s later."""
         health.INGEST.ready = False
         for server in self._servers:
             server.close()
         sessions = set().union(*(h.connections for h in self._handlers))
+        for session in sessions:
+            session.drain()
         await _wait_gone(sessions, grace)
         for session in sessions:
             session.refuse_new_commands()
@@ -308,7 +312,7 @@ async def _serve(config: Config, redis_url: str) -> None:
         if config.metrics.ingest is not None:  # served by the CLI before the listeners started
             print(f"ingest metrics on http://{config.metrics.ingest}/metrics", flush=True)
         await stopping.wait()
-        log.info("draining: no new connections; sessions get %ss", config.ingest.drain_grace)
+        log.info("draining: idle sessions closed; transactions get %ss", config.ingest.drain_grace)
         await server.drain(config.ingest.drain_grace)
     finally:
         beat.cancel()
