@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from services import supervisor
-from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
+from services.common.cliargs import parse_anywhere
+from services.common.config import ENV_CONFIG, ENV_REDIS_URL, Config, ConfigError, load_config
 from services.common.logs import setup_logging
 from services.deliver import cli as deliver_cli
 
@@ -44,7 +45,19 @@ SERVICES = ("ingest", "policy", "deliver")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The command; a reader that stops early (``trace --json ID | head``) ends it quietly."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # As Unix tools do: no traceback; stdout pointed at /dev/null so the flush at exit
+        # does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["passwd"]:
         return _passwd(argv[1:])
     if argv[:1] == ["rules"]:  # `tlsrelay rules check|explain`: its own exit codes (bad file → 1)
@@ -52,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return rules_main(argv[1:])
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parse_anywhere(parser, _commands(parser), argv)
     setup_logging(args.command if args.command in (*SERVICES, "run") else "cli")
     try:
         config = load_config(args.config)
@@ -98,7 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["healthcheck"].add_argument("service", choices=("policy", "deliver"))
     deliver_cli.add_tlsrpt_arguments(sub.choices["tlsrpt"])
     deliver_cli.add_queue_arguments(sub.choices["queue"])
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    commands: dict[str, argparse.ArgumentParser] = parser.get_default("commands")
+    return commands
 
 
 def _require_redis(config: Config, command: str, tool: bool = False) -> str:
@@ -106,9 +125,15 @@ def _require_redis(config: Config, command: str, tool: bool = False) -> str:
     if not config.redis_url and tool and url_file.exists():
         return url_file.read_text().strip()
     if not config.redis_url:
+        where = (
+            f"no 'tlsrelay run' is running with data_dir {supervisor.shown(config.data_dir)}"
+            if tool
+            else "only 'tlsrelay run' starts an embedded server"
+        )
         print(
-            f"tlsrelay {command}: redis_url is not configured (set it in the config file or "
-            f"${ENV_REDIS_URL}); only 'tlsrelay run' starts an embedded server",
+            f"tlsrelay {command}: redis_url is not configured and {where} (config: "
+            f"{config.source or 'none'}); pass --config FILE of the running relay (or set "
+            f"${ENV_CONFIG}=FILE), or set redis_url in it or ${ENV_REDIS_URL}",
             file=sys.stderr,
         )
         raise SystemExit(EXIT_CONFIG)
