@@ -129,6 +129,8 @@ def run(config: Config, config_path: str | None) -> int:
 def _run_locked(config: Config, config_path: str | None) -> int:
     from services.common.redisserver import EmbeddedRedis
 
+    source = f"config {config.source.resolve()}" if config.source else "built-in defaults"
+    print(f"tlsrelay run: {source}; data_dir {config.data_dir} (relative to the config file)")
     embedded = None
     redis_url = config.redis_url
     if redis_url is None:

@@ -84,6 +84,12 @@ def test_a_second_run_exits_2_and_ctrl_c_stops_redis_last(
     assert "Received SIGTERM" in server_log, "Redis was not stopped by run"
     assert "Redis unavailable" not in (root / "run.log").read_text(errors="replace")
     assert not url_file.exists()
+    banner = (root / "run.log").read_text(errors="replace").splitlines()[0]
+    config = root / "tlsrelay.yaml"
+    assert (
+        banner
+        == f"tlsrelay run: config {config}; data_dir {root / 'var'} (relative to the config file)"
+    )
 
 
 def test_a_taken_listening_address_is_named_and_run_exits_1_at_once(tmp_path: Path) -> None:
