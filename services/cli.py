@@ -3,10 +3,10 @@
 The composition root, on top of every service: the services import ``common`` and never this
 module; it imports them (lazily, for the command that runs) and wires them together.
 
-- ``tlsrelay run --config FILE``: the whole relay on one machine — the embedded Redis (when no
-  ``redis_url``), then ``ingest``, ``policy`` and ``deliver`` as child processes. SIGINT/SIGTERM
-  stops every child (SIGTERM, then SIGKILL after a grace period) and the embedded Redis. If a child
-  dies on its own, the others are stopped and ``run`` exits 1.
+- ``tlsrelay run --config FILE``: the whole relay on one machine (:mod:`services.supervisor`):
+  a lock on ``data_dir``, the embedded Redis (when no ``redis_url``), then ``ingest``, ``policy``
+  and ``deliver`` as child processes, restarted when they die. SIGINT/SIGTERM stops every child
+  (warm shutdown), then the embedded Redis.
 - ``tlsrelay ingest|policy|deliver --config FILE``: one service (a Kubernetes container's command).
 - ``tlsrelay trace ID [--json]``: the recorded events of one message (without ``redis_url`` it
   finds the embedded server of a running ``tlsrelay run`` with the same config).
@@ -34,16 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from types import FrameType
 
-from services.common.config import ENV_REDIS_URL, Config, ConfigError, load_config
+from services import supervisor
+from services.common.cliargs import parse_anywhere
+from services.common.config import ENV_CONFIG, ENV_REDIS_URL, Config, ConfigError, load_config
 from services.common.logs import setup_logging
 from services.deliver import cli as deliver_cli
 
@@ -52,7 +49,19 @@ SERVICES = ("ingest", "policy", "deliver")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The command; a reader that stops early (``trace --json ID | head``) ends it quietly."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # As Unix tools do: no traceback; stdout pointed at /dev/null so the flush at exit
+        # does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["passwd"]:
         return _passwd(argv[1:])
     if argv[:1] == ["rules"]:  # `tlsrelay rules check|explain`: its own exit codes (bad file → 1)
@@ -60,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return rules_main(argv[1:])
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parse_anywhere(parser, _commands(parser), argv)
     setup_logging(args.command if args.command in (*SERVICES, "run") else "cli")
     try:
         config = load_config(args.config)
@@ -106,21 +115,29 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["healthcheck"].add_argument("service", choices=("policy", "deliver"))
     deliver_cli.add_tlsrpt_arguments(sub.choices["tlsrpt"])
     deliver_cli.add_queue_arguments(sub.choices["queue"])
+    parser.set_defaults(commands=sub.choices)
     return parser
 
 
-def _embedded_url_file(config: Config) -> Path:
-    """Where a running ``tlsrelay run`` leaves its embedded server's URL for the tools."""
-    return config.data_dir / "redis" / "url"
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    commands: dict[str, argparse.ArgumentParser] = parser.get_default("commands")
+    return commands
 
 
 def _require_redis(config: Config, command: str, tool: bool = False) -> str:
-    if not config.redis_url and tool and _embedded_url_file(config).exists():
-        return _embedded_url_file(config).read_text().strip()
+    url_file = supervisor.embedded_url_file(config)
+    if not config.redis_url and tool and url_file.exists():
+        return url_file.read_text().strip()
     if not config.redis_url:
+        where = (
+            f"no 'tlsrelay run' is running with data_dir {supervisor.shown(config.data_dir)}"
+            if tool
+            else "only 'tlsrelay run' starts an embedded server"
+        )
         print(
-            f"tlsrelay {command}: redis_url is not configured (set it in the config file or "
-            f"${ENV_REDIS_URL}); only 'tlsrelay run' starts an embedded server",
+            f"tlsrelay {command}: redis_url is not configured and {where} (config: "
+            f"{config.source or 'none'}); pass --config FILE of the running relay (or set "
+            f"${ENV_CONFIG}=FILE), or set redis_url in it or ${ENV_REDIS_URL}",
             file=sys.stderr,
         )
         raise SystemExit(EXIT_CONFIG)
@@ -155,7 +172,8 @@ def _metrics_mode(config: Config, service: str) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
-def _metrics_failed(service: str, error: Exception) -> int:
+def _listen_failed(service: str, error: Exception) -> int:
+    """A listening address (SMTP or /metrics) cannot be bound: say which key, exit 1."""
     print(f"tlsrelay {service}: {error}", file=sys.stderr)
     return 1
 
@@ -163,7 +181,7 @@ def _metrics_failed(service: str, error: Exception) -> int:
 def _ingest(config: Config, args: argparse.Namespace) -> int:
     _metrics_mode(config, "ingest")
     from services.common import metrics
-    from services.ingest.server import serve
+    from services.ingest.server import ListenError, serve
 
     redis_url = _require_redis(config, "ingest")
     if (refused := _refuse_evicting(redis_url, "ingest")) is not None:
@@ -172,8 +190,11 @@ def _ingest(config: Config, args: argparse.Namespace) -> int:
         try:
             metrics.serve(config.metrics.ingest, "metrics.ingest", "ingest")
         except metrics.MetricsError as exc:
-            return _metrics_failed("ingest", exc)
-    serve(config, redis_url)  # prints the listeners, then the metrics URL
+            return _listen_failed("ingest", exc)
+    try:
+        serve(config, redis_url)  # prints the listeners, then the metrics URL
+    except ListenError as exc:
+        return _listen_failed("ingest", exc)
     return 0
 
 
@@ -214,7 +235,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
             key = f"metrics.{args.command}"
             wire_metrics(metrics.serve_workers(address, key, args.command, redis_url))
         except metrics.MetricsError as exc:
-            return _metrics_failed(args.command, exc)
+            return _listen_failed(args.command, exc)
         print(f"{args.command} metrics on http://{address}/metrics", flush=True)
     print(f"{args.command} worker consuming queue '{queue}' on {redis_url}", flush=True)
     app.worker_main(worker_argv(queue, concurrency, config.hostname))
@@ -301,93 +322,10 @@ def _queue(config: Config, args: argparse.Namespace) -> int:
     return cli.queue(config, spool.connect(_require_redis(config, "queue", tool=True)), args)
 
 
-# --------------------------------------------------------------------------- run
-
-
 def _run(config: Config, args: argparse.Namespace) -> int:
-    from services.common.redisserver import EmbeddedRedis
+    from services import supervisor
 
-    embedded = None
-    redis_url = config.redis_url
-    if redis_url is None:
-        embedded = EmbeddedRedis(config.data_dir / "redis", appendfsync=config.redis_appendfsync)
-        redis_url = embedded.start()
-        _embedded_url_file(config).write_text(redis_url + "\n")
-        print(
-            f"redis: embedded server at {redis_url} (data in {embedded.data_dir}, "
-            f"AOF on, appendfsync {config.redis_appendfsync})"
-        )
-    if (refused := _refuse_evicting(redis_url, "run")) is not None:
-        if embedded is not None:
-            _embedded_url_file(config).unlink(missing_ok=True)
-            embedded.stop()
-        return refused
-    print(f"ingest: smtp://{config.ingest.listen}", flush=True)
-    for name in SERVICES:
-        address = getattr(config.metrics, name)
-        print(f"metrics: {name} {f'http://{address}/metrics' if address else 'off'}", flush=True)
-    children = _spawn(args.config, redis_url)
-    try:
-        return _supervise(children, args.config, redis_url)
-    finally:
-        _stop(children)
-        if embedded is not None:
-            _embedded_url_file(config).unlink(missing_ok=True)
-            embedded.stop()
-        print("tlsrelay: stopped", flush=True)
-
-
-def _spawn(config_path: str | None, redis_url: str) -> dict[str, subprocess.Popen[bytes]]:
-    return {name: _start(name, config_path, redis_url) for name in SERVICES}
-
-
-def _start(name: str, config_path: str | None, redis_url: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "services.cli", name]
-    if config_path:
-        argv += ["--config", config_path]
-    return subprocess.Popen(argv, env={**os.environ, ENV_REDIS_URL: redis_url})
-
-
-RESTARTS_PER_MINUTE = 5  # more than this and the failure is not transient: stop everything
-
-
-def _supervise(
-    children: dict[str, subprocess.Popen[bytes]], config_path: str | None, redis_url: str
-) -> int:
-    """Restart a child that dies (as Kubernetes would); give up (exit 1) when one keeps dying."""
-    stop = {"signal": 0}
-    restarts: dict[str, list[float]] = {name: [] for name in children}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop["signal"]:
-        for name, child in children.items():
-            if child.poll() is None:
-                continue
-            recent = [t for t in restarts[name] if time.monotonic() - t < 60] + [time.monotonic()]
-            restarts[name] = recent
-            print(f"tlsrelay: {name} exited with {child.returncode}", file=sys.stderr)
-            if len(recent) > RESTARTS_PER_MINUTE:
-                return 1
-            children[name] = _start(name, config_path, redis_url)
-        time.sleep(0.2)  # supervisor poll; signals interrupt it at once
-    return 0
-
-
-def _stop(children: dict[str, subprocess.Popen[bytes]], grace: float = 30.0) -> None:
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in children.values():
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    return supervisor.run(config, args.config)
 
 
 if __name__ == "__main__":

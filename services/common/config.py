@@ -86,7 +86,8 @@ class IngestConfig(_Section):
     relay: HostPortT | None = None
     auth_failure_limit: int = Field(default=5, gt=0)  # failed AUTHs per client address ...
     auth_failure_window: Duration = 300.0  # ... in this window, then 421 4.7.0 until it passes
-    # On SIGTERM: stop accepting, let open sessions finish this long, then answer 421 to them.
+    # On SIGTERM: stop accepting, close idle sessions (421 4.3.2), let transactions in progress
+    # finish this long, then answer 421 to them.
     drain_grace: Duration = 30.0
     tls_cert: Path | None = None  # absent → self-signed, generated into data_dir
     tls_key: Path | None = None

@@ -6,6 +6,8 @@ server they can stop and restart. The server keeps its data under ``data_dir`` w
 if the *machine* crashes; a process crash loses nothing), so a restart finds the queue as it was.
 It never evicts keys (``maxmemory-policy noeviction``, which tlsrelay requires of every Redis:
 services/common/eviction.py); tests may start it with another policy to check that refusal.
+The server runs in its own process group, so only :meth:`EmbeddedRedis.stop` stops it (never a
+terminal's Ctrl-C meant for its owner).
 
 Failure: :class:`EmbeddedRedisError` when the binary is missing or the server does not answer
 ``PING`` within the start-up deadline (the message includes the tail of its log).
@@ -83,8 +85,14 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 15.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Its own process group: a Ctrl-C in a terminal (SIGINT to the foreground group) must
+        # not stop the server under the workers' warm shutdown; its owner stops it, last.
         self.process = subprocess.Popen(
-            self.command(), cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            self.command(),
+            cwd=self.data_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            process_group=0,
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=1)

@@ -2,9 +2,10 @@
 ``services/cli.py``, which resolves the configuration and the Redis client first).
 
 - ``tlsrelay queue [list] [ID] [--json]``: the deferred deliveries (all, or one message's);
-  ``queue retry [ID]`` makes them due now (exit 1 when ID has none); ``queue bounce ID`` bounces
-  the message's pending recipients with a DSN (exit 1 when there was nothing to bounce, 2
-  without an ID).
+  ``queue retry [ID]`` makes them due now; ``queue bounce ID`` bounces the message's pending
+  recipients with a DSN (2 without an ID). For an ID with nothing deferred both say why and
+  exit 1: ``unknown message ID``, or ``no deferred delivery for ID (delivered 3m ago)`` (its
+  last trace event and when).
 - ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
   gzip JSON file per policy domain, mailed through the relay where the domain asks for it
   (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
@@ -78,16 +79,36 @@ def queue(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
 
     if args.action == "retry":
         count = deferred.retry(client, args.id)
+        if args.id is not None and not count:
+            return _nothing_deferred(client, args.id)
         print(f"{count} deferred deliveries made due now")
-        return 0 if count or args.id is None else 1
+        return 0
     if args.action == "bounce":
         if not args.id:
             print("tlsrelay queue bounce: a message id is required", file=sys.stderr)
             return EXIT_USAGE
         bounced = deferred.bounce(config, client, args.id)
-        print(f"bounced {len(bounced)} recipients of {args.id}: {', '.join(bounced) or '-'}")
-        return 0 if bounced else 1
+        if not bounced:
+            return _nothing_deferred(client, args.id)
+        print(f"bounced {len(bounced)} recipients of {args.id}: {', '.join(bounced)}")
+        return 0
     return _print_queue(deferred.deferred(client, args.id), args.json)
+
+
+def _nothing_deferred(client: redis.Redis, message_id: str) -> int:
+    """``queue retry|bounce ID`` found nothing deferred: say why (exit 1)."""
+    from services.common import spool
+
+    events = spool.read_trace(client, message_id)
+    if not events:
+        print(f"unknown message {message_id}", file=sys.stderr)
+        return 1
+    telling = [e for e in events if e.get("event") not in ("completed", "dsn")] or events
+    last = telling[-1]
+    ago = format_duration(time.time() - float(last.get("at", time.time())))
+    what = f"{last.get('event', '?')} {ago} ago"
+    print(f"no deferred delivery for {message_id} ({what})", file=sys.stderr)
+    return 1
 
 
 def _print_queue(entries: list[Any], as_json: bool) -> int:

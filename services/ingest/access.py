@@ -53,6 +53,13 @@ def listener_addresses(config: Config) -> dict[Listener, HostPort]:
     return addresses
 
 
+def listener_key(config: Config, listener: Listener) -> str:
+    """The configuration key that sets where ``listener`` binds (for messages)."""
+    if listener is Listener.RELAY and config.ingest.relay is None:
+        return f"regions.{config.region}.relay"
+    return f"ingest.{listener.value}"
+
+
 def in_networks(config: Config, client_address: str) -> bool:
     """Whether the client is in ``ingest.relay_networks`` (may relay without AUTH)."""
     try:

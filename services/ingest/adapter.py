@@ -74,18 +74,40 @@ class _Every:
         return self.method
 
 
+Around = Callable[[VerbMethod, str | None], Awaitable[None]]
+
+
+class _Around:
+    """``method`` run by ``around(method, arg)``; its other attributes (aiosmtpd's HELP reads
+    the ``@syntax`` ones) are the method's."""
+
+    def __init__(self, method: VerbMethod, around: Around) -> None:
+        self.method, self.around = method, around
+
+    def __call__(self, arg: str | None) -> Awaitable[None]:
+        return self.around(self.method, arg)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.method, name)
+
+
 class _Verbs(dict[str, VerbMethod]):
-    """aiosmtpd's verb → method table, where an unknown verb finds ``unknown``."""
+    """aiosmtpd's verb → method table, where an unknown verb finds ``unknown`` and every
+    command runs through ``around``."""
 
     def __init__(
-        self, methods: dict[str, VerbMethod], unknown: Callable[[str, str | None], Awaitable[None]]
+        self,
+        methods: dict[str, VerbMethod],
+        unknown: Callable[[str, str | None], Awaitable[None]],
+        around: Around,
     ) -> None:
         super().__init__(methods)
-        self.unknown = unknown
+        self.unknown, self.around = unknown, around
 
     def get(self, verb: str, default: object = None) -> VerbMethod:
         method = super().get(verb)
-        return method if method is not None else functools.partial(self.unknown, verb)
+        found = method if method is not None else functools.partial(self.unknown, verb)
+        return _Around(found, self.around)
 
 
 class AiosmtpdAdapter(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
@@ -95,11 +117,14 @@ class AiosmtpdAdapter(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 
     # ----------------------------------------------------------------------- verbs
 
-    def route_unknown_verbs(self, unknown: Callable[[str, str | None], Awaitable[None]]) -> None:
+    def route_verbs(
+        self, unknown: Callable[[str, str | None], Awaitable[None]], around: Around
+    ) -> None:
         """Send unknown verbs to ``unknown(verb, arg)`` (aiosmtpd's own answer, a ``502`` and
-        a hang-up after 5 of them, is replaced)."""
+        a hang-up after 5 of them, is replaced), and run every command as
+        ``around(method, arg)`` (so the session knows when it is between commands)."""
         assert isinstance(self._smtp_methods, dict)
-        self._smtp_methods = _Verbs(self._smtp_methods, unknown)
+        self._smtp_methods = _Verbs(self._smtp_methods, unknown, around)
 
     def answer_every_verb(self, method: VerbMethod) -> None:
         """From now on every command, known or not, runs ``method(arg)``."""

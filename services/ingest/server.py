@@ -111,7 +111,8 @@ logged and answered ``451 4.3.0`` too (never a stack trace to the peer). If Redi
 the reply was lost, the client retries and the message may be delivered twice: mail is
 at-least-once (RFC 5321 §6.1), never lost. :meth:`IngestServer.stop` closes every listener and
 open session; a message whose 250 was not yet sent is not acknowledged. A listener that cannot
-be bound, or a relay listener without ``platform_tls``, stops the start-up (none listens).
+be bound stops the start-up (none listens) with :class:`ListenError` naming its key; so does a
+relay listener without ``platform_tls``.
 
 Metrics (``services.common.metrics``): each connection is counted when it closes (with whether
 STARTTLS succeeded); each 4xx/5xx reply to MAIL, RCPT or DATA, and each message stored, is counted
@@ -122,6 +123,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import time
@@ -138,6 +140,11 @@ from services.ingest.handler import Connection, IngestHandler
 from services.ingest.session import IngestSMTP
 
 log = logging.getLogger("tlsrelay.ingest")
+
+
+class ListenError(Exception):
+    """A listener cannot be bound; ``str()`` names its key, e.g. ``ingest.listen: cannot listen
+    on 127.0.0.1:2525: Address already in use``."""
 
 
 class IngestServer:
@@ -201,9 +208,15 @@ class IngestServer:
         self, handler: IngestHandler, tls_context: ssl.SSLContext, endpoint: HostPort
     ) -> HostPort:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: self._protocol(handler, tls_context, loop), endpoint.host, endpoint.port
-        )
+        try:
+            server = await loop.create_server(
+                lambda: self._protocol(handler, tls_context, loop), endpoint.host, endpoint.port
+            )
+        except OSError as exc:
+            # asyncio rewrites strerror ("error while attempting to bind..."); errno is kept.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            key = access.listener_key(self.config, handler.listener)
+            raise ListenError(f"{key}: cannot listen on {endpoint}: {why}") from None
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
         return HostPort(host, port)
@@ -229,12 +242,16 @@ class IngestServer:
         )
 
     async def drain(self, grace: float) -> None:
-        """SIGTERM: stop accepting (readiness fails first), let sessions finish for ``grace``
-        seconds, then answer ``421`` to their next command; close what is left 10 s later."""
+        """SIGTERM: stop accepting (readiness fails first); sessions between transactions get
+        ``421 4.3.2`` and are closed at once, those in a transaction get ``grace`` seconds to
+        finish it (then the same); after that the rest answer ``421`` to their next command,
+        and what is left is closed 10 s later."""
         health.INGEST.ready = False
         for server in self._servers:
             server.close()
         sessions = set().union(*(h.connections for h in self._handlers))
+        for session in sessions:
+            session.drain()
         await _wait_gone(sessions, grace)
         for session in sessions:
             session.refuse_new_commands()
@@ -297,7 +314,7 @@ async def _serve(config: Config, redis_url: str) -> None:
         if config.metrics.ingest is not None:  # served by the CLI before the listeners started
             print(f"ingest metrics on http://{config.metrics.ingest}/metrics", flush=True)
         await stopping.wait()
-        log.info("draining: no new connections; sessions get %ss", config.ingest.drain_grace)
+        log.info("draining: idle sessions closed; transactions get %ss", config.ingest.drain_grace)
         await server.drain(config.ingest.drain_grace)
     finally:
         beat.cancel()

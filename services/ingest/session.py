@@ -101,7 +101,9 @@ class IngestSMTP(AiosmtpdAdapter):
         self._limits = handler.config.ingest
         self._refused = False  # over max_connections: never served
         self._errors = 0  # syntax errors answered so far (max_bad_commands)
-        self.route_unknown_verbs(self._unrecognized)
+        self._in_command = False  # a command is being run (its replies may be incomplete)
+        self._draining = False  # the server is stopping: close once between transactions
+        self.route_verbs(self._unrecognized, self._command)
         self._set_command_limits()
         self._greeted = False
         self._helo_reply = False
@@ -109,6 +111,38 @@ class IngestSMTP(AiosmtpdAdapter):
         # The REQUIRETLS parameter(s) of the MAIL command being processed (see smtp_MAIL).
         self.mail_requiretls: tuple[str, ...] = ()
         self._counted_verb: str | None = None  # MAIL, RCPT or DATA while one is processed
+
+    @property
+    def in_transaction(self) -> bool:
+        """A MAIL was accepted and the transaction has not ended (RCPT, DATA, its commit)."""
+        envelope = self.envelope
+        return envelope is not None and envelope.mail_from is not None
+
+    def drain(self) -> None:
+        """SIGTERM: a session between transactions is answered ``421 4.3.2`` and closed now (a
+        pooled connection must not hold the shutdown); one in a transaction finishes it (the
+        ``250`` after DATA included), then gets the same. A command being run completes first."""
+        self._draining = True
+        if not self._in_command and not self.in_transaction:
+            self._shut_down_now()
+
+    async def _command(self, method: Callable[[str | None], Any], arg: str | None) -> None:
+        """Every command runs here: once it is done, a draining session out of its transaction
+        is closed."""
+        self._in_command = True
+        try:
+            await method(arg)
+        finally:
+            self._in_command = False
+        if self._draining and not self.in_transaction:
+            self._shut_down_now()
+
+    def _shut_down_now(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # QUIT, or closed already
+        if not self.handshaking:
+            self.write_now(replies.SHUTTING_DOWN.encode() + b"\r\n")
+        self._hang_up()
 
     def refuse_new_commands(self) -> None:
         """Draining: the command in hand (a DATA being read, say) finishes as usual; every later

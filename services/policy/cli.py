@@ -6,7 +6,9 @@
 - ``tlsrelay rules explain --config FILE --from ADDR --to ADDR [--to ADDR ...] [--requiretls]
   [MESSAGE.eml]``: run ``decide`` on that envelope (and message; without one, content conditions
   see an empty message) and print, per destination domain, the TLS mode, the route, the
-  circumstances and the reasons. Exit 0; a bad config or an unreadable message exits 1.
+  circumstances and the reasons (a rule stopped by its ``unless`` says so). Exit 0; a bad
+  config or an unreadable message exits 1; an ADDR that is not ``local@domain`` is a usage
+  error (exit 2).
 
 ``--config`` may be replaced by ``$TLSRELAY_CONFIG``. No I/O beyond reading the two files.
 """
@@ -18,10 +20,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.common.cliargs import parse_anywhere
 from services.common.config import Config, ConfigError, load_config
 from services.common.model import Decision, Envelope
 from services.common.protocol import REQUIRETLS
 from services.common.rules import Rule, summarize
+from services.common.values import is_hostname
 from services.policy.decide import Ruleset, decide
 from services.policy.facts import facts_from_message
 
@@ -29,7 +33,9 @@ EXIT_OK, EXIT_BAD = 0, 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_anywhere(parser, parser.get_default("actions"), argv, dest="action")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -47,14 +53,30 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=check_rules)
     explain = sub.add_parser("explain", help="show what the rules decide for a message")
     explain.set_defaults(handler=explain_rules)
-    explain.add_argument("--from", dest="sender", required=True, metavar="ADDR", help="MAIL FROM")
+    explain.add_argument("--from", dest="sender", required=True, metavar="ADDR", type=_sender,
+                         help="MAIL FROM ('' for the null reverse-path)")  # fmt: skip
     explain.add_argument("--to", dest="recipients", action="append", required=True, metavar="ADDR",
-                         help="RCPT TO (repeat for several)")  # fmt: skip
+                         type=_address, help="RCPT TO (repeat for several)")  # fmt: skip
     explain.add_argument("--requiretls", action="store_true", help="as MAIL FROM ... REQUIRETLS")
     explain.add_argument("message", nargs="?", type=Path, help="the message (.eml), optional")
     for cmd in (check, explain):
         cmd.add_argument("--config", help="YAML configuration file (default: $TLSRELAY_CONFIG)")
+    parser.set_defaults(actions=sub.choices)
     return parser
+
+
+def _address(text: str) -> str:
+    """An address as ``local@domain`` (a usage error otherwise: exit 2)."""
+    local, at, domain = text.rpartition("@")
+    if not (local and at and is_hostname(domain)) or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(
+            f"expected an address such as user@example.com, got {text!r}"
+        )
+    return text
+
+
+def _sender(text: str) -> str:
+    return "" if text in ("", "<>") else _address(text)
 
 
 # --------------------------------------------------------------------------- check

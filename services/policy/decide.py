@@ -10,7 +10,9 @@ destination domain, in the order the domains first appear among the recipients. 
 3. The mode is the strictest ``tls`` among matching rules; ``default_tls`` only when none of them
    sets one (so a rule may lower a domain to ``none``); then raised to the strictest floor.
 4. ``circumstances``: floors, then matching rules in file order (``("default",)`` when neither);
-   ``reasons``: one line per circumstance naming the condition that held; ``route`` from the
+   ``reasons``: one line per circumstance naming the condition that held, then one per rule
+   whose ``when`` held but whose ``unless`` stopped it (``NAME: when matched, unless`` and
+   why); ``route`` from the
    first matching rule that has one. A ``TLS-Required: No`` header (RFC 8689 §5) is recorded in
    the reasons and changes nothing.
 
@@ -147,14 +149,21 @@ def decide(facts: MessageFacts, ruleset: Ruleset) -> list[Decision]:
 
 def _decide_domain(target: _Target, ruleset: Ruleset) -> Decision:
     floors = platform_floors(target.facts, target.domain, ruleset)
-    matched = [(rule, why) for rule in ruleset.rules if (why := _rule_matches(rule, target))]
+    evaluated = [(rule, *_evaluate(rule, target)) for rule in ruleset.rules]
+    matched = [(rule, why) for rule, why, stopped in evaluated if why and stopped is None]
     modes = [rule.tls for rule, _ in matched if rule.tls is not None]
     tls = reduce(TlsMode.at_least, modes) if modes else ruleset.default_tls
     tls = reduce(TlsMode.at_least, (f.tls for f in floors), tls)
     names = tuple(f.circumstance for f in floors) + tuple(rule.name for rule, _ in matched)
     reasons = [f.reason for f in floors] + [f"{rule.name}: {why}" for rule, why in matched]
+    reasons += [
+        f"{rule.name}: when matched, unless {stopped}"
+        for rule, why, stopped in evaluated
+        if why and stopped is not None
+    ]
     if not names:
-        reasons = [f"default: no rule matched; delivery.default_tls is {tls.label}"]
+        nothing = "no rule matched; " if len(reasons) == 0 else ""
+        reasons.append(f"default: {nothing}delivery.default_tls is {tls.label}")
     facts = target.facts
     if facts.envelope.tls_required_no or any(
         v.strip().lower() == "no" for v in facts.header_values("TLS-Required")
@@ -193,12 +202,13 @@ class _Target:
     memo: dict[tuple[int, str], str | None]
 
 
-def _rule_matches(rule: Rule, target: _Target) -> str | None:
-    """Why the rule matches (the conditions that held, joined), or None."""
+def _evaluate(rule: Rule, target: _Target) -> tuple[str | None, str | None]:
+    """Why ``when`` holds (the conditions that held, joined; None when it does not), and why
+    ``unless`` stopped the rule (None when it did not: the rule matches)."""
     why = _holds(rule.when, target)
-    if why is None or (rule.unless is not None and _holds(rule.unless, target) is not None):
-        return None
-    return why
+    if why is None or rule.unless is None:
+        return why, None
+    return why, _holds(rule.unless, target)
 
 
 def _holds(condition: Condition, target: _Target) -> str | None:
