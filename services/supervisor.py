@@ -74,12 +74,24 @@ def lock_data_dir(data_dir: Path) -> int:
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise DataDirBusy(
-            f"data_dir {shown(data_dir)} is in use by tlsrelay run (pid {holder})"
-        ) from None
+        busy = f"data_dir {shown(data_dir)} is in use by tlsrelay run (pid {holder})"
+        if holder.isdigit() and not _alive(int(holder)):
+            busy += "; that run has died and its embedded Redis still holds the lock: stop it"
+            busy += f" (its address is in {shown(data_dir)}/redis/url)"
+        raise DataDirBusy(busy) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def listening_addresses(config: Config) -> list[tuple[str, HostPort, str]]:
@@ -121,7 +133,7 @@ def run(config: Config, config_path: str | None) -> int:
         if problem is not None:
             print(f"tlsrelay run: {problem}", file=sys.stderr)
             return 1
-        return _run_locked(config, config_path)
+        return _run_locked(config, config_path, lock)
     finally:
         os.close(lock)
 
@@ -140,7 +152,7 @@ def _refuse_evicting(redis_url: str) -> str | None:
     return None
 
 
-def _run_locked(config: Config, config_path: str | None) -> int:
+def _run_locked(config: Config, config_path: str | None, lock: int) -> int:
     from services.common.redisserver import EmbeddedRedis
 
     source = f"config {config.source.resolve()}" if config.source else "built-in defaults"
@@ -148,7 +160,11 @@ def _run_locked(config: Config, config_path: str | None) -> int:
     embedded = None
     redis_url = config.redis_url
     if redis_url is None:
-        embedded = EmbeddedRedis(config.data_dir / "redis", appendfsync=config.redis_appendfsync)
+        # The server inherits the data_dir lock: a `run` killed with SIGKILL leaves its server
+        # running (its own process group), and no second `run` may start another on the AOF.
+        embedded = EmbeddedRedis(
+            config.data_dir / "redis", appendfsync=config.redis_appendfsync, keep_fds=(lock,)
+        )
         redis_url = embedded.start()
         embedded_url_file(config).write_text(redis_url + "\n")
         print(

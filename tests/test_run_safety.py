@@ -3,6 +3,7 @@ terminal, and a listening address that is taken — each through the real comman
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from services.common.redisserver import free_port
 from tests.world import metrics_ports, port_open, wait_until
@@ -131,3 +133,25 @@ def test_a_taken_metrics_port_stops_run_before_anything_starts(tmp_path: Path) -
         f"tlsrelay run: metrics.policy: cannot serve /metrics on {ports['policy']}: "
         "Address already in use\n",
     )
+
+
+def test_a_killed_run_leaves_its_redis_holding_the_lock(
+    running: tuple[subprocess.Popen[bytes], Path, int],
+) -> None:
+    """SIGKILL of `run` alone: its Redis (own process group) lives on, and so must the lock —
+    else a second run would start another server on the same AOF."""
+    proc, root, _port = running
+    url = (root / "var" / "redis" / "url").read_text().strip()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    try:
+        second = tlsrelay(root, "run", "--config", "tlsrelay.yaml", timeout=30)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by tlsrelay run (pid {proc.pid}); that run has died" in second.stderr
+        assert "its embedded Redis still holds the lock" in second.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned services (run's process group)
+        client = redis.Redis.from_url(url)
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            client.shutdown(nosave=True)
+        client.close()

@@ -55,6 +55,7 @@ class EmbeddedRedis:
         appendfsync: str = "everysec",
         maxmemory_policy: str = "noeviction",
         extra: tuple[str, ...] = (),
+        keep_fds: tuple[int, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
@@ -62,6 +63,9 @@ class EmbeddedRedis:
         self.appendfsync = appendfsync
         self.maxmemory_policy = maxmemory_policy
         self.extra = extra  # more server arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
+        # Descriptors the server inherits: ``tlsrelay run`` passes its data_dir lock, so the lock
+        # lasts as long as this server does, even when ``run`` itself is killed.
+        self.keep_fds = keep_fds
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -93,6 +97,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             process_group=0,
+            pass_fds=self.keep_fds,
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
