@@ -67,6 +67,11 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
             queueing.TASK_DELIVER: {"queue": queueing.QUEUE_DELIVER},
         },
         "broker_transport_options": {
+            # kombu's keys (queue lists, unacked, bindings) under our prefix, so tlsrelay can
+            # share a Redis database; kombu prefixes in its client, and every place that reads
+            # or writes those keys directly uses queueing's prefixed names (services/common/
+            # broker.py moves what an older release left in the unprefixed ones).
+            "global_keyprefix": queueing.KEY_PREFIX,
             # Unacked tasks go back to the queue after this long; longer than any delivery.
             "visibility_timeout": int(config.celery.visibility_timeout),
             # ... and the sweep that hands them back runs this often (kombu's default is about
@@ -118,7 +123,8 @@ def make_app(config: Config, redis_url: str, name: str) -> Celery:
 
 
 def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
-    """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control)."""
+    """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control),
+    no ``celeryev`` heartbeats (nobody listens; a publish every 2 s per worker)."""
     return [
         "--quiet",  # no banner on stdout: logs are JSON lines on stderr (services/common/logs.py)
         "worker",
@@ -128,6 +134,7 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
         "--hostname", f"{queue}@{hostname}",
         "--without-gossip",
         "--without-mingle",
+        "--without-heartbeat",
         "--loglevel", "INFO",
     ]  # fmt: skip
 
@@ -183,7 +190,7 @@ class Watchdog(threading.Thread):
         if state.active_requests or time.monotonic() - self.last_received < self.stall_after:
             return False
         try:
-            return bool(client.llen(self.queue))
+            return bool(client.llen(queueing.LISTS[self.queue]))
         except redis.exceptions.RedisError:
             self.last_received = time.monotonic()  # Redis is down: not a stall of ours
             return False

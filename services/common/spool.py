@@ -245,7 +245,7 @@ class Committer:
                 for envelope, body, _ in batch:
                     stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
                 ids = [envelope.id for envelope, _, _ in batch]
-                pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+                pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
                 await pipe.execute()
         except Exception as exc:
             for _, _, done in batch:
@@ -294,7 +294,7 @@ def stage_message(
     pipe.expire(trace_key(envelope.id), int(trace_ttl))
     pipe.zadd(WAITING_POLICY, {envelope.id: envelope.received_at})
     if enqueue:
-        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task([envelope.id]))
+        pipe.lpush(queueing.POLICY_LIST, queueing.classify_task([envelope.id]))
 
 
 # --------------------------------------------------------------------------- workers
@@ -414,7 +414,7 @@ def record_classifications(
                 jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
                 waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
         for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
+            pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([j.to_json() for j in chunk]))
         if waiting:
             pipe.zadd(WAITING_DELIVER, waiting)
         gone = list(message_ids) or [envelope.id for envelope, _ in classified]

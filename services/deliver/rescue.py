@@ -77,8 +77,8 @@ def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
     """Message ids in ``policy`` tasks; ``"id domain"`` of jobs in ``deliver`` tasks or deferred —
     queued, reserved by a worker, or waiting in the deferred set."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.lrange(queueing.QUEUE_POLICY, 0, -1)
-        pipe.lrange(queueing.QUEUE_DELIVER, 0, -1)
+        pipe.lrange(queueing.POLICY_LIST, 0, -1)
+        pipe.lrange(queueing.DELIVER_LIST, 0, -1)
         pipe.hvals(queueing.UNACKED)
         pipe.zrange(spool.DEFERRED, 0, -1)
         policy_list, deliver_list, unacked, deferred = pipe.execute()
@@ -103,7 +103,7 @@ def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
     with client.pipeline(transaction=True) as pipe:
         for message_id in ids:
             pipe.rpush(spool.trace_key(message_id), spool.event("requeued", queue="policy"))
-        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+        pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
         pipe.execute()
     return len(ids)
 
@@ -126,7 +126,7 @@ def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) ->
             event = spool.event("requeued", queue="deliver", domain=job.domain)
             pipe.rpush(spool.trace_key(job.id), event)
         for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
+            pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([j.to_json() for j in chunk]))
         pipe.execute()
     return len(jobs)
 

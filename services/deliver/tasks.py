@@ -53,7 +53,11 @@ def register(app: Celery, service: DeliverService) -> None:
 
     delivery = service.config.delivery
     scheduler = SchedulerThread(
-        service.redis_url, delivery.scheduler_interval, delivery.batch_max, delivery.rescue_interval
+        service.redis_url,
+        delivery.scheduler_interval,
+        delivery.batch_max,
+        delivery.rescue_interval,
+        service.config.celery.visibility_timeout,
     )
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
