@@ -31,7 +31,7 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
-from services.common import queueing, spool
+from services.common import liveness, queueing, spool
 from services.common.config import Config
 from services.common.health import Heartbeat
 
@@ -137,6 +137,32 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
         "--without-heartbeat",
         "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def wire_liveness(redis_url: str, role: str) -> None:
+    """Beat in Redis (services/common/liveness.py) from the main process — naming the delivery
+    tags of the tasks it holds, so a sweep can hand back those of a dead worker — and from each
+    pool process (for claims that name the process doing the work)."""
+    from celery.signals import worker_init
+
+    def held() -> list[str]:
+        from celery.worker import state
+
+        for _ in range(10):  # the consumer adds requests while we copy: try again
+            try:
+                return [r.message.delivery_tag for r in list(state.reserved_requests)]
+            except RuntimeError:
+                continue
+        return []
+
+    def start_main(**_: object) -> None:
+        liveness.Beacon(redis_url, liveness.new_id(role), held).start()
+
+    def start_child(**_: object) -> None:
+        liveness.Beacon(redis_url, liveness.new_id(f"{role}-process")).start()
+
+    worker_init.connect(start_main, weak=False)
+    worker_process_init.connect(start_child, weak=False)
 
 
 def wire_heartbeat(app: Celery, path: Path, interval: float) -> None:

@@ -12,6 +12,15 @@ least ``interval`` apart) before it is re-queued, so a task caught between two o
 is never doubled; a doubled task would do no harm anyway for ``policy`` (classification is
 idempotent) and little for ``deliver`` (final recipients are never sent again).
 
+Dead workers' tasks: a worker's main process killed (OOM, a node lost) leaves the tasks it took
+in kombu's ``unacked`` hash, which kombu hands out again only after ``celery.visibility_timeout``
+(30 minutes). Every worker beats in Redis naming the tasks it holds (services/common/
+liveness.py); :func:`reclaim`, every few seconds, hands back to their queue the reserved tasks
+taken more than ``liveness.TTL`` ago that no live worker holds — again only when two passes in a
+row (at least ``interval`` apart) found them so, so a task acknowledged between the two reads of
+one pass is never doubled. A killed worker's tasks are back in their queue about 25 s after its
+death; the tasks of live workers are never touched.
+
 One sweeper at a time across all deliver pods (a Redis lock); the suspects of the last sweep
 are kept in Redis, so it does not matter which pod sweeps next. Cost while nothing is old: two
 ``ZRANGEBYSCORE ... LIMIT``. With old members (a backlog, or lost tasks) it reads the queue lists
@@ -26,7 +35,7 @@ import logging
 
 import redis
 
-from services.common import queueing, spool
+from services.common import broker, liveness, queueing, spool
 from services.common.jobs import Job, job_key
 from services.common.model import Decision, Envelope
 
@@ -34,6 +43,8 @@ log = logging.getLogger("tlsrelay.rescue")
 
 LOCK = spool.PREFIX + "rescue:lock"
 SUSPECTS = spool.PREFIX + "rescue:suspects"
+RECLAIM_LOCK = spool.PREFIX + "reclaim:lock"
+RECLAIM_SUSPECTS = spool.PREFIX + "reclaim:suspects"
 LIMIT = 1000  # members looked at per sweep and queue
 
 
@@ -64,6 +75,30 @@ def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_
     requeued = _requeue_policy(client, ids) + _requeue_deliver(client, jobs, batch_max)
     log.warning("re-queued %d messages/jobs whose task was lost: %s", requeued, sorted(confirmed))
     return requeued
+
+
+def reclaim(client: redis.Redis, now: float, interval: float) -> int:
+    """One pass handing back dead workers' reserved tasks (if no other process holds the lock);
+    return how many went back to their queue. Cost: the reserved tasks taken before
+    ``now - liveness.TTL`` (bounded by ``LIMIT``; as many as the workers hold, not the backlog)
+    and one read of the live workers' beats."""
+    if not client.set(RECLAIM_LOCK, "1", nx=True, px=max(1, int(interval * 900))):
+        return 0
+    old = broker.reserved_at(client, now - liveness.TTL, LIMIT)
+    held = liveness.holders(client) if old else set()
+    orphans = {tag for tag, _ in old if tag not in held}
+    previous = {m.decode() for m in client.smembers(RECLAIM_SUSPECTS)}  # type: ignore[union-attr]
+    confirmed = orphans & previous
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(RECLAIM_SUSPECTS)
+        if orphans - confirmed:
+            pipe.sadd(RECLAIM_SUSPECTS, *(orphans - confirmed))
+            pipe.expire(RECLAIM_SUSPECTS, max(1, int(interval * 3)))
+        pipe.execute()
+    restored = [tag for tag in sorted(confirmed) if broker.restore(client, tag)]
+    if restored:
+        log.warning("handed back %d tasks of dead workers: %s", len(restored), restored)
+    return len(restored)
 
 
 def _old(client: redis.Redis, key: str, before: float) -> set[str]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from services.common import broker, queueing, spool
+from services.common import broker, liveness, queueing, spool
 from services.common.jobs import Job, job_key
 from services.common.model import is_message_id
 from services.deliver import rescue
@@ -138,7 +138,8 @@ def move_due(
 
 
 class SchedulerThread(threading.Thread):
-    """Runs ``move_due`` every ``interval`` seconds; every ``rescue_interval`` the housekeeping:
+    """Runs ``move_due`` every ``interval`` seconds; :func:`rescue.reclaim` (dead workers'
+    tasks) every ``liveness.INTERVAL``; every ``rescue_interval`` the housekeeping:
     :func:`rescue.sweep`, :func:`prune_deferred_index` and :func:`broker.migrate_legacy` (tasks
     an older release left in kombu's unprefixed keys; also once at start). Survives Redis
     outages: a failed round is logged and the next one tries again."""
@@ -161,11 +162,14 @@ class SchedulerThread(threading.Thread):
 
     def run(self) -> None:
         client = spool.connect(self.redis_url)
-        next_housekeeping = time.monotonic()
+        next_housekeeping = next_reclaim = time.monotonic()
         while not self._stopped.is_set():
             try:
                 while move_due(client, batch_max=self.batch_max) > 0:
                     pass
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + liveness.INTERVAL
+                    rescue.reclaim(client, time.time(), liveness.INTERVAL)
                 if time.monotonic() >= next_housekeeping:
                     next_housekeeping = time.monotonic() + self.rescue_interval
                     self.housekeeping(client, time.time())
