@@ -51,7 +51,9 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
         "task_acks_late": True,
         # ... and when the worker *process* is killed (OOM, SIGKILL), requeue rather than ack.
         "task_reject_on_worker_lost": True,
-        # A task that raised (Redis blip) is not acked either; kombu redelivers it.
+        # With acks_late, a task that raised is rejected *without* requeue and kombu deletes it
+        # (whatever this setting says; True would ack it): so the tasks never raise — they park
+        # failed work in our own retry set (services/common/retry.py).
         "task_acks_on_failure_or_timeout": False,
         # One task reserved per process: a slow delivery must not hold others hostage.
         "worker_prefetch_multiplier": 1,

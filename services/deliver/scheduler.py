@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from services.common import broker, liveness, queueing, spool
+from services.common import broker, liveness, queueing, retry, spool
 from services.common.jobs import Job, job_key
 from services.common.model import is_message_id
 from services.deliver import rescue
@@ -167,6 +167,7 @@ class SchedulerThread(threading.Thread):
             try:
                 while move_due(client, batch_max=self.batch_max) > 0:
                     pass
+                retry.move_due(client, time.time())
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + liveness.INTERVAL
                     rescue.reclaim(client, time.time(), liveness.INTERVAL)
