@@ -129,3 +129,33 @@ def test_one_sweeper_at_a_time(store: redis.Redis) -> None:
     store.delete(rescue.LOCK)
     assert rescue.sweep(store, now + 40, GRACE, INTERVAL, 50) == 1
     assert rescue.sweep(store, now + 41, GRACE, INTERVAL, 50) == 0, "the lock is held"
+
+
+def test_a_sweep_reads_no_more_with_a_large_deferred_set(store: redis.Redis) -> None:
+    """A retried job waits with its old acceptance time: the sweep looks, but its cost must not
+    grow with the deferred set (it used to read all of it on every sweep)."""
+    envelope = accepted(store, "a@x.test")
+    classified(store, envelope)  # its job queued, old: the sweep looks at the queues
+    store.delete(queueing.POLICY_LIST)
+    with store.pipeline(transaction=False) as pipe:
+        for i in range(20000):
+            pipe.zadd(spool.DEFERRED, {json.dumps({"id": f"m{i}", "domain": "d" * 200}): i})
+        pipe.execute()
+    with redis.Redis(connection_pool=store.connection_pool) as client:
+        client.delete(rescue.LOCK)
+        before = int(client.client_info()["tot-net-out"])
+        assert rescue.sweep(client, time.time(), GRACE, INTERVAL, 50) == 0
+        sent = int(client.client_info()["tot-net-out"]) - before
+    assert sent < 100_000, f"a sweep read {sent} bytes"
+
+
+def test_a_queue_longer_than_the_sweep_reads_is_left_alone(store: redis.Redis) -> None:
+    envelope = accepted(store, "a@x.test")
+    store.rpop(queueing.POLICY_LIST)  # its task is lost ...
+    for _ in range(rescue.LIMIT + 1):  # ... but the queue is too long to tell
+        store.lpush(queueing.POLICY_LIST, queueing.classify_task(["other"]))
+    now = time.time()
+    assert sweep(store, now) == 0 and sweep(store, now + 40) == 0
+    store.ltrim(queueing.POLICY_LIST, 0, 0)
+    sweep(store, now + 80)
+    assert sweep(store, now + 120) == 1 and envelope.id in tasks(store, queueing.POLICY_LIST)[-1]

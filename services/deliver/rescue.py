@@ -7,7 +7,10 @@ one main-process SIGKILL in ten doing so). The spool still names the work — ``
 (messages not yet classified) and ``waiting:deliver`` (jobs not yet recorded), both written in
 the transactions that queue and consume it — so :func:`sweep` finds the members older than
 ``grace`` that no task refers to (not in the ``policy`` or ``deliver`` list, not reserved, not
-deferred) and queues a new task for them. A member must be found so in two sweeps in a row (at
+parked for a retry) and queues a new task for them. (A deferred job is never in
+``waiting:deliver``: the transaction that defers it removes it, and the scheduler's script adds
+it back as it queues its task; so the deferred set, which can hold hundreds of thousands of
+entries, is not read.) A member must be found so in two sweeps in a row (at
 least ``interval`` apart) before it is re-queued, so a task caught between two of kombu's steps
 is never doubled; a doubled task would do no harm anyway for ``policy`` (classification is
 idempotent) and little for ``deliver`` (final recipients are never sent again).
@@ -23,9 +26,12 @@ death; the tasks of live workers are never touched.
 
 One sweeper at a time across all deliver pods (a Redis lock); the suspects of the last sweep
 are kept in Redis, so it does not matter which pod sweeps next. Cost while nothing is old: two
-``ZRANGEBYSCORE ... LIMIT``. With old members (a backlog, or lost tasks) it reads the queue lists
-and the ``unacked`` hash once. Redis errors propagate to the caller (the scheduler thread logs
-them and tries again).
+``ZRANGEBYSCORE ... LIMIT``. With old members (a backlog, retried jobs, or lost tasks) it reads
+at most :data:`LIMIT` entries of each place a task can be — the oldest end of each queue list,
+the reserved tasks, the retry set — whatever the backlog: when one of them holds more, the sweep
+cannot tell lost from queued for that queue and leaves its members alone until it is shorter
+(``bench/backlog.py`` measures a sweep with 200 000 deferred entries). Redis errors propagate
+to the caller (the scheduler thread logs them and tries again).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import logging
 
 import redis
 
-from services.common import broker, liveness, queueing, spool
+from services.common import broker, liveness, queueing, retry, spool
 from services.common.jobs import Job, job_key
 from services.common.model import Decision, Envelope
 
@@ -58,8 +64,11 @@ def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_
         client.delete(SUSPECTS)
         return 0
     policy_refs, deliver_refs = _referenced(client)
-    orphans = {f"p {m}" for m in old_policy if m not in policy_refs}
-    orphans |= {f"d {m}" for m in old_deliver if m not in deliver_refs}
+    orphans: set[str] = set()
+    if policy_refs is not None:
+        orphans |= {f"p {m}" for m in old_policy if m not in policy_refs}
+    if deliver_refs is not None:
+        orphans |= {f"d {m}" for m in old_deliver if m not in deliver_refs}
     previous = {m.decode() for m in client.smembers(SUSPECTS)}  # type: ignore[union-attr]
     confirmed = orphans & previous
     with client.pipeline(transaction=True) as pipe:
@@ -108,19 +117,26 @@ def _old(client: redis.Redis, key: str, before: float) -> set[str]:
     return {m.decode() for m in members}
 
 
-def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
-    """Message ids in ``policy`` tasks; ``"id domain"`` of jobs in ``deliver`` tasks or deferred —
-    queued, reserved by a worker, or waiting in the deferred set."""
+def _referenced(client: redis.Redis) -> tuple[set[str] | None, set[str] | None]:
+    """Message ids in ``policy`` tasks; ``"id domain"`` of jobs in ``deliver`` tasks — queued,
+    reserved by a worker, or parked for a retry. None for a queue when a place holds more than
+    ``LIMIT`` entries (not read whole: cannot tell)."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.lrange(queueing.POLICY_LIST, 0, -1)
-        pipe.lrange(queueing.DELIVER_LIST, 0, -1)
-        pipe.hvals(queueing.UNACKED)
-        pipe.zrange(spool.DEFERRED, 0, -1)
-        policy_list, deliver_list, unacked, deferred = pipe.execute()
-    raws = [*policy_list, *deliver_list]
-    raws += [doc for doc in map(queueing.reserved, unacked) if doc is not None]
+        for key in (queueing.POLICY_LIST, queueing.DELIVER_LIST):
+            pipe.llen(key)
+            pipe.lrange(key, -LIMIT, -1)  # the oldest end: old work is there
+        pipe.hlen(queueing.UNACKED)
+        pipe.hrandfield(queueing.UNACKED, LIMIT, withvalues=True)  # all of them when <= LIMIT
+        pipe.zcard(retry.RETRY)
+        pipe.zrange(retry.RETRY, 0, LIMIT - 1)
+        n_policy, policy_list, n_deliver, deliver_list, n_unacked, unacked, n_retry, retried = (
+            pipe.execute()
+        )
+    complete = n_unacked <= LIMIT and n_retry <= LIMIT
+    raws = [*policy_list, *deliver_list, *retried]
+    raws += [doc for doc in map(queueing.reserved, unacked[1::2]) if doc is not None]
     policy: set[str] = set()
-    deliver = {spool.waiting_job(*job_key(doc)) for doc in map(json.loads, deferred)}
+    deliver: set[str] = set()
     for found in map(queueing.task_batch, raws):
         if found is None:
             continue
@@ -128,8 +144,15 @@ def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
         if name == queueing.TASK_CLASSIFY:
             policy.update(i for i in batch if isinstance(i, str))
         elif name == queueing.TASK_DELIVER:
-            deliver.update(spool.waiting_job(*job_key(doc)) for doc in batch)
-    return policy, deliver
+            deliver.update(spool.waiting_job(*job_key(d)) for d in batch if _is_job(d))
+    return (
+        policy if complete and n_policy <= LIMIT else None,
+        deliver if complete and n_deliver <= LIMIT else None,
+    )
+
+
+def _is_job(doc: object) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("id"), str) and "domain" in doc
 
 
 def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
