@@ -234,7 +234,8 @@ def sweep_cost(root: Path, deferred: int) -> dict[str, float]:
                     pipe.execute()
             retried = new_message_id()
             db.zadd(spool.WAITING_DELIVER, {f"{retried} d.example": time.time() - 86400})
-            db.lpush(queueing.DELIVER_LIST, queueing.deliver_task([{"id": retried, "domain": "d.example"}]))
+            job = {"id": retried, "domain": "d.example"}
+            db.lpush(queueing.DELIVER_LIST, queueing.deliver_task([job]))
             times, sent = [], 0
             for _ in range(5):
                 db.delete(rescue.LOCK)
