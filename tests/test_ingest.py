@@ -104,7 +104,7 @@ def policy_task_ids(store: redis.Redis) -> list[str]:
     """The message ids carried by the queued ``policy`` tasks (kombu/Celery protocol 2; each
     task's one argument is a batch of ids), oldest task first."""
     ids = []
-    for raw in reversed(store.lrange("policy", 0, -1)):
+    for raw in reversed(store.lrange(queueing.POLICY_LIST, 0, -1)):
         (batch,), _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
         ids.extend(batch)
     return ids

@@ -100,7 +100,7 @@ class Recorder:
         self.redis_url = "redis://127.0.0.1:1/0"  # never connected: the scheduler is not started
         self.batches: list[list[Any]] = []
 
-    def deliver(self, jobs: list[Any]) -> None:
+    def deliver(self, jobs: list[Any], retries: int = 0) -> None:
         self.batches.append(jobs)
 
     def classify(self, message_ids: list[str]) -> None:
