@@ -92,3 +92,11 @@ def test_a_task_acknowledged_between_two_passes_is_not_handed_back(store: redis.
     store.hdel(queueing.UNACKED, "done")  # acked, as kombu does
     store.zrem(queueing.UNACKED_INDEX, "done")
     assert reclaim(store, now + 5) == 0 and store.llen(queueing.POLICY_LIST) == 0
+
+
+def test_dead_workers_leave_the_registry(store: redis.Redis) -> None:
+    liveness.beat(store, "gone", ttl=0.05)
+    liveness.beat(store, "live")
+    wait_until(lambda: not liveness.alive(store, "gone"), what="the beat to expire")
+    reclaim(store, time.time())  # nothing reserved: the pass still tidies the registry
+    assert store.smembers(liveness.REGISTRY) == {b"live"}

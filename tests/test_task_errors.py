@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
-from services.common import retry, spool
+from services.common import queueing, retry, spool
 from tests.world import World, make_world, message, wait_until
 
 
@@ -41,3 +42,11 @@ def test_a_deliver_task_that_raises_is_retried_not_dropped(world: World) -> None
     world.wait_completed(message_id, timeout=30)
     assert len(errors()) <= retry.CAP
     assert any(b"wrong type" in m.data for m in world.sinks["tls"].messages)
+
+
+def test_a_bad_entry_in_the_retry_set_does_not_block_the_others(store: redis.Redis) -> None:
+    good = queueing.task_payload(queueing.TASK_CLASSIFY, [["id1"]], queueing.QUEUE_POLICY, None, 1)
+    store.zadd(retry.RETRY, {"not json": 1, good: 2})
+    assert retry.move_due(store, now=10) == 1
+    assert store.lrange(queueing.POLICY_LIST, 0, -1) == [good.encode()]
+    assert store.zrange(retry.RETRY, 0, -1) == [b"not json"], "kept, never dropped"

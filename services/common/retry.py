@@ -91,12 +91,17 @@ def _message_ids(batch: Sequence[Any]) -> list[str]:
 # KEYS[1] = retry set; ARGV[1] = now, ARGV[2] = limit, ARGV[3] = key prefix of the lists.
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local moved = 0
 for _, doc in ipairs(due) do
-  redis.call('ZREM', KEYS[1], doc)
-  local queue = cjson.decode(doc)['properties']['delivery_info']['routing_key']
-  redis.call('LPUSH', ARGV[3] .. queue, doc)
+  local ok, queue = pcall(function()
+    return cjson.decode(doc)['properties']['delivery_info']['routing_key'] end)
+  if ok and type(queue) == 'string' then  -- anything else stays (logged by nobody, never lost)
+    redis.call('ZREM', KEYS[1], doc)
+    redis.call('LPUSH', ARGV[3] .. queue, doc)
+    moved = moved + 1
+  end
 end
-return #due
+return moved
 """
 
 

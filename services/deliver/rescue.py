@@ -94,7 +94,7 @@ def reclaim(client: redis.Redis, now: float, interval: float) -> int:
     if not client.set(RECLAIM_LOCK, "1", nx=True, px=max(1, int(interval * 900))):
         return 0
     old = broker.reserved_at(client, now - liveness.TTL, LIMIT)
-    held = liveness.holders(client) if old else set()
+    held = liveness.holders(client)  # also drops dead workers from the registry
     orphans = {tag for tag, _ in old if tag not in held}
     previous = {m.decode() for m in client.smembers(RECLAIM_SUSPECTS)}  # type: ignore[union-attr]
     confirmed = orphans & previous
