@@ -19,6 +19,11 @@ process of every service is read and the highest value per process kept — pool
 included, also those recycled meanwhile (``worker_max_tasks_per_child``) — with the longest the
 ``deliver`` queue got.
 
+Then the rescue sweep's cost with a large deferred set (issue #16): ``--deferred`` (200 000)
+entries in a fresh Redis and a retried job waiting with its old acceptance time (the case that
+used to make every sweep read everything); the median of 5 sweeps, in milliseconds
+(``sweep_ms``), and the bytes one sweep reads from Redis (``sweep_bytes``).
+
 Output: a table, then one JSON line (``--json-only``: the line alone). Exit 0 when every message
 arrived and no policy/deliver process went over ``--limit-mb``; 1 otherwise (or when a process
 died); 2 for bad options.
@@ -210,6 +215,40 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sweep_cost(root: Path, deferred: int) -> dict[str, float]:
+    """Median time and bytes read of a rescue sweep with ``deferred`` deferred entries."""
+    from services.common import queueing
+    from services.common.model import new_message_id
+    from services.common.redisserver import EmbeddedRedis
+    from services.deliver import rescue
+
+    server = EmbeddedRedis(root / "sweep-redis", appendonly=False)
+    server.start()
+    try:
+        with redis.Redis.from_url(server.url) as db:
+            for start in range(0, deferred, 10_000):
+                with db.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(deferred, start + 10_000)):
+                        doc = {"id": new_message_id(), "domain": f"d{i % 500}.example"}
+                        pipe.zadd(spool.DEFERRED, {json.dumps(doc): time.time() + 3600})
+                    pipe.execute()
+            retried = new_message_id()
+            db.zadd(spool.WAITING_DELIVER, {f"{retried} d.example": time.time() - 86400})
+            job = {"id": retried, "domain": "d.example"}
+            db.lpush(queueing.DELIVER_LIST, queueing.deliver_task([job]))
+            times, sent = [], 0
+            for _ in range(5):
+                db.delete(rescue.LOCK)
+                before = int(db.client_info()["tot-net-out"])
+                started = time.perf_counter()
+                rescue.sweep(db, time.time(), 60.0, 30.0, 50)
+                times.append((time.perf_counter() - started) * 1000)
+                sent = int(db.client_info()["tot-net-out"]) - before
+    finally:
+        server.stop()
+    return {"sweep_ms": round(sorted(times)[2], 2), "sweep_bytes": sent}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.backlog", description=__doc__.split("\n")[0])
     add = p.add_argument
@@ -223,13 +262,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--sample", type=float, default=0.5, help="seconds between memory samples")
     add("--workdir", type=Path, default=None, help="keep logs and data here")
     add("--json-only", action="store_true", help="print only the JSON line")
+    add("--deferred", type=int, default=200_000, help="deferred entries for the sweep measure")
+    add("--sweep-only", action="store_true", help="only measure the rescue sweep")
     args = p.parse_args(argv)
     if args.messages < 1 or args.sample <= 0:
         p.error("--messages must be positive, --sample too")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="tlsrelay-backlog-"))
     root.mkdir(parents=True, exist_ok=True)
+    if args.sweep_only:
+        print(json.dumps(sweep_cost(root, args.deferred)), flush=True)
+        return 0
     try:
         result = report(run(args, root), args.limit_mb)
+        result.update(sweep_cost(root, args.deferred))
     except TargetError as exc:
         say(f"{exc} (logs kept in {root})")
         return 1

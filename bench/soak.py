@@ -313,8 +313,8 @@ def with_task(client: Any) -> set[str]:
     """Ids of the messages some task will work on: queued for a worker, reserved by one
     (kombu's ``unacked`` hash) or deferred."""
     raws = [
-        *client.lrange(queueing.QUEUE_POLICY, 0, -1),
-        *client.lrange(queueing.QUEUE_DELIVER, 0, -1),
+        *client.lrange(queueing.POLICY_LIST, 0, -1),
+        *client.lrange(queueing.DELIVER_LIST, 0, -1),
     ]
     raws += [doc for doc in map(queueing.reserved, client.hvals(queueing.UNACKED)) if doc]
     ids: set[str] = set()

@@ -67,7 +67,7 @@ def test_messages_accepted_together_share_one_transaction_and_one_policy_task(
 ) -> None:
     envelopes = [envelope(f"r{i}@dest.test") for i in range(10)]
     asyncio.run(commit_all(valkey.url, envelopes, window=0.05, max_batch=100))
-    assert tasks(store, queueing.QUEUE_POLICY) == [[e.id for e in envelopes]]
+    assert tasks(store, queueing.POLICY_LIST) == [[e.id for e in envelopes]]
     for e in envelopes:
         assert store.hget(spool.msg_key(e.id), "body") == BODY
     assert store.zcard(spool.WAITING_POLICY) == 10
@@ -78,7 +78,7 @@ def test_a_commit_holds_at_most_batch_max_messages(
 ) -> None:
     envelopes = [envelope(f"r{i}@dest.test") for i in range(10)]
     asyncio.run(commit_all(valkey.url, envelopes, window=0.05, max_batch=4))
-    batches = tasks(store, queueing.QUEUE_POLICY)
+    batches = tasks(store, queueing.POLICY_LIST)
     assert [len(b) for b in batches] == [4, 4, 2]
     assert sorted(i for b in batches for i in b) == sorted(e.id for e in envelopes)
 
@@ -126,7 +126,7 @@ def test_a_batch_waits_for_company_only_when_company_is_coming(
 
     assert asyncio.run(linger_after_two(sessions=5)) > 0.25
     assert asyncio.run(linger_after_two(sessions=1)) <= 0.0
-    assert len(tasks(store, queueing.QUEUE_POLICY)) == 6
+    assert len(tasks(store, queueing.POLICY_LIST)) == 6
 
 
 # --------------------------------------------------------------------------- deliver batches
@@ -305,7 +305,7 @@ def test_due_retries_go_out_in_one_task_per_domain(
     defer(store, a + b, time.time() - 1)
     defer(store, [later], time.time() + 3600)
     assert scheduler.move_due(store, batch_max=3) == 7
-    batches = tasks(store, queueing.QUEUE_DELIVER)
+    batches = tasks(store, queueing.DELIVER_LIST)
     assert sorted(len(batch) for batch in batches) == [2, 2, 3]
     assert sorted(j["id"] for batch in batches for j in batch) == sorted(j["id"] for j in a + b)
     assert [json.loads(m)["id"] for m in deferred_members(store)] == [later["id"]]
@@ -333,7 +333,7 @@ def test_a_group_another_scheduler_took_part_of_is_left_alone(
         assert scheduler.move_due(racing) == 1
     finally:
         racing.close()
-    assert [[j["id"] for j in batch] for batch in tasks(store, queueing.QUEUE_DELIVER)] == [
+    assert [[j["id"] for j in batch] for batch in tasks(store, queueing.DELIVER_LIST)] == [
         [b[0]["id"]]
     ]
     assert [json.loads(m)["id"] for m in deferred_members(store)] == [a[1]["id"]]

@@ -33,7 +33,7 @@ def test_two_copies_of_a_policy_task_queue_one_set_of_deliveries(
     store: redis.Redis, valkey: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = [accepted(store, "a@x.test", "b@y.test").id for _ in range(3)]
-    store.delete(queueing.QUEUE_POLICY)
+    store.delete(queueing.POLICY_LIST)
     both_read = threading.Barrier(2, timeout=20)
     read = spool.load_unclassified
 
@@ -58,7 +58,7 @@ def test_two_copies_of_a_policy_task_queue_one_set_of_deliveries(
     for thread in copies:
         thread.join(30)
     assert errors == []
-    jobs = sorted((j["id"], j["domain"]) for b in tasks(store, queueing.QUEUE_DELIVER) for j in b)
+    jobs = sorted((j["id"], j["domain"]) for b in tasks(store, queueing.DELIVER_LIST) for j in b)
     assert jobs == sorted((i, d) for i in ids for d in ("x.test", "y.test"))
     for message_id in ids:
         events = [e["event"] for e in spool.read_trace(store, message_id)]

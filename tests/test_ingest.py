@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common import queueing
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
 from services.common.values import HostPort
@@ -103,7 +104,7 @@ def policy_task_ids(store: redis.Redis) -> list[str]:
     """The message ids carried by the queued ``policy`` tasks (kombu/Celery protocol 2; each
     task's one argument is a batch of ids), oldest task first."""
     ids = []
-    for raw in reversed(store.lrange("policy", 0, -1)):
+    for raw in reversed(store.lrange(queueing.POLICY_LIST, 0, -1)):
         (batch,), _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
         ids.extend(batch)
     return ids
@@ -273,7 +274,7 @@ def test_size_limits(tmp_path: Path, valkey: Valkey, store: redis.Redis) -> None
             552,
             b"5.3.4 Message size exceeds fixed maximum message size",
         )
-    assert store.keys("tlsrelay:*") == [] and store.llen("policy") == 0
+    assert store.keys("tlsrelay:*") == [] and store.llen(queueing.POLICY_LIST) == 0
 
 
 def test_relay_denied_outside_relay_networks(tmp_path: Path, valkey: Valkey) -> None:

@@ -20,6 +20,7 @@ import pytest
 import redis
 import trustme
 
+from services.common import queueing
 from services.common.config import Config, ConfigError, RegionConfig
 from services.common.passwords import hash_password
 from services.common.tenants import Directory
@@ -465,7 +466,7 @@ def test_relay_endpoint_refuses_clients_without_a_platform_certificate(
             smtp.starttls(context=pki.client_context(leaf))
             smtp.ehlo()
             smtp.sendmail("bob@globex.test", ["alice@acme.test"], MESSAGE)
-    assert store.keys("tlsrelay:msg:*") == [] and store.llen("policy") == 0
+    assert store.keys("tlsrelay:msg:*") == [] and store.llen(queueing.POLICY_LIST) == 0
 
 
 # --------------------------------------------------------------------------- rate limit

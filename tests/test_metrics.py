@@ -347,9 +347,9 @@ def test_queue_readings_from_redis(tmp_path: Path) -> None:
                 scheduler.stage_deferral(pipe, job, now + 3600)
             pipe.execute()
         # Tasks carry batches: the gauges count messages (waiting sets), not list entries.
-        client.lpush(queueing.QUEUE_POLICY, queueing.classify_task([older, newer]))
+        client.lpush(queueing.POLICY_LIST, queueing.classify_task([older, newer]))
         client.zadd(spool.WAITING_POLICY, {older: now - 50, newer: now - 10})
-        client.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([{"id": newer}]))
+        client.lpush(queueing.DELIVER_LIST, queueing.deliver_task([{"id": newer}]))
         client.zadd(spool.WAITING_DELIVER, {spool.waiting_job(newer, "x.test"): now - 10})
         readings: dict[str, Any] = dict(metrics.QueueCollector(server.url).read(now))
         assert readings == {

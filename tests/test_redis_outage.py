@@ -37,7 +37,7 @@ def test_redis_down_gives_451_then_recovers(world: World) -> None:
     world.redis.start()
     with world.client() as client:
         keys = client.keys("tlsrelay:msg:*")
-        queued = client.llen(queueing.QUEUE_POLICY) + client.llen(queueing.QUEUE_DELIVER)
+        queued = client.llen(queueing.POLICY_LIST) + client.llen(queueing.DELIVER_LIST)
         assert (keys, queued) == ([], 0), "nothing half-written may be left behind"
 
     def accepted_again() -> str | None:

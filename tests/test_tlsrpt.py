@@ -212,7 +212,7 @@ def test_build_writes_every_report_and_queues_those_with_a_mailto_rua(
     for report in built:
         VALIDATOR.validate(json.loads(gzip.decompress(report.path.read_bytes())))
     # The mail went into the spool like any accepted message, marked TLS-Required: No.
-    (task,) = store.lrange(queueing.QUEUE_POLICY, 0, -1)
+    (task,) = store.lrange(queueing.POLICY_LIST, 0, -1)
     queued = [k for k in store.scan_iter(spool.msg_key("*"))]
     assert len(queued) == 1 and task
     raw = store.hget(queued[0], "envelope")
@@ -226,7 +226,7 @@ def test_build_writes_every_report_and_queues_those_with_a_mailto_rua(
     assert 'report-type="tlsrpt"' in parsed["Content-Type"]
     # Building again rewrites the files but sends nothing twice.
     again = asyncio.run(tlsrpt.build(store, resolver, "relay.test", DAY, tmp_path))
-    assert again[0].note == "already mailed" and store.llen(queueing.QUEUE_POLICY) == 1
+    assert again[0].note == "already mailed" and store.llen(queueing.POLICY_LIST) == 1
 
 
 def test_policy_round_trips_through_json() -> None:

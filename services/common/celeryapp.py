@@ -31,7 +31,7 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
-from services.common import queueing, spool
+from services.common import liveness, queueing, spool
 from services.common.config import Config
 from services.common.health import Heartbeat
 
@@ -51,7 +51,9 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
         "task_acks_late": True,
         # ... and when the worker *process* is killed (OOM, SIGKILL), requeue rather than ack.
         "task_reject_on_worker_lost": True,
-        # A task that raised (Redis blip) is not acked either; kombu redelivers it.
+        # With acks_late, a task that raised is rejected *without* requeue and kombu deletes it
+        # (whatever this setting says; True would ack it): so the tasks never raise — they park
+        # failed work in our own retry set (services/common/retry.py).
         "task_acks_on_failure_or_timeout": False,
         # One task reserved per process: a slow delivery must not hold others hostage.
         "worker_prefetch_multiplier": 1,
@@ -67,6 +69,11 @@ def settings(config: Config, redis_url: str) -> dict[str, Any]:
             queueing.TASK_DELIVER: {"queue": queueing.QUEUE_DELIVER},
         },
         "broker_transport_options": {
+            # kombu's keys (queue lists, unacked, bindings) under our prefix, so tlsrelay can
+            # share a Redis database; kombu prefixes in its client, and every place that reads
+            # or writes those keys directly uses queueing's prefixed names (services/common/
+            # broker.py moves what an older release left in the unprefixed ones).
+            "global_keyprefix": queueing.KEY_PREFIX,
             # Unacked tasks go back to the queue after this long; longer than any delivery.
             "visibility_timeout": int(config.celery.visibility_timeout),
             # ... and the sweep that hands them back runs this often (kombu's default is about
@@ -118,7 +125,8 @@ def make_app(config: Config, redis_url: str, name: str) -> Celery:
 
 
 def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
-    """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control)."""
+    """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control),
+    no ``celeryev`` heartbeats (nobody listens; a publish every 2 s per worker)."""
     return [
         "--quiet",  # no banner on stdout: logs are JSON lines on stderr (services/common/logs.py)
         "worker",
@@ -128,8 +136,35 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
         "--hostname", f"{queue}@{hostname}",
         "--without-gossip",
         "--without-mingle",
+        "--without-heartbeat",
         "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def wire_liveness(redis_url: str, role: str) -> None:
+    """Beat in Redis (services/common/liveness.py) from the main process — naming the delivery
+    tags of the tasks it holds, so a sweep can hand back those of a dead worker — and from each
+    pool process (for claims that name the process doing the work)."""
+    from celery.signals import worker_init
+
+    def held() -> list[str]:
+        from celery.worker import state
+
+        for _ in range(10):  # the consumer adds requests while we copy: try again
+            try:
+                return [r.message.delivery_tag for r in list(state.reserved_requests)]
+            except RuntimeError:
+                continue
+        return []
+
+    def start_main(**_: object) -> None:
+        liveness.Beacon(redis_url, liveness.new_id(role), held).start()
+
+    def start_child(**_: object) -> None:
+        liveness.Beacon(redis_url, liveness.new_id(f"{role}-process")).start()
+
+    worker_init.connect(start_main, weak=False)
+    worker_process_init.connect(start_child, weak=False)
 
 
 def wire_heartbeat(app: Celery, path: Path, interval: float) -> None:
@@ -183,7 +218,7 @@ class Watchdog(threading.Thread):
         if state.active_requests or time.monotonic() - self.last_received < self.stall_after:
             return False
         try:
-            return bool(client.llen(self.queue))
+            return bool(client.llen(queueing.LISTS[self.queue]))
         except redis.exceptions.RedisError:
             self.last_received = time.monotonic()  # Redis is down: not a stall of ours
             return False

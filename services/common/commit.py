@@ -165,4 +165,4 @@ class Committer:
         for envelope, body in messages:
             stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
         ids = [envelope.id for envelope, _ in messages]
-        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+        pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))

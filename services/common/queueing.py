@@ -8,7 +8,10 @@ in the same ``MULTI``/``EXEC`` (or Lua script) as our own writes. Real Celery wo
 the end-to-end tests prove the format.
 
 Celery queues here use a direct exchange named like the queue, with routing key = queue name, so
-the Redis list key is the queue name itself (priority 0).
+the Redis list key is the queue name (priority 0) under kombu's ``global_keyprefix``, which is our
+own ``tlsrelay:`` (:data:`KEY_PREFIX`): ``tlsrelay:policy``, ``tlsrelay:deliver``, and kombu's
+``tlsrelay:unacked`` / ``tlsrelay:unacked_index`` — so tlsrelay can share a Redis database. kombu
+prefixes inside its client; every direct reader or writer of those keys uses the names here.
 
 Tasks carry batches (a list of message ids, a list of delivery jobs): the Celery hop costs a few
 milliseconds of CPU per task, so one task per message would cap the relay (bench/README.md).
@@ -25,8 +28,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-QUEUE_POLICY = "policy"
+KEY_PREFIX = "tlsrelay:"  # kombu's global_keyprefix: the same namespace as the spool's keys
+QUEUE_POLICY = "policy"  # Celery queue names (kombu adds KEY_PREFIX to their Redis lists)
 QUEUE_DELIVER = "deliver"
+POLICY_LIST = KEY_PREFIX + QUEUE_POLICY  # the Redis lists we LPUSH task documents to
+DELIVER_LIST = KEY_PREFIX + QUEUE_DELIVER
+LISTS = {QUEUE_POLICY: POLICY_LIST, QUEUE_DELIVER: DELIVER_LIST}
 
 TASK_CLASSIFY = "tlsrelay.policy.classify"
 TASK_DELIVER = "tlsrelay.deliver.deliver"
@@ -34,8 +41,11 @@ TASK_DELIVER = "tlsrelay.deliver.deliver"
 ORIGIN = "tlsrelay"
 
 
-def task_payload(task_name: str, args: list[Any], queue: str, task_id: str | None = None) -> str:
-    """The JSON string kombu's Redis transport stores for one Celery task (protocol 2)."""
+def task_payload(
+    task_name: str, args: list[Any], queue: str, task_id: str | None = None, retries: int = 0
+) -> str:
+    """The JSON string kombu's Redis transport stores for one Celery task (protocol 2);
+    ``retries`` is how often this work already failed (the task sees ``request.retries``)."""
     task_id = task_id or str(uuid.uuid4())
     body = json.dumps(
         [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
@@ -49,7 +59,7 @@ def task_payload(task_name: str, args: list[Any], queue: str, task_id: str | Non
         "expires": None,
         "group": None,
         "group_index": None,
-        "retries": 0,
+        "retries": retries,
         "timelimit": [None, None],
         "root_id": task_id,
         "parent_id": None,
@@ -100,7 +110,10 @@ def deliver_task(jobs: list[dict[str, Any]]) -> str:
     return task_payload(TASK_DELIVER, [jobs], QUEUE_DELIVER)
 
 
-UNACKED = "unacked"  # kombu's Redis transport: tasks reserved by a worker and not yet acked
+# kombu's Redis transport: tasks reserved by a worker and not yet acked (tag -> [message,
+# exchange, routing key]), and when each was reserved (tag -> unix time).
+UNACKED = KEY_PREFIX + "unacked"
+UNACKED_INDEX = KEY_PREFIX + "unacked_index"
 
 
 def task_batch(raw: bytes | str) -> tuple[str, list[Any]] | None:

@@ -225,7 +225,7 @@ def stage_message(
         STORE_NEW, 3, *keys, doc, body, first, int(trace_ttl), envelope.received_at, envelope.id
     )
     if enqueue:
-        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task([envelope.id]))
+        pipe.lpush(queueing.POLICY_LIST, queueing.classify_task([envelope.id]))
 
 
 # --------------------------------------------------------------------------- workers
@@ -391,7 +391,7 @@ def _stage_classifications(
             jobs.append(Job(envelope.id, decision.domain, groups[decision.domain], decision))
             waiting[waiting_job(envelope.id, decision.domain)] = envelope.received_at
     for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
-        pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
+        pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([j.to_json() for j in chunk]))
     if waiting:
         pipe.zadd(WAITING_DELIVER, waiting)
     gone = list(message_ids) or [envelope.id for envelope, _ in classified]

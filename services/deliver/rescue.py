@@ -7,16 +7,31 @@ one main-process SIGKILL in ten doing so). The spool still names the work — ``
 (messages not yet classified) and ``waiting:deliver`` (jobs not yet recorded), both written in
 the transactions that queue and consume it — so :func:`sweep` finds the members older than
 ``grace`` that no task refers to (not in the ``policy`` or ``deliver`` list, not reserved, not
-deferred) and queues a new task for them. A member must be found so in two sweeps in a row (at
+parked for a retry) and queues a new task for them. (A deferred job is never in
+``waiting:deliver``: the transaction that defers it removes it, and the scheduler's script adds
+it back as it queues its task; so the deferred set, which can hold hundreds of thousands of
+entries, is not read.) A member must be found so in two sweeps in a row (at
 least ``interval`` apart) before it is re-queued, so a task caught between two of kombu's steps
 is never doubled; a doubled task would do no harm anyway for ``policy`` (classification is
 idempotent) and little for ``deliver`` (final recipients are never sent again).
 
+Dead workers' tasks: a worker's main process killed (OOM, a node lost) leaves the tasks it took
+in kombu's ``unacked`` hash, which kombu hands out again only after ``celery.visibility_timeout``
+(30 minutes). Every worker beats in Redis naming the tasks it holds (services/common/
+liveness.py); :func:`reclaim`, every few seconds, hands back to their queue the reserved tasks
+taken more than ``liveness.TTL`` ago that no live worker holds — again only when two passes in a
+row (at least ``interval`` apart) found them so, so a task acknowledged between the two reads of
+one pass is never doubled. A killed worker's tasks are back in their queue about 25 s after its
+death; the tasks of live workers are never touched.
+
 One sweeper at a time across all deliver pods (a Redis lock); the suspects of the last sweep
 are kept in Redis, so it does not matter which pod sweeps next. Cost while nothing is old: two
-``ZRANGEBYSCORE ... LIMIT``. With old members (a backlog, or lost tasks) it reads the queue lists
-and the ``unacked`` hash once. Redis errors propagate to the caller (the scheduler thread logs
-them and tries again).
+``ZRANGEBYSCORE ... LIMIT``. With old members (a backlog, retried jobs, or lost tasks) it reads
+at most :data:`LIMIT` entries of each place a task can be — the oldest end of each queue list,
+the reserved tasks, the retry set — whatever the backlog: when one of them holds more, the sweep
+cannot tell lost from queued for that queue and leaves its members alone until it is shorter
+(``bench/backlog.py`` measures a sweep with 200 000 deferred entries). Redis errors propagate
+to the caller (the scheduler thread logs them and tries again).
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import logging
 
 import redis
 
-from services.common import queueing, spool
+from services.common import broker, liveness, queueing, retry, spool
 from services.common.jobs import Job, job_key
 from services.common.model import Decision, Envelope
 
@@ -34,6 +49,8 @@ log = logging.getLogger("tlsrelay.rescue")
 
 LOCK = spool.PREFIX + "rescue:lock"
 SUSPECTS = spool.PREFIX + "rescue:suspects"
+RECLAIM_LOCK = spool.PREFIX + "reclaim:lock"
+RECLAIM_SUSPECTS = spool.PREFIX + "reclaim:suspects"
 LIMIT = 1000  # members looked at per sweep and queue
 
 
@@ -47,8 +64,11 @@ def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_
         client.delete(SUSPECTS)
         return 0
     policy_refs, deliver_refs = _referenced(client)
-    orphans = {f"p {m}" for m in old_policy if m not in policy_refs}
-    orphans |= {f"d {m}" for m in old_deliver if m not in deliver_refs}
+    orphans: set[str] = set()
+    if policy_refs is not None:
+        orphans |= {f"p {m}" for m in old_policy if m not in policy_refs}
+    if deliver_refs is not None:
+        orphans |= {f"d {m}" for m in old_deliver if m not in deliver_refs}
     previous = {m.decode() for m in client.smembers(SUSPECTS)}  # type: ignore[union-attr]
     confirmed = orphans & previous
     with client.pipeline(transaction=True) as pipe:
@@ -66,6 +86,30 @@ def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_
     return requeued
 
 
+def reclaim(client: redis.Redis, now: float, interval: float) -> int:
+    """One pass handing back dead workers' reserved tasks (if no other process holds the lock);
+    return how many went back to their queue. Cost: the reserved tasks taken before
+    ``now - liveness.TTL`` (bounded by ``LIMIT``; as many as the workers hold, not the backlog)
+    and one read of the live workers' beats."""
+    if not client.set(RECLAIM_LOCK, "1", nx=True, px=max(1, int(interval * 900))):
+        return 0
+    old = broker.reserved_at(client, now - liveness.TTL, LIMIT)
+    held = liveness.holders(client)  # also drops dead workers from the registry
+    orphans = {tag for tag, _ in old if tag not in held}
+    previous = {m.decode() for m in client.smembers(RECLAIM_SUSPECTS)}  # type: ignore[union-attr]
+    confirmed = orphans & previous
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(RECLAIM_SUSPECTS)
+        if orphans - confirmed:
+            pipe.sadd(RECLAIM_SUSPECTS, *(orphans - confirmed))
+            pipe.expire(RECLAIM_SUSPECTS, max(1, int(interval * 3)))
+        pipe.execute()
+    restored = [tag for tag in sorted(confirmed) if broker.restore(client, tag)]
+    if restored:
+        log.warning("handed back %d tasks of dead workers: %s", len(restored), restored)
+    return len(restored)
+
+
 def _old(client: redis.Redis, key: str, before: float) -> set[str]:
     members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]
         key, "-inf", before, start=0, num=LIMIT
@@ -73,19 +117,26 @@ def _old(client: redis.Redis, key: str, before: float) -> set[str]:
     return {m.decode() for m in members}
 
 
-def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
-    """Message ids in ``policy`` tasks; ``"id domain"`` of jobs in ``deliver`` tasks or deferred —
-    queued, reserved by a worker, or waiting in the deferred set."""
+def _referenced(client: redis.Redis) -> tuple[set[str] | None, set[str] | None]:
+    """Message ids in ``policy`` tasks; ``"id domain"`` of jobs in ``deliver`` tasks — queued,
+    reserved by a worker, or parked for a retry. None for a queue when a place holds more than
+    ``LIMIT`` entries (not read whole: cannot tell)."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.lrange(queueing.QUEUE_POLICY, 0, -1)
-        pipe.lrange(queueing.QUEUE_DELIVER, 0, -1)
-        pipe.hvals(queueing.UNACKED)
-        pipe.zrange(spool.DEFERRED, 0, -1)
-        policy_list, deliver_list, unacked, deferred = pipe.execute()
-    raws = [*policy_list, *deliver_list]
-    raws += [doc for doc in map(queueing.reserved, unacked) if doc is not None]
+        for key in (queueing.POLICY_LIST, queueing.DELIVER_LIST):
+            pipe.llen(key)
+            pipe.lrange(key, -LIMIT, -1)  # the oldest end: old work is there
+        pipe.hlen(queueing.UNACKED)
+        pipe.hrandfield(queueing.UNACKED, LIMIT, withvalues=True)  # all of them when <= LIMIT
+        pipe.zcard(retry.RETRY)
+        pipe.zrange(retry.RETRY, 0, LIMIT - 1)
+        n_policy, policy_list, n_deliver, deliver_list, n_unacked, unacked, n_retry, retried = (
+            pipe.execute()
+        )
+    complete = n_unacked <= LIMIT and n_retry <= LIMIT
+    raws = [*policy_list, *deliver_list, *retried]
+    raws += [doc for doc in map(queueing.reserved, unacked[1::2]) if doc is not None]
     policy: set[str] = set()
-    deliver = {spool.waiting_job(*job_key(doc)) for doc in map(json.loads, deferred)}
+    deliver: set[str] = set()
     for found in map(queueing.task_batch, raws):
         if found is None:
             continue
@@ -93,8 +144,15 @@ def _referenced(client: redis.Redis) -> tuple[set[str], set[str]]:
         if name == queueing.TASK_CLASSIFY:
             policy.update(i for i in batch if isinstance(i, str))
         elif name == queueing.TASK_DELIVER:
-            deliver.update(spool.waiting_job(*job_key(doc)) for doc in batch)
-    return policy, deliver
+            deliver.update(spool.waiting_job(*job_key(d)) for d in batch if _is_job(d))
+    return (
+        policy if complete and n_policy <= LIMIT else None,
+        deliver if complete and n_deliver <= LIMIT else None,
+    )
+
+
+def _is_job(doc: object) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("id"), str) and "domain" in doc
 
 
 def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
@@ -103,7 +161,7 @@ def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
     with client.pipeline(transaction=True) as pipe:
         for message_id in ids:
             pipe.rpush(spool.trace_key(message_id), spool.event("requeued", queue="policy"))
-        pipe.lpush(queueing.QUEUE_POLICY, queueing.classify_task(ids))
+        pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
         pipe.execute()
     return len(ids)
 
@@ -126,7 +184,7 @@ def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) ->
             event = spool.event("requeued", queue="deliver", domain=job.domain)
             pipe.rpush(spool.trace_key(job.id), event)
         for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
-            pipe.lpush(queueing.QUEUE_DELIVER, queueing.deliver_task([j.to_json() for j in chunk]))
+            pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([j.to_json() for j in chunk]))
         pipe.execute()
     return len(jobs)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from services.common import queueing, spool
+from services.common import broker, liveness, queueing, retry, spool
 from services.common.jobs import Job, job_key
 from services.common.model import is_message_id
 from services.deliver import rescue
@@ -132,42 +132,60 @@ def move_due(
             accepted = message_time(message_id) or now
             args += [member, spool.waiting_job(message_id, domain), accepted]
     moved: int = client.eval(
-        _MOVE_DUE, 3, spool.DEFERRED, queueing.QUEUE_DELIVER, spool.WAITING_DELIVER, *args
+        _MOVE_DUE, 3, spool.DEFERRED, queueing.DELIVER_LIST, spool.WAITING_DELIVER, *args
     )
     return moved
 
 
 class SchedulerThread(threading.Thread):
-    """Runs ``move_due`` every ``interval`` seconds, and :func:`rescue.sweep` and
-    :func:`prune_deferred_index` every ``rescue_interval``, until ``stop()``; survives Redis
-    outages."""
+    """Runs ``move_due`` every ``interval`` seconds; :func:`rescue.reclaim` (dead workers'
+    tasks) every ``liveness.INTERVAL``; every ``rescue_interval`` the housekeeping:
+    :func:`rescue.sweep`, :func:`prune_deferred_index` and :func:`broker.migrate_legacy` (tasks
+    an older release left in kombu's unprefixed keys; also once at start). Survives Redis
+    outages: a failed round is logged and the next one tries again."""
 
     def __init__(
-        self, redis_url: str, interval: float, batch_max: int = 50, rescue_interval: float = 30.0
+        self,
+        redis_url: str,
+        interval: float,
+        batch_max: int = 50,
+        rescue_interval: float = 30.0,
+        visibility_timeout: float = 1800.0,
     ) -> None:
         super().__init__(name="tlsrelay-scheduler", daemon=True)
         self.redis_url = redis_url
         self.interval = interval
         self.batch_max = batch_max
         self.rescue_interval = rescue_interval  # see services/deliver/rescue.py
+        self.visibility_timeout = visibility_timeout
         self._stopped = threading.Event()
 
     def run(self) -> None:
         client = spool.connect(self.redis_url)
-        next_rescue = time.monotonic() + self.rescue_interval
+        next_housekeeping = next_reclaim = time.monotonic()
         while not self._stopped.is_set():
             try:
                 while move_due(client, batch_max=self.batch_max) > 0:
                     pass
-                if time.monotonic() >= next_rescue:
-                    next_rescue = time.monotonic() + self.rescue_interval
-                    grace = 2 * self.rescue_interval
-                    rescue.sweep(client, time.time(), grace, self.rescue_interval, self.batch_max)
-                    prune_deferred_index(client)
+                retry.move_due(client, time.time())
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + liveness.INTERVAL
+                    rescue.reclaim(client, time.time(), liveness.INTERVAL)
+                if time.monotonic() >= next_housekeeping:
+                    next_housekeeping = time.monotonic() + self.rescue_interval
+                    self.housekeeping(client, time.time())
             except redis.exceptions.RedisError as exc:
                 log.warning("scheduler: Redis unavailable: %s", exc)
             self._stopped.wait(self.interval)
         client.close()
+
+    def housekeeping(self, client: redis.Redis, now: float) -> None:
+        moved = broker.migrate_legacy(client, now, self.visibility_timeout)
+        if moved:
+            log.warning("moved %d tasks out of an older release's unprefixed queue keys", moved)
+        grace = 2 * self.rescue_interval
+        rescue.sweep(client, now, grace, self.rescue_interval, self.batch_max)
+        prune_deferred_index(client)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -4,8 +4,10 @@ The task is a thin wrapper: it runs :meth:`services.deliver.batch.Deliverer.run_
 batch of jobs on this process's event loop (one per worker process, kept for its lifetime so the
 connection pool lives on it). An unexpected error in delivery code is not allowed to drop a job:
 the job is put back into the deferred set (due after the first retry step) and the error is
-logged. Redis errors propagate, so the task is not acknowledged and Celery runs it again (jobs
-already recorded are then skipped: their recipients are final or deferred).
+logged. Anything that escapes the batch (a Redis error, ``WRONGTYPE`` included) parks the whole
+task for a retry with backoff (services/common/retry.py: never dropped, never a hot loop); after
+``retry.CAP`` tries its jobs become ordinary deferrals. Jobs already recorded are skipped when it
+runs again.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import asyncio
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import worker_ready, worker_shutdown
 
-from services.common import queueing, spool
+from services.common import queueing, retry, spool
 from services.common.config import Config
 from services.deliver.batch import Deliverer
 from services.deliver.scheduler import SchedulerThread
@@ -39,21 +41,35 @@ class DeliverService:
             self._loop = asyncio.new_event_loop()
         return self._deliverer
 
-    def deliver(self, jobs: list[dict[str, Any]]) -> None:
+    def deliver(self, jobs: list[dict[str, Any]], retries: int = 0) -> None:
+        """Run the batch; if anything raises, park it for a retry (services/common/retry.py);
+        after ``retry.CAP`` tries its jobs become ordinary deferrals."""
         deliverer = self.deliverer
         assert self._loop is not None
-        self._loop.run_until_complete(deliverer.run_batch(jobs))
+        try:
+            self._loop.run_until_complete(deliverer.run_batch(jobs))
+        except Exception as exc:
+
+            def defer_jobs() -> None:
+                for doc in jobs:
+                    deliverer.ledger.park(doc)
+
+            retry.failed(deliverer.client, queueing.TASK_DELIVER, jobs, retries, exc, defer_jobs)
 
 
 def register(app: Celery, service: DeliverService) -> None:
-    @app.task(name=queueing.TASK_DELIVER)  # type: ignore[untyped-decorator]
-    def deliver(jobs: list[dict[str, Any]] | dict[str, Any]) -> None:
+    @app.task(name=queueing.TASK_DELIVER, bind=True)  # type: ignore[untyped-decorator]
+    def deliver(task: Task, jobs: list[dict[str, Any]] | dict[str, Any]) -> None:
         # A single job: a task queued before tasks carried batches.
-        service.deliver([jobs] if isinstance(jobs, dict) else jobs)
+        service.deliver([jobs] if isinstance(jobs, dict) else jobs, task.request.retries or 0)
 
     delivery = service.config.delivery
     scheduler = SchedulerThread(
-        service.redis_url, delivery.scheduler_interval, delivery.batch_max, delivery.rescue_interval
+        service.redis_url,
+        delivery.scheduler_interval,
+        delivery.batch_max,
+        delivery.rescue_interval,
+        service.config.celery.visibility_timeout,
     )
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]

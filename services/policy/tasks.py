@@ -6,8 +6,9 @@ not classified again (a task redelivered after a worker crash would otherwise en
 deliveries twice), checked again under ``WATCH`` in the writing transaction, so two copies of a
 task running at the same time queue one set of deliveries (``spool.record_classifications``).
 A message that is gone (already final) is ignored. The body is read from
-Redis only when a rule looks at content (``Ruleset.needs_content``). Redis errors propagate: the
-task is not acknowledged and runs again.
+Redis only when a rule looks at content (``Ruleset.needs_content``). Anything that raises (a Redis
+error, ``WRONGTYPE`` included) parks the task for a retry with backoff (services/common/retry.py):
+never dropped, never a hot loop.
 
 Rules reload on SIGHUP (replacing Celery's handler, which re-execs the worker and so would turn a
 bad file into a dead service): the main process re-reads the config file; a bad file is logged
@@ -28,10 +29,10 @@ from collections.abc import Iterator
 from types import FrameType
 
 import redis
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import worker_ready
 
-from services.common import metrics, queueing, spool
+from services.common import metrics, queueing, retry, spool
 from services.common.config import Config, load_config
 from services.common.model import Envelope
 from services.policy.decide import Ruleset, decide
@@ -128,10 +129,16 @@ class PolicyService:
 
 
 def register(app: Celery, service: PolicyService) -> None:
-    @app.task(name=queueing.TASK_CLASSIFY)  # type: ignore[untyped-decorator]
-    def classify(message_ids: list[str] | str) -> None:
+    @app.task(name=queueing.TASK_CLASSIFY, bind=True)  # type: ignore[untyped-decorator]
+    def classify(task: Task, message_ids: list[str] | str) -> None:
         # A bare id: a task queued before tasks carried batches.
-        service.classify([message_ids] if isinstance(message_ids, str) else message_ids)
+        ids = [message_ids] if isinstance(message_ids, str) else message_ids
+        try:
+            service.classify(ids)
+        except Exception as exc:  # parked for a retry, never dropped (common/retry.py)
+            retry.failed(
+                service.client, queueing.TASK_CLASSIFY, ids, task.request.retries or 0, exc
+            )
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def handle_sighup(**_: object) -> None:
