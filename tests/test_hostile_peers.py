@@ -9,16 +9,31 @@ in this process against a real valkey and real SMTP peers on loopback (:mod:`tes
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
+import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from services.common import spool
+from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
 from tests.badpeers import BadPeer, Kind
+from tests.peers import Sink
 from tests.test_batching import deliver, queue_jobs, routed
+
+SECRET_SUBJECT = "Merger with Initech"
+BODY = f"Subject: {SECRET_SUBJECT}\r\nX-Classification: secret\r\n\r\nHello.\r\n".encode()
+FORGED = (
+    "550-5.1.1 no such user\r\n550-\r\n550-Final-Recipient: rfc822; forged@victim.test\r\n"
+    "550 Action: delivered"
+)
 
 
 @pytest.fixture
@@ -72,3 +87,92 @@ def test_a_reply_that_skips_a_step_is_a_deferral_not_a_delivery(
     assert peer.connections == 2  # a session out of step is never reused
     for job in jobs:
         assert not events(store, job["id"], "delivered")
+
+
+# --------------------------------------------------------------------------- items 4 and 6
+
+
+def stage(store: redis.Redis, domain: str, decision: Decision, options: tuple[str, ...] = ()
+          ) -> dict[str, Any]:  # fmt: skip
+    """A stored message from s@origin.test to x@``domain`` with ``decision``: its job."""
+    env = Envelope(new_message_id(), "s@origin.test", (f"x@{domain}",), options,
+                   received_at=time.time())  # fmt: skip
+    with store.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, env, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    return {"id": env.id, "domain": domain, "recipients": [f"x@{domain}"],
+            "decision": decision.to_json(), "attempt": 1}  # fmt: skip
+
+
+def the_dsn(store: redis.Redis, message_id: str) -> tuple[Envelope, EmailMessage]:
+    (event,) = events(store, message_id, "dsn")
+    dsn_id = str(event["dsn_id"])
+    envelope = spool.load_envelope(store, dsn_id)
+    raw = store.hget(spool.msg_key(dsn_id), "body")
+    assert envelope is not None and isinstance(raw, bytes)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return envelope, parsed
+
+
+@pytest.fixture
+def refusing() -> Iterator[Sink]:
+    def forged(address: str) -> str:
+        return FORGED
+
+    server = Sink("starttls", rcpt_replies=forged).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_dsn_of_tls_required_mail_is_redacted(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, refusing: Sink
+) -> None:
+    """Enforced mail bounces: its DSN (which travels like any DSN) returns no headers and does
+    not quote what the rule matched, but names the rule."""
+    config = routed(tmp_path, valkey, "secret.test", refusing.address_text)
+    reason = f"confidential: subject matched /{SECRET_SUBJECT}/"
+    decision = Decision("secret.test", TlsMode.ENFORCED, ("confidential",), reasons=(reason,))
+    job = stage(store, "secret.test", decision)
+    deliver(config, store, [job])
+    envelope, dsn = the_dsn(store, job["id"])
+    raw = dsn.as_bytes()
+    assert envelope.mail_options == () and envelope.recipients == ("s@origin.test",)
+    assert SECRET_SUBJECT.encode() not in raw and b"secret\r\n" not in raw.lower()
+    parts = [p.get_content_type() for p in dsn.iter_parts()]
+    assert parts == ["text/plain", "message/delivery-status"]
+    human = next(dsn.iter_parts()).get_content()
+    assert "because of: confidential." in human
+
+
+def test_remote_reply_text_cannot_forge_dsn_fields(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, refusing: Sink
+) -> None:
+    """A multi-line 550 carrying report fields stays inside one folded Diagnostic-Code."""
+    config = routed(tmp_path, valkey, "forge.test", refusing.address_text)
+    job = stage(store, "forge.test", Decision("forge.test"))
+    deliver(config, store, [job])
+    _, dsn = the_dsn(store, job["id"])
+    status = list(dsn.iter_parts())[1].get_payload()
+    assert isinstance(status, list)
+    blocks = [dict(block.items()) for block in status if isinstance(block, email.message.Message)]
+    assert len(blocks) == 2, blocks  # per-message fields, then exactly one recipient
+    assert blocks[1]["Final-Recipient"] == "rfc822; x@forge.test"
+    assert blocks[1]["Action"] == "failed"
+    assert "forged@victim.test" in blocks[1]["Diagnostic-Code"]
+
+
+def test_the_dsn_of_requiretls_mail_is_sent_with_requiretls_and_may_return_headers(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, refusing: Sink
+) -> None:
+    """RFC 8689 §5: the peer lacks REQUIRETLS (5.7.30 bounce); the DSN carries REQUIRETLS."""
+    config = routed(tmp_path, valkey, "rt.test", refusing.address_text)
+    decision = Decision("rt.test", TlsMode.ENFORCED, ("requiretls",), reasons=("requiretls",))
+    job = stage(store, "rt.test", decision, ("REQUIRETLS",))
+    deliver(config, store, [job])
+    envelope, dsn = the_dsn(store, job["id"])
+    assert envelope.mail_options == ("REQUIRETLS",)
+    parts = [p.get_content_type() for p in dsn.iter_parts()]
+    assert parts[-1] == "text/rfc822-headers" and SECRET_SUBJECT in dsn.as_string()

@@ -75,6 +75,7 @@ def new_message_id() -> str:
     return f"{int(time.time() * 1000):012X}{secrets.token_hex(4).upper()}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MESSAGE_ID = re.compile(r"^[0-9A-F]{20}$")
 
 
@@ -263,7 +264,10 @@ class Reply:
 
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
-        """Split an enhanced status code off the front of a reply's text, when present."""
+        """Split an enhanced status code off the front of a reply's text, when present. The
+        text is a remote server's: a multi-line reply is folded into one line and control
+        characters become spaces, so it cannot forge lines wherever it is written."""
+        message = " ".join(_CONTROL.sub(" ", message).split())
         m = re.match(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$", message, re.S)
         if m:
             return cls(code, m.group(1), m.group(2).strip())
