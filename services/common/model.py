@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from services.common.protocol import REQUIRETLS
 from services.common.values import HostPort, Route, parse_hostport
 
 
@@ -170,6 +171,17 @@ class Envelope:
             auth_user=doc.get("auth_user"),
             client_cert=doc.get("client_cert"),
         )
+
+    @property
+    def requiretls(self) -> bool:
+        """MAIL FROM carried REQUIRETLS (RFC 8689 §4.1)."""
+        return REQUIRETLS in (option.upper() for option in self.mail_options)
+
+    @property
+    def relaxes_destination_tls(self) -> bool:
+        """``TLS-Required: No`` relaxes destination policies (MTA-STS, DANE) — unless the message
+        was sent with REQUIRETLS: then the header is ignored (RFC 8689 §5)."""
+        return self.tls_required_no and not self.requiretls
 
     def recipients_by_domain(self) -> dict[str, tuple[str, ...]]:
         """Recipients grouped by destination domain, in first-seen order."""

@@ -123,7 +123,7 @@ class Deliverer:
 
     async def send(self, job: Job, envelope: Envelope, body: bytes, pending: list[str]) -> Outcome:
         """One round: plan it, then try each address in order until one runs a transaction."""
-        plan = await self.planner.plan(job.decision, envelope.tls_required_no)
+        plan = await self.planner.plan(job.decision, envelope.relaxes_destination_tls)
         changed = plan.decision if plan.decision != job.decision else None
         outcome = Outcome(decision=changed, sts=plan.report)
         if plan.refused is not None:
