@@ -24,6 +24,7 @@ import redis
 from services.common import spool
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
+from services.deliver.plan import Planner
 from tests.badpeers import BadPeer, Kind
 from tests.peers import Sink
 from tests.test_batching import deliver, queue_jobs, routed
@@ -92,11 +93,11 @@ def test_a_reply_that_skips_a_step_is_a_deferral_not_a_delivery(
 # --------------------------------------------------------------------------- items 4 and 6
 
 
-def stage(store: redis.Redis, domain: str, decision: Decision, options: tuple[str, ...] = ()
-          ) -> dict[str, Any]:  # fmt: skip
+def stage(store: redis.Redis, domain: str, decision: Decision, options: tuple[str, ...] = (),
+          received_at: float | None = None) -> dict[str, Any]:  # fmt: skip
     """A stored message from s@origin.test to x@``domain`` with ``decision``: its job."""
     env = Envelope(new_message_id(), "s@origin.test", (f"x@{domain}",), options,
-                   received_at=time.time())  # fmt: skip
+                   received_at=received_at or time.time())  # fmt: skip
     with store.pipeline(transaction=True) as pipe:
         spool.stage_message(pipe, env, BODY, spool.TRACE_TTL)
         pipe.execute()
@@ -176,3 +177,25 @@ def test_the_dsn_of_requiretls_mail_is_sent_with_requiretls_and_may_return_heade
     assert envelope.mail_options == ("REQUIRETLS",)
     parts = [p.get_content_type() for p in dsn.iter_parts()]
     assert parts[-1] == "text/rfc822-headers" and SECRET_SUBJECT in dsn.as_string()
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def test_an_unexpected_error_is_a_deferral_under_the_lifetime_rule(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while planning (stand-in: the planner raises) for a message past its queue
+    lifetime: it bounces with a DSN naming the error, instead of being parked forever."""
+
+    async def broken(*args: object) -> None:
+        raise ValueError("invalid literal for int() with base 10: '\u00b2'")
+
+    monkeypatch.setattr(Planner, "plan", broken)
+    config = routed(tmp_path, valkey, "bug.test", "127.0.0.1:9")
+    job = stage(store, "bug.test", Decision("bug.test"), received_at=time.time() - 6 * 86400)
+    deliver(config, store, [job])
+    (bounced,) = events(store, job["id"], "bounced")
+    reply = str(bounced["recipients"])
+    assert "451 4.3.0 internal error: ValueError" in reply, bounced
+    assert events(store, job["id"], "dsn") and store.zcard(spool.DEFERRED) == 0

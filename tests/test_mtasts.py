@@ -92,6 +92,7 @@ def test_parse_policy_reads_every_field() -> None:
         ("version: STSv1\nmode: enforce\nmx: a.test\n", "max_age"),
         ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: -1\n", "max_age"),
         ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 31557601\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: \u00b2\n", "max_age"),  # isdigit()
         ("version: STSv1\nmode: enforce\nmax_age: 60\n", "mx"),
         ("version: STSv1\nmode: enforce\nmx: a.*.test\nmax_age: 60\n", "mx"),
         ("version: STSv1\nmode: enforce\nmx: **.test\nmax_age: 60\n", "mx"),

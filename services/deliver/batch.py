@@ -15,9 +15,11 @@ The batch's state is read in one round trip, its bodies a few megabytes at a tim
 finds its destination unreachable, the rest of the batch with the same route and TLS
 requirement is deferred with the same error instead of waiting out the same timeouts again.
 
-Failure: an unexpected error in one job — or a document that is not a job — parks it for a retry
-(never drops it) and the batch goes on; Redis errors propagate (the Celery task is then not
-acknowledged and runs again; recipients already recorded are not sent again).
+Failure: an unexpected error in one job defers its recipients like any temporary failure (retry
+schedule, queue lifetime, then a bounce; the error in the trace); a document that is not a job is
+parked for a retry (never dropped); either way the batch goes on. Redis errors propagate (the
+Celery task is then not acknowledged and runs again; recipients already recorded are not sent
+again).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.deliver import mx
 from services.deliver.delivery import NO_HOST, Outcome
+from services.deliver.dsn import one_line
 from services.deliver.ledger import Ledger
 from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
@@ -86,11 +89,29 @@ class Deliverer:
                 results.append(await self._run(job, state, unreachable, upcoming))
             except redis.exceptions.RedisError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-                self.ledger.park(job)
+                self._failed(job, state, exc)
                 results.append(None)
         return results
+
+    def _failed(self, job: Job, state: spool.JobState, exc: Exception) -> None:
+        """An unexpected error: the job's pending recipients are deferred under the normal retry
+        and queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in
+        the trace. Parked for a retry only when even that cannot be recorded."""
+        pending = [r for r in job.recipients if r not in state.final]
+        if state.envelope is not None and pending:
+            error = one_line(f"internal error: {type(exc).__name__}: {exc}", 300)
+            outcome = Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
+            try:
+                round_ = self.ledger.round(job, state.envelope, state.body or b"", state)
+                self.ledger.record(round_, outcome)
+                return
+            except redis.exceptions.RedisError:
+                raise
+            except Exception:
+                log.exception("recording the failure of %s to %s failed", job.id, job.domain)
+        self.ledger.park(job)
 
     async def run(self, doc: Mapping[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
