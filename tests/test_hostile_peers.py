@@ -9,6 +9,7 @@ in this process against a real valkey and real SMTP peers on loopback (:mod:`tes
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.message
 import email.policy
@@ -23,11 +24,12 @@ import redis
 
 from services.common import spool
 from services.common.model import Decision, Envelope, TlsMode, new_message_id
-from services.common.redisserver import EmbeddedRedis
+from services.common.redisserver import EmbeddedRedis, free_port
 from services.deliver.plan import Planner
 from tests.badpeers import BadPeer, Kind
+from tests.dnsserver import LocalDns
 from tests.peers import Sink
-from tests.test_batching import deliver, queue_jobs, routed
+from tests.test_batching import deliver, queue_jobs, routed, write_config
 
 SECRET_SUBJECT = "Merger with Initech"
 BODY = f"Subject: {SECRET_SUBJECT}\r\nX-Classification: secret\r\n\r\nHello.\r\n".encode()
@@ -199,3 +201,30 @@ def test_an_unexpected_error_is_a_deferral_under_the_lifetime_rule(
     reply = str(bounced["recipients"])
     assert "451 4.3.0 internal error: ValueError" in reply, bounced
     assert events(store, job["id"], "dsn") and store.zcard(spool.DEFERRED) == 0
+
+
+# --------------------------------------------------------------------------- item 7
+
+
+@pytest.mark.parametrize(("kind", "tried"), [("silent", 5), ("busy", 2)])
+def test_a_destination_of_many_bad_addresses_is_tried_within_the_caps(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, kind: Kind, tried: int
+) -> None:
+    """Eight addresses that never greet: five are tried (mx_address_limit); eight that greet
+    and then refuse: two sessions (mx_session_limit). Then the round is deferred."""
+    port = free_port("127.0.0.11")
+    hosts = [f"127.0.0.{i}" for i in range(11, 19)]
+    with contextlib.ExitStack() as stack, LocalDns() as dns:
+        peers = [stack.enter_context(BadPeer(kind, host, port)) for host in hosts]
+        dns.add("many.test", "MX", "10 mx.many.test.")
+        for host in hosts:
+            dns.add("mx.many.test", "A", host)
+        settings = {"redis_url": valkey.url, "delivery": {
+            "dns_servers": [f"127.0.0.1:{dns.port}"], "mx_port": port, "mta_sts": False,
+            "greeting_timeout": "0.3s", "connect_timeout": "1s"}}  # fmt: skip
+        config = write_config(tmp_path / "c.yaml", settings)
+        job = stage(store, "many.test", Decision("many.test"))
+        (outcome,) = deliver(config, store, [job])
+    assert outcome is not None and list(outcome.deferred) == ["x@many.test"]
+    assert len(outcome.attempts) == tried
+    assert sum(p.connections for p in peers) == tried

@@ -8,7 +8,8 @@ they share a reused connection (:class:`services.deliver.pool.ConnectionPool`):
    close the job (:meth:`services.deliver.ledger.Ledger.close`);
 2. plan the round (:mod:`services.deliver.plan`: hosts, the MTA-STS destination policy, TLS);
 3. try each address in order with :func:`services.deliver.session.attempt` until one runs a
-   transaction (:class:`services.deliver.delivery.Outcome` says what its replies mean);
+   transaction, or ``delivery.mx_session_limit`` sessions that reached a greeting ran none
+   (:class:`services.deliver.delivery.Outcome` says what its replies mean);
 4. record the round in one transaction (:mod:`services.deliver.ledger`).
 
 The batch's state is read in one round trip, its bodies a few megabytes at a time. When a job
@@ -153,7 +154,12 @@ class Deliverer:
             return outcome
         errors: list[Reply] = []
         hooks = Hooks(self.planner.remember_broken, lambda p: self.ledger.mark_in_flight(job, p))
+        sessions, session_limit = 0, self.config.delivery.mx_session_limit
         for hop in plan.hops:
+            # Bounded work: at most mx_session_limit greeted sessions per round (Postfix
+            # smtp_mx_session_limit); the per-job deadline belongs in this same check.
+            if session_limit and sessions >= session_limit:
+                break
             settings = self.planner.tls(plan, hop)
             result = await attempt(
                 hop.peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool
@@ -162,6 +168,7 @@ class Deliverer:
             if not result.next_host:
                 outcome.settle(result.replies, hop.peer.host)
                 return outcome
+            sessions += result.greeted
             errors.append(result.error or NO_HOST)
         outcome.no_transaction(pending, errors)
         return outcome

@@ -11,7 +11,8 @@ nothing can be tried:
 2. the destination policy (:mod:`services.deliver.destination`; MTA-STS, for MX-routed mail
    only): the hosts that may be used and the TLS requirement at each; none left → 451 4.7.10
    (defer, never in clear);
-3. per peer, when it is about to be tried (:meth:`Planner.tls`): the requirement with its
+3. the addresses of those hosts in order, at most ``delivery.mx_address_limit``;
+4. per peer, when it is about to be tried (:meth:`Planner.tls`): the requirement with its
    material — the platform's CA and client certificate for intra-platform mail (at least
    ``verified``), else ``delivery.ca_file`` — and whether a STARTTLS handshake there failed
    lately (the "TLS broken" memory, ``tlsrelay:tlsbroken:*``, read once per peer and batch).
@@ -96,7 +97,7 @@ class Planner:
             return _refused(plan, Reply(451, "4.4.3", str(failure)), unreachable=True)
         if not path.hosts:
             return _refused(plan, Reply(451, TLS_UNAVAILABLE.status, path.refusal))
-        return _with_hops(plan, path.hosts)
+        return _with_hops(plan, path.hosts, self.config.delivery.mx_address_limit)
 
     def _route(self, decision: Decision) -> Route | None:
         """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""
@@ -136,10 +137,12 @@ def _refused(plan: Plan, reply: Reply, unreachable: bool = False) -> Plan:
     return Plan(plan.decision, (), plan.report, plan.check_leaf, reply, unreachable)
 
 
-def _with_hops(plan: Plan, hosts: tuple[destination.HostPolicy, ...]) -> Plan:
+def _with_hops(plan: Plan, hosts: tuple[destination.HostPolicy, ...], limit: int) -> Plan:
+    """Every address of every allowed host in order, at most ``limit`` of them (0: all) —
+    ``delivery.mx_address_limit``, as Postfix's ``smtp_mx_address_limit``."""
     hops = tuple(
         Hop(Peer(h.destination.host, address, h.destination.port, h.name), h)
         for h in hosts
         for address in h.destination.addresses
     )
-    return Plan(plan.decision, hops, plan.report, plan.check_leaf)
+    return Plan(plan.decision, hops[:limit] if limit else hops, plan.report, plan.check_leaf)

@@ -105,7 +105,7 @@ class Attempt:
     # The peer answered out of step (a 2xx where 354 belonged, a non-reply): what it says next
     # cannot be trusted to answer our next command, so the session is closed, never reused.
     desync: bool = False
-    greeted: bool = False  # a new session reached the server's greeting (delivery.mx_session_limit)
+    greeted: bool = False  # a new session got the server's greeting (delivery.mx_session_limit)
     reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
@@ -205,8 +205,7 @@ async def _attempt(
             )
             result.reused = True
         else:
-            smtp = await _open(peer, timeouts)
-            result.greeted = True
+            smtp = await _open(peer, timeouts, result)
             result.local_address = _local_address(smtp)
             smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
         await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
@@ -259,8 +258,9 @@ def _park(
     return pool.give(_pool_key(peer, settings), parked)
 
 
-async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
-    """Connect, read the greeting and say EHLO; anything wrong → next host."""
+async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.SMTP:
+    """Connect, read the greeting (noted in ``result.greeted``) and say EHLO; anything wrong →
+    next host."""
     # start_tls=False: STARTTLS is decided by our TLS table, never by aiosmtplib's defaults.
     smtp = aiosmtplib.SMTP(
         hostname=peer.address,  # for messages only: we connect the socket ourselves
@@ -273,6 +273,7 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
     try:
         sock = await _tcp_connect(peer, timeouts.connect)
         await smtp.connect(sock=sock, timeout=timeouts.greeting)
+        result.greeted = True
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
@@ -321,7 +322,7 @@ async def _negotiate_tls(
     elif action is Action.RECONNECT_CLEAR:
         on_handshake_failed(result.peer)
         await _close(smtp)
-        smtp = await _open(result.peer, timeouts)
+        smtp = await _open(result.peer, timeouts, result)
     return smtp
 
 
