@@ -228,3 +228,25 @@ def test_a_destination_of_many_bad_addresses_is_tried_within_the_caps(
     assert outcome is not None and list(outcome.deferred) == ["x@many.test"]
     assert len(outcome.attempts) == tried
     assert sum(p.connections for p in peers) == tried
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
+def test_a_route_to_our_own_listener_bounces_without_connecting(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, bind: str
+) -> None:
+    """A route to the relay's own listener (or to a local address of a wildcard bind) is a
+    loop: bounced 5.4.6 at once, nothing connects (here a sink stands where ingest would)."""
+    with Sink("plain") as sink:
+        settings = {"redis_url": valkey.url, "ingest": {"listen": f"{bind}:{sink.port}"},
+                    "delivery": {"routes": {"loop.test": sink.address_text}}}  # fmt: skip
+        config = write_config(tmp_path / "c.yaml", settings)
+        job = stage(store, "loop.test", Decision("loop.test"))
+        (outcome,) = deliver(config, store, [job])
+        assert sink.connections == 0
+    assert outcome is not None and not outcome.attempts
+    (reply,) = outcome.bounced.values()
+    assert str(reply) == "554 5.4.6 mail for loop.test loops back to myself"
+    assert events(store, job["id"], "dsn")
