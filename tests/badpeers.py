@@ -6,6 +6,12 @@ Kinds:
 - ``hang_after_data``: a normal session until the final dot, then never answers it.
 - ``drop_after_data``: a normal session until the final dot, then closes without a reply.
 - ``garbage``: greets, then answers every command with bytes that are not an SMTP reply.
+- ``refuse_first_data``: keeps SMTP state as Postfix does: the first DATA is answered
+  ``452 4.3.1`` and the transaction stays open, so a MAIL before ``RSET`` gets
+  ``503 5.5.1 Error: nested MAIL command``; later transactions are accepted.
+- ``data_250``: answers ``250`` to DATA instead of ``354`` (it never reads a body).
+- ``double_rcpt``: answers each RCPT twice (``250`` ``250``), so the extra one answers DATA.
+- ``busy``: greets, then answers EHLO with ``421 4.3.2`` (a session that reached a greeting).
 
 ``connections`` counts accepted connections; ``data_received`` counts messages whose final dot
 arrived (the relay may believe they were not delivered).
@@ -20,16 +26,21 @@ from typing import Literal
 
 from tests.background import Background
 
-Kind = Literal["silent", "hang_after_data", "drop_after_data", "garbage"]
+Kind = Literal[
+    "silent", "hang_after_data", "drop_after_data", "garbage",
+    "refuse_first_data", "data_250", "double_rcpt", "busy",
+]  # fmt: skip
 
 
 class BadPeer(Background):
-    def __init__(self, kind: Kind, host: str = "127.0.0.1") -> None:
+    def __init__(self, kind: Kind, host: str = "127.0.0.1", port: int = 0) -> None:
         self.kind = kind
         self.host = host
-        self.port = 0
+        self.port = port
         self.connections = 0
         self.data_received = 0
+        self.replies: list[bytes] = []  # every reply line sent, in order (all sessions)
+        self._data_commands = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -58,7 +69,8 @@ class BadPeer(Background):
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
-        self._server = loop.run_until_complete(asyncio.start_server(self._serve, self.host, 0))
+        serving = asyncio.start_server(self._serve, self.host, self.port)
+        self._server = loop.run_until_complete(serving)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -92,12 +104,42 @@ class BadPeer(Background):
                 writer.close()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        in_mail = False  # a transaction is open (MAIL accepted, not ended by RSET or the dot)
         while line := await reader.readline():
             verb = line[:4].upper()
             if self.kind == "garbage":
                 writer.write(b"\x00\xffnot smtp at all\r\n")
+            elif verb in (b"EHLO", b"HELO") and self.kind == "busy":
+                self._reply(writer, b"421 4.3.2 too busy, try later")
+                return
             elif verb in (b"EHLO", b"HELO"):
                 writer.write(b"250-bad.peer.test\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL" and in_mail:
+                self._reply(writer, b"503 5.5.1 Error: nested MAIL command")
+            elif verb == b"MAIL":
+                in_mail = self.kind == "refuse_first_data"
+                self._reply(writer, b"250 2.1.0 ok")
+            elif verb == b"RSET":
+                in_mail = False
+                self._reply(writer, b"250 2.0.0 ok")
+            elif verb == b"RCPT" and self.kind == "double_rcpt":
+                self._reply(writer, b"250 2.1.5 ok")
+                self._reply(writer, b"250 2.1.5 ok again")
+            elif verb == b"DATA" and self.kind in ("refuse_first_data", "data_250", "double_rcpt"):
+                with self._lock:
+                    self._data_commands += 1
+                    first = self._data_commands == 1
+                if self.kind == "data_250":
+                    self._reply(writer, b"250 2.0.0 ok")
+                elif first and self.kind == "refuse_first_data":  # the transaction stays open
+                    self._reply(writer, b"452 4.3.1 insufficient system storage")
+                else:
+                    self._reply(writer, b"354 go ahead")
+                    await self._read_data(reader)
+                    in_mail = False
+                    with self._lock:
+                        self.data_received += 1
+                    self._reply(writer, b"250 2.0.0 queued")
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 await self._read_data(reader)
@@ -113,6 +155,11 @@ class BadPeer(Background):
             else:
                 writer.write(b"250 ok\r\n")
             await writer.drain()
+
+    def _reply(self, writer: asyncio.StreamWriter, line: bytes) -> None:
+        with self._lock:
+            self.replies.append(line)
+        writer.write(line + b"\r\n")
 
     async def _read_data(self, reader: asyncio.StreamReader) -> None:
         while (line := await reader.readline()) and line not in (b".\r\n", b".\n"):

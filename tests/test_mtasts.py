@@ -92,6 +92,7 @@ def test_parse_policy_reads_every_field() -> None:
         ("version: STSv1\nmode: enforce\nmx: a.test\n", "max_age"),
         ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: -1\n", "max_age"),
         ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 31557601\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: \u00b2\n", "max_age"),  # isdigit()
         ("version: STSv1\nmode: enforce\nmax_age: 60\n", "mx"),
         ("version: STSv1\nmode: enforce\nmx: a.*.test\nmax_age: 60\n", "mx"),
         ("version: STSv1\nmode: enforce\nmx: **.test\nmax_age: 60\n", "mx"),
@@ -640,6 +641,22 @@ def test_tls_required_no_relaxes_the_policy_for_that_message(world: World) -> No
     assert attempts(trace) == [("mx.relax.test", "opportunistic", "not_offered")]
     assert "TLS-Required: No" in only(trace, "mta-sts")["relaxed"]
     wait_until(lambda: sts_metric(world, "enforce", "relaxed") >= 1, what="the relaxed metric")
+
+
+def test_tls_required_no_is_ignored_for_a_message_sent_with_requiretls(world: World) -> None:
+    """RFC 8689 §5: with REQUIRETLS in MAIL FROM the header does not relax MTA-STS."""
+    body = message("sts kept").replace(b"Subject:", b"TLS-Required: No\r\nSubject:", 1)
+    with world.smtp() as client:
+        client.starttls()
+        client.ehlo("client.test")
+        client.mail("sender@origin.test", ["REQUIRETLS"])
+        client.rcpt("user@relax.test")
+        code, text = client.data(body)
+    assert code == 250, text
+    message_id = text.decode().rsplit(" ", 1)[1]
+    trace = world.wait_settled(message_id)
+    assert not only(trace, "mta-sts")["relaxed"], only(trace, "mta-sts")
+    assert not [m for m in world.sinks["relax"].messages if b"sts kept" in m.data]
 
 
 def test_a_failed_refresh_keeps_the_cached_enforce_policy(

@@ -218,6 +218,11 @@ class DeliveryConfig(_Section):
     # killed inside kombu's two-step take or restore) and queues it again: services/deliver/
     # rescue.py. Work is re-queued after two sweeps without a task, at least this far apart.
     rescue_interval: Duration = Field(default=30.0, gt=0)
+    # Bounded work per delivery attempt (Postfix smtp_mx_address_limit / smtp_mx_session_limit):
+    # at most this many addresses are tried, and at most this many SMTP sessions that reached a
+    # greeting; 0 = no limit. A destination cannot hold a worker for every address × timeouts.
+    mx_address_limit: int = Field(default=5, ge=0)
+    mx_session_limit: int = Field(default=2, ge=0)
     concurrency: int = Field(default=4, gt=0)  # Celery worker processes
     # MTA-STS (RFC 8461, services/deliver/mtasts.py): look up and apply the destination domain's
     # policy at delivery time (never for routed mail). The policy is fetched over verified HTTPS

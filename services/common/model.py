@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from services.common.protocol import REQUIRETLS
 from services.common.values import HostPort, Route, parse_hostport
 
 
@@ -80,6 +81,7 @@ def new_message_id() -> str:
     return f"{int(time.time() * 1000):012X}{secrets.token_hex(8).upper()}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MESSAGE_ID = re.compile(r"[0-9A-F]{12}(?:[0-9A-F]{16}|[0-9A-F]{8})")
 
 
@@ -175,6 +177,17 @@ class Envelope:
             client_cert=doc.get("client_cert"),
         )
 
+    @property
+    def requiretls(self) -> bool:
+        """MAIL FROM carried REQUIRETLS (RFC 8689 §4.1)."""
+        return REQUIRETLS in (option.upper() for option in self.mail_options)
+
+    @property
+    def relaxes_destination_tls(self) -> bool:
+        """``TLS-Required: No`` relaxes destination policies (MTA-STS, DANE) — unless the message
+        was sent with REQUIRETLS: then the header is ignored (RFC 8689 §5)."""
+        return self.tls_required_no and not self.requiretls
+
     def recipients_by_domain(self) -> dict[str, tuple[str, ...]]:
         """Recipients grouped by destination domain, in first-seen order."""
         groups: dict[str, list[str]] = {}
@@ -268,7 +281,10 @@ class Reply:
 
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
-        """Split an enhanced status code off the front of a reply's text, when present."""
+        """Split an enhanced status code off the front of a reply's text, when present. The
+        text is a remote server's: a multi-line reply is folded into one line and control
+        characters become spaces, so it cannot forge lines wherever it is written."""
+        message = " ".join(_CONTROL.sub(" ", message).split())
         m = re.match(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$", message, re.S)
         if m:
             return cls(code, m.group(1), m.group(2).strip())

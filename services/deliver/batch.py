@@ -8,16 +8,19 @@ they share a reused connection (:class:`services.deliver.pool.ConnectionPool`):
    close the job (:meth:`services.deliver.ledger.Ledger.close`);
 2. plan the round (:mod:`services.deliver.plan`: hosts, the MTA-STS destination policy, TLS);
 3. try each address in order with :func:`services.deliver.session.attempt` until one runs a
-   transaction (:class:`services.deliver.delivery.Outcome` says what its replies mean);
+   transaction, or ``delivery.mx_session_limit`` sessions that reached a greeting ran none
+   (:class:`services.deliver.delivery.Outcome` says what its replies mean);
 4. record the round in one transaction (:mod:`services.deliver.ledger`).
 
 The batch's state is read in one round trip, its bodies a few megabytes at a time. When a job
 finds its destination unreachable, the rest of the batch with the same route and TLS
 requirement is deferred with the same error instead of waiting out the same timeouts again.
 
-Failure: an unexpected error in one job — or a document that is not a job — parks it for a retry
-(never drops it) and the batch goes on; Redis errors propagate (the Celery task is then not
-acknowledged and runs again; recipients already recorded are not sent again).
+Failure: an unexpected error in one job defers its recipients like any temporary failure (retry
+schedule, queue lifetime, then a bounce; the error in the trace); a document that is not a job is
+parked for a retry (never dropped); either way the batch goes on. Redis errors propagate (the
+Celery task is then not acknowledged and runs again; recipients already recorded are not sent
+again).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.deliver import mx
 from services.deliver.delivery import NO_HOST, Outcome
+from services.deliver.dsn import one_line
 from services.deliver.ledger import Ledger
 from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
@@ -86,11 +90,29 @@ class Deliverer:
                 results.append(await self._run(job, state, unreachable, upcoming))
             except redis.exceptions.RedisError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-                self.ledger.park(job)
+                self._failed(job, state, exc)
                 results.append(None)
         return results
+
+    def _failed(self, job: Job, state: spool.JobState, exc: Exception) -> None:
+        """An unexpected error: the job's pending recipients are deferred under the normal retry
+        and queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in
+        the trace. Parked for a retry only when even that cannot be recorded."""
+        pending = [r for r in job.recipients if r not in state.final]
+        if state.envelope is not None and pending:
+            error = one_line(f"internal error: {type(exc).__name__}: {exc}", 300)
+            outcome = Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
+            try:
+                round_ = self.ledger.round(job, state.envelope, state.body or b"", state)
+                self.ledger.record(round_, outcome)
+                return
+            except redis.exceptions.RedisError:
+                raise
+            except Exception:
+                log.exception("recording the failure of %s to %s failed", job.id, job.domain)
+        self.ledger.park(job)
 
     async def run(self, doc: Mapping[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
@@ -123,7 +145,7 @@ class Deliverer:
 
     async def send(self, job: Job, envelope: Envelope, body: bytes, pending: list[str]) -> Outcome:
         """One round: plan it, then try each address in order until one runs a transaction."""
-        plan = await self.planner.plan(job.decision, envelope.tls_required_no)
+        plan = await self.planner.plan(job.decision, envelope.relaxes_destination_tls)
         changed = plan.decision if plan.decision != job.decision else None
         outcome = Outcome(decision=changed, sts=plan.report)
         if plan.refused is not None:
@@ -132,7 +154,12 @@ class Deliverer:
             return outcome
         errors: list[Reply] = []
         hooks = Hooks(self.planner.remember_broken, lambda p: self.ledger.mark_in_flight(job, p))
+        sessions, session_limit = 0, self.config.delivery.mx_session_limit
         for hop in plan.hops:
+            # Bounded work: at most mx_session_limit greeted sessions per round (Postfix
+            # smtp_mx_session_limit); the per-job deadline belongs in this same check.
+            if session_limit and sessions >= session_limit:
+                break
             settings = self.planner.tls(plan, hop)
             result = await attempt(
                 hop.peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool
@@ -141,6 +168,7 @@ class Deliverer:
             if not result.next_host:
                 outcome.settle(result.replies, hop.peer.host)
                 return outcome
+            sessions += result.greeted
             errors.append(result.error or NO_HOST)
         outcome.no_transaction(pending, errors)
         return outcome

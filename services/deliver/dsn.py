@@ -12,6 +12,16 @@ a ``message/delivery-status`` part (``Reporting-MTA``, ``Arrival-Date``, then pe
 original headers as ``text/rfc822-headers`` (RFC 6522). Never call it for a message whose
 reverse-path is null (RFC 3461 §6.2: no DSN about a DSN) — :func:`wanted` says so.
 
+Protection is decided when the DSN is made (:func:`protection`), never left to how the DSN is
+classified later. A DSN about a message whose decision required TLS is **redacted**: no returned
+headers, and the circumstances that required TLS are named without the reasons (which quote what
+a rule matched, e.g. the Subject); it then travels like any DSN, so the sender is always told.
+When the original carried ``REQUIRETLS`` (RFC 8689 §5), the DSN is sent with ``REQUIRETLS``
+instead (so it is itself relayed only over verified TLS) and keeps the headers and reasons.
+
+Remote text (reply text, host names) is folded to one line and stripped of control characters
+wherever it lands in a field (:func:`one_line`), so a server cannot forge report fields.
+
 :func:`notice` decides which DSN a recorded delivery round calls for: a bounce for its failed
 recipients, else (once per message, ``delivery.delay_warning_after`` after arrival) a delay
 notice for its deferred ones, else none.
@@ -20,6 +30,7 @@ notice for its deferred ones, else none.
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -28,12 +39,30 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from services.common.model import Decision, Envelope, Reply, new_message_id
-from services.common.protocol import TLS_REQUIRED_STATUSES
+from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUSES
 
 if TYPE_CHECKING:
     from services.deliver.delivery import Outcome, Round
 
 FAILED, DELAYED = "failed", "delayed"
+OPEN, REDACTED, WITH_REQUIRETLS = "open", "redacted", "requiretls"  # see protection()
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """Remote text made safe for one header-like field: line breaks and other control
+    characters become one space, and it is cut at ``limit`` characters."""
+    return _CONTROL.sub(" ", text).strip()[:limit]
+
+
+def protection(envelope: Envelope, decisions: Sequence[Decision | None]) -> str:
+    """How a DSN about ``envelope`` must travel: ``WITH_REQUIRETLS`` when the original carried
+    REQUIRETLS, else ``REDACTED`` when any of its decisions required TLS, else ``OPEN``."""
+    if REQUIRETLS in (o.upper() for o in envelope.mail_options):
+        return WITH_REQUIRETLS
+    if any(d is not None and d.tls.requires_encryption for d in decisions):
+        return REDACTED
+    return OPEN
 
 
 @dataclass(frozen=True)
@@ -50,7 +79,8 @@ class RecipientReport:
 
     @property
     def diagnostic(self) -> str:
-        return f"smtp; {self.reply}" if self.remote_mta else f"X-tlsrelay; {self.reply}"
+        kind = "smtp" if self.remote_mta else "X-tlsrelay"
+        return f"{kind}; {one_line(str(self.reply))}"
 
 
 def wanted(envelope: Envelope) -> bool:
@@ -68,19 +98,24 @@ def build(
     notes: Sequence[str] = (),
     retry_until: float | None = None,
     now: float | None = None,
+    protect: str = OPEN,
 ) -> tuple[Envelope, bytes]:
-    """The DSN for ``reports`` (all failed, or all delayed) about ``envelope``."""
+    """The DSN for ``reports`` (all failed, or all delayed) about ``envelope``; ``protect``
+    (:func:`protection`) says whether it is redacted or sent with REQUIRETLS."""
     now = time.time() if now is None else now
     action = reports[0].action
     boundary = f"tlsrelay-dsn-{secrets.token_hex(8)}"
     dsn_id = new_message_id()
+    human = _human(reporting_mta, envelope, reports, decision, notes, retry_until, protect)
     parts = [
-        _part("text/plain; charset=utf-8", "Notification",
-              _human(reporting_mta, envelope, reports, decision, notes, retry_until)),
+        _part("text/plain; charset=utf-8", "Notification", human),
         _part("message/delivery-status", "Delivery report",
               _status(reporting_mta, envelope, reports, now, retry_until)),
-        _part("text/rfc822-headers", "Undelivered Message Headers", _headers(original)),
     ]  # fmt: skip
+    if protect != REDACTED:
+        parts.append(
+            _part("text/rfc822-headers", "Undelivered Message Headers", _headers(original))
+        )
     head = _envelope_headers(reporting_mta, envelope, action, boundary, dsn_id, now)
     body = head + b"".join(b"--" + boundary.encode() + b"\r\n" + p for p in parts)
     body += b"--" + boundary.encode() + b"--\r\n"
@@ -88,6 +123,7 @@ def build(
         id=dsn_id,
         sender="",
         recipients=(envelope.sender,),
+        mail_options=(REQUIRETLS,) if protect == WITH_REQUIRETLS else (),
         client_address="127.0.0.1",
         client_helo=reporting_mta,
         received_at=now,
@@ -132,6 +168,7 @@ def _human(
     decision: Decision | None,
     notes: Sequence[str],
     retry_until: float | None,
+    protect: str,
 ) -> str:
     failed = reports[0].action == FAILED
     lines = [
@@ -146,21 +183,27 @@ def _human(
         "",
     ]
     for report in reports:
-        where = f"host {report.remote_mta} said" if report.remote_mta else "the relay reports"
-        lines.append(f"<{report.recipient}>: {where}: {report.reply}")
-    lines += ["", *_tls_note(decision, reports), *notes]
+        where = (
+            f"host {one_line(report.remote_mta)} said" if report.remote_mta else "the relay reports"
+        )
+        lines.append(f"<{report.recipient}>: {where}: {one_line(str(report.reply))}")
+    lines += ["", *_tls_note(decision, reports, protect), *notes]
     return "\r\n".join(lines)
 
 
-def _tls_note(decision: Decision | None, reports: Sequence[RecipientReport]) -> list[str]:
-    """For mail that had to travel encrypted: say so, and which rule or policy required it."""
+def _tls_note(
+    decision: Decision | None, reports: Sequence[RecipientReport], protect: str
+) -> list[str]:
+    """For mail that had to travel encrypted: say so, and which rule or policy required it
+    (with what it matched only when the DSN itself travels protected)."""
     if decision is None or not decision.tls.requires_encryption:
         return []
     why = ", ".join(decision.circumstances)
-    lines = [
-        f"This message required TLS (mode {decision.tls.label}) because of: {why}.",
-        *(f"  {reason}" for reason in decision.reasons),
-    ]
+    lines = [f"This message required TLS (mode {decision.tls.label}) because of: {why}."]
+    if protect == REDACTED:
+        lines.append("Its headers and what the rule matched are not returned in this notice.")
+    else:
+        lines += [f"  {reason}" for reason in decision.reasons]
     if any(r.reply.status.startswith(TLS_REQUIRED_STATUSES) for r in reports):
         lines.append("It was never sent unencrypted: no destination host offered usable TLS.")
     return [*lines, ""]
@@ -184,7 +227,7 @@ def _status(
             f"Final-Recipient: rfc822; {report.recipient}",
             f"Action: {report.action}",
             f"Status: {report.status}",
-            *([f"Remote-MTA: dns; {report.remote_mta}"] if report.remote_mta else []),
+            *([f"Remote-MTA: dns; {one_line(report.remote_mta)}"] if report.remote_mta else []),
             f"Diagnostic-Code: {report.diagnostic}",
             f"Last-Attempt-Date: {_date(now)}",
             *([f"Will-Retry-Until: {_date(retry_until)}"] if retry_until else []),
@@ -231,6 +274,7 @@ def notice(
         return None
     remote = outcome.remote_mta
     reports = [RecipientReport(r, action, reply, remote.get(r)) for r, reply in replies.items()]
+    protect = protection(envelope, (round_.decision, outcome.decision))
     dsn_envelope, dsn_body = build(
         reporting_mta=reporting_mta,
         envelope=envelope,
@@ -240,5 +284,6 @@ def notice(
         notes=(outcome.note,) if outcome.note else (),
         retry_until=until,
         now=round_.now,
+        protect=protect,
     )
     return Notice(action, dsn_envelope, dsn_body)

@@ -164,7 +164,11 @@ def parse_policy(text: str, sts_id: str = "", fetched_at: float = 0.0) -> Policy
     if mode not in MODES:
         raise PolicyError(f"mode must be enforce, testing or none, got {mode!r}")
     max_age = values.get("max_age", "")
-    if not max_age.isdigit() or len(max_age) > 10 or int(max_age) > MAX_AGE_LIMIT:
+    if (
+        not (max_age.isascii() and max_age.isdigit())
+        or len(max_age) > 10
+        or int(max_age) > MAX_AGE_LIMIT
+    ):
         raise PolicyError(f"max_age must be 0-{MAX_AGE_LIMIT} seconds, got {max_age!r}")
     if mode != NONE and not mx:
         raise PolicyError("no mx pattern")
@@ -256,6 +260,8 @@ def leaf_problem(der: bytes, name: str, now: float) -> int | None:
         dns_names = names.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         dns_names = []
+    except Exception:  # a malformed or duplicate extension: verification would fail on it too
+        return HOSTNAME_MISMATCH
     wanted = [n.lower().rstrip(".") for n in dns_names]
     return None if mx_matches(name, wanted) else HOSTNAME_MISMATCH
 

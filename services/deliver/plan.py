@@ -11,7 +11,10 @@ nothing can be tried:
 2. the destination policy (:mod:`services.deliver.destination`; MTA-STS, for MX-routed mail
    only): the hosts that may be used and the TLS requirement at each; none left → 451 4.7.10
    (defer, never in clear);
-3. per peer, when it is about to be tried (:meth:`Planner.tls`): the requirement with its
+3. the addresses of those hosts in order, cut at the first that is one of our own listeners
+   (none left → 554 5.4.6 "loops back to myself", :mod:`services.deliver.loops`), at most
+   ``delivery.mx_address_limit``;
+4. per peer, when it is about to be tried (:meth:`Planner.tls`): the requirement with its
    material — the platform's CA and client certificate for intra-platform mail (at least
    ``verified``), else ``delivery.ca_file`` — and whether a STARTTLS handshake there failed
    lately (the "TLS broken" memory, ``tlsrelay:tlsbroken:*``, read once per peer and batch).
@@ -30,8 +33,8 @@ from services.common import spool
 from services.common.config import Config
 from services.common.model import Decision, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
-from services.common.values import Route
-from services.deliver import destination, mtasts, mx, tlsrpt
+from services.common.values import HostPort, Route
+from services.deliver import destination, loops, mtasts, mx, tlsrpt
 from services.deliver.session import TLS_UNAVAILABLE, Peer, TlsSettings
 
 
@@ -96,7 +99,10 @@ class Planner:
             return _refused(plan, Reply(451, "4.4.3", str(failure)), unreachable=True)
         if not path.hosts:
             return _refused(plan, Reply(451, TLS_UNAVAILABLE.status, path.refusal))
-        return _with_hops(plan, path.hosts)
+        hops = _hops(path.hosts, loops.own_listeners(self.config))
+        if not hops and path.hosts:
+            return _refused(plan, loops.loop_reply(decision.domain))
+        return _with_hops(plan, hops, self.config.delivery.mx_address_limit)
 
     def _route(self, decision: Decision) -> Route | None:
         """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""
@@ -136,10 +142,21 @@ def _refused(plan: Plan, reply: Reply, unreachable: bool = False) -> Plan:
     return Plan(plan.decision, (), plan.report, plan.check_leaf, reply, unreachable)
 
 
-def _with_hops(plan: Plan, hosts: tuple[destination.HostPolicy, ...]) -> Plan:
-    hops = tuple(
-        Hop(Peer(h.destination.host, address, h.destination.port, h.name), h)
-        for h in hosts
-        for address in h.destination.addresses
-    )
-    return Plan(plan.decision, hops, plan.report, plan.check_leaf)
+def _hops(
+    hosts: tuple[destination.HostPolicy, ...], listeners: tuple[HostPort, ...]
+) -> tuple[Hop, ...]:
+    """Every address of every allowed host in order, up to the first that is one of our own
+    listeners (what follows would come back to us too: :mod:`services.deliver.loops`)."""
+    hops: list[Hop] = []
+    for h in hosts:
+        for address in h.destination.addresses:
+            if loops.is_myself(address, h.destination.port, listeners):
+                return tuple(hops)
+            hops.append(Hop(Peer(h.destination.host, address, h.destination.port, h.name), h))
+    return tuple(hops)
+
+
+def _with_hops(plan: Plan, hops: tuple[Hop, ...], limit: int) -> Plan:
+    """At most ``limit`` addresses (0: all) — ``delivery.mx_address_limit``, as Postfix's
+    ``smtp_mx_address_limit``."""
+    return Plan(plan.decision, hops[:limit] if limit else hops, plan.report, plan.check_leaf)

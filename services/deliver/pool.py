@@ -1,10 +1,12 @@
 """Connection reuse: open SMTP sessions kept per worker process, per destination and TLS profile.
 
-After a transaction that ended cleanly (the DATA reply came back), the session is parked here
-instead of being closed; the next delivery to the same key takes it, checks it with ``RSET``
-(anything but 250 — a server that timed us out, a dead socket — discards it) and skips the
-connect, EHLO and TLS handshake. A session whose last transaction completed and that was parked
-less than ``RECHECK_AFTER`` ago (the next message of the same batch) skips the RSET: if it died
+After a transaction, the session is parked here instead of being closed (unless it failed or
+the peer answered out of step); the next delivery to the same key takes it, checks it with
+``RSET`` (anything but 250 — a server that timed us out, a dead socket — discards it) and skips
+the connect, EHLO and TLS handshake. Only a session whose last transaction ended with a 250 to
+the final dot (``clean``) and that was parked less than ``RECHECK_AFTER`` ago (the next message
+of the same batch) skips the RSET — after a refused DATA, refused recipients or a refused sender
+the server may still hold the transaction (Postfix does), and RSET ends it. If it died
 meanwhile, MAIL fails before anything was sent and the delivery is retried once on a fresh
 session (``services.deliver.session.attempt``). Postfix does the same with
 ``smtp_connection_cache`` and ``smtp_tls_connection_reuse``.
@@ -48,8 +50,8 @@ class Pooled:
     cipher: str | None
     uses: int = 1
     parked_at: float = field(default_factory=time.monotonic)
-    # The last transaction ended with the reply to DATA: the server is between transactions, and
-    # a session parked a moment ago can take the next MAIL without an RSET first.
+    # The last transaction ended with a 250 to the final dot: the server is between
+    # transactions, and a session parked a moment ago can take the next MAIL without RSET.
     clean: bool = False
 
 
@@ -77,7 +79,7 @@ class ConnectionPool:
         return None
 
     def give(self, key: PoolKey, pooled: Pooled) -> bool:
-        """Park a session after a clean transaction; False (caller closes it) when it is spent."""
+        """Park a session after a transaction; False (caller closes it) when it is spent."""
         if not self.enabled or pooled.uses >= self.max_messages or not pooled.smtp.is_connected:
             return False
         pooled.parked_at = time.monotonic()

@@ -36,6 +36,8 @@ from services.deliver.tls import Action, Outcome, Situation
 TLS_UNAVAILABLE = Reply(451, TLS_REQUIRED_STATUS, "TLS required but not available")
 CONNECT_FAILED = "4.4.1"  # RFC 3463: no answer from host
 CONNECTION_DROPPED = "4.4.2"  # RFC 3463: bad connection
+PROTOCOL_ERROR = "4.5.0"  # RFC 3463: other or undefined protocol status (deferred, never final)
+BAD_SEQUENCE = 503  # RFC 5321 §4.2.4: bad sequence of commands
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,14 @@ class Attempt:
     next_host: bool = False  # the caller should try the next address/host
     replies: dict[str, Reply] = field(default_factory=dict)  # per recipient, final for this try
     data_sent: bool = False  # the transaction got to DATA (the message went over the wire)
+    # The transaction ended with a 250 to the final dot: the server is between transactions. Any
+    # other ending (a refused DATA, refused recipients, a refused sender) may leave it open
+    # (Postfix keeps it after a 4xx/5xx to DATA), so the session needs RSET before reuse.
+    clean: bool = False
+    # The peer answered out of step (a 2xx where 354 belonged, a non-reply): what it says next
+    # cannot be trusted to answer our next command, so the session is closed, never reused.
+    desync: bool = False
+    greeted: bool = False  # a new session got the server's greeting (delivery.mx_session_limit)
     reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
@@ -195,7 +205,7 @@ async def _attempt(
             )
             result.reused = True
         else:
-            smtp = await _open(peer, timeouts)
+            smtp = await _open(peer, timeouts, result)
             result.local_address = _local_address(smtp)
             smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
         await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
@@ -237,18 +247,20 @@ def _park(
     result: Attempt,
     pooled: Pooled | None,
 ) -> bool:
-    """Keep the session for the next delivery when the transaction ended cleanly."""
-    if pool is None or result.next_host or not smtp.is_connected:
+    """Keep the session for the next delivery unless it failed or fell out of step; one whose
+    transaction did not end with a 250 to the final dot is parked unclean (RSET before reuse)."""
+    if pool is None or result.next_host or result.desync or not smtp.is_connected:
         return False
     uses = pooled.uses + 1 if pooled is not None else 1
     parked = Pooled(
-        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.data_sent
+        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean
     )
     return pool.give(_pool_key(peer, settings), parked)
 
 
-async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
-    """Connect, read the greeting and say EHLO; anything wrong → next host."""
+async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.SMTP:
+    """Connect, read the greeting (noted in ``result.greeted``) and say EHLO; anything wrong →
+    next host."""
     # start_tls=False: STARTTLS is decided by our TLS table, never by aiosmtplib's defaults.
     smtp = aiosmtplib.SMTP(
         hostname=peer.address,  # for messages only: we connect the socket ourselves
@@ -261,6 +273,7 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
     try:
         sock = await _tcp_connect(peer, timeouts.connect)
         await smtp.connect(sock=sock, timeout=timeouts.greeting)
+        result.greeted = True
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
@@ -309,7 +322,7 @@ async def _negotiate_tls(
     elif action is Action.RECONNECT_CLEAR:
         on_handshake_failed(result.peer)
         await _close(smtp)
-        smtp = await _open(result.peer, timeouts)
+        smtp = await _open(result.peer, timeouts, result)
     return smtp
 
 
@@ -372,6 +385,10 @@ async def _transaction(
     try:
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
+        if exc.code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
+            result.desync = True
+            why = f"MAIL out of sequence: {_reply(exc)}"
+            raise _NextHost(Reply(451, PROTOCOL_ERROR, why)) from None
         if exc.code >= 500:  # the sender is refused: the same for every recipient
             result.replies = dict.fromkeys(recipients, _server_reply(exc))
             return
@@ -382,7 +399,7 @@ async def _transaction(
     if accepted:
         hooks.before_data(result.peer)
         result.data_sent = True
-        reply = await _data(smtp, body, timeouts.data)
+        reply = await _data(smtp, body, timeouts.data, result)
         result.replies.update(dict.fromkeys(accepted, reply))
 
 
@@ -401,14 +418,21 @@ async def _recipients(
     return accepted
 
 
-async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float) -> Reply:
+async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Attempt) -> Reply:
+    """DATA, the body, the final dot. Success is exactly ``354`` then ``250`` (RFC 5321
+    §4.3.2); any other 2xx/3xx (a server skipping a step, a stale reply left by a doubled
+    RCPT answer) means the body may never have been read: a protocol error, deferred 4.5.0."""
     try:
         response = await smtp.data(body, timeout=timeout)
     except aiosmtplib.SMTPResponseException as exc:
+        if not 400 <= exc.code < 600:
+            result.desync = True
+            return Reply(451, PROTOCOL_ERROR, f"protocol error: {_reply(exc)} in reply to DATA")
         return _server_reply(exc)
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
+    result.clean = True
     return Reply.parse(response.code, response.message)
 
 
@@ -464,6 +488,11 @@ def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
     if 200 <= exc.code < 600:
         return Reply.parse(exc.code, exc.message)
     return Reply(451, "4.5.0", f"invalid SMTP reply from server: {exc.message[:200]!r}")
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
+    """A reply that is not taken at its word, as text for the trace (folded by Reply)."""
+    return f"{exc.code} {exc.message[:200]}"
 
 
 def _text(exc: BaseException) -> str:
