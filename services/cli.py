@@ -205,6 +205,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
         make_app,
         wire_heartbeat,
         wire_metrics,
+        wire_privilege_note,
         wire_watchdog,
         worker_argv,
     )
@@ -229,6 +230,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     beat = heartbeat_path(config.data_dir, args.command)
     wire_heartbeat(app, beat, config.celery.heartbeat_interval)
     wire_watchdog(app, redis_url, queue, config.celery.stall_after)
+    wire_privilege_note()
     address = getattr(config.metrics, args.command)
     if address is not None:
         try:
