@@ -239,6 +239,11 @@ def test_every_problem_at_once_in_line_order_in_our_words(
         ("hostname: 7\n", "hostname: expected a string, got an integer 7"),
         ("ingest:\n  listen: [a]\n", "ingest.listen: expected host:port, got ['a']"),
         ("tenants: 3\n", "tenants: expected a mapping, got an integer 3"),
+        (
+            "ingest:\n  tls_profiles: {listen: strong}\n",
+            "ingest.tls_profiles.listen: expected 'permissive', 'intermediate' or 'modern', "
+            'got a string "strong"',
+        ),
     ],
 )
 def test_wrong_types_in_our_words(tmp_path: Path, text: str, message: str) -> None:

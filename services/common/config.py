@@ -94,6 +94,18 @@ def _parse_networks(value: object) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
 
 
+TlsProfileName = Literal["permissive", "intermediate", "modern"]
+
+
+class TlsProfiles(_Section):
+    """Inbound TLS profile per listener (services/ingest/tlsprofile.py): RFC 7435's widest set
+    on port 25, Mozilla "intermediate" for submission, TLS 1.3 between our own regions."""
+
+    listen: TlsProfileName = "permissive"
+    submission: TlsProfileName = "intermediate"
+    relay: TlsProfileName = "modern"
+
+
 class IngestConfig(_Section):
     """The SMTP listener (services/ingest)."""
 
@@ -110,6 +122,7 @@ class IngestConfig(_Section):
     drain_grace: Duration = 30.0
     tls_cert: Path | None = None  # absent → self-signed, generated into data_dir
     tls_key: Path | None = None
+    tls_profiles: TlsProfiles = TlsProfiles()
     max_message_bytes: StrictInt = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
     max_recipients: StrictInt = Field(default=1000, gt=0)  # RFC 5321 §4.5.3.1.8: at least 100
     # Hostile-client limits (services/ingest/server.py). Open sessions per listener, beyond which
