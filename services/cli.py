@@ -206,6 +206,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
         wire_heartbeat,
         wire_liveness,
         wire_metrics,
+        wire_privilege_note,
         wire_watchdog,
         worker_argv,
     )
@@ -231,6 +232,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     wire_heartbeat(app, beat, config.celery.heartbeat_interval)
     wire_watchdog(app, redis_url, queue, config.celery.stall_after)
     wire_liveness(redis_url, args.command)
+    wire_privilege_note()
     address = getattr(config.metrics, args.command)
     if address is not None:
         try:

@@ -72,7 +72,10 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ("ingest:\n  listen: '2525'\n", ":2: ingest.listen: expected host:port"),
         ("ingest:\n  listen: 127.0.0.1:99999\n", ":2: ingest.listen: port must be 1-65535"),
         ("ingest:\n  listen: ::1:25\n", ":2: ingest.listen: IPv6 addresses need brackets"),
-        ("delivery:\n  mx_port: many\n", ":2: delivery.mx_port: Input should be a valid integer"),
+        (
+            "delivery:\n  mx_port: many\n",
+            ':2: delivery.mx_port: expected an integer, got a string "many"',
+        ),
         ("delivery:\n  connect_timeout: soon\n", ":2: delivery.connect_timeout: expected a dur"),
         (
             "delivery:\n  routes:\n    example.org: nowhere\n",
@@ -83,7 +86,10 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ("ingest: [1, 2\n", ": invalid YAML"),
         ("- a\n- b\n", ":1: the top level must be a mapping"),
         ("redis_url: http://x\n", ":1: redis_url: expected redis://"),
-        ("redis_appendfsync: sometimes\n", ":1: redis_appendfsync: Input should be 'everysec'"),
+        (
+            "redis_appendfsync: sometimes\n",
+            ":1: redis_appendfsync: expected 'everysec' or 'always', got a string",
+        ),
         (
             "ingest:\n  tls_cert: /nonexistent/cert.pem\n  tls_key: /nonexistent/key.pem\n",
             ":2: ingest.tls_cert: file not found",
@@ -154,15 +160,21 @@ def test_mta_sts_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("delivery:\n  mta_sts: maybe\n", ":2: delivery.mta_sts: Input should be a valid boolean"),
+        (
+            "delivery:\n  mta_sts: maybe\n",
+            ':2: delivery.mta_sts: expected on or off, got a string "maybe"',
+        ),
         (
             "delivery:\n\n  mta_sts_ca_file: none.pem\n",
             ":3: delivery.mta_sts_ca_file: file not found",
         ),
-        ("delivery:\n  mta_sts_port: 0\n", ":2: delivery.mta_sts_port: Input should be greater"),
+        (
+            "delivery:\n  mta_sts_port: 0\n",
+            ":2: delivery.mta_sts_port: must be greater than 0, got 0",
+        ),
         (
             "delivery:\n  mta_sts_timeout: 0s\n",
-            ":2: delivery.mta_sts_timeout: Input should be greater",
+            ":2: delivery.mta_sts_timeout: must be greater than 0, got 0",
         ),
     ],
 )
@@ -170,3 +182,77 @@ def test_bad_mta_sts_keys_name_file_line_and_key(tmp_path: Path, text: str, mess
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert message in str(caught.value)
+
+
+EVERY_PROBLEM = """\
+policy:
+  concurrency: "4"
+delivery:
+  mta_sts: maybe
+  mx_port: 25
+  mx_port: 26
+  connect_timeout: "30s"
+  command_timeout: 300
+rules:
+  - name: a
+    when: {subject: "(?i"}
+  - name: b
+    when: {recipient_domain: b.example}
+  - name: a
+    when: {size_over: "10"}
+ingest:
+  max_connections: true
+"""
+
+
+@pytest.mark.parametrize("command", [("rules", "check"), ("ingest",)])
+def test_every_problem_at_once_in_line_order_in_our_words(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """No coercion between strings and numbers (durations keep taking both); all problems,
+    the duplicate rule name among them, reported together, through the real command line."""
+    path = write(tmp_path, EVERY_PROBLEM)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *command, "--config", str(path)],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == (1 if command[0] == "rules" else 2)
+    problems = done.stderr.splitlines()[1:]
+    assert problems == [
+        f'{path}:2: policy.concurrency: expected an integer, got a string "4"',
+        f'{path}:4: delivery.mta_sts: expected on or off, got a string "maybe"',
+        f"{path}:6: delivery.mx_port: duplicate key",
+        f"{path}:11: rules[a].when.subject: bad regex '(?i': missing -, : or ) at position 3",
+        f"{path}:14: rules[a].name: duplicate rule name 'a'",
+        f'{path}:15: rules[a].when.size_over: expected an integer, got a string "10"',
+        f"{path}:17: ingest.max_connections: expected an integer, got a boolean true",
+    ], done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "policy:\n  concurrency: 4.0\n",
+            "policy.concurrency: expected an integer, got a number 4.0",
+        ),
+        ("hostname: 7\n", "hostname: expected a string, got an integer 7"),
+        ("ingest:\n  listen: [a]\n", "ingest.listen: expected host:port, got ['a']"),
+        ("tenants: 3\n", "tenants: expected a mapping, got an integer 3"),
+        (
+            "ingest:\n  tls_profiles: {listen: strong}\n",
+            "ingest.tls_profiles.listen: expected 'permissive', 'intermediate' or 'modern', "
+            'got a string "strong"',
+        ),
+    ],
+)
+def test_wrong_types_in_our_words(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert str(caught.value) == f"{tmp_path / 'tlsrelay.yaml'}:{text.count(chr(10))}: {message}"
+
+
+def test_durations_and_quoted_on_off_keep_working(tmp_path: Path) -> None:
+    text = 'delivery:\n  connect_timeout: "30"\n  command_timeout: 45\n  mta_sts: "off"\n'
+    delivery = load_config(write(tmp_path, text)).delivery
+    assert (delivery.connect_timeout, delivery.command_timeout, delivery.mta_sts) == (30, 45, False)

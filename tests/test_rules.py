@@ -474,13 +474,13 @@ BAD: list[tuple[str, str, str, str]] = [
         "missing name",
         "  - name: bank-partners\n",
         "  - route: h:25\n",
-        ":4: rules[0].name: Field required",
+        ":4: rules[0].name: required, missing",
     ),
     (
         "missing when",
         "    when:\n      recipient",
         "    unless:\n      recipient",
-        ":4: rules[bank-partners].when: Field required",
+        ":4: rules[bank-partners].when: required, missing",
     ),
     (
         "wrong type",
@@ -492,7 +492,7 @@ BAD: list[tuple[str, str, str, str]] = [
         "wrong type int",
         'recipient_domain: [bank.example, "*.bank.example"]',
         "size_over: lots",
-        ":6: rules[bank-partners].when.size_over: Input should be a valid integer",
+        ':6: rules[bank-partners].when.size_over: expected an integer, got a string "lots"',
     ),
     (
         "any not a list",

@@ -111,7 +111,7 @@ def test_directory_lookups(config: Config) -> None:
         ),
         (
             {"tenants": {"a": {"domains": [], "mailbox": "h:1"}}},
-            "tenants.a.domains: Tuple should have at least 1 item",
+            "tenants.a.domains: expected at least 1 item(s)",
         ),
         ({"platform_tls": None}, "tenants: tenants need platform_tls"),
     ],

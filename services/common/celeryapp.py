@@ -8,6 +8,10 @@ this app is only ever used to *consume*.
 Metrics: the worker's main process serves ``/metrics`` for its whole pool (prometheus_client
 multiprocess mode, see :mod:`services.common.metrics`); :func:`wire_metrics` connects the pool
 processes' start and exit to it.
+
+Privileges: Celery warns (a multi-line ``SecurityWarning``) when its worker runs as root or in
+the ``sudo``/``wheel`` group; :func:`wire_privilege_note` replaces it with one structured log line
+per worker, and an unprivileged worker (the container image's uid 10001) logs nothing.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import logging
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import redis
 from celery import Celery, bootsteps
+from celery.exceptions import SecurityWarning
 from celery.signals import (
+    celeryd_init,
     task_received,
     worker_process_init,
     worker_process_shutdown,
@@ -232,6 +239,37 @@ def wire_watchdog(app: Celery, redis_url: str, queue: str, stall_after: float) -
     task_received.connect(watchdog.received, weak=False)
     worker_ready.connect(lambda **_: watchdog.start(), weak=False)
     worker_shutdown.connect(lambda **_: watchdog.stop(), weak=False)
+
+
+def _privileged() -> bool:
+    """Celery's own test (celery.platforms.check_privileges): root, or a sudo/wheel group."""
+    import grp
+
+    if os.getuid() == 0 or os.geteuid() == 0:
+        return True
+    names = set()
+    for gid in {os.getgid(), os.getegid()}:
+        try:
+            names.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            return True  # Celery assumes root when the group is unknown
+    return bool(names & {"sudo", "wheel"})
+
+
+def _note_privileges(**_: object) -> None:
+    if _privileged():
+        ids = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "egid": os.getegid()}
+        why = "worker runs with superuser privileges; run it as an unprivileged user"
+        log.warning(why, extra=ids)
+
+
+def wire_privilege_note() -> None:
+    """One log line instead of Celery's multi-line SecurityWarning (it is sent right before
+    the check, once per worker, in the main process)."""
+    warnings.filterwarnings(
+        "ignore", "You're running the worker with superuser privileges", SecurityWarning
+    )
+    celeryd_init.connect(_note_privileges, weak=False)
 
 
 def wire_metrics(server: WSGIServer) -> None:

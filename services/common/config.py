@@ -3,10 +3,17 @@
 Input: a YAML file (``--config FILE`` or ``$TLSRELAY_CONFIG``); ``$TLSRELAY_REDIS_URL`` overrides
 ``redis_url``. Every key is optional and has a documented default (README, "Configuration").
 
+Types are strict where YAML's type matters: an integer, a boolean is never read from a string
+(``concurrency: "4"`` is an error), nor a string from a number; durations take ``30s`` or plain
+seconds, as documented.
+
 Failure: any problem (YAML syntax, unknown key, wrong type, bad ``host:port``, missing certificate
-file, duplicate key) raises :class:`ConfigError` whose text names the file, the dotted key and the
-line, e.g. ``tlsrelay.yaml:7: ingest.listen: expected host:port, got '2525'``. The CLI prints it
-and exits 2 before anything listens. Relative paths in the file are resolved against the directory
+file, duplicate key or rule name) raises :class:`ConfigError` whose text names the file, the line
+and the dotted key, e.g. ``tlsrelay.yaml:7: ingest.listen: expected host:port, got '2525'`` —
+every problem of the file, one per line, in line order (services/common/configerrors.py words
+them). Cross-checks that need a valid file (tenants' regions and domains, files that must exist,
+metrics vs listeners) are reported once the rest is valid. The CLI prints it and exits 2 before
+anything listens. Relative paths in the file are resolved against the directory
 of the config file, so a config works from any working directory.
 """
 
@@ -26,11 +33,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from services.common.configerrors import ConfigError as ConfigError
+from services.common.configerrors import Problems
 from services.common.model import TlsMode
 from services.common.rules import Rules
 from services.common.values import (
@@ -48,10 +58,6 @@ ENV_CONFIG = "TLSRELAY_CONFIG"
 ENV_REDIS_URL = "TLSRELAY_REDIS_URL"
 
 
-class ConfigError(Exception):
-    """A configuration problem; ``str()`` is the operator-facing message (file:line: key: why)."""
-
-
 # --------------------------------------------------------------------------- value types
 # The values and their parsers are in services/common/values.py; here they become field types.
 
@@ -60,6 +66,19 @@ RouteT = Annotated[Route, BeforeValidator(parse_route)]
 DnsServerT = Annotated[HostPort, BeforeValidator(lambda v: parse_hostport(v, default_port=53))]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _on_off(value: object) -> object:
+    """A YAML boolean (``on``/``off`` unquoted are booleans in YAML 1.1), or ``"on"``/``"off"``."""
+    if isinstance(value, str) and value.strip().lower() in ("on", "off"):
+        return value.strip().lower() == "on"
+    if not isinstance(value, bool):
+        got = f'a string "{value}"' if isinstance(value, str) else repr(value)
+        raise ValueError(f"expected on or off, got {got}")
+    return value
+
+
+OnOff = Annotated[bool, BeforeValidator(_on_off)]
 
 
 # --------------------------------------------------------------------------- sections
@@ -75,6 +94,18 @@ def _parse_networks(value: object) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
 
 
+TlsProfileName = Literal["permissive", "intermediate", "modern"]
+
+
+class TlsProfiles(_Section):
+    """Inbound TLS profile per listener (services/ingest/tlsprofile.py): RFC 7435's widest set
+    on port 25, Mozilla "intermediate" for submission, TLS 1.3 between our own regions."""
+
+    listen: TlsProfileName = "permissive"
+    submission: TlsProfileName = "intermediate"
+    relay: TlsProfileName = "modern"
+
+
 class IngestConfig(_Section):
     """The SMTP listener (services/ingest)."""
 
@@ -84,29 +115,30 @@ class IngestConfig(_Section):
     # The inter-region endpoint (mutual TLS with the platform CA); absent → regions[region].relay
     # when this region is listed there, else not offered.
     relay: HostPortT | None = None
-    auth_failure_limit: int = Field(default=5, gt=0)  # failed AUTHs per client address ...
+    auth_failure_limit: StrictInt = Field(default=5, gt=0)  # failed AUTHs per client address ...
     auth_failure_window: Duration = 300.0  # ... in this window, then 421 4.7.0 until it passes
     # On SIGTERM: stop accepting, close idle sessions (421 4.3.2), let transactions in progress
     # finish this long, then answer 421 to them.
     drain_grace: Duration = 30.0
     tls_cert: Path | None = None  # absent → self-signed, generated into data_dir
     tls_key: Path | None = None
-    max_message_bytes: int = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
-    max_recipients: int = Field(default=1000, gt=0)  # RFC 5321 §4.5.3.1.8: at least 100
+    tls_profiles: TlsProfiles = TlsProfiles()
+    max_message_bytes: StrictInt = Field(default=36_700_160, gt=0)  # SIZE (RFC 1870)
+    max_recipients: StrictInt = Field(default=1000, gt=0)  # RFC 5321 §4.5.3.1.8: at least 100
     # Hostile-client limits (services/ingest/server.py). Open sessions per listener, beyond which
     # a new connection is answered 421 4.7.0 and closed.
-    max_connections: int = Field(default=1000, gt=0)
+    max_connections: StrictInt = Field(default=1000, gt=0)
     # RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes for the next command (and for
     # each line of DATA); then 421 4.4.2 and the connection is closed.
     command_timeout: Duration = Field(default=300.0, gt=0)
-    max_bad_commands: int = Field(default=10, gt=0)  # 5xx syntax replies, then 421 4.7.0, close
-    max_header_bytes: int = Field(default=1_048_576, gt=0)  # header section; above: 552 5.3.4
+    max_bad_commands: StrictInt = Field(default=10, gt=0)  # 5xx syntax replies, then 421, close
+    max_header_bytes: StrictInt = Field(default=1_048_576, gt=0)  # header section; above: 552
     # Group commit (commit.Committer): while messages arrive more often than once per window,
     # those finishing DATA within it share one Redis transaction and one policy task (the 250
     # waits for it); slower, each is written at once. 0 = only those finished in the same
     # event-loop turn. At most batch_max messages per commit.
     batch_window: Duration = Field(default=0.02, ge=0, le=1)
-    batch_max: int = Field(default=100, gt=0)
+    batch_max: StrictInt = Field(default=100, gt=0)
     relay_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -183,9 +215,9 @@ class TenantConfig(_Section):
 class PolicyConfig(_Section):
     """The classification workers (services/policy)."""
 
-    concurrency: int = Field(default=2, gt=0)  # Celery worker processes
+    concurrency: StrictInt = Field(default=2, gt=0)  # Celery worker processes
     # Body rules scan at most this many bytes of decoded text per message.
-    body_scan_bytes: int = Field(default=1_048_576, gt=0)
+    body_scan_bytes: StrictInt = Field(default=1_048_576, gt=0)
 
 
 class DeliveryConfig(_Section):
@@ -195,7 +227,7 @@ class DeliveryConfig(_Section):
     default_tls: TlsMode = TlsMode.OPPORTUNISTIC  # when no matching rule sets a mode
     ca_file: Path | None = None  # CA bundle for `verified` (absent → the system CAs)
     dns_servers: tuple[DnsServerT, ...] = ()  # empty → the system resolver (/etc/resolv.conf)
-    mx_port: int = Field(default=25, gt=0, lt=65536)
+    mx_port: StrictInt = Field(default=25, gt=0, lt=65536)
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
     greeting_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2.1: the 220 greeting, 5 minutes
@@ -208,12 +240,12 @@ class DeliveryConfig(_Section):
     scheduler_interval: Duration = 1.0  # how often deferred entries are checked for due ones
     # Connection reuse (per worker process, per destination and TLS profile): a session carries
     # at most this many transactions (1 = no reuse) and is kept idle at most this long.
-    reuse_max_messages: int = Field(default=100, gt=0)
+    reuse_max_messages: StrictInt = Field(default=100, gt=0)
     reuse_idle_timeout: Duration = 30.0
     # Jobs per deliver task (all for one destination domain, sent one after another over one
     # connection): fewer Celery hops per message. A destination that fails a job (no host
     # reachable, TLS unavailable) defers the rest of its batch without trying each.
-    batch_max: int = Field(default=50, gt=0)
+    batch_max: StrictInt = Field(default=50, gt=0)
     # How often one deliver worker looks for queued work whose Celery task was lost (a worker
     # killed inside kombu's two-step take or restore) and queues it again: services/deliver/
     # rescue.py. Work is re-queued after two sweeps without a task, at least this far apart.
@@ -221,16 +253,16 @@ class DeliveryConfig(_Section):
     # Bounded work per delivery attempt (Postfix smtp_mx_address_limit / smtp_mx_session_limit):
     # at most this many addresses are tried, and at most this many SMTP sessions that reached a
     # greeting; 0 = no limit. A destination cannot hold a worker for every address × timeouts.
-    mx_address_limit: int = Field(default=5, ge=0)
-    mx_session_limit: int = Field(default=2, ge=0)
-    concurrency: int = Field(default=4, gt=0)  # Celery worker processes
+    mx_address_limit: StrictInt = Field(default=5, ge=0)
+    mx_session_limit: StrictInt = Field(default=2, ge=0)
+    concurrency: StrictInt = Field(default=4, gt=0)  # Celery worker processes
     # MTA-STS (RFC 8461, services/deliver/mtasts.py): look up and apply the destination domain's
     # policy at delivery time (never for routed mail). The policy is fetched over verified HTTPS
     # with mta_sts_ca_file (absent → the system CAs) from mta_sts_port (443; another port only
     # for tests and labs); the DNS lookup and fetch of one domain take at most mta_sts_timeout.
-    mta_sts: bool = True  # on | off (YAML booleans; "on"/"off" quoted work too)
+    mta_sts: OnOff = True  # on | off (YAML booleans; "on"/"off" quoted work too)
     mta_sts_ca_file: Path | None = None
-    mta_sts_port: int = Field(default=443, gt=0, lt=65536)
+    mta_sts_port: StrictInt = Field(default=443, gt=0, lt=65536)
     mta_sts_timeout: Duration = Field(default=10.0, gt=0)
 
     @field_validator("routes")
@@ -299,7 +331,7 @@ class Config(_Section):
     redis_appendfsync: Literal["everysec", "always"] = "everysec"
     # Ingest answers 250 only once this many replicas acknowledged the commit (WAIT, at most
     # redis_replica_timeout; below the client's 10 s socket timeout), else 451 4.3.0.
-    redis_min_replicas: int = Field(default=0, ge=0)
+    redis_min_replicas: StrictInt = Field(default=0, ge=0)
     redis_replica_timeout: Duration = Field(default=1.0, gt=0, le=5.0)
     data_dir: Path = Path("./var")
     trace_ttl: Duration = 7 * 86400.0  # how long a message's event log is kept after its last event
@@ -335,23 +367,28 @@ class Config(_Section):
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read, validate and return the configuration; raise :class:`ConfigError` on any problem."""
+    """Read, validate and return the configuration; raise :class:`ConfigError` listing every
+    problem of the file (in line order) when there is any."""
     if path is None:
         path = os.environ.get(ENV_CONFIG) or None
     data: dict[str, Any] = {}
     root: yaml.Node | None = None
-    source: Path | None = None
-    if path is not None:
-        source = Path(path)
+    source = Path(path) if path is not None else None
+    if source is not None:
         data, root = _read_yaml(source)
+    problems = Problems(source, root)
+    problems.add_duplicates()
     if os.environ.get(ENV_REDIS_URL):
         data["redis_url"] = os.environ[ENV_REDIS_URL]
     try:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source, root)) from None
-    config = _check_platform(_resolve_paths(config, source, root), source, root)
-    _check_metrics(config, source, root)
+        problems.add_validation(exc)
+        problems.check()
+        raise  # not reached: a ValidationError always has errors
+    config = _check_platform(_resolve_paths(config, source, problems), problems)
+    _check_metrics(config, problems)
+    problems.check()
     return config
 
 
@@ -370,75 +407,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
         return {}, root
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the top level must be a mapping of keys")
-    _check_duplicates(path, root, ())
     return data, root
-
-
-def _check_duplicates(path: Path, node: yaml.Node | None, where: tuple[str, ...]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            if name in seen:
-                dotted = ".".join((*where, name))
-                raise ConfigError(f"{path}:{key.start_mark.line + 1}: {dotted}: duplicate key")
-            seen.add(name)
-            _check_duplicates(path, value, (*where, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicates(path, item, (*where, str(i)))
-
-
-def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The 1-based line of the deepest node along ``loc`` that exists in the YAML tree."""
-    node, line = root, None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if str(k.value) == str(part)]
-            if not match:
-                break
-            key, node = match[0]
-            line = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                break
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _describe(exc: ValidationError, source: Path | None, root: yaml.Node | None) -> str:
-    lines = []
-    name = str(source) if source else "(defaults)"
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        if err["type"] == "duplicate_rule_name":  # point at the second rule's name
-            loc = ("rules", err.get("ctx", {})["index"], "name")
-        dotted = _dotted_rules(root, loc) or ".".join(str(p) for p in loc) or "(top level)"
-        line = _locate(root, loc)
-        where = f"{name}:{line}" if line else name
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{where}: {dotted}: {message}")
-    return "\n".join(lines)
-
-
-def _dotted_rules(root: yaml.Node | None, loc: tuple[int | str, ...]) -> str | None:
-    """``rules[<name>].when.subject`` for a location inside a rule (its index without a name)."""
-    if len(loc) < 2 or loc[0] != "rules" or not isinstance(loc[1], int):
-        return None
-    label = str(loc[1])
-    if isinstance(root, yaml.MappingNode):
-        rules = [v for k, v in root.value if k.value == "rules"]
-        items = rules[0].value if rules and isinstance(rules[0], yaml.SequenceNode) else []
-        item = items[loc[1]] if loc[1] < len(items) else None
-        if isinstance(item, yaml.MappingNode):
-            names = [v.value for k, v in item.value if k.value == "name"]
-            label = names[0] if names and isinstance(names[0], str) and names[0] else label
-    return ".".join([f"rules[{label}]", *(str(p) for p in loc[2:])])
 
 
 # Settings that name files: checked to exist, made absolute (against the config file's directory).
@@ -453,15 +422,7 @@ FILE_KEYS = (
 )
 
 
-def _error(
-    source: Path | None, root: yaml.Node | None, loc: tuple[str, ...], text: str
-) -> ConfigError:
-    line = _locate(root, loc)
-    where = f"{source}:{line}" if line else str(source or "(defaults)")
-    return ConfigError(f"{where}: {'.'.join(loc)}: {text}")
-
-
-def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) -> Config:
+def _resolve_paths(config: Config, source: Path | None, problems: Problems) -> Config:
     """Make relative paths absolute (against the config file's directory); check files exist."""
     base = source.parent.resolve() if source else Path.cwd()
     updates: dict[str, dict[str, Path]] = {}
@@ -471,7 +432,7 @@ def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) 
             continue
         path = value if value.is_absolute() else (base / value).resolve()
         if not path.is_file():
-            raise _error(source, root, (section, key), f"file not found: {path}")
+            problems.add((section, key), f"file not found: {path}")
         updates.setdefault(section, {})[key] = path
     copies: dict[str, Any] = {
         section: getattr(config, section).model_copy(update=fields)
@@ -481,7 +442,7 @@ def _resolve_paths(config: Config, source: Path | None, root: yaml.Node | None) 
     return config.model_copy(update={"data_dir": data_dir.resolve(), **copies})
 
 
-def _check_platform(config: Config, source: Path | None, root: yaml.Node | None) -> Config:
+def _check_platform(config: Config, problems: Problems) -> Config:
     """Cross-checks of tenants and regions; fills each tenant's region (default: ours)."""
     owner: dict[str, str] = {}
     tenants = {}
@@ -489,27 +450,27 @@ def _check_platform(config: Config, source: Path | None, root: yaml.Node | None)
         region = tenant.region or config.region
         if region != config.region and region not in config.regions:
             why = f"unknown region {region!r}: add it under 'regions' with its relay"
-            raise _error(source, root, ("tenants", name, "region"), why)
+            problems.add(("tenants", name, "region"), why)
         for domain in tenant.domains:
             if domain in owner:
                 why = f"domain {domain} already belongs to tenant {owner[domain]}"
-                raise _error(source, root, ("tenants", name, "domains"), why)
+                problems.add(("tenants", name, "domains"), why)
             owner[domain] = name
         tenants[name] = tenant.model_copy(update={"region": region})
     if tenants and config.platform_tls is None:
         why = "tenants need platform_tls (ca, cert, key): mail between them is verified TLS"
-        raise _error(source, root, ("tenants",), why)
+        problems.add(("tenants",), why)
     return config.model_copy(update={"tenants": tenants})
 
 
-def _check_metrics(config: Config, source: Path | None, root: yaml.Node | None) -> None:
+def _check_metrics(config: Config, problems: Problems) -> None:
     """A metrics endpoint must not be one of the SMTP listeners."""
     smtp = {config.ingest.listen, config.ingest.submission, config.ingest.relay} - {None}
     for service in ("ingest", "policy", "deliver"):
         address = getattr(config.metrics, service)
         if address in smtp:
             why = f"{address} is also an SMTP listener (ingest.*)"
-            raise _error(source, root, ("metrics", service), why)
+            problems.add(("metrics", service), why)
 
 
 def dump_summary(config: Config) -> Mapping[str, object]:

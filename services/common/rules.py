@@ -257,7 +257,8 @@ def _unique_names(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
 
 
 # The type of ``Config.rules``. A duplicate name is reported with ``ctx["index"]`` of the second
-# rule, which ``config._describe`` uses to point at its line.
+# rule, which ``configerrors.Problems`` uses to point at its line (a duplicate is also found
+# before validation, so it is reported with the other problems of the file).
 Rules = Annotated[tuple[Rule, ...], BeforeValidator(_rules), AfterValidator(_unique_names)]
 
 

@@ -63,10 +63,11 @@ Contract (these replies are relied on by clients and tests):
   only after the transaction that stores the message and its ``policy`` task committed
   (:class:`services.common.commit.Committer`: messages finishing within ``ingest.batch_window``
   share one transaction and one policy task). More data than the limit → ``552 5.3.4``.
-- STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate; the relay
-  listener uses ``platform_tls`` (see :mod:`services.ingest.tlscert`). Commands pipelined in
-  clear after STARTTLS are discarded, never run inside the TLS session (RFC 3207 §4.2; aiosmtpd
-  ≥ 1.4.6 clears its buffer, tests/test_hostile.py guards it).
+- STARTTLS uses ``ingest.tls_cert``/``tls_key``, else a self-signed certificate; the relay listener
+  uses ``platform_tls`` (see :mod:`services.ingest.tlscert`). Each listener accepts the TLS versions
+  and ciphers of its profile (``ingest.tls_profiles``, :mod:`.tlsprofile`). Commands pipelined in
+  clear after STARTTLS are discarded, never run inside the TLS session (RFC 3207 §4.2; aiosmtpd ≥
+  1.4.6 clears its buffer, tests/test_hostile.py guards it).
 
 Limits against hostile or broken clients (constants in :mod:`services.ingest.session` and
 :mod:`services.ingest.message`, beside their RFC sections):
@@ -177,10 +178,13 @@ class IngestServer:
     async def start(self) -> None:
         self._addresses = {}
         endpoints = access.listener_addresses(self.config)
-        public = tlscert.server_context(self.config)
-        contexts = {Listener.LISTEN: public, Listener.SUBMISSION: public}
+        profiles = self.config.ingest.tls_profiles
+        contexts = {
+            Listener.LISTEN: tlscert.server_context(self.config, profiles.listen),
+            Listener.SUBMISSION: tlscert.server_context(self.config, profiles.submission),
+        }
         if Listener.RELAY in endpoints:
-            contexts[Listener.RELAY] = tlscert.platform_context(self.config)
+            contexts[Listener.RELAY] = tlscert.platform_context(self.config, profiles.relay)
         self._redis = spool.connect_async(self.redis_url)
         directory = Directory(self.config)
         ingest = self.config.ingest
