@@ -4,7 +4,8 @@
 (and that tests write out as ``ca.pem`` for the relay to trust). :func:`selfsigned_cert_pem`
 makes a certificate that is *not* from that CA, through the relay's own maker
 (:func:`services.ingest.tlscert.selfsigned_cert_pem`); names that are IP literals become IP
-SANs. :func:`server_context` builds a TLS server context from either.
+SANs. :func:`server_context` builds a TLS server context from either (a legacy one, TLS 1.0 or
+1.1 at most, when asked).
 
 Failure: ``ssl.SSLError`` from an unusable certificate, ``ValueError`` for no names.
 """
@@ -15,6 +16,7 @@ import functools
 import ipaddress
 import ssl
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -51,15 +53,27 @@ def server_context(
 ) -> ssl.SSLContext:
     """A server context for *names*: issued by *issuer*, or self-signed when it is None."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    if min_version is not None:
-        ctx.minimum_version = min_version
-    if max_version is not None:
-        ctx.maximum_version = max_version
+    if max_version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        _legacy(ctx, min_version or ssl.TLSVersion.TLSv1, max_version)
+    else:
+        if min_version is not None:
+            ctx.minimum_version = min_version
+        if max_version is not None:
+            ctx.maximum_version = max_version
     if issuer is None:
         _load_pem(ctx, *selfsigned_cert_pem(names))
     else:
         issuer.issue_cert(*names).configure_cert(ctx)
     return ctx
+
+
+def _legacy(ctx: ssl.SSLContext, low: ssl.TLSVersion, high: ssl.TLSVersion) -> None:
+    """A legacy peer (TLS 1.0/1.1, RFC 8996) is meant: OpenSSL 3 speaks those only at security
+    level 0, and Python warns on their constants, silenced for these two lines."""
+    ctx.set_ciphers("@SECLEVEL=0:ALL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"ssl\.TLSVersion\.TLSv1", DeprecationWarning)
+        ctx.minimum_version, ctx.maximum_version = low, high
 
 
 def _load_pem(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:

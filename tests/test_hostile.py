@@ -506,7 +506,7 @@ def test_password_checks_are_constant_time_and_metrics_bind_loopback() -> None:
 
 def test_message_reader_table() -> None:
     def read(*lines: bytes, max_bytes: int = 10_000, header: int = 100) -> MessageReader:
-        reader = MessageReader(max_bytes, header)
+        reader = MessageReader(max_bytes, header, max_hops=50)
         for line in lines:
             if not line.endswith(b"\r\n"):
                 reader.fragment(line)

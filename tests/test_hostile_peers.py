@@ -10,9 +10,11 @@ in this process against a real valkey and real SMTP peers on loopback (:mod:`tes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email
 import email.message
 import email.policy
+import json
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -179,6 +181,49 @@ def test_the_dsn_of_requiretls_mail_is_sent_with_requiretls_and_may_return_heade
     assert envelope.mail_options == ("REQUIRETLS",)
     parts = [p.get_content_type() for p in dsn.iter_parts()]
     assert parts[-1] == "text/rfc822-headers" and SECRET_SUBJECT in dsn.as_string()
+
+
+def test_a_requiretls_dsn_that_cannot_travel_protected_is_replaced_by_a_redacted_one(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, refusing: Sink
+) -> None:
+    """The REQUIRETLS DSN goes to a sender domain whose server has no STARTTLS: held (4.7.10)
+    until it fails for good, then its redacted twin goes without REQUIRETLS, once."""
+    with Sink("plain") as sender_mx:
+        settings = {"redis_url": valkey.url, "delivery": {"routes": {
+            "rt.test": refusing.address_text, "origin.test": sender_mx.address_text}}}  # fmt: skip
+        config = write_config(tmp_path / "c.yaml", settings)
+        decision = Decision("rt.test", TlsMode.ENFORCED, ("requiretls",), reasons=("requiretls",))
+        original = stage(store, "rt.test", decision, ("REQUIRETLS",))
+        deliver(config, store, [original])
+        (notice,) = events(store, original["id"], "dsn")
+        dsn_id = str(notice["dsn_id"])
+        protected = Decision("origin.test", TlsMode.VERIFIED, ("requiretls",))
+        deliver(config, store, [dsn_job(dsn_id, protected)])
+        assert events(store, dsn_id, "deferred") and sender_mx.connections == 1
+        assert not events(store, dsn_id, "fallback") and sender_mx.messages == []
+        backdate(store, dsn_id, 6 * 86400)  # the queue lifetime has passed: it bounces now
+        deliver(config, store, [dsn_job(dsn_id, protected, attempt=2)])
+        (fallback,) = events(store, dsn_id, "fallback")
+        twin_id = str(fallback["dsn_id"])
+        deliver(config, store, [dsn_job(twin_id, Decision("origin.test"))])
+        (got,) = sender_mx.wait_messages(1)
+    assert got.tls is None and got.rcpt_tos == ["s@origin.test"]
+    assert "REQUIRETLS" not in got.mail_options
+    assert SECRET_SUBJECT.encode() not in got.data and b"rfc822-headers" not in got.data
+    assert b"because of: requiretls." in got.data
+    assert events(store, twin_id, "delivered") and not events(store, twin_id, "fallback")
+
+
+def dsn_job(message_id: str, decision: Decision, attempt: int = 1) -> dict[str, Any]:
+    return {"id": message_id, "domain": "origin.test", "recipients": ["s@origin.test"],
+            "decision": decision.to_json(), "attempt": attempt}  # fmt: skip
+
+
+def backdate(store: redis.Redis, message_id: str, seconds: float) -> None:
+    envelope = spool.load_envelope(store, message_id)
+    assert envelope is not None
+    earlier = dataclasses.replace(envelope, received_at=envelope.received_at - seconds)
+    store.hset(spool.msg_key(message_id), "envelope", json.dumps(earlier.to_json()))
 
 
 # --------------------------------------------------------------------------- item 3

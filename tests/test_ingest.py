@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import redis
 import trustme
 from aiosmtpd.smtp import SMTP
@@ -439,3 +440,26 @@ def test_the_fast_path_covers_what_clients_send() -> None:
         assert _SIMPLE_PATH.fullmatch(arg) is not None
     for arg in ("<>", '<"quoted"@b.example>', "<a@[127.0.0.1]>", "<@relay:a@b.example>"):
         assert _SIMPLE_PATH.fullmatch(arg) is None
+
+
+def test_too_many_received_fields_are_refused_as_a_loop(
+    tmp_path: Path, valkey: Valkey, store: redis.Redis
+) -> None:
+    """RFC 5321 §6.3: more than ingest.max_hops Received: fields (any case, folded or not) is a
+    loop, refused 554 5.4.6 at the end of DATA; exactly max_hops passes."""
+    hop = b"Received: from a.example\r\n\tby b.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    body = b"Subject: loop\r\n\r\nthe body may say\r\nReceived: anything\r\n"
+    with (
+        RunningServer(make_config(tmp_path, max_hops=3), valkey.url) as address,
+        client(address) as smtp,
+    ):
+        smtp.ehlo()
+        assert smtp.sendmail("a@client.example", "b@dest.example", hop * 3 + body) == {}
+        for fourth in (hop, b"RECEIVED : from c.example\r\n"):
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail("a@client.example", "b@dest.example", hop * 3 + fourth + body)
+            assert (refused.value.smtp_code, refused.value.smtp_error) == (
+                554,
+                b"5.4.6 Too many hops",
+            )
+    assert len(policy_task_ids(store)) == 1  # only the first was stored

@@ -61,6 +61,7 @@ def settings(world: World) -> dict[str, Any]:
                 "held.test": at("plain"),  # enforced by rule, no STARTTLS there: deferred
                 "reject.test": at("rejecting"),
                 "slow.test": at("slow"),
+                "old.test": at("old"),  # TLS 1.0 at most
             },
             "retry_schedule": ["1h"],  # the held message stays deferred while we count
             "concurrency": 2,
@@ -77,6 +78,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "senders": Sink("starttls"),
         "rejecting": Sink("starttls", rcpt_replies={"e@reject.test": "550 5.1.1 no such user"}),
         "slow": Sink("starttls", data_reply=slow_data),
+        "old": Sink("starttls", max_tls_version=ssl.TLSVersion.TLSv1),
     }
     with make_world(tmp_path_factory.mktemp("metrics"), sinks, settings) as w:
         for service in SERVICES:
@@ -172,6 +174,10 @@ def attempts(mode: str, outcome: str, result: str) -> Key:
     )
 
 
+def tls_versions(version: str) -> Key:
+    return key("tlsrelay_delivery_tls_versions_total", version=version)
+
+
 def test_a_day_of_traffic_is_counted_exactly(world: World) -> None:
     before = {service: scrape(world, service) for service in SERVICES}
     tls_send(world, "a@tls.test", message("metrics tls"))  # inbound over STARTTLS
@@ -207,6 +213,7 @@ def test_a_day_of_traffic_is_counted_exactly(world: World) -> None:
         key("tlsrelay_plaintext_fallback_total", reason="not_offered"): 1,
         key("tlsrelay_plaintext_fallback_total", reason="handshake_failed"): 1,
         key("tlsrelay_tls_required_deferrals_total", tls_mode="enforced"): 1,
+        tls_versions("TLSv1.3"): 3,  # the three attempts over TLS
         key("tlsrelay_messages_final_total", result="delivered"): 4,
         key("tlsrelay_messages_final_total", result="bounced"): 1,
         key("tlsrelay_dsn_sent_total", action="failed"): 1,
@@ -241,6 +248,7 @@ def test_counts_of_several_pool_processes_add_up(world: World) -> None:
             client.sendmail("sender@origin.test", [f"u{i}@slow.test"], message(f"slow {i}"))
     settle(world, "deliver", before, {
         attempts("opportunistic", "tls", "delivered"): n,
+        tls_versions("TLSv1.3"): n,
         key("tlsrelay_messages_final_total", result="delivered"): n,
         key("tlsrelay_delivery_duration_seconds_count"): n,
         key("tlsrelay_end_to_end_seconds_count"): n,
@@ -254,6 +262,21 @@ def test_counts_of_several_pool_processes_add_up(world: World) -> None:
     assert sum(grown.values()) == n
 
 
+def test_the_negotiated_tls_version_is_counted(world: World) -> None:
+    """A server that speaks only TLS 1.0 gets opportunistic mail over TLS 1.0, counted as such."""
+    before = scrape(world, "deliver")
+    message_id = world.send(["f@old.test"], message("metrics tls 1.0"))
+    settle(world, "deliver", before, {
+        attempts("opportunistic", "tls", "delivered"): 1,
+        tls_versions("TLSv1"): 1,
+        key("tlsrelay_messages_final_total", result="delivered"): 1,
+        key("tlsrelay_delivery_duration_seconds_count"): 1,
+        key("tlsrelay_end_to_end_seconds_count"): 1,
+    })  # fmt: skip
+    (attempt,) = world.events(message_id, "attempt")
+    assert attempt["tls_version"] == "TLSv1"
+
+
 # --------------------------------------------------------------------------- conventions
 
 OWN_FAMILIES = {
@@ -265,6 +288,7 @@ OWN_FAMILIES = {
     "policy": {"tlsrelay_policy_decisions"},
     "deliver": {
         "tlsrelay_delivery_attempts",
+        "tlsrelay_delivery_tls_versions",
         "tlsrelay_plaintext_fallback",
         "tlsrelay_tls_required_deferrals",
         "tlsrelay_messages_final",
@@ -296,6 +320,7 @@ LABEL_VALUES = {
     "reason": {"not_offered", "handshake_failed", "remembered_broken"},
     "action": {"failed", "delayed"},
     "queue": {"policy", "deliver", "deferred"},
+    "version": {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "other"},
 }
 
 

@@ -32,6 +32,7 @@ COUNTERS_AND_GAUGES: dict[str, frozenset[str]] = {
     "tlsrelay_ingest_messages_total": frozenset({"listener", "result"}),
     "tlsrelay_policy_decisions_total": frozenset({"circumstance", "tls_mode"}),
     "tlsrelay_delivery_attempts_total": frozenset({"tls_mode", "tls_outcome", "result"}),
+    "tlsrelay_delivery_tls_versions_total": frozenset({"version"}),
     "tlsrelay_plaintext_fallback_total": frozenset({"reason"}),
     "tlsrelay_tls_required_deferrals_total": frozenset({"tls_mode"}),
     "tlsrelay_messages_final_total": frozenset({"result"}),

@@ -20,7 +20,7 @@ from tests.peers import Sink
 from tests.world import World, make_world, message, wait_until
 
 MODES = ("none", "opportunistic", "enforced", "verified")
-BEHAVIOURS = ("good", "selfsigned", "wrongname", "plain", "broken")
+BEHAVIOURS = ("good", "selfsigned", "wrongname", "plain", "broken", "tls10")
 
 DELIVERED_TLS, DELIVERED_CLEAR, DEFERRED = "delivered over TLS", "delivered in clear", "deferred"
 
@@ -32,16 +32,19 @@ TABLE: dict[tuple[str, str], tuple[str, str]] = {
     ("opportunistic", "wrongname"): (DELIVERED_TLS, "tls"),
     ("opportunistic", "plain"): (DELIVERED_CLEAR, "not_offered"),
     ("opportunistic", "broken"): (DELIVERED_CLEAR, "handshake_failed"),
+    ("opportunistic", "tls10"): (DELIVERED_TLS, "tls"),  # weak TLS beats clear (Postfix may)
     ("enforced", "good"): (DELIVERED_TLS, "tls"),
     ("enforced", "selfsigned"): (DELIVERED_TLS, "tls"),
     ("enforced", "wrongname"): (DELIVERED_TLS, "tls"),
     ("enforced", "plain"): (DEFERRED, "not_offered"),
     ("enforced", "broken"): (DEFERRED, "handshake_failed"),
+    ("enforced", "tls10"): (DELIVERED_TLS, "tls"),  # as Postfix encrypt
     ("verified", "good"): (DELIVERED_TLS, "tls_verified"),
     ("verified", "selfsigned"): (DEFERRED, "verify_failed"),
     ("verified", "wrongname"): (DEFERRED, "verify_failed"),
     ("verified", "plain"): (DEFERRED, "not_offered"),
     ("verified", "broken"): (DEFERRED, "handshake_failed"),
+    ("verified", "tls10"): (DEFERRED, "handshake_failed"),  # modern defaults: TLS 1.2 at least
 }
 
 
@@ -57,6 +60,8 @@ def row_sink(mode: str, behaviour: str) -> Sink:
             cert="selfsigned" if behaviour == "selfsigned" else "ca",
             cert_names=["wrong.invalid"] if behaviour == "wrongname" else names,
         )
+    if behaviour == "tls10":  # a legacy server: TLS 1.0 at most, any cipher (SECLEVEL 0)
+        return Sink("starttls", cert_names=names, max_tls_version=ssl.TLSVersion.TLSv1)
     assert behaviour in ("plain", "broken"), behaviour
     return Sink("plain" if behaviour == "plain" else "broken")
 
@@ -131,6 +136,8 @@ def test_mode_against_destination(world: World, mode: str, behaviour: str) -> No
         (got,) = sink.wait_messages(1)
         assert subject.encode() in got.data
         assert (got.tls is not None) == (fate == DELIVERED_TLS)
+        if behaviour == "tls10" and fate == DELIVERED_TLS:
+            assert got.tls == attempts[0]["tls_version"] == "TLSv1"
     if mode in ("enforced", "verified"):
         assert sink.cleartext_transactions == 0, "required-TLS mail reached the peer in clear"
     if mode == "none":

@@ -132,7 +132,9 @@ class IngestConfig(_Section):
     # each line of DATA); then 421 4.4.2 and the connection is closed.
     command_timeout: Duration = Field(default=300.0, gt=0)
     max_bad_commands: StrictInt = Field(default=10, gt=0)  # 5xx syntax replies, then 421, close
-    max_header_bytes: StrictInt = Field(default=1_048_576, gt=0)  # header section; above: 552
+    max_header_bytes: StrictInt = Field(default=1_048_576, gt=0)  # header section; above: 552 5.3.4
+    # RFC 5321 §6.3: more Received: fields than this in a message is a loop: 554 5.4.6.
+    max_hops: StrictInt = Field(default=50, gt=0)
     # Group commit (commit.Committer): while messages arrive more often than once per window,
     # those finishing DATA within it share one Redis transaction and one policy task (the 250
     # waits for it); slower, each is written at once. 0 = only those finished in the same

@@ -147,6 +147,15 @@ DELIVERY_ATTEMPTS = Counter(
     ["tls_mode", "tls_outcome", "result"],
     registry=None,
 )
+# The versions a TLS attempt can negotiate (ssl.SSLObject.version()); anything else is "other".
+TLS_VERSIONS: Final = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
+DELIVERY_TLS_VERSIONS = Counter(
+    "tlsrelay_delivery_tls_versions_total",
+    "Delivery attempts that rode TLS (tls_outcome tls or tls_verified), by negotiated version: "
+    "TLSv1, TLSv1.1, TLSv1.2, TLSv1.3 (other: never expected).",
+    ["version"],
+    registry=None,
+)
 PLAINTEXT_FALLBACK = Counter(
     "tlsrelay_plaintext_fallback_total",
     "Opportunistic attempts that sent a message in clear (reached DATA). reason: not_offered | "
@@ -334,6 +343,7 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
     "policy": (POLICY_DECISIONS,),
     "deliver": (
         DELIVERY_ATTEMPTS,
+        DELIVERY_TLS_VERSIONS,
         PLAINTEXT_FALLBACK,
         TLS_REQUIRED_DEFERRALS,
         MESSAGES_FINAL,

@@ -58,6 +58,11 @@ class TlsMode(enum.IntEnum):
         """The server's certificate must name the host (or an allowed MTA-STS/MX name)."""
         return self >= TlsMode.VERIFIED
 
+    @property
+    def accepts_legacy_tls(self) -> bool:
+        """Any TLS beats clear: TLS 1.0 and old ciphers are accepted (Postfix may/encrypt)."""
+        return self.tries_tls and not self.must_verify_chain
+
     def at_least(self, floor: TlsMode) -> TlsMode:
         """The stricter of this mode and ``floor``."""
         return max(self, floor)

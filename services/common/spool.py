@@ -3,7 +3,8 @@
 Layout (every key under ``tlsrelay:``):
 
 - ``msg:{id}``       hash: ``envelope`` (JSON), ``body`` (raw bytes, Received header included),
-                     ``decisions`` (JSON, written by policy). Deleted when every recipient is final.
+                     ``decisions`` (JSON, written by policy), for a REQUIRETLS DSN ``fallback``
+                     (its redacted twin's body). Deleted when every recipient is final.
 - ``rcpt:{id}``      hash: recipient → JSON ``{"state", "reply", "at"}``, state ``delivered`` or
                      ``bounced``: a recipient with a final state here is never sent again.
 - ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
@@ -162,12 +163,14 @@ class IdTaken(Exception):
 # A new message, written only if its id is free: no msg:{id} and no trace:{id} (a finished
 # message's trace outlives it). The same envelope already stored is this very write sent again
 # (the client retried after a lost reply): done. Returns 1 when stored, 0 when the id is taken.
-# KEYS: msg, trace, waiting:policy. ARGV: envelope, body, first event, trace TTL, score, id.
+# KEYS: msg, trace, waiting:policy. ARGV: envelope, body, first event, trace TTL, score, id,
+# and optionally a fallback body (see stage_message).
 STORE_NEW = """
 local stored = redis.call('HGET', KEYS[1], 'envelope')
 if stored then return stored == ARGV[1] and 1 or 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'envelope', ARGV[1], 'body', ARGV[2])
+if ARGV[7] then redis.call('HSET', KEYS[1], 'fallback', ARGV[7]) end
 redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
@@ -198,12 +201,15 @@ def stage_message(
     body: bytes,
     trace_ttl: float,
     enqueue: bool = True,
+    fallback: bytes | None = None,
     **received: Any,
 ) -> None:
     """Buffer the writes that queue a new message (ingest, or a DSN the relay itself generates)
     into ``pipe``, a transaction the caller executes: first one :data:`STORE_NEW` script, whose
     reply is 0 when the id was taken (nothing stored). ``received`` adds fields to the event.
-    ``enqueue=False``: the caller pushes the ``policy`` task itself (one for a batch)."""
+    ``enqueue=False``: the caller pushes the ``policy`` task itself (one for a batch).
+    ``fallback``: a body kept with the message (a REQUIRETLS DSN's redacted twin, sent when it
+    fails: :func:`load_fallback`), gone with the message."""
     first = event(
         "received",
         client=envelope.client_address,
@@ -221,9 +227,9 @@ def stage_message(
     )
     keys = (msg_key(envelope.id), trace_key(envelope.id), WAITING_POLICY)
     doc = json.dumps(envelope.to_json())
-    pipe.eval(
-        STORE_NEW, 3, *keys, doc, body, first, int(trace_ttl), envelope.received_at, envelope.id
-    )
+    args: list[bytes | str | float] = [doc, body, first, int(trace_ttl), envelope.received_at]
+    args += [envelope.id, *([fallback] if fallback is not None else [])]
+    pipe.eval(STORE_NEW, 3, *keys, *args)
     if enqueue:
         pipe.lpush(queueing.POLICY_LIST, queueing.classify_task([envelope.id]))
 
@@ -275,6 +281,12 @@ def load_job(client: redis.Redis, message_id: str, domain: str) -> JobState:
 
 def load_body(client: redis.Redis, message_id: str) -> bytes | None:
     raw: bytes | None = client.hget(msg_key(message_id), "body")  # type: ignore[assignment]
+    return raw
+
+
+def load_fallback(client: redis.Redis, message_id: str) -> bytes | None:
+    """The fallback body stored with a message (:func:`stage_message`), if any."""
+    raw: bytes | None = client.hget(msg_key(message_id), "fallback")  # type: ignore[assignment]
     return raw
 
 

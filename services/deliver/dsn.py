@@ -17,7 +17,12 @@ classified later. A DSN about a message whose decision required TLS is **redacte
 headers, and the circumstances that required TLS are named without the reasons (which quote what
 a rule matched, e.g. the Subject); it then travels like any DSN, so the sender is always told.
 When the original carried ``REQUIRETLS`` (RFC 8689 §5), the DSN is sent with ``REQUIRETLS``
-instead (so it is itself relayed only over verified TLS) and keeps the headers and reasons.
+instead (so it is itself relayed only over verified TLS) and keeps the headers and reasons; its
+redacted twin is made at the same time (:attr:`Notice.fallback`) and stored with it. Should that
+DSN fail for good (the sender's server has no STARTTLS or no REQUIRETLS, until the queue
+lifetime; or a 5.7.30 at once), the twin goes instead, without REQUIRETLS
+(:func:`fallback_due`, :func:`fallback_envelope`), so the sender is still told. The twin has no
+twin, and a DSN about a DSN is never sent.
 
 Remote text (reply text, host names) is folded to one line and stripped of control characters
 wherever it lands in a field (:func:`one_line`), so a server cannot forge report fields.
@@ -29,7 +34,9 @@ notice for its deferred ones, else none.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
+import functools
 import re
 import secrets
 import time
@@ -86,6 +93,18 @@ class RecipientReport:
 def wanted(envelope: Envelope) -> bool:
     """A DSN is sent only for messages with a reverse-path (never about a bounce)."""
     return bool(envelope.sender)
+
+
+def fallback_due(envelope: Envelope, bounced: bool) -> bool:
+    """A REQUIRETLS DSN (null reverse-path, REQUIRETLS) failed for good: its twin is due."""
+    return bounced and not envelope.sender and REQUIRETLS in envelope.mail_options
+
+
+def fallback_envelope(dsn: Envelope, body: bytes, now: float) -> Envelope:
+    """The envelope of the redacted twin of ``dsn``: a new id, no REQUIRETLS."""
+    return dataclasses.replace(
+        dsn, id=new_message_id(), mail_options=(), received_at=now, size=len(body)
+    )
 
 
 def build(
@@ -254,6 +273,7 @@ class Notice:
     action: str  # FAILED | DELAYED
     envelope: Envelope  # the DSN's own (null reverse-path, to the original sender)
     body: bytes
+    fallback: bytes | None = None  # a REQUIRETLS DSN's redacted twin (sent if it fails)
 
 
 def notice(
@@ -275,7 +295,8 @@ def notice(
     remote = outcome.remote_mta
     reports = [RecipientReport(r, action, reply, remote.get(r)) for r, reply in replies.items()]
     protect = protection(envelope, (round_.decision, outcome.decision))
-    dsn_envelope, dsn_body = build(
+    made = functools.partial(
+        build,
         reporting_mta=reporting_mta,
         envelope=envelope,
         original=round_.body,
@@ -284,6 +305,7 @@ def notice(
         notes=(outcome.note,) if outcome.note else (),
         retry_until=until,
         now=round_.now,
-        protect=protect,
     )
-    return Notice(action, dsn_envelope, dsn_body)
+    dsn_envelope, dsn_body = made(protect=protect)
+    twin = made(protect=REDACTED)[1] if protect == WITH_REQUIRETLS else None
+    return Notice(action, dsn_envelope, dsn_body, twin)

@@ -4,7 +4,8 @@
   (``rcpt:{id}``), the trace events, the TLSRPT counts (:func:`services.deliver.tlsrpt.stage`),
   for what is left a deferred entry due per ``delivery.retry_schedule``
   (:func:`services.deliver.scheduler.stage_deferral`), the DSN the round calls for (queued as a
-  new message with a null reverse-path, :func:`services.deliver.dsn.notice`), the job leaving
+  new message with a null reverse-path, :func:`services.deliver.dsn.notice`; for a REQUIRETLS
+  DSN that failed for good, its redacted twin instead of a DSN about it), the job leaving
   ``waiting:deliver`` and its in-flight mark — so a round is neither lost nor doubled. The
   message is deleted once every recipient is final; when another domain's job may have finished
   meanwhile, a second transaction finishes it (:meth:`Ledger.finish_if_final`).
@@ -94,6 +95,7 @@ class Ledger:
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
         )
+        fallback = self._fallback(round_, outcome)
         rec = _Recording(round_, outcome, notice)
         # Final when nothing is left: known here unless another domain's job is still open.
         final = {**round_.state.final, **outcome.final}
@@ -107,6 +109,8 @@ class Ledger:
                 events.append(self._stage_retry(pipe, rec))
             if notice is not None:
                 events.append(self._stage_notice(pipe, round_.envelope.id, notice))
+            if fallback is not None:
+                events.append(self._stage_fallback(pipe, round_.envelope.id, *fallback))
             pipe.delete(spool.in_flight_key(*round_.job.key))
             premark = self._premark(pipe, upcoming)
             self._stage_end(pipe, rec, events, complete)
@@ -147,12 +151,29 @@ class Ledger:
     ) -> str:
         ttl, action = self.config.trace_ttl, notice.action
         spool.stage_message(
-            pipe, notice.envelope, notice.body, ttl, dsn_for=message_id, action=action
-        )
+            pipe, notice.envelope, notice.body, ttl,
+            fallback=notice.fallback, dsn_for=message_id, action=action,
+        )  # fmt: skip
         if notice.action == dsn.DELAYED:
             pipe.hset(spool.msg_key(message_id), "delay_warned", notice.envelope.id)
         recipients = list(notice.envelope.recipients)
         return spool.event("dsn", action=notice.action, dsn_id=notice.envelope.id, to=recipients)
+
+    def _fallback(self, round_: Round, outcome: Outcome) -> tuple[Envelope, bytes] | None:
+        """The redacted twin to send now that this REQUIRETLS DSN failed for good, if any."""
+        if not dsn.fallback_due(round_.envelope, bool(outcome.bounced)):
+            return None
+        body = spool.load_fallback(self.client, round_.envelope.id)
+        if body is None:
+            return None
+        return dsn.fallback_envelope(round_.envelope, body, round_.now), body
+
+    def _stage_fallback(
+        self, pipe: redis.client.Pipeline, dsn_id: str, twin: Envelope, body: bytes
+    ) -> str:
+        spool.stage_message(pipe, twin, body, self.config.trace_ttl, fallback_for=dsn_id)
+        note = "this DSN could not travel with REQUIRETLS: its redacted twin is sent without"
+        return spool.event("fallback", dsn_id=twin.id, to=list(twin.recipients), note=note)
 
     def _count(self, rec: _Recording, sts_failures: int) -> None:
         """The round's metrics, once its transaction committed."""

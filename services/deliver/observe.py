@@ -26,6 +26,8 @@ class AttemptResult(Protocol):
     @property
     def outcome(self) -> TlsOutcome | None: ...
     @property
+    def tls_version(self) -> str | None: ...
+    @property
     def next_host(self) -> bool: ...
     @property
     def replies(self) -> Mapping[str, Reply]: ...
@@ -60,6 +62,9 @@ def attempt(result: AttemptResult, seconds: float) -> None:
     outcome = result.outcome.value if result.outcome is not None else metrics.NO_CONNECTION
     metrics.DELIVERY_ATTEMPTS.labels(result.mode.label, outcome, _attempt_result(result)).inc()
     metrics.DELIVERY_DURATION.observe(seconds)
+    if result.tls_version is not None:
+        known = result.tls_version in metrics.TLS_VERSIONS
+        metrics.DELIVERY_TLS_VERSIONS.labels(result.tls_version if known else "other").inc()
     may_fall_back = result.mode.tries_tls and not result.mode.requires_encryption
     if may_fall_back and outcome in metrics.FALLBACK_REASONS and result.data_sent:
         metrics.PLAINTEXT_FALLBACK.labels(outcome).inc()

@@ -9,6 +9,8 @@ session-level ``error`` with ``next_host=True`` when the caller should try the n
 Clear text happens only where :func:`services.deliver.tls.after_starttls` or
 :func:`~services.deliver.tls.wants_starttls` says so; a handshake failure in opportunistic mode
 reconnects in clear and reports it through ``on_handshake_failed`` (the shared "TLS broken" memory).
+The STARTTLS contexts (TLS 1.0 and old ciphers accepted where any TLS beats clear, modern
+defaults where the certificate is verified) are :mod:`services.deliver.tlscontext`'s.
 
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
 """
@@ -16,7 +18,6 @@ Every attempt is counted, with its duration, in ``services.common.metrics`` when
 from __future__ import annotations
 
 import asyncio
-import functools
 import socket
 import ssl
 import time
@@ -31,6 +32,7 @@ from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
 from services.deliver import mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
+from services.deliver.tlscontext import tls_context
 
 # RFC 3463 codes for failures that have no server reply of their own.
 TLS_UNAVAILABLE = Reply(451, TLS_REQUIRED_STATUS, "TLS required but not available")
@@ -131,29 +133,6 @@ class _NextHost(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
-
-
-def tls_context(settings: TlsSettings) -> ssl.SSLContext:
-    """Verified mode checks chain and name; every other mode encrypts without checking.
-
-    Contexts are built once per (mode, CA, client certificate) and reused: loading a CA bundle
-    costs milliseconds, a handshake with a ready context does not."""
-    return _context(settings.mode.must_verify_chain, settings.ca_file, settings.client_cert)
-
-
-@functools.lru_cache(maxsize=32)
-def _context(
-    verify: bool, ca_file: str | None, client_cert: tuple[str, str] | None
-) -> ssl.SSLContext:
-    if verify:
-        context = ssl.create_default_context(cafile=ca_file)
-    else:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if client_cert is not None:
-        context.load_cert_chain(*client_cert)
-    return context
 
 
 async def attempt(

@@ -1,7 +1,7 @@
 """What ingest records of a message: the DATA lines within the limits, and the trace it adds.
 
-- :class:`MessageReader` keeps the lines of one DATA transfer within the size, line and header
-  limits, with memory bounded by the size limit whatever the client sends.
+- :class:`MessageReader` keeps the lines of one DATA transfer within the size, line, header and
+  hop limits, with memory bounded by the size limit whatever the client sends.
 - :func:`received_header` writes the ``Received:`` trace field (RFC 5321 §4.4) from the facts
   of the session: :func:`client_ip`, :func:`inbound_tls`, :func:`client_certificate`,
   :func:`with_keyword` (the RFC 3848 ``with`` keyword).
@@ -23,7 +23,12 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from services.common.model import Envelope, InboundTls
-from services.ingest.replies import DATA_LINE_TOO_LONG, HEADER_TOO_LARGE, TOO_BIG
+from services.ingest.replies import (
+    DATA_LINE_TOO_LONG,
+    HEADER_TOO_LARGE,
+    TOO_BIG,
+    TOO_MANY_HOPS,
+)
 
 # RFC 5321 §4.5.3.1.6: a text line of DATA is at most 1000 octets, CRLF included, not counting
 # a dot doubled for transparency (§4.5.2). Longer lines are not folded (that would change the
@@ -32,6 +37,7 @@ from services.ingest.replies import DATA_LINE_TOO_LONG, HEADER_TOO_LARGE, TOO_BI
 TEXT_LINE_MAX: Final = 1000
 # RFC 5322 §2.2 (and §4.5's obsolete space before the colon): a header field, or a folded line.
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]")
+_RECEIVED_FIELD = re.compile(rb"received[ \t]*:", re.IGNORECASE)  # RFC 5322 §3.6.7: a hop
 _NOT_PRINTABLE = re.compile(r"[^!-~]")  # anything but visible ASCII (for the Received header)
 _NOT_QUOTABLE = re.compile(r'[^ -~]|["\\()]')  # ... in a quoted name inside a comment
 
@@ -45,12 +51,15 @@ class MessageReader:
     first limit crossed decides the refusal, after which nothing more is kept, so memory stays
     bounded by ``max_bytes`` whatever the client sends. The header section is the lines up to
     the first empty line or the first that is neither a field nor a folded continuation (a
-    message without headers or without a blank line is accepted as it is).
+    message without headers or without a blank line is accepted as it is). More than
+    ``max_hops`` ``Received:`` fields in it is a mail loop (RFC 5321 §6.3): TOO_MANY_HOPS.
     """
 
-    def __init__(self, max_bytes: int, max_header_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_header_bytes: int, max_hops: int) -> None:
         self.max_bytes = max_bytes
         self.max_header_bytes = max_header_bytes
+        self.max_hops = max_hops
+        self._hops = 0
         self.content = bytearray()
         self.refusal: str | None = None  # the reply once the final dot arrived, if not 250
         self._in_line = False  # inside a line longer than the stream buffer
@@ -85,8 +94,12 @@ class MessageReader:
                 self._in_header = False
             else:
                 self._header_bytes += len(line)
+                self._hops += _RECEIVED_FIELD.match(line) is not None
                 if self._header_bytes > self.max_header_bytes:
                     self._refuse(HEADER_TOO_LARGE)
+                    return
+                if self._hops > self.max_hops:
+                    self._refuse(TOO_MANY_HOPS)
                     return
         self.content += line
 

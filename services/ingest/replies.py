@@ -44,6 +44,7 @@ _SYNTAX_ERROR = re.compile(r"^(50\d|555)[ -]")
 LINE_TOO_LONG = "500 5.5.2 Line too long"  # RFC 5321 §4.5.3.1.9
 DATA_LINE_TOO_LONG = "500 5.6.0 Line too long: text lines are limited to 1000 octets"  # §4.5.3.1.6
 HEADER_TOO_LARGE = "552 5.3.4 Header section too large"  # RFC 3463 §3.4: too big for system
+TOO_MANY_HOPS = "554 5.4.6 Too many hops"  # RFC 5321 §6.3; RFC 3463 §3.5: routing loop
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"  # RFC 1870 §6.1
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"  # RFC 5321 §3.8
 TIMEOUT = "421 4.4.2 Timeout, closing connection"  # RFC 5321 §4.5.3.2.7

@@ -88,6 +88,8 @@ Limits against hostile or broken clients (constants in :mod:`services.ingest.ses
   that is neither a field nor a folded continuation: a message without a blank line or without
   any header is accepted and stored as received, and so are 8-bit headers without 8BITMIME or
   SMTPUTF8 (a relay does not repair messages; policy parses them leniently).
+- More than ``ingest.max_hops`` ``Received:`` fields in the header section (RFC 5321 §6.3: a
+  mail loop) → ``554 5.4.6 Too many hops`` at the end of DATA, nothing stored.
 - No command, DATA line or TLS handshake progress for ``ingest.command_timeout`` (RFC 5321
   §4.5.3.2.7) → ``421 4.4.2 Timeout, closing connection`` and closed; a slow but steady DATA
   transfer is not cut off.

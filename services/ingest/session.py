@@ -381,7 +381,9 @@ class IngestSMTP(AiosmtpdAdapter):
         """Every line up to the final dot. Lines read restart the command timeout (at most ten
         times per timeout, to keep timers off the per-line path), so a slow but steady transfer
         is not cut off while a stalled one is."""
-        message = MessageReader(self.data_size_limit, self._limits.max_header_bytes)
+        message = MessageReader(
+            self.data_size_limit, self._limits.max_header_bytes, self._limits.max_hops
+        )
         reader = self.reader
         every = min(1.0, self.timeout_seconds / 10)
         restarted = self.loop.time()

@@ -1,0 +1,77 @@
+"""The client TLS contexts of outbound STARTTLS, per TLS mode (RFC 3207, RFC 7435, RFC 8996).
+
+:func:`tls_context` gives the context for a delivery's TLS settings (``session.TlsSettings``):
+
+- ``verified`` (and intra-platform mail, always at least verified): Python's modern defaults —
+  TLS 1.2 or later, OpenSSL security level 2, chain and name checked against ``ca_file`` (or
+  the system CAs), the platform's client certificate when given.
+- ``opportunistic`` and ``enforced`` (the modes that ask :attr:`TlsMode.accepts_legacy_tls`):
+  no certificate check, TLS 1.0 or later and ``DEFAULT:@SECLEVEL=0`` ciphers — what Postfix
+  does at ``may``/``encrypt``. Encryption that is weak beats none (RFC 7435 §1, opportunistic
+  security): with the strict defaults a server that speaks only TLS 1.0/1.1 or only old ciphers
+  fails the handshake and the mail goes in clear. ``DEFAULT`` never includes unencrypted or
+  unauthenticated-key-exchange suites (eNULL, aNULL), so what rides TLS is encrypted.
+
+Contexts are built once per (mode class, CA, client certificate) and reused: loading a CA bundle
+costs milliseconds, a handshake with a ready context does not. Failure behaviour: a CA file or
+client certificate that cannot be read raises (``OSError``/``ssl.SSLError``) from the call, which
+the session treats as a failed handshake.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+import warnings
+from typing import Final, Protocol
+
+from services.common.model import TlsMode
+
+# RFC 8996 deprecates TLS 1.0/1.1; OpenSSL 3 accepts them only at security level 0.
+LEGACY_MINIMUM: Final = ssl.TLSVersion.TLSv1
+LEGACY_CIPHERS: Final = "DEFAULT:@SECLEVEL=0"
+
+
+class Settings(Protocol):
+    """What a context depends on (``services.deliver.session.TlsSettings``)."""
+
+    @property
+    def mode(self) -> TlsMode: ...
+    @property
+    def ca_file(self) -> str | None: ...
+    @property
+    def client_cert(self) -> tuple[str, str] | None: ...
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The (shared, cached) client context for ``settings``' mode and material."""
+    mode = settings.mode
+    return _context(
+        mode.must_verify_chain, mode.accepts_legacy_tls, settings.ca_file, settings.client_cert
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _context(
+    verify: bool, legacy: bool, ca_file: str | None, client_cert: tuple[str, str] | None
+) -> ssl.SSLContext:
+    if verify:
+        context = ssl.create_default_context(cafile=ca_file)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if legacy and not verify:
+        _accept_legacy(context)
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
+    return context
+
+
+def _accept_legacy(context: ssl.SSLContext) -> None:
+    """TLS 1.0 and later with any ``DEFAULT`` cipher. Python warns on the TLS 1.0 constant
+    (DeprecationWarning): here it is meant, so that one warning is silenced for that one line."""
+    context.set_ciphers(LEGACY_CIPHERS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"ssl\.TLSVersion\.TLSv1", DeprecationWarning)
+        context.minimum_version = LEGACY_MINIMUM
