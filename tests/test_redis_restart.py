@@ -90,7 +90,11 @@ def test_queued_deferred_and_in_flight_survive_a_redis_kill(world: World) -> Non
         supervise(world)  # as Kubernetes or `tlsrelay run` would: a worker that exits restarts
         return all(world.events(m, "completed") for m in everything)
 
-    wait_until(all_completed, 120, "every message to complete")
+    try:
+        wait_until(all_completed, 120, "every message to complete")
+    except AssertionError:
+        stuck = {m: [e["event"] for e in world.trace(m)] for m in everything}
+        raise AssertionError(f"not every message completed; their traces: {stuck}") from None
     subjects = [s for m in sink.messages for s in [m.data.split(b"Subject: ")[1].split(b"\r\n")[0]]]
     expected = [f"deferred {i}" for i in range(3)] + [f"queued {i}" for i in range(5)]
     for subject in expected:
