@@ -201,6 +201,11 @@ async def _attempt(
         await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
     except _NextHost as exc:
         result.error, result.next_host = exc.reply, True
+    except BaseException:  # cancelled (delivery.job_timeout): drop the session, never park it
+        if smtp is not None:
+            smtp.close()
+            smtp = None
+        raise
     finally:
         if smtp is not None and not _park(pool, peer, settings, smtp, result, pooled):
             await _close(smtp)
@@ -226,6 +231,9 @@ async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
             return pooled
         except Exception:  # dead, timed out by the server, or a stale reply in the buffer
             pooled.smtp.close()
+        except BaseException:  # cancelled
+            pooled.smtp.close()
+            raise
     return None
 
 
@@ -268,6 +276,9 @@ async def _open(peer: Peer, timeouts: Timeouts) -> aiosmtplib.SMTP:
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
         raise _NextHost(Reply(421, CONNECT_FAILED, f"connect failed: {_text(exc)}")) from None
+    except BaseException:  # cancelled
+        smtp.close()
+        raise
     return smtp
 
 

@@ -5,7 +5,13 @@ batch of jobs on this process's event loop (one per worker process, kept for its
 connection pool lives on it). An unexpected error in delivery code is not allowed to drop a job:
 the job is put back into the deferred set (due after the first retry step) and the error is
 logged. Redis errors propagate, so the task is not acknowledged and Celery runs it again (jobs
-already recorded are then skipped: their recipients are final or deferred).
+already recorded are then skipped: their recipients are final or deferred, and a job another
+process is sending is left to it — services/deliver/claims.py).
+
+A task ends within ``delivery.task_budget``: it starts no new job after ``delivery.task_window``
+and queues the rest again (services/deliver/batch.py), so it is acknowledged well before
+``celery.visibility_timeout`` would hand it to a second worker, and a warm shutdown (SIGTERM)
+waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
 """
 
 from __future__ import annotations
