@@ -209,6 +209,8 @@ def settings(options: Options) -> Any:
                 # Lost tasks (a main process killed inside kombu's two-step take) come back
                 # within two rescue sweeps: short here, so the soak sees them delivered.
                 "rescue_interval": "3s",
+                # At most half the visibility timeout (checked at start-up): a task ends first.
+                "job_timeout": f"{options.visibility_timeout / 2:g}s",
             },
             "policy": {"concurrency": options.policy_workers},
             # A worker whose consumer stalled after the Redis restart is replaced soon.

@@ -83,6 +83,8 @@ class Sink(Background):
         ``(address) -> reply | None``; None / unlisted accepts with 250.
     :param data_reply: reply for DATA, or callable ``(Message) -> reply | None``.
         Messages answered 2xx go to ``messages``, others to ``rejected``.
+    :param data_delay: seconds the reply to the final dot takes (without blocking the sink's
+        other sessions); the message is recorded when the reply is sent.
     :param hostname: name in the greeting / EHLO reply.
     :param min_tls_version / max_tls_version: restrict the server's TLS versions.
     :param extensions: extra EHLO keywords (lines) to advertise, in clear and over TLS, e.g.
@@ -100,6 +102,7 @@ class Sink(Background):
         cert_names: Iterable[str] | None = None,
         rcpt_replies: RcptReplies | None = None,
         data_reply: DataReply | None = None,
+        data_delay: float = 0.0,
         hostname: str | None = None,
         min_tls_version: ssl.TLSVersion | None = None,
         max_tls_version: ssl.TLSVersion | None = None,
@@ -124,6 +127,7 @@ class Sink(Background):
         self.hostname = hostname or f"{kind}-sink.test"
         self._rcpt_replies = rcpt_replies
         self._data_reply_spec = data_reply
+        self.data_delay = data_delay
         self._min_tls = min_tls_version
         self._max_tls = max_tls_version
         if isinstance(extensions, str):

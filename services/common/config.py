@@ -47,6 +47,7 @@ from services.common.values import (
     HostPort,
     RateLimit,
     Route,
+    format_duration,
     is_hostname,
     parse_duration,
     parse_hostport,
@@ -234,6 +235,11 @@ class DeliveryConfig(_Section):
     command_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2: 5 minutes for most replies
     greeting_timeout: Duration = 300.0  # RFC 5321 §4.5.3.2.1: the 220 greeting, 5 minutes
     data_timeout: Duration = 600.0  # RFC 5321 §4.5.3.2.6: the reply to the final dot, 10 min
+    # One job's round (DNS, MTA-STS, every host in turn) is abandoned after this and deferred
+    # (the retry schedule and queue lifetime apply). A deliver task starts no new job after a
+    # tenth of it and hands the rest back (task_window, task_budget below);
+    # celery.visibility_timeout must be at least twice this long.
+    job_timeout: Duration = Field(default=600.0, gt=0)
     tls_broken_ttl: Duration = 3600.0  # how long a host with a failed handshake is skipped
     retry_schedule: tuple[Duration, ...] = (300.0, 600.0, 1200.0, 2400.0, 3600.0)
     # RFC 5321 §4.5.4.1: give up no sooner than 4-5 days; then bounce with a DSN.
@@ -267,6 +273,26 @@ class DeliveryConfig(_Section):
     mta_sts_port: StrictInt = Field(default=443, gt=0, lt=65536)
     mta_sts_timeout: Duration = Field(default=10.0, gt=0)
 
+    @property
+    def task_window(self) -> float:
+        """A deliver task starts no new job after running this long (the rest is queued again
+        as a new task): a tenth of ``job_timeout``."""
+        return self.job_timeout / 10
+
+    @property
+    def claim_ttl(self) -> float:
+        """How long a job's claim outlives its owner's last refresh (services/deliver/
+        claims.py): 15 s, or half the job timeout when that is shorter."""
+        return min(15.0, self.job_timeout / 2)
+
+    @property
+    def task_budget(self) -> float:
+        """How long a deliver task may run: its start window, a wait for a job another worker
+        held (at most its claim's TTL), then one job's round (plus a few Redis round trips) —
+        1.1 × job_timeout + 15 s by default. Kept well below ``celery.visibility_timeout``, and
+        below the deliver pods' ``terminationGracePeriodSeconds`` (a warm shutdown waits)."""
+        return self.task_window + self.claim_ttl + self.job_timeout
+
     @field_validator("routes")
     @classmethod
     def _route_keys(cls, value: dict[str, Route]) -> dict[str, Route]:
@@ -293,7 +319,8 @@ class CeleryConfig(_Section):
     """Queue transport tuning shared by every worker."""
 
     # kombu's Redis transport hands an unacknowledged task to another worker after this long;
-    # it must exceed the longest task (a delivery bounded by the timeouts above).
+    # it must exceed the longest task: at least twice delivery.job_timeout (checked at load;
+    # a deliver task ends within delivery.task_budget, at most 1.6 × job_timeout).
     visibility_timeout: Duration = 1800.0
     # Workers touch <data_dir>/heartbeat-<service> this often; `tlsrelay healthcheck` fails when
     # the file is older than heartbeat_max_age (Kubernetes liveness, independent of Redis).
@@ -390,6 +417,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise  # not reached: a ValidationError always has errors
     config = _check_platform(_resolve_paths(config, source, problems), problems)
     _check_metrics(config, problems)
+    _check_task_time(config, problems, root)
     problems.check()
     return config
 
@@ -473,6 +501,41 @@ def _check_metrics(config: Config, problems: Problems) -> None:
         if address in smtp:
             why = f"{address} is also an SMTP listener (ingest.*)"
             problems.add(("metrics", service), why)
+
+
+VISIBILITY_MARGIN = 2.0  # celery.visibility_timeout ≥ this × delivery.job_timeout
+
+
+def _check_task_time(config: Config, problems: Problems, root: yaml.Node | None) -> None:
+    """A deliver task must end well before kombu hands it to a second worker: the visibility
+    timeout is at least twice the job timeout (a task runs at most 1.6 × job_timeout). The
+    error points at ``delivery.job_timeout`` when the file sets it, else at the visibility
+    timeout."""
+    visibility, job = config.celery.visibility_timeout, config.delivery.job_timeout
+    if visibility >= VISIBILITY_MARGIN * job:
+        return
+    why = (
+        f"celery.visibility_timeout ({format_duration(visibility)}) must be at least twice "
+        f"delivery.job_timeout ({format_duration(job)}): a deliver task may run up to "
+        f"{format_duration(config.delivery.task_budget)} (its start window, a wait for a job "
+        "another worker held, one job's round), and after the visibility timeout a second "
+        "worker gets the same task"
+    )
+    given = _given(root, ("delivery", "job_timeout"))
+    problems.add(given or ("celery", "visibility_timeout"), why)
+
+
+def _given(root: yaml.Node | None, loc: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``loc`` when the YAML file sets that key, else None."""
+    node = root
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        match = [v for k, v in node.value if str(k.value) == part]
+        if not match:
+            return None
+        node = match[0]
+    return loc
 
 
 def dump_summary(config: Config) -> Mapping[str, object]:

@@ -6,8 +6,15 @@ Layout (every key under ``tlsrelay:``):
                      ``decisions`` (JSON, written by policy), for a REQUIRETLS DSN ``fallback``
                      (its redacted twin's body). Deleted when every recipient is final.
 - ``rcpt:{id}``      hash: recipient → JSON ``{"state", "reply", "at"}``, state ``delivered`` or
-                     ``bounced``: a recipient with a final state here is never sent again.
+                     ``bounced`` (final: never sent again) or ``deferred`` (with ``attempt``: the
+                     round that deferred it; a copy of that round's job or an earlier one skips
+                     it, the retry waits in ``deferred``). Deleted with ``msg:{id}``; it also
+                     expires ``max_queue_lifetime`` + a day after its last write (a safety net:
+                     the message is final long before).
 - ``trace:{id}``     list of JSON events, oldest first (kept ``TRACE_TTL`` after the last event).
+- ``claim:{id}:{domain}``  the owner (``host:pid:random``) of a delivery job being worked on:
+                     ``SET NX`` with a short TTL the owner refreshes (services/deliver/claims.py).
+- ``inflight:{id}:{domain}``  set while a delivery sends DATA (RFC 1047), with a TTL.
 - ``deferred``       sorted set: member = JSON delivery job, score = due time (unix seconds).
 - ``deferred:since`` sorted set: message ids with something deferred, score = acceptance time.
 - ``tlsbroken:{host}:{port}``  set with a TTL when a STARTTLS handshake failed there.
@@ -33,7 +40,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -53,6 +60,7 @@ DEFERRED = PREFIX + "deferred"
 DEFERRED_SINCE = DEFERRED + ":since"
 TRACE_TTL = 7 * 86400
 FINAL_STATES = frozenset({"delivered", "bounced"})
+DEFERRED_STATE = "deferred"  # in rcpt:{id}, with the attempt that deferred the recipient
 WAITING_POLICY = PREFIX + "waiting:policy"
 WAITING_DELIVER = PREFIX + "waiting:deliver"
 
@@ -67,6 +75,11 @@ def rcpt_key(message_id: str) -> str:
 
 def trace_key(message_id: str) -> str:
     return f"{PREFIX}trace:{message_id}"
+
+
+def claim_key(message_id: str, domain: str) -> str:
+    """The exclusive claim of one delivery job (services/deliver/claims.py)."""
+    return f"{PREFIX}claim:{message_id}:{domain}"
 
 
 def in_flight_key(message_id: str, domain: str) -> str:
@@ -252,10 +265,47 @@ class JobState:
     final: dict[str, str]  # recipient → its final state (delivered / bounced), when it has one
     in_flight: bytes | None  # the mark of an earlier run that died while sending DATA
     delay_warned: bool = False  # a "delayed" DSN was sent already
+    # recipient → the attempt that deferred it (its retry, one attempt on, is in the deferred set)
+    deferred: dict[str, int] = field(default_factory=dict)
+
+    def pending(self, job: Job) -> list[str]:
+        """The job's recipients to send now: neither final nor deferred by this attempt or a later
+        one (a redelivered task, or a second copy of the job: the retry owns those)."""
+        return [
+            r
+            for r in job.recipients
+            if r not in self.final and self.deferred.get(r, 0) < job.attempt
+        ]
+
+
+def recipient_states(raw: dict[bytes, bytes]) -> tuple[dict[str, str], dict[str, int]]:
+    """``rcpt:{id}`` as (final recipient → state, deferred recipient → the attempt that did)."""
+    final: dict[str, str] = {}
+    deferred: dict[str, int] = {}
+    for key, value in raw.items():
+        doc = json.loads(value)
+        state = doc.get("state")
+        if state in FINAL_STATES:
+            final[key.decode()] = state
+        elif state == DEFERRED_STATE:
+            deferred[key.decode()] = int(doc.get("attempt", 0))
+    return final, deferred
+
+
+def job_state(
+    raw_envelope: bytes | None,
+    warned: bytes | None,
+    rcpts: dict[bytes, bytes],
+    in_flight: bytes | None,
+) -> JobState:
+    """A :class:`JobState` (body left out) from what Redis holds for the job."""
+    final, deferred = recipient_states(rcpts)
+    envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
+    return JobState(envelope, None, final, in_flight, warned is not None, deferred)
 
 
 def load_jobs(client: redis.Redis, jobs: list[tuple[str, str]]) -> list[JobState]:
-    """For each (message id, domain): envelope, final recipients, in-flight mark and whether a
+    """For each (message id, domain): envelope, recipients' states, in-flight mark and whether a
     delay notice went out — all jobs in one pipelined round trip. Bodies are left out (``body``
     None; the caller reads them with :func:`load_bodies`, a few megabytes at a time)."""
     with client.pipeline(transaction=False) as pipe:
@@ -267,10 +317,7 @@ def load_jobs(client: redis.Redis, jobs: list[tuple[str, str]]) -> list[JobState
     states = []
     for i in range(len(jobs)):
         (raw_envelope, warned), rcpts, in_flight = replies[3 * i : 3 * i + 3]
-        final = {k.decode(): json.loads(v).get("state") for k, v in rcpts.items()}
-        final = {r: state for r, state in final.items() if state in FINAL_STATES}
-        envelope = Envelope.from_json(json.loads(raw_envelope)) if raw_envelope else None
-        states.append(JobState(envelope, None, final, in_flight, warned is not None))
+        states.append(job_state(raw_envelope, warned, rcpts, in_flight))
     return states
 
 

@@ -1,16 +1,30 @@
 """Deliver a batch of jobs (one ``deliver`` task: one destination domain) and record each round.
 
 A job is (message, destination domain, its recipients, the policy decision) — a
-:class:`services.common.jobs.Job`; a task carries their documents. For each job, in order, so
-they share a reused connection (:class:`services.deliver.pool.ConnectionPool`):
+:class:`services.common.jobs.Job`; a task carries their documents (one per job: of two copies of
+a job in one task, the later attempt's). For each job, in order, so they share a reused
+connection (:class:`services.deliver.pool.ConnectionPool`):
 
-1. skip recipients already final (never re-send an accepted recipient); with nothing left, just
-   close the job (:meth:`services.deliver.ledger.Ledger.close`);
-2. plan the round (:mod:`services.deliver.plan`: hosts, the MTA-STS destination policy, TLS);
-3. try each address in order with :func:`services.deliver.session.attempt` until one runs a
+1. claim it (:mod:`services.deliver.claims`), reading the job's state as it is now; a job
+   another worker process holds is waited for until its claim ends (recorded, or its owner
+   died) — at most the claim's TTL: a claim still held then is a live owner's, left to it;
+2. skip recipients already final (never re-send an accepted recipient) and those deferred by
+   this attempt or a later one (a redelivered task: their retry is in the deferred set); with
+   nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
+3. plan the round (:mod:`services.deliver.plan`: hosts, the MTA-STS destination policy, TLS);
+4. try each address in order with :func:`services.deliver.session.attempt` until one runs a
    transaction, or ``delivery.mx_session_limit`` sessions that reached a greeting ran none
-   (:class:`services.deliver.delivery.Outcome` says what its replies mean);
-4. record the round in one transaction (:mod:`services.deliver.ledger`).
+   (:class:`services.deliver.delivery.Outcome` says what its replies mean) — all within
+   ``delivery.job_timeout``, after which the round is abandoned and deferred;
+5. record the round in one transaction (:mod:`services.deliver.ledger`), which also claims the
+   next job.
+
+Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
+window*); it hands the rest back to the ``deliver`` queue as a new task (one transaction, then
+this task is acknowledged). So a task ends within ``DeliveryConfig.task_budget`` (the window,
+a claim's TTL, one job's round: at most 1.6 × job_timeout, plus a few Redis round trips), well
+below ``celery.visibility_timeout`` (at least twice job_timeout, checked at start-up) after
+which kombu would hand it to a second worker.
 
 The batch's state is read in one round trip, its bodies a few megabytes at a time. When a job
 finds its destination unreachable, the rest of the batch with the same route and TLS
@@ -25,9 +39,11 @@ again).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -36,17 +52,20 @@ from services.common import spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
+from services.common.values import format_duration
 from services.deliver import mx
+from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
 from services.deliver.ledger import Ledger
 from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Hooks, Timeouts, attempt
+from services.deliver.session import Hooks, Peer, Timeouts, attempt
 
 log = logging.getLogger("tlsrelay.deliver")
 
 Unreachable = dict[tuple[Any, ...], Outcome]  # destinations that failed in this batch
+OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
 class Deliverer:
@@ -71,29 +90,51 @@ class Deliverer:
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
         """Deliver and record a task's batch of job documents, one after another; each job's
         outcome is recorded in its own transaction as soon as it is known (a worker dying
-        mid-batch re-sends nothing already recorded). None: nothing was sent for that job
-        (nothing left to do, or it was parked)."""
+        mid-batch re-sends nothing already recorded). One result per document; None: nothing
+        was sent for it (nothing left to do, another process holds it, a copy of another
+        document, handed back for lack of time, or parked)."""
+        started = time.monotonic()
         jobs = [_read(doc) for doc in docs]
         states = spool.load_jobs(self.client, [job_key(doc) for doc in docs])
         bodies = _Bodies(self.client, jobs, states)
         self.planner.new_batch()
+        order = _unique(jobs)
         unreachable: Unreachable = {}
-        results: list[Outcome | None] = []
-        for i, (job, state) in enumerate(zip(jobs, states, strict=True)):
-            upcoming = _sendable(jobs[i + 1], states[i + 1]) if i + 1 < len(jobs) else None
-            if job is None:
-                self.ledger.park(docs[i])
-                results.append(None)
-                continue
-            try:
-                state = replace(state, body=bodies.take(i))
-                results.append(await self._run(job, state, unreachable, upcoming))
-            except redis.exceptions.RedisError:
-                raise
-            except Exception as exc:
-                log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-                self._failed(job, state, exc)
-                results.append(None)
+        results: list[Outcome | None] = [None] * len(docs)
+        claimed: Claim | None = None  # the next job's, taken by the previous recording
+        try:
+            for n, i in enumerate(order):
+                job = jobs[i]
+                if job is None:
+                    self.ledger.park(docs[i])
+                    continue
+                if n > 0 and time.monotonic() - started >= self.config.delivery.task_window:
+                    self.ledger.hand_back([docs[j] for j in order[n:]], claimed, OUT_OF_TIME)
+                    log.info("handed back %d jobs: %s", len(order) - n, OUT_OF_TIME)
+                    break
+                after = next((j for j in order[n + 1 :] if jobs[j] is not None), None)
+                upcoming = _Upcoming.of(jobs, states, after)
+                current = states[i]  # as read for the batch; as claimed, once claimed
+                try:
+                    if claimed is None or claimed.key != job.key:
+                        claimed = self.ledger.claim(job.key, known=states[i].envelope)
+                    claim, claimed = claimed, None
+                    if not claim.ours:
+                        claim = await self._wait_for(claim, states[i].envelope)
+                    if not claim.ours:
+                        log.info("%s to %s is %s's: left to it", *job.key, claim.owner)
+                        continue
+                    current = claim.state or current
+                    results[i], claimed = await self._run(
+                        job, claim, bodies, i, unreachable, upcoming
+                    )
+                except redis.exceptions.RedisError:
+                    raise
+                except Exception as exc:
+                    log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
+                    self._failed(job, current, exc)
+        finally:
+            self.ledger.claims.release_all()  # none is left but after an error
         return results
 
     def _failed(self, job: Job, state: spool.JobState, exc: Exception) -> None:
@@ -118,18 +159,43 @@ class Deliverer:
         """Deliver and record one job; None when there was nothing left to do."""
         return (await self.run_batch([doc]))[0]
 
+    async def _wait_for(self, claim: Claim, known: Envelope | None) -> Claim:
+        """A job another process holds: its claim ends when that process records the job, or
+        within the claim's TTL when it died. Wait that long at most, looking now and then;
+        then the job is ours — or its owner is alive (it refreshed the claim) and keeps it."""
+        ttl = self.ledger.claims.ttl
+        deadline = time.monotonic() + ttl + 0.5
+        while not claim.ours and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.5, ttl / 6))
+            claim = self.ledger.claim(claim.key, known=known)
+        return claim
+
     async def _run(
         self,
         job: Job,
-        state: spool.JobState,
+        claim: Claim,
+        bodies: _Bodies,
+        index: int,
         unreachable: Unreachable,
-        upcoming: tuple[str, str] | None = None,
-    ) -> Outcome | None:
-        envelope, body = state.envelope, state.body
-        pending = [r for r in job.recipients if r not in state.final]
-        if envelope is None or body is None or not pending:
+        upcoming: _Upcoming | None = None,
+    ) -> tuple[Outcome | None, Claim | None]:
+        """One claimed job: its outcome (None: nothing was sent) and the claim of ``upcoming``
+        taken by its recording (None: not taken)."""
+        assert claim.state is not None
+        state = claim.state
+        envelope = state.envelope
+        if envelope is None or all(r in state.final for r in job.recipients):
             self.ledger.close(job, envelope)
-            return None
+            return None, None
+        pending = state.pending(job)
+        if not pending:  # deferred by this attempt already: the retry is theirs
+            self.ledger.leave(claim)
+            return None, None
+        body = bodies.take(index) or spool.load_body(self.client, job.id)
+        if body is None:
+            self.ledger.close(job, envelope)
+            return None, None
+        state = replace(state, body=body)
         if state.in_flight is not None:
             self.ledger.note_interrupted(job, state.in_flight)
         decision = job.decision
@@ -140,24 +206,54 @@ class Deliverer:
             outcome = await self.send(job, envelope, body, pending)
             if outcome.unreachable:
                 unreachable[key] = outcome
-        self.ledger.record(self.ledger.round(job, envelope, body, state), outcome, upcoming)
-        return outcome
+        round_ = self.ledger.round(job, envelope, body, state)
+        if upcoming is None:
+            return outcome, self.ledger.record(round_, outcome)
+        next_claim = self.ledger.record(
+            round_, outcome, upcoming.key, premark=upcoming.premark, known=upcoming.envelope
+        )
+        return outcome, next_claim
 
     async def send(self, job: Job, envelope: Envelope, body: bytes, pending: list[str]) -> Outcome:
-        """One round: plan it, then try each address in order until one runs a transaction."""
+        """One round, abandoned (and deferred) when it outlasts ``delivery.job_timeout``."""
+        outcome = Outcome()
+        data: list[Peer] = []  # where DATA was under way when time ran out
+
+        def before_data(peer: Peer) -> None:
+            data.append(peer)
+            self.ledger.mark_in_flight(job, peer)
+
+        limit = self.config.delivery.job_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self._send(job, envelope, body, pending, outcome, before_data)
+        except TimeoutError:
+            outcome.abandon(pending, _abandoned(limit, data[-1] if data else None))
+        return outcome
+
+    async def _send(
+        self,
+        job: Job,
+        envelope: Envelope,
+        body: bytes,
+        pending: list[str],
+        outcome: Outcome,
+        before_data: Callable[[Peer], None],
+    ) -> None:
+        """Plan the round, then try each address in order until one runs a transaction."""
         plan = await self.planner.plan(job.decision, envelope.relaxes_destination_tls)
-        changed = plan.decision if plan.decision != job.decision else None
-        outcome = Outcome(decision=changed, sts=plan.report)
+        outcome.decision = plan.decision if plan.decision != job.decision else None
+        outcome.sts = plan.report
         if plan.refused is not None:
             outcome.refuse(pending, plan.refused)
             outcome.unreachable = plan.unreachable
-            return outcome
+            return
         errors: list[Reply] = []
-        hooks = Hooks(self.planner.remember_broken, lambda p: self.ledger.mark_in_flight(job, p))
+        hooks = Hooks(self.planner.remember_broken, before_data)
         sessions, session_limit = 0, self.config.delivery.mx_session_limit
         for hop in plan.hops:
             # Bounded work: at most mx_session_limit greeted sessions per round (Postfix
-            # smtp_mx_session_limit); the per-job deadline belongs in this same check.
+            # smtp_mx_session_limit); the whole round runs within delivery.job_timeout (send).
             if session_limit and sessions >= session_limit:
                 break
             settings = self.planner.tls(plan, hop)
@@ -167,11 +263,41 @@ class Deliverer:
             outcome.attempts.append(result)
             if not result.next_host:
                 outcome.settle(result.replies, hop.peer.host)
-                return outcome
+                return
             sessions += result.greeted
             errors.append(result.error or NO_HOST)
         outcome.no_transaction(pending, errors)
-        return outcome
+
+
+def _abandoned(limit: float, data: Peer | None) -> Reply:
+    """The reply that defers a round abandoned after ``limit`` seconds (``data``: the peer the
+    message was being sent to, if it got that far: it may have it)."""
+    text = f"delivery attempt abandoned after {format_duration(limit)} (delivery.job_timeout)"
+    if data is not None:
+        text += (
+            f" while {data.host} was receiving the message: it may have it, and the retry may"
+            " deliver it twice (RFC 1047)"
+        )
+    return Reply(451, "4.4.2", text)
+
+
+@dataclass(frozen=True)
+class _Upcoming:
+    """The job a batch looks at next, claimed by the recording of the one before."""
+
+    key: tuple[str, str]
+    envelope: Envelope | None  # as the batch read it (None: the message was gone)
+    premark: bool  # it had something to send: its in-flight mark rides along
+
+    @classmethod
+    def of(
+        cls, jobs: Sequence[Job | None], states: Sequence[spool.JobState], index: int | None
+    ) -> _Upcoming | None:
+        job = jobs[index] if index is not None else None
+        if job is None or index is None:
+            return None
+        state = states[index]
+        return cls(job.key, state.envelope, _sendable(job, state))
 
 
 class _Bodies:
@@ -211,10 +337,28 @@ def _read(doc: Mapping[str, Any]) -> Job | None:
         return None
 
 
-def _sendable(job: Job | None, state: spool.JobState) -> tuple[str, str] | None:
-    """(message id, domain) of a job that has something to send, else None."""
+def _unique(jobs: Sequence[Job | None]) -> list[int]:
+    """The indices of the documents to run, in order: one per (message, domain) — of two copies
+    of a job in one task, the later attempt's (the recipients left are the same), at the place
+    of the first. Documents that are not jobs are all kept (each is parked)."""
+    order: list[int] = []
+    first: dict[tuple[str, str], int] = {}  # job key → its place in order
+    for i, job in enumerate(jobs):
+        if job is None:
+            order.append(i)
+        elif job.key not in first:
+            first[job.key] = len(order)
+            order.append(i)
+        else:
+            place = first[job.key]
+            kept = jobs[order[place]]
+            if kept is not None and job.attempt > kept.attempt:
+                order[place] = i
+    return order
+
+
+def _sendable(job: Job | None, state: spool.JobState) -> bool:
+    """Whether a job has something to send, as far as ``state`` (read earlier) says."""
     if job is None or state.envelope is None:  # not a job; or the message is gone (its body too)
-        return None
-    if all(r in state.final for r in job.recipients):
-        return None
-    return job.key
+        return False
+    return bool(state.pending(job))

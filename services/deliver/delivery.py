@@ -6,7 +6,8 @@ host (services/deliver/batch.py). Its :class:`Outcome` sorts the pending recipie
 - 2xx after DATA → delivered; 5xx → bounced (a DSN follows, RFC 3464); 4xx → deferred;
 - no host ran a transaction → bounced when every host failed permanently, else deferred with the
   last error (:meth:`Outcome.no_transaction`); DNS NXDOMAIN / null MX → bounced (5.1.2 / 5.1.10);
-  DNS temporary failure, TLS required but unavailable → deferred;
+  DNS temporary failure, TLS required but unavailable → deferred; a round that outlasts
+  ``delivery.job_timeout`` is abandoned and deferred (:meth:`Outcome.abandon`);
 - deferred until ``delivery.max_queue_lifetime`` after arrival, then bounced with the last reply
   (:func:`expire`); a deferred job is due again after ``delivery.retry_schedule``
   (:func:`retry_due`), never after its expiry.
@@ -79,6 +80,13 @@ class Outcome:
         else:
             self.deferred = dict.fromkeys(pending, last)
         self.unreachable = bool(self.deferred)
+
+    def abandon(self, pending: list[str], reply: Reply) -> None:
+        """The round ran out of time (``delivery.job_timeout``): every pending recipient is
+        deferred with ``reply`` (the task then hands the rest of its batch back: its start
+        window, a tenth of the job timeout, is over)."""
+        self.delivered, self.bounced = {}, {}
+        self.deferred = dict.fromkeys(pending, reply)
 
     def give_up(self, note: str) -> None:
         """Time ran out: what was deferred is now bounced, with its last reply."""

@@ -1,19 +1,26 @@
 """The ledger: every Redis write about a delivery job, and the metrics counted once they commit.
 
+- :meth:`Ledger.claim` makes a job this process's alone (services/deliver/claims.py) and reads
+  its state as it is then; every other write here releases the claim in its transaction.
 - :meth:`Ledger.record` writes a round in ONE transaction: per-recipient results
-  (``rcpt:{id}``), the trace events, the TLSRPT counts (:func:`services.deliver.tlsrpt.stage`),
-  for what is left a deferred entry due per ``delivery.retry_schedule``
+  (``rcpt:{id}``: delivered, bounced, or deferred with the attempt that deferred them), the
+  trace events, the TLSRPT counts (:func:`services.deliver.tlsrpt.stage`), for what is left a
+  deferred entry due per ``delivery.retry_schedule``
   (:func:`services.deliver.scheduler.stage_deferral`), the DSN the round calls for (queued as a
   new message with a null reverse-path, :func:`services.deliver.dsn.notice`; for a REQUIRETLS
   DSN that failed for good, its redacted twin instead of a DSN about it), the job leaving
-  ``waiting:deliver`` and its in-flight mark — so a round is neither lost nor doubled. The
-  message is deleted once every recipient is final; when another domain's job may have finished
-  meanwhile, a second transaction finishes it (:meth:`Ledger.finish_if_final`).
+  ``waiting:deliver``, its in-flight mark and its claim — so a round is neither lost nor doubled.
+  The message (``msg:{id}`` and ``rcpt:{id}``) is deleted once every recipient is final; when
+  another domain's job may have finished meanwhile, a second transaction finishes it
+  (:meth:`Ledger.finish_if_final`). A "delayed" DSN goes out once per message: the transaction
+  that sends one watches the message, so of two domain jobs recorded at once only one sends it.
 - In-flight marks (RFC 1047): :meth:`Ledger.mark_in_flight` just before DATA; a mark found by a
   later run means a worker died while sending, and :meth:`Ledger.note_interrupted` says so.
-  Within a batch the recording transaction also sets the next job's mark (one round trip less).
+  Within a batch the recording transaction also claims the next job and sets its mark (one
+  round trip per job).
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
-  the first retry step, so a bug in delivery code never drops mail.
+  the first retry step, so a bug in delivery code never drops mail; :meth:`Ledger.hand_back`
+  queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task.
 
 Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
 interrupted delivery are counted here, after their transaction committed — each in one place.
@@ -26,17 +33,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from services.common import spool
+from services.common import queueing, spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.deliver import dsn, observe, scheduler, tlsrpt
+from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
 from services.deliver.session import Peer
 
@@ -44,6 +52,7 @@ RFC1047 = (
     "a worker stopped while sending DATA; recipients not recorded as delivered are sent again, "
     "so the destination may receive this message twice (RFC 1047)"
 )
+DAY = 86400.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,31 @@ class Ledger:
     def __init__(self, config: Config, client: redis.Redis) -> None:
         self.config = config
         self.client = client
-        self._mark_ttl = int(config.celery.visibility_timeout * 4)
+        lifetime = config.delivery.max_queue_lifetime
+        # An in-flight mark waits for the job's next run, however it comes (a retry, a dead
+        # worker's task handed back, the rescue sweep): it lives as long as the message may.
+        self._mark_ttl = int(max(4 * config.celery.visibility_timeout, lifetime + DAY))
+        # rcpt:{id} is deleted with the message; should a late write recreate it, it expires.
+        self._rcpt_ttl = int(lifetime + DAY)
+        self.claims = Claims(client, config.delivery.claim_ttl)
         self._last_peer: Peer | None = None  # where the last DATA went
         self._premarked: tuple[str, str, str, int] | None = None  # (id, domain, address, port)
+
+    def claim(
+        self, key: tuple[str, str], premark: bool = False, known: Envelope | None = None
+    ) -> Claim:
+        """Claim the job ``key`` (one round trip) and read its state as it is now; ``premark``:
+        also set its in-flight mark naming the last peer (it will probably go there too);
+        ``known``: its envelope, when read earlier."""
+        note = self._last_peer if premark else None
+        text = _in_flight_note(note) if note else None
+        claim = self.claims.take(key, text, self._mark_ttl, known)
+        self._claimed(claim, note)
+        return claim
+
+    def _claimed(self, claim: Claim, peer: Peer | None) -> None:
+        if claim.marked and peer is not None:
+            self._premarked = (*claim.key, peer.address, peer.port)
 
     def round(
         self, job: Job, envelope: Envelope, body: bytes, state: spool.JobState | None = None
@@ -85,23 +116,51 @@ class Ledger:
         outcome: Outcome,
         upcoming: tuple[str, str] | None = None,
         pipe: redis.client.Pipeline | None = None,
-    ) -> None:
+        premark: bool = False,
+        known: Envelope | None = None,
+    ) -> Claim | None:
         """Write the round's results in one transaction, with the DSN it calls for (if any);
-        delete the message once every recipient is final. ``upcoming``: the (message id,
-        domain) the batch sends next, whose in-flight mark rides in this transaction. ``pipe``:
-        the caller's transaction (after ``multi()``, with its own commands staged first and
-        what it decided on WATCHed); executed here, ``redis.WatchError`` propagates."""
+        delete the message once every recipient is final. ``upcoming``: the (message id, domain)
+        the batch looks at next, claimed in this transaction (with its in-flight mark when
+        ``premark``; ``known``: its envelope, when read earlier); its claim is returned (None
+        without ``upcoming``). ``pipe``: the caller's transaction (after ``multi()``, with its
+        own commands staged first and what it decided on WATCHed); executed here, and then
+        ``redis.WatchError`` propagates to the caller."""
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
         )
         fallback = self._fallback(round_, outcome)
-        rec = _Recording(round_, outcome, notice)
+        if pipe is not None:
+            return self._record(round_, outcome, notice, fallback, upcoming, premark, known, pipe)
+        while True:
+            try:
+                return self._record(round_, outcome, notice, fallback, upcoming, premark, known)
+            except redis.exceptions.WatchError:  # another job of the message sent the notice
+                continue  # or finished the message meanwhile: look again
+
+    def _record(
+        self,
+        round_: Round,
+        outcome: Outcome,
+        notice: dsn.Notice | None,
+        fallback: tuple[Envelope, bytes] | None,
+        upcoming: tuple[str, str] | None,
+        premark: bool,
+        known: Envelope | None,
+        given: redis.client.Pipeline | None = None,
+    ) -> Claim | None:
         # Final when nothing is left: known here unless another domain's job is still open.
         final = {**round_.state.final, **outcome.final}
         complete = set(final) >= set(round_.envelope.recipients)
-        events, sts_failures = _round_events(rec), 0
-        with pipe or self.client.pipeline(transaction=True) as pipe:
+        sts_failures = 0
+        peer = self._last_peer if premark and upcoming is not None else None
+        with given or self.client.pipeline(transaction=True) as pipe:
+            delayed = notice is not None and notice.action == dsn.DELAYED
+            if delayed and given is None and not self._delay_notice_due(pipe, round_.envelope.id):
+                notice = None
+            rec = _Recording(round_, outcome, notice)
+            events = _round_events(rec)
             if outcome.sts is not None:  # TLSRPT counts ride this transaction
                 sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, round_.now)
             events += _stage_states(pipe, rec)
@@ -112,31 +171,56 @@ class Ledger:
             if fallback is not None:
                 events.append(self._stage_fallback(pipe, round_.envelope.id, *fallback))
             pipe.delete(spool.in_flight_key(*round_.job.key))
-            premark = self._premark(pipe, upcoming)
-            self._stage_end(pipe, rec, events, complete)
+            self.claims.stage_release(pipe, round_.job.key)
+            at_upcoming = len(pipe)
+            if upcoming is not None:
+                note = _in_flight_note(peer) if peer is not None else None
+                self.claims.stage_take(pipe, upcoming, note, self._mark_ttl, known is not None)
+            at_states = self._stage_end(pipe, rec, events, complete)
             replies = pipe.execute()
-        self._premarked = premark
+        next_claim = None
+        if upcoming is not None:
+            next_claim = self.claims.taken(upcoming, replies[at_upcoming], known)
+            self._claimed(next_claim, peer)
         self._count(rec, sts_failures)
         if complete:
             _final(final.values())
-        elif not outcome.deferred:
-            self.finish_if_final(round_.envelope, replies[-3])
+        elif at_states is not None:
+            self.finish_if_final(round_.envelope, replies[at_states])
+        return next_claim
+
+    def _delay_notice_due(self, pipe: redis.client.Pipeline, message_id: str) -> bool:
+        """Whether the "delayed" DSN this round calls for is still to be sent: the message is
+        stored and no notice went out. WATCHes the message, so that the transaction (then
+        opened) fails when another job of the message sends one (or finishes it) meanwhile."""
+        key = spool.msg_key(message_id)
+        pipe.watch(key)  # type: ignore[no-untyped-call]
+        stored = bool(pipe.hexists(key, "envelope"))
+        warned = bool(pipe.hexists(key, "delay_warned"))
+        pipe.multi()
+        return stored and not warned
 
     def _stage_end(
         self, pipe: redis.client.Pipeline, rec: _Recording, events: list[str], complete: bool
-    ) -> None:
+    ) -> int | None:
         """The job leaves the waiting set; the message is deleted when complete, else its
-        recipients' states are read back (``replies[-3]``); the trace gets the round's events."""
+        recipients' states are read back (the reply at the index returned; None: not read); the
+        trace gets the round's events."""
         message_id, domain = rec.job.key
+        at_states = None
         pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
         if complete:
             events.append(spool.event("completed"))
-            pipe.delete(spool.msg_key(message_id))
+            pipe.delete(spool.msg_key(message_id), spool.rcpt_key(message_id))
             scheduler.stage_completion(pipe, message_id)
-        elif not rec.outcome.deferred:  # the other jobs may have finished meanwhile: look
-            pipe.hgetall(spool.rcpt_key(message_id))
+        else:
+            pipe.expire(spool.rcpt_key(message_id), self._rcpt_ttl)
+            if not rec.outcome.deferred:  # the other jobs may have finished meanwhile: look
+                at_states = len(pipe)
+                pipe.hgetall(spool.rcpt_key(message_id))
         pipe.rpush(spool.trace_key(message_id), *events)
         pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
+        return at_states
 
     def _stage_retry(self, pipe: redis.client.Pipeline, rec: _Recording) -> str:
         """Back into the deferred set, with what is left and the reply that deferred it."""
@@ -191,24 +275,15 @@ class Ledger:
         found at the start of a later run means a worker died in the RFC 1047 window.
 
         Within a batch the mark is usually set already: the previous job's recording
-        transaction set it for the next job, naming the peer it had just used (one Redis round
-        trip less per message). It is set here when that guess was wrong or there was none. So
-        the mark may precede DATA by a few commands: a worker dying in between reports a
-        possible duplicate that cannot be one (on the safe side)."""
+        transaction claimed the next job and set its mark, naming the peer it had just used
+        (one Redis round trip less per message). It is set here when that guess was wrong or
+        there was none. So the mark may precede DATA by a few commands: a worker dying in
+        between reports a possible duplicate that cannot be one (on the safe side)."""
         self._last_peer = peer
         if self._premarked == (job.id, job.domain, peer.address, peer.port):
             return
         key = spool.in_flight_key(job.id, job.domain)
         self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
-
-    def _premark(
-        self, pipe: redis.client.Pipeline, upcoming: tuple[str, str] | None
-    ) -> tuple[str, str, str, int] | None:
-        peer = self._last_peer
-        if upcoming is None or peer is None:
-            return None
-        pipe.set(spool.in_flight_key(*upcoming), _in_flight_note(peer), ex=self._mark_ttl)
-        return (*upcoming, peer.address, peer.port)
 
     def note_interrupted(self, job: Job, raw: bytes) -> None:
         """An earlier run's in-flight mark was found: a worker died while sending DATA."""
@@ -222,29 +297,44 @@ class Ledger:
 
     def close(self, job: Job, envelope: Envelope | None) -> None:
         """Nothing left to send (recipients final, or the message gone): the job leaves the
-        waiting set and its mark; a message an earlier run left unfinished is finished."""
+        waiting set, its mark and its claim; a message an earlier run left unfinished is
+        finished."""
         message_id, domain = job.key
         with self.client.pipeline(transaction=True) as pipe:
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
+            self.claims.stage_release(pipe, job.key)
+            if envelope is None:  # gone: so are its recipients' states
+                pipe.delete(spool.rcpt_key(message_id))
             pipe.hgetall(spool.rcpt_key(message_id))
             states = pipe.execute()[-1]
         if envelope is not None:  # an earlier run recorded them and died before finishing
             self.finish_if_final(envelope, states)
 
+    def leave(self, claim: Claim) -> None:
+        """Nothing to send for this copy of a job: its pending recipients were deferred by this
+        attempt or a later one (their retry is in the deferred set, or on its way). Only the
+        claim goes, with the in-flight mark it set; the waiting set belongs to the retry."""
+        with self.client.pipeline(transaction=True) as pipe:
+            if claim.marked:
+                pipe.delete(spool.in_flight_key(*claim.key))
+            self.claims.stage_release(pipe, claim.key)
+            pipe.execute()
+
     def finish_if_final(self, envelope: Envelope, raw: dict[bytes, bytes]) -> None:
         """``raw``: the recipients' states read in the recording transaction (after its writes),
         so of two domain jobs finishing together the later one sees every recipient final."""
-        states = {k.decode(): json.loads(v).get("state") for k, v in raw.items()}
-        states = {r: state for r, state in states.items() if state in spool.FINAL_STATES}
-        if set(states) >= set(envelope.recipients):
+        final, _ = spool.recipient_states(raw)
+        if set(final) >= set(envelope.recipients):
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(spool.msg_key(envelope.id))
+                pipe.delete(spool.rcpt_key(envelope.id))
                 pipe.rpush(spool.trace_key(envelope.id), spool.event("completed"))
+                pipe.expire(spool.trace_key(envelope.id), int(self.config.trace_ttl))
                 scheduler.stage_completion(pipe, envelope.id)
                 deleted = pipe.execute()[0]
             if deleted:  # both may see all final; only one of them deleted the message
-                _final(states.values())
+                _final(final.values())
 
     # ----------------------------------------------------------------- unexpected errors
 
@@ -257,8 +347,29 @@ class Ledger:
             scheduler.stage_deferral(pipe, job, due)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
+            self.claims.stage_release(pipe, (message_id, domain))
             pipe.rpush(spool.trace_key(message_id), spool.event("error", domain=domain))
             pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
+            pipe.execute()
+
+    # ----------------------------------------------------------------- out of time
+
+    def hand_back(self, docs: Sequence[Mapping[str, Any]], claim: Claim | None, why: str) -> None:
+        """The jobs a task did not start (its time is up) go back to the ``deliver`` queue as a
+        new task, each with a trace event saying ``why``; ``claim``: one of them already claimed
+        (by the previous recording), released here with the mark it set. One transaction: the
+        task that gave them back is acknowledged only after it committed."""
+        with self.client.pipeline(transaction=True) as pipe:
+            if claim is not None and claim.ours:
+                if claim.marked:
+                    pipe.delete(spool.in_flight_key(*claim.key))
+                self.claims.stage_release(pipe, claim.key)
+            for doc in docs:
+                message_id, domain = job_key(doc)
+                event = spool.event("requeued", queue="deliver", domain=domain, note=why)
+                pipe.rpush(spool.trace_key(message_id), event)
+                pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
+            pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([dict(d) for d in docs]))
             pipe.execute()
 
 
@@ -279,13 +390,18 @@ def _round_events(rec: _Recording) -> list[str]:
 
 
 def _stage_states(pipe: redis.client.Pipeline, rec: _Recording) -> list[str]:
-    """Delivered and bounced recipients become final in ``rcpt:{id}``."""
+    """Delivered and bounced recipients become final in ``rcpt:{id}``; deferred ones are noted
+    with this attempt (a redelivered copy of this job skips them: the retry is theirs)."""
     events = []
     for state, replies in (("delivered", rec.outcome.delivered), ("bounced", rec.outcome.bounced)):
         if replies:
             mapping = _states(state, replies, rec.round.now)
             pipe.hset(spool.rcpt_key(rec.job.id), mapping=mapping)
             events.append(spool.event(state, domain=rec.job.domain, **_replies(replies)))
+    if rec.outcome.deferred:
+        attempt = rec.job.attempt
+        mapping = _states(spool.DEFERRED_STATE, rec.outcome.deferred, rec.round.now, attempt)
+        pipe.hset(spool.rcpt_key(rec.job.id), mapping=mapping)
     return events
 
 
@@ -302,9 +418,12 @@ def _in_flight_note(peer: Peer) -> str:
     return json.dumps({"host": peer.host, "address": peer.address, "at": time.time()})
 
 
-def _states(state: str, replies: dict[str, Reply], now: float) -> dict[Any, Any]:
+def _states(
+    state: str, replies: dict[str, Reply], now: float, attempt: int | None = None
+) -> dict[Any, Any]:
+    extra = {} if attempt is None else {"attempt": attempt}
     return {
-        r: json.dumps({"state": state, "reply": str(reply), "at": now})
+        r: json.dumps({"state": state, "reply": str(reply), "at": now, **extra})
         for r, reply in replies.items()
     }
 

@@ -190,8 +190,12 @@ def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) ->
 
 
 def _job(client: redis.Redis, message_id: str, domain: str) -> Job | None:
-    fields = client.hmget(spool.msg_key(message_id), ["envelope", "decisions"])
-    raw_envelope, raw_decisions = fields
+    """The job, one attempt after the last that deferred any of its recipients (a copy of an
+    attempt that was recorded skips what it deferred: the lost task was its retry)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hmget(spool.msg_key(message_id), ["envelope", "decisions"])
+        pipe.hgetall(spool.rcpt_key(message_id))
+        (raw_envelope, raw_decisions), rcpts = pipe.execute()
     if raw_envelope is None or raw_decisions is None:
         return None
     envelope = Envelope.from_json(json.loads(raw_envelope))
@@ -200,4 +204,6 @@ def _job(client: redis.Redis, message_id: str, domain: str) -> Job | None:
     recipients = envelope.recipients_by_domain().get(domain)
     if decision is None or not recipients:
         return None
-    return Job(message_id, domain, recipients, decision)
+    _, deferred = spool.recipient_states(rcpts)
+    attempt = 1 + max((deferred.get(r, 0) for r in recipients), default=0)
+    return Job(message_id, domain, recipients, decision, attempt=attempt)

@@ -190,6 +190,11 @@ async def _attempt(
         await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
     except _NextHost as exc:
         result.error, result.next_host = exc.reply, True
+    except BaseException:  # cancelled (delivery.job_timeout): drop the session, never park it
+        if smtp is not None:
+            smtp.close()
+            smtp = None
+        raise
     finally:
         if smtp is not None and not _park(pool, peer, settings, smtp, result, pooled):
             await _close(smtp)
@@ -215,6 +220,9 @@ async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
             return pooled
         except Exception:  # dead, timed out by the server, or a stale reply in the buffer
             pooled.smtp.close()
+        except BaseException:  # cancelled
+            pooled.smtp.close()
+            raise
     return None
 
 
@@ -260,6 +268,9 @@ async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.S
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
         raise _NextHost(Reply(421, CONNECT_FAILED, f"connect failed: {_text(exc)}")) from None
+    except BaseException:  # cancelled
+        smtp.close()
+        raise
     return smtp
 
 

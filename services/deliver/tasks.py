@@ -7,7 +7,13 @@ the job is put back into the deferred set (due after the first retry step) and t
 logged. Anything that escapes the batch (a Redis error, ``WRONGTYPE`` included) parks the whole
 task for a retry with backoff (services/common/retry.py: never dropped, never a hot loop); after
 ``retry.CAP`` tries its jobs become ordinary deferrals. Jobs already recorded are skipped when it
-runs again.
+runs again (their recipients are final or deferred, and a job another process is sending is
+left to it — services/deliver/claims.py).
+
+A task ends within ``delivery.task_budget``: it starts no new job after ``delivery.task_window``
+and queues the rest again (services/deliver/batch.py), so it is acknowledged well before
+``celery.visibility_timeout`` would hand it to a second worker, and a warm shutdown (SIGTERM)
+waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
 """
 
 from __future__ import annotations
