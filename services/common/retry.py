@@ -74,6 +74,7 @@ def _park(client: redis.Redis, task: str, batch: Sequence[Any], retries: int, te
         for message_id in _message_ids(batch):
             event = spool.event("error", error=text, attempt=retries + 1, retry_at=round(due, 3))
             pipe.rpush(spool.trace_key(message_id), event)
+            pipe.expire(spool.trace_key(message_id), spool.TRACE_TTL)  # never a key for ever
         try:
             pipe.execute()
             return

@@ -114,7 +114,6 @@ class Deliverer:
                     break
                 after = next((j for j in order[n + 1 :] if jobs[j] is not None), None)
                 upcoming = _Upcoming.of(jobs, states, after)
-                current = states[i]  # as read for the batch; as claimed, once claimed
                 try:
                     if claimed is None or claimed.key != job.key:
                         claimed = self.ledger.claim(job.key, known=states[i].envelope)
@@ -124,36 +123,36 @@ class Deliverer:
                     if not claim.ours:
                         log.info("%s to %s is %s's: left to it", *job.key, claim.owner)
                         continue
-                    current = claim.state or current
                     results[i], claimed = await self._run(
                         job, claim, bodies, i, unreachable, upcoming
                     )
                 except redis.exceptions.RedisError:
                     raise
-                except Exception as exc:
+                except Exception:
+                    # Not in sending (that ends as a recorded deferral: _send_or_fail) but in
+                    # claiming or recording: the round may have sent DATA unrecorded, so the
+                    # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
                     log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-                    self._failed(job, current, exc)
+                    self.ledger.park(job, keep_mark=True)
         finally:
             self.ledger.claims.release_all()  # none is left but after an error
         return results
 
-    def _failed(self, job: Job, state: spool.JobState, exc: Exception) -> None:
-        """An unexpected error: the job's pending recipients are deferred under the normal retry
-        and queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in
-        the trace. Parked for a retry only when even that cannot be recorded."""
-        pending = [r for r in job.recipients if r not in state.final]
-        if state.envelope is not None and pending:
+    async def _send_or_fail(
+        self, job: Job, envelope: Envelope, body: bytes, pending: list[str]
+    ) -> Outcome:
+        """:meth:`send`; an unexpected error in it (a bug, an odd certificate, a policy value
+        that broke a parser) defers the pending recipients under the normal retry and
+        queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in the
+        reply and so in the trace. Redis errors propagate (the task runs again)."""
+        try:
+            return await self.send(job, envelope, body, pending)
+        except redis.exceptions.RedisError:
+            raise
+        except Exception as exc:
+            log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
             error = one_line(f"internal error: {type(exc).__name__}: {exc}", 300)
-            outcome = Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
-            try:
-                round_ = self.ledger.round(job, state.envelope, state.body or b"", state)
-                self.ledger.record(round_, outcome)
-                return
-            except redis.exceptions.RedisError:
-                raise
-            except Exception:
-                log.exception("recording the failure of %s to %s failed", job.id, job.domain)
-        self.ledger.park(job)
+            return Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
 
     async def run(self, doc: Mapping[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
@@ -203,7 +202,7 @@ class Deliverer:
         if key in unreachable:
             outcome = unreachable[key].not_tried(pending)
         else:
-            outcome = await self.send(job, envelope, body, pending)
+            outcome = await self._send_or_fail(job, envelope, body, pending)
             if outcome.unreachable:
                 unreachable[key] = outcome
         round_ = self.ledger.round(job, envelope, body, state)

@@ -32,6 +32,7 @@ recorded is not sent again).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from services.deliver import dsn, observe, scheduler, tlsrpt
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
 from services.deliver.session import Peer
+
+log = logging.getLogger("tlsrelay.deliver")
 
 RFC1047 = (
     "a worker stopped while sending DATA; recipients not recorded as delivered are sent again, "
@@ -97,6 +100,9 @@ class Ledger:
         return claim
 
     def _claimed(self, claim: Claim, peer: Peer | None) -> None:
+        # Always replaced: a premark remembered from an earlier claim must never stand in for
+        # this job's mark (its DATA would go out unmarked, an RFC 1047 duplicate unreported).
+        self._premarked = None
         if claim.marked and peer is not None:
             self._premarked = (*claim.key, peer.address, peer.port)
 
@@ -182,11 +188,16 @@ class Ledger:
         if upcoming is not None:
             next_claim = self.claims.taken(upcoming, replies[at_upcoming], known)
             self._claimed(next_claim, peer)
-        self._count(rec, sts_failures)
-        if complete:
-            _final(final.values())
-        elif at_states is not None:
-            self.finish_if_final(round_.envelope, replies[at_states])
+        try:  # committed: what follows must not make the caller record the round again
+            self._count(rec, sts_failures)
+            if complete:
+                _final(final.values())
+            elif at_states is not None:
+                self.finish_if_final(round_.envelope, replies[at_states])
+        except redis.exceptions.RedisError:
+            raise  # the task runs again; the recorded round is then skipped (final/deferred)
+        except Exception:
+            log.exception("after recording %s to %s", *round_.job.key)
         return next_claim
 
     def _delay_notice_due(self, pipe: redis.client.Pipeline, message_id: str) -> bool:
@@ -338,15 +349,18 @@ class Ledger:
 
     # ----------------------------------------------------------------- unexpected errors
 
-    def park(self, job: Job | Mapping[str, Any]) -> None:
+    def park(self, job: Job | Mapping[str, Any], keep_mark: bool = False) -> None:
         """Put a job that failed unexpectedly (or a document that is not one) back into the
-        deferred set, due after the first retry step, so a bug never drops mail."""
+        deferred set, due after the first retry step, so a bug never drops mail. ``keep_mark``:
+        its in-flight mark stays (the round may have sent DATA and not been recorded: the retry
+        then says ``interrupted``, as after a crash in the RFC 1047 window)."""
         message_id, domain = job.key if isinstance(job, Job) else job_key(job)
         due = time.time() + self.config.delivery.retry_schedule[0]
         with self.client.pipeline(transaction=True) as pipe:
             scheduler.stage_deferral(pipe, job, due)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
-            pipe.delete(spool.in_flight_key(message_id, domain))
+            if not keep_mark:
+                pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, (message_id, domain))
             pipe.rpush(spool.trace_key(message_id), spool.event("error", domain=domain))
             pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))

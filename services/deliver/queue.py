@@ -115,21 +115,24 @@ def _bounce_entry(config: Config, client: redis.Redis, member: bytes) -> tuple[s
             if pipe.zscore(spool.DEFERRED, member) is None:
                 return ()  # the scheduler (or another bounce) has it
             envelope, body = spool.load_envelope(client, job.id), spool.load_body(client, job.id)
+            final = spool.load_job(client, job.id, job.domain).final
+            pending = [r for r in job.recipients if r not in final]
             pipe.multi()
             pipe.zrem(spool.DEFERRED, member)
             try:
-                if envelope is None or body is None:  # the message is gone: a stale entry
-                    pipe.execute()
+                if envelope is None or body is None or not pending:  # gone, or nothing left
+                    pipe.execute()  # a stale entry: never bounce a recipient already final
                     return ()
-                ledger.record(ledger.round(job, envelope, body), _given_up(job), pipe=pipe)
+                outcome = _given_up(job, pending)
+                ledger.record(ledger.round(job, envelope, body), outcome, pipe=pipe)
             except redis.WatchError:
                 continue
-        return job.recipients
+        return tuple(pending)
     raise redis.WatchError(f"deferred set too busy: {job.id} not bounced, try again")
 
 
-def _given_up(job: Job) -> Outcome:
+def _given_up(job: Job, pending: list[str]) -> Outcome:
     reason = f"given up by the administrator; last error: {job.last_error or 'none'}"
     outcome = Outcome(note="The relay's administrator stopped retrying this message.")
-    outcome.bounced = dict.fromkeys(job.recipients, Reply(550, "5.0.0", reason))
+    outcome.bounced = dict.fromkeys(pending, Reply(550, "5.0.0", reason))
     return outcome

@@ -161,6 +161,7 @@ def _requeue_policy(client: redis.Redis, ids: list[str]) -> int:
     with client.pipeline(transaction=True) as pipe:
         for message_id in ids:
             pipe.rpush(spool.trace_key(message_id), spool.event("requeued", queue="policy"))
+            pipe.expire(spool.trace_key(message_id), spool.TRACE_TTL)
         pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
         pipe.execute()
     return len(ids)
@@ -183,6 +184,7 @@ def _requeue_deliver(client: redis.Redis, members: list[str], batch_max: int) ->
         for job in jobs:
             event = spool.event("requeued", queue="deliver", domain=job.domain)
             pipe.rpush(spool.trace_key(job.id), event)
+            pipe.expire(spool.trace_key(job.id), spool.TRACE_TTL)
         for chunk in queueing.domain_batches(jobs, batch_max, lambda j: j.domain):
             pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([j.to_json() for j in chunk]))
         pipe.execute()

@@ -1,0 +1,126 @@
+"""What an error in our own recording code may and may not do to a round that already ran
+(found by review): never make the relay forget a delivery silently, never record it twice, and
+never let DATA go out without its in-flight mark. Real deliver code, real Redis, a real sink."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from services.common import spool
+from services.common.config import Config
+from services.common.jobs import Job
+from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
+from services.common.redisserver import EmbeddedRedis
+from services.deliver import dsn, observe
+from services.deliver.delivery import Outcome
+from services.deliver.ledger import Ledger
+from services.deliver.session import Peer
+from tests.peers import Sink
+from tests.test_batching import BODY, deferred_members, deliver, write_config
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    with Sink("starttls") as server:
+        yield server
+
+
+def two_domain_message(client: redis.Redis) -> tuple[Envelope, dict[str, Any]]:
+    """A message to one.test and two.test; the job of its one.test part."""
+    envelope = Envelope(new_message_id(), "s@origin.test", ("a@one.test", "b@two.test"),
+                        received_at=time.time())  # fmt: skip
+    with client.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    decision = Decision(domain="one.test", tls=TlsMode.OPPORTUNISTIC)
+    job = Job(envelope.id, "one.test", ("a@one.test",), decision)
+    return envelope, job.to_json()
+
+
+def config(tmp_path: Path, valkey: EmbeddedRedis, sink: Sink) -> Config:
+    routes = {"one.test": sink.address_text, "two.test": sink.address_text}
+    return write_config(
+        tmp_path / "c.yaml", {"redis_url": valkey.url, "delivery": {"routes": routes}}
+    )
+
+
+def events(client: redis.Redis, message_id: str) -> list[str]:
+    return [e["event"] for e in spool.read_trace(client, message_id)]
+
+
+def test_an_error_after_the_round_committed_does_not_record_it_again(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    envelope, job = two_domain_message(store)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug after EXEC")
+
+    monkeypatch.setattr(observe, "delivery_round", broken)
+    deliver(config(tmp_path, valkey, sink), store, [job])
+    assert len(sink.messages) == 1
+    assert deferred_members(store) == [], "a delivered recipient was deferred again"
+    assert events(store, envelope.id).count("delivered") == 1
+
+
+def test_an_error_while_recording_keeps_the_in_flight_mark(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The round sent DATA but could not be recorded: the retry sends again (nothing else can
+    be known) and says so — as after a crash in the RFC 1047 window."""
+    envelope, job = two_domain_message(store)
+    real = dsn.notice
+    calls = []
+
+    def broken_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug before EXEC")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dsn, "notice", broken_once)
+    cfg = config(tmp_path, valkey, sink)
+    deliver(cfg, store, [job])
+    (parked,) = deferred_members(store)
+    store.delete(spool.DEFERRED)
+    deliver(cfg, store, [json.loads(parked)])
+    assert len(sink.messages) == 2
+    assert "interrupted" in events(store, envelope.id), "the possible duplicate is not shown"
+
+
+def test_a_premark_of_an_earlier_claim_never_stands_in_for_a_later_mark(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    envelopes = []
+    for rcpt in ("x@d.test", "y@d.test"):
+        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
+        with store.pipeline(transaction=True) as pipe:
+            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+            pipe.execute()
+        envelopes.append(envelope)
+    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
+    x = Job(envelopes[0].id, "d.test", envelopes[0].recipients, decision)
+    y = Job(envelopes[1].id, "d.test", envelopes[1].recipients, decision)
+    peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
+    claim_x = ledger.claim(x.key)
+    ledger.mark_in_flight(x, peer)
+    sent = Outcome(delivered={"x@d.test": Reply(250, "2.0.0", "ok")})
+    round_x = ledger.round(x, envelopes[0], BODY, claim_x.state)
+    claim_y = ledger.record(round_x, sent, y.key, premark=True, known=envelopes[1])
+    assert claim_y is not None and claim_y.marked
+    greylisted = Outcome(deferred={"y@d.test": Reply(451, "4.7.1", "greylisted")})
+    ledger.record(ledger.round(y, envelopes[1], BODY, claim_y.state), greylisted)
+    retry = y.retry(["y@d.test"], "451")
+    ledger.claim(retry.key, known=envelopes[1])  # the retry, first of a new batch
+    ledger.mark_in_flight(retry, peer)  # DATA to the same peer
+    assert store.get(spool.in_flight_key(*retry.key)) is not None
