@@ -464,6 +464,24 @@ def copies(messages: Iterable[Message]) -> dict[str, list[bool]]:
     return out
 
 
+_QUEUE_ID = re.compile(rb"^X-Tlsrelay-Queue-ID: ([0-9A-F]+)\r?$", re.MULTILINE)
+
+
+def dsn_copies(messages: Iterable[Message], accepted: dict[str, str]) -> dict[str, list[bool]]:
+    """:func:`copies` of the DSNs. A redacted DSN (about mail that required TLS) returns no
+    headers, so no bench id: it is matched by the original's queue id, which every DSN names
+    (``X-Tlsrelay-Queue-ID``)."""
+    by_queue_id = {qid: ident for ident, qid in accepted.items()}
+    out: dict[str, list[bool]] = {}
+    for msg in messages:
+        ident = bench_id_of(msg.data)
+        if ident is None and (found := _QUEUE_ID.search(msg.data)):
+            ident = by_queue_id.get(found.group(1).decode("ascii"))
+        if ident is not None:
+            out.setdefault(ident, []).append(msg.tls is not None)
+    return out
+
+
 def delivering_outcome(events: list[dict[str, Any]]) -> str | None:
     """The TLS outcome of the last attempt that got a 2xx reply (None: none did)."""
     for event in reversed(events):
@@ -476,7 +494,7 @@ def delivering_outcome(events: list[dict[str, Any]]) -> str | None:
 def report(run: Run) -> dict[str, Any]:
     opts = run.options
     accepted = {ident: qid for ident, _, qid in run.load["accepted"] if qid}
-    bounce_copies = copies(run.sinks["bounces"].messages)
+    bounce_copies = dsn_copies(run.sinks["bounces"].messages, accepted)
     rows, totals = [], Counter[str]()
     attempts, delivered_by = Counter[str](), Counter[str]()
     for index, behaviour in enumerate(BEHAVIOURS):

@@ -50,6 +50,9 @@ def test_soak_with_a_kill_loses_nothing_and_reports_every_field(tmp_path: Path) 
     assert rows["tls"]["sink_tls"] == rows["tls"]["delivered"] == 10, rows["tls"]
     assert rows["clear"]["sink_clear"] == rows["broken-handshake"]["sink_clear"] == 10, rows
     assert rows["enforced-to-clear"]["bounced"] == rows["5xx"]["dsn_received"] == 10, rows
+    # The sender of mail that required TLS is told too: a redacted DSN (no returned headers),
+    # matched by the original's queue id.
+    assert rows["enforced-to-clear"]["dsn_received"] == 10, rows["enforced-to-clear"]
     # Each was refused once; it is delivered on the retry — or, when the kill held it up past
     # the 4 s lifetime, bounced (as configured): never both, never neither.
     flaky = rows["4xx-then-ok"]
