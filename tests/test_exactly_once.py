@@ -16,14 +16,11 @@ world of real processes (tests/world.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import json
 import re
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,11 +35,11 @@ from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply, TlsMode, is_message_id, new_message_id
 from services.common.redisserver import EmbeddedRedis
 from services.deliver import dsn, rescue, scheduler
-from services.deliver.batch import Deliverer
 from services.deliver.claims import Claims
 from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
 from tests.peers import Sink
+from tests.test_batching import deliver
 from tests.world import World, make_world, wait_until
 
 BODY = b"Subject: once\r\nMessage-ID: <once@origin.test>\r\n\r\nHello.\r\n"
@@ -81,24 +78,6 @@ def job(envelope: Envelope, domain: str, attempt: int = 1) -> Job:
     recipients = envelope.recipients_by_domain()[domain]
     decision = Decision(domain=domain, tls=TlsMode.OPPORTUNISTIC)
     return Job(envelope.id, domain, recipients, decision, attempt=attempt)
-
-
-def deliver(config: Config, client: redis.Redis, docs: list[dict[str, Any]]) -> list[Any]:
-    """Run one deliver task's batch in this process, then close the sessions it parked."""
-    deliverer = Deliverer(config, client)
-
-    async def run() -> list[Any]:
-        try:
-            return await deliverer.run_batch(docs)
-        finally:
-            deliverer.pool.close_all()
-
-    try:
-        return asyncio.run(run())
-    finally:
-        with warnings.catch_warnings():  # see tests/test_batching.py: deliver()
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
 
 
 # The Redis list of the deliver queue (named with kombu's key prefix where there is one).
