@@ -69,14 +69,7 @@ def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_
         orphans |= {f"p {m}" for m in old_policy if m not in policy_refs}
     if deliver_refs is not None:
         orphans |= {f"d {m}" for m in old_deliver if m not in deliver_refs}
-    previous = {m.decode() for m in client.smembers(SUSPECTS)}  # type: ignore[union-attr]
-    confirmed = orphans & previous
-    with client.pipeline(transaction=True) as pipe:
-        pipe.delete(SUSPECTS)
-        if orphans - confirmed:
-            pipe.sadd(SUSPECTS, *(orphans - confirmed))
-            pipe.expire(SUSPECTS, max(1, int(interval * 3)))
-        pipe.execute()
+    confirmed = _confirmed(client, SUSPECTS, orphans, interval)
     if not confirmed:
         return 0
     ids = sorted(m[2:] for m in confirmed if m.startswith("p "))
@@ -84,6 +77,21 @@ def sweep(client: redis.Redis, now: float, grace: float, interval: float, batch_
     requeued = _requeue_policy(client, ids) + _requeue_deliver(client, jobs, batch_max)
     log.warning("re-queued %d messages/jobs whose task was lost: %s", requeued, sorted(confirmed))
     return requeued
+
+
+def _confirmed(client: redis.Redis, key: str, orphans: set[str], interval: float) -> set[str]:
+    """The orphans an earlier pass suspected too (two passes in a row agree: never act on what
+    may be between two steps of kombu's); the rest are kept in ``key`` as the next pass's
+    suspects, expiring after three intervals."""
+    previous = {m.decode() for m in client.smembers(key)}  # type: ignore[union-attr]
+    confirmed = orphans & previous
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        if orphans - confirmed:
+            pipe.sadd(key, *(orphans - confirmed))
+            pipe.expire(key, max(1, int(interval * 3)))
+        pipe.execute()
+    return confirmed
 
 
 def reclaim(client: redis.Redis, now: float, interval: float) -> int:
@@ -96,14 +104,7 @@ def reclaim(client: redis.Redis, now: float, interval: float) -> int:
     old = broker.reserved_at(client, now - liveness.TTL, LIMIT)
     held = liveness.holders(client)  # also drops dead workers from the registry
     orphans = {tag for tag, _ in old if tag not in held}
-    previous = {m.decode() for m in client.smembers(RECLAIM_SUSPECTS)}  # type: ignore[union-attr]
-    confirmed = orphans & previous
-    with client.pipeline(transaction=True) as pipe:
-        pipe.delete(RECLAIM_SUSPECTS)
-        if orphans - confirmed:
-            pipe.sadd(RECLAIM_SUSPECTS, *(orphans - confirmed))
-            pipe.expire(RECLAIM_SUSPECTS, max(1, int(interval * 3)))
-        pipe.execute()
+    confirmed = _confirmed(client, RECLAIM_SUSPECTS, orphans, interval)
     restored = [tag for tag in sorted(confirmed) if broker.restore(client, tag)]
     if restored:
         log.warning("handed back %d tasks of dead workers: %s", len(restored), restored)
