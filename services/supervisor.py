@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from services.common import listeners
 from services.common.config import ENV_REDIS_URL, Config
 from services.common.values import HostPort
-from services.ingest import access
 
 EXIT_BUSY = 2  # data_dir locked by another `tlsrelay run`
 EXIT_CONFIG = 2  # a child's configuration is bad (the CLI's exit code for it)
@@ -97,8 +97,8 @@ def _alive(pid: int) -> bool:
 def listening_addresses(config: Config) -> list[tuple[str, HostPort, str]]:
     """Every address this configuration listens on: ``(key, address, what)``."""
     found = [
-        (access.listener_key(config, listener), address, "listen on")
-        for listener, address in access.listener_addresses(config).items()
+        (listeners.listener_key(config, listener), address, "listen on")
+        for listener, address in listeners.listener_addresses(config).items()
     ]
     for name in SERVICES:
         address = getattr(config.metrics, name)

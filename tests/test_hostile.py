@@ -24,11 +24,11 @@ import pytest
 import redis
 
 from services.common.config import Config
+from services.common.listeners import Listener
 from services.common.passwords import hash_password, verify
 from services.common.values import HostPort
 from services.ingest import replies
 from services.ingest import session as ingest_session
-from services.ingest.access import Listener
 from services.ingest.message import MessageReader
 from services.ingest.session import COMMAND_LINE_MAX, MAIL_LINE_MAX
 from tests.test_ingest import RunningServer, Valkey, client, make_config, queued_id, stored

@@ -20,13 +20,13 @@ import pytest
 import redis
 import trustme
 
-from services.common import queueing
+from services.common import listeners, queueing
 from services.common.config import Config, ConfigError, RegionConfig
+from services.common.listeners import Listener
 from services.common.passwords import hash_password
 from services.common.tenants import Directory
 from services.common.values import HostPort
 from services.ingest import access
-from services.ingest.access import Listener
 from tests.test_ingest import (
     MESSAGE,
     RunningServer,
@@ -189,17 +189,17 @@ def test_listener_addresses_follow_the_configuration(
     tmp_path: Path, pki: Pki, users: dict[str, str]
 ) -> None:
     config = tenant_config(tmp_path, pki, users)
-    assert list(access.listener_addresses(config)) == list(Listener)
+    assert list(listeners.listener_addresses(config)) == list(Listener)
 
     bare = config.model_copy(
         update={"ingest": config.ingest.model_copy(update={"submission": None, "relay": None})}
     )
-    assert list(access.listener_addresses(bare)) == [Listener.LISTEN]  # "eu" not in regions
+    assert list(listeners.listener_addresses(bare)) == [Listener.LISTEN]  # "eu" not in regions
 
     regional = bare.model_copy(
         update={"regions": {"eu": RegionConfig(relay=HostPort("127.0.0.2", 2526))}}
     )
-    assert access.listener_addresses(regional)[Listener.RELAY] == HostPort("127.0.0.2", 2526)
+    assert listeners.listener_addresses(regional)[Listener.RELAY] == HostPort("127.0.0.2", 2526)
 
 
 def test_relay_listener_without_platform_tls_stops_the_start(

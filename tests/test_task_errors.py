@@ -4,6 +4,7 @@ delivered. Real Redis, real workers, a real SMTP sink."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import redis
 
 from services.common import queueing, retry, spool
+from services.common.redisserver import EmbeddedRedis
+from services.deliver import scheduler
 from tests.world import World, make_world, message, wait_until
 
 
@@ -50,3 +53,40 @@ def test_a_bad_entry_in_the_retry_set_does_not_block_the_others(store: redis.Red
     assert retry.move_due(store, now=10) == 1
     assert store.lrange(queueing.POLICY_LIST, 0, -1) == [good.encode()]
     assert store.zrange(retry.RETRY, 0, -1) == [b"not json"], "kept, never dropped"
+
+
+def test_a_bad_entry_in_the_deferred_set_does_not_block_the_others(store: redis.Redis) -> None:
+    job = {"id": "0190a1b2c3d4e5f60718293a4b5c6d7e", "domain": "d1.test", "rcpts": ["a@d1.test"]}
+    good = json.dumps(job, sort_keys=True)
+    store.zadd(spool.DEFERRED, {"not json": 1, '["a list"]': 2, '{"id": "x"}': 3, good: 4})
+    assert scheduler.move_due(store, now=10) == 1
+    assert store.zscore(spool.DEFERRED, good) is None, "the good job moved"
+    assert store.llen(queueing.DELIVER_LIST) == 1
+    kept: dict[bytes, float] = dict(store.zrange(spool.DEFERRED, 0, -1, withscores=True))  # type: ignore[arg-type]
+    assert set(kept) == {b"not json", b'["a list"]', b'{"id": "x"}'}, "kept, never dropped"
+    assert all(score == 10 + scheduler.UNREADABLE_RECHECK for score in kept.values())
+    assert scheduler.move_due(store, now=11) == 0, "not due again at once"
+
+
+def test_the_scheduler_thread_survives_an_unexpected_error(
+    valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception in a round (not only a Redis error) is logged; the next round runs."""
+    rounds: list[int] = []
+    real = retry.move_due
+
+    def flaky(client: redis.Redis, now: float, limit: int = 100) -> int:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise ValueError("a bug in one round")
+        return real(client, now, limit)
+
+    monkeypatch.setattr(retry, "move_due", flaky)
+    thread = scheduler.SchedulerThread(valkey.url, interval=0.01, rescue_interval=3600)
+    thread.start()
+    try:
+        wait_until(lambda: len(rounds) >= 3, timeout=10, what="rounds after the error")
+        assert thread.is_alive()
+    finally:
+        thread.stop()
+        thread.join(timeout=10)

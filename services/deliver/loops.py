@@ -16,6 +16,7 @@ import functools
 import ipaddress
 import socket
 
+from services.common import listeners
 from services.common.config import Config
 from services.common.model import Reply
 from services.common.values import HostPort
@@ -25,10 +26,7 @@ WILDCARDS_V4, WILDCARDS_V6 = ("0.0.0.0", ""), ("::",)
 
 def own_listeners(config: Config) -> tuple[HostPort, ...]:
     """Where this relay's ingest listens (the same addresses ingest binds)."""
-    ingest = config.ingest
-    region = config.regions.get(config.region)
-    relay = ingest.relay or (region.relay if region is not None else None)
-    return tuple(a for a in (ingest.listen, ingest.submission, relay) if a is not None)
+    return tuple(listeners.listener_addresses(config).values())
 
 
 def is_myself(address: str, port: int, listeners: tuple[HostPort, ...]) -> bool:

@@ -7,7 +7,8 @@ kombu#337). ``move_due`` is safe to run in every deliver pod at once: one Lua sc
 members and pushes their task atomically (one task per destination domain, up to
 ``delivery.batch_max`` jobs, moved only if all of them are still there), so a job is claimed by
 exactly one caller and is never lost between the two steps. Restarts lose nothing: the sorted
-set is the state.
+set is the state. An entry that is not a job document (corruption, a hand edit) is kept but made
+due again only an hour later, so it never blocks the jobs behind it.
 
 Beside it, ``tlsrelay:deferred:since`` indexes the deferred *messages* by acceptance time (member
 message id, score the time in its id), so the age of the oldest deferred message is one
@@ -35,6 +36,7 @@ from services.common.model import is_message_id
 from services.deliver import rescue
 
 log = logging.getLogger("tlsrelay.scheduler")
+UNREADABLE_RECHECK = 3600  # s: a corrupt entry of the deferred set is looked at again after this
 
 
 def message_time(message_id: str) -> float | None:
@@ -122,10 +124,26 @@ def move_due(
     )
     if not members:
         return 0
+    readable: list[tuple[bytes, dict[str, Any]]] = []
+    unreadable: dict[bytes, float] = {}
+    for member in members:
+        try:
+            doc = json.loads(member)
+            job_key(doc)
+        except (ValueError, TypeError, KeyError, IndexError):
+            unreadable[member] = now + UNREADABLE_RECHECK
+        else:
+            readable.append((member, doc))
+    if unreadable:
+        # Kept, never dropped, but out of the way: due again in an hour, so a corrupt entry
+        # neither blocks the jobs behind it nor disappears (``tlsrelay queue`` still lists it).
+        client.zadd(spool.DEFERRED, unreadable, xx=True)
+        log.error(
+            "deferred set: %d unreadable entries (not a job document), looked at again in %ds: %r",
+            len(unreadable), UNREADABLE_RECHECK, [m[:200] for m in unreadable][:5],
+        )  # fmt: skip
     args: list[bytes | str | float] = []
-    for chunk in queueing.domain_batches(
-        ((m, json.loads(m)) for m in members), batch_max, lambda pair: job_key(pair[1])[1]
-    ):
+    for chunk in queueing.domain_batches(readable, batch_max, lambda pair: job_key(pair[1])[1]):
         args += [len(chunk), queueing.deliver_task([doc for _, doc in chunk])]
         for member, doc in chunk:
             message_id, domain = job_key(doc)
@@ -142,7 +160,7 @@ class SchedulerThread(threading.Thread):
     tasks) every ``liveness.INTERVAL``; every ``rescue_interval`` the housekeeping:
     :func:`rescue.sweep`, :func:`prune_deferred_index` and :func:`broker.migrate_legacy` (tasks
     an older release left in kombu's unprefixed keys; also once at start). Survives Redis
-    outages: a failed round is logged and the next one tries again."""
+    outages and any other error: a failed round is logged and the next one tries again."""
 
     def __init__(
         self,
@@ -176,6 +194,10 @@ class SchedulerThread(threading.Thread):
                     self.housekeeping(client, time.time())
             except redis.exceptions.RedisError as exc:
                 log.warning("scheduler: Redis unavailable: %s", exc)
+            except Exception:
+                # Anything else (a bug, a corrupt entry no reader expected) must not end the
+                # thread: without it nothing deferred would ever be sent again from this pod.
+                log.exception("scheduler: round failed; the next round tries again")
             self._stopped.wait(self.interval)
         client.close()
 

@@ -1,6 +1,7 @@
 """Who may send what through which listener: pure decisions over the tenant directory.
 
-The ingest service runs up to three listeners (:class:`Listener`), each with its own rules:
+The ingest service runs up to three listeners
+(:class:`~services.common.listeners.Listener`), each with its own rules:
 
 - ``listen`` (port 25's role) takes mail *to* a tenant domain from anyone; mail to any other
   domain only from ``ingest.relay_networks`` or from a tenant's ``networks`` (that tenant is then
@@ -19,45 +20,12 @@ matches no network. The Redis-backed limits are in :mod:`services.ingest.limits`
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 
 from services.common.config import Config
+from services.common.listeners import Listener
 from services.common.model import domain_of
 from services.common.tenants import Directory
-from services.common.values import HostPort
-
-
-class Listener(enum.StrEnum):
-    """The role of a listening socket; the value is what ``Envelope.listener`` records."""
-
-    LISTEN = "listen"
-    SUBMISSION = "submission"
-    RELAY = "relay"
-
-
-def listener_addresses(config: Config) -> dict[Listener, HostPort]:
-    """The listeners this configuration runs and where they bind, ``listen`` first.
-
-    ``submission`` only when ``ingest.submission`` is set. ``relay`` binds ``ingest.relay``, or
-    when that is absent this region's entry in ``regions`` (its ``relay`` address), else none.
-    """
-    ingest = config.ingest
-    addresses = {Listener.LISTEN: ingest.listen}
-    if ingest.submission is not None:
-        addresses[Listener.SUBMISSION] = ingest.submission
-    own_region = config.regions.get(config.region)
-    relay = ingest.relay or (own_region.relay if own_region is not None else None)
-    if relay is not None:
-        addresses[Listener.RELAY] = relay
-    return addresses
-
-
-def listener_key(config: Config, listener: Listener) -> str:
-    """The configuration key that sets where ``listener`` binds (for messages)."""
-    if listener is Listener.RELAY and config.ingest.relay is None:
-        return f"regions.{config.region}.relay"
-    return f"ingest.{listener.value}"
 
 
 def in_networks(config: Config, client_address: str) -> bool:

@@ -33,11 +33,11 @@ from redis.exceptions import RedisError
 
 from services.common import commit, metrics, spool
 from services.common.config import Config
+from services.common.listeners import Listener
 from services.common.model import Envelope, has_tls_required_no, new_message_id
 from services.common.protocol import REQUIRETLS
 from services.common.tenants import Directory
 from services.ingest import access, limits, replies
-from services.ingest.access import Listener
 from services.ingest.adapter import IngestSession
 from services.ingest.message import (
     client_certificate,

@@ -1,6 +1,6 @@
 """The SMTP listeners: receive mail, store it in the Redis spool and queue it for policy.
 
-One process runs up to three listeners (:class:`~services.ingest.access.Listener`), one socket
+One process runs up to three listeners (:class:`~services.common.listeners.Listener`), one socket
 and one :class:`~services.ingest.handler.IngestHandler` each, all storing through one
 :class:`services.common.commit.Committer`:
 
@@ -133,12 +133,12 @@ import time
 
 import redis.asyncio as aioredis
 
-from services.common import commit, health, metrics, spool
+from services.common import commit, health, listeners, metrics, spool
 from services.common.config import Config
+from services.common.listeners import Listener
 from services.common.tenants import Directory
 from services.common.values import HostPort
-from services.ingest import access, tlscert
-from services.ingest.access import Listener
+from services.ingest import tlscert
 from services.ingest.handler import Connection, IngestHandler
 from services.ingest.session import IngestSMTP
 
@@ -151,7 +151,8 @@ class ListenError(Exception):
 
 
 class IngestServer:
-    """Every configured listener (see :func:`access.listener_addresses`), sharing one Redis client.
+    """Every configured listener (:func:`~services.common.listeners.listener_addresses`), sharing
+    one Redis client.
 
     ``start()`` binds them all (or none: a failure releases what was bound); ``stop()`` releases
     everything.
@@ -179,7 +180,7 @@ class IngestServer:
 
     async def start(self) -> None:
         self._addresses = {}
-        endpoints = access.listener_addresses(self.config)
+        endpoints = listeners.listener_addresses(self.config)
         profiles = self.config.ingest.tls_profiles
         contexts = {
             Listener.LISTEN: tlscert.server_context(self.config, profiles.listen),
@@ -221,7 +222,7 @@ class IngestServer:
         except OSError as exc:
             # asyncio rewrites strerror ("error while attempting to bind..."); errno is kept.
             why = os.strerror(exc.errno) if exc.errno else str(exc)
-            key = access.listener_key(self.config, handler.listener)
+            key = listeners.listener_key(self.config, handler.listener)
             raise ListenError(f"{key}: cannot listen on {endpoint}: {why}") from None
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
