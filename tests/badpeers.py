@@ -12,6 +12,8 @@ Kinds:
 - ``data_250``: answers ``250`` to DATA instead of ``354`` (it never reads a body).
 - ``double_rcpt``: answers each RCPT twice (``250`` ``250``), so the extra one answers DATA.
 - ``busy``: greets, then answers EHLO with ``421 4.3.2`` (a session that reached a greeting).
+- ``hang_at_quit``: a normal session that takes the message (``250`` to the final dot), then
+  never answers ``QUIT``.
 
 ``connections`` counts accepted connections; ``data_received`` counts messages whose final dot
 arrived (the relay may believe they were not delivered).
@@ -28,7 +30,7 @@ from tests.background import Background
 
 Kind = Literal[
     "silent", "hang_after_data", "drop_after_data", "garbage",
-    "refuse_first_data", "data_250", "double_rcpt", "busy",
+    "refuse_first_data", "data_250", "double_rcpt", "busy", "hang_at_quit",
 ]  # fmt: skip
 
 
@@ -125,7 +127,9 @@ class BadPeer(Background):
             elif verb == b"RCPT" and self.kind == "double_rcpt":
                 self._reply(writer, b"250 2.1.5 ok")
                 self._reply(writer, b"250 2.1.5 ok again")
-            elif verb == b"DATA" and self.kind in ("refuse_first_data", "data_250", "double_rcpt"):
+            elif verb == b"DATA" and self.kind in (
+                "refuse_first_data", "data_250", "double_rcpt", "hang_at_quit",
+            ):  # fmt: skip
                 with self._lock:
                     self._data_commands += 1
                     first = self._data_commands == 1
@@ -148,6 +152,9 @@ class BadPeer(Background):
                 if self.kind == "drop_after_data":
                     return
                 await reader.read()  # hang_after_data: never answer the final dot
+                return
+            elif verb == b"QUIT" and self.kind == "hang_at_quit":
+                await reader.read()  # until the client gives up
                 return
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")

@@ -38,6 +38,7 @@ from services.deliver import dsn, rescue, scheduler
 from services.deliver.claims import Claims
 from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
+from tests.badpeers import BadPeer
 from tests.peers import Sink
 from tests.test_batching import deliver
 from tests.world import World, make_world, wait_until
@@ -266,6 +267,26 @@ def test_a_round_that_outlasts_the_job_timeout_is_abandoned_and_deferred(
     assert store.keys(spool.in_flight_key("*", "*")) == []
 
 
+def test_a_peer_slow_to_answer_quit_does_not_turn_a_delivery_into_a_deferral(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The message is taken (250 to the final dot), then the peer never answers QUIT: the job
+    timeout falling on the goodbye must not abandon the round (its retry would send the message
+    twice). The QUIT goes on after the recording, bounded on its own."""
+    with BadPeer("hang_at_quit") as peer:
+        config = routed(
+            tmp_path, valkey, {"x.test": peer.address_text}, job_timeout="1s",
+            reuse_max_messages=1,  # never parked: the session is closed at once
+        )  # fmt: skip
+        envelope = stored(store, "r@x.test")
+        (outcome,) = deliver(config, store, [job(envelope, "x.test").to_json()])
+        assert peer.data_received == 1
+    assert outcome is not None and set(outcome.delivered) == {"r@x.test"}, outcome
+    assert not outcome.deferred
+    assert deferred_jobs(store) == []
+    assert [e["event"] for e in spool.read_trace(store, envelope.id)][-1] == "completed"
+
+
 def test_a_task_out_of_time_hands_the_jobs_it_did_not_start_back(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
@@ -490,3 +511,18 @@ def test_no_key_grows_with_the_messages_delivered(world: World) -> None:
         assert [k for k in after_second if names_a_message(k)] == []
         assert client.keys(spool.rcpt_key("*")) == []
         assert after_second <= after_first, sorted(after_second - after_first)
+
+
+def test_closing_the_job_of_a_gone_message_drops_it_from_the_deferred_index(
+    store: redis.Redis,
+) -> None:
+    """The message was deferred once (indexed by age), then disappeared (deleted by hand, or a
+    copy of its last job finished it): closing a leftover job leaves no index entry behind."""
+    config = Config.model_validate({"hostname": "relay.test"})
+    envelope = stored(store, "a@one.test")
+    store.zadd(spool.DEFERRED_SINCE, {envelope.id: envelope.received_at})
+    store.delete(spool.msg_key(envelope.id))
+    Ledger(config, store).close(job(envelope, "one.test"), None)
+    assert store.zscore(spool.DEFERRED_SINCE, envelope.id) is None
+    assert not store.exists(spool.rcpt_key(envelope.id))
+    assert not store.zrange(spool.WAITING_DELIVER, 0, -1)

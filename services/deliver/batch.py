@@ -53,7 +53,7 @@ from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.common.values import format_duration
-from services.deliver import mx
+from services.deliver import mx, session
 from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
@@ -136,6 +136,7 @@ class Deliverer:
                     self.ledger.park(job, keep_mark=True)
         finally:
             self.ledger.claims.release_all()  # none is left but after an error
+            await session.closed()  # the QUITs of the batch's sessions, after its recording
         return results
 
     async def _send_or_fail(

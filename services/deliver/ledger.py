@@ -315,8 +315,9 @@ class Ledger:
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, job.key)
-            if envelope is None:  # gone: so are its recipients' states
+            if envelope is None:  # gone: so are its recipients' states and its index entry
                 pipe.delete(spool.rcpt_key(message_id))
+                scheduler.stage_completion(pipe, message_id)
             pipe.hgetall(spool.rcpt_key(message_id))
             states = pipe.execute()[-1]
         if envelope is not None:  # an earlier run recorded them and died before finishing

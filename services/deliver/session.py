@@ -197,7 +197,7 @@ async def _attempt(
         raise
     finally:
         if smtp is not None and not _park(pool, peer, settings, smtp, result, pooled):
-            await _close(smtp)
+            _close_soon(smtp)
     return result
 
 
@@ -463,13 +463,38 @@ def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:
     return ssl_object.version(), cipher[0] if cipher else None
 
 
+# QUITs under way (see _close_soon); a batch waits for them at its end (closed()).
+_closing: set[asyncio.Task[None]] = set()
+QUIT_TIMEOUT = 5.0  # s: a peer that does not answer QUIT by then is simply disconnected
+
+
+def _close_soon(smtp: aiosmtplib.SMTP) -> None:
+    """Say QUIT in the background. The attempt's result is known by now; were the goodbye part
+    of the attempt, ``delivery.job_timeout`` falling on a peer slow to answer QUIT would abandon
+    a round whose message was already taken (250 to the final dot), and its retry would send it
+    twice."""
+    task = asyncio.get_running_loop().create_task(_close(smtp))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def closed() -> None:
+    """Wait for the QUITs attempts began (each bounded by :data:`QUIT_TIMEOUT`)."""
+    loop = asyncio.get_running_loop()
+    while mine := [task for task in _closing if task.get_loop() is loop]:
+        await asyncio.gather(*mine, return_exceptions=True)
+
+
 async def _close(smtp: aiosmtplib.SMTP) -> None:
     if not smtp.is_connected:
         return
     try:
-        await asyncio.wait_for(smtp.quit(), timeout=5)
+        await asyncio.wait_for(smtp.quit(), timeout=QUIT_TIMEOUT)
     except Exception:
         smtp.close()
+    except BaseException:  # cancelled (the worker's loop is shutting down)
+        smtp.close()
+        raise
 
 
 def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
