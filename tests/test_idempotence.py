@@ -4,6 +4,7 @@ in the transaction that records its bounce. Real Redis, the real policy service.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -105,6 +106,30 @@ def test_an_entry_the_scheduler_took_is_not_bounced(store: redis.Redis, tmp_path
     store.zrem(spool.DEFERRED, member)  # the scheduler moved it to the deliver queue
     assert queue.bounce(config(tmp_path), store, job.id) == []
     assert store.hgetall(spool.rcpt_key(job.id)) == {}
+
+
+def test_a_bounce_never_bounces_a_recipient_already_delivered(
+    store: redis.Redis, tmp_path: Path
+) -> None:
+    """The deferred entry still names a recipient that a later round delivered (a stale entry:
+    a copy of the job ran meanwhile): only the others bounce, and the DSN names only them."""
+    job, member = deferred(store, "a@x.test", "b@x.test")
+    store.hset(spool.rcpt_key(job.id), "a@x.test", json.dumps({"state": "delivered"}))
+    assert queue.bounce(config(tmp_path), store, job.id) == ["b@x.test"]
+    assert store.zscore(spool.DEFERRED, member) is None
+    (bounced,) = _events(store, job.id, "bounced")
+    assert set(bounced["recipients"]) == {"b@x.test"}, bounced
+    (notice,) = _events(store, job.id, "dsn")
+    assert notice["action"] == "failed"
+    # Every recipient final now: the message is finished.
+    assert not store.exists(spool.msg_key(job.id), spool.rcpt_key(job.id))
+
+    # All of them final already: the stale entry goes, nothing bounces, no DSN.
+    job, member = deferred(store, "c@x.test")
+    store.hset(spool.rcpt_key(job.id), "c@x.test", json.dumps({"state": "delivered"}))
+    assert queue.bounce(config(tmp_path), store, job.id) == []
+    assert store.zscore(spool.DEFERRED, member) is None
+    assert not _events(store, job.id, "bounced") and not _events(store, job.id, "dsn")
 
 
 def _events(store: redis.Redis, message_id: str, kind: str) -> Sequence[dict[str, Any]]:
