@@ -240,7 +240,9 @@ class Deliverer:
         before_data: Callable[[Peer], None],
     ) -> None:
         """Plan the round, then try each address in order until one runs a transaction."""
-        plan = await self.planner.plan(job.decision, envelope.relaxes_destination_tls)
+        plan = await self.planner.plan(
+            job.decision, envelope.relaxes_destination_tls, envelope.requiretls
+        )
         outcome.decision = plan.decision if plan.decision != job.decision else None
         outcome.sts = plan.report
         if plan.refused is not None:

@@ -60,6 +60,7 @@ import redis
 from services.common import spool
 from services.common.model import Envelope, new_message_id
 from services.deliver import mtasts
+from services.deliver.dane import DaneRound
 from services.deliver.session import Attempt
 from services.deliver.tls import Outcome as TlsOutcome
 
@@ -95,6 +96,7 @@ class StsRound:
     skipped: list[str] = field(default_factory=list)  # MX hosts outside the enforced policy
     error: str | None = None  # the lookup's failure (a cached policy may still apply)
     error_type: str | None = None  # its RFC 8460 result type
+    dane: DaneRound | None = None  # DANE's part (None: DANE is not active)
 
     @property
     def mode(self) -> str | None:
