@@ -4,6 +4,7 @@ handshake (the one private API it reads)."""
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import hashlib
 import socket
@@ -12,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-import _ssl
+import dns.asyncresolver
 import pytest
 import trustme
 from cryptography import x509
@@ -198,7 +199,7 @@ def tls_server(ca: trustme.CA) -> Iterator[tuple[int, bytes, bytes]]:
 def test_peer_chain_reads_the_servers_whole_chain(tls_server: tuple[int, bytes, bytes]) -> None:
     """The private CPython API read in services/deliver/dane.py: this fails loudly when a Python
     release drops or changes it (then DANE-TA works only for ``2 0 0`` records)."""
-    assert hasattr(_ssl._SSLSocket, "get_unverified_chain")
+    assert hasattr(getattr(_ssl, "_SSLSocket"), "get_unverified_chain")  # noqa: B009
     assert dane._ENCODING_DER == _ssl.ENCODING_DER
     port, leaf, child = tls_server
     context = ssl.create_default_context()
@@ -221,7 +222,7 @@ def dns_server() -> Iterator[LocalDns]:
         yield server
 
 
-def resolver(server: LocalDns, dnssec: bool) -> mx.dns.asyncresolver.Resolver:
+def resolver(server: LocalDns, dnssec: bool) -> dns.asyncresolver.Resolver:
     found = mx.make_resolver([HostPort("127.0.0.1", server.port)], 3.0)
     if dnssec:
         mx.want_dnssec(found)
