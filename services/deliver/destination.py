@@ -212,6 +212,8 @@ def requiretls(path: DestinationPath, domain: str) -> DestinationPath:
         return host.destination.mx_secure or bool(patterns and mtasts.mx_matches(name, patterns))
 
     kept = tuple(h for h in path.hosts if allowed(h))
+    if path.report is not None:  # reported to TLSRPT (dane-required)
+        path.report.requiretls_skipped = [h.destination.host for h in path.hosts if h not in kept]
     if kept or not path.hosts:
         return replace(path, hosts=kept)
     text = (

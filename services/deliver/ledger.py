@@ -276,6 +276,8 @@ class Ledger:
         observe.delivery_round(outcome, rec.round.envelope.received_at, rec.round.now)
         if outcome.sts is not None:
             observe.mta_sts(outcome.sts, outcome, sts_failures)
+            if outcome.sts.dane is not None:
+                observe.dane(outcome.sts.dane, outcome)
         if rec.notice is not None:
             observe.dsn_sent(rec.notice.action)
 
