@@ -286,3 +286,46 @@ def test_requiretls_to_an_insecure_mx_without_mta_sts_bounces_5_7_30(world: Worl
     reply = only(trace, "bounced")["recipients"]["user@rtinsecure.test"]
     assert reply.startswith("550 5.7.30 REQUIRETLS: no MX host of rtinsecure.test"), reply
     assert world.sinks["rtinsecure"].connections == 0
+
+
+@pytest.fixture(scope="module")
+def world_without_dnssec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """``delivery.dnssec: none`` (the default): the same answers, AD bit and all."""
+    address = "127.0.0.50"
+    sinks = {"adignored": Sink("starttls", host=address, port=MX_PORT, cert="selfsigned")}
+
+    def settings(world: World) -> dict[str, Any]:
+        return {"delivery": {"mta_sts": False, "mx_port": MX_PORT, "retry_schedule": ["1h"]}}
+
+    with make_world(tmp_path_factory.mktemp("nodnssec"), sinks, settings) as w:
+        w.dns.add("adignored.test", "MX", "10 mx.adignored.test.")
+        w.dns.add("mx.adignored.test", "A", address)
+        w.dns.add(f"_{MX_PORT}._tcp.mx.adignored.test", "TLSA", NOMATCH)
+        for name in ("adignored.test", "mx.adignored.test", f"_{MX_PORT}._tcp.mx.adignored.test"):
+            w.dns.secure(name)
+        w.dns.add("rtsecure.test", "MX", "10 mx.adignored.test.")
+        w.dns.secure("rtsecure.test")
+        yield w
+
+
+def test_without_dnssec_the_ad_bit_is_ignored(world_without_dnssec: World) -> None:
+    """A mismatching TLSA record behind "secure" answers: not believed, so no DANE, and the
+    queries never asked for DNSSEC (no DO)."""
+    world = world_without_dnssec
+    message_id = world.send(["user@adignored.test"], message("dane ad ignored"))
+    (got,) = world.sinks["adignored"].wait_messages(1)
+    assert got.tls is not None
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.adignored.test", "opportunistic", "tls")]
+    assert not [e for e in trace if e["event"] == "dane"]
+    assert world.dns.do_queries == 0
+
+
+def test_without_dnssec_requiretls_bounces_without_mta_sts(world_without_dnssec: World) -> None:
+    """The README's upgrade note: with dnssec: none a REQUIRETLS message to a domain without
+    MTA-STS bounces 5.7.30, even where the MX answer carries AD."""
+    world = world_without_dnssec
+    message_id = requiretls_send(world, "user@rtsecure.test", "requiretls without dnssec")
+    trace = world.wait_completed(message_id)
+    reply = only(trace, "bounced")["recipients"]["user@rtsecure.test"]
+    assert reply.startswith("550 5.7.30"), reply
