@@ -1,5 +1,5 @@
-"""Delivery results as metric observations: what an attempt, a round, its MTA-STS result, a DSN
-or a final message means for the deliver metrics of ``services/common/metrics.py``.
+"""Delivery results as metric observations: what an attempt, a round, its MTA-STS and DANE
+results, a DSN or a final message means for the deliver metrics of ``services/common/metrics.py``.
 
 The metric objects, names and label values are defined there (a contract: README,
 "Observability"); the label logic that reads delivery results is here, beside the code that

@@ -5,8 +5,9 @@ Recording (deliver worker): :func:`stage` buffers ``HINCRBY``s on one hash per U
 trip of its own. Fields are JSON arrays:
 
 - ``["policy", domain, pkey]`` → the policy that applied (RFC 8460 §4.4 ``policy`` object);
-  ``pkey`` is ``sts:<id>``, ``sts`` (the domain publishes MTA-STS but no policy could be had) or
-  ``none`` (``no-policy-found``);
+  ``pkey`` is ``sts:<id>``, ``sts`` (the domain publishes MTA-STS but no policy could be had),
+  ``none`` (``no-policy-found``) or, for an MX host DANE applies to (or whose TLSA lookup
+  failed), ``tlsa:<mx host>`` (``policy-type: tlsa``, its TLSA records as the policy strings);
 - ``["ok", domain, pkey]`` → successful TLS sessions;
 - ``["fail", domain, pkey, result-type, sending-mta-ip, receiving-mx-hostname, receiving-ip,
   failure-reason-code]`` → failed sessions.
@@ -19,7 +20,10 @@ a connection that never got to EHLO and mode ``none`` are no TLS sessions). Resu
 name and dates of the leaf are checked afterwards: ``Attempt.verify_code``); a broken
 handshake, a host remembered as broken, an MX host outside the MTA-STS policy →
 ``validation-failure`` (with a failure-reason-code); the policy fetch →
-``sts-policy-fetch-error`` / ``sts-policy-invalid`` / ``sts-webpki-invalid``. Routed mail is
+``sts-policy-fetch-error`` / ``sts-policy-invalid`` / ``sts-webpki-invalid``; DANE (§4.3.2.1): a
+certificate that matched no TLSA record → ``tlsa-invalid``, a failed TLSA lookup →
+``dnssec-invalid``, an MX host a REQUIRETLS message could not use because its MX records were not
+DNSSEC-validated (RFC 8689 §4.2.1) → ``dane-required``. Routed mail is
 not recorded (no policy domain's MX was involved). Hashes expire after :data:`RETENTION`.
 
 Reporting (``tlsrelay tlsrpt build --date YYYY-MM-DD``): :func:`build` reads the day's hash and
