@@ -19,6 +19,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from services.common.config import DeliveryConfig
 from services.common.values import HostPort
 from services.deliver import dane, mx
 from services.deliver.dane import Tlsa, check
@@ -259,3 +260,25 @@ def test_queries_set_do_only_when_dnssec_is_trusted(dns_server: LocalDns) -> Non
     assert dns_server.do_queries == before
     status(dns_server, "usable.test", dnssec=True)
     assert dns_server.do_queries == before + 1
+
+
+def test_domain_status_for_posture(dns_server: LocalDns) -> None:
+    """What ``tlsrelay check``/``posture`` will call: MX hosts, their DANE status and records."""
+    d = dns_server
+    d.add("posture.test", "MX", "10 mx1.posture.test.")
+    d.add("posture.test", "MX", "20 mx2.posture.test.")
+    d.add("mx1.posture.test", "A", "192.0.2.1")
+    d.add("mx2.posture.test", "A", "192.0.2.2")
+    d.add("_25._tcp.mx1.posture.test", "TLSA", "3 1 1 " + "ab" * 32)
+    for name in ("posture.test", "mx1.posture.test", "_25._tcp.mx1.posture.test"):
+        d.secure(name)  # mx2's address records are not signed: no TLSA lookup for it
+    config = DeliveryConfig(dnssec="trust_resolver")
+    found = asyncio.run(dane.domain_status("posture.test", config, resolver(d, True)))
+    assert found.mx_secure and not found.error
+    assert [(h.host, h.status) for h in found.hosts] == [
+        ("mx1.posture.test", dane.USABLE),
+        ("mx2.posture.test", dane.NOT_APPLICABLE),
+    ]
+    assert [str(r)[:6] for r in found.hosts[0].records] == ["3 1 1 "]
+    missing = asyncio.run(dane.domain_status("nowhere.test", config, resolver(d, True)))
+    assert missing.hosts == () and "does not exist" in missing.error
