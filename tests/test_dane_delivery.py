@@ -39,6 +39,9 @@ SINKS = {
     "ta": ("starttls", "127.0.0.47", "ca"),
     "rt": ("starttls", "127.0.0.48", "selfsigned"),
     "rtinsecure": ("starttls", "127.0.0.49", "ca"),
+    "broken": ("broken", "127.0.0.51", ""),
+    "fallback": ("starttls", "127.0.0.52", "selfsigned"),
+    "unused": ("starttls", "127.0.0.53", "selfsigned"),
 }
 MATCH = "match"  # TLSA placeholder: 3 1 1 of the sink's own key
 TA = "ta"  # TLSA placeholder: 2 0 0 with the test CA's certificate
@@ -54,6 +57,8 @@ DOMAINS = {
     "ta.test": ("ta", True, [TA]),
     "rt.test": ("rt", True, [MATCH]),
     "rtinsecure.test": ("rtinsecure", False, []),
+    "brokentls.test": ("broken", True, [NOMATCH]),
+    "fallback.test": ("fallback", True, [MATCH]),  # second MX; the first: see two_mx_hosts
 }
 
 
@@ -63,9 +68,11 @@ def host(domain: str) -> str:
 
 def sink(name: str) -> Sink:
     kind, address, cert = SINKS[name]
-    domain = next(d for d, spec in DOMAINS.items() if spec[0] == name)
+    domain = next((d for d, spec in DOMAINS.items() if spec[0] == name), "unused.test")
     if kind == "plain":
         return Sink("plain", host=address, port=MX_PORT)
+    if kind == "broken":
+        return Sink("broken", host=address, port=MX_PORT)
     return Sink(
         "starttls",
         host=address,
@@ -126,7 +133,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with make_world(tmp_path_factory.mktemp("dane"), sinks, settings) as w:
         for domain in DOMAINS:
             publish(w, domain)
+        two_mx_hosts(w)
         yield w
+
+
+def two_mx_hosts(world: World) -> None:
+    """fallback.test: its first MX host's TLSA lookup fails (SERVFAIL), the second matches."""
+    first = "mx0.fallback.test"
+    world.dns.add("fallback.test", "MX", f"5 {first}.")
+    world.dns.add(first, "A", world.sinks["unused"].host)
+    world.dns.secure(first)
+    world.dns.servfail(f"_{MX_PORT}._tcp.{first}")
 
 
 def only(trace: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -329,3 +346,26 @@ def test_without_dnssec_requiretls_bounces_without_mta_sts(world_without_dnssec:
     trace = world.wait_completed(message_id)
     reply = only(trace, "bounced")["recipients"]["user@rtsecure.test"]
     assert reply.startswith("550 5.7.30"), reply
+
+
+def test_a_broken_handshake_behind_tlsa_is_never_retried_in_clear(world: World) -> None:
+    target = world.sinks["broken"]
+    message_id = world.send(["user@brokentls.test"], message("dane broken"))
+    trace = world.wait_settled(message_id)
+    assert only(trace, "deferred")["recipients"]["user@brokentls.test"].startswith("451 4.7.10")
+    assert attempts(trace) == [("mx.brokentls.test", "dane", "handshake_failed")]
+    never_in_clear(target)
+    assert target.connections == 1  # no reconnect in clear
+    with contextlib.closing(world.client()) as client:  # and not remembered as "TLS broken"
+        assert not client.exists(spool.tls_broken_key(target.host, MX_PORT))
+
+
+def test_a_host_whose_tlsa_lookup_fails_is_skipped_for_the_next(world: World) -> None:
+    message_id = world.send(["user@fallback.test"], message("dane fallback"))
+    (got,) = world.sinks["fallback"].wait_messages(1)
+    assert got.tls is not None
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.fallback.test", "dane", "dane_verified")]
+    statuses = {h["host"]: h["status"] for h in only(trace, "dane")["hosts"]}
+    assert statuses == {"mx0.fallback.test": "lookup_error", "mx.fallback.test": "usable"}
+    assert world.sinks["unused"].connections == 0
