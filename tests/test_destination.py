@@ -169,6 +169,7 @@ def test_dane_over_mta_sts(
     found = dane_path(tlsa_dns, targets, policy, tls)
     assert modes(found) == expected
     assert found.report is not None and found.report.dane is not None
+    assert found.report.skipped == []  # a host DANE took over is not "outside the policy"
     if any(mode is D for _, mode, _ in expected):
         assert found.decision.circumstances[-1] == "dane"
         assert found.decision.tls >= EN and found.hosts[-1].tlsa[0].startswith("3 1 1 ")

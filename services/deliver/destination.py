@@ -191,6 +191,9 @@ def _with_dane(
         if status.applies:
             used.append(status)
     decision = dane.raised(path.decision, used)
+    if path.report is not None:  # hosts DANE took over were not skipped (RFC 8461 §2)
+        taken = {h.destination.host for h in kept if h.auth is Auth.TLSA}
+        path.report.skipped = [h for h in path.report.skipped if h not in taken]
     failed = [s for s in found.hosts if s.status == dane.LOOKUP_ERROR]
     if kept or not failed:
         return replace(path, decision=decision, hosts=tuple(kept))
