@@ -272,13 +272,18 @@ def test_domain_status_for_posture(dns_server: LocalDns) -> None:
     d.add("_25._tcp.mx1.posture.test", "TLSA", "3 1 1 " + "ab" * 32)
     for name in ("posture.test", "mx1.posture.test", "_25._tcp.mx1.posture.test"):
         d.secure(name)  # mx2's address records are not signed: no TLSA lookup for it
-    config = DeliveryConfig(dnssec="trust_resolver")
-    found = asyncio.run(dane.domain_status("posture.test", config, resolver(d, True)))
+    servers = (HostPort("127.0.0.1", d.port),)
+    config = DeliveryConfig(dnssec="trust_resolver", dns_servers=servers)
+    found = asyncio.run(dane.domain_status("posture.test", config))
     assert found.mx_secure and not found.error
     assert [(h.host, h.status) for h in found.hosts] == [
         ("mx1.posture.test", dane.USABLE),
         ("mx2.posture.test", dane.NOT_APPLICABLE),
     ]
     assert [str(r)[:6] for r in found.hosts[0].records] == ["3 1 1 "]
+    unvalidated = asyncio.run(
+        dane.domain_status("posture.test", DeliveryConfig(dns_servers=servers))
+    )
+    assert not unvalidated.mx_secure  # dnssec: none — the AD bit is not believed
     missing = asyncio.run(dane.domain_status("nowhere.test", config, resolver(d, True)))
     assert missing.hosts == () and "does not exist" in missing.error

@@ -309,11 +309,23 @@ class DomainStatus:
     error: str = ""  # MX resolution failed
 
 
+def resolver_for(config: DeliveryConfig) -> dns.asyncresolver.Resolver:
+    """The resolver the deliver worker uses: ``delivery.dns_servers``, asking for DNSSEC when
+    ``delivery.dnssec`` is ``trust_resolver`` (with ``none`` every status is INSECURE or
+    NOT_APPLICABLE: the AD bit is not believed)."""
+    resolver = mx.make_resolver(config.dns_servers, timeout=config.connect_timeout)
+    if config.dnssec == "trust_resolver":
+        mx.want_dnssec(resolver)
+    return resolver
+
+
 async def domain_status(
-    domain: str, config: DeliveryConfig, resolver: dns.asyncresolver.Resolver
+    domain: str, config: DeliveryConfig, resolver: dns.asyncresolver.Resolver | None = None
 ) -> DomainStatus:
-    """MX resolution and every MX host's TLSA status (``resolver`` should ask for DNSSEC).
-    Never raises for DNS trouble (``error`` says what failed)."""
+    """MX resolution and every MX host's TLSA status, as the deliver worker would see them now
+    (``resolver`` default: :func:`resolver_for`). Never raises for DNS trouble (``error`` says
+    what failed)."""
+    resolver = resolver or resolver_for(config)
     try:
         hosts = await mx.resolve(domain, config, resolver, route=None)
     except mx.DnsError as exc:
