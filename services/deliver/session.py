@@ -213,7 +213,7 @@ async def _attempt(
 def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
     return PoolKey(
         peer.address, peer.port, int(settings.mode), settings.ca_file, settings.client_cert,
-        peer.tls_name,
+        peer.tls_name, settings.tlsa,
     )  # fmt: skip
 
 
