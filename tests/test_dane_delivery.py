@@ -42,9 +42,12 @@ SINKS = {
     "broken": ("broken", "127.0.0.51", ""),
     "fallback": ("starttls", "127.0.0.52", "selfsigned"),
     "unused": ("starttls", "127.0.0.53", "selfsigned"),
+    "tachain": ("starttls", "127.0.0.54", "child"),  # issued by a child CA it sends in its chain
 }
 MATCH = "match"  # TLSA placeholder: 3 1 1 of the sink's own key
 TA = "ta"  # TLSA placeholder: 2 0 0 with the test CA's certificate
+TA_DIGEST = "ta-digest"  # TLSA placeholder: 2 0 1 of the child CA the sink sends in its chain
+CHILD_CA = default_ca().create_child_ca()
 NOMATCH = "3 1 1 " + "00" * 32
 # domain: (sink, MX RRset secure, TLSA records)
 DOMAINS = {
@@ -59,6 +62,7 @@ DOMAINS = {
     "rtinsecure.test": ("rtinsecure", False, []),
     "brokentls.test": ("broken", True, [NOMATCH]),
     "fallback.test": ("fallback", True, [MATCH]),  # second MX; the first: see two_mx_hosts
+    "tachain.test": ("tachain", True, [TA_DIGEST]),
 }
 
 
@@ -78,6 +82,7 @@ def sink(name: str) -> Sink:
         host=address,
         port=MX_PORT,
         cert="selfsigned" if cert == "selfsigned" else "ca",
+        ca=CHILD_CA if cert == "child" else None,
         cert_names=[host(domain)],
         extensions=("REQUIRETLS",) if name.startswith("rt") else (),
     )
@@ -113,6 +118,9 @@ def publish(world: World, domain: str) -> None:
         elif record == TA:
             ca = ssl.PEM_cert_to_DER_cert(default_ca().cert_pem.bytes().decode())
             record = f"2 0 0 {ca.hex()}"
+        elif record == TA_DIGEST:
+            child = ssl.PEM_cert_to_DER_cert(CHILD_CA.cert_pem.bytes().decode())
+            record = f"2 0 1 {hashlib.sha256(child).hexdigest()}"
         world.dns.add(tlsa, "TLSA", record)
 
 
@@ -369,3 +377,15 @@ def test_a_host_whose_tlsa_lookup_fails_is_skipped_for_the_next(world: World) ->
     statuses = {h["host"]: h["status"] for h in only(trace, "dane")["hosts"]}
     assert statuses == {"mx0.fallback.test": "lookup_error", "mx.fallback.test": "usable"}
     assert world.sinks["unused"].connections == 0
+
+
+def test_dane_ta_with_the_anchor_in_the_servers_chain(world: World) -> None:
+    """``2 0 1``: only a digest of the anchor; it is found in the chain the server sent (read
+    through the one private CPython API, services/deliver/dane.py), and the path checked."""
+    message_id = world.send(["user@tachain.test"], message("dane ta chain"))
+    (got,) = world.sinks["tachain"].wait_messages(1)
+    assert got.tls is not None
+    trace = world.wait_completed(message_id)
+    assert attempts(trace) == [("mx.tachain.test", "dane", "dane_verified")]
+    result = only(trace, "dane")["checks"][0]["result"]
+    assert "DANE-TA" in result and "mx.tachain.test" in result, result
