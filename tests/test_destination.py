@@ -141,7 +141,9 @@ DANE_TABLE = [
     ([("none", True, True)], None, OP, [("none", OP, Auth.NONE)]),
     ([("usable", False, True)], None, OP, [("usable", OP, Auth.NONE)]),  # MX not validated
     ([("usable", True, False)], None, OP, [("usable", OP, Auth.NONE)]),  # address not validated
-    ([("usable", True, True)], "none", TlsMode.NONE, [("usable", TlsMode.NONE, Auth.NONE)]),
+    # a rule's none is raised too (as MTA-STS enforce raises it): never clear where DANE applies
+    ([("usable", True, True)], None, TlsMode.NONE, [("usable", D, Auth.TLSA)]),
+    ([("unusable", True, True)], None, TlsMode.NONE, [("unusable", EN, Auth.NONE)]),
     # RFC 8461 §2: DANE over MTA-STS — a host outside the enforced policy but with usable
     # TLSA is used with DANE; the policy's own host stays verified.
     (

@@ -163,8 +163,6 @@ class Dane:
             return dane.DaneRound(
                 False, "not applied to this message: TLS-Required: No (RFC 8689 §5)"
             )
-        if not decision.tls.tries_tls:
-            return dane.DaneRound(False, "not applied: the rule's TLS mode is none")
         if not any(h.mx_secure for h in hosts):
             return dane.DaneRound(
                 False, f"the MX records of {decision.domain} are not DNSSEC-validated"
