@@ -12,6 +12,11 @@ empty answer (NODATA); a name marked with :meth:`LocalDns.servfail` answers SERV
 ``dns.add(name, "MX", "0 .")``. TXT data is given
 unquoted, as one record's text (``dns.add("_mta-sts.a.test", "TXT", "v=STSv1; id=1")``), and
 :meth:`LocalDns.set_txt` replaces a name's TXT records while the server runs.
+:meth:`LocalDns.secure` marks names (or some of their types) as DNSSEC-signed and validated:
+answers about them carry the AD bit, as a validating resolver's would (given whether or not
+the query set DO, so a relay that must ignore AD can be shown to ignore it);
+:attr:`LocalDns.do_queries` counts the queries that set DO. TLSA data is zone syntax
+(``dns.add("_25._tcp.mx.a.test", "TLSA", "3 1 1 <hex>")``).
 :meth:`LocalDns.stop` shuts both servers down, closes their
 sockets and joins their threads, so nothing leaks into ``filterwarnings = error`` runs.
 """
@@ -50,6 +55,8 @@ class LocalDns(Background):
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], list[str]] = {}
         self._servfail: set[str] = set()
+        self._secure: set[tuple[str, str]] = set()  # (name, type); type "*": every type
+        self.do_queries = 0
         self._servers: list[DNSServer] = []
         self._threads: list[threading.Thread] = []
 
@@ -65,11 +72,18 @@ class LocalDns(Background):
         with self._lock:
             self._servfail.add(_key(name))
 
+    def secure(self, name: str, *types: str) -> None:
+        """Answers about ``name`` (only those of ``types`` when given) carry the AD bit."""
+        with self._lock:
+            for rtype in types or ("*",):
+                self._secure.add((_key(name), rtype.upper()))
+
     def clear(self) -> None:
-        """Forget all records and SERVFAIL marks."""
+        """Forget all records, SERVFAIL and secure marks."""
         with self._lock:
             self._records.clear()
             self._servfail.clear()
+            self._secure.clear()
 
     def _answer(self, request: DNSRecord) -> DNSRecord:
         qname = _key(str(request.q.qname))
@@ -79,8 +93,13 @@ class LocalDns(Background):
             failing = qname in self._servfail
             known = any(name == qname for name, _ in self._records)
             rdatas = list(self._records.get((qname, qtype), ()))
+            signed = bool({(qname, "*"), (qname, qtype)} & self._secure)
+            self.do_queries += any(rr.rtype == QTYPE.OPT and rr.edns_do for rr in request.ar)
+        reply.ar = []  # no OPT record back: dnspython then does not insist on EDNS
         if failing:
             reply.header.rcode = RCODE.SERVFAIL
+        elif signed:
+            reply.header.ad = 1
         elif not known:
             reply.header.rcode = RCODE.NXDOMAIN
         for rdata in rdatas if not failing else ():

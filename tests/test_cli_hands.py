@@ -110,4 +110,6 @@ def test_a_rule_stopped_by_unless_says_so(config: Path, tmp_path: Path) -> None:
         "  - confidential: when matched, unless sender_domain newsletter.example.com matched "
         "newsletter.example.com",
         "  - default: delivery.default_tls is opportunistic",
+        "  MX delivery: DANE and MTA-STS are decided at delivery time and may raise this mode "
+        "(dane off (delivery.dnssec is none), mta_sts on); never for a domain in delivery.routes",
     ]

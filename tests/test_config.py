@@ -256,3 +256,33 @@ def test_durations_and_quoted_on_off_keep_working(tmp_path: Path) -> None:
     text = 'delivery:\n  connect_timeout: "30"\n  command_timeout: 45\n  mta_sts: "off"\n'
     delivery = load_config(write(tmp_path, text)).delivery
     assert (delivery.connect_timeout, delivery.command_timeout, delivery.mta_sts) == (30, 45, False)
+
+
+def test_dnssec_and_dane_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TLSRELAY_CONFIG", raising=False)
+    defaults = load_config(None).delivery
+    assert (defaults.dnssec, defaults.dane, defaults.dane_active) == ("none", True, False)
+    delivery = load_config(write(tmp_path, "delivery:\n  dnssec: trust_resolver\n")).delivery
+    assert (delivery.dnssec, delivery.dane, delivery.dane_active) == ("trust_resolver", True, True)
+    path = write(tmp_path, "delivery:\n  dnssec: trust_resolver\n  dane: off\n")
+    assert not load_config(path).delivery.dane_active
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "delivery:\n  dnssec: off\n",  # YAML's false: the key takes a word for this reason
+            ":2: delivery.dnssec: expected 'none' or 'trust_resolver', got a boolean false (YAML",
+        ),
+        (
+            "delivery:\n  dnssec: validate\n",
+            ":2: delivery.dnssec: expected 'none' or 'trust_resolver', got a string",
+        ),
+        ("delivery:\n  dane: sometimes\n", ":2: delivery.dane: expected on or off, got a string"),
+    ],
+)
+def test_bad_dnssec_and_dane_keys(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value)

@@ -38,6 +38,7 @@ COUNTERS_AND_GAUGES: dict[str, frozenset[str]] = {
     "tlsrelay_messages_final_total": frozenset({"result"}),
     "tlsrelay_dsn_sent_total": frozenset({"action"}),
     "tlsrelay_mta_sts_total": frozenset({"mode", "result"}),
+    "tlsrelay_dane_total": frozenset({"result"}),
     "tlsrelay_queue_messages": frozenset({"queue"}),
     "tlsrelay_queue_oldest_age_seconds": frozenset({"queue"}),
     "up": frozenset(),  # Prometheus' own, per scrape target

@@ -524,6 +524,12 @@ BAD: list[tuple[str, str, str, str]] = [
         "name: requiretls",
         ":4: rules[requiretls].name: rule name 'requiretls' is reserved",
     ),
+    (
+        "reserved name dane",  # the circumstance DANE records at delivery time
+        "name: bank-partners",
+        "name: DANE",
+        ":4: rules[DANE].name: rule name 'DANE' is reserved",
+    ),
     ("rules not a list", "rules:\n", "rules: {a: 1}\nx:\n", ":3: rules: expected a list of rules"),
 ]
 

@@ -112,6 +112,12 @@ def test_explain_a_message(config: Path, eml: Path) -> None:
     ]
 
 
+MX_LINE = (
+    "  MX delivery: DANE and MTA-STS are decided at delivery time and may raise this mode "
+    "(dane off (delivery.dnssec is none), mta_sts on); never for a domain in delivery.routes"
+)
+
+
 def test_explain_without_a_message_and_with_requiretls(config: Path) -> None:
     done = rules(
         "explain", "--config", str(config), "--from", "news@newsletter.example.com",
@@ -123,9 +129,11 @@ def test_explain_without_a_message_and_with_requiretls(config: Path) -> None:
         "  circumstances: requiretls, plain-partner",
         "  - requiretls: MAIL FROM carried REQUIRETLS (RFC 8689 §4): at least verified",
         "  - plain-partner: recipient_domain legacy.example matched legacy.example",
+        MX_LINE,
         "other.example: tls verified",
         "  circumstances: requiretls",
         "  - requiretls: MAIL FROM carried REQUIRETLS (RFC 8689 §4): at least verified",
+        MX_LINE,
     ]
 
 
@@ -136,6 +144,7 @@ def test_explain_default(config: Path) -> None:
         "d.example: tls opportunistic",
         "  circumstances: default",
         "  - default: no rule matched; delivery.default_tls is opportunistic",
+        MX_LINE,
     ]
 
 
@@ -144,3 +153,14 @@ def test_explain_unreadable_message_exits_1(config: Path, tmp_path: Path) -> Non
     done = rules("explain", "--config", str(config), "--from", "a@b", "--to", "c@d", str(missing))
     assert done.returncode == 1
     assert f"cannot read {missing}" in done.stderr
+
+
+def test_explain_says_when_dane_is_on(tmp_path: Path) -> None:
+    path = tmp_path / "dane.yaml"
+    path.write_text("delivery:\n  dnssec: trust_resolver\n  mta_sts: off\n")
+    done = rules("explain", "--config", str(path), "--from", "a@b.example", "--to", "c@d.example")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "  MX delivery: DANE and MTA-STS are decided at delivery time and may raise this mode "
+        "(dane on, mta_sts off); never for a domain in delivery.routes"
+    )

@@ -21,7 +21,7 @@ import redis
 from services.common import queueing, spool
 from services.common.model import Envelope, TlsMode
 from services.common.values import HostPort
-from services.deliver import tlsrpt
+from services.deliver import dane, tlsrpt
 from services.deliver.mtasts import Policy, parse_policy
 from services.deliver.mx import make_resolver
 from services.deliver.session import Attempt, Peer
@@ -231,3 +231,52 @@ def test_build_writes_every_report_and_queues_those_with_a_mailto_rua(
 
 def test_policy_round_trips_through_json() -> None:
     assert Policy.from_json(POLICY.to_json()) == POLICY
+
+
+# --------------------------------------------------------------------------- DANE
+
+
+def dane_round() -> StsRound:
+    """a.test under MTA-STS enforce, but DANE applies: mx1 has usable TLSA records, mx2's TLSA
+    lookup failed, mx3 has none (MTA-STS stays its policy)."""
+    hosts = [
+        dane.HostStatus("mx1.a.test", 25, dane.USABLE, (dane.Tlsa.parse("3 1 1 abcd"),)),
+        dane.HostStatus("mx2.a.test", 25, dane.LOOKUP_ERROR, error="SERVFAIL"),
+        dane.HostStatus("mx3.a.test", 25, dane.INSECURE),
+    ]
+    return StsRound("a.test", POLICY, dane=dane.DaneRound(True, hosts=hosts))
+
+
+def test_dane_outcomes_are_classified() -> None:
+    found = dane_round()
+    assert tlsrpt.classify(attempt(Outcome.DANE_VERIFIED), found) == ("success", "")
+    assert tlsrpt.classify(attempt(Outcome.DANE_FAILED), found) == ("tlsa-invalid", "")
+    # mx1 is outside the MTA-STS patterns, and DANE, not MTA-STS, is its policy (RFC 8461 §2)
+    assert tlsrpt.classify(attempt(Outcome.NOT_OFFERED), found) == ("starttls-not-supported", "")
+
+
+def test_dane_hosts_are_reported_under_their_tlsa_policy(store: redis.Redis) -> None:
+    found = dane_round()
+    found.requiretls_skipped = ["mx3.a.test"]
+    attempts = [attempt(Outcome.DANE_VERIFIED), attempt(Outcome.DANE_FAILED),
+                attempt(Outcome.TLS_VERIFIED, "x.b.test")]  # fmt: skip
+    assert stage(store, found, attempts) == 3  # tlsa-invalid, dnssec-invalid, dane-required
+    policies = tlsrpt.read_day(store, DAY)["a.test"]
+    assert sorted(policies) == ["sts:id7", "tlsa:mx1.a.test", "tlsa:mx2.a.test"]
+    doc = tlsrpt.report("relay.test", "a.test", policies, DAY)
+    VALIDATOR.validate(doc)
+    by_key = {p["policy"].get("mx-host", [""])[0]: p for p in doc["policies"]}
+    mx1 = by_key["mx1.a.test"]
+    assert mx1["policy"] == {
+        "policy-type": "tlsa", "policy-domain": "a.test", "policy-string": ["3 1 1 abcd"],
+        "mx-host": ["mx1.a.test"],
+    }  # fmt: skip
+    assert mx1["summary"] == {"total-successful-session-count": 1,
+                              "total-failure-session-count": 1}  # fmt: skip
+    assert mx1["failure-details"][0]["result-type"] == "tlsa-invalid"
+    mx2 = by_key["mx2.a.test"]
+    assert mx2["failure-details"][0]["result-type"] == "dnssec-invalid"
+    assert "policy-string" not in mx2["policy"]
+    sts = next(p for p in doc["policies"] if p["policy"]["policy-type"] == "sts")
+    assert sts["summary"]["total-successful-session-count"] == 1
+    assert [f["result-type"] for f in sts["failure-details"]] == ["dane-required"]

@@ -272,6 +272,19 @@ class DeliveryConfig(_Section):
     mta_sts_ca_file: Path | None = None
     mta_sts_port: StrictInt = Field(default=443, gt=0, lt=65536)
     mta_sts_timeout: Duration = Field(default=10.0, gt=0)
+    # DNSSEC (services/deliver/dane.py): "none" ignores it; "trust_resolver" counts answers of
+    # dns_servers that carry the AD bit as validated (queries set DO). The operator vouches that
+    # those servers validate and are reached over a trusted path (a local resolver), as Postfix's
+    # smtp_dns_support_level = dnssec. A word, not a boolean: YAML reads a bare `off` as false.
+    dnssec: Literal["none", "trust_resolver"] = "none"
+    # DANE (RFC 7672) for MX deliveries, effective only with dnssec: trust_resolver: TLSA records
+    # of DNSSEC-validated MX hosts make TLS mandatory and say which certificate to accept.
+    dane: OnOff = True
+
+    @property
+    def dane_active(self) -> bool:
+        """DANE is applied: ``dane: on`` and DNSSEC answers are trusted."""
+        return self.dane and self.dnssec == "trust_resolver"
 
     @property
     def task_window(self) -> float:

@@ -83,7 +83,8 @@ def _message(err: ErrorDetails) -> str:
         words, key = _BOUNDS[kind]
         return f"must be {words} {_number(ctx[key])}, got {_number(err['input'])}"
     if kind == "literal_error":
-        return f"expected {ctx['expected']}, got {got}"
+        hint = " (YAML reads a bare on/off/yes/no as a boolean)" if _is_bool(err["input"]) else ""
+        return f"expected {ctx['expected']}, got {got}{hint}"
     if kind == "missing":
         return "required, missing"
     if kind == "extra_forbidden":
@@ -91,6 +92,10 @@ def _message(err: ErrorDetails) -> str:
     if kind == "too_short":
         return f"expected at least {ctx['min_length']} item(s)"
     return err["msg"].removeprefix("Value error, ")
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
 
 
 class Problems:

@@ -140,8 +140,9 @@ FALLBACK_REASONS: Final = frozenset({"not_offered", "handshake_failed", "remembe
 
 DELIVERY_ATTEMPTS = Counter(
     "tlsrelay_delivery_attempts_total",
-    "Delivery attempts, one per address tried. tls_mode: the requirement; tls_outcome: tls, "
-    "tls_verified, not_offered, handshake_failed, remembered_broken, verify_failed, disabled, or "
+    "Delivery attempts, one per address tried. tls_mode: the requirement (dane: an MX host with "
+    "usable TLSA records); tls_outcome: tls, tls_verified, dane_verified, dane_failed, "
+    "not_offered, handshake_failed, remembered_broken, verify_failed, disabled, or "
     "no_connection (refused, timeout, bad greeting); result: delivered (some recipient accepted), "
     "bounced (none accepted, some refused permanently), deferred (otherwise, incl. next host).",
     ["tls_mode", "tls_outcome", "result"],
@@ -151,7 +152,8 @@ DELIVERY_ATTEMPTS = Counter(
 TLS_VERSIONS: Final = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
 DELIVERY_TLS_VERSIONS = Counter(
     "tlsrelay_delivery_tls_versions_total",
-    "Delivery attempts that rode TLS (tls_outcome tls or tls_verified), by negotiated version: "
+    "Delivery attempts that rode TLS (tls_outcome tls, tls_verified or dane_verified), by "
+    "negotiated version: "
     "TLSv1, TLSv1.1, TLSv1.2, TLSv1.3 (other: never expected).",
     ["version"],
     registry=None,
@@ -166,7 +168,7 @@ PLAINTEXT_FALLBACK = Counter(
 TLS_REQUIRED_DEFERRALS = Counter(
     "tlsrelay_tls_required_deferrals_total",
     "Delivery rounds that ended with recipients deferred because TLS was required but not "
-    "available (4.7.10). tls_mode: enforced | verified.",
+    "available (4.7.10). tls_mode: enforced | verified | dane.",
     ["tls_mode"],
     registry=None,
 )
@@ -199,6 +201,17 @@ MTA_STS = Counter(
     ["mode", "result"],
     registry=None,
 )
+DANE_RESULTS: Final = ("ok", "failed", "no_usable_tlsa", "lookup_error")
+DANE = Counter(
+    "tlsrelay_dane_total",
+    "Delivery rounds to a domain whose MX records are DNSSEC-validated, where DANE (RFC 7672) "
+    "applied to some MX host. result: ok (a session was authenticated by a TLSA record), failed "
+    "(hosts had usable TLSA records and no session was authenticated: deferred, never sent in "
+    "clear), no_usable_tlsa (only unusable records: TLS required, not authenticated), "
+    "lookup_error (a TLSA lookup failed: that host was not used).",
+    ["result"],
+    registry=None,
+)
 DELIVERY_DURATION = Histogram(
     "tlsrelay_delivery_duration_seconds",
     "Duration of one delivery attempt (connect to QUIT).",
@@ -223,8 +236,10 @@ def prime(service: str) -> None:
             MESSAGES_FINAL.labels(result)
         for reason in sorted(FALLBACK_REASONS):
             PLAINTEXT_FALLBACK.labels(reason)
-        for mode in (TlsMode.ENFORCED, TlsMode.VERIFIED):
+        for mode in (TlsMode.ENFORCED, TlsMode.VERIFIED, TlsMode.DANE):
             TLS_REQUIRED_DEFERRALS.labels(mode.label)
+        for result in DANE_RESULTS:
+            DANE.labels(result)
 
 
 def prime_ingest(listeners: Iterable[str]) -> None:
@@ -350,6 +365,7 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
         DSN_SENT,
         INTERRUPTED,
         MTA_STS,
+        DANE,
         DELIVERY_DURATION,
         END_TO_END,
     ),

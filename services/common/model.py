@@ -25,12 +25,18 @@ class TlsMode(enum.IntEnum):
     - ``OPPORTUNISTIC``: TLS when offered, certificate not checked, clear when not possible.
     - ``ENFORCED``: TLS required, certificate not checked; never clear (Postfix ``encrypt``).
     - ``VERIFIED``: as ENFORCED, and the chain and host name must verify (Postfix ``verify``).
+    - ``DANE``: as ENFORCED, and the certificate must match the host's DNSSEC-validated TLSA
+      records (RFC 7672; Postfix ``dane`` with usable TLSA). Never a rule's or a decision's mode:
+      the deliver worker gives it to one MX host at delivery time (services/deliver/dane.py), so
+      :meth:`parse` refuses it. Above VERIFIED: where DANE applies it meets a ``verified``
+      requirement (RFC 8461 §2: DANE takes precedence over MTA-STS).
     """
 
     NONE = 0
     OPPORTUNISTIC = 1
     ENFORCED = 2
     VERIFIED = 3
+    DANE = 4
 
     @property
     def label(self) -> str:
@@ -50,18 +56,28 @@ class TlsMode(enum.IntEnum):
 
     @property
     def must_verify_chain(self) -> bool:
-        """The server's certificate chain must verify against the trusted CAs."""
-        return self >= TlsMode.VERIFIED
+        """The server's certificate chain must verify against the trusted CAs (PKIX)."""
+        return self is TlsMode.VERIFIED
 
     @property
     def must_match_name(self) -> bool:
         """The server's certificate must name the host (or an allowed MTA-STS/MX name)."""
-        return self >= TlsMode.VERIFIED
+        return self is TlsMode.VERIFIED
+
+    @property
+    def must_match_tlsa(self) -> bool:
+        """The server's certificate must match the host's TLSA records (DANE, RFC 7672 §3)."""
+        return self is TlsMode.DANE
+
+    @property
+    def authenticates(self) -> bool:
+        """The server is authenticated (PKIX or DANE), not only encrypted."""
+        return self.must_verify_chain or self.must_match_tlsa
 
     @property
     def accepts_legacy_tls(self) -> bool:
         """Any TLS beats clear: TLS 1.0 and old ciphers are accepted (Postfix may/encrypt)."""
-        return self.tries_tls and not self.must_verify_chain
+        return self.tries_tls and not self.authenticates
 
     def at_least(self, floor: TlsMode) -> TlsMode:
         """The stricter of this mode and ``floor``."""
@@ -69,11 +85,12 @@ class TlsMode(enum.IntEnum):
 
     @classmethod
     def parse(cls, text: str) -> TlsMode:
-        try:
-            return cls[text.strip().upper()]
-        except KeyError:
-            names = ", ".join(m.label for m in cls)
-            raise ValueError(f"unknown TLS mode {text!r}; expected one of {names}") from None
+        """A rule's or decision's mode by name; ``dane`` is not one (see the class)."""
+        mode = cls.__members__.get(text.strip().upper())
+        if mode is None or mode is TlsMode.DANE:
+            names = ", ".join(m.label for m in cls if m is not TlsMode.DANE)
+            raise ValueError(f"unknown TLS mode {text!r}; expected one of {names}")
+        return mode
 
 
 def new_message_id() -> str:

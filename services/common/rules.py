@@ -50,7 +50,7 @@ from services.common.model import TlsMode
 from services.common.values import Route, parse_route
 
 # Circumstances that platform policy (not a rule) records; a rule may not take these names.
-RESERVED_NAMES = frozenset({"default", "requiretls", "intra-platform", "mta-sts"})
+RESERVED_NAMES = frozenset({"default", "requiretls", "intra-platform", "mta-sts", "dane"})
 CONTENT_KEYS = frozenset({"subject", "header", "body", "attachment"})
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 §3.6.8: printable ASCII except ':'

@@ -11,7 +11,8 @@ connection (:class:`services.deliver.pool.ConnectionPool`):
 2. skip recipients already final (never re-send an accepted recipient) and those deferred by
    this attempt or a later one (a redelivered task: their retry is in the deferred set); with
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
-3. plan the round (:mod:`services.deliver.plan`: hosts, the MTA-STS destination policy, TLS);
+3. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
+   TLS);
 4. try each address in order with :func:`services.deliver.session.attempt` until one runs a
    transaction, or ``delivery.mx_session_limit`` sessions that reached a greeting ran none
    (:class:`services.deliver.delivery.Outcome` says what its replies mean) — all within
@@ -241,7 +242,9 @@ class Deliverer:
         before_data: Callable[[Peer], None],
     ) -> None:
         """Plan the round, then try each address in order until one runs a transaction."""
-        plan = await self.planner.plan(job.decision, envelope.relaxes_destination_tls)
+        plan = await self.planner.plan(
+            job.decision, envelope.relaxes_destination_tls, envelope.requiretls
+        )
         outcome.decision = plan.decision if plan.decision != job.decision else None
         outcome.sts = plan.report
         if plan.refused is not None:

@@ -276,6 +276,8 @@ class Ledger:
         observe.delivery_round(outcome, rec.round.envelope.received_at, rec.round.now)
         if outcome.sts is not None:
             observe.mta_sts(outcome.sts, outcome, sts_failures)
+            if outcome.sts.dane is not None:
+                observe.dane(outcome.sts.dane, outcome)
         if rec.notice is not None:
             observe.dsn_sent(rec.notice.action)
 
@@ -422,11 +424,17 @@ def _stage_states(pipe: redis.client.Pipeline, rec: _Recording) -> list[str]:
 
 def _sts_events(outcome: Outcome) -> list[str]:
     """The ``mta-sts`` trace event: the policy that applied (mode, id), any relaxation by
-    ``TLS-Required: No``, MX hosts skipped, a lookup failure. None for domains without one."""
+    ``TLS-Required: No``, MX hosts skipped, a lookup failure. None for domains without one.
+    Then the ``dane`` event of every MX round while DANE is active: whether it applies, each
+    host's TLSA records, and what each certificate check said."""
     sts = outcome.sts
-    if sts is None or (sts.policy is None and sts.error is None):
-        return []
-    return [spool.event("mta-sts", **sts.trace_fields())]
+    events = []
+    if sts is not None and (sts.policy is not None or sts.error is not None):
+        events.append(spool.event("mta-sts", **sts.trace_fields()))
+    if sts is not None and sts.dane is not None:
+        checks = [(a.peer.host, a.peer.address, a.dane) for a in outcome.attempts]
+        events.append(spool.event("dane", domain=sts.domain, **sts.dane.trace_fields(checks)))
+    return events
 
 
 def _in_flight_note(peer: Peer) -> str:

@@ -11,6 +11,13 @@ list order. Sources, by priority:
    AAAA/A records give its addresses; port ``delivery.mx_port``; else
 4. no MX records at all: the domain's own AAAA/A records as an implicit MX.
 
+DNSSEC (``delivery.dnssec: trust_resolver``, :func:`want_dnssec`): queries set DO, and an answer
+that carries the AD bit counts as validated — the operator vouches for ``delivery.dns_servers``
+(a validating resolver on a trusted path). Each MX destination then says whether its MX RRset
+(:attr:`Destination.mx_secure`; for an implicit MX, the denial of MX records) and its own
+address records (:attr:`Destination.address_secure`) were validated; DANE (RFC 7672 §2.2) and
+REQUIRETLS (RFC 8689 §4.2.1) ask. With ``dnssec: none`` both are always False, AD or not.
+
 Failure: every DNS problem is raised as a :class:`DnsError` subclass, never as a dnspython
 exception. :class:`DnsTemporaryError` (SERVFAIL, timeout, no nameserver answered, no usable MX
 host, a route host without addresses) means *defer and retry*. :class:`DnsPermanentError` means
@@ -33,6 +40,8 @@ from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -58,6 +67,10 @@ class Destination:
     # The name its certificate must carry in verified mode: the MX host; for an implicit MX the
     # domain; for a route its tls_name, else its host name, else (IP route) the domain.
     tls_name: str = ""
+    # DNSSEC-validated (only with delivery.dnssec: trust_resolver; routes never): the domain's
+    # MX RRset (implicit MX: the secure denial of MX records), and this host's addresses.
+    mx_secure: bool = False
+    address_secure: bool = False
 
 
 class DnsError(Exception):
@@ -98,6 +111,21 @@ def route_for(domain: str, routes: Mapping[str, Route]) -> Route | None:
     return None
 
 
+def want_dnssec(resolver: dns.asyncresolver.Resolver) -> None:
+    """Ask for DNSSEC: set DO (RFC 3225) so a validating resolver reports validation (AD)."""
+    resolver.use_edns(0, dns.flags.DO, 1232)
+
+
+def trusts_ad(resolver: dns.asyncresolver.Resolver) -> bool:
+    """Whether ``resolver`` asks for DNSSEC (:func:`want_dnssec`): only then is AD believed."""
+    return bool(resolver.ednsflags & dns.flags.DO)
+
+
+def is_secure(resolver: dns.asyncresolver.Resolver, response: dns.message.Message | None) -> bool:
+    """Whether ``response`` counts as DNSSEC-validated: AD set, and DNSSEC asked for."""
+    return trusts_ad(resolver) and response is not None and bool(response.flags & dns.flags.AD)
+
+
 def make_resolver(dns_servers: Sequence[HostPort], timeout: float) -> dns.asyncresolver.Resolver:
     """A resolver using ``dns_servers`` (IP addresses with ports), or the system's when empty.
 
@@ -130,10 +158,13 @@ async def resolve(
         answer = await _query(resolver, domain, _name(domain), dns.rdatatype.MX)
     except dns.resolver.NXDOMAIN:
         raise DnsPermanentError(domain, "5.1.2", f"domain {domain} does not exist") from None
-    except dns.resolver.NoAnswer:
-        return [await _implicit_destination(domain, config, resolver)]
+    except dns.resolver.NoAnswer as exc:
+        response: dns.message.Message | None = exc.response()  # type: ignore[no-untyped-call]
+        denied = is_secure(resolver, response)
+        return [await _implicit_destination(domain, config, resolver, denied)]
     records = [r for r in answer if isinstance(r, MX)]
-    return await _mx_destinations(domain, records, config, resolver, rng or random.Random())
+    secure = is_secure(resolver, answer.response)
+    return await _mx_destinations(domain, records, config, resolver, rng or random.Random(), secure)
 
 
 def _name(domain: str) -> dns.name.Name:
@@ -159,22 +190,29 @@ async def _query(
         raise DnsTemporaryError(domain, f"DNS lookup of {what} failed: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class _Addresses:
+    found: tuple[str, ...]
+    secure: bool  # every RRset that gave addresses was DNSSEC-validated
+
+
 async def _addresses(
     resolver: dns.asyncresolver.Resolver, domain: str, name: dns.name.Name
-) -> tuple[str, ...]:
-    """AAAA then A addresses of ``name``; () when it has none (or does not exist).
+) -> _Addresses:
+    """AAAA then A addresses of ``name``; none when it has none (or does not exist).
 
     Raises :class:`DnsTemporaryError` only when no address was found and a lookup failed.
     """
     lookups = [_address_list(resolver, domain, name, t) for t in _ADDRESS_TYPES]
     outcomes = await _gather_dns(lookups)
-    found = [a for o in outcomes if not isinstance(o, DnsError) for a in o]
+    answers = [o for o in outcomes if not isinstance(o, DnsError) and o[0]]
+    found = [a for addresses, _ in answers for a in addresses]
     if found:
-        return tuple(dict.fromkeys(found))
+        return _Addresses(tuple(dict.fromkeys(found)), all(secure for _, secure in answers))
     for outcome in outcomes:
         if isinstance(outcome, DnsError):
             raise outcome
-    return ()
+    return _Addresses((), False)
 
 
 async def _address_list(
@@ -182,12 +220,13 @@ async def _address_list(
     domain: str,
     name: dns.name.Name,
     rdtype: dns.rdatatype.RdataType,
-) -> list[str]:
+) -> tuple[list[str], bool]:
     try:
         answer = await _query(resolver, domain, name, rdtype)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return []
-    return [str(ipaddress.ip_address(r.to_text())) for r in answer]
+        return [], False
+    found = [str(ipaddress.ip_address(r.to_text())) for r in answer]
+    return found, is_secure(resolver, answer.response)
 
 
 async def _gather_dns(lookups: Sequence[Awaitable[_T]]) -> list[_T | DnsError]:
@@ -209,21 +248,24 @@ async def _route_destination(
         ip = str(ipaddress.ip_address(target.host))
         return Destination(ip, target.port, (ip,), None, "route", route.tls_name or domain)
     host = _normal(target.host)
-    addresses = await _addresses(resolver, domain, _name(host))
+    addresses = (await _addresses(resolver, domain, _name(host))).found
     if not addresses:
         raise DnsTemporaryError(domain, f"route host {host} for {domain} has no address")
     return Destination(host, target.port, addresses, None, "route", route.tls_name or host)
 
 
 async def _implicit_destination(
-    domain: str, config: DeliveryConfig, resolver: dns.asyncresolver.Resolver
+    domain: str, config: DeliveryConfig, resolver: dns.asyncresolver.Resolver, denied: bool
 ) -> Destination:
-    """No MX records: the domain's own addresses act as an MX of preference 0 (RFC 5321 §5.1)."""
-    addresses = await _addresses(resolver, domain, _name(domain))
-    if not addresses:
+    """No MX records: the domain's own addresses act as an MX of preference 0 (RFC 5321 §5.1);
+    ``denied``: the absence of MX records was DNSSEC-validated (RFC 7672 §2.2.1)."""
+    found = await _addresses(resolver, domain, _name(domain))
+    if not found.found:
         text = f"domain {domain} has no MX and no address records"
         raise DnsPermanentError(domain, "5.1.2", text)
-    return Destination(domain, config.mx_port, addresses, None, "implicit", domain)
+    return Destination(
+        domain, config.mx_port, found.found, None, "implicit", domain, denied, found.secure
+    )
 
 
 def _ordered(records: Sequence[MX], rng: random.Random) -> list[MX]:
@@ -243,8 +285,10 @@ async def _mx_destinations(
     config: DeliveryConfig,
     resolver: dns.asyncresolver.Resolver,
     rng: random.Random,
+    secure: bool = False,
 ) -> list[Destination]:
-    """One destination per MX host with addresses; hosts without any are skipped."""
+    """One destination per MX host with addresses; hosts without any are skipped. ``secure``:
+    the MX RRset was DNSSEC-validated."""
     real = [r for r in records if r.exchange != dns.name.root]
     if not real:
         raise DnsPermanentError(domain, "5.1.10", f"domain {domain} accepts no mail (null MX)")
@@ -252,9 +296,11 @@ async def _mx_destinations(
     outcomes = await _gather_dns([_addresses(resolver, domain, r.exchange) for r in ordered])
     names = [_normal(r.exchange.to_text()) for r in ordered]
     result = [
-        Destination(name, config.mx_port, found, r.preference, "mx", name)
+        Destination(
+            name, config.mx_port, found.found, r.preference, "mx", name, secure, found.secure
+        )
         for name, r, found in zip(names, ordered, outcomes, strict=True)
-        if not isinstance(found, DnsError) and found
+        if not isinstance(found, DnsError) and found.found
     ]
     if not result:
         raise _no_mx_host(domain, outcomes)

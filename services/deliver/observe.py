@@ -1,5 +1,5 @@
-"""Delivery results as metric observations: what an attempt, a round, its MTA-STS result, a DSN
-or a final message means for the deliver metrics of ``services/common/metrics.py``.
+"""Delivery results as metric observations: what an attempt, a round, its MTA-STS and DANE
+results, a DSN or a final message means for the deliver metrics of ``services/common/metrics.py``.
 
 The metric objects, names and label values are defined there (a contract: README,
 "Observability"); the label logic that reads delivery results is here, beside the code that
@@ -15,6 +15,7 @@ from typing import Protocol
 from services.common import metrics
 from services.common.model import Reply, TlsMode
 from services.common.protocol import TLS_REQUIRED_STATUS
+from services.deliver import dane as dane_
 from services.deliver.tls import Outcome as TlsOutcome
 
 
@@ -108,6 +109,24 @@ def mta_sts(sts: StsResult, outcome: RoundResult, failures: int) -> None:
     else:
         result = "failed" if mode == "testing" and failures else "ok"
     metrics.MTA_STS.labels(mode, result).inc()
+
+
+def dane(found: dane_.DaneRound, outcome: RoundResult) -> None:
+    """A recorded round's DANE result, when DANE applied to some host (``tlsrelay_dane_total``):
+    ``ok`` if a session was authenticated by TLSA, else ``failed`` if hosts had usable records,
+    else ``no_usable_tlsa``, else ``lookup_error``."""
+    statuses = {h.status for h in found.hosts} if found.applies else set()
+    if any(a.outcome is TlsOutcome.DANE_VERIFIED for a in outcome.attempts):
+        result = "ok"
+    elif dane_.USABLE in statuses:
+        result = "failed"
+    elif dane_.UNUSABLE in statuses:
+        result = "no_usable_tlsa"
+    elif dane_.LOOKUP_ERROR in statuses:
+        result = "lookup_error"
+    else:
+        return
+    metrics.DANE.labels(result).inc()
 
 
 def dsn_sent(action: str) -> None:

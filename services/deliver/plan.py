@@ -8,16 +8,20 @@ nothing can be tried:
 1. the host list: the decision's route (a rule, a platform hop), else ``delivery.routes``, else MX,
    else implicit MX (:func:`services.deliver.mx.resolve`); NXDOMAIN / null MX → a 5xx
    (bounce), any other DNS failure → 451 4.4.3 (defer; the destination counts as unreachable);
-2. the destination policy (:mod:`services.deliver.destination`; MTA-STS, for MX-routed mail
-   only): the hosts that may be used and the TLS requirement at each; none left → 451 4.7.10
-   (defer, never in clear);
+2. the destination policy (:mod:`services.deliver.destination`; DANE over MTA-STS, for
+   MX-routed mail only): the hosts that may be used and the TLS requirement at each; none left
+   → 451 4.7.10 (defer, never in clear), 451 4.4.3 when TLSA lookups failed; for a REQUIRETLS
+   message only MX hosts from DNSSEC-validated MX records or matching an MTA-STS policy, else
+   550 5.7.30 (RFC 8689 §4.2.1);
 3. the addresses of those hosts in order, cut at the first that is one of our own listeners
    (none left → 554 5.4.6 "loops back to myself", :mod:`services.deliver.loops`), at most
    ``delivery.mx_address_limit``;
 4. per peer, when it is about to be tried (:meth:`Planner.tls`): the requirement with its
    material — the platform's CA and client certificate for intra-platform mail (at least
-   ``verified``), else ``delivery.ca_file`` — and whether a STARTTLS handshake there failed
-   lately (the "TLS broken" memory, ``tlsrelay:tlsbroken:*``, read once per peer and batch).
+   ``verified``), else ``delivery.ca_file``; the TLSA records and names of a DANE host — and
+   whether a STARTTLS handshake there failed lately (the "TLS broken" memory,
+   ``tlsrelay:tlsbroken:*``, read once per peer and batch; never for a host whose mode requires
+   TLS, where it would change nothing).
 
 Failure: DNS and policy trouble become the plan's reply, never exceptions; Redis errors propagate.
 """
@@ -74,22 +78,30 @@ class Planner:
             self.cache = mtasts.PolicyCache(
                 client, resolver, ca, delivery.mta_sts_port, delivery.mta_sts_timeout
             )
+        if delivery.dnssec == "trust_resolver":
+            mx.want_dnssec(resolver)
         self.new_batch()
 
     def new_batch(self) -> None:
         """Forget what this batch learnt (MTA-STS lookups, broken TLS): the next one asks again."""
-        self.policy: destination.DestinationPolicy = destination.MtaSts(self.cache)
+        self.policy: destination.DestinationPolicy = destination.Dane(
+            destination.MtaSts(self.cache), self.resolver, self.config.delivery.dane_active
+        )
         self._broken: dict[tuple[str, int], bool] = {}
 
-    async def plan(self, decision: Decision, tls_required_no: bool) -> Plan:
+    async def plan(
+        self, decision: Decision, tls_required_no: bool, requiretls: bool = False
+    ) -> Plan:
         route = self._route(decision)
         failure: mx.DnsError | None = None
         try:
             hosts = await mx.resolve(decision.domain, self.config.delivery, self.resolver, route)
         except mx.DnsError as exc:
             hosts, failure = [], exc
-        if route is None:  # MTA-STS is about MX hosts: never for routed mail
+        if route is None:  # MTA-STS, DANE are about MX hosts: never for routed mail
             path = await self.policy.path(decision, hosts, tls_required_no)
+            if requiretls:
+                path = destination.requiretls(path, decision.domain)
         else:
             path = destination.plain(decision, hosts)
         plan = Plan(path.decision, report=path.report, check_leaf=path.check_leaf)
@@ -98,7 +110,8 @@ class Planner:
         if failure is not None:
             return _refused(plan, Reply(451, "4.4.3", str(failure)), unreachable=True)
         if not path.hosts:
-            return _refused(plan, Reply(451, TLS_UNAVAILABLE.status, path.refusal))
+            reply = path.refused or Reply(451, TLS_UNAVAILABLE.status, path.refusal)
+            return _refused(plan, reply)
         hops = _hops(path.hosts, loops.own_listeners(self.config))
         if not hops and path.hosts:
             return _refused(plan, loops.loop_reply(decision.domain))
@@ -114,7 +127,7 @@ class Planner:
         """The TLS requirement and material at ``hop``: the platform's own for intra-platform
         mail; with the "TLS broken" memory of its address."""
         peer, mode = hop.peer, hop.host.tls
-        broken = self._broken.get((peer.address, peer.port))
+        broken = False if mode.requires_encryption else self._broken.get((peer.address, peer.port))
         if broken is None:  # read once per peer and batch
             broken = bool(self.client.exists(spool.tls_broken_key(peer.address, peer.port)))
             self._broken[(peer.address, peer.port)] = broken
@@ -128,6 +141,9 @@ class Planner:
                 check_leaf=plan.check_leaf,
             )
         ca_file = str(self.config.delivery.ca_file) if self.config.delivery.ca_file else None
+        if mode.must_match_tlsa:  # DANE: the records, and the names a DANE-TA leaf may carry
+            names = (hop.host.name, plan.decision.domain)
+            return TlsSettings(mode, None, False, tlsa=hop.host.tlsa, tlsa_names=names)
         return TlsSettings(mode, ca_file, broken, check_leaf=plan.check_leaf)
 
     def remember_broken(self, peer: Peer) -> None:

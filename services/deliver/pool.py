@@ -38,6 +38,7 @@ class PoolKey:
     ca_file: str | None
     client_cert: tuple[str, str] | None
     tls_name: str
+    tlsa: tuple[str, ...] = ()  # DANE: the records the session was authenticated against
 
 
 @dataclass

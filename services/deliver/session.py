@@ -10,7 +10,10 @@ Clear text happens only where :func:`services.deliver.tls.after_starttls` or
 :func:`~services.deliver.tls.wants_starttls` says so; a handshake failure in opportunistic mode
 reconnects in clear and reports it through ``on_handshake_failed`` (the shared "TLS broken" memory).
 The STARTTLS contexts (TLS 1.0 and old ciphers accepted where any TLS beats clear, modern
-defaults where the certificate is verified) are :mod:`services.deliver.tlscontext`'s.
+defaults where the certificate is verified or must match TLSA records) are
+:mod:`services.deliver.tlscontext`'s. At a DANE host (mode ``dane``) the handshake does not check
+the certificate; right after it, before EHLO, the server's chain is compared with the host's TLSA
+records (:func:`services.deliver.dane.check`): no match → ``dane_failed``, next host, nothing sent.
 
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
 """
@@ -29,7 +32,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
-from services.deliver import mtasts, observe, tls
+from services.deliver import dane, mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 from services.deliver.tlscontext import tls_context
@@ -63,6 +66,10 @@ class TlsSettings:
     # MTA-STS testing mode: after an unverified handshake, note in ``Attempt.verify_code`` what
     # verification would have said (services.deliver.mtasts.leaf_problem); never changes a fate.
     check_leaf: bool = False
+    # DANE (mode dane): the host's TLSA records (presentation format) and the names a DANE-TA
+    # leaf may be issued to (the MX host, the destination domain; RFC 7672 §3.2.3).
+    tlsa: tuple[str, ...] = ()
+    tlsa_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class Attempt:
     reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
+    dane: str | None = None  # DANE: which TLSA record matched, or why none did
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +132,7 @@ class Attempt:
             "error": str(self.error) if self.error else None,
             "replies": {r: str(reply) for r, reply in self.replies.items()},
             "reused": self.reused,
+            **({"dane": self.dane} if self.dane is not None else {}),
         }
 
 
@@ -204,7 +213,7 @@ async def _attempt(
 def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
     return PoolKey(
         peer.address, peer.port, int(settings.mode), settings.ca_file, settings.client_cert,
-        peer.tls_name,
+        peer.tls_name, settings.tlsa,
     )  # fmt: skip
 
 
@@ -303,7 +312,7 @@ async def _negotiate_tls(
     result.outcome = outcome
     if action is Action.SEND_TLS:
         result.tls_version, result.cipher = _tls_info(smtp)
-        if settings.check_leaf and not settings.mode.must_verify_chain:
+        if settings.check_leaf and not settings.mode.authenticates:
             result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"
@@ -331,6 +340,8 @@ async def _starttls(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSetting
         if _buffered_before_tls(smtp):
             smtp.close()
             return Situation.HANDSHAKE_FAILED
+        if settings.mode.must_match_tlsa and not _dane_match(smtp, result, settings):
+            return Situation.DANE_FAILED
         await smtp.ehlo()
     except Exception as exc:
         verify = _verify_error(exc)
@@ -339,6 +350,15 @@ async def _starttls(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSetting
         result.verify_code = verify.verify_code
         return Situation.VERIFY_FAILED
     return Situation.HANDSHAKE_OK
+
+
+def _dane_match(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSettings) -> bool:
+    """The server's certificate against the host's TLSA records (noted in ``result.dane``)."""
+    ssl_object = smtp.get_transport_info("ssl_object")
+    chain = dane.peer_chain(ssl_object) if isinstance(ssl_object, ssl.SSLObject) else []
+    found = dane.check(chain, settings.tlsa, settings.tlsa_names, time.time())
+    result.dane = found.text
+    return found.ok
 
 
 def _buffered_before_tls(smtp: aiosmtplib.SMTP) -> bool:

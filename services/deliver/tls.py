@@ -3,21 +3,27 @@ what the delivery does next. Pure; the session code asks, and obeys.
 
 The table (mode × situation → action, outcome):
 
-=================  ==============  ================  ================  ==================
-situation          none            opportunistic     enforced          verified
-=================  ==============  ================  ================  ==================
-before STARTTLS    clear/disabled  see below         see below         see below
-remembered broken  clear/disabled  clear/remembered  try TLS anyway    try TLS anyway
-not offered        clear/disabled  clear/not_off.    next host         next host
-handshake failed   —               reconnect clear   next host         next host
-verify failed      —               —                 —                 next host
-handshake ok       —               send TLS          send TLS          send TLS (verified)
-=================  ==============  ================  ================  ==================
+=================  ==============  ================  ================  ==================  ==================
+situation          none            opportunistic     enforced          verified            dane
+=================  ==============  ================  ================  ==================  ==================
+before STARTTLS    clear/disabled  see below         see below         see below           see below
+remembered broken  clear/disabled  clear/remembered  try TLS anyway    try TLS anyway      try TLS anyway
+not offered        clear/disabled  clear/not_off.    next host         next host           next host
+handshake failed   —               reconnect clear   next host         next host           next host
+verify failed      —               —                 —                 next host           —
+dane failed        —               —                 —                 —                   next host (dane_f.)
+handshake ok       —               send TLS          send TLS          send TLS (verified) send TLS (dane_v.)
+=================  ==============  ================  ================  ==================  ==================
 
-Opportunistic mode never verifies the certificate, so "verify failed" cannot happen there; the
-function still answers safely (``NEXT_HOST``) for any combination it is asked about. Nothing here
-ever answers a clear-text action for ``enforced`` or ``verified``.
-"""
+``dane`` (RFC 7672) is the requirement of one MX host whose DNSSEC-validated TLSA records are
+usable: the handshake does not check the certificate, the session then compares it with the
+records (:func:`services.deliver.dane.check`) and asks again with ``handshake ok`` (it matched:
+``dane_verified``) or ``dane failed`` (it did not: ``dane_failed``, next host). Opportunistic
+mode never verifies the certificate, so "verify failed" cannot happen there; the function still
+answers safely (``NEXT_HOST``) for any combination it is asked about. Nothing here ever answers
+a clear-text action for ``enforced``, ``verified`` or ``dane``; the "TLS broken" memory never
+applies to them.
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class Situation(enum.Enum):
     NOT_OFFERED = "not_offered"  # EHLO did not list STARTTLS
     HANDSHAKE_FAILED = "handshake_failed"  # STARTTLS refused, or the TLS handshake broke
     VERIFY_FAILED = "verify_failed"  # handshake broke on certificate verification
+    DANE_FAILED = "dane_failed"  # handshake ok, the certificate matched no usable TLSA record
     HANDSHAKE_OK = "handshake_ok"
 
 
@@ -45,6 +52,8 @@ class Outcome(enum.Enum):
     HANDSHAKE_FAILED = "handshake_failed"
     REMEMBERED_BROKEN = "remembered_broken"
     VERIFY_FAILED = "verify_failed"
+    DANE_VERIFIED = "dane_verified"  # the certificate matched a usable TLSA record (RFC 7672)
+    DANE_FAILED = "dane_failed"  # it matched none: next host, never clear
     DISABLED = "disabled"
 
 
@@ -69,15 +78,24 @@ def after_starttls(mode: TlsMode, situation: Situation) -> tuple[Action, Outcome
     """After EHLO / the STARTTLS handshake: how to go on (never clear when TLS is required)."""
     required = mode.requires_encryption
     if situation is Situation.HANDSHAKE_OK:
-        return Action.SEND_TLS, Outcome.TLS_VERIFIED if mode.must_verify_chain else Outcome.TLS
+        return Action.SEND_TLS, _ok(mode)
     outcome = Outcome(situation.value)
-    if required or not mode.tries_tls or situation is Situation.VERIFY_FAILED:
+    if required or not mode.tries_tls or situation in _AUTH_FAILURES:
         return Action.NEXT_HOST, outcome
     if situation is Situation.NOT_OFFERED:
         return Action.SEND_CLEAR, outcome
     if situation is Situation.HANDSHAKE_FAILED:
         return Action.RECONNECT_CLEAR, outcome
     return Action.NEXT_HOST, outcome  # REMEMBERED_BROKEN is not a post-EHLO situation
+
+
+_AUTH_FAILURES = (Situation.VERIFY_FAILED, Situation.DANE_FAILED)
+
+
+def _ok(mode: TlsMode) -> Outcome:
+    if mode.must_match_tlsa:
+        return Outcome.DANE_VERIFIED
+    return Outcome.TLS_VERIFIED if mode.must_verify_chain else Outcome.TLS
 
 
 def sends_in_clear(action: Action) -> bool:

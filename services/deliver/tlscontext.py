@@ -11,6 +11,10 @@
   security): with the strict defaults a server that speaks only TLS 1.0/1.1 or only old ciphers
   fails the handshake and the mail goes in clear. ``DEFAULT`` never includes unencrypted or
   unauthenticated-key-exchange suites (eNULL, aNULL), so what rides TLS is encrypted.
+- ``dane`` (an MX host with usable TLSA records, RFC 7672): modern defaults (TLS 1.2 or later,
+  security level 2) but no certificate check in the handshake — the session compares the
+  server's certificate with the TLSA records right after it (``services.deliver.dane.check``),
+  before anything is sent.
 
 Contexts are built once per (mode class, CA, client certificate) and reused: loading a CA bundle
 costs milliseconds, a handshake with a ready context does not. Failure behaviour: a CA file or

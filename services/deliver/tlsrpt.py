@@ -5,8 +5,9 @@ Recording (deliver worker): :func:`stage` buffers ``HINCRBY``s on one hash per U
 trip of its own. Fields are JSON arrays:
 
 - ``["policy", domain, pkey]`` → the policy that applied (RFC 8460 §4.4 ``policy`` object);
-  ``pkey`` is ``sts:<id>``, ``sts`` (the domain publishes MTA-STS but no policy could be had) or
-  ``none`` (``no-policy-found``);
+  ``pkey`` is ``sts:<id>``, ``sts`` (the domain publishes MTA-STS but no policy could be had),
+  ``none`` (``no-policy-found``) or, for an MX host DANE applies to (or whose TLSA lookup
+  failed), ``tlsa:<mx host>`` (``policy-type: tlsa``, its TLSA records as the policy strings);
 - ``["ok", domain, pkey]`` → successful TLS sessions;
 - ``["fail", domain, pkey, result-type, sending-mta-ip, receiving-mx-hostname, receiving-ip,
   failure-reason-code]`` → failed sessions.
@@ -19,7 +20,10 @@ a connection that never got to EHLO and mode ``none`` are no TLS sessions). Resu
 name and dates of the leaf are checked afterwards: ``Attempt.verify_code``); a broken
 handshake, a host remembered as broken, an MX host outside the MTA-STS policy →
 ``validation-failure`` (with a failure-reason-code); the policy fetch →
-``sts-policy-fetch-error`` / ``sts-policy-invalid`` / ``sts-webpki-invalid``. Routed mail is
+``sts-policy-fetch-error`` / ``sts-policy-invalid`` / ``sts-webpki-invalid``; DANE (§4.3.2.1): a
+certificate that matched no TLSA record → ``tlsa-invalid``, a failed TLSA lookup →
+``dnssec-invalid``, an MX host a REQUIRETLS message could not use because its MX records were not
+DNSSEC-validated (RFC 8689 §4.2.1) → ``dane-required``. Routed mail is
 not recorded (no policy domain's MX was involved). Hashes expire after :data:`RETENTION`.
 
 Reporting (``tlsrelay tlsrpt build --date YYYY-MM-DD``): :func:`build` reads the day's hash and
@@ -59,7 +63,8 @@ import redis
 
 from services.common import spool
 from services.common.model import Envelope, new_message_id
-from services.deliver import mtasts
+from services.deliver import dane, mtasts
+from services.deliver.dane import DaneRound
 from services.deliver.session import Attempt
 from services.deliver.tls import Outcome as TlsOutcome
 
@@ -95,6 +100,8 @@ class StsRound:
     skipped: list[str] = field(default_factory=list)  # MX hosts outside the enforced policy
     error: str | None = None  # the lookup's failure (a cached policy may still apply)
     error_type: str | None = None  # its RFC 8460 result type
+    dane: DaneRound | None = None  # DANE's part (None: DANE is not active)
+    requiretls_skipped: list[str] = field(default_factory=list)  # RFC 8689 §4.2.1: not validated
 
     @property
     def mode(self) -> str | None:
@@ -118,9 +125,12 @@ def classify(attempt: Attempt, round_: StsRound) -> tuple[str, str] | None:
     outcome = attempt.outcome
     if attempt.reused or outcome is None or outcome is TlsOutcome.DISABLED:
         return None
+    if outcome is TlsOutcome.DANE_FAILED:
+        return "tlsa-invalid", ""  # §4.3.2.1: the certificate matched no TLSA record
     policy = round_.policy
     tested = policy is not None and policy.mode != mtasts.NONE
-    if tested and policy and not mtasts.mx_matches(attempt.peer.host, policy.mx):
+    sts_host = _pkey(round_, attempt.peer.host) == policy_key(round_)
+    if sts_host and tested and policy and not mtasts.mx_matches(attempt.peer.host, policy.mx):
         return "validation-failure", "mx-not-in-policy"  # only seen in testing mode
     checked = outcome is TlsOutcome.TLS and attempt.verify_code is not None  # testing mode
     if outcome is TlsOutcome.VERIFY_FAILED or checked:
@@ -129,7 +139,7 @@ def classify(attempt: Attempt, round_: StsRound) -> tuple[str, str] | None:
         if attempt.verify_code == mtasts.CERT_HAS_EXPIRED:
             return "certificate-expired", ""
         return "certificate-not-trusted", ""
-    if outcome in (TlsOutcome.TLS, TlsOutcome.TLS_VERIFIED):
+    if outcome in (TlsOutcome.TLS, TlsOutcome.TLS_VERIFIED, TlsOutcome.DANE_VERIFIED):
         return SUCCESS, ""
     if outcome is TlsOutcome.NOT_OFFERED:
         return "starttls-not-supported", ""
@@ -137,13 +147,32 @@ def classify(attempt: Attempt, round_: StsRound) -> tuple[str, str] | None:
 
 
 def policy_key(round_: StsRound) -> str:
+    """The key of the domain's own (MTA-STS or no) policy."""
     if round_.policy is not None:
         return f"sts:{round_.policy.id}"
     return "sts" if round_.error_type else "none"
 
 
-def policy_object(round_: StsRound) -> dict[str, Any]:
-    """RFC 8460 §4.4 ``policy``: what applied to the domain."""
+def _pkey(round_: StsRound, host: str) -> str:
+    """The policy of one MX host: its TLSA RRset (``tlsa:<host>``) where DANE applies to it
+    (or its TLSA lookup failed), else the domain's."""
+    found = round_.dane.status_of(host) if round_.dane is not None else None
+    if found is not None and (found.applies or found.status == dane.LOOKUP_ERROR):
+        return f"tlsa:{host}"
+    return policy_key(round_)
+
+
+def policy_object(round_: StsRound, pkey: str | None = None) -> dict[str, Any]:
+    """RFC 8460 §4.4 ``policy``: what applied to the domain (or, ``pkey`` ``tlsa:<host>``, to
+    that MX host: ``policy-type: tlsa`` with its TLSA records as the policy strings)."""
+    if pkey is not None and pkey.startswith("tlsa:"):
+        host = pkey.removeprefix("tlsa:")
+        found = round_.dane.status_of(host) if round_.dane is not None else None
+        tlsa: dict[str, Any] = {"policy-type": "tlsa", "policy-domain": round_.domain}
+        if found is not None and found.records:
+            tlsa["policy-string"] = [str(r) for r in found.records]
+        tlsa["mx-host"] = [host]
+        return tlsa
     policy = round_.policy
     if policy is None and not round_.error_type:
         return {"policy-type": "no-policy-found", "policy-domain": round_.domain}
@@ -157,43 +186,65 @@ def policy_object(round_: StsRound) -> dict[str, Any]:
 Detail = tuple[str, str, str, str, str]  # result type, sending IP, MX host, MX IP, reason code
 
 
-def tally(round_: StsRound, attempts: Sequence[Attempt]) -> tuple[int, dict[Detail, int]]:
-    """Successful sessions, and failed ones by (result type, sending IP, MX, IP, reason)."""
-    successes, failures = 0, dict[Detail, int]()
+@dataclass
+class _Tally:
+    successes: int = 0
+    failures: dict[Detail, int] = field(default_factory=dict)
+
+    def fail(self, detail: Detail) -> None:
+        self.failures[detail] = self.failures.get(detail, 0) + 1
+
+
+def tally(round_: StsRound, attempts: Sequence[Attempt]) -> dict[str, _Tally]:
+    """Per policy key: successful sessions, and failed ones by (result type, sending IP, MX,
+    IP, reason)."""
+    found: dict[str, _Tally] = {}
     for attempt in attempts:
-        found = classify(attempt, round_)
-        if found is None:
+        result = classify(attempt, round_)
+        if result is None:
             continue
-        if found[0] == SUCCESS:
-            successes += 1
+        entry = found.setdefault(_pkey(round_, attempt.peer.host), _Tally())
+        if result[0] == SUCCESS:
+            entry.successes += 1
             continue
         peer = attempt.peer
-        detail = (found[0], attempt.local_address or "", peer.host, peer.address, found[1])
-        failures[detail] = failures.get(detail, 0) + 1
+        entry.fail((result[0], attempt.local_address or "", peer.host, peer.address, result[1]))
+    domain_key = policy_key(round_)
     for host in round_.skipped:
-        detail = ("validation-failure", "", host, "", "mx-not-in-policy")
-        failures[detail] = failures.get(detail, 0) + 1
+        found.setdefault(domain_key, _Tally()).fail(
+            ("validation-failure", "", host, "", "mx-not-in-policy")
+        )
+    for host in round_.requiretls_skipped:  # RFC 8689 §4.2.1: no validated MX record
+        found.setdefault(_pkey(round_, host), _Tally()).fail(("dane-required", "", host, "", ""))
     if round_.error_type:
         detail = (round_.error_type, "", "", "", (round_.error or "")[:200])
-        failures[detail] = failures.get(detail, 0) + 1
-    return successes, failures
+        found.setdefault(domain_key, _Tally()).fail(detail)
+    for status in round_.dane.hosts if round_.dane is not None else ():
+        if status.status == dane.LOOKUP_ERROR:  # §4.3.2.1: no valid records from the resolver
+            detail = ("dnssec-invalid", "", status.host, "", status.error[:200])
+            found.setdefault(_pkey(round_, status.host), _Tally()).fail(detail)
+    return found
 
 
 def stage(
     pipe: redis.client.Pipeline, round_: StsRound, attempts: Sequence[Attempt], now: float
 ) -> int:
     """Buffer this round's counts into ``pipe``; return the number of failures counted."""
-    successes, failures = tally(round_, attempts)
-    if not successes and not failures:
-        return 0
-    key, domain, pkey = day_key(utc_day(now)), round_.domain, policy_key(round_)
-    pipe.hset(key, json.dumps(["policy", domain, pkey]), json.dumps(policy_object(round_)))
-    if successes:
-        pipe.hincrby(key, json.dumps(["ok", domain, pkey]), successes)
-    for detail, count in failures.items():
-        pipe.hincrby(key, json.dumps(["fail", domain, pkey, *detail]), count)
-    pipe.expire(key, RETENTION)
-    return sum(failures.values())
+    key, domain, counted, staged = day_key(utc_day(now)), round_.domain, 0, False
+    for pkey, entry in tally(round_, attempts).items():
+        if not entry.successes and not entry.failures:
+            continue
+        staged = True
+        policy = json.dumps(policy_object(round_, pkey))
+        pipe.hset(key, json.dumps(["policy", domain, pkey]), policy)
+        if entry.successes:
+            pipe.hincrby(key, json.dumps(["ok", domain, pkey]), entry.successes)
+        for detail, count in entry.failures.items():
+            pipe.hincrby(key, json.dumps(["fail", domain, pkey, *detail]), count)
+        counted += sum(entry.failures.values())
+    if staged:
+        pipe.expire(key, RETENTION)
+    return counted
 
 
 # --------------------------------------------------------------------------- reports

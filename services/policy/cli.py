@@ -6,7 +6,9 @@
 - ``tlsrelay rules explain --config FILE --from ADDR --to ADDR [--to ADDR ...] [--requiretls]
   [MESSAGE.eml]``: run ``decide`` on that envelope (and message; without one, content conditions
   see an empty message) and print, per destination domain, the TLS mode, the route, the
-  circumstances and the reasons (a rule stopped by its ``unless`` says so). Exit 0; a bad
+  circumstances and the reasons (a rule stopped by its ``unless`` says so); for a domain
+  delivered to its MX hosts, that DANE and MTA-STS are decided at delivery time (they depend on
+  DNS and the destination's policy, not on the message) and whether each is on. Exit 0; a bad
   config or an unreadable message exits 1; an ADDR that is not ``local@domain`` is a usage
   error (exit 2).
 
@@ -127,15 +129,33 @@ def explain_rules(config: Config, args: argparse.Namespace) -> int:
     )
     ruleset = Ruleset.from_config(config)
     for decision in decide(facts_from_message(envelope, raw, ruleset), ruleset):
-        print("\n".join(describe_decision(decision)))
+        print("\n".join(describe_decision(decision, config)))
     return EXIT_OK
 
 
-def describe_decision(decision: Decision) -> list[str]:
+def describe_decision(decision: Decision, config: Config | None = None) -> list[str]:
     """The lines ``rules explain`` prints for one destination domain."""
     lines = [f"{decision.domain}: tls {decision.tls.label}"]
     if decision.override_route is not None:
         lines.append(f"  route: {decision.override_route}")
     lines.append(f"  circumstances: {', '.join(decision.circumstances)}")
     lines.extend(f"  - {reason}" for reason in decision.reasons)
+    if decision.override_route is None and config is not None:
+        lines.append(f"  {destination_policies(config)}")
     return lines
+
+
+def destination_policies(config: Config) -> str:
+    """What ``rules explain`` says of MX destinations: DANE and MTA-STS are not the rules'."""
+    delivery = config.delivery
+    sts = "on" if delivery.mta_sts else "off"
+    if delivery.dane_active:
+        dane = "on"
+    elif delivery.dane:
+        dane = "off (delivery.dnssec is none)"
+    else:
+        dane = "off"
+    return (
+        "MX delivery: DANE and MTA-STS are decided at delivery time and may raise this mode "
+        f"(dane {dane}, mta_sts {sts}); never for a domain in delivery.routes"
+    )
