@@ -20,6 +20,7 @@ I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common import spool
 from services.common.jobs import Job
@@ -45,9 +46,15 @@ class Outcome:
     skipped: str = ""  # not tried: why (the destination failed earlier in the same batch)
     decision: Decision | None = None  # the effective decision, when MTA-STS changed it
     sts: tlsrpt.StsRound | None = None  # MTA-STS and TLSRPT facts (None: routed mail)
+    # A traffic-shaping limit stopped the round before anything was sent
+    # (services.deliver.shaping.Throttle): the job waits, parked, not an attempt.
+    throttled: Any = None
 
     def not_tried(self, pending: list[str]) -> Outcome:
-        """The outcome for another job of the batch to this unreachable destination."""
+        """The outcome for another job of the batch to this unreachable (or throttled)
+        destination."""
+        if self.throttled is not None:
+            return Outcome(throttled=self.throttled, decision=self.decision)
         reply = next(iter(self.deferred.values()), NO_HOST)
         skipped = f"not tried: the destination failed for an earlier message just now: {reply}"
         return Outcome(

@@ -48,6 +48,7 @@ from services.deliver import dsn, observe, scheduler, tlsrpt
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
 from services.deliver.session import Peer
+from services.deliver.shaping import Throttle
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -365,6 +366,32 @@ class Ledger:
             pipe.rpush(spool.trace_key(message_id), spool.event("error", domain=domain))
             pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
             pipe.execute()
+
+    # ----------------------------------------------------------------- traffic shaping
+
+    def throttle(self, job: Job, claim: Claim, throttle: Throttle, expires: float) -> None:
+        """A shaping limit stopped the job's round before anything was sent: it waits in the
+        deferred set, due when the limit permits (never after its expiry), marked as throttled
+        — the same attempt and retry step, nothing recorded for its recipients — and leaves
+        ``waiting:deliver`` as a deferral does (the scheduler queues it again when due, so the
+        rescue sweep sees it as queued). One transaction, releasing the claim (and the
+        in-flight mark: no DATA went out in this round)."""
+        message_id, domain = job.key
+        due = min(time.time() + throttle.wait, expires)
+        site = throttle.site
+        with self.client.pipeline(transaction=True) as pipe:
+            scheduler.stage_deferral(pipe, job.throttle(throttle.reason, site.id), due)
+            pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
+            pipe.delete(spool.in_flight_key(message_id, domain))
+            self.claims.stage_release(pipe, claim.key)
+            event = spool.event(
+                "throttled", domain=domain, reason=throttle.reason, site=site.id,
+                due=round(due, 3),
+            )  # fmt: skip
+            pipe.rpush(spool.trace_key(message_id), event)
+            pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
+            pipe.execute()
+        observe.throttled(site.label, throttle.reason)
 
     # ----------------------------------------------------------------- out of time
 

@@ -31,6 +31,7 @@ from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
 from services.deliver import mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
+from services.deliver.shaping import Gate, Lease
 from services.deliver.tls import Action, Outcome, Situation
 from services.deliver.tlscontext import tls_context
 
@@ -111,6 +112,12 @@ class Attempt:
     reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
+    # The destination's own reply lines at the greeting, MAIL and RCPT that were not a success
+    # (never a reply of ours): what traffic shaping's back-off looks at.
+    server_replies: list[str] = field(default_factory=list)
+    # No session could be had: a shaping limit (services.deliver.shaping.Throttle); nothing
+    # was tried, and the round waits (not an attempt).
+    throttled: Any = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,18 +151,31 @@ async def attempt(
     timeouts: Timeouts,
     hooks: Hooks = Hooks(),
     pool: ConnectionPool | None = None,
+    gate: Gate | None = None,
 ) -> Attempt:
-    """One attempt; with a ``pool``, on a parked session for the same key when there is one."""
+    """One attempt; with a ``pool``, on a parked session for the same key when there is one.
+    With a ``gate`` (traffic shaping), a new session needs a connection lease from it first:
+    when none can be had, the attempt ends ``throttled`` without connecting."""
     started = time.monotonic()
-    key = _pool_key(peer, settings)
+    key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
     pooled = await _reusable(pool, key) if pool is not None else None
+    lease = pooled.lease if pooled is not None else None
+    if pooled is None and gate is not None:
+        got = await gate.lease()
+        if not isinstance(got, Lease):
+            return Attempt(peer=peer, mode=settings.mode, throttled=got)
+        lease = got
     result = await _attempt(
-        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled
+        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled, gate, lease
     )
     if pooled is not None and result.next_host and not result.data_sent:
-        # The parked session died under us (before DATA): try once more on a fresh one.
+        # The parked session died under us (before DATA): try once more on a fresh one, with
+        # the lease it held (given back to the round's gate when it closed).
+        lease = await gate.lease() if gate is not None else None
+        if lease is not None and not isinstance(lease, Lease):
+            return Attempt(peer=peer, mode=settings.mode, throttled=lease)
         result = await _attempt(
-            peer, envelope, recipients, body, settings, timeouts, hooks, pool, None
+            peer, envelope, recipients, body, settings, timeouts, hooks, pool, None, gate, lease
         )
     observe.attempt(result, time.monotonic() - started)
     return result
@@ -171,9 +191,14 @@ async def _attempt(
     hooks: Hooks,
     pool: ConnectionPool | None,
     pooled: Pooled | None,
+    gate: Gate | None = None,
+    lease: Lease | None = None,
 ) -> Attempt:
+    """``lease``: the session's connection lease (shaping); it stays with the session when it
+    is parked, else it goes back to ``gate`` (for the round's next address) when it closes."""
     result = Attempt(peer=peer, mode=settings.mode)
     smtp: aiosmtplib.SMTP | None = None
+    parked = False
     try:
         if pooled is not None:
             smtp = pooled.smtp
@@ -196,15 +221,20 @@ async def _attempt(
             smtp = None
         raise
     finally:
-        if smtp is not None and not _park(pool, peer, settings, smtp, result, pooled):
-            await _close(smtp)
+        if smtp is not None:
+            max_uses = gate.site.limits.messages_per_connection if gate is not None else None
+            parked = _park(pool, peer, settings, smtp, result, pooled, lease, max_uses, gate)
+            if not parked:
+                await _close(smtp)
+        if not parked and gate is not None:
+            gate.give_back(lease)
     return result
 
 
-def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
+def _pool_key(peer: Peer, settings: TlsSettings, site: str = "") -> PoolKey:
     return PoolKey(
         peer.address, peer.port, int(settings.mode), settings.ca_file, settings.client_cert,
-        peer.tls_name,
+        peer.tls_name, site,
     )  # fmt: skip
 
 
@@ -219,9 +249,9 @@ async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
             await pooled.smtp.rset()
             return pooled
         except Exception:  # dead, timed out by the server, or a stale reply in the buffer
-            pooled.smtp.close()
+            pool.drop(pooled)
         except BaseException:  # cancelled
-            pooled.smtp.close()
+            pool.drop(pooled)
             raise
     return None
 
@@ -233,16 +263,23 @@ def _park(
     smtp: aiosmtplib.SMTP,
     result: Attempt,
     pooled: Pooled | None,
+    lease: Lease | None = None,
+    max_uses: int | None = None,
+    gate: Gate | None = None,
 ) -> bool:
     """Keep the session for the next delivery unless it failed or fell out of step; one whose
-    transaction did not end with a 250 to the final dot is parked unclean (RSET before reuse)."""
+    transaction did not end with a 250 to the final dot is parked unclean (RSET before reuse).
+    A session whose lease was lost (it expired: another worker may hold it now) is closed."""
     if pool is None or result.next_host or result.desync or not smtp.is_connected:
+        return False
+    if lease is not None and lease.lost:
         return False
     uses = pooled.uses + 1 if pooled is not None else 1
     parked = Pooled(
-        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean
-    )
-    return pool.give(_pool_key(peer, settings), parked)
+        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean,
+        lease=lease, max_uses=max_uses,
+    )  # fmt: skip
+    return pool.give(_pool_key(peer, settings, gate.site.id if gate else ""), parked)
 
 
 async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.SMTP:
@@ -264,6 +301,8 @@ async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.S
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError):  # the greeting itself
+            _heard(result, exc)
         raise _NextHost(_server_reply(exc)) from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
@@ -375,6 +414,7 @@ async def _transaction(
     try:
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
+        _heard(result, exc)
         if exc.code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
             result.desync = True
             why = f"MAIL out of sequence: {_reply(exc)}"
@@ -402,6 +442,7 @@ async def _recipients(
             await smtp.rcpt(rcpt)
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
+            _heard(result, exc)
             result.replies[rcpt] = _server_reply(exc)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
@@ -470,6 +511,13 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         await asyncio.wait_for(smtp.quit(), timeout=5)
     except Exception:
         smtp.close()
+
+
+def _heard(result: Attempt, exc: aiosmtplib.SMTPResponseException) -> None:
+    """Note the destination's reply line (a real reply, not aiosmtplib's code -1) for the
+    back-off patterns (services/deliver/shaping.py)."""
+    if 200 <= exc.code < 600:
+        result.server_replies.append(f"{exc.code} {' '.join(exc.message.split())[:500]}")
 
 
 def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
