@@ -112,16 +112,16 @@ def test_four_processes_never_open_more_than_the_sites_limit(world: World) -> No
 
 
 def test_a_rate_holds_across_workers(world: World) -> None:
-    message_id = send_many(world, "rate", 30, "rated")
+    message_id = send_many(world, "rate", 55, "rated")  # 5 at once, then 5/s: 10 s
     world.wait_completed(message_id, timeout=90)
     arrivals = sorted(RATE_ARRIVALS)
-    assert len(arrivals) == 30
+    assert len(arrivals) == 55
     # GCRA with a burst of the rate's count: any stretch of t seconds holds at most 5 t + 5
     # arrivals (one more for clocks: the sink's is not Redis's).
     for i, first in enumerate(arrivals):
         for j in range(i, len(arrivals)):
             assert j - i + 1 <= 5 * (arrivals[j] - first) + 6, (i, j, arrivals)
-    assert arrivals[-1] - arrivals[0] >= (30 - 5) / 5 * 0.8, "the rate held it back"
+    assert arrivals[-1] - arrivals[0] >= (55 - 5) / 5 * 0.9, "the rate held it back"
 
 
 def test_throttling_replies_lower_the_sites_concurrency(world: World) -> None:

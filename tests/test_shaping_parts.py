@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from services.common.model import Decision, TlsMode
 from services.common.redisserver import EmbeddedRedis
 from services.deliver import shaping
 from services.deliver.shaping import Lease, Shaper, Throttle
+from tests.peers import Sink
+from tests.test_batching import deliver, queue_jobs, write_config
 
 SHAPED = """\
 delivery:
@@ -266,3 +269,74 @@ def test_the_site_gauges_read_redis(store: redis.Redis, valkey: EmbeddedRedis) -
     assert shaping.prune_sites(store, time.time()) == 0, "recently seen sites stay"
     assert shaping.prune_sites(store, time.time() + 2 * shaping.SITE_MEMORY) == 2
     assert not store.exists(spool.SHAPING_SITES), "unseen for a day, their leases long gone"
+
+
+# --------------------------------------------------------------------------- in a deliverer
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink("plain").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def shaped(tmp_path: Path, valkey: EmbeddedRedis, sink: Sink, **limits: object) -> Config:
+    settings = {
+        "redis_url": valkey.url,
+        "delivery": {
+            "routes": {"shaped.test": sink.address_text},
+            "shaping": {"sites": [{"name": "s", "match": [sink.address_text], **limits}]},
+        },
+    }
+    return write_config(tmp_path / "c.yaml", settings)
+
+
+def test_a_redis_error_at_the_lease_sends_nothing_and_loses_nothing(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    config = shaped(tmp_path, valkey, sink)
+    jobs = queue_jobs(store, "shaped.test", 2)
+
+    def unreachable(self: Shaper, site: shaping.Site) -> object:
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Shaper, "_take", unreachable)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            deliver(config, store, jobs)  # the task is then parked for a retry (retry.py)
+    assert sink.connections == 0 and sink.messages == []
+    assert not store.keys(spool.rcpt_key("*")), "nothing recorded: every recipient still pending"
+    assert not store.keys(spool.claim_key("*", "*")), "claims released"
+    outcomes = deliver(config, store, jobs)  # the retry
+    assert [len(o.delivered) for o in outcomes if o is not None] == [1, 1]
+    assert len(sink.messages) == 2
+
+
+def test_a_batch_that_meets_the_limit_is_parked_as_throttled(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    config = shaped(tmp_path, valkey, sink, connections=1)
+    jobs = queue_jobs(store, "shaped.test", 3)
+    leases = spool.site_key("leases", "s")
+    store.zadd(leases, {"another-worker": time.time() + 3600})  # holds the only connection
+    assert deliver(config, store, jobs) == [None, None, None]
+    assert sink.connections == 0
+    members: list[bytes] = store.zrange(spool.DEFERRED, 0, -1)  # type: ignore[assignment]
+    parked = [json.loads(m) for m in members]
+    assert sorted(p["id"] for p in parked) == sorted(j["id"] for j in jobs)
+    assert all(p["throttled"] == {"reason": "connections", "site": "s"} for p in parked)
+    assert all(p["attempt"] == 1 and "last_error" not in p for p in parked), "not an attempt"
+    for job in jobs:
+        kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
+        assert "throttled" in kinds and "attempt" not in kinds and "deferred" not in kinds
+    store.delete(leases)
+    again = [Job.from_json(p).to_json() for p in parked]
+    outcomes = deliver(config, store, again)
+    assert [len(o.delivered) for o in outcomes if o is not None] == [1, 1, 1]
+    assert len(sink.messages) == 3 and sink.peak_connections == 1

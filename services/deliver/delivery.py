@@ -20,7 +20,6 @@ I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from services.common import spool
 from services.common.jobs import Job
@@ -28,6 +27,7 @@ from services.common.model import Decision, Envelope, Reply
 from services.common.values import format_duration
 from services.deliver import tlsrpt
 from services.deliver.session import Attempt
+from services.deliver.shaping import Throttle
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")
 
@@ -48,7 +48,7 @@ class Outcome:
     sts: tlsrpt.StsRound | None = None  # MTA-STS and TLSRPT facts (None: routed mail)
     # A traffic-shaping limit stopped the round before anything was sent
     # (services.deliver.shaping.Throttle): the job waits, parked, not an attempt.
-    throttled: Any = None
+    throttled: Throttle | None = None
 
     def not_tried(self, pending: list[str]) -> Outcome:
         """The outcome for another job of the batch to this unreachable (or throttled)

@@ -29,11 +29,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
 from services.deliver.tls import Outcome
+
+if TYPE_CHECKING:
+    from services.deliver.shaping import Lease
 
 RECHECK_AFTER = 2.0  # seconds parked after which a session is checked with RSET before use
 QUIT_TIMEOUT = 5.0  # seconds a dropped session's QUIT may take before it is cut
@@ -63,7 +66,7 @@ class Pooled:
     # The last transaction ended with a 250 to the final dot: the server is between
     # transactions, and a session parked a moment ago can take the next MAIL without RSET.
     clean: bool = False
-    lease: Any = None  # its connection lease (services.deliver.shaping.Lease), if shaped
+    lease: Lease | None = None  # its connection lease (traffic shaping)
     max_uses: int | None = None  # transactions per session at its site (None: the pool's)
 
 
@@ -72,7 +75,7 @@ class ConnectionPool:
         self,
         max_messages: int,
         idle_timeout: float,
-        release: Callable[[Any], None] = lambda lease: None,
+        release: Callable[[Lease], None] = lambda lease: None,
     ) -> None:
         self.max_messages = max_messages
         self.idle_timeout = idle_timeout
@@ -136,7 +139,7 @@ class ConnectionPool:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _quit(self, smtp: aiosmtplib.SMTP, lease: Any) -> None:
+    async def _quit(self, smtp: aiosmtplib.SMTP, lease: Lease) -> None:
         try:
             if smtp.is_connected:
                 await asyncio.wait_for(smtp.quit(), timeout=QUIT_TIMEOUT)
@@ -146,7 +149,7 @@ class ConnectionPool:
             smtp.close()
             self.release(lease)
 
-    def leases(self) -> list[Any]:
+    def leases(self) -> list[Lease]:
         """The leases of the parked sessions."""
         return [p.lease for s in self._idle.values() for p in s if p.lease is not None]
 

@@ -194,7 +194,7 @@ def resume(client: redis.Redis, target: str) -> tuple[bool, int]:
     for member, _ in _members(client):
         doc = json.loads(member)
         throttled = doc.get("throttled") or {}
-        hit = target in (str(doc.get("domain", "")).lower(), str(throttled.get("site", "")))
+        hit = target in (str(doc.get("domain", "")).lower(), str(throttled.get("site", "")).lower())
         if throttled.get("reason") == SUSPENDED and hit:
             members.append(member)
     with client.pipeline(transaction=True) as pipe:

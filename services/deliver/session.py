@@ -31,7 +31,7 @@ from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
 from services.deliver import mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
-from services.deliver.shaping import Gate, Lease
+from services.deliver.shaping import Gate, Lease, Throttle
 from services.deliver.tls import Action, Outcome, Situation
 from services.deliver.tlscontext import tls_context
 
@@ -117,7 +117,7 @@ class Attempt:
     server_replies: list[str] = field(default_factory=list)
     # No session could be had: a shaping limit (services.deliver.shaping.Throttle); nothing
     # was tried, and the round waits (not an attempt).
-    throttled: Any = None
+    throttled: Throttle | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,7 +162,7 @@ async def attempt(
     lease = pooled.lease if pooled is not None else None
     if pooled is None and gate is not None:
         got = await gate.lease()
-        if not isinstance(got, Lease):
+        if isinstance(got, Throttle):
             return Attempt(peer=peer, mode=settings.mode, throttled=got)
         lease = got
     result = await _attempt(
@@ -171,9 +171,10 @@ async def attempt(
     if pooled is not None and result.next_host and not result.data_sent:
         # The parked session died under us (before DATA): try once more on a fresh one, with
         # the lease it held (given back to the round's gate when it closed).
-        lease = await gate.lease() if gate is not None else None
-        if lease is not None and not isinstance(lease, Lease):
-            return Attempt(peer=peer, mode=settings.mode, throttled=lease)
+        fresh = await gate.lease() if gate is not None else None
+        if isinstance(fresh, Throttle):
+            return Attempt(peer=peer, mode=settings.mode, throttled=fresh)
+        lease = fresh
         result = await _attempt(
             peer, envelope, recipients, body, settings, timeouts, hooks, pool, None, gate, lease
         )
