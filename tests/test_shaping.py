@@ -94,10 +94,15 @@ def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def sites(world: World) -> dict[str, dict[str, Any]]:
+def sites_json(world: World) -> dict[str, Any]:
     done = cli(world, "sites", "--json")
     assert done.returncode == 0, done.stderr
-    return {s["site"]: s for s in json.loads(done.stdout)["sites"]}
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
+
+
+def sites(world: World) -> dict[str, dict[str, Any]]:
+    return {s["site"]: s for s in sites_json(world)["sites"]}
 
 
 def test_four_processes_never_open_more_than_the_sites_limit(world: World) -> None:
@@ -149,6 +154,9 @@ def test_suspend_then_resume(world: World) -> None:
     assert mine and mine[0]["throttled"] == "suspended" and mine[0]["attempts"] == 0
     state = sites(world)["susp"]
     assert state["suspended"]["reason"] == "provider asked" and state["waiting"] == 1
+    assert sites_json(world)["suspensions"]["susp"]["label"] == "susp"
+    refused = cli(world, "suspend", "default")
+    assert refused.returncode == 2 and "label of every site" in refused.stderr
     assert susp.connections == 0 and not world.events(message_id, "attempt")
 
     done = cli(world, "resume", "susp")

@@ -237,7 +237,11 @@ def test_suspension_by_domain_or_site(store: redis.Redis) -> None:
     shaper._suspended_at = -1e9  # as after SUSPENSION_REFRESH
     stopped = shaper.suspended(s, "x.example")
     assert stopped is not None and stopped.reason == "suspended"
-    store.delete(spool.SHAPING_SUSPENDED)
+    store.delete(spool.SHAPING_SUSPENDED)  # resumed: a copy saying "suspended" is read again
+    assert shaper.suspended(s, "x.example") is None, "never a stale suspension after resume"
+    store.hset(spool.SHAPING_SUSPENDED, "default", json.dumps({"until": None, "reason": ""}))
+    shaper._suspended_at = -1e9
+    assert shaper.suspended(s, "x.example") is None, "a label is not a site"
     store.hset(spool.SHAPING_SUSPENDED, "x.example", json.dumps({"until": 1, "reason": ""}))
     shaper._suspended_at = -1e9
     assert shaper.suspended(s, "x.example") is None, "expired"

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.config import Config
+from services.common.config import DEFAULT_SITE, Config
 from services.common.values import format_duration, parse_duration
 
 if TYPE_CHECKING:
@@ -121,9 +121,16 @@ def _shaping(config: Config, client: redis.Redis, args: argparse.Namespace) -> i
     from services.deliver import queue as deferred
 
     if args.action == "sites":
-        return _print_sites(deferred.sites(config, client), args.json)
+        return _print_sites(deferred.sites(config, client), deferred.suspensions(client), args.json)
     if not args.id:
         print(f"tlsrelay queue {args.action}: a domain or site is required", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "suspend" and args.id.lower() == DEFAULT_SITE:
+        print(
+            "tlsrelay queue suspend: 'default' is the label of every site without an entry of "
+            "its own; name a domain, a configured site or a site id (tlsrelay queue sites)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.action == "suspend":
         doc = deferred.suspend(config, client, args.id, args.duration, args.reason)
@@ -138,10 +145,10 @@ def _shaping(config: Config, client: redis.Redis, args: argparse.Namespace) -> i
     return 0
 
 
-def _print_sites(states: list[Any], as_json: bool) -> int:
+def _print_sites(states: list[Any], suspensions: dict[str, Any], as_json: bool) -> int:
     docs = [s.to_json() for s in states]
     if as_json:
-        print(json.dumps({"sites": docs}, indent=2))
+        print(json.dumps({"sites": docs, "suspensions": suspensions}, indent=2))
         return 0
     print(f"{'SITE':<28} {'LABEL':<12} {'CONN':>9} {'RATE':>10} {'BACKOFF':>7} {'WAIT':>5}  STATE")
     for d in docs:
@@ -149,14 +156,17 @@ def _print_sites(states: list[Any], as_json: bool) -> int:
         rate = f"{d['messages_this_minute'] or 0}/min" if d["rate"] else "-"
         stop = d["suspended"]
         state = (
-            "suspended" + (f": {stop['reason']}" if stop and stop["reason"] else "")
-            if stop
-            else "ok"
+            "ok" if not stop else "suspended" + (f": {stop['reason']}" if stop["reason"] else "")
         )
         print(
             f"{d['site'][:28]:<28} {d['label'][:12]:<12} {conns:>9} {rate:>10} "
             f"{d['backoff_steps']:>7} {d['waiting']:>5}  {state}"
         )
+    for target, stop in sorted(suspensions.items()):
+        until = stop.get("until")
+        left = f"for {format_duration(float(until) - time.time())}" if until else "until resumed"
+        why = f": {stop['reason']}" if stop.get("reason") else ""
+        print(f"suspended {target} {left}{why}")
     print(f"-- {len(docs)} sites")
     return 0
 

@@ -248,6 +248,16 @@ def sites(config: Config, client: redis.Redis) -> list[SiteState]:
     return [s for s in states if s.id in configured or s.connections or s.waiting or s.suspended]
 
 
+def suspensions(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Every suspension in force (target → at, until, reason, label); expired ones are
+    forgotten here."""
+    now, found = time.time(), _hash(client, spool.SHAPING_SUSPENDED)
+    over = [t for t, doc in found.items() if doc.get("until") and float(doc["until"]) <= now]
+    if over:
+        client.hdel(spool.SHAPING_SUSPENDED, *over)
+    return {t: doc for t, doc in found.items() if t not in over}
+
+
 def _hash(client: redis.Redis, key: str) -> dict[str, dict[str, Any]]:
     raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
     return {k.decode(): json.loads(v) for k, v in raw.items()}
@@ -275,7 +285,7 @@ def _state(
         steps = max(0, steps - int((now - float(at_raw)) // backoff.recover_after))
     limit = max(1, int(limits.connections * backoff.factor**steps))
     label = str(doc.get("label", DEFAULT_SITE))
-    stop = next((suspended[t] for t in (site_id.lower(), label.lower()) if t in suspended), None)
+    stop = suspended.get(site_id.lower())
     if stop is not None and stop.get("until") and float(stop["until"]) <= now:
         stop = None
     return SiteState(

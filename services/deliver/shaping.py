@@ -294,13 +294,27 @@ class Shaper:
         return site_of(self.config, domain, hosts)
 
     def suspended(self, site: Site, domain: str) -> Throttle | None:
-        """A suspension of the domain, the site's id or its configured name, if any."""
+        """A suspension of the domain or the site (its configured name, or its id), if any.
+        The suspensions are read at most once per :data:`SUSPENSION_REFRESH`; a copy that says
+        "suspended" is read again first, so a round never waits on a stale copy after
+        ``resume`` (that costs a Redis call only for rounds that are not sent anyway)."""
         now = time.time()
-        if now - self._suspended_at >= SUSPENSION_REFRESH:
-            raw: dict[bytes, bytes] = self.client.hgetall(spool.SHAPING_SUSPENDED)  # type: ignore[assignment]
-            self._suspended = {k.decode(): json.loads(v) for k, v in raw.items()}
-            self._suspended_at = now
-        for target in (domain.lower(), site.id.lower(), site.label.lower()):
+        fresh = now - self._suspended_at < SUSPENSION_REFRESH
+        if not fresh:
+            self._read_suspensions(now)
+        throttle = self._suspension(site, domain, now)
+        if throttle is not None and fresh:
+            self._read_suspensions(now)
+            throttle = self._suspension(site, domain, now)
+        return throttle
+
+    def _read_suspensions(self, now: float) -> None:
+        raw: dict[bytes, bytes] = self.client.hgetall(spool.SHAPING_SUSPENDED)  # type: ignore[assignment]
+        self._suspended = {k.decode(): json.loads(v) for k, v in raw.items()}
+        self._suspended_at = now
+
+    def _suspension(self, site: Site, domain: str, now: float) -> Throttle | None:
+        for target in (domain.lower(), site.id.lower()):
             entry = self._suspended.get(target)
             until = float(entry.get("until") or 0) if entry else 0.0  # type: ignore[arg-type]
             if entry is not None and (not until or until > now):
