@@ -56,6 +56,7 @@ def settings(world: World) -> dict[str, Any]:
     return {
         "delivery": {
             "concurrency": 4,
+            "reuse_idle_timeout": "3s",
             "routes": {f"*.{name}.test": sinks[name].address_text for name in SITES},
             "shaping": {
                 "sites": [
@@ -114,6 +115,22 @@ def test_four_processes_never_open_more_than_the_sites_limit(world: World) -> No
     assert lim.peak_connections <= 2, lim.summary()
     assert lim.peak_connections == 2, "the limit, not a lack of work, held it"
     assert all(m.tls for m in lim.messages)
+
+
+def test_idle_sessions_close_between_tasks_and_their_leases_go(world: World) -> None:
+    """The worker's event loop runs between tasks: a parked session idle for
+    delivery.reuse_idle_timeout (3 s here) is closed, and its lease released, with no task."""
+    lim = world.sinks["lim"]
+    world.wait_completed(world.send(["u@idle.lim.test"], message("then idle")), timeout=30)
+    with world.client() as client:
+        wait_until(
+            lambda: (
+                lim.open_connections == 0
+                and client.zcount(spool.site_key("leases", "lim"), time.time(), "+inf") == 0
+            ),
+            3 + 2 * shaping.TICK + 3,
+            "the idle session to close and its lease to go",
+        )
 
 
 def test_a_rate_holds_across_workers(world: World) -> None:

@@ -34,7 +34,7 @@ from services.common.jobs import Job, job_key
 from services.common.model import Reply
 from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
-from services.deliver.shaping import SUSPENDED
+from services.deliver.shaping import SUSPENDED, SUSPENSION_REFRESH
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,8 @@ def suspend(
     config: Config, client: redis.Redis, target: str, seconds: float | None, reason: str
 ) -> dict[str, Any]:
     """No attempts to ``target`` (a domain, a site's name or id) for ``seconds`` (None: until
-    resumed); return the suspension as stored."""
+    resumed); return the suspension as stored. Returns once every worker has seen it (about
+    a second later)."""
     target = target.lower().rstrip(".")
     now = time.time()
     doc = {
@@ -181,6 +182,9 @@ def suspend(
         "label": _label(config, client, target),
     }
     client.hset(spool.SHAPING_SUSPENDED, target, json.dumps(doc))
+    # Every worker reads the suspensions at least this often: once it has passed, no round
+    # starts there any more (one under way finishes).
+    time.sleep(SUSPENSION_REFRESH)
     return doc
 
 
