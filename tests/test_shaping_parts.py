@@ -344,3 +344,27 @@ def test_a_batch_that_meets_the_limit_is_parked_as_throttled(
     outcomes = deliver(config, store, again)
     assert [len(o.delivered) for o in outcomes if o is not None] == [1, 1, 1]
     assert len(sink.messages) == 3 and sink.peak_connections == 1
+
+
+def test_a_long_throttled_wait_tells_the_sender_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """delivery.delay_warning_after applies to mail that waits for a limit as to deferred
+    mail: one "delayed" DSN per message, queued with the throttled parking."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.1)
+    config = shaped(tmp_path, valkey, sink, connections=1)
+    config = config.model_copy(
+        update={"delivery": config.delivery.model_copy(update={"delay_warning_after": 0.001})}
+    )
+    jobs = queue_jobs(store, "shaped.test", 1)
+    store.zadd(spool.site_key("leases", "s"), {"another-worker": time.time() + 3600})
+    deliver(config, store, jobs)
+    parked: list[bytes] = store.zrange(spool.DEFERRED, 0, -1)  # type: ignore[assignment]
+    deliver(config, store, [json.loads(m) for m in parked])
+    trace = spool.read_trace(store, jobs[0]["id"])
+    assert [e["event"] for e in trace].count("throttled") == 2
+    dsns = [e for e in trace if e["event"] == "dsn"]
+    assert len(dsns) == 1 and dsns[0]["action"] == "delayed", trace
+    assert store.hget(spool.msg_key(jobs[0]["id"]), "delay_warned")
+    assert sink.connections == 0

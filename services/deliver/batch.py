@@ -224,10 +224,11 @@ class Deliverer:
                 unreachable[key] = outcome
         round_ = self.ledger.round(job, envelope, body, state)
         if outcome.throttled is not None:
+            reply = _throttle_reply(outcome.throttled)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
-                self.ledger.throttle(job, claim, outcome.throttled, round_.expires)
+                self.ledger.throttle(round_, claim, outcome.throttled, reply)
                 return None, None
-            outcome.deferred = dict.fromkeys(pending, _throttle_reply(outcome.throttled))
+            outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
         if upcoming is None:
             return outcome, self.ledger.record(round_, outcome)
         next_claim = self.ledger.record(
@@ -331,9 +332,10 @@ def _throttled_reply(throttle: Throttle | None) -> Reply | None:
 
 
 def _throttle_reply(throttle: Throttle) -> Reply:
-    """The deferral of a round throttled past its message's queue lifetime (then bounced), or
-    of an address after which no lease could be had."""
-    text = f"not tried: traffic shaping ({throttle.reason}) at site {throttle.site.id}"
+    """Why a throttled round's recipients wait (its "delayed" DSN), the deferral of one still
+    throttled at its message's expiry (then bounced), or of an address after which no lease
+    could be had."""
+    text = f"not tried yet: traffic shaping ({throttle.reason}) at site {throttle.site.id}"
     return Reply(451, "4.7.0", text)
 
 
