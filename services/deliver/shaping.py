@@ -76,8 +76,12 @@ CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF = (
 )  # fmt: skip
 REASONS = (CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF)
 
-# Redis time as seconds (a float): every pod compares expiries on the same clock.
-_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1e6\n"
+# Redis time as seconds (a float): every pod compares expiries on the same clock. Writes after
+# TIME need effects replication: the default since Redis 5 (always since 7); asked for on 3.2-4.
+_NOW = (
+    "if redis.replicate_commands then redis.replicate_commands() end\n"
+    "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1e6\n"
+)
 
 # The back-off steps still in force (recovering one per recover_after), written back.
 # KEYS[2] = backoff hash; needs now, factor (ARGV[4]), recover (ARGV[5]), configured (ARGV[3]).
