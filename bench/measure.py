@@ -221,15 +221,18 @@ class Snapshot:
     machine: float  # busy CPU seconds of the whole machine
     own: float  # CPU seconds of this (orchestrating) process
     at: float
+    redis: dict[str, int] = field(default_factory=dict)  # Redis's counts (tlsrelay only)
 
 
-def snapshot(pids: dict[str, int], sink: SinkProcess) -> Snapshot:
+def snapshot(pids: dict[str, int], sink: SinkProcess, target: Target | None = None) -> Snapshot:
     cpu = {n: procstat.tree_cpu(p) for n, p in pids.items()}
     times = os.times()
     stats = sink.stats()
+    calls = getattr(target, "redis_calls", None)  # tlsrelay's Redis (Postfix has none)
     return Snapshot(
-        cpu, stats, procstat.machine_busy(), times.user + times.system, time.monotonic()
-    )
+        cpu, stats, procstat.machine_busy(), times.user + times.system, time.monotonic(),
+        calls() if calls is not None else {},
+    )  # fmt: skip
 
 
 def wait_arrived(
@@ -287,7 +290,7 @@ def measure(
     progress(f"{target.name}: warming up ({warmup} messages)")
     warm_up(target, sink, workload, warmup, root)
     pids = {**target.processes(), "sink": sink.pid}
-    before = snapshot(pids, sink)
+    before = snapshot(pids, sink, target)
     run_id = f"run{int(time.time())}"
     progress(f"{target.name}: sending {workload.messages} messages with {client}")
     with (root / "client.log").open("ab") as log:
@@ -299,7 +302,7 @@ def measure(
     progress(f"{target.name}: client done; waiting for {expected} deliveries")
     base = before.sink["messages"]
     done = wait_arrived(sink, target, base, expected, time.monotonic() + deadline)
-    after = snapshot(pids, sink)
+    after = snapshot(pids, sink, target)
     rss = {name: procstat.peak_rss(pid) for name, pid in pids.items()}
     arrivals = [a for a in sink.arrivals(root / "arrivals.jsonl") if not _is_warmup(a.id)]
     return Measurement(
@@ -393,6 +396,10 @@ def report(m: Measurement) -> dict[str, Any]:
         "peak_rss_mb": {
             name: [{"pid": p.pid, "role": p.role, "mb": round(p.peak_kb / 1024, 1)} for p in procs]
             for name, procs in m.rss.items()
+        },
+        "redis_per_msg": {
+            k: round((m.after.redis[k] - m.before.redis.get(k, 0)) / w.messages, 3)
+            for k in m.after.redis
         },
         "other_load_cores": round(other / window, 2) if window > 0 else 0.0,
         "complete_before_deadline": m.complete,

@@ -38,6 +38,12 @@ def table(r: dict[str, Any]) -> str:
         + ", ".join(f"{k} {cpu[k]:.2f}" for k in services)
         + f"  = {cpu['relay_total']:.2f}   (sink {cpu['sink']:.2f}, client {cpu['client']:.2f})",
     ]
+    calls = r.get("redis_per_msg") or {}
+    if calls:
+        lines.append(
+            f"  Redis per msg       {calls['commands']:>9.2f} commands (Lua's included), "
+            f"{calls['scripts']:.3f} script calls (EVAL/EVALSHA: one round trip each)"
+        )
     busy = r["other_load_cores"]
     note = "  ← ≥ 0.1: was the machine quiet? (README: other load)" if busy >= 0.1 else ""
     lines.append(f"  other load          {busy:>9.2f} cores (not in the processes measured){note}")

@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         "policy": "run a policy (classification) worker",
         "deliver": "run a deliver worker",
         "trace": "print the event log of one message",
-        "queue": "list deferred mail; 'queue retry [ID]' makes it due now; 'queue bounce ID'",
+        "queue": "list deferred mail; 'queue retry [ID]' makes it due now; 'queue bounce ID'; "
+        "'queue suspend|resume DOMAIN|SITE', 'queue sites' (traffic shaping)",
         "tenants": "list tenants, their domains, regions and where their mail goes",
         "healthcheck": "exit 0 while the named worker's heartbeat is fresh (liveness probe)",
         "tlsrpt": "'tlsrpt build --date YYYY-MM-DD': write (and mail) the day's TLS reports",

@@ -87,6 +87,8 @@ class Sink(Background):
         other sessions); the message is recorded when the reply is sent.
     :param hostname: name in the greeting / EHLO reply.
     :param min_tls_version / max_tls_version: restrict the server's TLS versions.
+    :param greeting: ``(connection number) -> reply | None``: a reply instead of the 220
+        greeting (the connection is then closed), e.g. ``421 4.7.0 Too many connections``.
     :param extensions: extra EHLO keywords (lines) to advertise, in clear and over TLS, e.g.
         ``("REQUIRETLS",)``; advertising REQUIRETLS makes the sink accept that MAIL parameter.
     """
@@ -107,6 +109,7 @@ class Sink(Background):
         min_tls_version: ssl.TLSVersion | None = None,
         max_tls_version: ssl.TLSVersion | None = None,
         extensions: Iterable[str] = (),
+        greeting: Callable[[int], str | None] | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown sink kind {kind!r}; expected one of {KINDS}")
@@ -154,6 +157,8 @@ class Sink(Background):
             0,
         )
         self._live: set[SinkSMTP] = set()
+        self._peak = 0  # the most connections open at once
+        self._greeting = greeting
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -300,9 +305,24 @@ class Sink(Background):
     def on_connect(self, proto: SinkSMTP) -> int:
         with self._cond:
             self._live.add(proto)
+            self._peak = max(self._peak, len(self._live))
             self._counters["connections"] += 1
             self._cond.notify_all()
             return self._counters["connections"]
+
+    def greeting(self, conn_no: int) -> str | None:
+        return self._greeting(conn_no) if self._greeting is not None else None
+
+    @property
+    def peak_connections(self) -> int:
+        """The most connections that were open at the same time (thread-safe)."""
+        with self._cond:
+            return self._peak
+
+    @property
+    def open_connections(self) -> int:
+        with self._cond:
+            return len(self._live)
 
     def on_disconnect(self, proto: SinkSMTP) -> None:
         with self._cond:

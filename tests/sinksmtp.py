@@ -87,6 +87,7 @@ class SinkHost(Protocol):
 
     def advertises(self, keyword: str) -> bool: ...
     def on_connect(self, proto: SinkSMTP) -> int: ...
+    def greeting(self, conn_no: int) -> str | None: ...
     def on_disconnect(self, proto: SinkSMTP) -> None: ...
     def bump(self, counter: str) -> None: ...
     def record(self, msg: Message) -> None: ...
@@ -116,6 +117,17 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         if not is_tls_upgrade:
             self.conn_no = self._sink.on_connect(self)
         super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        """A greeting the host scripts (e.g. ``421 4.7.0 Too many connections``) ends the
+        session at once; otherwise aiosmtpd's own session."""
+        refusal = self._sink.greeting(self.conn_no)
+        if refusal is not None:
+            await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
         try:

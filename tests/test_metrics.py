@@ -297,6 +297,9 @@ OWN_FAMILIES = {
         "tlsrelay_dane",  # primed at 0 for each result
         "tlsrelay_delivery_duration_seconds",
         "tlsrelay_end_to_end_seconds",
+        "tlsrelay_site_connections",  # read from Redis (metrics.SiteCollector): always there
+        "tlsrelay_site_backoff_steps",
+        "tlsrelay_site_suspended",
     },
 }
 QUEUE_FAMILIES = {"tlsrelay_queue_messages", "tlsrelay_queue_oldest_age_seconds"}
@@ -335,6 +338,7 @@ LABEL_VALUES = {
     "action": {"failed", "delayed"},
     "queue": {"policy", "deliver", "deferred"},
     "version": {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "other"},
+    "site": {"default"},  # and the names of delivery.shaping.sites (none in this world)
 }
 
 

@@ -41,6 +41,11 @@ COUNTERS_AND_GAUGES: dict[str, frozenset[str]] = {
     "tlsrelay_dane_total": frozenset({"result"}),
     "tlsrelay_queue_messages": frozenset({"queue"}),
     "tlsrelay_queue_oldest_age_seconds": frozenset({"queue"}),
+    "tlsrelay_throttled_total": frozenset({"site", "reason"}),
+    "tlsrelay_backoff_events_total": frozenset({"site"}),
+    "tlsrelay_site_connections": frozenset({"site"}),
+    "tlsrelay_site_backoff_steps": frozenset({"site"}),
+    "tlsrelay_site_suspended": frozenset({"site"}),
     "up": frozenset(),  # Prometheus' own, per scrape target
 }
 HISTOGRAMS: dict[str, frozenset[str]] = {

@@ -223,6 +223,102 @@ class PolicyConfig(_Section):
     body_scan_bytes: StrictInt = Field(default=1_048_576, gt=0)
 
 
+def _regex(value: object) -> re.Pattern[str]:
+    if isinstance(value, re.Pattern):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression (a string), got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"bad regex {value!r}: {exc}") from None
+
+
+RegexT = Annotated[re.Pattern[str], BeforeValidator(_regex)]
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEFAULT_SITE = "default"  # the label of every site without an entry of its own
+
+
+class SiteLimits(_Section):
+    """Traffic shaping limits of one site (services/deliver/shaping.py): across every worker
+    process and pod, through Redis."""
+
+    connections: StrictInt = Field(default=20, gt=0)  # concurrent SMTP sessions to the site
+    connection_rate: RateLimitT | None = None  # new connections per window (None: unlimited)
+    rate: RateLimitT | None = None  # messages per window (None: unlimited)
+    messages_per_connection: StrictInt = Field(default=100, gt=0)  # then a new session
+
+
+class SiteConfig(_Section):
+    """A named site: the MX hosts (globs), destination domains or route addresses (host:port)
+    it covers, and the limits that differ from ``shaping.default``."""
+
+    name: str
+    match: tuple[str, ...] = Field(min_length=1)
+    connections: StrictInt | None = Field(default=None, gt=0)
+    connection_rate: RateLimitT | None = None
+    rate: RateLimitT | None = None
+    messages_per_connection: StrictInt | None = Field(default=None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not SITE_NAME.match(value) or len(value) > 64:
+            raise ValueError(f"site name {value!r}: letters, digits and . _ - only (at most 64)")
+        if value.lower() == DEFAULT_SITE:
+            raise ValueError("'default' is the name of every site without an entry")
+        return value
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _match(cls, value: object) -> object:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        for item in items:
+            if not isinstance(item, str) or not item.strip() or any(c.isspace() for c in item):
+                raise ValueError(f"expected MX host globs, domains or host:port, got {item!r}")
+        return tuple(str(i).lower().rstrip(".") for i in items)
+
+    def limits(self, default: SiteLimits) -> SiteLimits:
+        """The site's limits: its own where it sets them, else ``default``'s."""
+        own = {k: v for k, v in self.model_dump().items() if k in SiteLimits.model_fields}
+        given = {k: getattr(self, k) for k, v in own.items() if v is not None}
+        return default.model_copy(update=given)
+
+
+class ShapingConfig(_Section):
+    """``delivery.shaping``: the limits of every site (``default``) and named sites."""
+
+    default: SiteLimits = SiteLimits()
+    sites: tuple[SiteConfig, ...] = ()
+
+
+DEFAULT_BACKOFF_REPLIES = (
+    r"^421 ",
+    r"\b4\.7\.(0|28)\b",
+    r"(?i)too many connections",
+    r"(?i)rate limit",
+)
+
+
+class BackoffConfig(_Section):
+    """``delivery.backoff``: a destination's reply line (greeting, MAIL, RCPT) matching one of
+    ``replies`` lowers its site's connection limit by ``factor`` for every worker (at least 1);
+    it recovers one step per ``recover_after``."""
+
+    replies: tuple[RegexT, ...] = tuple(re.compile(r) for r in DEFAULT_BACKOFF_REPLIES)
+    factor: float = Field(default=0.5, gt=0, lt=1)
+    recover_after: Duration = Field(default=300.0, gt=0)
+
+    @field_validator("factor", mode="before")
+    @classmethod
+    def _factor(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return value  # pydantic words the type error
+        return float(value)
+
+
 class DeliveryConfig(_Section):
     """The delivery workers (services/deliver)."""
 
@@ -285,6 +381,31 @@ class DeliveryConfig(_Section):
     def dane_active(self) -> bool:
         """DANE is applied: ``dane: on`` and DNSSEC answers are trusted."""
         return self.dane and self.dnssec == "trust_resolver"
+
+    # Traffic shaping per destination site (services/deliver/shaping.py): connections, rates,
+    # sessions' messages; back-off on throttling replies. reuse_max_messages is an alias of
+    # shaping.default.messages_per_connection (either may be given; both only when equal).
+    shaping: ShapingConfig = ShapingConfig()
+    backoff: BackoffConfig = BackoffConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_per_connection(cls, data: object) -> object:
+        """``reuse_max_messages`` and ``shaping.default.messages_per_connection`` are one
+        setting: the one given fills the other (both, differing: :func:`_check_alias`)."""
+        if not isinstance(data, dict):
+            return data
+        shaping = data.get("shaping")
+        default = shaping.get("default") if isinstance(shaping, dict) else None
+        alias = default.get("messages_per_connection") if isinstance(default, dict) else None
+        reuse = data.get("reuse_max_messages")
+        if reuse is not None and alias is None and isinstance(shaping, dict | None):
+            shaping = dict(shaping or {})
+            shaping["default"] = {**(default or {}), "messages_per_connection": reuse}
+            return {**data, "shaping": shaping}
+        if alias is not None and reuse is None:
+            return {**data, "reuse_max_messages": alias}
+        return data
 
     @property
     def task_window(self) -> float:
@@ -431,6 +552,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     config = _check_platform(_resolve_paths(config, source, problems), problems)
     _check_metrics(config, problems)
     _check_task_time(config, problems, root)
+    _check_alias(config, problems, root)
+    _check_sites(config, problems)
     problems.check()
     return config
 
@@ -536,6 +659,31 @@ def _check_task_time(config: Config, problems: Problems, root: yaml.Node | None)
     )
     given = _given(root, ("delivery", "job_timeout"))
     problems.add(given or ("celery", "visibility_timeout"), why)
+
+
+def _check_sites(config: Config, problems: Problems) -> None:
+    """Site names are unique (case-insensitive: they are Redis keys and metrics labels)."""
+    seen: set[str] = set()
+    for index, site in enumerate(config.delivery.shaping.sites):
+        if site.name.lower() in seen:
+            why = f"duplicate site name {site.name!r}"
+            problems.add(("delivery", "shaping", "sites", index, "name"), why)
+        seen.add(site.name.lower())
+
+
+def _check_alias(config: Config, problems: Problems, root: yaml.Node | None) -> None:
+    """``delivery.reuse_max_messages`` is an alias of
+    ``delivery.shaping.default.messages_per_connection``: a file giving both must agree."""
+    alias = ("delivery", "shaping", "default", "messages_per_connection")
+    if not _given(root, ("delivery", "reuse_max_messages")) or not _given(root, alias):
+        return
+    delivery = config.delivery
+    if delivery.reuse_max_messages != delivery.shaping.default.messages_per_connection:
+        why = (
+            f"delivery.reuse_max_messages ({delivery.reuse_max_messages}) is an alias of this "
+            "setting and differs: give one of them"
+        )
+        problems.add(alias, why)
 
 
 def _given(root: yaml.Node | None, loc: tuple[str, ...]) -> tuple[str, ...] | None:

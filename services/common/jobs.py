@@ -5,7 +5,9 @@ A :class:`Job` crosses Redis in two places: inside ``deliver`` task payloads
 (``tlsrelay:deferred``, services/deliver/scheduler.py), where members are matched *as strings*:
 ``ZADD`` de-duplicates and ``ZREM`` removes by the exact bytes. So :meth:`Job.to_json` gives the
 document exactly as it has always been written — keys ``id``, ``domain``, ``recipients``,
-``decision``, ``attempt`` in that order, then ``last_error`` only once a round deferred the job —
+``decision``, ``attempt`` in that order, then ``last_error`` only once a round deferred the job,
+then ``throttled`` only while it waits for a traffic-shaping limit (``{"reason", "site"}``:
+parked in the deferred set without it counting as an attempt, services/deliver/shaping.py) —
 and ``json.dumps(Job.from_json(doc).to_json(), sort_keys=True)`` is the same member again.
 
 :func:`job_key` reads only (message id, domain) of a document, for code that moves documents
@@ -34,6 +36,11 @@ class Job:
     decision: Decision
     attempt: int = 1  # 1 for the first round; each deferral adds one
     last_error: str | None = None  # the reply that deferred it last (None: never deferred)
+    throttled: tuple[str, str] | None = None  # (reason, site id) while parked by shaping
+
+    def throttle(self, reason: str, site: str) -> Job:
+        """The same job, parked for a shaping limit: the same attempt, the same retry step."""
+        return replace(self, throttled=(reason, site))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -43,7 +50,11 @@ class Job:
     def retry(self, recipients: Sequence[str], last_error: str) -> Job:
         """The next round's job: what is left, one attempt on, with the reply that deferred it."""
         return replace(
-            self, recipients=tuple(recipients), attempt=self.attempt + 1, last_error=last_error
+            self,
+            recipients=tuple(recipients),
+            attempt=self.attempt + 1,
+            last_error=last_error,
+            throttled=None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +67,8 @@ class Job:
         }
         if self.last_error is not None:
             doc["last_error"] = self.last_error
+        if self.throttled is not None:
+            doc["throttled"] = {"reason": self.throttled[0], "site": self.throttled[1]}
         return doc
 
     @classmethod
@@ -67,7 +80,14 @@ class Job:
             decision=Decision.from_json(doc["decision"]),
             attempt=int(doc["attempt"]),
             last_error=doc.get("last_error"),
+            throttled=_throttled(doc.get("throttled")),
         )
+
+
+def _throttled(value: Any) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    return str(value["reason"]), str(value["site"])
 
 
 def job_key(doc: Mapping[str, Any]) -> tuple[str, str]:

@@ -29,6 +29,7 @@ than failing the whole exposition.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -212,6 +213,21 @@ DANE = Counter(
     ["result"],
     registry=None,
 )
+THROTTLED = Counter(
+    "tlsrelay_throttled_total",
+    "Delivery rounds that waited for a traffic-shaping limit instead of being tried (parked, "
+    "not an attempt). site: a configured site's name, else default; reason: connections, "
+    "connection_rate, rate, suspended, backoff.",
+    ["site", "reason"],
+    registry=None,
+)
+BACKOFF_EVENTS = Counter(
+    "tlsrelay_backoff_events_total",
+    "Throttling replies from a destination (delivery.backoff.replies) that lowered its site's "
+    "connection limit. site: a configured site's name, else default.",
+    ["site"],
+    registry=None,
+)
 DELIVERY_DURATION = Histogram(
     "tlsrelay_delivery_duration_seconds",
     "Duration of one delivery attempt (connect to QUIT).",
@@ -351,6 +367,88 @@ class QueueCollector:
         yield ages
 
 
+def _steps(raw: list[bytes | None], now: float) -> int:
+    """Back-off steps in force: those recorded, less one per ``recover`` seconds since (the
+    state is written back lazily, when the site is next used)."""
+    steps, at, recover = raw
+    if not steps or not at or not recover:
+        return 0
+    return max(0, int(steps) - int((now - float(at)) // float(recover)))
+
+
+class SiteCollector:
+    """The traffic-shaping gauges (services/deliver/shaping.py), read from Redis when scraped,
+    per site label (a configured site's name, or ``default`` for every other site):
+
+    - ``tlsrelay_site_connections{site}``: sessions open (connection leases in force, busy or
+      parked), across every worker and pod;
+    - ``tlsrelay_site_backoff_steps{site}``: back-off steps in force (the most of the label's
+      sites; 0: the configured limit);
+    - ``tlsrelay_site_suspended{site}``: suspensions in force (``tlsrelay queue suspend``).
+
+    Reads the sites seen (``tlsrelay:shaping:sites``, pruned by the deliver scheduler) and two
+    small reads per site, in one pipeline.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.queues = QueueCollector(redis_url)  # for its client
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}, {}, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            readings = self.read(time.time())
+        except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+            log.warning("site gauges left out of this scrape, Redis unavailable: %s", exc)
+            return iter(())
+        return self._families(*readings)
+
+    def read(self, now: float) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """(connections, back-off steps, suspensions) per label."""
+        client = self.queues.client
+        sites: dict[bytes, bytes] = client.hgetall(spool.SHAPING_SITES)  # type: ignore[assignment]
+        ids = [
+            (i.decode(), str(json.loads(doc).get("label", "default"))) for i, doc in sites.items()
+        ]
+        with client.pipeline(transaction=False) as pipe:
+            for site_id, _ in ids:
+                pipe.zcount(spool.site_key("leases", site_id), now, "+inf")
+                pipe.hmget(spool.site_key("backoff", site_id), "steps", "at", "recover")
+            pipe.hgetall(spool.SHAPING_SUSPENDED)
+            replies = pipe.execute()
+        connections: dict[str, int] = {"default": 0}
+        steps: dict[str, int] = {"default": 0}
+        for n, (_, label) in enumerate(ids):
+            connections[label] = connections.get(label, 0) + int(replies[2 * n])
+            steps[label] = max(steps.get(label, 0), _steps(replies[2 * n + 1], now))
+        suspended: dict[str, int] = dict.fromkeys(connections, 0)
+        for raw in replies[-1].values():
+            doc = json.loads(raw)
+            if not doc.get("until") or float(doc["until"]) > now:
+                label = str(doc.get("label", "default"))
+                suspended[label] = suspended.get(label, 0) + 1
+        return connections, steps, suspended
+
+    def _families(
+        self, connections: dict[str, int], steps: dict[str, int], suspended: dict[str, int]
+    ) -> Iterator[Metric]:
+        specs = (
+            ("tlsrelay_site_connections", "SMTP sessions open to each site (busy or parked for "
+             "reuse), across every deliver worker: its connection leases in force.", connections),
+            ("tlsrelay_site_backoff_steps", "Back-off steps in force at each site (its "
+             "connection limit × delivery.backoff.factor per step); 0: the configured limit.",
+             steps),
+            ("tlsrelay_site_suspended", "Suspensions in force (tlsrelay queue suspend) of each "
+             "site or of domains it serves; nothing is attempted there meanwhile.", suspended),
+        )  # fmt: skip
+        for name, text, by_label in specs:
+            family = GaugeMetricFamily(name, text, labels=["site"])
+            for label, value in sorted(by_label.items()):
+                family.add_metric([label], value)
+            yield family
+
+
 # --------------------------------------------------------------------------- serving
 
 SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
@@ -366,6 +464,8 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
         INTERRUPTED,
         MTA_STS,
         DANE,
+        THROTTLED,
+        BACKOFF_EVENTS,
         DELIVERY_DURATION,
         END_TO_END,
     ),
@@ -408,6 +508,8 @@ def serve_workers(address: HostPort, key: str, service: str, redis_url: str) -> 
     names = frozenset(family.name for metric in SERVED[service] for family in metric.describe())
     registry.register(_Only(files, names))
     registry.register(QueueCollector(redis_url))
+    if service == "deliver":
+        registry.register(SiteCollector(redis_url))
     prime(service)
     server = _listen(address, key, registry)
     _remove_stale(Path(directory))

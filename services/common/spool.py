@@ -91,6 +91,19 @@ def tls_broken_key(host: str, port: int) -> str:
     return f"{PREFIX}tlsbroken:{host}:{port}"
 
 
+# Traffic shaping (services/deliver/shaping.py): per site, its connection leases (a sorted set
+# by expiry), back-off state, rate cells and the "someone waits" flag; the sites seen (id → JSON
+# with its label) and the operator's suspensions (target → JSON with until, reason, label).
+SHAPING = PREFIX + "shaping:"
+SHAPING_SITES = SHAPING + "sites"
+SHAPING_SUSPENDED = SHAPING + "suspended"
+
+
+def site_key(part: str, site_id: str) -> str:
+    """A site's shaping key: ``part`` is leases, waiting, backoff, rate, crate or count."""
+    return f"{SHAPING}{part}:{site_id}"
+
+
 def waiting_job(message_id: str, domain: str) -> str:
     """The ``waiting:deliver`` member of one delivery job."""
     return f"{message_id} {domain}"

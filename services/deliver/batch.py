@@ -13,12 +13,17 @@ connection (:class:`services.deliver.pool.ConnectionPool`):
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
 3. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
    TLS);
-4. try each address in order with :func:`services.deliver.session.attempt` until one runs a
-   transaction, or ``delivery.mx_session_limit`` sessions that reached a greeting ran none
+4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension and
+   message rate; then try each address in order with :func:`services.deliver.session.attempt`
+   (a new session only with a connection lease of the site) until one runs a transaction, or
+   ``delivery.mx_session_limit`` sessions that reached a greeting ran none
    (:class:`services.deliver.delivery.Outcome` says what its replies mean) — all within
-   ``delivery.job_timeout``, after which the round is abandoned and deferred;
+   ``delivery.job_timeout``, after which the round is abandoned and deferred; the destination's
+   throttling replies step the site's limit down (back-off);
 5. record the round in one transaction (:mod:`services.deliver.ledger`), which also claims the
-   next job.
+   next job — or, when a shaping limit stopped it before anything was tried, park it as
+   throttled (:meth:`services.deliver.ledger.Ledger.throttle`: not an attempt), and the rest of
+   the batch to that destination with it (but for a rate, which each message asks again).
 
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
 window*); it hands the rest back to the ``deliver`` queue as a new task (one transaction, then
@@ -59,9 +64,10 @@ from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
 from services.deliver.ledger import Ledger
-from services.deliver.plan import Planner
+from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Hooks, Peer, Timeouts, attempt
+from services.deliver.shaping import RATE, Gate, Shaper, Throttle
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -79,7 +85,11 @@ class Deliverer:
         resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.connect_timeout)
         self.planner = Planner(config, client, resolver)
         self.ledger = Ledger(config, client)
-        self.pool = ConnectionPool(delivery.reuse_max_messages, delivery.reuse_idle_timeout)
+        self.shaper = Shaper(config, client)
+        self.pool = ConnectionPool(
+            delivery.reuse_max_messages, delivery.reuse_idle_timeout, self.shaper.release
+        )
+        self.shaper.attach(self.pool.leases, self.pool.close_one, self.pool.expire)
         self.timeouts = Timeouts(
             config.hostname,
             connect=delivery.connect_timeout,
@@ -95,12 +105,13 @@ class Deliverer:
         was sent for it (nothing left to do, another process holds it, a copy of another
         document, handed back for lack of time, or parked)."""
         started = time.monotonic()
+        self.shaper.ensure_ticking()
         jobs = [_read(doc) for doc in docs]
         states = spool.load_jobs(self.client, [job_key(doc) for doc in docs])
         bodies = _Bodies(self.client, jobs, states)
         self.planner.new_batch()
         order = _unique(jobs)
-        unreachable: Unreachable = {}
+        unreachable: Unreachable = {}  # and destinations throttled (shaping) in this batch
         results: list[Outcome | None] = [None] * len(docs)
         claimed: Claim | None = None  # the next job's, taken by the previous recording
         try:
@@ -139,6 +150,12 @@ class Deliverer:
             self.ledger.claims.release_all()  # none is left but after an error
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return results
+
+    async def shutdown(self) -> None:
+        """The worker process stops: close the parked sessions and release every connection
+        lease now (a process that dies instead leaves them to expire)."""
+        self.pool.close_all()
+        self.shaper.close()
 
     async def _send_or_fail(
         self, job: Job, envelope: Envelope, body: bytes, pending: list[str]
@@ -205,9 +222,15 @@ class Deliverer:
             outcome = unreachable[key].not_tried(pending)
         else:
             outcome = await self._send_or_fail(job, envelope, body, pending)
-            if outcome.unreachable:
+            if outcome.unreachable or _blocks_batch(outcome):
                 unreachable[key] = outcome
         round_ = self.ledger.round(job, envelope, body, state)
+        if outcome.throttled is not None:
+            reply = _throttle_reply(outcome.throttled)
+            if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
+                self.ledger.throttle(round_, claim, outcome.throttled, reply)
+                return None, None
+            outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
         if upcoming is None:
             return outcome, self.ledger.record(round_, outcome)
         next_claim = self.ledger.record(
@@ -251,6 +274,28 @@ class Deliverer:
             outcome.refuse(pending, plan.refused)
             outcome.unreachable = plan.unreachable
             return
+        site = self.shaper.site(job.domain, plan.destinations)
+        outcome.throttled = self.shaper.suspended(site, job.domain) or await self.shaper.pace(site)
+        if outcome.throttled is not None:
+            return
+        gate = self.shaper.gate(site)
+        try:
+            await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
+        finally:
+            gate.close()
+
+    async def _hops(
+        self,
+        plan: Plan,
+        gate: Gate,
+        envelope: Envelope,
+        body: bytes,
+        pending: list[str],
+        outcome: Outcome,
+        before_data: Callable[[Peer], None],
+    ) -> None:
+        """Try each address of the plan in order until one runs a transaction; every new
+        session with a connection lease of ``gate``'s site (else the round is throttled)."""
         errors: list[Reply] = []
         hooks = Hooks(self.planner.remember_broken, before_data)
         sessions, session_limit = 0, self.config.delivery.mx_session_limit
@@ -261,15 +306,41 @@ class Deliverer:
                 break
             settings = self.planner.tls(plan, hop)
             result = await attempt(
-                hop.peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool
+                hop.peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool, gate
             )
+            if result.throttled is not None:
+                if not outcome.attempts:
+                    outcome.throttled = result.throttled  # nothing tried: the round waits
+                    return
+                errors.append(_throttled_reply(result.throttled) or NO_HOST)  # an address
+                break  # failed and its lease went elsewhere meanwhile: try again later
             outcome.attempts.append(result)
+            self.shaper.backoff(gate.site, result.server_replies)
             if not result.next_host:
                 outcome.settle(result.replies, hop.peer.host)
                 return
             sessions += result.greeted
             errors.append(result.error or NO_HOST)
         outcome.no_transaction(pending, errors)
+
+
+def _blocks_batch(outcome: Outcome) -> bool:
+    """A throttled round whose limit holds for the rest of the batch to the same destination
+    (connections, back-off, suspension; not a rate, which each message asks again)."""
+    throttle = outcome.throttled
+    return throttle is not None and throttle.reason != RATE
+
+
+def _throttled_reply(throttle: Throttle | None) -> Reply | None:
+    return None if throttle is None else _throttle_reply(throttle)
+
+
+def _throttle_reply(throttle: Throttle) -> Reply:
+    """Why a throttled round's recipients wait (its "delayed" DSN), the deferral of one still
+    throttled at its message's expiry (then bounced), or of an address after which no lease
+    could be had."""
+    text = f"not tried yet: traffic shaping ({throttle.reason}) at site {throttle.site.id}"
+    return Reply(451, "4.7.0", text)
 
 
 def _abandoned(limit: float, data: Peer | None) -> Reply:

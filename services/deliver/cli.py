@@ -25,8 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.config import Config
-from services.common.values import format_duration
+from services.common.config import DEFAULT_SITE, Config
+from services.common.values import format_duration, parse_duration
 
 if TYPE_CHECKING:
     import redis
@@ -34,10 +34,29 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2  # as the command line's usage and configuration errors
 
 
+QUEUE_ACTIONS = ("list", "retry", "bounce", "suspend", "resume", "sites")
+
+
 def add_queue_arguments(queue: argparse.ArgumentParser) -> None:
-    queue.add_argument("action", nargs="?", choices=("list", "retry", "bounce"), default="list")
-    queue.add_argument("id", nargs="?", help="message id (required for bounce)")
+    queue.add_argument("action", nargs="?", choices=QUEUE_ACTIONS, default="list")
+    queue.add_argument(
+        "id", nargs="?", help="message id (required for bounce); DOMAIN|SITE for suspend, resume"
+    )
     queue.add_argument("--json", action="store_true", help="list as one JSON document")
+    queue.add_argument(
+        "--for", dest="duration", type=_duration, help="suspend: for this long (e.g. 2h)"
+    )
+    queue.add_argument("--reason", default="", help="suspend: why (shown by 'queue sites')")
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 2h, got {text!r}")
+    return seconds
 
 
 def add_tlsrpt_arguments(tlsrpt: argparse.ArgumentParser) -> None:
@@ -92,7 +111,64 @@ def queue(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
             return _nothing_deferred(client, args.id)
         print(f"bounced {len(bounced)} recipients of {args.id}: {', '.join(bounced)}")
         return 0
+    if args.action in ("suspend", "resume", "sites"):
+        return _shaping(config, client, args)
     return _print_queue(deferred.deferred(client, args.id), args.json)
+
+
+def _shaping(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
+    """``queue suspend|resume DOMAIN|SITE`` and ``queue sites`` (services/deliver/shaping.py)."""
+    from services.deliver import queue as deferred
+
+    if args.action == "sites":
+        return _print_sites(deferred.sites(config, client), deferred.suspensions(client), args.json)
+    if not args.id:
+        print(f"tlsrelay queue {args.action}: a domain or site is required", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "suspend" and args.id.lower() == DEFAULT_SITE:
+        print(
+            "tlsrelay queue suspend: 'default' is the label of every site without an entry of "
+            "its own; name a domain, a configured site or a site id (tlsrelay queue sites)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.action == "suspend":
+        doc = deferred.suspend(config, client, args.id, args.duration, args.reason)
+        until = f"for {format_duration(args.duration)}" if args.duration else "until resumed"
+        print(f"{args.id} suspended {until} (site label {doc['label']})")
+        return 0
+    was, due = deferred.resume(client, args.id)
+    if not was and not due:
+        print(f"{args.id} was not suspended", file=sys.stderr)
+        return 1
+    print(f"{args.id} resumed: {due} waiting deliveries made due now")
+    return 0
+
+
+def _print_sites(states: list[Any], suspensions: dict[str, Any], as_json: bool) -> int:
+    docs = [s.to_json() for s in states]
+    if as_json:
+        print(json.dumps({"sites": docs, "suspensions": suspensions}, indent=2))
+        return 0
+    print(f"{'SITE':<28} {'LABEL':<12} {'CONN':>9} {'RATE':>10} {'BACKOFF':>7} {'WAIT':>5}  STATE")
+    for d in docs:
+        conns = f"{d['connections']}/{d['limit']}"
+        rate = f"{d['messages_this_minute'] or 0}/min" if d["rate"] else "-"
+        stop = d["suspended"]
+        state = (
+            "ok" if not stop else "suspended" + (f": {stop['reason']}" if stop["reason"] else "")
+        )
+        print(
+            f"{d['site'][:28]:<28} {d['label'][:12]:<12} {conns:>9} {rate:>10} "
+            f"{d['backoff_steps']:>7} {d['waiting']:>5}  {state}"
+        )
+    for target, stop in sorted(suspensions.items()):
+        until = stop.get("until")
+        left = f"for {format_duration(float(until) - time.time())}" if until else "until resumed"
+        why = f": {stop['reason']}" if stop.get("reason") else ""
+        print(f"suspended {target} {left}{why}")
+    print(f"-- {len(docs)} sites")
+    return 0
 
 
 def _nothing_deferred(client: redis.Redis, message_id: str) -> int:
@@ -111,6 +187,15 @@ def _nothing_deferred(client: redis.Redis, message_id: str) -> int:
     return 1
 
 
+def _why(doc: dict[str, Any]) -> str:
+    """The last line of a queue entry: throttled (waiting for a shaping limit, not failed), or
+    the last error."""
+    if doc.get("throttled"):
+        after = f"; last error: {doc['last_error']}" if doc["last_error"] else ""
+        return f"throttled ({doc['throttled']}): waiting for a traffic-shaping limit{after}"
+    return str(doc["last_error"])
+
+
 def _print_queue(entries: list[Any], as_json: bool) -> int:
     now = time.time()
     docs = [e.to_json(now) for e in entries]
@@ -123,7 +208,7 @@ def _print_queue(entries: list[Any], as_json: bool) -> int:
         print(
             f"{doc['id']:<20} {age:>8} {format_duration(doc['next_attempt_in_seconds']):>8} "
             f"{doc['attempts']:>5}  {doc['domain']}: {', '.join(doc['recipients'])}\n"
-            f"{'':<46}{doc['last_error']}"
+            f"{'':<46}{_why(doc)}"
         )
     print(f"-- {len(docs)} deferred deliveries")
     return 0

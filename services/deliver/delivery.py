@@ -27,6 +27,7 @@ from services.common.model import Decision, Envelope, Reply
 from services.common.values import format_duration
 from services.deliver import tlsrpt
 from services.deliver.session import Attempt
+from services.deliver.shaping import Throttle
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")
 
@@ -45,9 +46,15 @@ class Outcome:
     skipped: str = ""  # not tried: why (the destination failed earlier in the same batch)
     decision: Decision | None = None  # the effective decision, when MTA-STS changed it
     sts: tlsrpt.StsRound | None = None  # MTA-STS and TLSRPT facts (None: routed mail)
+    # A traffic-shaping limit stopped the round before anything was sent
+    # (services.deliver.shaping.Throttle): the job waits, parked, not an attempt.
+    throttled: Throttle | None = None
 
     def not_tried(self, pending: list[str]) -> Outcome:
-        """The outcome for another job of the batch to this unreachable destination."""
+        """The outcome for another job of the batch to this unreachable (or throttled)
+        destination."""
+        if self.throttled is not None:
+            return Outcome(throttled=self.throttled, decision=self.decision)
         reply = next(iter(self.deferred.values()), NO_HOST)
         skipped = f"not tried: the destination failed for an earlier message just now: {reply}"
         return Outcome(

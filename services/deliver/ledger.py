@@ -18,6 +18,9 @@
   later run means a worker died while sending, and :meth:`Ledger.note_interrupted` says so.
   Within a batch the recording transaction also claims the next job and sets its mark (one
   round trip per job).
+- :meth:`Ledger.throttle` parks a job a traffic-shaping limit stopped before anything was sent
+  (services/deliver/shaping.py): in the deferred set marked throttled, the same attempt, with
+  the "delayed" DSN when one is due.
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
   the first retry step, so a bug in delivery code never drops mail; :meth:`Ledger.hand_back`
   queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task.
@@ -48,6 +51,7 @@ from services.deliver import dsn, observe, scheduler, tlsrpt
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
 from services.deliver.session import Peer
+from services.deliver.shaping import Throttle
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -368,6 +372,57 @@ class Ledger:
             pipe.rpush(spool.trace_key(message_id), spool.event("error", domain=domain))
             pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
             pipe.execute()
+
+    # ----------------------------------------------------------------- traffic shaping
+
+    def throttle(self, round_: Round, claim: Claim, throttle: Throttle, reply: Reply) -> None:
+        """A shaping limit stopped the job's round before anything was sent: it waits in the
+        deferred set, due when the limit permits (never after its expiry), marked as throttled
+        — the same attempt and retry step, nothing recorded for its recipients — and leaves
+        ``waiting:deliver`` as a deferral does (the scheduler queues it again when due, so the
+        rescue sweep sees it as queued). One transaction, releasing the claim (and the
+        in-flight mark: no DATA went out in this round). A message that has waited
+        ``delivery.delay_warning_after`` gets its one "delayed" DSN here too (``reply``: why
+        its recipients wait), as a deferral would send it."""
+        pending = round_.state.pending(round_.job)
+        waiting = Outcome(deferred=dict.fromkeys(pending, reply))
+        notice = dsn.notice(
+            round_, waiting, self.config.hostname, self.config.delivery.delay_warning_after
+        )
+        while True:
+            try:
+                return self._throttle(round_, claim, throttle, notice)
+            except redis.exceptions.WatchError:  # another job of the message sent the notice
+                continue
+
+    def _throttle(
+        self, round_: Round, claim: Claim, throttle: Throttle, notice: dsn.Notice | None
+    ) -> None:
+        job = round_.job
+        message_id, domain = job.key
+        due = min(time.time() + throttle.wait, round_.expires)
+        site = throttle.site
+        with self.client.pipeline(transaction=True) as pipe:
+            if notice is not None and not self._delay_notice_due(pipe, message_id):
+                notice = None
+            scheduler.stage_deferral(pipe, job.throttle(throttle.reason, site.id), due)
+            pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
+            pipe.delete(spool.in_flight_key(message_id, domain))
+            self.claims.stage_release(pipe, claim.key)
+            events = [
+                spool.event(
+                    "throttled", domain=domain, reason=throttle.reason, site=site.id,
+                    due=round(due, 3),
+                )
+            ]  # fmt: skip
+            if notice is not None:
+                events.append(self._stage_notice(pipe, message_id, notice))
+            pipe.rpush(spool.trace_key(message_id), *events)
+            pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
+            pipe.execute()
+        observe.throttled(site.label, throttle.reason)
+        if notice is not None:
+            observe.dsn_sent(notice.action)
 
     # ----------------------------------------------------------------- out of time
 

@@ -143,3 +143,13 @@ def message_final(states: Iterable[str]) -> None:
     """Every recipient of a message is final; ``states`` are theirs (delivered / bounced)."""
     result = "delivered" if all(state == "delivered" for state in states) else "bounced"
     metrics.MESSAGES_FINAL.labels(result).inc()
+
+
+def throttled(site: str, reason: str) -> None:
+    """A round waited for a shaping limit (``site``: a configured name or ``default``)."""
+    metrics.THROTTLED.labels(site, reason).inc()
+
+
+def backoff_event(site: str) -> None:
+    """A destination's throttling reply lowered its site's connection limit."""
+    metrics.BACKOFF_EVENTS.labels(site).inc()

@@ -28,7 +28,7 @@ Failure: DNS and policy trouble become the plan's reply, never exceptions; Redis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.asyncresolver
 import redis
@@ -60,6 +60,8 @@ class Plan:
     check_leaf: bool = False  # MTA-STS testing: note what verification would say
     refused: Reply | None = None  # nothing can be tried: every recipient gets this reply
     unreachable: bool = False  # refused because the destination could not be found now
+    # (host, port, source) of every allowed host: the traffic-shaping site (shaping.site_of)
+    destinations: tuple[tuple[str, int, str], ...] = ()
 
 
 class Planner:
@@ -115,7 +117,11 @@ class Planner:
         hops = _hops(path.hosts, loops.own_listeners(self.config))
         if not hops and path.hosts:
             return _refused(plan, loops.loop_reply(decision.domain))
-        return _with_hops(plan, hops, self.config.delivery.mx_address_limit)
+        plan = _with_hops(plan, hops, self.config.delivery.mx_address_limit)
+        where = tuple(
+            (h.destination.host, h.destination.port, h.destination.source) for h in path.hosts
+        )
+        return replace(plan, destinations=where)
 
     def _route(self, decision: Decision) -> Route | None:
         """The decision's route (a rule, a platform hop), else ``delivery.routes``'."""

@@ -14,20 +14,32 @@ session (``services.deliver.session.attempt``). Postfix does the same with
 The key is (address, port, TLS mode, CA file, client certificate, expected certificate name):
 an enforced or verified delivery can only ever take a session that was negotiated for exactly
 that requirement, never a clear one. A session is used for at most ``max_messages``
-transactions and kept idle at most ``idle_timeout`` seconds (checked when the pool is used:
-between tasks the worker's event loop does not run, so nothing times out in the background).
+transactions (its site's ``messages_per_connection``: ``Pooled.max_uses``) and kept idle at
+most ``idle_timeout`` seconds (checked when the pool is used and at every shaping tick: the
+worker's event loop runs between tasks, services/deliver/tasks.py).
+
+Traffic shaping (services/deliver/shaping.py): a parked session keeps the connection lease it
+was opened with (``Pooled.lease``); whenever the pool closes a session, ``release`` is told, so
+the lease goes with it. The site is part of the key: a session never carries another site's mail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
 from services.deliver.tls import Outcome
 
+if TYPE_CHECKING:
+    from services.deliver.shaping import Lease
+
 RECHECK_AFTER = 2.0  # seconds parked after which a session is checked with RSET before use
+QUIT_TIMEOUT = 5.0  # seconds a dropped session's QUIT may take before it is cut
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class PoolKey:
     client_cert: tuple[str, str] | None
     tls_name: str
     tlsa: tuple[str, ...] = ()  # DANE: the records the session was authenticated against
+    site: str = ""  # the shaping site's id (services/deliver/shaping.py)
 
 
 @dataclass
@@ -54,12 +67,21 @@ class Pooled:
     # The last transaction ended with a 250 to the final dot: the server is between
     # transactions, and a session parked a moment ago can take the next MAIL without RSET.
     clean: bool = False
+    lease: Lease | None = None  # its connection lease (traffic shaping)
+    max_uses: int | None = None  # transactions per session at its site (None: the pool's)
 
 
 class ConnectionPool:
-    def __init__(self, max_messages: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        max_messages: int,
+        idle_timeout: float,
+        release: Callable[[Lease], None] = lambda lease: None,
+    ) -> None:
         self.max_messages = max_messages
         self.idle_timeout = idle_timeout
+        self.release = release  # told of every closed session's lease
+        self._closing: set[asyncio.Task[None]] = set()  # sessions being closed (QUIT)
         self._idle: dict[PoolKey, list[Pooled]] = {}
         self.handshakes = 0  # sessions opened (for tests and benchmarks)
         self.reuses = 0
@@ -76,12 +98,12 @@ class ConnectionPool:
             if self._fresh(pooled):
                 self.reuses += 1
                 return pooled
-            pooled.smtp.close()
+            self.drop(pooled)
         return None
 
     def give(self, key: PoolKey, pooled: Pooled) -> bool:
         """Park a session after a transaction; False (caller closes it) when it is spent."""
-        if not self.enabled or pooled.uses >= self.max_messages or not pooled.smtp.is_connected:
+        if pooled.uses >= self._max(pooled) or not pooled.smtp.is_connected:
             return False
         pooled.parked_at = time.monotonic()
         self._idle.setdefault(key, []).append(pooled)
@@ -92,13 +114,60 @@ class ConnectionPool:
         for sessions in self._idle.values():
             for pooled in [p for p in sessions if not self._fresh(p)]:
                 sessions.remove(pooled)
-                pooled.smtp.close()
+                self.drop(pooled)
 
     def close_all(self) -> None:
         for sessions in self._idle.values():
             for pooled in sessions:
-                pooled.smtp.close()
+                self.drop(pooled)
         self._idle.clear()
+
+    def drop(self, pooled: Pooled) -> None:
+        """Close a session taken from (or leaving) the pool; its lease goes with it — once the
+        session is really closed (QUIT answered, or failed), so that the destination never
+        sees the next session of that lease open beside this one."""
+        lease, pooled.lease = pooled.lease, None
+        if lease is None:
+            pooled.smtp.close()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tests, shutdown): close at once
+            pooled.smtp.close()
+            self.release(lease)
+            return
+        task = loop.create_task(self._quit(pooled.smtp, lease))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _quit(self, smtp: aiosmtplib.SMTP, lease: Lease) -> None:
+        try:
+            if smtp.is_connected:
+                await asyncio.wait_for(smtp.quit(), timeout=QUIT_TIMEOUT)
+        except Exception:  # dead, slow or confused: closed below all the same
+            pass
+        finally:
+            smtp.close()
+            self.release(lease)
+
+    def leases(self) -> list[Lease]:
+        """The leases of the parked sessions."""
+        return [p.lease for s in self._idle.values() for p in s if p.lease is not None]
+
+    def close_one(self, site: str) -> int:
+        """Close the longest-parked session of ``site`` (another worker waits for its lease);
+        return how many were closed (0 or 1)."""
+        parked = [(p.parked_at, key, p) for key, s in self._idle.items() if key.site == site
+                  for p in s]  # fmt: skip
+        if not parked:
+            return 0
+        _, key, pooled = min(parked, key=lambda item: item[0])
+        self._idle[key].remove(pooled)
+        self.drop(pooled)
+        return 1
+
+    def _max(self, pooled: Pooled) -> int:
+        return pooled.max_uses if pooled.max_uses is not None else self.max_messages
 
     @staticmethod
     def needs_check(pooled: Pooled) -> bool:
@@ -107,8 +176,10 @@ class ConnectionPool:
 
     def _fresh(self, pooled: Pooled) -> bool:
         idle = time.monotonic() - pooled.parked_at
+        lost = pooled.lease is not None and pooled.lease.lost  # expired: others may have it
         return (
             pooled.smtp.is_connected
             and idle < self.idle_timeout
-            and pooled.uses < self.max_messages
+            and pooled.uses < self._max(pooled)
+            and not lost
         )

@@ -9,11 +9,18 @@
   ``WATCH`` of the set: an entry a concurrent scheduler took is left to it, and a failure half-way
   leaves the entry deferred, never removed without its bounce.
 
+- Traffic shaping (services/deliver/shaping.py): :func:`suspend` stops attempts to a domain or a
+  site until :func:`resume` (or until it expires); a suspended job waits in the deferred set
+  marked ``throttled`` and is made due at once by ``resume``. :func:`sites` reports each busy or
+  configured site: connections in use and the limit (lowered by back-off), messages in the
+  current minute, back-off, suspension, jobs waiting.
+
 Failure: Redis errors propagate; a message with nothing deferred is reported, not an error.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from dataclasses import dataclass
@@ -22,11 +29,12 @@ from typing import Any
 import redis
 
 from services.common import spool
-from services.common.config import Config
+from services.common.config import DEFAULT_SITE, Config
 from services.common.jobs import Job, job_key
 from services.common.model import Reply
 from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
+from services.deliver.shaping import SUSPENDED, SUSPENSION_REFRESH
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Entry:
     attempt: int
     last_error: str
     received_at: float | None  # None when the message is gone (should not happen)
+    throttled: str | None = None  # waiting for a traffic-shaping limit: the reason
 
     def to_json(self, now: float) -> dict[str, Any]:
         return {
@@ -50,6 +59,7 @@ class Entry:
             "next_attempt_in_seconds": round(self.due - now, 1),
             "attempts": self.attempt - 1,
             "last_error": self.last_error,
+            "throttled": self.throttled,
         }
 
 
@@ -73,6 +83,7 @@ def deferred(client: redis.Redis, message_id: str | None = None) -> list[Entry]:
             attempt=job.attempt,
             last_error=job.last_error or "",
             received_at=env.received_at if (env := envelopes[job.id]) else None,
+            throttled=job.throttled[0] if job.throttled else None,
         )
         for job, due in jobs
     ]
@@ -136,3 +147,153 @@ def _given_up(job: Job, pending: list[str]) -> Outcome:
     outcome = Outcome(note="The relay's administrator stopped retrying this message.")
     outcome.bounced = dict.fromkeys(pending, Reply(550, "5.0.0", reason))
     return outcome
+
+
+# --------------------------------------------------------------------------- traffic shaping
+
+
+def _label(config: Config, client: redis.Redis, target: str) -> str:
+    """The metrics label of a suspension target: a configured site's name, the label of a site
+    id seen before, a domain a configured site names; else ``default``."""
+    shaping = config.delivery.shaping
+    for site in shaping.sites:
+        if site.name.lower() == target or _site_names(site.match, target):
+            return site.name
+    raw = client.hget(spool.SHAPING_SITES, target)
+    return str(json.loads(raw)["label"]) if raw else DEFAULT_SITE
+
+
+def _site_names(patterns: tuple[str, ...], domain: str) -> bool:
+    return any(":" not in p and fnmatch.fnmatchcase(domain, p) for p in patterns)
+
+
+def suspend(
+    config: Config, client: redis.Redis, target: str, seconds: float | None, reason: str
+) -> dict[str, Any]:
+    """No attempts to ``target`` (a domain, a site's name or id) for ``seconds`` (None: until
+    resumed); return the suspension as stored. Returns once every worker has seen it (about
+    a second later)."""
+    target = target.lower().rstrip(".")
+    now = time.time()
+    doc = {
+        "at": now,
+        "until": now + seconds if seconds else None,
+        "reason": reason,
+        "label": _label(config, client, target),
+    }
+    client.hset(spool.SHAPING_SUSPENDED, target, json.dumps(doc))
+    # Every worker reads the suspensions at least this often: once it has passed, no round
+    # starts there any more (one under way finishes).
+    time.sleep(SUSPENSION_REFRESH)
+    return doc
+
+
+def resume(client: redis.Redis, target: str) -> tuple[bool, int]:
+    """Lift the suspension of ``target``; make its suspended jobs due now. Returns (whether it
+    was suspended, how many jobs were made due)."""
+    target = target.lower().rstrip(".")
+    was = bool(client.hdel(spool.SHAPING_SUSPENDED, target))
+    now = time.time()
+    members = []
+    for member, _ in _members(client):
+        doc = json.loads(member)
+        throttled = doc.get("throttled") or {}
+        hit = target in (str(doc.get("domain", "")).lower(), str(throttled.get("site", "")).lower())
+        if throttled.get("reason") == SUSPENDED and hit:
+            members.append(member)
+    with client.pipeline(transaction=True) as pipe:
+        for member in members:
+            pipe.zadd(spool.DEFERRED, {member: now}, xx=True)
+        pipe.execute()
+    return was, len(members)
+
+
+@dataclass(frozen=True)
+class SiteState:
+    """One site as ``tlsrelay queue sites`` shows it."""
+
+    id: str
+    label: str
+    hosts: tuple[str, ...]
+    connections: int  # leases in force (sessions open, busy or parked)
+    limit: int  # the configured limit lowered by back-off
+    configured: int
+    rate: str | None  # the configured message rate
+    messages_this_minute: int | None  # counted only where a rate is set
+    backoff_steps: int
+    suspended: dict[str, Any] | None
+    waiting: int  # jobs parked as throttled for this site
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "site": self.id, "label": self.label, "hosts": list(self.hosts),
+            "connections": self.connections, "limit": self.limit,
+            "configured_limit": self.configured, "rate": self.rate,
+            "messages_this_minute": self.messages_this_minute,
+            "backoff_steps": self.backoff_steps, "suspended": self.suspended,
+            "waiting": self.waiting,
+        }  # fmt: skip
+
+
+def sites(config: Config, client: redis.Redis) -> list[SiteState]:
+    """Every configured site, and every other site with leases or jobs waiting."""
+    now = time.time()
+    known = _hash(client, spool.SHAPING_SITES)
+    for site in config.delivery.shaping.sites:
+        known.setdefault(site.name, {"label": site.name, "hosts": list(site.match)})
+    waiting: dict[str, int] = {}
+    for member, _ in _members(client):
+        throttled = json.loads(member).get("throttled")
+        if throttled:
+            waiting[throttled["site"]] = waiting.get(throttled["site"], 0) + 1
+    suspended = _hash(client, spool.SHAPING_SUSPENDED)
+    states = [_state(config, client, i, doc, now, waiting, suspended) for i, doc in known.items()]
+    configured = {s.name for s in config.delivery.shaping.sites}
+    return [s for s in states if s.id in configured or s.connections or s.waiting or s.suspended]
+
+
+def suspensions(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Every suspension in force (target → at, until, reason, label); expired ones are
+    forgotten here."""
+    now, found = time.time(), _hash(client, spool.SHAPING_SUSPENDED)
+    over = [t for t, doc in found.items() if doc.get("until") and float(doc["until"]) <= now]
+    if over:
+        client.hdel(spool.SHAPING_SUSPENDED, *over)
+    return {t: doc for t, doc in found.items() if t not in over}
+
+
+def _hash(client: redis.Redis, key: str) -> dict[str, dict[str, Any]]:
+    raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def _state(
+    config: Config,
+    client: redis.Redis,
+    site_id: str,
+    doc: dict[str, Any],
+    now: float,
+    waiting: dict[str, int],
+    suspended: dict[str, dict[str, Any]],
+) -> SiteState:
+    shaping, backoff = config.delivery.shaping, config.delivery.backoff
+    own = next((s for s in shaping.sites if s.name == site_id), None)
+    limits = own.limits(shaping.default) if own else shaping.default
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zcount(spool.site_key("leases", site_id), now, "+inf")
+        pipe.hmget(spool.site_key("backoff", site_id), "steps", "at")
+        pipe.get(spool.site_key("count", f"{site_id}:{int(now // 60)}"))
+        used, (steps_raw, at_raw), count = pipe.execute()
+    steps = int(steps_raw or 0)
+    if steps and at_raw:
+        steps = max(0, steps - int((now - float(at_raw)) // backoff.recover_after))
+    limit = max(1, int(limits.connections * backoff.factor**steps))
+    label = str(doc.get("label", DEFAULT_SITE))
+    stop = suspended.get(site_id.lower())
+    if stop is not None and stop.get("until") and float(stop["until"]) <= now:
+        stop = None
+    return SiteState(
+        site_id, label, tuple(doc.get("hosts", ())), int(used), limit, limits.connections,
+        str(limits.rate) if limits.rate else None, int(count) if count else None, steps, stop,
+        waiting.get(site_id, 0),
+    )  # fmt: skip

@@ -34,6 +34,7 @@ from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
 from services.deliver import dane, mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
+from services.deliver.shaping import Gate, Lease, Throttle
 from services.deliver.tls import Action, Outcome, Situation
 from services.deliver.tlscontext import tls_context
 
@@ -119,6 +120,12 @@ class Attempt:
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
     dane: str | None = None  # DANE: which TLSA record matched, or why none did
+    # The destination's own reply lines at the greeting, MAIL and RCPT that were not a success
+    # (never a reply of ours): what traffic shaping's back-off looks at.
+    server_replies: list[str] = field(default_factory=list)
+    # No session could be had: a shaping limit (services.deliver.shaping.Throttle); nothing
+    # was tried, and the round waits (not an attempt).
+    throttled: Throttle | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,18 +160,32 @@ async def attempt(
     timeouts: Timeouts,
     hooks: Hooks = Hooks(),
     pool: ConnectionPool | None = None,
+    gate: Gate | None = None,
 ) -> Attempt:
-    """One attempt; with a ``pool``, on a parked session for the same key when there is one."""
+    """One attempt; with a ``pool``, on a parked session for the same key when there is one.
+    With a ``gate`` (traffic shaping), a new session needs a connection lease from it first:
+    when none can be had, the attempt ends ``throttled`` without connecting."""
     started = time.monotonic()
-    key = _pool_key(peer, settings)
+    key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
     pooled = await _reusable(pool, key) if pool is not None else None
+    lease = pooled.lease if pooled is not None else None
+    if pooled is None and gate is not None:
+        got = await gate.lease()
+        if isinstance(got, Throttle):
+            return Attempt(peer=peer, mode=settings.mode, throttled=got)
+        lease = got
     result = await _attempt(
-        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled
+        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled, gate, lease
     )
     if pooled is not None and result.next_host and not result.data_sent:
-        # The parked session died under us (before DATA): try once more on a fresh one.
+        # The parked session died under us (before DATA): try once more on a fresh one, with
+        # the lease it held (given back to the round's gate when it closed).
+        fresh = await gate.lease() if gate is not None else None
+        if isinstance(fresh, Throttle):
+            return Attempt(peer=peer, mode=settings.mode, throttled=fresh)
+        lease = fresh
         result = await _attempt(
-            peer, envelope, recipients, body, settings, timeouts, hooks, pool, None
+            peer, envelope, recipients, body, settings, timeouts, hooks, pool, None, gate, lease
         )
     observe.attempt(result, time.monotonic() - started)
     return result
@@ -180,9 +201,14 @@ async def _attempt(
     hooks: Hooks,
     pool: ConnectionPool | None,
     pooled: Pooled | None,
+    gate: Gate | None = None,
+    lease: Lease | None = None,
 ) -> Attempt:
+    """``lease``: the session's connection lease (shaping); it stays with the session when it
+    is parked, else it goes back to ``gate`` (for the round's next address) when it closes."""
     result = Attempt(peer=peer, mode=settings.mode)
     smtp: aiosmtplib.SMTP | None = None
+    parked = False
     try:
         if pooled is not None:
             smtp = pooled.smtp
@@ -205,15 +231,26 @@ async def _attempt(
             smtp = None
         raise
     finally:
-        if smtp is not None and not _park(pool, peer, settings, smtp, result, pooled):
-            _close_soon(smtp)
+        handed_off = False
+        if smtp is not None:
+            max_uses = gate.site.limits.messages_per_connection if gate is not None else None
+            parked = _park(pool, peer, settings, smtp, result, pooled, lease, max_uses, gate)
+            if not parked and not result.next_host:
+                # The transaction is over (recorded next): QUIT in the background, the lease
+                # held until the session is closed (see _close_soon).
+                _close_soon(smtp, _release(gate, lease))
+                handed_off = True
+            elif not parked:
+                await _close(smtp)
+        if not parked and not handed_off and gate is not None:
+            gate.give_back(lease)
     return result
 
 
-def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
+def _pool_key(peer: Peer, settings: TlsSettings, site: str = "") -> PoolKey:
     return PoolKey(
         peer.address, peer.port, int(settings.mode), settings.ca_file, settings.client_cert,
-        peer.tls_name, settings.tlsa,
+        peer.tls_name, settings.tlsa, site,
     )  # fmt: skip
 
 
@@ -228,9 +265,9 @@ async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
             await pooled.smtp.rset()
             return pooled
         except Exception:  # dead, timed out by the server, or a stale reply in the buffer
-            pooled.smtp.close()
+            pool.drop(pooled)
         except BaseException:  # cancelled
-            pooled.smtp.close()
+            pool.drop(pooled)
             raise
     return None
 
@@ -242,16 +279,23 @@ def _park(
     smtp: aiosmtplib.SMTP,
     result: Attempt,
     pooled: Pooled | None,
+    lease: Lease | None = None,
+    max_uses: int | None = None,
+    gate: Gate | None = None,
 ) -> bool:
     """Keep the session for the next delivery unless it failed or fell out of step; one whose
-    transaction did not end with a 250 to the final dot is parked unclean (RSET before reuse)."""
+    transaction did not end with a 250 to the final dot is parked unclean (RSET before reuse).
+    A session whose lease was lost (it expired: another worker may hold it now) is closed."""
     if pool is None or result.next_host or result.desync or not smtp.is_connected:
+        return False
+    if lease is not None and lease.lost:
         return False
     uses = pooled.uses + 1 if pooled is not None else 1
     parked = Pooled(
-        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean
-    )
-    return pool.give(_pool_key(peer, settings), parked)
+        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean,
+        lease=lease, max_uses=max_uses,
+    )  # fmt: skip
+    return pool.give(_pool_key(peer, settings, gate.site.id if gate else ""), parked)
 
 
 async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.SMTP:
@@ -273,6 +317,8 @@ async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.S
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError):  # the greeting itself
+            _heard(result, exc)
         raise _NextHost(_server_reply(exc)) from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
@@ -395,6 +441,7 @@ async def _transaction(
     try:
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
+        _heard(result, exc)
         if exc.code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
             result.desync = True
             why = f"MAIL out of sequence: {_reply(exc)}"
@@ -422,6 +469,7 @@ async def _recipients(
             await smtp.rcpt(rcpt)
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
+            _heard(result, exc)
             result.replies[rcpt] = _server_reply(exc)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
@@ -488,14 +536,31 @@ _closing: set[asyncio.Task[None]] = set()
 QUIT_TIMEOUT = 5.0  # s: a peer that does not answer QUIT by then is simply disconnected
 
 
-def _close_soon(smtp: aiosmtplib.SMTP) -> None:
-    """Say QUIT in the background. The attempt's result is known by now; were the goodbye part
-    of the attempt, ``delivery.job_timeout`` falling on a peer slow to answer QUIT would abandon
-    a round whose message was already taken (250 to the final dot), and its retry would send it
-    twice."""
-    task = asyncio.get_running_loop().create_task(_close(smtp))
+def _close_soon(smtp: aiosmtplib.SMTP, then: Callable[[], None] | None = None) -> None:
+    """Say QUIT in the background, then call ``then`` (the connection lease goes only once the
+    session is closed, so the destination never sees more sessions than the site allows). The
+    attempt's result is known by now; were the goodbye part of the attempt,
+    ``delivery.job_timeout`` falling on a peer slow to answer QUIT would abandon a round whose
+    message was already taken (250 to the final dot), and its retry would send it twice."""
+
+    async def close() -> None:
+        try:
+            await _close(smtp)
+        finally:
+            if then is not None:
+                then()
+
+    task = asyncio.get_running_loop().create_task(close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+
+
+def _release(gate: Gate | None, lease: Lease | None) -> Callable[[], None] | None:
+    """What gives ``lease`` back to its shaper once its session is closed (None: no lease)."""
+    if gate is None or lease is None:
+        return None
+    shaper = gate.shaper
+    return lambda: shaper.release(lease)
 
 
 async def closed() -> None:
@@ -515,6 +580,13 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
     except BaseException:  # cancelled (the worker's loop is shutting down)
         smtp.close()
         raise
+
+
+def _heard(result: Attempt, exc: aiosmtplib.SMTPResponseException) -> None:
+    """Note the destination's reply line (a real reply, not aiosmtplib's code -1) for the
+    back-off patterns (services/deliver/shaping.py)."""
+    if 200 <= exc.code < 600:
+        result.server_replies.append(f"{exc.code} {' '.join(exc.message.split())[:500]}")
 
 
 def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:

@@ -1,14 +1,16 @@
 """The ``deliver`` Celery task and the deliver worker's process wiring.
 
-The task is a thin wrapper: it runs :meth:`services.deliver.batch.Deliverer.run_batch` for its
-batch of jobs on this process's event loop (one per worker process, kept for its lifetime so the
-connection pool lives on it). An unexpected error in delivery code is not allowed to drop a job:
-the job is put back into the deferred set (due after the first retry step) and the error is
-logged. Anything that escapes the batch (a Redis error, ``WRONGTYPE`` included) parks the whole
-task for a retry with backoff (services/common/retry.py: never dropped, never a hot loop); after
-``retry.CAP`` tries its jobs become ordinary deferrals. Jobs already recorded are skipped when it
-runs again (their recipients are final or deferred, and a job another process is sending is
-left to it — services/deliver/claims.py).
+The task is a thin wrapper: it runs :meth:`services.deliver.batch.Deliverer.run_batch` for its batch
+of jobs on this process's event loop (one per worker process, kept for its lifetime so the
+connection pool lives on it). The loop runs in a thread of its own, between tasks too: parked
+sessions are closed when idle too long or when another worker waits for their site's connection
+lease, and the leases this process holds are renewed (services/deliver/shaping.py). An unexpected
+error in delivery code is not allowed to drop a job: the job is put back into the deferred set (due
+after the first retry step) and the error is logged. Anything that escapes the batch (a Redis error,
+``WRONGTYPE`` included) parks the whole task for a retry with backoff (services/common/retry.py:
+never dropped, never a hot loop); after ``retry.CAP`` tries its jobs become ordinary deferrals. Jobs
+already recorded are skipped when it runs again (their recipients are final or deferred, and a job
+another process is sending is left to it — services/deliver/claims.py).
 
 A task ends within ``delivery.task_budget``: it starts no new job after ``delivery.task_window``
 and queues the rest again (services/deliver/batch.py), so it is acknowledged well before
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
 from services.common import queueing, retry, spool
 from services.common.config import Config
@@ -45,6 +48,10 @@ class DeliverService:
         if self._deliverer is None:  # per process: created after the prefork fork
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
             self._loop = asyncio.new_event_loop()
+            loop = self._loop
+            threading.Thread(
+                target=loop.run_forever, name="tlsrelay-deliver-loop", daemon=True
+            ).start()
         return self._deliverer
 
     def deliver(self, jobs: list[dict[str, Any]], retries: int = 0) -> None:
@@ -53,7 +60,7 @@ class DeliverService:
         deliverer = self.deliverer
         assert self._loop is not None
         try:
-            self._loop.run_until_complete(deliverer.run_batch(jobs))
+            asyncio.run_coroutine_threadsafe(deliverer.run_batch(jobs), self._loop).result()
         except Exception as exc:
 
             def defer_jobs() -> None:
@@ -61,6 +68,17 @@ class DeliverService:
                     deliverer.ledger.park(doc)
 
             retry.failed(deliverer.client, queueing.TASK_DELIVER, jobs, retries, exc, defer_jobs)
+
+    def shutdown(self) -> None:
+        """A pool process exits: its parked sessions close and its leases go (best effort,
+        bounded: a process that cannot reach Redis leaves them to expire)."""
+        if self._deliverer is None or self._loop is None:
+            return
+        done = asyncio.run_coroutine_threadsafe(self._deliverer.shutdown(), self._loop)
+        try:
+            done.result(timeout=5)
+        except Exception as exc:  # Redis down, or the loop stuck: the leases expire anyway
+            log.warning("deliver: leases not released at shutdown: %s", exc)
 
 
 def register(app: Celery, service: DeliverService) -> None:
@@ -77,6 +95,10 @@ def register(app: Celery, service: DeliverService) -> None:
         delivery.rescue_interval,
         service.config.celery.visibility_timeout,
     )
+
+    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def release_leases(**_: object) -> None:
+        service.shutdown()
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def start_scheduler(**_: object) -> None:

@@ -1,0 +1,526 @@
+"""Traffic shaping per destination site: connection leases, rates and back-off, shared by every
+worker process and pod through Redis.
+
+A **site** is where connections go (:func:`site_of`): a route's address, or the set of MX hosts
+a domain resolves to (domains sharing their MX hosts share one site, KumoMTA's "MX rollup"). A
+site named in ``delivery.shaping.sites`` (an MX host glob, a domain or a route's ``host:port``
+matching one of its ``match`` entries) has that name and its own limits; every other site has
+``delivery.shaping.default``'s and is labelled ``default`` in metrics.
+
+- **Connections**: every open SMTP session to a site, busy or parked for reuse, holds a *lease*:
+  a member of the site's sorted set ``tlsrelay:shaping:leases:<site>`` scored by its expiry
+  (Redis time). A lease is taken in one Lua call (:data:`_ACQUIRE`, which also drops expired
+  leases, applies the back-off and the connection rate) and renewed every :data:`TICK` by the
+  process holding it (:meth:`Shaper.tick`, one call for all its leases); a killed worker's
+  leases expire within :data:`LEASE_TTL`, never a counter that leaks. A process waiting for a
+  lease sets the site's ``waiting`` flag; a process holding a parked session to that site closes
+  it at its next tick (and idle ones after ``delivery.reuse_idle_timeout``).
+- **Rates** (``rate`` per message, ``connection_rate`` per new connection) are a generic cell
+  rate algorithm (GCRA) in one Lua call, with a burst of the rate's count.
+- **Back-off**: a reply line of the destination (greeting, MAIL, RCPT) matching one of
+  ``delivery.backoff.replies`` multiplies the site's connection limit by ``factor`` for every
+  worker (one step per second at most, never below 1); one step comes back per
+  ``recover_after`` (:data:`_BACKOFF`).
+- **Suspension** (``tlsrelay queue suspend``): read from ``tlsrelay:shaping:suspended`` at most
+  once per :data:`SUSPENSION_REFRESH` per process.
+
+When a limit is reached the job waits: within the worker when the wait is short (at most
+:data:`SHORT_WAIT`, sleeping, never spinning), else it is parked as *throttled*
+(:meth:`services.deliver.ledger.Ledger.throttle`): not an attempt, not a retry step.
+
+Costs: one Redis round trip per new connection (the lease), one per message only for a site
+with a ``rate``, and one per :data:`TICK` per process while it holds leases.
+
+Failure: Redis errors propagate from :meth:`Gate.lease`, :meth:`Shaper.pace` and
+:meth:`Shaper.suspended`, all before anything is sent (the task is parked for a retry: nothing is
+sent without a lease, nothing dropped, no TLS requirement changed — shaping never chooses TLS);
+:meth:`Shaper.backoff` runs after an attempt that may have delivered, so its Redis errors are
+logged and ignored; a failed tick is logged and tried again (leases live :data:`LEASE_TTL`, ten
+ticks). A lease that expired while its holder could not renew it is marked lost: its session
+finishes the transaction under way and is then closed, never parked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from services.common import spool
+from services.common.config import DEFAULT_SITE, Config, SiteLimits
+from services.common.values import RateLimit
+from services.deliver import observe
+
+log = logging.getLogger("tlsrelay.shaping")
+
+LEASE_TTL = 10.0  # seconds a lease outlives its holder's last renewal
+TICK = 1.0  # how often a process renews its leases and looks for waiters
+SHORT_WAIT = 5.0  # the longest wait within the worker; longer → parked as throttled
+WAITING_TTL = 3.0  # how long a waiter's flag stands (it is set again while it waits)
+SUSPENSION_REFRESH = 1.0  # how stale a process's copy of the suspensions may be
+PARK_CONNECTIONS = 5.0  # a job parked for want of a connection comes back after this
+PARK_SUSPENDED = 300.0  # a suspended site's jobs look again at least this often
+CLOSING_WAIT = 0.05  # after closing a parked session of our own for ourselves
+
+CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF = (
+    "connections", "connection_rate", "rate", "suspended", "backoff",
+)  # fmt: skip
+REASONS = (CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF)
+
+# Redis time as seconds (a float): every pod compares expiries on the same clock. Writes after
+# TIME need effects replication: the default since Redis 5 (always since 7); asked for on 3.2-4.
+_NOW = (
+    "if redis.replicate_commands then redis.replicate_commands() end\n"
+    "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1e6\n"
+)
+
+# The back-off steps still in force (recovering one per recover_after), written back.
+# KEYS[2] = backoff hash; needs now, factor (ARGV[4]), recover (ARGV[5]), configured (ARGV[3]).
+_STEPS = """
+local function steps_now(key, recover)
+  local b = redis.call('HMGET', key, 'steps', 'at')
+  local steps, at = tonumber(b[1]) or 0, tonumber(b[2]) or now
+  if steps > 0 then
+    local back = math.floor((now - at) / recover)
+    if back > 0 then
+      steps = math.max(0, steps - back)
+      if steps == 0 then redis.call('DEL', key)
+      else redis.call('HSET', key, 'steps', steps, 'at', at + back * recover) end
+    end
+  end
+  return steps
+end
+local function limit_of(configured, factor, steps)
+  return math.max(1, math.floor(configured * factor ^ steps))
+end
+"""
+
+# GCRA: allow when the theoretical arrival time is at most `tolerance` ahead; returns the wait
+# in milliseconds (0: allowed, and the cell is taken).
+_GCRA = """
+local function gcra(key, interval, tolerance)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  if tat - now > tolerance then return math.ceil((tat - now - tolerance) * 1000) end
+  redis.call('SET', key, tat + interval, 'PX', math.ceil((tat + interval - now) * 1000) + 1000)
+  return 0
+end
+"""
+
+# KEYS: 1 leases, 2 backoff, 3 connection-rate cell, 4 waiting flag, 5 sites registry.
+# ARGV: 1 lease id, 2 ttl, 3 configured limit, 4 factor, 5 recover_after, 6 rate interval (0:
+# none), 7 rate tolerance, 8 site id, 9 site document, 10 waiting ttl, 11.. leases to drop.
+# Returns {1, limit, used} or {0, reason, wait ms}.
+_ACQUIRE = (
+    _NOW
+    + _STEPS
+    + _GCRA
+    + """
+for i = 11, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local configured = tonumber(ARGV[3])
+local steps = steps_now(KEYS[2], tonumber(ARGV[5]))
+local limit = limit_of(configured, tonumber(ARGV[4]), steps)
+local used = redis.call('ZCARD', KEYS[1])
+if used >= limit then
+  redis.call('SET', KEYS[4], '1', 'PX', math.floor(tonumber(ARGV[10]) * 1000))
+  if used < configured then return {0, 'backoff', 0} end
+  return {0, 'connections', 0}
+end
+if tonumber(ARGV[6]) > 0 then
+  local wait = gcra(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
+  if wait > 0 then return {0, 'connection_rate', wait} end
+end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 2000))
+redis.call('HSET', KEYS[5], ARGV[8], ARGV[9])
+return {1, limit, used + 1}
+"""
+)
+
+# KEYS: 1 rate cell, 2 this minute's message count. ARGV: interval, tolerance. Returns wait ms.
+_PACE = (
+    _NOW
+    + _GCRA
+    + """
+local wait = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait == 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], 120)
+end
+return wait
+"""
+)
+
+# KEYS: 1 backoff hash. ARGV: 3 configured, 4 factor, 5 recover_after (1, 2 unused).
+# One step down (at most one per second, never below a limit of 1). Returns {steps, limit}.
+_BACKOFF = (
+    _NOW
+    + _STEPS
+    + """
+local configured, factor, recover = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local steps = steps_now(KEYS[1], recover)
+local last = tonumber(redis.call('HGET', KEYS[1], 'stepped') or 0)
+if limit_of(configured, factor, steps) > 1 and now - last >= 1 then
+  steps = steps + 1
+  redis.call('HSET', KEYS[1], 'steps', steps, 'at', now, 'stepped', now, 'recover', recover)
+  redis.call('EXPIRE', KEYS[1], math.ceil(recover * (steps + 1)) + 60)
+end
+return {steps, limit_of(configured, factor, steps)}
+"""
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One destination site: its Redis id, its metrics label and its limits."""
+
+    id: str  # a configured site's name, else "mx:<hash of the MX hosts>" or "route:<host:port>"
+    label: str  # the configured name, or "default"
+    limits: SiteLimits
+    hosts: tuple[str, ...] = ()  # what it stands for (MX hosts or the route), for operators
+
+    def document(self) -> str:
+        return json.dumps({"label": self.label, "hosts": list(self.hosts), "seen": time.time()})
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """A limit was reached: why, at which site, and how long until it is worth trying again."""
+
+    reason: str  # one of REASONS
+    site: Site
+    wait: float  # seconds
+
+
+@dataclass(eq=False)
+class Lease:
+    """The right to hold one open session to ``site`` (busy or parked)."""
+
+    site: Site
+    id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    lost: bool = False  # a renewal found it gone (expired meanwhile): close when idle
+
+    @property
+    def key(self) -> str:
+        return spool.site_key("leases", self.site.id)
+
+
+def site_of(config: Config, domain: str, hosts: Iterable[tuple[str, int, str]]) -> Site:
+    """The site of a round: ``hosts`` are (host name, port, source) of the plan's destinations,
+    ``source`` as :class:`services.deliver.mx.Destination`'s ("route", "mx", "implicit")."""
+    hosts = list(dict.fromkeys((h.lower().rstrip("."), p, s) for h, p, s in hosts))
+    routes = [f"{h}:{p}" for h, p, s in hosts if s == "route"]
+    names = sorted({h for h, _, s in hosts if s != "route"})
+    shaping = config.delivery.shaping
+    for site in shaping.sites:
+        if _matches(site.match, domain.lower(), names, routes):
+            return Site(site.name, site.name, site.limits(shaping.default), tuple(routes or names))
+    if routes:
+        return Site(f"route:{routes[0]}", DEFAULT_SITE, shaping.default, (routes[0],))
+    digest = hashlib.sha1(" ".join(names or [domain.lower()]).encode()).hexdigest()[:16]
+    return Site(f"mx:{digest}", DEFAULT_SITE, shaping.default, tuple(names or [domain.lower()]))
+
+
+SITE_MEMORY = 86400.0  # a site unseen this long, with no lease, leaves the list of sites seen
+
+
+def prune_sites(client: redis.Redis, now: float) -> int:
+    """Forget the sites not seen for :data:`SITE_MEMORY` that hold no lease (the list of sites
+    seen feeds ``tlsrelay queue sites`` and the site gauges); return how many. Run with the
+    deliver scheduler's housekeeping."""
+    raw: dict[bytes, bytes] = client.hgetall(spool.SHAPING_SITES)  # type: ignore[assignment]
+    old = [k.decode() for k, v in raw.items() if json.loads(v).get("seen", 0) < now - SITE_MEMORY]
+    gone = [s for s in old if not client.zcount(spool.site_key("leases", s), now, "+inf")]
+    return int(client.hdel(spool.SHAPING_SITES, *gone)) if gone else 0
+
+
+def _matches(patterns: Sequence[str], domain: str, names: list[str], routes: list[str]) -> bool:
+    for pattern in patterns:
+        candidates = routes if ":" in pattern else [*names, domain]
+        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            return True
+    return False
+
+
+def _cell(rate: RateLimit | None) -> tuple[float, float]:
+    """GCRA's emission interval and burst tolerance for ``rate`` ((0, 0): no limit): a burst
+    of ``count`` cells, then one per ``window / count``."""
+    if rate is None:
+        return 0.0, 0.0
+    interval = rate.window / rate.count
+    return interval, interval * (rate.count - 1)
+
+
+class Shaper:
+    """Per worker process: the leases it holds, its copy of the suspensions, the scripts."""
+
+    def __init__(self, config: Config, client: redis.Redis) -> None:
+        self.config = config
+        self.client = client
+        self.held: dict[str, Lease] = {}  # lease id → lease (busy or parked)
+        self._dropped: list[Lease] = []  # released, to be removed from Redis
+        self._acquire = client.register_script(_ACQUIRE)
+        self._pace = client.register_script(_PACE)
+        self._backoff = client.register_script(_BACKOFF)
+        self._renew = client.register_script(_RENEW)
+        self._suspended: dict[str, dict[str, object]] = {}
+        self._suspended_at = -1e9
+        self._ticking: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.parked: Callable[[], list[Lease]] = list  # the pool's parked sessions' leases
+        self.close_parked: Callable[[str], int] = lambda site_id: 0  # close one for a waiter
+        self.expire_parked: Callable[[], None] = lambda: None  # idle ones past their timeout
+
+    def attach(
+        self,
+        parked: Callable[[], list[Lease]],
+        close_parked: Callable[[str], int],
+        expire_parked: Callable[[], None],
+    ) -> None:
+        """The connection pool's parked sessions (services/deliver/pool.py), which the tick
+        closes when idle too long or when another worker waits for their site."""
+        self.parked, self.close_parked, self.expire_parked = parked, close_parked, expire_parked
+
+    # ----------------------------------------------------------------- what a round asks
+
+    def site(self, domain: str, hosts: Iterable[tuple[str, int, str]]) -> Site:
+        return site_of(self.config, domain, hosts)
+
+    def suspended(self, site: Site, domain: str) -> Throttle | None:
+        """A suspension of the domain or the site (its configured name, or its id), if any.
+        The suspensions are read at most once per :data:`SUSPENSION_REFRESH`; a copy that says
+        "suspended" is read again first, so a round never waits on a stale copy after
+        ``resume`` (that costs a Redis call only for rounds that are not sent anyway)."""
+        now = time.time()
+        fresh = now - self._suspended_at < SUSPENSION_REFRESH
+        if not fresh:
+            self._read_suspensions(now)
+        throttle = self._suspension(site, domain, now)
+        if throttle is not None and fresh:
+            self._read_suspensions(now)
+            throttle = self._suspension(site, domain, now)
+        return throttle
+
+    def _read_suspensions(self, now: float) -> None:
+        raw: dict[bytes, bytes] = self.client.hgetall(spool.SHAPING_SUSPENDED)  # type: ignore[assignment]
+        self._suspended = {k.decode(): json.loads(v) for k, v in raw.items()}
+        self._suspended_at = now
+
+    def _suspension(self, site: Site, domain: str, now: float) -> Throttle | None:
+        for target in (domain.lower(), site.id.lower()):
+            entry = self._suspended.get(target)
+            until = float(entry.get("until") or 0) if entry else 0.0  # type: ignore[arg-type]
+            if entry is not None and (not until or until > now):
+                wait = min(until - now if until else PARK_SUSPENDED, PARK_SUSPENDED)
+                return Throttle(SUSPENDED, site, max(1.0, wait))
+        return None
+
+    async def pace(self, site: Site) -> Throttle | None:
+        """One message to ``site``: its ``rate`` (one Redis call, only when set); a short wait
+        is slept here, a longer one returned."""
+        interval, tolerance = _cell(site.limits.rate)
+        if not interval:
+            return None
+        minute = int(time.time() // 60)
+        keys = [spool.site_key("rate", site.id), spool.site_key("count", f"{site.id}:{minute}")]
+        waited = 0.0
+        while True:
+            wait = int(self._pace(keys=keys, args=[interval, tolerance])) / 1000
+            if not wait:
+                if waited:  # a round that met the limit and waited here (else: parked)
+                    observe.throttled(site.label, RATE)
+                return None
+            if waited + wait > SHORT_WAIT:
+                return Throttle(RATE, site, wait)
+            await asyncio.sleep(wait)
+            waited += wait
+
+    def gate(self, site: Site) -> Gate:
+        return Gate(self, site)
+
+    def backoff(self, site: Site, replies: Sequence[str]) -> bool:
+        """The destination's reply lines of an attempt: when one matches a
+        ``delivery.backoff.replies`` pattern, the site's connection limit steps down for
+        every worker. Returns whether it did."""
+        patterns = self.config.delivery.backoff.replies
+        if not any(p.search(line) for line in replies for p in patterns):
+            return False
+        backoff = self.config.delivery.backoff
+        args: list[str | float] = [0, 0, site.limits.connections, backoff.factor]
+        args.append(backoff.recover_after)
+        observe.backoff_event(site.label)
+        try:  # after an attempt that may have delivered: never make the round run again
+            steps, limit = self._backoff(keys=[spool.site_key("backoff", site.id)], args=args)
+        except redis.exceptions.RedisError as exc:
+            log.warning("site %s: back-off not recorded, Redis unavailable: %s", site.id, exc)
+            return False
+        log.warning("site %s asked us to slow down: limit now %s (%s steps)", site.id, limit, steps)
+        return True
+
+    # ----------------------------------------------------------------- leases
+
+    def _take(self, site: Site) -> Lease | Throttle:
+        lease = Lease(site)
+        interval, tolerance = _cell(site.limits.connection_rate)
+        backoff = self.config.delivery.backoff
+        drop = [d.id for d in self._dropped if d.site.id == site.id]
+        keys = [
+            lease.key,
+            spool.site_key("backoff", site.id),
+            spool.site_key("crate", site.id),
+            spool.site_key("waiting", site.id),
+            spool.SHAPING_SITES,
+        ]
+        args: list[str | float] = [
+            lease.id, LEASE_TTL, site.limits.connections, backoff.factor,
+            backoff.recover_after, interval, tolerance, site.id, site.document(), WAITING_TTL,
+            *drop,
+        ]  # fmt: skip
+        ok, what, number = self._acquire(keys=keys, args=args)
+        self._dropped = [d for d in self._dropped if d.site.id != site.id]
+        if not ok:
+            return Throttle(
+                what.decode() if isinstance(what, bytes) else str(what), site, number / 1000
+            )
+        self.held[lease.id] = lease
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """The session is closed: the lease goes at the next tick (or with the next lease
+        taken for its site, whichever comes first)."""
+        if self.held.pop(lease.id, None) is not None:
+            self._dropped.append(lease)
+
+    def close(self) -> None:
+        """The process stops: every lease it holds goes now (its sessions are closed by the
+        caller), rather than within :data:`LEASE_TTL`."""
+        self._dropped += list(self.held.values())
+        self.held.clear()
+        self.tick()
+
+    def ensure_ticking(self) -> None:
+        """Start :meth:`run` on the running loop (once per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._ticking is not loop:
+            self._ticking = loop
+            self._task = loop.create_task(self.run())
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                self.tick()
+            except redis.exceptions.RedisError as exc:
+                log.warning("shaping: lease renewal failed, trying again: %s", exc)
+            except Exception:
+                log.exception("shaping: tick failed")
+
+    def tick(self) -> None:
+        """Renew every lease held, drop released ones, and close a parked session for each
+        site another worker waits for (one Redis call; none when nothing is held)."""
+        self.expire_parked()
+        leases = list(self.held.values())
+        if not leases and not self._dropped:
+            return
+        parked_sites = sorted({lease.site.id for lease in self.parked()})
+        keys = [lease.key for lease in leases] + [
+            spool.site_key("waiting", s) for s in parked_sites
+        ]
+        drops = [f"{d.key}|{d.id}" for d in self._dropped]
+        args: list[str | float] = [len(leases), len(parked_sites), LEASE_TTL]
+        args += [lease.id for lease in leases] + drops
+        replies = self._renew(keys=keys, args=args)
+        self._dropped = []
+        for lease, renewed in zip(leases, replies[: len(leases)], strict=True):
+            lease.lost = lease.lost or not renewed
+        for site_id, waiting in zip(parked_sites, replies[len(leases) :], strict=True):
+            if waiting:
+                self.close_parked(site_id)
+
+
+# KEYS: leases sets (one per lease), then waiting flags (one per site with parked sessions).
+# ARGV: 1 number of leases n, 2 number of flags m, 3 ttl, 4.. the n lease ids, then "key|id" of
+# leases to drop. Returns n renewal flags (1: renewed, 0: gone) then m waiting flags.
+_RENEW = (
+    _NOW
+    + """
+local n, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 4 + n, #ARGV do
+  local sep = string.find(ARGV[i], '|', 1, true)
+  redis.call('ZREM', string.sub(ARGV[i], 1, sep - 1), string.sub(ARGV[i], sep + 1))
+end
+local out = {}
+for i = 1, n do
+  if redis.call('ZSCORE', KEYS[i], ARGV[3 + i]) then
+    redis.call('ZADD', KEYS[i], now + ttl, ARGV[3 + i])
+    redis.call('PEXPIRE', KEYS[i], math.floor(ttl * 2000))
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+for j = 1, m do out[n + j] = redis.call('EXISTS', KEYS[n + j]) end
+return out
+"""
+)
+
+
+class Gate:
+    """The leases of one delivery round to one site: a lease whose session failed is kept for
+    the next address of the round (no second call), and released when the round ends."""
+
+    def __init__(self, shaper: Shaper, site: Site) -> None:
+        self.shaper = shaper
+        self.site = site
+        self._spare: Lease | None = None
+
+    async def lease(self) -> Lease | Throttle:
+        """A lease for a new session: the round's spare one, else a new one, waiting within
+        the worker up to :data:`SHORT_WAIT` (polling with growing pauses, the site's waiting
+        flag set so that parked sessions elsewhere close)."""
+        if self._spare is not None:
+            lease, self._spare = self._spare, None
+            if not lease.lost:
+                return lease
+            self.shaper.release(lease)
+        waited, pause, first = 0.0, 0.1, ""
+        while True:
+            got = self.shaper._take(self.site)
+            if isinstance(got, Lease):
+                if first:  # a round that met a limit and waited here (else: parked)
+                    observe.throttled(self.site.label, first)
+                return got
+            first = first or got.reason
+            wait = got.wait or pause
+            if got.reason != CONNECTION_RATE and self.shaper.close_parked(self.site.id):
+                wait = CLOSING_WAIT  # one of our parked sessions held it: its QUIT frees it
+            if waited + wait > SHORT_WAIT:
+                park = got.wait if got.reason == CONNECTION_RATE else PARK_CONNECTIONS
+                return Throttle(got.reason, self.site, max(park, 1.0))
+            await asyncio.sleep(wait)
+            waited, pause = waited + wait, min(1.0, pause * 2)
+
+    def give_back(self, lease: Lease | None) -> None:
+        """A session of this round closed: keep its lease for the next address."""
+        if lease is None:
+            return
+        if self._spare is not None:
+            self.shaper.release(self._spare)
+        self._spare = lease
+
+    def close(self) -> None:
+        """The round is over: its spare lease goes."""
+        if self._spare is not None:
+            self.shaper.release(self._spare)
+            self._spare = None
