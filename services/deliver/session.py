@@ -12,6 +12,11 @@ reconnects in clear and reports it through ``on_handshake_failed`` (the shared "
 The STARTTLS contexts (TLS 1.0 and old ciphers accepted where any TLS beats clear, modern
 defaults where the certificate is verified) are :mod:`services.deliver.tlscontext`'s.
 
+When the server advertises PIPELINING (in the EHLO that counts: after STARTTLS, the one over
+TLS), MAIL, every RCPT and DATA go in one write and their replies are read in order by
+:mod:`services.deliver.pipelining` (RFC 2920); each recipient's fate is the one the same replies
+give it command by command. STARTTLS itself and EHLO are never pipelined.
+
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
 """
 
@@ -29,7 +34,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
-from services.deliver import mtasts, observe, tls
+from services.deliver import mtasts, observe, pipelining, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 from services.deliver.tlscontext import tls_context
@@ -372,17 +377,14 @@ async def _transaction(
 ) -> None:
     """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
     options = _mail_options(smtp, envelope, result)
+    if smtp.supports_extension("pipelining"):
+        await _pipelined(smtp, envelope.sender, options, recipients, body, result, hooks, timeouts)
+        return
     try:
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
-        if exc.code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
-            result.desync = True
-            why = f"MAIL out of sequence: {_reply(exc)}"
-            raise _NextHost(Reply(451, PROTOCOL_ERROR, why)) from None
-        if exc.code >= 500:  # the sender is refused: the same for every recipient
-            result.replies = dict.fromkeys(recipients, _server_reply(exc))
-            return
-        raise _NextHost(_server_reply(exc)) from None
+        _mail_refused(exc.code, exc.message, recipients, result)
+        return
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     accepted = await _recipients(smtp, recipients, result)
@@ -424,6 +426,116 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Atte
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
     result.clean = True
     return Reply.parse(response.code, response.message)
+
+
+def _mail_refused(code: int, message: str, recipients: Sequence[str], result: Attempt) -> None:
+    """MAIL got ``code``, not 250: a refused sender is every recipient's reply (5xx), anything
+    else is the next host's turn."""
+    if code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
+        result.desync = True
+        why = f"MAIL out of sequence: {code} {message[:200]}"
+        raise _NextHost(Reply(451, PROTOCOL_ERROR, why))
+    if code >= 500:  # the sender is refused: the same for every recipient
+        result.replies = dict.fromkeys(recipients, _peer_reply(code, message))
+        return
+    raise _NextHost(_peer_reply(code, message))
+
+
+async def _pipelined(
+    smtp: aiosmtplib.SMTP,
+    sender: str,
+    options: list[str],
+    recipients: Sequence[str],
+    body: bytes,
+    result: Attempt,
+    hooks: Hooks,
+    timeouts: Timeouts,
+) -> None:
+    """:func:`_transaction` as one group (RFC 2920): MAIL, every RCPT and DATA in one write,
+    their replies read in order, the message sent after DATA's ``354`` only when a recipient was
+    accepted (§3.1). Each recipient gets the fate the same replies give it one command at a
+    time; the session is kept only when every reply was read and nothing more was said. A
+    reply to MAIL or RCPT that is not an SMTP reply leaves the rest unpaired: next host (the
+    message was not sent)."""
+    group = pipelining.envelope_commands(sender, options, recipients)
+    try:
+        with pipelining.Pipeline(smtp) as pipe:
+            pipe.send(group)
+            mail = await _group_reply(pipe, timeouts.command, result)
+            if mail.code != 250:
+                _mail_refused(mail.code, mail.text, recipients, result)
+                return  # the rest of the group is not read: the session is closed
+            accepted = []
+            for rcpt in recipients:
+                reply = await _group_reply(pipe, timeouts.command, result)
+                if reply.code in (250, 251):  # aiosmtplib's rcpt() accepts exactly these
+                    accepted.append(rcpt)
+                else:
+                    result.replies[rcpt] = _peer_reply(reply.code, reply.text)
+            if not accepted:
+                await _no_data(pipe, timeouts.command)
+                return
+            result.data_sent = True
+            end = await _pipelined_data(pipe, body, result, hooks, timeouts.data)
+            result.replies.update(dict.fromkeys(accepted, end))
+    except pipelining.Disconnected as exc:  # a parked session that died: nothing was sent
+        raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
+
+
+async def _group_reply(
+    pipe: pipelining.Pipeline, timeout: float, result: Attempt
+) -> pipelining.RawReply:
+    """The next reply to MAIL or RCPT; unreadable → next host (as a lost connection is when the
+    commands go one by one)."""
+    try:
+        return await pipe.reply(timeout)
+    except pipelining.Malformed as exc:
+        result.desync = True
+        raise _NextHost(Reply(451, PROTOCOL_ERROR, f"invalid SMTP reply: {exc}")) from None
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
+
+
+async def _no_data(pipe: pipelining.Pipeline, timeout: float) -> None:
+    """Every recipient was refused, yet DATA was sent: it must be refused too (RFC 2920 §3.1),
+    and then the session goes on (RSET before reuse). A peer that answers it ``354`` instead has
+    shown it does not keep to §3.1: nothing more is sent to it (not even the lone dot §3.1
+    suggests) and the session is closed."""
+    try:
+        reply = await pipe.reply(timeout)
+    except (TimeoutError, pipelining.ReplyError):
+        return
+    if reply.code != 354:
+        pipe.finish()
+
+
+async def _pipelined_data(
+    pipe: pipelining.Pipeline, body: bytes, result: Attempt, hooks: Hooks, timeout: float
+) -> Reply:
+    """DATA's reply, then the message and its final reply: what :func:`_data` makes of them."""
+    try:
+        start = await pipe.reply(timeout)
+        if start.code == 354:
+            hooks.before_data(result.peer)
+            pipe.send(pipelining.message_data(body))
+            final = await pipe.reply(timeout)
+            if final.code == 250:
+                pipe.finish()
+                result.clean = True
+                return Reply.parse(final.code, final.text)
+            start = final
+    except pipelining.Malformed as exc:
+        result.desync = True
+        return Reply(451, PROTOCOL_ERROR, f"protocol error: {exc} in reply to DATA")
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
+        return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
+    if not 400 <= start.code < 600:
+        result.desync = True
+        why = f"{start.code} {start.text[:200]}"
+        return Reply(451, PROTOCOL_ERROR, f"protocol error: {why} in reply to DATA")
+    pipe.finish()  # refused: the server may hold the transaction (RSET before reuse)
+    return _peer_reply(start.code, start.text)
 
 
 def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) -> list[str]:
@@ -473,11 +585,15 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
 
 
 def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
+    return _peer_reply(exc.code, exc.message)
+
+
+def _peer_reply(code: int, message: str) -> Reply:
     """The peer's reply; a line that is not an SMTP reply at all (aiosmtplib's code -1) is a
     temporary protocol failure (RFC 3463 X.5.0), never a permanent one."""
-    if 200 <= exc.code < 600:
-        return Reply.parse(exc.code, exc.message)
-    return Reply(451, "4.5.0", f"invalid SMTP reply from server: {exc.message[:200]!r}")
+    if 200 <= code < 600:
+        return Reply.parse(code, message)
+    return Reply(451, "4.5.0", f"invalid SMTP reply from server: {message[:200]!r}")
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
