@@ -39,6 +39,7 @@ BODY = b"Subject: pipelining\r\n\r\nline one\r\n.leading dot\r\n"
 RCPTS = ["r0@x.test", "r1@x.test", "r2@x.test"]
 ENDLESS_LINE = b"<endless line>"
 ENDLESS_CONTINUATION = b"<endless continuation>"
+TIMEOUTS = Timeouts("relay.test", connect=5, command=10, greeting=10, data=10)
 FLOOD_CAP = 8 * 1024 * 1024  # the peer gives up flooding after this much (the test then fails)
 
 
@@ -216,6 +217,7 @@ def deliver(
     recipients: list[str] | None = None,
     pool: ConnectionPool | None = None,
     times: int = 1,
+    timeouts: Timeouts = TIMEOUTS,
 ) -> tuple[list[Attempt], Seen]:
     """``times`` deliveries to a fresh peer running ``script``, one after the other."""
     recipients = recipients or RCPTS
@@ -234,7 +236,7 @@ def deliver(
                     recipients,
                     BODY,
                     TlsSettings(mode=mode),
-                    Timeouts("relay.test", connect=5, command=10, greeting=10, data=10),
+                    timeouts,
                     pool=pool,
                 )
             )
@@ -327,6 +329,15 @@ def test_pipelining_over_tls_and_on_a_reused_session(trickle: bool) -> None:
     assert seen.connections == 1 and len(seen.bodies) == 3
     assert all(set(fates(r).values()) == {"250 2.0.0 queued as Q1"} for r in results)
     assert seen.commands[:3] == [b"EHLO relay.test", b"STARTTLS", b"EHLO relay.test"]
+
+
+def test_with_pipelining_off_commands_go_one_at_a_time() -> None:
+    """delivery.pipelining off: MAIL waits for its reply, which this peer holds until DATA —
+    so it never comes, the command times out and nothing else was sent."""
+    off = Timeouts("relay.test", connect=5, command=0.5, greeting=10, data=10, pipelining=False)
+    (result,), seen = deliver(Script(), timeouts=off)
+    assert verbs(seen) == [b"MAIL"]
+    assert result.next_host and result.error is not None and result.error.code == 421
 
 
 def test_every_recipient_refused_and_354_to_data_the_message_is_not_sent() -> None:

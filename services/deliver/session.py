@@ -80,6 +80,7 @@ class Timeouts:
     command: float = 300.0
     greeting: float = 300.0
     data: float = 600.0
+    pipelining: bool = True  # use PIPELINING where offered (delivery.pipelining)
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,7 @@ async def _transaction(
 ) -> None:
     """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
     options = _mail_options(smtp, envelope, result)
-    if smtp.supports_extension("pipelining"):
+    if timeouts.pipelining and smtp.supports_extension("pipelining"):
         await _pipelined(smtp, envelope.sender, options, recipients, body, result, hooks, timeouts)
         return
     try:
