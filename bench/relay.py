@@ -149,6 +149,11 @@ class TlsRelay:
                 start_new_session=True,  # its own process group: the pool children stop with it
             )
 
+    @property
+    def redis_url(self) -> str:
+        """For ``INFO commandstats`` (bench/measure.py)."""
+        return self.redis.url
+
     def processes(self) -> dict[str, int]:
         assert self.redis.process is not None
         pids = {name: proc.pid for name, proc in self.procs.items()}
