@@ -8,10 +8,15 @@ Nothing about speed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench.run import parse_rtt
 
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = {
@@ -49,3 +54,16 @@ def test_bench_runs_small_load_and_reports_every_field(tmp_path: Path) -> None:
     assert report["sink_sessions_peak"] >= 1
     commands = report["redis_commands_per_msg"]
     assert commands["total"] > 0 and "info" not in commands["by_command"]
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("40ms", 0.04), ("0.1s", 0.1), ("20", 0.02), ("0", 0.0), (" 100MS ", 0.1)]
+)
+def test_rtt_is_read_in_milliseconds_or_seconds(text: str, seconds: float) -> None:
+    assert parse_rtt(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["forty", "-5ms", "11s", "ms"])
+def test_a_bad_rtt_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_rtt(text)
