@@ -442,3 +442,46 @@ def test_the_reader_refuses_what_is_not_a_whole_reply(data: bytes, error: type[E
             await reader.read(5)
 
     asyncio.run(run())
+
+
+class _FlowControlled:
+    """A transport stand-in for the reader's flow control: it holds ``rest`` back while reading
+    is paused and hands it over when reading resumes (as TCP would)."""
+
+    def __init__(self, reader: pipelining.ReplyReader, rest: bytes) -> None:
+        self.reader, self.rest, self.paused = reader, rest, False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        rest, self.rest = self.rest, b""
+        if rest:
+            asyncio.get_running_loop().call_soon(self.reader.data_received, rest)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_paused_reader_resumes_when_it_needs_the_rest_of_a_reply() -> None:
+    """Past HIGH_WATER unread bytes the reader stops reading; once it has read what is buffered
+    and still needs more of a reply, it reads again (else it would wait out its timeout)."""
+    many = b"250 ok\r\n" * (pipelining.HIGH_WATER // 8 + 1)
+    big = b"".join(b"250-%05d %s\r\n" % (i, b"y" * 140) for i in range(200)) + b"250 end\r\n"
+    half = len(big) - 2000  # more than LOW_WATER of it arrives while paused
+    assert pipelining.LOW_WATER < half and len(big) < pipelining.MAX_REPLY
+
+    async def run() -> list[pipelining.RawReply]:
+        reader = pipelining.ReplyReader()
+        transport = _FlowControlled(reader, big[half:])
+        reader.attach(transport)  # type: ignore[arg-type]
+        reader.data_received(many + big[:half])
+        assert transport.paused
+        replies = [await reader.read(5) for _ in range(len(many) // 8)]
+        replies.append(await reader.read(5))
+        return replies
+
+    replies = asyncio.run(run())
+    assert {r.code for r in replies} == {250}
+    assert replies[-1].text.endswith("\nend") and replies[-1].text.count("\n") == 200

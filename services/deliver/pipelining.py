@@ -101,15 +101,20 @@ class ReplyReader(asyncio.Protocol):
             while (reply := self._parse()) is None:
                 if self.closed:
                     raise Disconnected("connection closed before the reply was complete")
+                self._resume()  # what is buffered is read: the rest of this reply is needed
                 self._wakeup = asyncio.get_running_loop().create_future()
                 try:
                     await self._wakeup
                 finally:
                     self._wakeup = None
-        if self._paused and len(self.buffer) < LOW_WATER and self._transport is not None:
+        if len(self.buffer) < LOW_WATER:
+            self._resume()
+        return reply
+
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
             self._paused = False
-        return reply
 
     def _parse(self) -> RawReply | None:
         """One complete reply off the front of the buffer (None: not all there yet). The lines
