@@ -51,6 +51,7 @@ class Script:
     rcpt: dict[str, bytes] = field(default_factory=dict)  # per address; default 250
     data: bytes = b"354 go ahead\r\n"
     final: bytes = b"250 2.0.0 queued as Q1\r\n"
+    rset: bytes = b"250 2.0.0 ok\r\n"
     extra: bytes = b""  # written right after the final reply (replies nobody asked for)
     close_after: int | None = None  # close after this many replies to the transaction
     pipelining: bool = True
@@ -153,8 +154,10 @@ class _Session:
         elif verb == b"QUIT":
             await self._write([b"221 2.0.0 bye\r\n"])
             return False
-        else:  # RSET, NOOP
+        elif verb == b"RSET":  # held with MAIL and RCPT: it may lead a group
             self.sent = 0
+            return await self._group(s.rset)
+        else:  # NOOP
             await self._write([b"250 2.0.0 ok\r\n"])
         return True
 
@@ -340,6 +343,32 @@ def test_with_pipelining_off_commands_go_one_at_a_time() -> None:
     assert result.next_host and result.error is not None and result.error.code == 421
 
 
+REFUSED_ALL = Script(
+    rcpt={r: b"550 5.1.1 no such user\r\n" for r in RCPTS},
+    data=b"554 5.5.1 no valid recipients\r\n",
+)
+
+
+def test_a_parked_sessions_rset_rides_in_the_next_group() -> None:
+    """A session parked after a refused transaction is checked with RSET before reuse; with
+    PIPELINING the RSET leads the next group (this peer holds its reply until DATA: an RSET
+    waited for alone would time out)."""
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    results, seen = deliver(REFUSED_ALL, pool=pool, times=2)
+    assert [r.reused for r in results] == [False, True] and seen.connections == 1
+    assert fates(results[0]) == fates(results[1])
+    second = [c[:4] for c in seen.commands[seen.commands.index(b"DATA") + 1 :]]
+    assert second == [b"RSET", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA"]
+
+
+def test_a_parked_session_that_refuses_rset_gives_way_to_a_fresh_one() -> None:
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    script = replace(REFUSED_ALL, rset=b"421 4.4.2 idle too long\r\n")
+    results, seen = deliver(script, pool=pool, times=2)
+    assert seen.connections == 2  # the RSET failed: nothing sent, the round ran on a new one
+    assert not results[1].next_host and fates(results[1]) == fates(results[0])
+
+
 def test_every_recipient_refused_and_354_to_data_the_message_is_not_sent() -> None:
     """RFC 2920 §3.1: DATA went in the group; a peer that answers it 354 after refusing every
     recipient gets nothing more, and the session is closed."""
@@ -470,7 +499,7 @@ def test_a_paused_reader_resumes_when_it_needs_the_rest_of_a_reply() -> None:
     many = b"250 ok\r\n" * (pipelining.HIGH_WATER // 8 + 1)
     big = b"".join(b"250-%05d %s\r\n" % (i, b"y" * 140) for i in range(200)) + b"250 end\r\n"
     half = len(big) - 2000  # more than LOW_WATER of it arrives while paused
-    assert pipelining.LOW_WATER < half and len(big) < pipelining.MAX_REPLY
+    assert half > pipelining.LOW_WATER and len(big) < pipelining.MAX_REPLY
 
     async def run() -> list[pipelining.RawReply]:
         reader = pipelining.ReplyReader()

@@ -154,9 +154,11 @@ async def attempt(
     """One attempt; with a ``pool``, on a parked session for the same key when there is one."""
     started = time.monotonic()
     key = _pool_key(peer, settings)
-    pooled = await _reusable(pool, key) if pool is not None else None
+    pooled, reset = (None, False)
+    if pool is not None:
+        pooled, reset = await _reusable(pool, key, timeouts.pipelining)
     result = await _attempt(
-        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled
+        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled, reset
     )
     if pooled is not None and result.next_host and not result.data_sent:
         # The parked session died under us (before DATA): try once more on a fresh one.
@@ -177,7 +179,9 @@ async def _attempt(
     hooks: Hooks,
     pool: ConnectionPool | None,
     pooled: Pooled | None,
+    reset: bool = False,
 ) -> Attempt:
+    """``reset``: the pooled session's RSET check goes first in the transaction's group."""
     result = Attempt(peer=peer, mode=settings.mode)
     smtp: aiosmtplib.SMTP | None = None
     try:
@@ -193,7 +197,7 @@ async def _attempt(
             smtp = await _open(peer, timeouts, result)
             result.local_address = _local_address(smtp)
             smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
-        await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
+        await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts, reset)
     except _NextHost as exc:
         result.error, result.next_host = exc.reply, True
     except BaseException:  # cancelled (delivery.job_timeout): drop the session, never park it
@@ -214,22 +218,28 @@ def _pool_key(peer: Peer, settings: TlsSettings) -> PoolKey:
     )  # fmt: skip
 
 
-async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
+async def _reusable(
+    pool: ConnectionPool, key: PoolKey, pipelining: bool
+) -> tuple[Pooled | None, bool]:
     """A parked session that still answers ``RSET`` with 250 (else it is closed); one that
-    finished a transaction a moment ago is taken without the check (see ``pool.needs_check``)."""
+    finished a transaction a moment ago is taken without the check (see ``pool.needs_check``).
+    With PIPELINING the check rides in the transaction's group instead of costing a round trip
+    of its own: (the session, True) — the transaction reads RSET's reply first."""
     pool.expire()
     while (pooled := pool.take(key)) is not None:
         if not pool.needs_check(pooled):
-            return pooled
+            return pooled, False
+        if pipelining and pooled.smtp.supports_extension("pipelining"):
+            return pooled, True
         try:
             await pooled.smtp.rset()
-            return pooled
+            return pooled, False
         except Exception:  # dead, timed out by the server, or a stale reply in the buffer
             pooled.smtp.close()
         except BaseException:  # cancelled
             pooled.smtp.close()
             raise
-    return None
+    return None, False
 
 
 def _park(
@@ -375,12 +385,20 @@ async def _transaction(
     result: Attempt,
     hooks: Hooks,
     timeouts: Timeouts,
+    reset: bool = False,
 ) -> None:
-    """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
+    """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate.
+    ``reset``: RSET first (a parked session's check, in the group when pipelining)."""
     options = _mail_options(smtp, envelope, result)
     if timeouts.pipelining and smtp.supports_extension("pipelining"):
-        await _pipelined(smtp, envelope.sender, options, recipients, body, result, hooks, timeouts)
+        group = _Group(envelope.sender, options, recipients, reset)
+        await _pipelined(smtp, group, body, result, hooks, timeouts)
         return
+    if reset:  # (not reached today: _reusable leaves the check in the group only when pipelining)
+        try:
+            await smtp.rset()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     try:
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
@@ -442,11 +460,23 @@ def _mail_refused(code: int, message: str, recipients: Sequence[str], result: At
     raise _NextHost(_peer_reply(code, message))
 
 
+@dataclass(frozen=True)
+class _Group:
+    """What one pipelined group says: [RSET], MAIL with its options, RCPT each, DATA."""
+
+    sender: str
+    options: list[str]
+    recipients: Sequence[str]
+    reset: bool = False
+
+    def commands(self) -> bytes:
+        reset = b"RSET\r\n" if self.reset else b""
+        return reset + pipelining.envelope_commands(self.sender, self.options, self.recipients)
+
+
 async def _pipelined(
     smtp: aiosmtplib.SMTP,
-    sender: str,
-    options: list[str],
-    recipients: Sequence[str],
+    group: _Group,
     body: bytes,
     result: Attempt,
     hooks: Hooks,
@@ -457,11 +487,17 @@ async def _pipelined(
     accepted (§3.1). Each recipient gets the fate the same replies give it one command at a
     time; the session is kept only when every reply was read and nothing more was said. A
     reply to MAIL or RCPT that is not an SMTP reply leaves the rest unpaired: next host (the
-    message was not sent)."""
-    group = pipelining.envelope_commands(sender, options, recipients)
+    message was not sent). A parked session's RSET may lead the group: anything but 250 to it
+    is a session that died while parked (next host, nothing sent: a fresh session is tried)."""
+    commands, recipients = group.commands(), group.recipients
     try:
         with pipelining.Pipeline(smtp) as pipe:
-            pipe.send(group)
+            pipe.send(commands)
+            if group.reset:
+                reset = await _group_reply(pipe, timeouts.command, result)
+                if reset.code != 250:
+                    why = f"parked session answered RSET with {reset.code} {reset.text[:200]}"
+                    raise _NextHost(Reply(421, CONNECTION_DROPPED, why))
             mail = await _group_reply(pipe, timeouts.command, result)
             if mail.code != 250:
                 _mail_refused(mail.code, mail.text, recipients, result)
