@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
+import redis
+
 from bench import procstat
 from bench.env import REPO, python_env
 from bench.relay import TargetError
@@ -55,15 +57,16 @@ class Target(Protocol):
 class SinkProcess:
     """``python -m bench.sink`` as a child process, driven over its stdin/stdout."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, rtt: float = 0.0) -> None:
         self.log = log
+        self.rtt = rtt  # seconds between the relay and the sink (bench/delayline.py); 0: none
         self.proc: subprocess.Popen[str] | None = None
         self.tls_port = self.plain_port = self.pid = 0
 
     def __enter__(self) -> SinkProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.sink"],
+                [sys.executable, "-m", "bench.sink", str(self.rtt)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -108,6 +111,10 @@ class SinkProcess:
 
     def stats(self) -> dict[str, int]:
         return {key: int(value) for key, value in self._ask("stats").items()}
+
+    def mark(self) -> dict[str, int]:
+        """Stats, and the peak of open sessions counted from now on."""
+        return {key: int(value) for key, value in self._ask("mark").items()}
 
     def arrivals(self, path: Path) -> list[Arrival]:
         self._ask(f"dump {path}")
@@ -221,18 +228,42 @@ class Snapshot:
     machine: float  # busy CPU seconds of the whole machine
     own: float  # CPU seconds of this (orchestrating) process
     at: float
-    redis: dict[str, int] = field(default_factory=dict)  # Redis's counts (tlsrelay only)
+    redis: dict[str, int] = field(default_factory=dict)  # calls per command (INFO commandstats)
 
 
-def snapshot(pids: dict[str, int], sink: SinkProcess, target: Target | None = None) -> Snapshot:
+def snapshot(
+    pids: dict[str, int], sink: SinkProcess, target: Target | None = None, mark: bool = False
+) -> Snapshot:
     cpu = {n: procstat.tree_cpu(p) for n, p in pids.items()}
     times = os.times()
-    stats = sink.stats()
-    calls = getattr(target, "redis_calls", None)  # tlsrelay's Redis (Postfix has none)
+    stats = sink.mark() if mark else sink.stats()
+    commands = redis_commands(target) if target is not None else {}
     return Snapshot(
-        cpu, stats, procstat.machine_busy(), times.user + times.system, time.monotonic(),
-        calls() if calls is not None else {},
-    )  # fmt: skip
+        cpu,
+        stats,
+        procstat.machine_busy(),
+        times.user + times.system,
+        time.monotonic(),
+        commands,
+    )
+
+
+def redis_commands(target: Target) -> dict[str, int]:
+    """Calls per Redis command so far (``INFO commandstats``) of a target with a Redis (its
+    ``redis_url``); empty for one without (Postfix)."""
+    url = getattr(target, "redis_url", None)
+    if not url:
+        return {}
+    client = redis.Redis.from_url(url)
+    try:
+        info = client.info("commandstats")
+    finally:
+        client.close()
+    return {
+        name.removeprefix("cmdstat_"): int(stats["calls"])
+        for name, stats in info.items()
+        if isinstance(stats, dict) and "calls" in stats
+    }
 
 
 def wait_arrived(
@@ -274,6 +305,7 @@ class Measurement:
     rss: dict[str, list[procstat.Memory]]
     arrivals: list[Arrival]
     complete: bool  # every delivery arrived before the deadline
+    rtt: float = 0.0  # seconds between the relay and the sink
 
 
 def measure(
@@ -290,7 +322,7 @@ def measure(
     progress(f"{target.name}: warming up ({warmup} messages)")
     warm_up(target, sink, workload, warmup, root)
     pids = {**target.processes(), "sink": sink.pid}
-    before = snapshot(pids, sink, target)
+    before = snapshot(pids, sink, target, mark=True)
     run_id = f"run{int(time.time())}"
     progress(f"{target.name}: sending {workload.messages} messages with {client}")
     with (root / "client.log").open("ab") as log:
@@ -316,6 +348,7 @@ def measure(
         rss,
         arrivals,
         done is not None,
+        sink.rtt,
     )
 
 
@@ -387,6 +420,9 @@ def report(m: Measurement) -> dict[str, Any]:
         "tls_resumed_per_msg": round(sink["resumed"] / w.messages, 3),
         "sink_connections_per_msg": round(sink["connections"] / w.messages, 3),
         "tls_delivery_share": round(sink["tls_messages"] / max(sink["messages"], 1), 3),
+        "rtt_ms": round(m.rtt * 1000, 1),
+        "sink_sessions_peak": m.after.sink.get("peak_open", 0),
+        "redis_commands_per_msg": redis_per_message(m.before.redis, m.after.redis, w.messages),
         "cpu_ms_per_msg": {
             **{n: round(v * 1000, 3) for n, v in cpu.items() if n != "sink"},
             "relay_total": round(relay_cpu * 1000, 3),
@@ -397,12 +433,30 @@ def report(m: Measurement) -> dict[str, Any]:
             name: [{"pid": p.pid, "role": p.role, "mb": round(p.peak_kb / 1024, 1)} for p in procs]
             for name, procs in m.rss.items()
         },
-        "redis_per_msg": {
-            k: round((m.after.redis[k] - m.before.redis.get(k, 0)) / w.messages, 3)
-            for k in m.after.redis
-        },
         "other_load_cores": round(other / window, 2) if window > 0 else 0.0,
         "complete_before_deadline": m.complete,
+    }
+
+
+def redis_per_message(
+    before: dict[str, int], after: dict[str, int], messages: int
+) -> dict[str, Any] | None:
+    """Redis commands per message in the window: the total and each command's share (most
+    first); None when the target has no Redis. The snapshots' own ``INFO`` is left out; the
+    workers' idle polling (``BRPOP``, heartbeats) is in, as part of what the relay costs."""
+    if not after:
+        return None
+    calls = {c: n - before.get(c, 0) for c, n in after.items() if c != "info"}
+    calls = {c: n for c, n in calls.items() if n > 0}
+    by_command = {
+        c: round(n / messages, 2) for c, n in sorted(calls.items(), key=lambda kv: -kv[1])
+    }
+    scripts = sum(calls.get(c, 0) for c in ("eval", "evalsha", "eval_ro", "evalsha_ro"))
+    return {
+        "total": round(sum(calls.values()) / messages, 2),
+        # EVAL/EVALSHA calls: one round trip each (the commands they run are in the total)
+        "scripts": round(scripts / messages, 3),
+        "by_command": by_command,
     }
 
 

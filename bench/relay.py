@@ -149,23 +149,15 @@ class TlsRelay:
                 start_new_session=True,  # its own process group: the pool children stop with it
             )
 
+    @property
+    def redis_url(self) -> str:
+        """For ``INFO commandstats`` (bench/measure.py)."""
+        return self.redis.url
+
     def processes(self) -> dict[str, int]:
         assert self.redis.process is not None
         pids = {name: proc.pid for name, proc in self.procs.items()}
         return {**pids, "redis": self.redis.process.pid}
-
-    def redis_calls(self) -> dict[str, int]:
-        """Redis's own counts so far: ``commands`` (every command, those run inside Lua scripts
-        included) and ``scripts`` (EVAL/EVALSHA calls: one round trip each)."""
-        import redis
-
-        with redis.Redis.from_url(self.redis.url) as client:
-            stats = client.info("commandstats")
-            total = client.info("stats")["total_commands_processed"]
-        scripts = sum(
-            int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha")
-        )
-        return {"commands": int(total), "scripts": scripts}
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -22,6 +22,7 @@ def table(r: dict[str, Any]) -> str:
         f"{r['target']}: {r['messages']} messages × {r['size']} B, {r['sessions']} sessions, "
         f"{r['recipients']} rcpt/msg, {r['domains']} domain(s), TLS share {r['tls_mix']:g}, "
         f"{rate}, client {r['client']}{' (STARTTLS)' if r['client_tls'] else ''}"
+        + (f", RTT to the sink {r['rtt_ms']:g} ms" if r.get("rtt_ms") else "")
         + (f"; workers: {workers}" if workers else "")
         + "".join(f"; {key}={value}" for key, value in r.get("settings", {}).items()),
         f"  end-to-end          {r['e2e_msgs_per_s']:>9.1f} msg/s  "
@@ -38,11 +39,14 @@ def table(r: dict[str, Any]) -> str:
         + ", ".join(f"{k} {cpu[k]:.2f}" for k in services)
         + f"  = {cpu['relay_total']:.2f}   (sink {cpu['sink']:.2f}, client {cpu['client']:.2f})",
     ]
-    calls = r.get("redis_per_msg") or {}
-    if calls:
+    lines.append(f"  sessions at sink    {r.get('sink_sessions_peak', 0):>9}  (most open at once)")
+    commands = r.get("redis_commands_per_msg")
+    if commands:
+        top = ", ".join(f"{c} {n:g}" for c, n in list(commands["by_command"].items())[:8])
+        lines.append(f"  Redis commands/msg  {commands['total']:>9.1f}  ({top}, …)")
         lines.append(
-            f"  Redis per msg       {calls['commands']:>9.2f} commands (Lua's included), "
-            f"{calls['scripts']:.3f} script calls (EVAL/EVALSHA: one round trip each)"
+            f"  Redis scripts/msg   {commands.get('scripts', 0):>9.3f}  (EVAL/EVALSHA: one round"
+            " trip each)"
         )
     busy = r["other_load_cores"]
     note = "  ← ≥ 0.1: was the machine quiet? (README: other load)" if busy >= 0.1 else ""
@@ -75,7 +79,7 @@ def comparison(reports: Sequence[dict[str, Any]]) -> str:
     """One row per target; the ratio tlsrelay / each Postfix run."""
     head = (
         f"{'target':<28}{'e2e msg/s':>10}{'accept/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'TLS hs/msg':>11}{'conn/msg':>9}{'CPU ms/msg':>11}{'lost':>6}"
+        f"{'TLS hs/msg':>11}{'conn/msg':>9}{'sessions':>9}{'CPU ms/msg':>11}{'lost':>6}"
     )
     rows = [head, "-" * len(head)]
     for r in reports:
@@ -83,7 +87,8 @@ def comparison(reports: Sequence[dict[str, Any]]) -> str:
         rows.append(
             f"{r['label']:<28}{r['e2e_msgs_per_s']:>10.1f}{r['accept_msgs_per_s']:>10.1f}"
             f"{_num(lat['p50']):>9}{_num(lat['p99']):>9}{r['tls_handshakes_per_msg']:>11.3f}"
-            f"{r['sink_connections_per_msg']:>9.3f}{r['cpu_ms_per_msg']['relay_total']:>11.2f}"
+            f"{r['sink_connections_per_msg']:>9.3f}{r.get('sink_sessions_peak', 0):>9}"
+            f"{r['cpu_ms_per_msg']['relay_total']:>11.2f}"
             f"{r['lost']:>6}"
         )
     ours = reports[0]

@@ -66,9 +66,34 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         default=300.0,
         help="seconds after the client finished by which every message must have arrived",
     )
+    add(
+        "--rtt",
+        type=parse_rtt,
+        default=0.0,
+        metavar="TIME",
+        help="round-trip time between the relay and the sink, e.g. 40ms (a user-space delay "
+        "line, bench/delayline.py; default 0: plain loopback)",
+    )
     add("--warmup", type=int, default=20, help="messages sent and delivered before measuring")
     add("--workdir", type=Path, default=None, help="keep logs and data here (default: a temp dir)")
     add("--json-only", action="store_true", help="print only the JSON line")
+
+
+def parse_rtt(text: str) -> float:
+    """``40ms``, ``0.04s`` or ``40`` (milliseconds) → seconds."""
+    value = text.strip().lower()
+    try:
+        if value.endswith("ms"):
+            seconds = float(value[:-2]) / 1000
+        elif value.endswith("s"):
+            seconds = float(value[:-1])
+        else:
+            seconds = float(value) / 1000
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (e.g. 40ms)") from None
+    if not 0 <= seconds <= 10:
+        raise argparse.ArgumentTypeError(f"--rtt {text!r}: between 0 and 10 s")
+    return seconds
 
 
 def workload_of(args: argparse.Namespace) -> Workload:
@@ -101,7 +126,7 @@ def say(text: str) -> None:
 
 def run_tlsrelay(args: argparse.Namespace, workload: Workload, root: Path) -> dict[str, object]:
     root.mkdir(parents=True, exist_ok=True)
-    with SinkProcess(root / "sink.log") as sink:
+    with SinkProcess(root / "sink.log", args.rtt) as sink:
         relay = TlsRelay(
             root / "tlsrelay",
             routes(workload, sink),

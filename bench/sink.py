@@ -10,13 +10,18 @@ so that the sink is never what limits the relay.
 Per message it records an :class:`Arrival`: the ``X-Bench-Id`` header (else ``Message-Id``, the
 one id Postfix's ``smtp-source`` sends), the arrival time (``time.monotonic()``, the same clock as
 the load client's accept times on this machine), whether the session was TLS, and the recipient
-domains. It counts connections and TLS handshakes (and how many of them resumed a session).
+domains. It counts connections and TLS handshakes (and how many of them resumed a session), and
+the most sessions open at once.
+
+``python -m bench.sink RTT`` (seconds) puts a delay line (:mod:`bench.delayline`) in front of
+each listener and announces its ports instead: whoever connects is RTT away from the sink.
 
 Protocol with the parent (stdin/stdout, one JSON line each): on start it prints
 ``{"tls_port": P, "plain_port": Q, "pid": N}``; then it answers each command line:
 
 - ``stats``     → ``{"connections", "handshakes", "resumed", "failed_handshakes", "messages",
-  "tls_messages"}``
+  "tls_messages", "peak_open"}`` (``peak_open``: most sessions open at once since ``mark``)
+- ``mark``      → starts counting ``peak_open`` from the sessions open now; answers as ``stats``
 - ``dump PATH`` → writes the arrivals to ``PATH`` (one JSON list per line:
   ``[id, at, tls, [domains]]``) and answers ``{"arrivals": n}``
 - ``quit`` or end of input → exits.
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bench.delayline import DelayLine
 from services.ingest import tlscert
 
 HOSTNAME = "sink.bench.test"
@@ -60,6 +66,8 @@ class Counters:
     failed_handshakes: int = 0
     messages: int = 0
     tls_messages: int = 0
+    open: int = 0  # sessions open now
+    peak_open: int = 0  # most sessions open at once since the last ``mark``
     arrivals: list[Arrival] = field(default_factory=list)
 
     def to_json(self) -> dict[str, int]:
@@ -70,6 +78,7 @@ class Counters:
             "failed_handshakes": self.failed_handshakes,
             "messages": self.messages,
             "tls_messages": self.tls_messages,
+            "peak_open": self.peak_open,
         }
 
 
@@ -101,7 +110,10 @@ class SinkProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.counters.connections += 1
+        counters = self.counters
+        counters.connections += 1
+        counters.open += 1
+        counters.peak_open = max(counters.peak_open, counters.open)
         transport.write(GREETING)
 
     def data_received(self, data: bytes) -> None:
@@ -229,6 +241,7 @@ class SinkProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.counters.open -= 1
 
 
 def server_context() -> ssl.SSLContext:
@@ -261,6 +274,9 @@ async def control(counters: Counters) -> None:
             return
         if command == "stats":
             answer: dict[str, object] = dict(counters.to_json())
+        elif command == "mark":  # the peak of open sessions counts from now
+            counters.peak_open = counters.open
+            answer = dict(counters.to_json())
         elif command == "dump":
             answer = dict(dump(counters, argument))
         else:
@@ -268,24 +284,28 @@ async def control(counters: Counters) -> None:
         print(json.dumps(answer), flush=True)
 
 
-async def main() -> None:
+async def main(rtt: float) -> None:
     loop = asyncio.get_running_loop()
     counters = Counters()
     context = server_context()
     tls = await loop.create_server(lambda: SinkProtocol(counters, context), "127.0.0.1", 0)
     plain = await loop.create_server(lambda: SinkProtocol(counters, None), "127.0.0.1", 0)
-    ports = {
-        "tls_port": tls.sockets[0].getsockname()[1],
-        "plain_port": plain.sockets[0].getsockname()[1],
-        "pid": os.getpid(),
-    }
-    print(json.dumps(ports), flush=True)
+    ports = [server.sockets[0].getsockname()[1] for server in (tls, plain)]
+    lines = []
+    if rtt > 0:  # the relay reaches the sink through a delay line (bench/delayline.py)
+        lines = [await DelayLine(rtt, port).start() for port in ports]
+        ports = [line.port for line in lines]
+    print(
+        json.dumps({"tls_port": ports[0], "plain_port": ports[1], "pid": os.getpid()}), flush=True
+    )
     try:
         await control(counters)
     finally:
+        for line in lines:
+            line.close()
         tls.close()
         plain.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0))

@@ -152,7 +152,7 @@ def _refuse_evicting(redis_url: str, service: str) -> int | None:
     client = spool.connect(redis_url)
     try:
         eviction.check(client)
-    except eviction.EvictingRedis as exc:
+    except eviction.UnfitRedis as exc:
         print(f"tlsrelay {service}: {exc}", file=sys.stderr)
         return 1
     finally:

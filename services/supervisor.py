@@ -145,7 +145,7 @@ def _refuse_evicting(redis_url: str) -> str | None:
     client = spool.connect(redis_url)
     try:
         eviction.check(client)
-    except eviction.EvictingRedis as exc:
+    except eviction.UnfitRedis as exc:
         return str(exc)
     finally:
         client.close()

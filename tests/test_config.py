@@ -157,6 +157,16 @@ def test_mta_sts_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_config(write(tmp_path, 'delivery:\n  mta_sts: "on"\n')).delivery.mta_sts
 
 
+def test_pipelining_is_on_unless_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TLSRELAY_CONFIG", raising=False)
+    assert load_config(None).delivery.pipelining is True
+    assert (
+        load_config(write(tmp_path, "delivery:\n  pipelining: off\n")).delivery.pipelining is False
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

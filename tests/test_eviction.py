@@ -73,3 +73,18 @@ def test_config_not_permitted_warns_and_starts(
             assert eviction.check(client) is None
     assert "cannot read maxmemory-policy" in caplog.text
     assert "tlsrelay needs noeviction" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "version, ok",
+    [("6.2.14", False), ("6.0", False), ("7.0.0", True), ("7.2.4", True), ("9.0.1", True),
+     ("", True), ("unknown", True)],
+)  # fmt: skip
+def test_a_redis_older_than_7_is_refused(version: str, ok: bool) -> None:
+    """The delivery claim needs SET with NX and GET (Redis 7.0); an unreadable version passes."""
+    assert eviction.version_ok(version) is ok
+
+
+def test_the_embedded_server_is_recent_enough(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path) as server, redis.Redis(port=server.port) as client:
+        assert eviction.version_ok(str(client.info("server")["redis_version"]))

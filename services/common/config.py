@@ -346,6 +346,10 @@ class DeliveryConfig(_Section):
     # at most this many transactions (1 = no reuse) and is kept idle at most this long.
     reuse_max_messages: StrictInt = Field(default=100, gt=0)
     reuse_idle_timeout: Duration = 30.0
+    # RFC 2920: MAIL, every RCPT and DATA in one round trip where the server offers PIPELINING
+    # (services/deliver/pipelining.py); off = one command at a time everywhere (Postfix's
+    # smtp_discard_ehlo_keywords = pipelining), for a broken peer or a comparison.
+    pipelining: OnOff = True
     # Jobs per deliver task (all for one destination domain, sent one after another over one
     # connection): fewer Celery hops per message. A destination that fails a job (no host
     # reachable, TLS unavailable) defers the rest of its batch without trying each.

@@ -16,6 +16,11 @@ and ingest answers ``451 4.3.0`` instead of losing anything.
   make sure of the policy;
 - Redis unreachable → one warning, and the service starts (it answers ``451``/retries until
   Redis is back); the policy is checked again at the next start.
+
+It also refuses a Redis older than 7.0 (:class:`OldRedis`, from ``INFO server``'s
+``redis_version``; Valkey reports the Redis version it is compatible with): the delivery claim
+uses ``SET … NX GET`` (services/deliver/claims.py), which older servers refuse — every delivery
+would fail and be retried for ever. A version that cannot be read is let through.
 """
 
 from __future__ import annotations
@@ -29,12 +34,24 @@ log = logging.getLogger("tlsrelay.redis")
 REQUIRED = "noeviction"
 
 
-class EvictingRedis(Exception):
-    """Redis is configured to evict keys; ``str()`` is the operator-facing message."""
+MIN_VERSION = (7, 0)  # SET with NX and GET together (Redis 7.0)
+
+
+class UnfitRedis(Exception):
+    """Redis cannot be used; ``str()`` is the operator-facing message."""
+
+
+class EvictingRedis(UnfitRedis):
+    """Redis is configured to evict keys."""
+
+
+class OldRedis(UnfitRedis):
+    """Redis is older than :data:`MIN_VERSION`."""
 
 
 def check(client: redis.Redis) -> str | None:
-    """Raise :class:`EvictingRedis` unless Redis's ``maxmemory-policy`` is ``noeviction``.
+    """Raise :class:`EvictingRedis` unless Redis's ``maxmemory-policy`` is ``noeviction``, and
+    :class:`OldRedis` for a Redis older than 7.0.
     Returns the policy read, or None when it could not be read (a warning was logged)."""
     try:
         reply: dict[object, object] = client.config_get("maxmemory-policy")  # type: ignore[assignment]
@@ -50,6 +67,7 @@ def check(client: redis.Redis) -> str | None:
             "redis: not reachable to check maxmemory-policy (%s); checked at next start", exc
         )
         return None
+    _check_version(client)
     policy = _text(reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy"))
     if policy != REQUIRED:
         raise EvictingRedis(
@@ -58,6 +76,28 @@ def check(client: redis.Redis) -> str | None:
             "the keys with a TTL). Set 'maxmemory-policy noeviction' in the Redis configuration"
         )
     return policy
+
+
+def _check_version(client: redis.Redis) -> None:
+    try:
+        info: dict[str, object] = client.info("server")
+    except (redis.exceptions.RedisError, OSError):
+        return
+    version = _text(info.get("redis_version", ""))
+    if not version_ok(version):
+        raise OldRedis(
+            f"redis: version {version}; tlsrelay needs Redis {'.'.join(map(str, MIN_VERSION))} "
+            "or later (or Valkey): delivery claims use SET with NX and GET together"
+        )
+
+
+def version_ok(version: str) -> bool:
+    """Whether ``redis_version`` is at least :data:`MIN_VERSION` (an unreadable one passes)."""
+    try:
+        parts = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return True
+    return len(parts) < 2 or parts >= MIN_VERSION
 
 
 def _text(value: object) -> str:

@@ -192,9 +192,9 @@ class IdTaken(Exception):
 # KEYS: msg, trace, waiting:policy. ARGV: envelope, body, first event, trace TTL, score, id,
 # and optionally a fallback body (see stage_message).
 STORE_NEW = """
-local stored = redis.call('HGET', KEYS[1], 'envelope')
-if stored then return stored == ARGV[1] and 1 or 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+  return redis.call('HGET', KEYS[1], 'envelope') == ARGV[1] and 1 or 0
+end
 redis.call('HSET', KEYS[1], 'envelope', ARGV[1], 'body', ARGV[2])
 if ARGV[7] then redis.call('HSET', KEYS[1], 'fallback', ARGV[7]) end
 redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -276,7 +276,7 @@ class JobState:
     envelope: Envelope | None
     body: bytes | None  # None from load_jobs: read separately (load_bodies), as needed
     final: dict[str, str]  # recipient → its final state (delivered / bounced), when it has one
-    in_flight: bytes | None  # the mark of an earlier run that died while sending DATA
+    in_flight: bytes | None  # the mark of an earlier run that died while sending DATA (claims)
     delay_warned: bool = False  # a "delayed" DSN was sent already
     # recipient → the attempt that deferred it (its retry, one attempt on, is in the deferred set)
     deferred: dict[str, int] = field(default_factory=dict)
@@ -318,19 +318,20 @@ def job_state(
 
 
 def load_jobs(client: redis.Redis, jobs: list[tuple[str, str]]) -> list[JobState]:
-    """For each (message id, domain): envelope, recipients' states, in-flight mark and whether a
-    delay notice went out — all jobs in one pipelined round trip. Bodies are left out (``body``
-    None; the caller reads them with :func:`load_bodies`, a few megabytes at a time)."""
+    """For each (message id, domain): envelope, recipients' states and whether a delay notice
+    went out — all jobs in one pipelined round trip. Bodies are left out (``body`` None; the
+    caller reads them with :func:`load_bodies`, a few megabytes at a time), and so are in-flight
+    marks (``in_flight`` None): the job's claim reads its mark when it is taken
+    (services/deliver/claims.py), which is the read that counts."""
     with client.pipeline(transaction=False) as pipe:
-        for message_id, domain in jobs:
+        for message_id, _domain in jobs:
             pipe.hmget(msg_key(message_id), ["envelope", "delay_warned"])
             pipe.hgetall(rcpt_key(message_id))
-            pipe.get(in_flight_key(message_id, domain))
         replies = pipe.execute()
     states = []
     for i in range(len(jobs)):
-        (raw_envelope, warned), rcpts, in_flight = replies[3 * i : 3 * i + 3]
-        states.append(job_state(raw_envelope, warned, rcpts, in_flight))
+        (raw_envelope, warned), rcpts = replies[2 * i : 2 * i + 2]
+        states.append(job_state(raw_envelope, warned, rcpts, None))
     return states
 
 

@@ -96,6 +96,7 @@ class Deliverer:
             command=delivery.command_timeout,
             greeting=delivery.greeting_timeout,
             data=delivery.data_timeout,
+            pipelining=delivery.pipelining,
         )
 
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:

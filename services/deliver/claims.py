@@ -52,18 +52,21 @@ CLAIM_TTL = 15.0  # seconds (the default of delivery.claim_ttl); refreshed every
 # still stored comes back). Claimed by another: {0, owner}. Else (claimed now, or ours already):
 # {1, envelope (or 1/0), delay_warned, rcpt as a flat list, the in-flight mark found, 1 when
 # the note was written}. The note is written only for a stored message with no mark yet (an
-# earlier run's mark stays: it says that run died while sending).
+# earlier run's mark stays: it says that run died while sending). Few commands (Redis counts
+# each one a script calls): SET NX GET claims and reads the owner at once (Redis ≥ 7.0), one
+# HMGET reads the envelope and the notice flag.
 _CLAIM = """
-local owner = redis.call('GET', KEYS[1])
+local owner = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
 if owner and owner ~= ARGV[1] then
   return {0, owner}
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local envelope
+if owner then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local fields = redis.call('HMGET', KEYS[2], 'envelope', 'delay_warned')
+local envelope = fields[1]
 if ARGV[5] == '1' then
-  envelope = redis.call('HEXISTS', KEYS[2], 'envelope')
-else
-  envelope = redis.call('HGET', KEYS[2], 'envelope')
+  envelope = envelope and 1 or 0
 end
 local mark = redis.call('GET', KEYS[4])
 local marked = 0
@@ -71,8 +74,7 @@ if ARGV[3] ~= '' and envelope and envelope ~= 0 and not mark then
   redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
   marked = 1
 end
-local warned = redis.call('HGET', KEYS[2], 'delay_warned')
-return {1, envelope, warned, redis.call('HGETALL', KEYS[3]), mark, marked}
+return {1, envelope, fields[2], redis.call('HGETALL', KEYS[3]), mark, marked}
 """
 
 _RELEASE = """

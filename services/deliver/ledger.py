@@ -180,7 +180,6 @@ class Ledger:
                 events.append(self._stage_notice(pipe, round_.envelope.id, notice))
             if fallback is not None:
                 events.append(self._stage_fallback(pipe, round_.envelope.id, *fallback))
-            pipe.delete(spool.in_flight_key(*round_.job.key))
             self.claims.stage_release(pipe, round_.job.key)
             at_upcoming = len(pipe)
             if upcoming is not None:
@@ -218,17 +217,19 @@ class Ledger:
     def _stage_end(
         self, pipe: redis.client.Pipeline, rec: _Recording, events: list[str], complete: bool
     ) -> int | None:
-        """The job leaves the waiting set; the message is deleted when complete, else its
-        recipients' states are read back (the reply at the index returned; None: not read); the
-        trace gets the round's events."""
+        """The job leaves the waiting set and loses its in-flight mark; the message is deleted
+        when complete (with the mark: one DEL), else its recipients' states are read back (the
+        reply at the index returned; None: not read); the trace gets the round's events."""
         message_id, domain = rec.job.key
         at_states = None
         pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
+        mark = spool.in_flight_key(message_id, domain)
         if complete:
             events.append(spool.event("completed"))
-            pipe.delete(spool.msg_key(message_id), spool.rcpt_key(message_id))
+            pipe.delete(mark, spool.msg_key(message_id), spool.rcpt_key(message_id))
             scheduler.stage_completion(pipe, message_id)
         else:
+            pipe.delete(mark)
             pipe.expire(spool.rcpt_key(message_id), self._rcpt_ttl)
             if not rec.outcome.deferred:  # the other jobs may have finished meanwhile: look
                 at_states = len(pipe)

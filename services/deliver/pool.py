@@ -8,7 +8,8 @@ the final dot (``clean``) and that was parked less than ``RECHECK_AFTER`` ago (t
 of the same batch) skips the RSET — after a refused DATA, refused recipients or a refused sender
 the server may still hold the transaction (Postfix does), and RSET ends it. If it died
 meanwhile, MAIL fails before anything was sent and the delivery is retried once on a fresh
-session (``services.deliver.session.attempt``). Postfix does the same with
+session (``services.deliver.session.attempt``). With PIPELINING the RSET leads the next
+transaction's group instead of costing a round trip of its own. Postfix does the same with
 ``smtp_connection_cache`` and ``smtp_tls_connection_reuse``.
 
 The key is (address, port, TLS mode, CA file, client certificate, expected certificate name):

@@ -15,6 +15,11 @@ defaults where the certificate is verified or must match TLSA records) are
 the certificate; right after it, before EHLO, the server's chain is compared with the host's TLSA
 records (:func:`services.deliver.dane.check`): no match → ``dane_failed``, next host, nothing sent.
 
+When the server advertises PIPELINING (in the EHLO that counts: after STARTTLS, the one over
+TLS), MAIL, every RCPT and DATA go in one write and their replies are read in order by
+:mod:`services.deliver.pipelining` (RFC 2920); each recipient's fate is the one the same replies
+give it command by command. STARTTLS itself and EHLO are never pipelined.
+
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
 """
 
@@ -32,7 +37,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
-from services.deliver import dane, mtasts, observe, tls
+from services.deliver import dane, mtasts, observe, pipelining, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.shaping import Gate, Lease, Throttle
 from services.deliver.tls import Action, Outcome, Situation
@@ -83,6 +88,7 @@ class Timeouts:
     command: float = 300.0
     greeting: float = 300.0
     data: float = 600.0
+    pipelining: bool = True  # use PIPELINING where offered (delivery.pipelining)
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,9 @@ async def attempt(
     when none can be had, the attempt ends ``throttled`` without connecting."""
     started = time.monotonic()
     key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
-    pooled = await _reusable(pool, key) if pool is not None else None
+    pooled, reset = (None, False)
+    if pool is not None:
+        pooled, reset = await _reusable(pool, key, timeouts.pipelining)
     lease = pooled.lease if pooled is not None else None
     if pooled is None and gate is not None:
         got = await gate.lease()
@@ -175,7 +183,18 @@ async def attempt(
             return Attempt(peer=peer, mode=settings.mode, throttled=got)
         lease = got
     result = await _attempt(
-        peer, envelope, recipients, body, settings, timeouts, hooks, pool, pooled, gate, lease
+        peer,
+        envelope,
+        recipients,
+        body,
+        settings,
+        timeouts,
+        hooks,
+        pool,
+        pooled,
+        gate,
+        lease,
+        reset,
     )
     if pooled is not None and result.next_host and not result.data_sent:
         # The parked session died under us (before DATA): try once more on a fresh one, with
@@ -203,9 +222,11 @@ async def _attempt(
     pooled: Pooled | None,
     gate: Gate | None = None,
     lease: Lease | None = None,
+    reset: bool = False,
 ) -> Attempt:
     """``lease``: the session's connection lease (shaping); it stays with the session when it
-    is parked, else it goes back to ``gate`` (for the round's next address) when it closes."""
+    is parked, else it goes back to ``gate`` (for the round's next address) when it closes.
+    ``reset``: the pooled session's RSET check goes first in the transaction's group."""
     result = Attempt(peer=peer, mode=settings.mode)
     smtp: aiosmtplib.SMTP | None = None
     parked = False
@@ -222,7 +243,7 @@ async def _attempt(
             smtp = await _open(peer, timeouts, result)
             result.local_address = _local_address(smtp)
             smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
-        await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts)
+        await _transaction(smtp, envelope, recipients, body, result, hooks, timeouts, reset)
     except _NextHost as exc:
         result.error, result.next_host = exc.reply, True
     except BaseException:  # cancelled (delivery.job_timeout): drop the session, never park it
@@ -254,22 +275,28 @@ def _pool_key(peer: Peer, settings: TlsSettings, site: str = "") -> PoolKey:
     )  # fmt: skip
 
 
-async def _reusable(pool: ConnectionPool, key: PoolKey) -> Pooled | None:
+async def _reusable(
+    pool: ConnectionPool, key: PoolKey, pipelining: bool
+) -> tuple[Pooled | None, bool]:
     """A parked session that still answers ``RSET`` with 250 (else it is closed); one that
-    finished a transaction a moment ago is taken without the check (see ``pool.needs_check``)."""
+    finished a transaction a moment ago is taken without the check (see ``pool.needs_check``).
+    With PIPELINING the check rides in the transaction's group instead of costing a round trip
+    of its own: (the session, True) — the transaction reads RSET's reply first."""
     pool.expire()
     while (pooled := pool.take(key)) is not None:
         if not pool.needs_check(pooled):
-            return pooled
+            return pooled, False
+        if pipelining and pooled.smtp.supports_extension("pipelining"):
+            return pooled, True
         try:
             await pooled.smtp.rset()
-            return pooled
+            return pooled, False
         except Exception:  # dead, timed out by the server, or a stale reply in the buffer
             pool.drop(pooled)
         except BaseException:  # cancelled
             pool.drop(pooled)
             raise
-    return None
+    return None, False
 
 
 def _park(
@@ -318,7 +345,7 @@ async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.S
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
         if isinstance(exc, aiosmtplib.SMTPConnectResponseError):  # the greeting itself
-            _heard(result, exc)
+            _heard(result, exc.code, exc.message)
         raise _NextHost(_server_reply(exc)) from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         smtp.close()
@@ -435,21 +462,26 @@ async def _transaction(
     result: Attempt,
     hooks: Hooks,
     timeouts: Timeouts,
+    reset: bool = False,
 ) -> None:
-    """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate."""
+    """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate.
+    ``reset``: RSET first (a parked session's check, in the group when pipelining)."""
     options = _mail_options(smtp, envelope, result)
+    if timeouts.pipelining and smtp.supports_extension("pipelining"):
+        group = _Group(envelope.sender, options, recipients, reset)
+        await _pipelined(smtp, group, body, result, hooks, timeouts)
+        return
+    if reset:  # (not reached today: _reusable leaves the check in the group only when pipelining)
+        try:
+            await smtp.rset()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     try:
         await smtp.mail(envelope.sender, options=options)
     except aiosmtplib.SMTPResponseException as exc:
-        _heard(result, exc)
-        if exc.code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
-            result.desync = True
-            why = f"MAIL out of sequence: {_reply(exc)}"
-            raise _NextHost(Reply(451, PROTOCOL_ERROR, why)) from None
-        if exc.code >= 500:  # the sender is refused: the same for every recipient
-            result.replies = dict.fromkeys(recipients, _server_reply(exc))
-            return
-        raise _NextHost(_server_reply(exc)) from None
+        _heard(result, exc.code, exc.message)
+        _mail_refused(exc.code, exc.message, recipients, result)
+        return
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     accepted = await _recipients(smtp, recipients, result)
@@ -469,7 +501,7 @@ async def _recipients(
             await smtp.rcpt(rcpt)
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
-            _heard(result, exc)
+            _heard(result, exc.code, exc.message)
             result.replies[rcpt] = _server_reply(exc)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
@@ -492,6 +524,136 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Atte
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
     result.clean = True
     return Reply.parse(response.code, response.message)
+
+
+def _mail_refused(code: int, message: str, recipients: Sequence[str], result: Attempt) -> None:
+    """MAIL got ``code``, not 250: a refused sender is every recipient's reply (5xx), anything
+    else is the next host's turn."""
+    if code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
+        result.desync = True
+        why = f"MAIL out of sequence: {code} {message[:200]}"
+        raise _NextHost(Reply(451, PROTOCOL_ERROR, why))
+    if code >= 500:  # the sender is refused: the same for every recipient
+        result.replies = dict.fromkeys(recipients, _peer_reply(code, message))
+        return
+    raise _NextHost(_peer_reply(code, message))
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What one pipelined group says: [RSET], MAIL with its options, RCPT each, DATA."""
+
+    sender: str
+    options: list[str]
+    recipients: Sequence[str]
+    reset: bool = False
+
+    def commands(self) -> bytes:
+        reset = b"RSET\r\n" if self.reset else b""
+        return reset + pipelining.envelope_commands(self.sender, self.options, self.recipients)
+
+
+async def _pipelined(
+    smtp: aiosmtplib.SMTP,
+    group: _Group,
+    body: bytes,
+    result: Attempt,
+    hooks: Hooks,
+    timeouts: Timeouts,
+) -> None:
+    """:func:`_transaction` as one group (RFC 2920): MAIL, every RCPT and DATA in one write,
+    their replies read in order, the message sent after DATA's ``354`` only when a recipient was
+    accepted (§3.1). Each recipient gets the fate the same replies give it one command at a
+    time; the session is kept only when every reply was read and nothing more was said. A
+    reply to MAIL or RCPT that is not an SMTP reply leaves the rest unpaired: next host (the
+    message was not sent). A parked session's RSET may lead the group: anything but 250 to it
+    is a session that died while parked (next host, nothing sent: a fresh session is tried)."""
+    commands, recipients = group.commands(), group.recipients
+    try:
+        with pipelining.Pipeline(smtp) as pipe:
+            pipe.send(commands)
+            if group.reset:
+                reset = await _group_reply(pipe, timeouts.command, result)
+                if reset.code != 250:
+                    why = f"parked session answered RSET with {reset.code} {reset.text[:200]}"
+                    raise _NextHost(Reply(421, CONNECTION_DROPPED, why))
+            mail = await _group_reply(pipe, timeouts.command, result)
+            if mail.code != 250:
+                _heard(result, mail.code, mail.text)
+                _mail_refused(mail.code, mail.text, recipients, result)
+                return  # the rest of the group is not read: the session is closed
+            accepted = []
+            for rcpt in recipients:
+                reply = await _group_reply(pipe, timeouts.command, result)
+                if reply.code in (250, 251):  # aiosmtplib's rcpt() accepts exactly these
+                    accepted.append(rcpt)
+                else:
+                    _heard(result, reply.code, reply.text)
+                    result.replies[rcpt] = _peer_reply(reply.code, reply.text)
+            if not accepted:
+                await _no_data(pipe, timeouts.command)
+                return
+            result.data_sent = True
+            end = await _pipelined_data(pipe, body, result, hooks, timeouts.data)
+            result.replies.update(dict.fromkeys(accepted, end))
+    except pipelining.Disconnected as exc:  # a parked session that died: nothing was sent
+        raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
+
+
+async def _group_reply(
+    pipe: pipelining.Pipeline, timeout: float, result: Attempt
+) -> pipelining.RawReply:
+    """The next reply to MAIL or RCPT; unreadable → next host (as a lost connection is when the
+    commands go one by one)."""
+    try:
+        return await pipe.reply(timeout)
+    except pipelining.Malformed as exc:
+        result.desync = True
+        raise _NextHost(Reply(451, PROTOCOL_ERROR, f"invalid SMTP reply: {exc}")) from None
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
+
+
+async def _no_data(pipe: pipelining.Pipeline, timeout: float) -> None:
+    """Every recipient was refused, yet DATA was sent: it must be refused too (RFC 2920 §3.1),
+    and then the session goes on (RSET before reuse). A peer that answers it ``354`` instead has
+    shown it does not keep to §3.1: nothing more is sent to it (not even the lone dot §3.1
+    suggests) and the session is closed."""
+    try:
+        reply = await pipe.reply(timeout)
+    except (TimeoutError, pipelining.ReplyError):
+        return
+    if reply.code != 354:
+        pipe.finish()
+
+
+async def _pipelined_data(
+    pipe: pipelining.Pipeline, body: bytes, result: Attempt, hooks: Hooks, timeout: float
+) -> Reply:
+    """DATA's reply, then the message and its final reply: what :func:`_data` makes of them."""
+    try:
+        start = await pipe.reply(timeout)
+        if start.code == 354:
+            hooks.before_data(result.peer)
+            pipe.send(pipelining.message_data(body))
+            final = await pipe.reply(timeout)
+            if final.code == 250:
+                pipe.finish()
+                result.clean = True
+                return Reply.parse(final.code, final.text)
+            start = final
+    except pipelining.Malformed as exc:
+        result.desync = True
+        return Reply(451, PROTOCOL_ERROR, f"protocol error: {exc} in reply to DATA")
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
+        return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {_text(exc)}")
+    if not 400 <= start.code < 600:
+        result.desync = True
+        why = f"{start.code} {start.text[:200]}"
+        return Reply(451, PROTOCOL_ERROR, f"protocol error: {why} in reply to DATA")
+    pipe.finish()  # refused: the server may hold the transaction (RSET before reuse)
+    return _peer_reply(start.code, start.text)
 
 
 def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) -> list[str]:
@@ -582,19 +744,23 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         raise
 
 
-def _heard(result: Attempt, exc: aiosmtplib.SMTPResponseException) -> None:
+def _heard(result: Attempt, code: int, message: str) -> None:
     """Note the destination's reply line (a real reply, not aiosmtplib's code -1) for the
     back-off patterns (services/deliver/shaping.py)."""
-    if 200 <= exc.code < 600:
-        result.server_replies.append(f"{exc.code} {' '.join(exc.message.split())[:500]}")
+    if 200 <= code < 600:
+        result.server_replies.append(f"{code} {' '.join(message.split())[:500]}")
 
 
 def _server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
+    return _peer_reply(exc.code, exc.message)
+
+
+def _peer_reply(code: int, message: str) -> Reply:
     """The peer's reply; a line that is not an SMTP reply at all (aiosmtplib's code -1) is a
     temporary protocol failure (RFC 3463 X.5.0), never a permanent one."""
-    if 200 <= exc.code < 600:
-        return Reply.parse(exc.code, exc.message)
-    return Reply(451, "4.5.0", f"invalid SMTP reply from server: {exc.message[:200]!r}")
+    if 200 <= code < 600:
+        return Reply.parse(code, message)
+    return Reply(451, "4.5.0", f"invalid SMTP reply from server: {message[:200]!r}")
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> str:

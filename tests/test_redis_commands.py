@@ -1,0 +1,56 @@
+"""Redis commands per delivered message (issue #20 item 4): a guard on the deliver hot path.
+
+A batch of one-recipient messages is delivered by the deliver code of a worker process (as in
+tests/test_batching.py, against a real valkey and a real SMTP sink on loopback), and the Redis
+commands it issued are counted with ``INFO commandstats`` (commands a Lua script calls count
+too: Redis does the work). The budget is what the path costs today; a change that adds commands
+per message must raise it knowingly (bench/README.md, "Redis commands per message"). Counts, not
+times: nothing here depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common.redisserver import EmbeddedRedis
+from tests.peers import Sink
+from tests.test_batching import deliver, queue_jobs, routed
+
+JOBS = 10
+# measured: 20.1 (24.1 before the claim script and the reads were trimmed); 21.2 with traffic
+# shaping, whose connection lease (one script call taking it, one giving it back, about ten
+# commands inside them, per connection) is shared here by only the 10 jobs of one session.
+BUDGET_PER_JOB = 22
+
+
+def commandstats(store: redis.Redis) -> dict[str, int]:
+    info = store.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    with Sink("plain") as server:
+        yield server
+
+
+def test_a_delivered_message_costs_a_bounded_number_of_redis_commands(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
+) -> None:
+    config = routed(tmp_path, valkey, "count.test", sink.address_text)
+    jobs = queue_jobs(store, "count.test", JOBS)
+    before = commandstats(store)
+    outcomes = deliver(config, store, jobs)
+    after = commandstats(store)
+    assert all(o is not None and len(o.delivered) == 1 for o in outcomes)
+    calls = {c: n - before.get(c, 0) for c, n in after.items() if c != "info"}
+    calls = {c: n for c, n in calls.items() if n}
+    per_job = sum(calls.values()) / JOBS
+    assert per_job <= BUDGET_PER_JOB, sorted(calls.items())
+    # The batch's first read leaves in-flight marks to the claims (one GET each, in the claim
+    # script, and one in the release): no third.
+    assert calls.get("get", 0) <= 2 * JOBS, calls
