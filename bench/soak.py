@@ -38,6 +38,18 @@ is SIGKILLed once and started again at once on its AOF (``appendfsync everysec``
 loses nothing). Ingest answers ``451`` meanwhile (counted as refused); the workers reconnect, or
 exit after ``celery.stall_after`` (here 15 s) and are started again. Reported as ``redis_kills``.
 
+``--sentinel`` (``make soak-sentinel``): Redis is a master (the world's server), one replica and
+one sentinel on loopback (:mod:`tests.redisha`; the master is declared down after 0.5 s), the
+services reach it through ``redis_url: sentinel://...`` with ``redis_min_replicas``
+``--min-replicas`` (1; 0 to compare). Instead of the restart, ``--failover-after`` seconds in
+(default 10) the master is SIGKILLed; once the sentinel has promoted the replica, the old master
+is started again as a replica of the new one (:class:`Failover`). Until that replica is in sync,
+ingest answers ``451`` with ``redis_min_replicas: 1`` (one replica in all: none is left to
+acknowledge). Reported under ``failover``: ``promoted_after`` and ``replica_back_after`` (s after
+the kill), ``accepting_paused`` and ``delivering_paused`` (the longest pause in ``250`` replies
+and in ``delivered`` trace events that began during the failover; None: none came after it) and
+``accepted_after`` (``250`` replies after the replica was back).
+
 The end: once the client is done, wait until no message is left in Redis (``tlsrelay:msg:*``,
 bounces included), or every message left has had no task anywhere (not queued, not reserved in
 kombu's ``unacked``, not deferred) for twice the visibility timeout, or ``--deadline`` seconds;
@@ -353,9 +365,12 @@ class Failover:
     supervisor does in a Sentinel deployment (a pod's start script asks the sentinels for the
     master and starts ``--replicaof`` it unless it is the master itself; left to itself, a
     returning old master would be a second master until the sentinel's next ``INFO``, up to
-    10 s, converts it). The failover is over once the new master has a replica in sync again:
-    ``redis_min_replicas: 1`` can be met, ingest answers ``250`` again. Times are
-    ``time.monotonic()``; ``wall`` is the kill's ``time.time()`` (to compare with traces)."""
+    10 s, converts it). The failover is over once the master the sentinel names has a replica
+    in sync: ``redis_min_replicas: 1`` can be met, ingest answers ``250`` again. The sentinel
+    may fail over more than once (on a loaded machine it has declared the new master down
+    within a second of promoting it, and promoted the old one, just back): every master it
+    names is counted in ``switches``. Times are ``time.monotonic()``; ``wall`` is the kill's
+    ``time.time()`` (to compare with traces)."""
 
     ha: Replicated
     killer: Killer
@@ -363,8 +378,9 @@ class Failover:
     wall: float | None = None
     promoted_at: float | None = None
     rejoined_at: float | None = None
-    old: int = 0  # ports
+    old: int = 0  # ports: the master killed, the master the sentinel names now
     new: int = 0
+    switches: int = 0  # masters the sentinel named after the kill (2+: it failed over again)
 
     def kill(self, now: float) -> None:
         assert self.ha.sentinel is not None
@@ -378,19 +394,21 @@ class Failover:
     def step(self, now: float) -> None:
         if self.killed_at is None or self.rejoined_at is not None:
             return
+        assert self.ha.sentinel is not None
+        port = self.ha.sentinel.master_port()
+        if port is None or port == (self.new or self.old):
+            if self.promoted_at is not None and port and online_replicas(port) >= 1:
+                self.rejoined_at = now
+                say(f"the master has a replica in sync {now - self.killed_at:.1f}s after the kill")
+            return
+        self.new, self.switches = port, self.switches + 1
+        say(f"the sentinel names {port} master {now - self.killed_at:.1f}s after the kill")
         if self.promoted_at is None:
-            assert self.ha.sentinel is not None
-            port = self.ha.sentinel.master_port()
-            if port is None or port == self.old:
-                return
-            self.promoted_at, self.new = now, port
-            say(f"replica promoted after {now - self.killed_at:.1f}s; old master started again")
+            self.promoted_at = now
+            say("old master started again as its replica")
             server = self.ha.servers[self.old]
             server.extra = ("--replicaof", "127.0.0.1", str(port))
             server.start()
-        elif online_replicas(self.new) >= 1:
-            self.rejoined_at = now
-            say(f"the old master is a replica in sync {now - self.killed_at:.1f}s after the kill")
 
     def account(self, accept_times: list[float], delivered_at: list[float]) -> dict[str, Any]:
         """The failover's timings, and how long it held mail up: the longest pause in ``250``
@@ -406,6 +424,7 @@ class Failover:
         wall_over = None if over is None else self.wall + over - self.killed_at
         return {
             "promoted_after": since(self.promoted_at),
+            "master_switches": self.switches,
             "replica_back_after": since(over),
             "accepted_after": sum(1 for t in accept_times if over is not None and t > over),
             "accepting_paused": pause(accept_times, self.killed_at, over),
@@ -540,7 +559,7 @@ def soak(options: Options, root: Path) -> Run:
             failover_over = failover is None or failover.rejoined_at is not None
             if deadline is not None and now >= next_look:
                 next_look = now + 2.0
-                if (failover_over and settled(drain, client, now)) or now > deadline:
+                if (settled(drain, client, now) and failover_over) or now > deadline:
                     break
             time.sleep(0.1)  # a script's poll interval, not a test's synchronisation
         seconds = time.monotonic() - started
@@ -831,9 +850,10 @@ def failover_lines(f: dict[str, Any] | None) -> list[str]:
 
     return [
         f"  failover (redis_min_replicas {f['redis_min_replicas']}): replica promoted after "
-        f"{s(f['promoted_after'])}, old master back as a replica after "
-        f"{s(f['replica_back_after'])}; paused: accepting {s(f['accepting_paused'])}, "
-        f"delivering {s(f['delivering_paused'])}"
+        f"{s(f['promoted_after'])} ({f['master_switches']} master switches), a replica in sync "
+        f"again after {s(f['replica_back_after'])}; paused: accepting "
+        f"{s(f['accepting_paused'])}, delivering {s(f['delivering_paused'])}; "
+        f"{f['accepted_after']} accepted after it"
     ]
 
 
