@@ -6,7 +6,9 @@ Runs ``python -m bench.soak --messages 60 --kills 1 --victims child`` as a subpr
 Redis, the three services, real sinks, the load client as a process), with a short queue
 lifetime so that the enforced-to-clear mail bounces within seconds. Checks the contract, not
 speed: exit 0, nothing lost or stuck, enforced mail never in clear, the relay's TLS account agrees
-with the sinks', every behaviour met its expected fate.
+with the sinks', every behaviour met its expected fate. The second test runs ``--sentinel`` (a
+master, a replica and a sentinel; the master SIGKILLed under load, ``redis_min_replicas: 1``):
+nothing answered ``250`` is lost, and ingest accepts again once a replica is back in sync.
 """
 
 from __future__ import annotations
