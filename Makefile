@@ -107,7 +107,13 @@ bench-backlog: $(STAMP)
 # Reliability soak (bench/README.md, "Soak"): 20 000 messages to six kinds of destination while a
 # random policy/deliver worker process is SIGKILLed every 3 s; exit 1 if any message is lost.
 # Other runs: make soak SOAK_ARGS='--messages 2000 --kill-every 1'
-.PHONY: soak
+# make soak-sentinel: the same with Redis as master + replica + sentinel and redis_min_replicas 1;
+# the master is SIGKILLed 10 s in (a failover) instead of restarted. It takes SOAK_ARGS too:
+# make soak-sentinel SOAK_ARGS='--min-replicas 0' to compare (bench/README.md, "Failover").
+.PHONY: soak soak-sentinel
 SOAK_ARGS ?=
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+soak-sentinel: $(STAMP)
+	$(BIN)/python -m bench.soak --sentinel $(SOAK_ARGS)

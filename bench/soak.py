@@ -38,6 +38,18 @@ is SIGKILLed once and started again at once on its AOF (``appendfsync everysec``
 loses nothing). Ingest answers ``451`` meanwhile (counted as refused); the workers reconnect, or
 exit after ``celery.stall_after`` (here 15 s) and are started again. Reported as ``redis_kills``.
 
+``--sentinel`` (``make soak-sentinel``): Redis is a master (the world's server), one replica and
+one sentinel on loopback (:mod:`tests.redisha`; the master is declared down after 0.5 s), the
+services reach it through ``redis_url: sentinel://...`` with ``redis_min_replicas``
+``--min-replicas`` (1; 0 to compare). Instead of the restart, ``--failover-after`` seconds in
+(default 10) the master is SIGKILLed; once the sentinel has promoted the replica, the old master
+is started again as a replica of the new one (:class:`Failover`). Until that replica is in sync,
+ingest answers ``451`` with ``redis_min_replicas: 1`` (one replica in all: none is left to
+acknowledge). Reported under ``failover``: ``promoted_after`` and ``replica_back_after`` (s after
+the kill), ``accepting_paused`` and ``delivering_paused`` (the longest pause in ``250`` replies
+and in ``delivered`` trace events that began during the failover; None: none came after it) and
+``accepted_after`` (``250`` replies after the replica was back).
+
 The end: once the client is done, wait until no message is left in Redis (``tlsrelay:msg:*``,
 bounces included), or every message left has had no task anywhere (not queued, not reserved in
 kombu's ``unacked``, not deferred) for twice the visibility timeout, or ``--deadline`` seconds;
@@ -72,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -88,13 +101,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from bench import procstat
 from bench.env import REPO, python_env
 from bench.workload import Workload, bench_id
 from services.common import queueing, spool
+from services.common.redisserver import EmbeddedRedis
 from tests.peers import Sink
+from tests.redisha import FAST_FAILOVER, Sentinel, online_replicas, replica_of
 from tests.sinksmtp import Message
-from tests.world import World, make_world
+from tests.world import World, make_world, wait_until
 
 ENFORCED_DOMAIN = "d3.bench.test"
 SENDER_DOMAIN = "load.bench.test"  # bench.workload.SENDER's domain: where bounces go
@@ -177,6 +194,9 @@ class Options:
     seed: int = 1
     workdir: Path | None = None
     json_only: bool = False
+    sentinel: bool = False  # master + replica + sentinel; a failover instead of the restart
+    failover_after: float = 10.0  # with sentinel: SIGKILL the master this far in
+    min_replicas: int = 1  # with sentinel: redis_min_replicas
 
     def workload(self) -> Workload:
         return Workload(
@@ -189,10 +209,16 @@ class Options:
         )
 
 
-def settings(options: Options) -> Any:
-    """The soak's configuration over the test world's (``make_world``'s ``config``)."""
+def settings(options: Options, ha: Replicated | None = None) -> Any:
+    """The soak's configuration over the test world's (``make_world``'s ``config``); with ``ha``
+    (``--sentinel``), the world's Redis gets its replica and sentinel first and the services
+    reach it through the sentinel, acknowledged by ``--min-replicas`` replicas."""
 
     def build(world: World) -> dict[str, Any]:
+        replicated = {} if ha is None else {
+            "redis_url": ha.start(world.redis),
+            "redis_min_replicas": options.min_replicas,
+        }  # fmt: skip
         routes = {
             f"d{index}.bench.test": world.sinks[b.sink].address_text
             for index, b in enumerate(BEHAVIOURS)
@@ -200,6 +226,7 @@ def settings(options: Options) -> Any:
         routes[SENDER_DOMAIN] = world.sinks["bounces"].address_text
         rule = {"name": "soak-enforced", "when": {"recipient_domain": ENFORCED_DOMAIN}}
         return {
+            **replicated,
             "delivery": {
                 "routes": routes,
                 "retry_schedule": RETRY_SCHEDULE,
@@ -302,6 +329,119 @@ class Killer:
             )
 
 
+# --------------------------------------------------------------------------- failover
+
+
+@dataclass
+class Replicated:
+    """``--sentinel``: the world's Redis as master, one replica of it and one sentinel (quorum 1,
+    :data:`tests.redisha.FAST_FAILOVER`: the master is declared down after 0.5 s)."""
+
+    root: Path
+    servers: dict[int, EmbeddedRedis] = field(default_factory=dict)  # port → server
+    sentinel: Sentinel | None = None
+
+    def start(self, master: EmbeddedRedis) -> str:
+        """Start the replica and the sentinel; the ``redis_url`` of the services."""
+        replica = replica_of(self.root / "replica", master)
+        self.servers = {master.port: master, replica.port: replica}
+        sentinel = self.sentinel = Sentinel(self.root / "sentinel", master.port, FAST_FAILOVER)
+        wait_until(sentinel.replicas_known, 30, "the sentinel to know the replica")
+        return sentinel.url
+
+    def stop(self) -> None:
+        """The replica and the sentinel (the world stops its own server)."""
+        if self.sentinel is not None:
+            self.sentinel.stop()
+        for server in list(self.servers.values())[1:]:
+            server.stop()
+
+
+@dataclass
+class Failover:
+    """One failover, driven a step at a time from the soak's loop: :meth:`kill` SIGKILLs the
+    master the sentinel names; :meth:`step` waits (without blocking) for the sentinel to name
+    another one, then starts the old master again as a replica of the new one — what its
+    supervisor does in a Sentinel deployment (a pod's start script asks the sentinels for the
+    master and starts ``--replicaof`` it unless it is the master itself; left to itself, a
+    returning old master would be a second master until the sentinel's next ``INFO``, up to
+    10 s, converts it). The failover is over once the master the sentinel names has a replica
+    in sync: ``redis_min_replicas: 1`` can be met, ingest answers ``250`` again. The sentinel
+    may fail over more than once (on a loaded machine it has declared the new master down
+    within a second of promoting it, and promoted the old one, just back): every master it
+    names is counted in ``switches``. Times are ``time.monotonic()``; ``wall`` is the kill's
+    ``time.time()`` (to compare with traces)."""
+
+    ha: Replicated
+    killer: Killer
+    killed_at: float | None = None
+    wall: float | None = None
+    promoted_at: float | None = None
+    rejoined_at: float | None = None
+    old: int = 0  # ports: the master killed, the master the sentinel names now
+    new: int = 0
+    switches: int = 0  # masters the sentinel named after the kill (2+: it failed over again)
+
+    def kill(self, now: float) -> None:
+        assert self.ha.sentinel is not None
+        self.old = self.ha.sentinel.master_port() or 0
+        server = self.ha.servers[self.old]
+        self.killer.note("redis", "master", server.process.pid if server.process else 0)
+        server.stop(kill=True)
+        self.killed_at, self.wall = now, time.time()
+        self.killer.redis_kills += 1
+
+    def step(self, now: float) -> None:
+        if self.killed_at is None or self.rejoined_at is not None:
+            return
+        assert self.ha.sentinel is not None
+        port = self.ha.sentinel.master_port()
+        if port is None or port == (self.new or self.old):
+            if self.promoted_at is not None and port and online_replicas(port) >= 1:
+                self.rejoined_at = now
+                say(f"the master has a replica in sync {now - self.killed_at:.1f}s after the kill")
+            return
+        self.new, self.switches = port, self.switches + 1
+        say(f"the sentinel names {port} master {now - self.killed_at:.1f}s after the kill")
+        if self.promoted_at is None:
+            self.promoted_at = now
+            say("old master started again as its replica")
+            server = self.ha.servers[self.old]
+            server.extra = ("--replicaof", "127.0.0.1", str(port))
+            server.start()
+
+    def account(self, accept_times: list[float], delivered_at: list[float]) -> dict[str, Any]:
+        """The failover's timings, and how long it held mail up: the longest pause in ``250``
+        replies (monotonic accept times) and in deliveries (wall times of ``delivered`` events)
+        that began during the failover (:func:`pause`)."""
+        if self.killed_at is None or self.wall is None:
+            return {}
+        over = self.rejoined_at
+
+        def since(at: float | None) -> float | None:
+            return None if at is None or self.killed_at is None else round(at - self.killed_at, 2)
+
+        wall_over = None if over is None else self.wall + over - self.killed_at
+        return {
+            "promoted_after": since(self.promoted_at),
+            "master_switches": self.switches,
+            "replica_back_after": since(over),
+            "accepted_after": sum(1 for t in accept_times if over is not None and t > over),
+            "accepting_paused": pause(accept_times, self.killed_at, over),
+            "delivering_paused": pause(delivered_at, self.wall, wall_over),
+        }
+
+
+def pause(times: list[float], start: float, end: float | None) -> float | None:
+    """The longest gap between consecutive ``times`` that began between the last one before
+    ``start`` and ``end`` (None: the end of the run); None when none came after ``start``."""
+    ordered = sorted(times)
+    before = [t for t in ordered if t <= start]
+    series = [before[-1] if before else start] + [t for t in ordered if t > start]
+    gaps = [b - a for a, b in itertools.pairwise(series) if end is None or a <= end]
+    return round(max(gaps), 2) if gaps else None
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -383,38 +523,43 @@ class Run:
     in_spool: set[str]  # queue ids whose message is still in Redis
     stuck: set[str]  # ids of messages in the spool with no task (originals and bounces)
     bounces_in_spool: int  # bounces (DSNs) still in the spool
+    failover: Failover | None  # with --sentinel
 
 
 def soak(options: Options, root: Path) -> Run:
     run_id = f"soak{int(time.time())}"
     rng = random.Random(options.seed)
     say(f"starting the world in {root}")
-    with make_world(root, extra_sinks(), settings(options)) as world:
+    with contextlib.ExitStack() as stack:
+        ha = Replicated(root) if options.sentinel else None
+        if ha is not None:
+            stack.callback(ha.stop)  # after the world: its services stop first
+        world = stack.enter_context(make_world(root, extra_sinks(), settings(options, ha)))
         roles = ("main", "child") if options.victims == "any" else (options.victims,)
         killer = Killer(world, rng, root / "kills.jsonl", roles)
+        failover = Failover(ha, killer) if ha is not None else None
         started = time.monotonic()
         say(f"sending {options.messages} messages; a kill every {options.kill_every:g}s")
         load = start_load(world, options.workload(), run_id, root)
         next_kill, deadline, next_look = started + options.kill_every, None, started
         drain = Drain(patience=2 * options.visibility_timeout + 10)
-        client = world.client()
+        url = ha.sentinel.url if ha and ha.sentinel else world.redis.url
+        client = stack.enter_context(contextlib.closing(spool.connect(url)))
         while True:
             now = time.monotonic()
             more = options.kills is None or sum(killer.kills.values()) < options.kills
             if more and now >= next_kill:
                 killer.kill_one()
                 next_kill = now + options.kill_every
-            due = options.redis_kill_after and now - started >= options.redis_kill_after
-            if due and not killer.redis_kills:
-                say("SIGKILL to Redis; starting it again on its AOF")
-                killer.kill_redis()
+            redis_fault(options, killer, failover, now - started)
             killer.keep_alive()
             if load.poll() is not None and deadline is None:
                 deadline = now + options.deadline
                 say(f"client done after {now - started:.0f}s; waiting for the queue to drain")
+            failover_over = failover is None or failover.rejoined_at is not None
             if deadline is not None and now >= next_look:
                 next_look = now + 2.0
-                if drain.over(client, now) or now > deadline:
+                if (settled(drain, client, now) and failover_over) or now > deadline:
                     break
             time.sleep(0.1)  # a script's poll interval, not a test's synchronisation
         seconds = time.monotonic() - started
@@ -422,32 +567,55 @@ def soak(options: Options, root: Path) -> Run:
         say(f"{why} after {seconds:.0f}s; counting")
         doc = json.loads((root / "load.json").read_text())
         queue_ids = [qid for _, _, qid in doc["accepted"] if qid]
-        traces, in_spool = read_spool(world, queue_ids)
+        traces, in_spool = read_spool(client, queue_ids)
         left = spooled(client)
         stuck = left - with_task(client)
-        client.close()
         return Run(
             options, run_id, doc, killer.kills, killer.restarts, killer.redis_kills,
             drain.drained, seconds,
-            dict(world.sinks), traces, in_spool, stuck, len(left - in_spool),
+            dict(world.sinks), traces, in_spool, stuck, len(left - in_spool), failover,
         )  # fmt: skip
 
 
-def read_spool(world: World, queue_ids: list[str]) -> tuple[dict[str, Any], set[str]]:
+def settled(drain: Drain, client: Any, now: float) -> bool:
+    """:meth:`Drain.over`; not yet while Redis does not answer (a connection to a master that
+    was killed fails once, then the client asks the sentinel again)."""
+    try:
+        return drain.over(client, now)
+    except redis.RedisError as exc:
+        say(f"Redis did not answer ({exc}); looking again")
+        return False
+
+
+def redis_fault(options: Options, killer: Killer, failover: Failover | None, at: float) -> None:
+    """``at`` seconds into the run: the Redis restart when it is due, or with ``--sentinel``
+    the failover (its kill when due, then its next step)."""
+    if failover is None:
+        if options.redis_kill_after and at >= options.redis_kill_after and not killer.redis_kills:
+            say("SIGKILL to Redis; starting it again on its AOF")
+            killer.kill_redis()
+        return
+    now = time.monotonic()
+    if failover.killed_at is None and at >= options.failover_after:
+        say("SIGKILL to the Redis master; the sentinel is to promote its replica")
+        failover.kill(now)
+    failover.step(now)
+
+
+def read_spool(client: Any, queue_ids: list[str]) -> tuple[dict[str, Any], set[str]]:
     traces: dict[str, list[dict[str, Any]]] = {}
     in_spool: set[str] = set()
-    with contextlib.closing(world.client()) as client:
-        for start in range(0, len(queue_ids), 1000):
-            batch = queue_ids[start : start + 1000]
-            with client.pipeline(transaction=False) as pipe:
-                for qid in batch:
-                    pipe.lrange(spool.trace_key(qid), 0, -1)
-                    pipe.exists(spool.msg_key(qid))
-                answers = pipe.execute()
-            for index, qid in enumerate(batch):
-                traces[qid] = [json.loads(e) for e in answers[2 * index]]
-                if answers[2 * index + 1]:
-                    in_spool.add(qid)
+    for start in range(0, len(queue_ids), 1000):
+        batch = queue_ids[start : start + 1000]
+        with client.pipeline(transaction=False) as pipe:
+            for qid in batch:
+                pipe.lrange(spool.trace_key(qid), 0, -1)
+                pipe.exists(spool.msg_key(qid))
+            answers = pipe.execute()
+        for index, qid in enumerate(batch):
+            traces[qid] = [json.loads(e) for e in answers[2 * index]]
+            if answers[2 * index + 1]:
+                in_spool.add(qid)
     return traces, in_spool
 
 
@@ -517,6 +685,7 @@ def report(run: Run) -> dict[str, Any]:
         "kills_by_role": dict(sorted(run.kills.items())),
         "restarts": run.restarts,
         "redis_kills": run.redis_kills,
+        "failover": failover_account(run),
         "delivered_by_tls_outcome": dict(sorted(delivered_by.items())),
         "attempts_by_tls_outcome": dict(sorted(attempts.items())),
         "behaviours": rows,
@@ -527,6 +696,24 @@ def report(run: Run) -> dict[str, Any]:
         },
     }
     return result
+
+
+def failover_account(run: Run) -> dict[str, Any] | None:
+    """With ``--sentinel``: :meth:`Failover.account` over the accept times and the
+    ``delivered`` events of the traces."""
+    if run.failover is None:
+        return None
+    accept_times = [at for _, at, qid in run.load["accepted"] if qid]
+    delivered_at = [
+        float(e["at"])
+        for events in run.traces.values()
+        for e in events
+        if e["event"] == "delivered"
+    ]
+    return {
+        "redis_min_replicas": run.options.min_replicas,
+        **run.failover.account(accept_times, delivered_at),
+    }
 
 
 SUMMED = (
@@ -610,6 +797,10 @@ def failures(result: dict[str, Any]) -> list[str]:
     if not result["drained"]:
         left = result["still_queued"] + result["bounces_in_spool"]
         out.append(f"the spool did not drain ({left} messages left, bounces included)")
+    failover = result["failover"]
+    if failover is not None and failover["replica_back_after"] is None:
+        step = "promoted a replica" if failover["promoted_after"] is None else "got a replica back"
+        out.append(f"the failover never {step}")
     return out
 
 
@@ -635,6 +826,7 @@ def table(r: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in r["delivered_by_tls_outcome"].items()),
         "  attempts by TLS outcome:  "
         + ", ".join(f"{k} {v}" for k, v in r["attempts_by_tls_outcome"].items()),
+        *failover_lines(r["failover"]),
         "",
         f"  {'behaviour':<18} {'accepted':>8} {'deliv.':>7} {'bounced':>7} {'queued':>6} "
         f"{'lost':>4} {'dup':>4} {'sink TLS/clear':>15} {'relay TLS/clear':>16} {'mism.':>5}",
@@ -647,6 +839,22 @@ def table(r: dict[str, Any]) -> str:
             f"{row['relay_tls']:>8}/{row['relay_clear']:<7} {row['tls_mismatches']:>5}"
         )
     return "\n".join(lines)
+
+
+def failover_lines(f: dict[str, Any] | None) -> list[str]:
+    if f is None:
+        return []
+
+    def s(value: float | None) -> str:
+        return "never" if value is None else f"{value:g} s"
+
+    return [
+        f"  failover (redis_min_replicas {f['redis_min_replicas']}): replica promoted after "
+        f"{s(f['promoted_after'])} ({f['master_switches']} master switches), a replica in sync "
+        f"again after {s(f['replica_back_after'])}; paused: accepting "
+        f"{s(f['accepting_paused'])}, delivering {s(f['delivering_paused'])}; "
+        f"{f['accepted_after']} accepted after it"
+    ]
 
 
 # --------------------------------------------------------------------------- command line
@@ -678,10 +886,31 @@ def parse(argv: Sequence[str] | None) -> Options:
     add("--seed", type=int, default=d.seed, help="random choice of the processes killed")
     add("--workdir", type=Path, default=None, help="keep logs and data here")
     add("--json-only", action="store_true", help="print only the JSON line")
+    add(
+        "--sentinel",
+        action="store_true",
+        help="Redis as master + replica + sentinel, a failover instead of the Redis restart",
+    )
+    add(
+        "--failover-after",
+        type=float,
+        default=d.failover_after,
+        help="with --sentinel: s into the run, SIGKILL the master (default %(default)s)",
+    )
+    add(
+        "--min-replicas",
+        type=int,
+        default=d.min_replicas,
+        help="with --sentinel: redis_min_replicas (default %(default)s; 0 to compare)",
+    )
     args = p.parse_args(argv)
     bad = args.kill_every <= 0 or args.lifetime <= 0 or args.redis_kill_after < 0
+    bad = bad or args.failover_after < 0 or args.min_replicas not in (0, 1)
     if args.messages < len(BEHAVIOURS) or bad:
-        p.error(f"--messages must be at least {len(BEHAVIOURS)}; durations positive")
+        p.error(
+            f"--messages must be at least {len(BEHAVIOURS)}; durations positive; "
+            "--min-replicas 0 or 1 (the soak has one replica)"
+        )
     return Options(**{k: v for k, v in vars(args).items()})
 
 

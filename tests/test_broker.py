@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -71,3 +72,29 @@ def test_the_upgrade_moves_our_tasks_out_of_the_unprefixed_keys(store: redis.Red
         (queueing.TASK_DELIVER, [{"id": "x", "domain": "d"}])
     ]
     assert store.hkeys("unacked") == [b"just-now"], "a live old worker's task is left to it"
+
+
+def test_a_failed_ack_or_requeue_frees_its_prefetch_slot(tmp_path: Path) -> None:
+    # kombu's Redis QoS frees a prefetch slot only once its Redis call succeeded: an ack or a
+    # requeue that failed (Redis unreachable, a Sentinel failover) held the slot for good, and a
+    # worker whose every slot was so held never consumed again until the stall watchdog ended it
+    # (found by `make soak-sentinel`: every policy and deliver worker stalled after the failover).
+    broker.free_slots_on_failure()  # what every worker does (celeryapp.make_app)
+    with EmbeddedRedis(tmp_path, appendonly=False) as server:
+        options = {"global_keyprefix": queueing.KEY_PREFIX, "visibility_timeout": 3600}
+        with Connection(server.url, transport_options=options) as conn:
+            q = Queue("slots", Exchange("slots"), "slots")
+            with conn.SimpleQueue(q) as simple:
+                simple.consumer.qos(prefetch_count=2)
+                simple.put("a")
+                simple.put("b")
+                first, second = simple.get(timeout=5), simple.get(timeout=5)
+                qos = simple.channel.qos
+                assert not qos.can_consume(), "both slots taken"
+                server.stop(kill=True)
+                with pytest.raises(redis.ConnectionError):
+                    first.reject(requeue=True)
+                with pytest.raises(redis.ConnectionError):
+                    second.ack()
+                assert qos.can_consume(), "a failed ack or requeue still holds its slot"
+                assert qos.can_consume_max_estimate() == 2

@@ -76,10 +76,30 @@ def test_policy_queues_the_job_documents_it_always_queued(store: redis.Redis) ->
     decision = Decision(
         "dead.test", TlsMode.ENFORCED, ("tls-partners",), reasons=("tls-partners: rule says so",)
     )
+    with store.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, envelope, b"Subject: x\r\n\r\nx\r\n", 60, enqueue=False)
+        pipe.execute()
     spool.record_classifications(store, [(envelope, [decision])])
     found = queueing.task_batch(store.lpop(queueing.DELIVER_LIST))  # type: ignore[arg-type]
     assert found == (queueing.TASK_DELIVER, [json.loads(TASK_JOB)])
     assert job_key(json.loads(TASK_JOB)) == ("0190A1B2C3D4E5F60718", "dead.test")
+
+
+def test_a_message_gone_before_its_classification_is_recorded_leaves_nothing(
+    store: redis.Redis,
+) -> None:
+    # Its hash gone between the policy worker's read and its write (deleted by an operator, or
+    # — seen in `make soak-sentinel` — read from a master that the sentinel had just replaced,
+    # written to the new one): the write must not create a msg:{id} holding only decisions (no
+    # envelope, no TTL: never delivered, never removed) nor queue jobs for it.
+    envelope = Envelope("0190A1B2C3D4E5F60719", "s@origin.test", ("a@gone.test",))
+    store.zadd(spool.WAITING_POLICY, {envelope.id: 1.0})
+    decided = [(envelope, [Decision("gone.test")])]
+    done = spool.record_classifications(store, decided, message_ids=[envelope.id])
+    assert done == []
+    assert not store.exists(spool.msg_key(envelope.id)), "a message hash with only decisions"
+    assert store.llen(queueing.DELIVER_LIST) == 0 and store.zcard(spool.WAITING_DELIVER) == 0
+    assert store.zcard(spool.WAITING_POLICY) == 0, "its policy work is over all the same"
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -27,23 +26,10 @@ import yaml
 
 from services.common import spool
 from services.common.redisserver import EmbeddedRedis, free_port
-from tests.test_sentinel import Sentinel
+from tests.redisha import FAST_FAILOVER, Sentinel, replica_of
 from tests.world import port_open, wait_until
 
 TIMEOUT = "0.5s"  # redis_replica_timeout in these tests
-
-
-def replica_of(root: Path, master: EmbeddedRedis) -> EmbeddedRedis:
-    replica = EmbeddedRedis(root, extra=("--replicaof", "127.0.0.1", str(master.port)))
-    replica.start()
-    with redis.Redis(port=replica.port, decode_responses=True) as client:
-
-        def linked() -> bool:
-            info: dict[str, Any] = client.info("replication")
-            return bool(info.get("master_link_status") == "up")
-
-        wait_until(linked, 20, "the replica to sync")
-    return replica
 
 
 @dataclass
@@ -171,34 +157,22 @@ class Load:
             thread.join(60)
 
 
-def master_port(sentinel: Sentinel) -> int:
-    with redis.Redis(port=sentinel.port, decode_responses=True) as client:
-        address: Any = client.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster")
-        return int(address[1])
-
-
-SENTINEL_SETTINGS = (
-    "sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 5000\n"
-)
-
-
 @pytest.mark.parametrize("min_replicas", [1, 0])
 def test_failover_under_load(tmp_path: Path, min_replicas: int) -> None:
     with contextlib.ExitStack() as stack:
         master = stack.enter_context(EmbeddedRedis(tmp_path / "master"))
         replica = replica_of(tmp_path / "replica", master)
         stack.callback(replica.stop)
-        sentinel = Sentinel(tmp_path / "sentinel", master.port, SENTINEL_SETTINGS)
+        sentinel = Sentinel(tmp_path / "sentinel", master.port, FAST_FAILOVER)
         stack.callback(sentinel.stop)
-        url = f"sentinel://127.0.0.1:{sentinel.port}/mymaster/0"
-        ingest = stack.enter_context(Ingest(tmp_path, url, min_replicas))
+        ingest = stack.enter_context(Ingest(tmp_path, sentinel.url, min_replicas))
         with Load(ingest) as load:
 
             def accepted(at_least: int) -> Callable[[], bool]:
                 return lambda: len(load.accepted) >= at_least
 
             def promoted() -> bool:
-                return master_port(sentinel) == replica.port
+                return sentinel.master_port() == replica.port
 
             wait_until(accepted(30), 30, "mail accepted before the fault")
             assert master.process is not None

@@ -3,19 +3,16 @@ sentinel (the valkey binary in sentinel mode) watching the world's Redis; mail f
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from services.common.celeryapp import settings
 from services.common.config import Config
-from services.common.redisserver import binary_path, free_port
 from services.common.spool import SentinelUrl
-from tests.world import World, make_world, message, wait_until
+from tests.redisha import Sentinel
+from tests.world import World, make_world, message
 
 
 @pytest.mark.parametrize(
@@ -47,37 +44,6 @@ def test_kombu_gets_every_sentinel_and_the_master_name() -> None:
     assert options["sentinel_kwargs"] == {"password": "pw"}
 
 
-class Sentinel:
-    def __init__(self, root: Path, master_port: int, settings: str = "") -> None:
-        self.port = free_port()
-        root.mkdir(parents=True, exist_ok=True)
-        self.conf = root / "sentinel.conf"
-        self.conf.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {root}\n"
-            f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n{settings}"
-        )
-        self.proc = subprocess.Popen(
-            [str(binary_path()), str(self.conf), "--sentinel"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1, decode_responses=True)
-        wait_until(lambda: self._master(client), 20, "the sentinel to know its master")
-        client.close()
-
-    def _master(self, client: redis.Redis) -> Any:
-        try:
-            return client.execute_command(  # type: ignore[no-untyped-call]
-                "SENTINEL", "get-master-addr-by-name", "mymaster"
-            )
-        except redis.RedisError:
-            return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("sentinel")
@@ -85,7 +51,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
     def via_sentinel(world: World) -> dict[str, Any]:
         started.append(Sentinel(root / "sentinel", world.redis.port))
-        return {"redis_url": f"sentinel://127.0.0.1:{started[0].port}/mymaster/0"}
+        return {"redis_url": started[0].url}
 
     try:
         with make_world(root / "world", config=via_sentinel) as w:

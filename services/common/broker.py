@@ -13,6 +13,10 @@ What kombu's Redis transport keeps, all under our ``global_keyprefix`` (``queuei
 atomically, so it races safely with kombu's own restore and with the worker's ack (whoever
 removes the entry first wins; the other does nothing).
 
+:func:`free_slots_on_failure` mends kombu's QoS so that an ack or a requeue that fails (Redis
+unreachable, a failover) does not keep the task's prefetch slot forever: kept slots stop a worker
+from consuming.
+
 :func:`migrate_legacy` is the upgrade from releases without the prefix: tasks still in the old
 lists ``policy`` / ``deliver`` move to the prefixed ones (oldest still first), and entries of the
 old ``unacked`` hash older than the visibility timeout (their worker, of the old release, is gone
@@ -22,6 +26,8 @@ propagate.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import redis
 
@@ -95,3 +101,41 @@ def reserved_at(client: redis.Redis, before: float, limit: int) -> list[tuple[st
         queueing.UNACKED_INDEX, "-inf", before, start=0, num=limit, withscores=True
     )
     return [(tag.decode(), score) for tag, score in found]
+
+
+def free_slots_on_failure() -> None:
+    """Make kombu's Redis QoS free a task's prefetch slot even when its ack or reject fails.
+
+    kombu frees the slot (``virtual.QoS.ack``: the tag leaves ``_delivered``) only after the
+    Redis call succeeded. An ack or requeue that fails — Redis unreachable, a Sentinel failover
+    under way — kept the slot for the life of the channel; once every slot (``concurrency`` ×
+    ``worker_prefetch_multiplier``) was kept, ``can_consume()`` stayed false and the worker never
+    issued another ``BRPOP``: it lived, beat and did nothing until the stall watchdog ended it
+    (``celery.stall_after``; found by ``make soak-sentinel``). With this, the failure is still
+    raised (Celery logs "Couldn't ack/reject"); the task stays in ``unacked`` in Redis (or, after
+    a failover, wherever the new master's copy left it), and comes back through the dead-worker
+    hand-back or kombu's visibility timeout — never lost, never holding a slot. Idempotent."""
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport import virtual
+
+    qos = kombu_redis.QoS
+    if getattr(qos, "_tlsrelay_frees_slots", False):
+        return
+    ack, reject = qos.ack, qos.reject
+
+    def ack_freeing(self: Any, delivery_tag: Any) -> None:
+        try:
+            ack(self, delivery_tag)
+        except BaseException:
+            virtual.QoS.ack(self, delivery_tag)
+            raise
+
+    def reject_freeing(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            reject(self, delivery_tag, requeue=requeue)
+        except BaseException:
+            virtual.QoS.ack(self, delivery_tag)
+            raise
+
+    qos.ack, qos.reject = ack_freeing, reject_freeing
+    qos._tlsrelay_frees_slots = True

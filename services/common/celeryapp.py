@@ -38,7 +38,7 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
-from services.common import liveness, queueing, spool
+from services.common import broker, liveness, queueing, spool
 from services.common.config import Config
 from services.common.health import Heartbeat
 
@@ -126,6 +126,7 @@ def _sentinel_options(redis_url: str) -> dict[str, Any]:
 
 
 def make_app(config: Config, redis_url: str, name: str) -> Celery:
+    broker.free_slots_on_failure()  # a failed ack must not stop the worker consuming
     app = Celery(f"tlsrelay-{name}", set_as_current=True)
     app.conf.update(settings(config, redis_url))
     return app

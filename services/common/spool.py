@@ -392,10 +392,15 @@ def budgeted(sizes: Sequence[int], budget: int | None = None) -> list[range]:
     return chunks
 
 
-# Which of KEYS (msg:{id}) already carry decisions (1) or not (0), in one round trip.
+# Which of KEYS (msg:{id}) are not to be classified (1) — they carry decisions already, or the
+# message is gone (no envelope: writing decisions would create a hash with nothing else, no TTL,
+# never delivered nor removed) — or are (0), in one round trip.
 CLASSIFIED = """
 local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HEXISTS', key, 'decisions') end
+for i, key in ipairs(KEYS) do
+  local done = redis.call('HEXISTS', key, 'decisions') == 1
+  out[i] = (done or redis.call('HEXISTS', key, 'envelope') == 0) and 1 or 0
+end
 return out
 """
 WATCH_ATTEMPTS = 10  # optimistic transactions retried this often before giving up (raising)
@@ -415,7 +420,8 @@ def record_classifications(
 
     Idempotent: the messages' hashes are ``WATCH``ed and those that have decisions already (a
     copy of the same task ran at the same time) are left out, so two copies queue one set of
-    deliveries; when a watched hash changes before ``EXEC`` the transaction is tried again.
+    deliveries; so are those gone since they were read (deleted, or after a failover read from
+    the old master); when a watched hash changes before ``EXEC`` the transaction is tried again.
     Returns the ids classified here; ``redis.WatchError`` after :data:`WATCH_ATTEMPTS` tries."""
     for _ in range(WATCH_ATTEMPTS):
         with client.pipeline(transaction=True) as pipe:
@@ -434,7 +440,7 @@ def _not_yet_classified(
     pipe: redis.client.Pipeline, classified: list[tuple[Envelope, list[Decision]]]
 ) -> list[tuple[Envelope, list[Decision]]]:
     """WATCH the messages' hashes (``pipe`` then runs commands at once until ``multi()``) and
-    keep those without decisions."""
+    keep those still stored without decisions."""
     if not classified:
         return []
     keys = [msg_key(envelope.id) for envelope, _ in classified]
