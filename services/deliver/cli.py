@@ -1,5 +1,6 @@
-"""The deliver side's commands: ``tlsrelay queue`` and ``tlsrelay tlsrpt`` (wired in by
-``services/cli.py``, which resolves the configuration and the Redis client first).
+"""The deliver side's commands: ``tlsrelay queue``, ``tlsrpt`` and ``check`` (wired in by
+``services/cli.py``, which resolves the configuration, the Redis client and, for ``check``, the
+decision the rules give the domain first).
 
 - ``tlsrelay queue [list] [ID] [--json]``: the deferred deliveries (all, or one message's);
   ``queue retry [ID]`` makes them due now; ``queue bounce ID`` bounces the message's pending
@@ -9,6 +10,9 @@
 - ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
   gzip JSON file per policy domain, mailed through the relay where the domain asks for it
   (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
+- ``tlsrelay check DOMAIN [--json]``: a live probe of the destination that sends no mail
+  (``services/deliver/check.py``). Exit 0 when the domain can take mail at the mode the rules
+  give it, 1 when it cannot.
 
 The delivery modules are imported when a command runs, not when the parser is built: the
 command line of every service builds it, and ``prometheus_client`` must not be imported before
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.common.config import Config
+from services.common.model import Decision
 from services.common.values import format_duration
 
 if TYPE_CHECKING:
@@ -44,6 +49,20 @@ def add_tlsrpt_arguments(tlsrpt: argparse.ArgumentParser) -> None:
     tlsrpt.add_argument("action", choices=("build",))
     tlsrpt.add_argument("--date", required=True, type=_day, help="the UTC day, YYYY-MM-DD")
     tlsrpt.add_argument("--out", default=".", help="directory for the .json.gz reports")
+
+
+def add_check_arguments(check: argparse.ArgumentParser) -> None:
+    check.add_argument("domain", type=_domain, help="the destination domain")
+    check.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def _domain(text: str) -> str:
+    from services.common.values import is_hostname
+
+    domain = text.strip().lower().rstrip(".")
+    if not is_hostname(domain):
+        raise argparse.ArgumentTypeError(f"expected a domain such as example.com, got {text!r}")
+    return domain
 
 
 def _day(text: str) -> str:
@@ -71,6 +90,23 @@ def tlsrpt(config: Config, client: redis.Redis, args: argparse.Namespace) -> int
         print(f"{report.path}: {sent}")
     print(f"-- {len(built)} reports for {args.date}")
     return 0
+
+
+def check(
+    config: Config, decision: Decision, relay: redis.Redis | None, args: argparse.Namespace
+) -> int:
+    """``tlsrelay check DOMAIN``: 0 when the domain can take mail at the rules' mode, else 1."""
+    import asyncio
+
+    from services.deliver import check as live
+
+    report = asyncio.run(live.run(config, decision, relay))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        ca_name = str(config.delivery.ca_file) if config.delivery.ca_file else "the system CAs"
+        print("\n".join(live.text_lines(report, ca_name)))
+    return 0 if report.ok else 1
 
 
 def queue(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
