@@ -10,6 +10,10 @@ decision the rules give the domain first).
 - ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
   gzip JSON file per policy domain, mailed through the relay where the domain asks for it
   (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
+- ``tlsrelay posture [--days 7] [--domain GLOB] [--top N] [--json | --csv]``: deliveries per
+  destination domain over the last days, as recorded (``services/deliver/posture.py``): how they
+  rode TLS and how many would have been deferred under ``enforced`` / ``verified``; sorted by
+  clear-text volume. Exit 0.
 - ``tlsrelay check DOMAIN [--json]``: a live probe of the destination that sends no mail
   (``services/deliver/check.py``). Exit 0 when the domain can take mail at the mode the rules
   give it, 1 when it cannot.
@@ -54,6 +58,27 @@ def add_tlsrpt_arguments(tlsrpt: argparse.ArgumentParser) -> None:
 def add_check_arguments(check: argparse.ArgumentParser) -> None:
     check.add_argument("domain", type=_domain, help="the destination domain")
     check.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def add_posture_arguments(posture: argparse.ArgumentParser) -> None:
+    posture.add_argument("--days", type=_positive, default=7, help="the last N UTC days (7)")
+    posture.add_argument(
+        "--domain", metavar="GLOB", help="only domains matching (e.g. *.bank.example)"
+    )
+    posture.add_argument("--top", type=_positive, metavar="N", help="only the first N domains")
+    output = posture.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document")
+    output.add_argument("--csv", action="store_true", help="CSV, one row per domain")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _domain(text: str) -> str:
@@ -107,6 +132,65 @@ def check(
         ca_name = str(config.delivery.ca_file) if config.delivery.ca_file else "the system CAs"
         print("\n".join(live.text_lines(report, ca_name)))
     return 0 if report.ok else 1
+
+
+def posture(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
+    """``tlsrelay posture``: the recorded deliveries per domain, with the what-if columns."""
+    import csv
+    from datetime import UTC, datetime
+
+    from services.deliver import posture as store
+
+    days = store.window(args.days, datetime.now(UTC).date())
+    rows = store.select(store.read(client, days), args.domain, args.top)
+    retention = config.posture.retention
+    if args.json:
+        doc = {"days": days, "retention_days": retention, "domains": [r.to_json() for r in rows]}
+        print(json.dumps(doc, indent=2))
+    elif args.csv:
+        fields = [*rows[0].to_json()] if rows else ["domain", *store.COUNTS]
+        writer = csv.DictWriter(sys.stdout, fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.to_json().items()})
+    else:
+        print("\n".join(_posture_lines(rows, days, retention)))
+    return 0
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+def _posture_lines(rows: list[Any], days: list[str], retention: int) -> list[str]:
+    kept = f"; counts are kept {retention} days" if len(days) > retention else ""
+    lines = [
+        f"deliveries {days[0]} .. {days[-1]} (UTC, {len(days)} days{kept}), most clear text first",
+        f"{'DOMAIN':<32} {'DELIV':>7} {'TLS%':>5} {'VERIF%':>6} {'CLEAR':>6}  "
+        f"{'IF-ENFORCED':>11} {'IF-VERIFIED':>11} {'UNKNOWN':>7}  VERSIONS / WHY",
+    ]
+    for row in rows:
+        doc = row.to_json()
+        clear = {k[6:]: doc[k] for k in doc if k.startswith("clear_") and doc[k]}
+        versions = " ".join(f"{k}:{v}" for k, v in doc["versions"].items())
+        parts = [f"clear {_pairs(clear)}"] if clear else []
+        if doc["why_verified"]:
+            parts.append(f"unverifiable {_pairs(doc['why_verified'])}")
+        why = "; ".join(parts)
+        lines.append(
+            f"{row.domain:<32} {doc['deliveries']:>7} {doc['share_tls']:>5.0%} "
+            f"{doc['share_tls_verified']:>6.0%} {doc['clear']:>6}  "
+            f"{doc['would_defer_enforced']:>11} {doc['would_defer_verified']:>11} "
+            f"{doc['verified_unknown']:>7}  {versions}{' / ' + why if why else ''}"
+        )
+    lines.append(f"-- {len(rows)} domains")
+    return lines
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}:{v}" for k, v in counts.items())
 
 
 def queue(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ import ipaddress
 import logging
 import ssl
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,12 +158,27 @@ def _verifies(cert: x509.Certificate, name: str, trusted: Roots, now: float) -> 
 def roots(ca_file: str | None) -> Roots:
     """The trust store of ``ca_file``, else the system bundle (OpenSSL's default CA file)."""
     path = ca_file or _system_bundle()
-    certs = x509.load_pem_x509_certificates(Path(path).read_bytes()) if path else []
+    certs = _load_pems(Path(path).read_bytes()) if path else []
     by_subject: dict[bytes, tuple[x509.Certificate, ...]] = {}
     for cert in certs:
         key = cert.subject.public_bytes()
         by_subject[key] = (*by_subject.get(key, ()), cert)
     return Roots(by_subject, verification.Store(certs) if certs else None)
+
+
+def _load_pems(data: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle the library can read; one it cannot (or warns about:
+    an old root with a negative serial number) is left out, not the whole bundle."""
+    end = b"-----END CERTIFICATE-----"
+    certs = []
+    for block in data.split(end)[:-1]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                certs.append(x509.load_pem_x509_certificate(block + end))
+            except ValueError:
+                continue
+    return certs
 
 
 def _system_bundle() -> str | None:

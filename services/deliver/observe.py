@@ -110,6 +110,21 @@ def mta_sts(sts: StsResult, outcome: RoundResult, failures: int) -> None:
     metrics.MTA_STS.labels(mode, result).inc()
 
 
+def posture(counts: Mapping[str, int]) -> None:
+    """A recorded delivery's posture counts (``services.deliver.posture.columns``), as totals."""
+    for transport in metrics.POSTURE_TLS:
+        if counts.get(transport):
+            metrics.POSTURE_DELIVERIES.labels(transport).inc()
+    for mode in ("enforced", "verified"):
+        if counts.get(f"would_defer_{mode}"):
+            metrics.POSTURE_WOULD_DEFER.labels(mode).inc()
+
+
+def posture_error() -> None:
+    """A delivery's posture counts could not be written (the delivery is recorded)."""
+    metrics.POSTURE_RECORDING_ERRORS.inc()
+
+
 def dsn_sent(action: str) -> None:
     """A DSN (``failed`` or ``delayed``) was queued in the same transaction as the round."""
     metrics.DSN_SENT.labels(action).inc()
