@@ -116,6 +116,7 @@ def test_what_each_host_shows(lab: Lab, capsys: pytest.CaptureFixture[str]) -> N
     assert host["requiretls"] is True and host["verification"] == {"ok": True, "why": None}
     assert host["certificate"]["names"] == ["mx.good.test"] and host["leaf_verdict"] == "ok"
     assert host["greeting"].startswith("220") and good["tlsrpt"]["rua"] == ["tls@good.test"]
+    assert good["mta_sts"] == {"applies": False, "why": "delivery.mta_sts is off"}
     assert good["routing"] == [f"MX 10 mx.good.test:{host['port']} [127.0.0.21]"]
     _, expired = lab.check(capsys, "expired.test")
     assert expired["hosts"][0]["verification"]["why"] == "certificate has expired"
@@ -152,3 +153,42 @@ def test_a_domain_that_takes_no_mail(lab: Lab, capsys: pytest.CaptureFixture[str
     code, doc = lab.check(capsys, "nxmx.test")
     assert code == 1 and "null MX" in doc["refused"]
     assert all(not v["delivers"] and "would bounce" in v["how"] for v in doc["verdicts"])
+
+
+def test_mta_sts_is_looked_up_now_and_raises_the_mode(
+    lab: Lab, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.certs import default_ca
+    from tests.httpsserver import PolicyServer
+
+    with PolicyServer(default_ca()) as web:
+        for domain, mode in (("plain.test", "enforce"), ("wrongname.test", "testing")):
+            lab.dns.set_txt(f"_mta-sts.{domain}", f"v=STSv1; id={mode}1;")
+            lab.dns.add(f"mta-sts.{domain}", "A", "127.0.0.1")
+            web.publish(domain, f"version: STSv1\nmode: {mode}\nmx: mx.{domain}\nmax_age: 600\n")
+        lab.dns.set_txt("_mta-sts.good.test", "v=STSv1; id=gone1;")  # no policy host: fetch fails
+        settings = yaml.safe_load(lab.config.read_text())
+        ca = settings["delivery"]["ca_file"]
+        settings["delivery"].update(mta_sts=True, mta_sts_ca_file=ca, mta_sts_port=web.port)
+        config = tmp_path / "sts.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        lab = Lab(lab.sinks, config, lab.dns)
+        code, plain = lab.check(capsys, "plain.test")
+        _, testing = lab.check(capsys, "wrongname.test")
+        code_good, good = lab.check(capsys, "good.test")
+    # Enforce: every mode is raised to verified, and a server without STARTTLS cannot take it.
+    assert code == 1 and plain["mta_sts"]["mode"] == "enforce"
+    assert plain["mta_sts"]["mx"] == ["mx.plain.test"] and plain["mta_sts"]["max_age"] == 600
+    assert {v["effective"] for v in plain["verdicts"]} == {"verified"}
+    assert not any(v["delivers"] for v in plain["verdicts"])
+    assert testing["mta_sts"]["requires"].startswith("nothing (testing")
+    assert (
+        testing["verdicts"][0]["delivers"]
+        and testing["verdicts"][0]["effective"] == "opportunistic"
+    )
+    assert (
+        code_good == 0
+        and good["mta_sts"]["mode"] is None
+        and "mta-sts.good.test" in good["mta_sts"]["error"]
+    )
+    assert lab.sinks["plain.test"].mail_commands == []

@@ -211,6 +211,8 @@ async def run(config: Config, decision: Decision, relay: redis.Redis | None = No
     modes = sorted({*MODES, decision.tls})
     plans = {m: await planner.plan(replace(decision, tls=m), False) for m in modes}
     _describe_plan(report, plans[decision.tls])
+    if not delivery.mta_sts and report.mta_sts.get("applies"):
+        report.mta_sts = {"applies": False, "why": "delivery.mta_sts is off"}
     report.tlsrpt = await _tlsrpt(resolver, decision.domain)
     hosts = _hosts(planner, plans)
     report.hosts = list(hosts.values())

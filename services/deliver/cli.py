@@ -176,8 +176,9 @@ def _posture_lines(rows: list[Any], days: list[str], retention: int) -> list[str
         clear = {k[6:]: doc[k] for k in doc if k.startswith("clear_") and doc[k]}
         versions = " ".join(f"{k}:{v}" for k, v in doc["versions"].items())
         parts = [f"clear {_pairs(clear)}"] if clear else []
-        if doc["why_verified"]:
-            parts.append(f"unverifiable {_pairs(doc['why_verified'])}")
+        unverifiable = {k: v for k, v in doc["why_verified"].items() if k != "clear"}
+        if unverifiable:
+            parts.append(f"unverifiable {_pairs(unverifiable)}")
         why = "; ".join(parts)
         lines.append(
             f"{row.domain:<32} {doc['deliveries']:>7} {doc['share_tls']:>5.0%} "
