@@ -359,6 +359,7 @@ def _verdict(
             break
         host = hosts[_key(hop)]
         at = planner.tls(plan, hop)
+        effective = effective.at_least(at.mode)  # intra-platform mail: at least verified
         done, why = judge(at.mode, at.remembered_broken, host)
         if done:
             return Verdict(mode, effective, True, why)

@@ -24,7 +24,7 @@ verdict            when
 Self-signed, expired and wrong name are checked first: they fail whatever the chain. The verdict
 is a prediction; ``tlsrelay check`` confirms it with a real verified handshake.
 
-Verdicts are cached per (leaf, name, CA file, hour) in the process; the CA store is loaded once
+Verdicts are cached per (leaf, name, CA file, hour) in the process, judged at the hour's start; the CA store is loaded once
 per process and CA file. Failure: :func:`verdict` never raises — anything unexpected (an
 unreadable CA file, a certificate the library cannot parse) is ``unknown`` — so a delivery never
 fails because of it.
@@ -70,15 +70,17 @@ def verdict(der: bytes, name: str, ca_file: str | None, now: float | None = None
     """The verdict for leaf ``der`` at host ``name`` against ``ca_file`` (None: system CAs)."""
     now = time.time() if now is None else now
     try:
-        return _cached(der, name.lower().rstrip("."), ca_file, int(now // 3600), now)
+        return _cached(der, name.lower().rstrip("."), ca_file, int(now // 3600))
     except Exception:  # never into the send path
         log.debug("leaf check of %s failed", name, exc_info=True)
         return UNKNOWN
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached(der: bytes, name: str, ca_file: str | None, _hour: int, now: float) -> str:
-    return check(x509.load_der_x509_certificate(der), name, roots(ca_file), now)
+def _cached(der: bytes, name: str, ca_file: str | None, hour: int) -> str:
+    """Judged at the start of the hour: a certificate that expires within it is called expired
+    an hour late at most."""
+    return check(x509.load_der_x509_certificate(der), name, roots(ca_file), hour * 3600.0)
 
 
 def check(cert: x509.Certificate, name: str, trusted: Roots, now: float) -> str:

@@ -546,5 +546,17 @@ async def probe(peer: Peer, settings: TlsSettings, timeouts: Timeouts) -> Probe:
             smtp.close()
         raise
     if smtp is not None:
-        await _close(smtp)
+        await _close_and_wait(smtp)
     return found
+
+
+async def _close_and_wait(smtp: aiosmtplib.SMTP, limit: float = 2.0) -> None:
+    """QUIT, then wait (at most ``limit`` seconds) until the socket is closed: a TLS session
+    finishes its shutdown after QUIT, and a short-lived caller (``tlsrelay check``) ends its
+    event loop right after the probes."""
+    sock = smtp.get_transport_info("socket") if smtp.is_connected else None
+    await _close(smtp)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while sock is not None and sock.fileno() != -1 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
