@@ -24,10 +24,10 @@ verdict            when
 Self-signed, expired and wrong name are checked first: they fail whatever the chain. The verdict
 is a prediction; ``tlsrelay check`` confirms it with a real verified handshake.
 
-Verdicts are cached per (leaf, name, CA file, hour) in the process, judged at the hour's start; the CA store is loaded once
-per process and CA file. Failure: :func:`verdict` never raises — anything unexpected (an
-unreadable CA file, a certificate the library cannot parse) is ``unknown`` — so a delivery never
-fails because of it.
+Verdicts are cached per (leaf, name, CA file, hour) in the process, judged at the hour's start; the
+CA store is loaded once per process and CA file. Failure: :func:`verdict` never raises — anything
+unexpected (an unreadable CA file, a certificate the library cannot parse) is ``unknown`` — so a
+delivery never fails because of it.
 """
 
 from __future__ import annotations
