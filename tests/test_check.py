@@ -192,3 +192,34 @@ def test_mta_sts_is_looked_up_now_and_raises_the_mode(
         and "mta-sts.good.test" in good["mta_sts"]["error"]
     )
     assert lab.sinks["plain.test"].mail_commands == []
+
+
+def test_the_relays_tls_broken_memory_is_read_never_written(
+    lab: Lab, capsys: pytest.CaptureFixture[str], tmp_path: Path, valkey: Any, store: Any
+) -> None:
+    from services.common import spool
+
+    sink = lab.sinks["broken.test"]
+    store.set(spool.tls_broken_key(sink.host, sink.port), "mx.broken.test", ex=60)
+    settings = yaml.safe_load(lab.config.read_text())
+    settings["redis_url"] = valkey.url
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    code, doc = Lab(lab.sinks, config, lab.dns).check(capsys, "broken.test")
+    opportunistic, enforced = doc["verdicts"][0], doc["verdicts"][1]
+    assert doc["hosts"][0]["remembered_broken"] is True
+    assert opportunistic["delivers"] and "remembered_broken" in opportunistic["how"]
+    assert not enforced["delivers"] and "handshake_failed" in enforced["how"]  # tried anyway
+    assert code == 1  # the rules make broken.test verified
+    assert [k.decode() for k in store.keys("*")] == [spool.tls_broken_key(sink.host, sink.port)]
+
+
+def test_an_unreachable_relay_redis_is_a_note(
+    lab: Lab, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    settings = yaml.safe_load(lab.config.read_text())
+    settings["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
+    config = tmp_path / "down.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    code, doc = Lab(lab.sinks, config, lab.dns).check(capsys, "good.test")
+    assert code == 0 and "could not be read" in doc["notes"][0]
