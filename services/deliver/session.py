@@ -13,6 +13,9 @@ The STARTTLS contexts (TLS 1.0 and old ciphers accepted where any TLS beats clea
 defaults where the certificate is verified) are :mod:`services.deliver.tlscontext`'s.
 
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
+
+:func:`probe` is the same session without a transaction (``tlsrelay check``): connect, greeting,
+EHLO, STARTTLS and the handshake per the TLS table, EHLO again, QUIT — never MAIL; not counted.
 """
 
 from __future__ import annotations
