@@ -109,8 +109,9 @@ def received(world: World) -> tuple[Counter[str], Counter[str]]:
 
 
 def posture(world: World, capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
+    """``tlsrelay posture --json`` over two days (a run may cross midnight UTC), by domain."""
     capsys.readouterr()
-    assert cli.main(["posture", "--json", "--days", "1", "--config", str(world.config_path)]) == 0
+    assert cli.main(["posture", "--json", "--days", "2", "--config", str(world.config_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     return {row["domain"]: row for row in doc["domains"] if row["domain"] in LOAD}
 
