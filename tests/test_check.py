@@ -152,7 +152,7 @@ def test_text_output_and_usage_errors(lab: Lab, capsys: pytest.CaptureFixture[st
 def test_a_domain_that_takes_no_mail(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     code, doc = lab.check(capsys, "nxmx.test")
     assert code == 1 and "null MX" in doc["refused"]
-    assert all(not v["delivers"] and "would bounce" in v["how"] for v in doc["verdicts"])
+    assert all(not v["delivers"] and v["fate"] == "would bounce" for v in doc["verdicts"])
 
 
 def test_mta_sts_is_looked_up_now_and_raises_the_mode(

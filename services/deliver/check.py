@@ -152,16 +152,22 @@ class Verdict:
     effective: TlsMode  # after the destination policy (MTA-STS enforce raises it)
     delivers: bool
     how: str  # "over TLS at HOST", "in clear at HOST (not_offered)", or why it would not
+    bounces: bool = False  # nothing to try, for good (NXDOMAIN, null MX): a bounce, not a deferral
 
     @property
     def text(self) -> str:
         raised = f" (raised to {self.effective.label})" if self.effective != self.mode else ""
-        fate = "would deliver" if self.delivers else "would defer"
-        return f"{self.mode.label}{raised}: {fate}: {self.how}"
+        return f"{self.mode.label}{raised}: {self.fate}: {self.how}"
+
+    @property
+    def fate(self) -> str:
+        if self.delivers:
+            return "would deliver"
+        return "would bounce" if self.bounces else "would defer"
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode.label, "effective": self.effective.label,
-                "delivers": self.delivers, "how": self.how}  # fmt: skip
+                "delivers": self.delivers, "fate": self.fate, "how": self.how}  # fmt: skip
 
 
 @dataclass
@@ -349,8 +355,8 @@ def _verdict(
     """Walk ``plan``'s hops as a delivery at ``mode`` would, with what the probes found."""
     effective = plan.decision.tls
     if plan.refused is not None:
-        fate = "would bounce" if plan.refused.is_permanent else "nothing to try"
-        return Verdict(mode, effective, False, f"{fate}: {plan.refused}")
+        why = f"nothing to try: {plan.refused}"
+        return Verdict(mode, effective, False, why, bounces=plan.refused.is_permanent)
     failures: list[str] = []
     sessions = 0
     for hop in plan.hops:
