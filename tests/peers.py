@@ -7,7 +7,8 @@ One class, :class:`Sink`, with a ``kind`` option:
     ``trustme.CA`` (``sink.ca``; shared process-wide by default, see
     :func:`tests.certs.default_ca`) for ``cert_names`` (default ``["localhost", "127.0.0.1"]``
     plus the bound host when it is an other address).  ``cert="selfsigned"`` serves a
-    self-signed certificate that is *not* from the test CA instead (same names).
+    self-signed certificate that is *not* from the test CA instead (same names);
+    ``cert="expired"`` one from the test CA whose validity ended a month ago.
 ``"plain"``
     Does not advertise STARTTLS; a STARTTLS command is refused with ``502 5.5.1``.
 ``"broken"``
@@ -77,7 +78,8 @@ class Sink(Background):
     :param host: address to bind (``"127.0.0.1"``, ``"127.0.0.3"``, ``"::1"``, ...).
     :param port: port to bind; 0 picks a free one (read ``.port`` after start).
     :param ca: ``trustme.CA`` issuing the certificate; default :func:`default_ca`.
-    :param cert: ``"ca"`` (issued by ``ca``) or ``"selfsigned"`` (not from ``ca``).
+    :param cert: ``"ca"`` (issued by ``ca``), ``"selfsigned"`` (not from ``ca``) or
+        ``"expired"`` (issued by ``ca``, validity over).
     :param cert_names: SAN names/IPs of the served certificate.
     :param rcpt_replies: mapping of recipient (case-insensitive) -> reply, or a callable
         ``(address) -> reply | None``; None / unlisted accepts with 250.
@@ -98,7 +100,7 @@ class Sink(Background):
         host: str = "127.0.0.1",
         port: int = 0,
         ca: trustme.CA | None = None,
-        cert: Literal["ca", "selfsigned"] = "ca",
+        cert: Literal["ca", "selfsigned", "expired"] = "ca",
         cert_names: Iterable[str] | None = None,
         rcpt_replies: RcptReplies | None = None,
         data_reply: DataReply | None = None,
@@ -110,8 +112,8 @@ class Sink(Background):
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown sink kind {kind!r}; expected one of {KINDS}")
-        if cert not in ("ca", "selfsigned"):
-            raise ValueError(f"cert must be 'ca' or 'selfsigned', not {cert!r}")
+        if cert not in ("ca", "selfsigned", "expired"):
+            raise ValueError(f"cert must be 'ca', 'selfsigned' or 'expired', not {cert!r}")
         self.kind: str = kind
         self.host = host
         self.port = port
@@ -171,7 +173,7 @@ class Sink(Background):
         if self.kind == "starttls":
             issuer = None if self.cert == "selfsigned" else self.ca
             self._tls_context = server_context(
-                self.cert_names, issuer, self._min_tls, self._max_tls
+                self.cert_names, issuer, self._min_tls, self._max_tls, self.cert == "expired"
             )
         self._thread = threading.Thread(
             target=self._run, name=f"sink-{self.kind}-{self.host}", daemon=True

@@ -54,6 +54,7 @@ class Pooled:
     # The last transaction ended with a 250 to the final dot: the server is between
     # transactions, and a session parked a moment ago can take the next MAIL without RSET.
     clean: bool = False
+    leaf_verdict: str | None = None  # services.deliver.leafcheck's, for the attempts reusing it
 
 
 class ConnectionPool:

@@ -16,6 +16,9 @@ the certificate; right after it, before EHLO, the server's chain is compared wit
 records (:func:`services.deliver.dane.check`): no match → ``dane_failed``, next host, nothing sent.
 
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
+
+:func:`probe` is the same session without a transaction (``tlsrelay check``): connect, greeting,
+EHLO, STARTTLS and the handshake per the TLS table, EHLO again, QUIT — never MAIL; not counted.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
-from services.deliver import dane, mtasts, observe, tls
+from services.deliver import dane, leafcheck, mtasts, observe, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.tls import Action, Outcome, Situation
 from services.deliver.tlscontext import tls_context
@@ -119,6 +122,10 @@ class Attempt:
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
     dane: str | None = None  # DANE: which TLSA record matched, or why none did
+    # An unverified TLS session: what verification would have said of the server's leaf
+    # (services.deliver.leafcheck; for `tlsrelay posture`'s what-if); a reused session's too.
+    leaf_verdict: str | None = None
+    greeting: str = ""  # the server's 220 line (shown by `tlsrelay check`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -191,6 +198,7 @@ async def _attempt(
                 pooled.tls_version,
                 pooled.cipher,
             )
+            result.leaf_verdict = pooled.leaf_verdict
             result.reused = True
         else:
             smtp = await _open(peer, timeouts, result)
@@ -249,8 +257,9 @@ def _park(
         return False
     uses = pooled.uses + 1 if pooled is not None else 1
     parked = Pooled(
-        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean
-    )
+        smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean,
+        leaf_verdict=result.leaf_verdict,
+    )  # fmt: skip
     return pool.give(_pool_key(peer, settings), parked)
 
 
@@ -268,8 +277,8 @@ async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.S
     )
     try:
         sock = await _tcp_connect(peer, timeouts.connect)
-        await smtp.connect(sock=sock, timeout=timeouts.greeting)
-        result.greeted = True
+        greeting = await smtp.connect(sock=sock, timeout=timeouts.greeting)
+        result.greeted, result.greeting = True, str(Reply.parse(greeting.code, greeting.message))
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
@@ -314,6 +323,8 @@ async def _negotiate_tls(
         result.tls_version, result.cipher = _tls_info(smtp)
         if settings.check_leaf and not settings.mode.authenticates:
             result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
+        if not settings.mode.authenticates:
+            result.leaf_verdict = _leaf_verdict(smtp, result.peer.tls_name, settings.ca_file)
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"
         detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({why})"
@@ -475,6 +486,18 @@ def _leaf_problem(smtp: aiosmtplib.SMTP, name: str) -> int | None:
     return mtasts.leaf_problem(der, name, time.time()) if der else None
 
 
+def _leaf_verdict(smtp: aiosmtplib.SMTP, name: str, ca_file: str | None) -> str | None:
+    der = _peer_der(smtp)
+    return leafcheck.verdict(der, name, ca_file) if der else None
+
+
+def _peer_der(smtp: aiosmtplib.SMTP) -> bytes | None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
 def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:
     ssl_object = smtp.get_transport_info("ssl_object")
     if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
@@ -532,3 +555,56 @@ def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
 
 def _text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+# --------------------------------------------------------------------------- probing (no mail)
+
+
+@dataclass
+class Probe:
+    """What :func:`probe` found at one address; no mail was sent."""
+
+    attempt: Attempt  # greeting, TLS outcome, version, cipher, verify_code; error: where it ended
+    starttls: bool = False  # STARTTLS was offered in the EHLO reply in clear
+    requiretls: bool = False  # REQUIRETLS was advertised in the EHLO reply over TLS
+    certificate: bytes | None = None  # the server's leaf certificate (DER)
+
+
+async def probe(peer: Peer, settings: TlsSettings, timeouts: Timeouts) -> Probe:
+    """A delivery's session without a transaction (``tlsrelay check``): connect, greeting, EHLO,
+    STARTTLS and the handshake as the TLS table says for ``settings``, EHLO again, then QUIT —
+    never MAIL. ``settings.mode`` must require encryption, so that a failed handshake ends the
+    probe (it never reconnects in clear). Never raises for what the network or the peer does."""
+    if not settings.mode.requires_encryption:
+        raise ValueError(f"a probe needs a mode that requires TLS, not {settings.mode.label}")
+    found = Probe(Attempt(peer=peer, mode=settings.mode))
+    smtp: aiosmtplib.SMTP | None = None
+    try:
+        smtp = await _open(peer, timeouts, found.attempt)
+        found.starttls = smtp.supports_extension("starttls")
+        smtp = await _negotiate_tls(
+            smtp, found.attempt, settings, timeouts, Hooks().on_handshake_failed
+        )
+        found.requiretls = smtp.supports_extension("requiretls")
+        found.certificate = _peer_der(smtp)
+    except _NextHost as exc:
+        found.attempt.error, found.attempt.next_host = exc.reply, True
+    except BaseException:  # cancelled: drop the connection
+        if smtp is not None:
+            smtp.close()
+        raise
+    if smtp is not None:
+        await _close_and_wait(smtp)
+    return found
+
+
+async def _close_and_wait(smtp: aiosmtplib.SMTP, limit: float = 2.0) -> None:
+    """QUIT, then wait (at most ``limit`` seconds) until the socket is closed: a TLS session
+    finishes its shutdown after QUIT, and a short-lived caller (``tlsrelay check``) ends its
+    event loop right after the probes."""
+    sock = smtp.get_transport_info("socket") if smtp.is_connected else None
+    await _close(smtp)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while sock is not None and sock.fileno() != -1 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
