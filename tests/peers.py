@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import smtplib
 import ssl
 import threading
 import time
@@ -49,12 +51,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.background import Background
 from tests.certs import default_ca, server_context
 from tests.sinksmtp import MailCommand, Message, SinkSMTP, is_positive, keyword_of
 
-__all__ = ["KINDS", "Sink"]
+__all__ = ["KINDS", "Sink", "served_key_digest"]
 
 Kind = Literal["starttls", "plain", "broken"]
 KINDS: tuple[str, ...] = ("starttls", "plain", "broken")
@@ -387,3 +391,17 @@ class Sink(Background):
                     if not self._live:
                         break
                 await asyncio.sleep(0)
+
+
+def served_key_digest(target: Sink) -> str:
+    """SHA-256 of the public key (SPKI) a STARTTLS sink serves, read over a real STARTTLS
+    session (no MAIL): the data of its DANE-EE ``3 1 1`` TLSA record."""
+    with smtplib.SMTP(target.host, target.port, timeout=10) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        assert isinstance(client.sock, ssl.SSLSocket)
+        der = client.sock.getpeercert(binary_form=True)
+    assert der is not None
+    key = x509.load_der_x509_certificate(der).public_key()
+    return hashlib.sha256(
+        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest()

@@ -1,6 +1,8 @@
 """``tlsrelay check DOMAIN``: real peers of every kind behind the test DNS server, probed through
 the real command line. Each gets the right verdict per mode, the exit status follows the mode
-the rules give the domain, and no peer ever sees a MAIL command (the check sends no mail)."""
+the rules give the domain, and no peer ever sees a MAIL command (the check sends no mail). DANE
+(RFC 7672): the test DNS server answers with the AD bit and TLSA records, as in
+tests/test_dane_delivery.py; the verdicts follow from the planner's mode ``dane``."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import yaml
 from services import cli
 from services.common.redisserver import free_port
 from tests.dnsserver import LocalDns
-from tests.peers import Sink
+from tests.peers import Sink, served_key_digest
 
 # domain → (sink options, verdict per mode: would deliver?)
 PEERS: dict[str, tuple[dict[str, Any], tuple[bool, bool, bool]]] = {
@@ -104,7 +106,8 @@ def test_verdict_per_mode_and_no_mail(
     at_rules = "opportunistic" if domain in ("good.test", "plain.test") else "verified"
     assert doc["rules"]["tls"] == at_rules
     assert code == (0 if verdicts[at_rules] else 1)
-    assert doc["dane"] == "not supported by this version"
+    assert doc["dane"]["applies"] is False and "delivery.dnssec is none" in doc["dane"]["why"]
+    assert doc["hosts"][0]["tlsa"] is None
     sink = lab.sinks[domain]
     assert sink.mail_commands == [] and sink.messages == [], sink.summary()
 
@@ -139,7 +142,9 @@ def test_text_output_and_usage_errors(lab: Lab, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert code == 1
     assert "verified: would defer: TLS required but not available" in out
-    assert "self-signed certificate" in out and "DANE: not supported by this version" in out
+    assert "self-signed certificate" in out and "DANE: not applied (delivery.dnssec is none" in out
+    assert "DANE requires: nothing (delivery.dnssec is none" in out
+    assert "not supported" not in out
     assert "cannot take mail at the mode the rules give it (verified)" in out
     with pytest.raises(SystemExit) as usage:
         cli.main(["check", "not a domain!", "--config", str(lab.config)])
@@ -223,3 +228,146 @@ def test_an_unreachable_relay_redis_is_a_note(
     config.write_text(yaml.safe_dump(settings))
     code, doc = Lab(lab.sinks, config, lab.dns).check(capsys, "good.test")
     assert code == 0 and "could not be read" in doc["notes"][0]
+
+
+# --------------------------------------------------------------------------- DANE
+
+# domain → its sink's address; each serves a self-signed certificate (no CA vouches for it)
+DANE_DOMAINS = {"danematch.test": "127.0.0.31", "danemismatch.test": "127.0.0.32"}
+NOMATCH = "3 1 1 " + "00" * 32
+
+
+@dataclass
+class DaneLab:
+    sinks: dict[str, Sink]
+    dns: LocalDns
+    root: Path
+    port: int
+
+    def config(self, dnssec: str) -> Path:
+        """The rules make danematch.test ``verified``: met by DANE, not by its certificate."""
+        settings = {
+            "hostname": "relay.test",
+            "data_dir": str(self.root / "var"),
+            "delivery": {
+                "dns_servers": [f"127.0.0.1:{self.dns.port}"], "mx_port": self.port,
+                "dnssec": dnssec, "mta_sts": False, "connect_timeout": "3s",
+                "command_timeout": "5s", "greeting_timeout": "5s",
+            },
+            "rules": [{"name": "partner", "when": {"recipient_domain": ["danematch.test"]},
+                       "tls": "verified"}],
+        }  # fmt: skip
+        path = self.root / f"{dnssec}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        return path
+
+    def check(
+        self, capsys: pytest.CaptureFixture[str], domain: str, dnssec: str
+    ) -> tuple[int, Any]:
+        argv = ["check", domain, "--json", "--config", str(self.config(dnssec))]
+        code = cli.main(argv)
+        return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def dane_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaneLab]:
+    """Both domains' MX, A and TLSA answers carry the AD bit: danematch.test publishes the
+    ``3 1 1`` record of its sink's key, danemismatch.test one of no key."""
+    with contextlib.ExitStack() as stack:
+        port, sinks = _start_dane_sinks(stack)
+        dns = stack.enter_context(LocalDns())
+        for domain, sink in sinks.items():
+            mx, tlsa = f"mx.{domain}", f"_{port}._tcp.mx.{domain}"
+            dns.add(domain, "MX", f"10 {mx}.")
+            dns.add(mx, "A", sink.host)
+            record = f"3 1 1 {served_key_digest(sink)}" if domain == "danematch.test" else NOMATCH
+            dns.add(tlsa, "TLSA", record)
+            for name in (domain, mx, tlsa):
+                dns.secure(name)
+        yield DaneLab(sinks, dns, tmp_path_factory.mktemp("dane-check"), port)
+
+
+def _start_dane_sinks(stack: contextlib.ExitStack) -> tuple[int, dict[str, Sink]]:
+    for _ in range(5):
+        port = free_port("127.0.0.31")
+        with contextlib.ExitStack() as started:
+            try:
+                sinks = {
+                    domain: started.enter_context(
+                        Sink(
+                            host=address, port=port, cert="selfsigned", cert_names=[f"mx.{domain}"]
+                        )
+                    )
+                    for domain, address in DANE_DOMAINS.items()
+                }
+            except OSError:
+                continue
+            stack.push(started.pop_all())
+            return port, sinks
+    raise RuntimeError("no port free on every loopback address")
+
+
+def no_mail(sink: Sink) -> None:
+    assert sink.mail_commands == [] and sink.messages == [], sink.summary()
+
+
+def test_a_matching_tlsa_record_delivers_dane_verified_in_every_mode(
+    dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, doc = dane_lab.check(capsys, "danematch.test", "trust_resolver")
+    assert code == 0, doc  # the rules' verified is met by DANE, not by the self-signed leaf
+    dane = doc["dane"]
+    assert dane["applies"] is True and dane["mx_secure"] is True
+    assert [(h["host"], h["status"]) for h in dane["hosts"]] == [("mx.danematch.test", "usable")]
+    assert "mx.danematch.test: TLS with a certificate matching its TLSA records" in dane["requires"]
+    assert "DNSSEC: MX validated, addresses validated" in doc["routing"][0]
+    (host,) = doc["hosts"]
+    assert host["tlsa"]["status"] == "usable" and host["tlsa"]["tlsa"][0].startswith("3 1 1 ")
+    assert "matches 3 1 1" in host["tlsa"]["match"] and "DANE-EE" in host["tlsa"]["match"]
+    assert host["verification"]["why"] == "self-signed certificate"  # PKIX alone would fail
+    for verdict in doc["verdicts"]:
+        assert verdict["delivers"] and verdict["effective"] == "dane", verdict
+        assert "over DANE-verified TLS at mx.danematch.test" in verdict["how"], verdict
+    no_mail(dane_lab.sinks["danematch.test"])
+
+
+def test_a_mismatching_tlsa_record_defers_in_every_mode(
+    dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, doc = dane_lab.check(capsys, "danemismatch.test", "trust_resolver")
+    assert code == 1, doc
+    (host,) = doc["hosts"]
+    assert host["tls_version"] is not None  # TLS itself works: only the TLSA match fails
+    assert "no usable TLSA record matched" in host["tlsa"]["match"]
+    for verdict in doc["verdicts"]:
+        assert not verdict["delivers"] and verdict["fate"] == "would defer", verdict
+        assert verdict["effective"] == "dane" and "dane_failed" in verdict["how"], verdict
+        assert "in clear" not in verdict["how"]
+    no_mail(dane_lab.sinks["danemismatch.test"])
+    code = cli.main(
+        ["check", "danemismatch.test", "--config", str(dane_lab.config("trust_resolver"))]
+    )
+    out = capsys.readouterr().out
+    assert code == 1 and "DANE: applies; MX records validated" in out
+    assert "certificate against TLSA: no usable TLSA record matched" in out
+    assert "opportunistic (raised to dane): would defer" in out and "not supported" not in out
+
+
+def test_without_dnssec_dane_is_not_applied(
+    dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``delivery.dnssec: none``: the same "secure" answers, not believed — no DANE, so the
+    self-signed certificate cannot meet the rules' verified and the mismatching record harms
+    nothing."""
+    code, doc = dane_lab.check(capsys, "danematch.test", "none")
+    assert code == 1 and doc["dane"]["applies"] is False
+    assert "delivery.dnssec is none" in doc["dane"]["why"] and doc["dane"]["mx_secure"] is None
+    assert doc["hosts"][0]["tlsa"] is None
+    verdicts = {v["mode"]: v for v in doc["verdicts"]}
+    assert {v["effective"] for v in verdicts.values()} == {"opportunistic", "enforced", "verified"}
+    assert verdicts["opportunistic"]["delivers"] and verdicts["enforced"]["delivers"]
+    assert "self-signed" in verdicts["verified"]["how"] and not verdicts["verified"]["delivers"]
+    code, mismatch = dane_lab.check(capsys, "danemismatch.test", "none")
+    assert code == 0 and mismatch["verdicts"][0]["delivers"]
+    for sink in dane_lab.sinks.values():
+        no_mail(sink)

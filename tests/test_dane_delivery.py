@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import smtplib
 import ssl
 import time
 import urllib.request
@@ -16,15 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import spool
 from services.common.redisserver import free_port
 from services.deliver import tlsrpt
 from tests.certs import default_ca
-from tests.peers import Sink
+from tests.peers import Sink, served_key_digest
 from tests.world import World, make_world, message, wait_until
 
 MX_PORT = free_port("127.0.0.40")
@@ -86,19 +83,6 @@ def sink(name: str) -> Sink:
         cert_names=[host(domain)],
         extensions=("REQUIRETLS",) if name.startswith("rt") else (),
     )
-
-
-def served_key_digest(target: Sink) -> str:
-    """SHA-256 of the SPKI the sink serves (its ``3 1 1`` record), read over STARTTLS."""
-    with smtplib.SMTP(target.host, target.port, timeout=10) as client:
-        client.starttls(context=ssl._create_unverified_context())
-        assert isinstance(client.sock, ssl.SSLSocket)
-        der = client.sock.getpeercert(binary_form=True)
-    assert der is not None
-    key = x509.load_der_x509_certificate(der).public_key()
-    return hashlib.sha256(
-        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    ).hexdigest()
 
 
 def publish(world: World, domain: str) -> None:

@@ -6,24 +6,28 @@ domain (computed by the command line, which may ask the policy service's ``decid
 1. plans a round per mode (``opportunistic``, ``enforced``, ``verified`` and the rules' own) with
    the deliver worker's :class:`~services.deliver.plan.Planner`: the route or MX lookup
    (:mod:`services.deliver.mx`), the destination policy (:mod:`services.deliver.destination`:
-   MTA-STS — looked up fresh, into a cache of this run only, so a fetch error shows), the address
-   limit, the "TLS broken" memory (read from the relay's Redis when one is reachable);
+   DANE over MTA-STS — MTA-STS looked up fresh, into a cache of this run only, so a fetch error
+   shows), the address limit, the "TLS broken" memory (read from the relay's Redis when one is
+   reachable);
 2. probes each address those plans would try with :func:`services.deliver.session.probe` — the
    session code of a delivery without a transaction: connect, greeting, EHLO, STARTTLS, the
    handshake with the ``enforced`` context (TLS 1.0 and old ciphers accepted, certificate not
    checked), EHLO again (REQUIRETLS?), QUIT; where that handshake worked, a second probe with the
    ``verified`` context (chain and name checked against ``delivery.ca_file`` or the system CAs)
-   confirms what verification says. No MAIL command is ever sent. Timeouts are the delivery's
-   (``connect_timeout``, ``greeting_timeout``, ``command_timeout``) and the whole probing
-   ends within ``delivery.job_timeout``;
+   confirms what verification says; at a host the planner gives mode ``dane``, a probe at that
+   mode with the host's TLSA records — the session compares the server's chain with them
+   (:func:`services.deliver.dane.check`) exactly as before a delivery's EHLO. No MAIL command is
+   ever sent. Timeouts are the delivery's (``connect_timeout``, ``greeting_timeout``,
+   ``command_timeout``) and the whole probing ends within ``delivery.job_timeout``;
 3. gives a verdict per mode by walking each plan's hops through the TLS table
    (:func:`services.deliver.tls.wants_starttls` / :func:`~services.deliver.tls.after_starttls`)
    with what the probes found, as a delivery would, within ``delivery.mx_session_limit``.
 
-DANE (RFC 7672) is not in this version: the report says so where TLSA records, their DNSSEC
-status and the certificate's TLSA match belong (:data:`DANE_NOTE`), and no verdict depends on
-it. A DANE destination policy plugs in through the planner (``destination.DestinationPolicy``);
-its facts then belong in :attr:`Report.dane` and :attr:`HostReport.tlsa`.
+DANE (RFC 7672, with ``delivery.dnssec: trust_resolver`` and ``delivery.dane: on``) is the
+planner's: the DNSSEC status of the MX RRset, each host's TLSA status and records are the
+round's :class:`services.deliver.dane.DaneRound` (:attr:`Report.dane`, :attr:`HostReport.tlsa`),
+and a host with usable records is judged at mode ``dane`` in every verdict (DANE raises
+``opportunistic`` and ``enforced``, and meets ``verified``).
 
 Failure: DNS, HTTPS and SMTP trouble are facts of the report, never exceptions; a Redis that
 cannot be read for the "TLS broken" memory is noted and the check goes on without it.
@@ -40,15 +44,16 @@ from typing import Any, cast
 import redis
 from cryptography import x509
 
-from services.common.config import Config
+from services.common.config import Config, DeliveryConfig
 from services.common.model import Decision, TlsMode
-from services.deliver import leafcheck, mtasts, mx, tlsrpt
+from services.deliver import dane, leafcheck, mtasts, mx, tlsrpt
+from services.deliver.destination import Auth
 from services.deliver.plan import Hop, Plan, Planner
 from services.deliver.session import Peer, Probe, Timeouts, TlsSettings, probe
 from services.deliver.tls import Action, Situation, after_starttls, sends_in_clear, wants_starttls
+from services.deliver.tls import Outcome as TlsOutcome
 
 MODES = (TlsMode.OPPORTUNISTIC, TlsMode.ENFORCED, TlsMode.VERIFIED)
-DANE_NOTE = "not supported by this version"  # where TLSA/DNSSEC facts go once DANE exists
 # OpenSSL X509_V_ERR_* codes a verified handshake reports, in words
 VERIFY_ERRORS = {
     10: "certificate has expired",
@@ -99,8 +104,9 @@ class HostReport:
     remembered_broken: bool = False
     plain: Probe | None = None  # the enforced-context probe
     verified: Probe | None = None  # the verified-context probe (when the first one got TLS)
+    dane_probe: Probe | None = None  # the probe at mode dane (a host with usable TLSA records)
     leaf_verdict: str | None = None  # services.deliver.leafcheck's prediction (posture's)
-    tlsa: str = DANE_NOTE  # DANE: the TLSA match, once it exists
+    tlsa: dane.HostStatus | None = None  # DANE's status here (None: DANE not looked up)
     note: str = ""  # not probed: why
 
     def situation(self, mode: TlsMode) -> Situation | None:
@@ -110,6 +116,8 @@ class HostReport:
             return None  # no connection, no greeting or no EHLO
         if not first.starttls:
             return Situation.NOT_OFFERED
+        if mode.must_match_tlsa:
+            return self._dane_situation()
         if first.attempt.tls_version is None:
             return Situation.HANDSHAKE_FAILED
         if not mode.must_verify_chain:
@@ -120,6 +128,28 @@ class HostReport:
         if second.attempt.verify_code is not None:
             return Situation.VERIFY_FAILED
         return Situation.HANDSHAKE_OK if second.attempt.tls_version else Situation.HANDSHAKE_FAILED
+
+    def _dane_situation(self) -> Situation:
+        """What the session at mode ``dane`` learnt (its outcome is the TLS table's answer)."""
+        outcome = self.dane_probe.attempt.outcome if self.dane_probe is not None else None
+        if outcome is TlsOutcome.DANE_VERIFIED:
+            return Situation.HANDSHAKE_OK
+        if outcome in (TlsOutcome.NOT_OFFERED, TlsOutcome.DANE_FAILED):
+            return Situation(outcome.value)
+        return Situation.HANDSHAKE_FAILED  # the handshake failed, or that session never got there
+
+    def tlsa_match(self) -> str | None:
+        """Whether the server's certificate matches the TLSA records here, in words."""
+        status = self.tlsa
+        if status is None or not status.applies:
+            return None
+        if status.status == dane.UNUSABLE:
+            return "no usable record: TLS required, the certificate is not checked"
+        attempt = self.dane_probe.attempt if self.dane_probe is not None else None
+        if attempt is not None and attempt.dane:
+            return attempt.dane
+        why = attempt.outcome.value if attempt is not None and attempt.outcome else "no session"
+        return f"not checked: no TLS session at mode dane ({why})"
 
     @property
     def greeted(self) -> bool:
@@ -140,7 +170,8 @@ class HostReport:
             "requiretls": first.requiretls if first and first.attempt.tls_version else None,
             "certificate": certificate_facts(first.certificate) if first else None,
             "verification": verification_facts(second) if second else None,
-            "leaf_verdict": self.leaf_verdict, "tlsa": self.tlsa, "note": self.note or None,
+            "leaf_verdict": self.leaf_verdict, "note": self.note or None,
+            "tlsa": {**self.tlsa.to_json(), "match": self.tlsa_match()} if self.tlsa else None,
         }  # fmt: skip
 
 
@@ -178,7 +209,7 @@ class Report:
     refused: str | None = None  # the plan could not try anything (DNS, policy): why
     mta_sts: dict[str, Any] = field(default_factory=dict)
     tlsrpt: dict[str, Any] = field(default_factory=dict)
-    dane: str = DANE_NOTE  # TLSA records and their DNSSEC status, once DANE exists
+    dane: dict[str, Any] = field(default_factory=dict)  # DNSSEC, TLSA per MX host, requires
     hosts: list[HostReport] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -216,11 +247,11 @@ async def run(config: Config, decision: Decision, relay: redis.Redis | None = No
     report = Report(decision.domain, decision)
     modes = sorted({*MODES, decision.tls})
     plans = {m: await planner.plan(replace(decision, tls=m), False) for m in modes}
-    _describe_plan(report, plans[decision.tls])
+    _describe_plan(report, plans[decision.tls], delivery)
     if not delivery.mta_sts and report.mta_sts.get("applies"):
         report.mta_sts = {"applies": False, "why": "delivery.mta_sts is off"}
     report.tlsrpt = await _tlsrpt(resolver, decision.domain)
-    hosts = _hosts(planner, plans)
+    hosts = _hosts(planner, plans, plans[decision.tls])
     report.hosts = list(hosts.values())
     timeouts = Timeouts(config.hostname, delivery.connect_timeout, delivery.command_timeout,
                         delivery.greeting_timeout, delivery.data_timeout)  # fmt: skip
@@ -235,18 +266,61 @@ async def run(config: Config, decision: Decision, relay: redis.Redis | None = No
 # --------------------------------------------------------------------------- planning facts
 
 
-def _describe_plan(report: Report, plan: Plan) -> None:
+def _describe_plan(report: Report, plan: Plan, delivery: DeliveryConfig) -> None:
     if plan.refused is not None:
         report.refused = str(plan.refused)
     seen: set[str] = set()
+    dnssec = delivery.dnssec == "trust_resolver"
     for hop in plan.hops:
         dest = hop.host.destination
         if dest.host in seen:
             continue
         seen.add(dest.host)
         pref = f"MX {dest.preference} " if dest.preference is not None else f"{dest.source} "
-        report.routing.append(f"{pref}{dest.host}:{dest.port} [{', '.join(dest.addresses)}]")
+        line = f"{pref}{dest.host}:{dest.port} [{', '.join(dest.addresses)}]"
+        if dnssec and dest.source != "route":
+            line += f" (DNSSEC: MX {_secure(dest.mx_secure)}, addresses "
+            line += f"{_secure(dest.address_secure)})"
+        report.routing.append(line)
     report.mta_sts = _sts_facts(plan.report, plan.decision)
+    report.dane = _dane_facts(plan, delivery)
+
+
+def _secure(validated: bool) -> str:
+    return "validated" if validated else "not validated"
+
+
+def _dane_facts(plan: Plan, delivery: DeliveryConfig) -> dict[str, Any]:
+    """DANE at this domain as the plan found it (the planner's :class:`dane.DaneRound`)."""
+    found = plan.report.dane if plan.report is not None else None
+    doc: dict[str, Any] = {"applies": False, "why": None, "mx_secure": None, "hosts": [],
+                           "requires": "nothing"}  # fmt: skip
+    if plan.report is None:
+        doc["why"] = "routed mail: DANE is about MX hosts"
+    elif delivery.dnssec != "trust_resolver":
+        doc["why"] = "delivery.dnssec is none: the AD bit is not believed"
+    elif found is None:
+        doc["why"] = "delivery.dane is off" if not delivery.dane else "no MX host to look up"
+        secure = [h.host.destination.mx_secure for h in plan.hops]
+        doc["mx_secure"] = any(secure) if secure else None
+    else:
+        doc.update(mx_secure=found.applies, hosts=[h.to_json() for h in found.hosts])
+        mattering = [h for h in found.hosts if h.applies or h.status == dane.LOOKUP_ERROR]
+        doc["applies"] = bool(mattering)
+        doc["why"] = found.why or (None if mattering else "no MX host has validated TLSA records")
+        if mattering:
+            doc["requires"] = "; ".join(_dane_requires(h) for h in mattering)
+    if doc["requires"] == "nothing" and doc["why"]:
+        doc["requires"] = f"nothing ({doc['why']})"
+    return doc
+
+
+def _dane_requires(status: dane.HostStatus) -> str:
+    if status.status == dane.USABLE:
+        return f"{status.host}: TLS with a certificate matching its TLSA records"
+    if status.status == dane.UNUSABLE:
+        return f"{status.host}: TLS (no usable TLSA record: the certificate is not checked)"
+    return f"{status.host}: not used (TLSA lookup failed: {status.error})"
 
 
 def _sts_facts(sts: tlsrpt.StsRound | None, effective: Decision) -> dict[str, Any]:
@@ -277,17 +351,22 @@ def _key(hop: Hop) -> tuple[str, int, str]:
     return hop.peer.address, hop.peer.port, hop.peer.tls_name
 
 
-def _hosts(planner: Planner, plans: dict[TlsMode, Plan]) -> dict[tuple[str, int, str], HostReport]:
-    """Every address some plan would try, in the order first met."""
+def _hosts(
+    planner: Planner, plans: dict[TlsMode, Plan], at_rules: Plan
+) -> dict[tuple[str, int, str], HostReport]:
+    """Every address some plan would try, in the order first met, with its DANE status."""
     found: dict[tuple[str, int, str], HostReport] = {}
+    round_ = at_rules.report.dane if at_rules.report is not None else None
     for plan in plans.values():
         for hop in plan.hops:
             if _key(hop) in found:
                 continue
             dest, peer = hop.host.destination, hop.peer
             broken = planner.tls(plan, hop).remembered_broken
+            tlsa = round_.status_of(dest.host) if round_ is not None else None
             found[_key(hop)] = HostReport(peer.host, peer.address, peer.port, peer.tls_name,
-                                          dest.source, dest.preference, broken)  # fmt: skip
+                                          dest.source, dest.preference, broken,
+                                          tlsa=tlsa)  # fmt: skip
     return found
 
 
@@ -301,15 +380,17 @@ async def _probe_all(
     timeouts: Timeouts,
     limit: float,
 ) -> None:
-    """Both probes at every address, one after another, all within ``limit`` seconds."""
+    """The probes at every address, one after another, all within ``limit`` seconds."""
     settings = _settings(planner, plans)
     try:
         async with asyncio.timeout(limit):
             for key, host in hosts.items():
-                base = settings[key]
+                base, at_dane = settings[key]
                 host.plain = await probe(
                     _peer(host), replace(base, mode=TlsMode.ENFORCED), timeouts
                 )
+                if at_dane is not None:
+                    host.dane_probe = await probe(_peer(host), at_dane, timeouts)
                 if host.plain.attempt.tls_version is None:
                     continue
                 host.verified = await probe(
@@ -320,22 +401,36 @@ async def _probe_all(
                         host.plain.certificate, host.tls_name, base.ca_file
                     )
     except TimeoutError:
-        for host in hosts.values():
-            if host.plain is None or (host.plain.attempt.tls_version and host.verified is None):
+        for key, host in hosts.items():
+            no_dane = host.dane_probe is None and settings[key][1] is not None
+            unverified = host.plain is not None and host.plain.attempt.tls_version
+            if host.plain is None or no_dane or (unverified and host.verified is None):
                 host.note = f"not probed: delivery.job_timeout ({limit:g}s) ran out"
 
 
 def _settings(
     planner: Planner, plans: dict[TlsMode, Plan]
-) -> dict[tuple[str, int, str], TlsSettings]:
-    """The TLS material per address as a verified delivery would have it (platform CA and
-    client certificate for intra-platform mail, else ``delivery.ca_file``); never "broken"."""
-    found: dict[tuple[str, int, str], TlsSettings] = {}
+) -> dict[tuple[str, int, str], tuple[TlsSettings, TlsSettings | None]]:
+    """Per address: the TLS material as a verified delivery would have it (platform CA and
+    client certificate for intra-platform mail, else ``delivery.ca_file``; never "broken"), and
+    the planner's settings at mode ``dane`` (the TLSA records and names) where a plan gives it."""
+    pkix: dict[tuple[str, int, str], TlsSettings] = {}
+    at_dane: dict[tuple[str, int, str], TlsSettings] = {}
     for plan in (plans[TlsMode.VERIFIED], *plans.values()):
         for hop in plan.hops:
-            base = replace(planner.tls(plan, hop), remembered_broken=False, check_leaf=False)
-            found.setdefault(_key(hop), base)
-    return found
+            given = planner.tls(plan, hop)
+            if given.mode.must_match_tlsa:
+                at_dane.setdefault(_key(hop), given)
+                given = planner.tls(plan, _without_dane(hop))
+            base = replace(given, remembered_broken=False, check_leaf=False)
+            pkix.setdefault(_key(hop), base)
+    return {key: (base, at_dane.get(key)) for key, base in pkix.items()}
+
+
+def _without_dane(hop: Hop) -> Hop:
+    """The hop as the planner would give it to a ``verified`` delivery without DANE."""
+    host = replace(hop.host, tls=TlsMode.VERIFIED, auth=Auth.PKIX, tlsa=())
+    return replace(hop, host=host)
 
 
 def _peer(host: HostReport) -> Peer:
@@ -391,6 +486,10 @@ def judge(mode: TlsMode, remembered_broken: bool, host: HostReport) -> tuple[boo
     if sends_in_clear(action):
         return True, f"in clear at {where} ({reason})"
     if action is Action.SEND_TLS:
+        if mode.must_match_tlsa:
+            assert host.dane_probe is not None  # HANDSHAKE_OK at mode dane comes from that probe
+            third = host.dane_probe.attempt
+            return True, f"over DANE-verified TLS at {where} ({third.tls_version}: {third.dane})"
         first = host.plain.attempt
         verified = " verified" if mode.must_verify_chain else ""
         return True, f"over{verified} TLS at {where} ({first.tls_version})"
@@ -399,6 +498,9 @@ def judge(mode: TlsMode, remembered_broken: bool, host: HostReport) -> tuple[boo
 
 
 def _tls_detail(host: HostReport, mode: TlsMode) -> str:
+    if mode.must_match_tlsa:
+        third = host.dane_probe.attempt if host.dane_probe is not None else None
+        return f": {third.dane}" if third is not None and third.dane else ""
     second = host.verified
     if mode.must_verify_chain and second is not None:
         code = second.attempt.verify_code
@@ -469,13 +571,13 @@ def text_lines(report: Report, ca_name: str) -> list[str]:
     lines.append(_sts_line(report.mta_sts))
     rua = report.tlsrpt
     lines.append(f"TLSRPT: {rua['error'] or ', '.join(rua['rua']) or 'no mailto rua published'}")
-    lines.append(f"DANE: {report.dane}")
+    lines.append(_dane_line(report.dane))
     for host in report.hosts:
         lines.extend(_host_lines(host, ca_name))
     lines.append("verdicts:")
     lines.extend(f"  {v.text}" for v in report.verdicts)
     lines.append(f"  MTA-STS requires: {report.mta_sts.get('requires', 'nothing')}")
-    lines.append(f"  DANE requires: {DANE_NOTE}")
+    lines.append(f"  DANE requires: {report.dane.get('requires', 'nothing')}")
     lines.extend(f"note: {n}" for n in report.notes)
     at = report.at_rules
     fate = "can take mail" if at.delivers else "cannot take mail"
@@ -496,6 +598,15 @@ def _sts_line(sts: dict[str, Any]) -> str:
     if sts.get("skipped"):
         text += f"; MX hosts outside the policy: {', '.join(sts['skipped'])}"
     return text
+
+
+def _dane_line(facts: dict[str, Any]) -> str:
+    mx_secure = facts.get("mx_secure")
+    dnssec = "" if mx_secure is None else f"; MX records {_secure(mx_secure)}"
+    if not facts.get("applies"):
+        return f"DANE: not applied ({facts.get('why')}){dnssec}"
+    hosts = ", ".join(f"{h['host']} {h['status']}" for h in facts["hosts"])
+    return f"DANE: applies{dnssec}; TLSA per MX host: {hosts}"
 
 
 def _host_lines(host: HostReport, ca_name: str) -> Sequence[str]:
@@ -524,7 +635,19 @@ def _host_lines(host: HostReport, ca_name: str) -> Sequence[str]:
         result = "verifies" if check["ok"] else f"does not verify: {check['why']}"
         lines.append(f"  for {host.tls_name} against {ca_name}: {result}")
         lines.append(f"  leaf check (what posture predicts): {host.leaf_verdict}")
-    lines.append(f"  TLSA: {host.tlsa}")
+    lines.extend(_tlsa_lines(host))
     if host.remembered_broken:
         lines.append("  remembered as TLS broken: opportunistic mail goes in clear meanwhile")
+    return lines
+
+
+def _tlsa_lines(host: HostReport) -> list[str]:
+    status = host.tlsa
+    if status is None:
+        return []
+    records = ", ".join(str(r) for r in status.records) or "none"
+    lines = [f"  TLSA ({dane.tlsa_name(host.host, host.port)}): {status.status}; {records}"]
+    match = host.tlsa_match()
+    if match is not None:
+        lines.append(f"  certificate against TLSA: {match}")
     return lines
