@@ -12,6 +12,7 @@ import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import spool
 from services.common.redisserver import free_port
-from services.deliver import tlsrpt
+from services.deliver import posture, tlsrpt
 from tests.certs import default_ca
 from tests.peers import Sink, served_key_digest
 from tests.world import World, make_world, message, wait_until
@@ -170,6 +171,14 @@ def tlsrpt_counts(world: World, domain: str) -> dict[str, int]:
     return counts
 
 
+def posture_counts(world: World, domain: str) -> dict[str, int]:
+    """What ``tlsrelay posture`` counts for ``domain`` (today and yesterday: a run across
+    midnight UTC still adds up)."""
+    with contextlib.closing(world.client()) as client:
+        rows = posture.read(client, posture.window(2, datetime.now(UTC).date()))
+    return rows[domain].counts if domain in rows else {}
+
+
 def never_in_clear(target: Sink) -> None:
     assert target.messages == [] and target.cleartext_transactions == 0
     assert target.mail_commands == []
@@ -192,6 +201,10 @@ def test_matching_dane_ee_record_delivers_over_tls(world: World) -> None:
     assert "DANE-EE" in event["checks"][0]["result"]
     wait_until(lambda: dane_metric(world, "ok") >= 1, what="the ok metric")
     wait_until(lambda: tlsrpt_counts(world, "ee.test") == {"ok": 1}, what="a TLSRPT success")
+    # posture: authenticated TLS (it meets `verified`: no what-if), recorded with the round
+    counts = posture_counts(world, "ee.test")
+    assert counts.pop(f"version:{got.tls}") == 1, counts
+    assert counts == {"deliveries": 1, "tls_verified": 1}
 
 
 def test_mismatching_record_defers_and_never_sends(world: World) -> None:
@@ -203,6 +216,7 @@ def test_mismatching_record_defers_and_never_sends(world: World) -> None:
     assert attempts(trace) == [("mx.mismatch.test", "dane", "dane_failed")]
     assert "no usable TLSA record matched" in only(trace, "dane")["checks"][0]["result"]
     never_in_clear(target)
+    assert posture_counts(world, "mismatch.test") == {}  # dane_failed: never a delivery
     wait_until(lambda: dane_metric(world, "failed") >= 1, what="the failed metric")
     wait_until(
         lambda: tlsrpt_counts(world, "mismatch.test") == {"tlsa-invalid": 1},

@@ -59,12 +59,22 @@ COLUMNS = [
      {"clear": 1, "clear_remembered_broken": 1, "would_defer_enforced": 1,
       "would_defer_verified": 1, "why_verified:clear": 1}),
     (Delivered(Outcome.DISABLED), {"clear": 1, "clear_disabled": 1, "verified_unknown": 1}),
+    # DANE (RFC 7672): the certificate matched the host's TLSA records — authenticated TLS,
+    # which meets `verified` (no what-if), whatever a CA would say of the leaf.
+    (Delivered(Outcome.DANE_VERIFIED, "TLSv1.3", leafcheck.SELF_SIGNED),
+     {"tls_verified": 1, "version:TLSv1.3": 1}),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("attempt", "expected"), COLUMNS)
 def test_columns(attempt: Delivered, expected: dict[str, int]) -> None:
     assert posture.columns(attempt) == {"deliveries": 1, **expected}
+
+
+@pytest.mark.parametrize("outcome", [Outcome.DANE_FAILED, Outcome.VERIFY_FAILED])
+def test_an_attempt_that_sent_nothing_is_no_delivery(outcome: Outcome) -> None:
+    """dane_failed / verify_failed: the session went on to the next host, nothing was sent."""
+    assert posture.columns(Delivered(outcome, "TLSv1.3", leafcheck.OK)) == {}
 
 
 def record(store: redis.Redis, domain: str, attempt: Delivered, now: float = NOON) -> int:

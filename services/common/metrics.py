@@ -215,7 +215,8 @@ DANE = Counter(
 POSTURE_DELIVERIES = Counter(
     "tlsrelay_posture_deliveries_total",
     "Delivery rounds that delivered recipients (MX and routed), by how the delivering session "
-    "rode: transport: clear | tls (encrypted, certificate not checked) | tls_verified.",
+    "rode: transport: clear | tls (encrypted, certificate not checked) | tls_verified "
+    "(authenticated: a verified chain, or a certificate matching DANE TLSA records).",
     ["transport"],
     registry=None,
 )

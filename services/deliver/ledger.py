@@ -214,6 +214,8 @@ class Ledger:
             return None, {}
         try:
             counts = posture.columns(outcome.attempts[-1])
+            if not counts:  # that attempt sent nothing: no delivery to count
+                return None, {}
             retention = self.config.posture.retention
             return posture.stage(pipe, round_.job.domain, counts, round_.now, retention), counts
         except Exception:

@@ -5,7 +5,9 @@ Recording (deliver worker): every delivery round that delivered recipients — M
 alike — is one *delivery* of its destination domain. :func:`columns` turns the attempt that ran
 the transaction into counts (pure):
 
-- ``deliveries``; how it rode: ``tls_verified``, ``tls`` (encrypted, certificate not checked) or
+- ``deliveries``; how it rode: ``tls_verified`` (authenticated: the chain verified, or the
+  certificate matched the host's DANE TLSA records — ``dane_verified``, which meets a
+  ``verified`` requirement), ``tls`` (encrypted, certificate not checked) or
   ``clear``, with why (``clear_not_offered``, ``clear_handshake_failed``,
   ``clear_remembered_broken``, ``clear_disabled`` — mode ``none``); ``version:<TLS version>``;
 - what-if ``enforced``: ``would_defer_enforced`` — delivered in clear (``enforced`` never falls
@@ -15,6 +17,9 @@ the transaction into counts (pure):
   (:mod:`services.deliver.leafcheck`: self-signed, expired, wrong name, unknown issuer), each
   also counted by why (``why_verified:<reason>``); ``verified_unknown`` — the leaf's verdict
   needs a chain the session did not expose, or mode ``none`` (STARTTLS never tried).
+
+An attempt whose outcome never sends (``verify_failed``, ``dane_failed``: the session moved on
+to the next host) adds nothing: it is not a delivery.
 
 :func:`stage` queues them into the caller's transaction (``Ledger.record``): no round trip of its
 own. One small Lua script adds to the day's hash ``tlsrelay:posture:<YYYY-MM-DD>`` (fields
@@ -112,11 +117,18 @@ def utc_day(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
 
 
+AUTHENTICATED: Final = (TlsOutcome.TLS_VERIFIED, TlsOutcome.DANE_VERIFIED)
+NEVER_SENT: Final = (TlsOutcome.VERIFY_FAILED, TlsOutcome.DANE_FAILED)  # next host, nothing sent
+
+
 def columns(attempt: Delivered) -> dict[str, int]:
-    """The counts one delivery adds (see the module docstring)."""
+    """The counts one delivery adds (see the module docstring); none for an attempt that
+    sent nothing."""
     outcome = attempt.outcome
+    if outcome in NEVER_SENT:
+        return {}
     counts = {"deliveries": 1}
-    if outcome is TlsOutcome.TLS_VERIFIED:
+    if outcome in AUTHENTICATED:
         counts["tls_verified"] = 1
     elif outcome is TlsOutcome.TLS:
         counts["tls"] = 1
