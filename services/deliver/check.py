@@ -39,7 +39,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import redis
 from cryptography import x509
@@ -66,9 +66,9 @@ VERIFY_ERRORS = {
 
 
 class _Store:
-    """What the planner keeps in Redis, for one check: MTA-STS lookups stay in memory (so the
-    domain's policy is looked up now, not taken from the relay's cache); the "TLS broken" memory
-    is read from the relay's Redis when there is one."""
+    """What the planner keeps in Redis (a :class:`~services.deliver.plan.Store`), for one check:
+    MTA-STS lookups stay in memory (so the domain's policy is looked up now, not taken from the
+    relay's cache); the "TLS broken" memory is read from the relay's Redis when there is one."""
 
     def __init__(self, relay: redis.Redis | None) -> None:
         self.relay = relay
@@ -243,7 +243,7 @@ async def run(config: Config, decision: Decision, relay: redis.Redis | None = No
     delivery = config.delivery
     resolver = mx.make_resolver(delivery.dns_servers, timeout=delivery.connect_timeout)
     store = _Store(relay)
-    planner = Planner(config, cast(redis.Redis, store), resolver)
+    planner = Planner(config, store, resolver)
     report = Report(decision.domain, decision)
     modes = sorted({*MODES, decision.tls})
     plans = {m: await planner.plan(replace(decision, tls=m), False) for m in modes}
