@@ -13,6 +13,13 @@ module; it imports them (lazily, for the command that runs) and wires them toget
 - ``tlsrelay queue ...`` and ``tlsrelay tlsrpt build --date YYYY-MM-DD``: the deferred mail and
   the day's RFC 8460 TLS reports (``services/deliver/cli.py``); ``tlsrelay rules check|explain``
   (``services/policy/cli.py``).
+- ``tlsrelay posture [--days 7] [--domain GLOB] [--top N] [--json | --csv]``: deliveries per
+  destination domain as recorded, with what would have been deferred under a stricter mode.
+- ``tlsrelay check DOMAIN [--json]``: a live probe of a destination, no mail sent; the decision
+  the rules give the domain comes from the policy service's ``decide`` and is handed to the
+  deliver side's check (``services/deliver/check.py``). Exit 0 when the domain can take mail at
+  that mode, 1 when it cannot, 2 on usage errors. Redis is optional: when the relay's is
+  reachable, the "TLS broken" memory is read from it.
 
 ``--config`` may be replaced by ``$TLSRELAY_CONFIG``; ``$TLSRELAY_REDIS_URL`` overrides
 ``redis_url``. A bad configuration prints ``file:line: key: problem`` and exits 2 before anything
@@ -37,6 +44,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from services import supervisor
 from services.common.cliargs import parse_anywhere
@@ -86,6 +94,8 @@ def _main(argv: list[str]) -> int:
         "tenants": _tenants,
         "healthcheck": _healthcheck,
         "tlsrpt": _tlsrpt,
+        "check": _check,
+        "posture": _posture,
     }[args.command]
     return handler(config, args)
 
@@ -104,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         "tenants": "list tenants, their domains, regions and where their mail goes",
         "healthcheck": "exit 0 while the named worker's heartbeat is fresh (liveness probe)",
         "tlsrpt": "'tlsrpt build --date YYYY-MM-DD': write (and mail) the day's TLS reports",
+        "check": "probe a destination live (no mail sent): TLS facts and a verdict per mode",
+        "posture": "deliveries per destination domain as recorded: TLS, and what would defer",
     }
     # Listed for --help only: main() hands `rules ...` to services.policy.cli before parsing.
     sub.add_parser("rules", help="check the rules of a config file; explain decisions (see -h)")
@@ -116,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["healthcheck"].add_argument("service", choices=("policy", "deliver"))
     deliver_cli.add_tlsrpt_arguments(sub.choices["tlsrpt"])
     deliver_cli.add_queue_arguments(sub.choices["queue"])
+    deliver_cli.add_check_arguments(sub.choices["check"])
+    deliver_cli.add_posture_arguments(sub.choices["posture"])
     parser.set_defaults(commands=sub.choices)
     return parser
 
@@ -318,6 +332,29 @@ def _tlsrpt(config: Config, args: argparse.Namespace) -> int:
     from services.deliver import cli
 
     return cli.tlsrpt(config, spool.connect(_require_redis(config, "tlsrpt", tool=True)), args)
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    from services.deliver import cli
+    from services.policy.cli import plain_decision
+
+    return cli.check(config, plain_decision(config, args.domain), _optional_redis(config), args)
+
+
+def _optional_redis(config: Config) -> Any:
+    """The relay's Redis when one is configured or running (embedded), else None."""
+    from services.common import spool
+
+    url_file = supervisor.embedded_url_file(config)
+    url = config.redis_url or (url_file.read_text().strip() if url_file.exists() else None)
+    return spool.connect(url) if url else None
+
+
+def _posture(config: Config, args: argparse.Namespace) -> int:
+    from services.common import spool
+    from services.deliver import cli
+
+    return cli.posture(config, spool.connect(_require_redis(config, "posture", tool=True)), args)
 
 
 def _queue(config: Config, args: argparse.Namespace) -> int:

@@ -5,13 +5,14 @@
 makes a certificate that is *not* from that CA, through the relay's own maker
 (:func:`services.ingest.tlscert.selfsigned_cert_pem`); names that are IP literals become IP
 SANs. :func:`server_context` builds a TLS server context from either (a legacy one, TLS 1.0 or
-1.1 at most, when asked).
+1.1 at most, when asked; an expired one, when asked).
 
 Failure: ``ssl.SSLError`` from an unusable certificate, ``ValueError`` for no names.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import ssl
@@ -50,8 +51,10 @@ def server_context(
     issuer: trustme.CA | None,
     min_version: ssl.TLSVersion | None = None,
     max_version: ssl.TLSVersion | None = None,
+    expired: bool = False,
 ) -> ssl.SSLContext:
-    """A server context for *names*: issued by *issuer*, or self-signed when it is None."""
+    """A server context for *names*: issued by *issuer*, or self-signed when it is None;
+    ``expired``: the issued certificate's validity ended a month ago."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if max_version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
         _legacy(ctx, min_version or ssl.TLSVersion.TLSv1, max_version)
@@ -62,6 +65,10 @@ def server_context(
             ctx.maximum_version = max_version
     if issuer is None:
         _load_pem(ctx, *selfsigned_cert_pem(names))
+    elif expired:
+        ended = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        start = ended - datetime.timedelta(days=90)
+        issuer.issue_cert(*names, not_before=start, not_after=ended).configure_cert(ctx)
     else:
         issuer.issue_cert(*names).configure_cert(ctx)
     return ctx

@@ -7,7 +7,8 @@ One class, :class:`Sink`, with a ``kind`` option:
     ``trustme.CA`` (``sink.ca``; shared process-wide by default, see
     :func:`tests.certs.default_ca`) for ``cert_names`` (default ``["localhost", "127.0.0.1"]``
     plus the bound host when it is an other address).  ``cert="selfsigned"`` serves a
-    self-signed certificate that is *not* from the test CA instead (same names).
+    self-signed certificate that is *not* from the test CA instead (same names);
+    ``cert="expired"`` one from the test CA whose validity ended a month ago.
 ``"plain"``
     Does not advertise STARTTLS; a STARTTLS command is refused with ``502 5.5.1``.
 ``"broken"``
@@ -41,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import smtplib
 import ssl
 import threading
 import time
@@ -48,12 +51,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.background import Background
 from tests.certs import default_ca, server_context
 from tests.sinksmtp import MailCommand, Message, SinkSMTP, is_positive, keyword_of
 
-__all__ = ["KINDS", "Sink"]
+__all__ = ["KINDS", "Sink", "served_key_digest"]
 
 Kind = Literal["starttls", "plain", "broken"]
 KINDS: tuple[str, ...] = ("starttls", "plain", "broken")
@@ -77,7 +82,8 @@ class Sink(Background):
     :param host: address to bind (``"127.0.0.1"``, ``"127.0.0.3"``, ``"::1"``, ...).
     :param port: port to bind; 0 picks a free one (read ``.port`` after start).
     :param ca: ``trustme.CA`` issuing the certificate; default :func:`default_ca`.
-    :param cert: ``"ca"`` (issued by ``ca``) or ``"selfsigned"`` (not from ``ca``).
+    :param cert: ``"ca"`` (issued by ``ca``), ``"selfsigned"`` (not from ``ca``) or
+        ``"expired"`` (issued by ``ca``, validity over).
     :param cert_names: SAN names/IPs of the served certificate.
     :param rcpt_replies: mapping of recipient (case-insensitive) -> reply, or a callable
         ``(address) -> reply | None``; None / unlisted accepts with 250.
@@ -100,7 +106,7 @@ class Sink(Background):
         host: str = "127.0.0.1",
         port: int = 0,
         ca: trustme.CA | None = None,
-        cert: Literal["ca", "selfsigned"] = "ca",
+        cert: Literal["ca", "selfsigned", "expired"] = "ca",
         cert_names: Iterable[str] | None = None,
         rcpt_replies: RcptReplies | None = None,
         data_reply: DataReply | None = None,
@@ -113,8 +119,8 @@ class Sink(Background):
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown sink kind {kind!r}; expected one of {KINDS}")
-        if cert not in ("ca", "selfsigned"):
-            raise ValueError(f"cert must be 'ca' or 'selfsigned', not {cert!r}")
+        if cert not in ("ca", "selfsigned", "expired"):
+            raise ValueError(f"cert must be 'ca', 'selfsigned' or 'expired', not {cert!r}")
         self.kind: str = kind
         self.host = host
         self.port = port
@@ -176,7 +182,7 @@ class Sink(Background):
         if self.kind == "starttls":
             issuer = None if self.cert == "selfsigned" else self.ca
             self._tls_context = server_context(
-                self.cert_names, issuer, self._min_tls, self._max_tls
+                self.cert_names, issuer, self._min_tls, self._max_tls, self.cert == "expired"
             )
         self._thread = threading.Thread(
             target=self._run, name=f"sink-{self.kind}-{self.host}", daemon=True
@@ -405,3 +411,17 @@ class Sink(Background):
                     if not self._live:
                         break
                 await asyncio.sleep(0)
+
+
+def served_key_digest(target: Sink) -> str:
+    """SHA-256 of the public key (SPKI) a STARTTLS sink serves, read over a real STARTTLS
+    session (no MAIL): the data of its DANE-EE ``3 1 1`` TLSA record."""
+    with smtplib.SMTP(target.host, target.port, timeout=10) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        assert isinstance(client.sock, ssl.SSLSocket)
+        der = client.sock.getpeercert(binary_form=True)
+    assert der is not None
+    key = x509.load_der_x509_certificate(der).public_key()
+    return hashlib.sha256(
+        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest()

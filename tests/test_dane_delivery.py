@@ -8,23 +8,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import smtplib
 import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import spool
 from services.common.redisserver import free_port
-from services.deliver import tlsrpt
+from services.deliver import posture, tlsrpt
 from tests.certs import default_ca
-from tests.peers import Sink
+from tests.peers import Sink, served_key_digest
 from tests.world import World, make_world, message, wait_until
 
 MX_PORT = free_port("127.0.0.40")
@@ -86,19 +84,6 @@ def sink(name: str) -> Sink:
         cert_names=[host(domain)],
         extensions=("REQUIRETLS",) if name.startswith("rt") else (),
     )
-
-
-def served_key_digest(target: Sink) -> str:
-    """SHA-256 of the SPKI the sink serves (its ``3 1 1`` record), read over STARTTLS."""
-    with smtplib.SMTP(target.host, target.port, timeout=10) as client:
-        client.starttls(context=ssl._create_unverified_context())
-        assert isinstance(client.sock, ssl.SSLSocket)
-        der = client.sock.getpeercert(binary_form=True)
-    assert der is not None
-    key = x509.load_der_x509_certificate(der).public_key()
-    return hashlib.sha256(
-        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    ).hexdigest()
 
 
 def publish(world: World, domain: str) -> None:
@@ -186,6 +171,14 @@ def tlsrpt_counts(world: World, domain: str) -> dict[str, int]:
     return counts
 
 
+def posture_counts(world: World, domain: str) -> dict[str, int]:
+    """What ``tlsrelay posture`` counts for ``domain`` (today and yesterday: a run across
+    midnight UTC still adds up)."""
+    with contextlib.closing(world.client()) as client:
+        rows = posture.read(client, posture.window(2, datetime.now(UTC).date()))
+    return rows[domain].counts if domain in rows else {}
+
+
 def never_in_clear(target: Sink) -> None:
     assert target.messages == [] and target.cleartext_transactions == 0
     assert target.mail_commands == []
@@ -208,6 +201,10 @@ def test_matching_dane_ee_record_delivers_over_tls(world: World) -> None:
     assert "DANE-EE" in event["checks"][0]["result"]
     wait_until(lambda: dane_metric(world, "ok") >= 1, what="the ok metric")
     wait_until(lambda: tlsrpt_counts(world, "ee.test") == {"ok": 1}, what="a TLSRPT success")
+    # posture: authenticated TLS (it meets `verified`: no what-if), recorded with the round
+    counts = posture_counts(world, "ee.test")
+    assert counts.pop(f"version:{got.tls}") == 1, counts
+    assert counts == {"deliveries": 1, "tls_verified": 1}
 
 
 def test_mismatching_record_defers_and_never_sends(world: World) -> None:
@@ -219,6 +216,7 @@ def test_mismatching_record_defers_and_never_sends(world: World) -> None:
     assert attempts(trace) == [("mx.mismatch.test", "dane", "dane_failed")]
     assert "no usable TLSA record matched" in only(trace, "dane")["checks"][0]["result"]
     never_in_clear(target)
+    assert posture_counts(world, "mismatch.test") == {}  # dane_failed: never a delivery
     wait_until(lambda: dane_metric(world, "failed") >= 1, what="the failed metric")
     wait_until(
         lambda: tlsrpt_counts(world, "mismatch.test") == {"tlsa-invalid": 1},

@@ -178,6 +178,14 @@ def tls_versions(version: str) -> Key:
     return key("tlsrelay_delivery_tls_versions_total", version=version)
 
 
+def posture(transport: str) -> Key:
+    return key("tlsrelay_posture_deliveries_total", transport=transport)
+
+
+def would_defer(mode: str) -> Key:
+    return key("tlsrelay_posture_would_defer_total", tls_mode=mode)
+
+
 def test_a_day_of_traffic_is_counted_exactly(world: World) -> None:
     before = {service: scrape(world, service) for service in SERVICES}
     tls_send(world, "a@tls.test", message("metrics tls"))  # inbound over STARTTLS
@@ -219,6 +227,10 @@ def test_a_day_of_traffic_is_counted_exactly(world: World) -> None:
         key("tlsrelay_dsn_sent_total", action="failed"): 1,
         key("tlsrelay_delivery_duration_seconds_count"): 6,
         key("tlsrelay_end_to_end_seconds_count"): 4,
+        # Deliveries: two over TLS (certificates for localhost, checked against the domain
+        # routed to an IP: a verified delivery would fail the name), two in clear.
+        posture("tls"): 2, posture("clear"): 2,
+        would_defer("enforced"): 2, would_defer("verified"): 4,
     })  # fmt: skip
     assert world.events(held, "deferred"), "the held message is deferred"
     sizes = scrape(world, "ingest")[key("tlsrelay_ingest_message_size_bytes_sum")]
@@ -249,6 +261,8 @@ def test_counts_of_several_pool_processes_add_up(world: World) -> None:
     settle(world, "deliver", before, {
         attempts("opportunistic", "tls", "delivered"): n,
         tls_versions("TLSv1.3"): n,
+        posture("tls"): n,
+        would_defer("verified"): n,
         key("tlsrelay_messages_final_total", result="delivered"): n,
         key("tlsrelay_delivery_duration_seconds_count"): n,
         key("tlsrelay_end_to_end_seconds_count"): n,
@@ -269,6 +283,8 @@ def test_the_negotiated_tls_version_is_counted(world: World) -> None:
     settle(world, "deliver", before, {
         attempts("opportunistic", "tls", "delivered"): 1,
         tls_versions("TLSv1"): 1,
+        posture("tls"): 1,
+        would_defer("verified"): 1,
         key("tlsrelay_messages_final_total", result="delivered"): 1,
         key("tlsrelay_delivery_duration_seconds_count"): 1,
         key("tlsrelay_end_to_end_seconds_count"): 1,
@@ -295,6 +311,9 @@ OWN_FAMILIES = {
         "tlsrelay_dsn_sent",
         "tlsrelay_delivery_interrupted",
         "tlsrelay_dane",  # primed at 0 for each result
+        "tlsrelay_posture_deliveries",
+        "tlsrelay_posture_would_defer",
+        "tlsrelay_posture_recording_errors",
         "tlsrelay_delivery_duration_seconds",
         "tlsrelay_end_to_end_seconds",
         "tlsrelay_site_connections",  # read from Redis (metrics.SiteCollector): always there
@@ -339,6 +358,7 @@ LABEL_VALUES = {
     "queue": {"policy", "deliver", "deferred"},
     "version": {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "other"},
     "site": {"default"},  # and the names of delivery.shaping.sites (none in this world)
+    "transport": {"clear", "tls", "tls_verified"},
 }
 
 

@@ -39,6 +39,9 @@ COUNTERS_AND_GAUGES: dict[str, frozenset[str]] = {
     "tlsrelay_dsn_sent_total": frozenset({"action"}),
     "tlsrelay_mta_sts_total": frozenset({"mode", "result"}),
     "tlsrelay_dane_total": frozenset({"result"}),
+    "tlsrelay_posture_deliveries_total": frozenset({"transport"}),
+    "tlsrelay_posture_would_defer_total": frozenset({"tls_mode"}),
+    "tlsrelay_posture_recording_errors_total": frozenset(),
     "tlsrelay_queue_messages": frozenset({"queue"}),
     "tlsrelay_queue_oldest_age_seconds": frozenset({"queue"}),
     "tlsrelay_throttled_total": frozenset({"site", "reason"}),
@@ -296,6 +299,12 @@ def test_dashboard_has_the_promised_views() -> None:
     for labels in ({"result"}, {"reason"}, {"tls_mode"}, {"queue"}, {"action"}):
         assert frozenset(labels) in groupings, f"no panel broken down by {labels}"
     assert any("circumstance" in g for g in groupings)
+    # Before you enforce: clear-text deliveries beside the what-if deferrals, in one panel.
+    assert any(
+        any('transport="clear"' in t["expr"] for t in p["targets"])
+        and any("tlsrelay_posture_would_defer_total" in t["expr"] for t in p["targets"])
+        for p in graph_panels(load_dashboard())
+    )
 
 
 # ------------------------------------------------------------------------ the alerts

@@ -453,6 +453,14 @@ class DeliveryConfig(_Section):
         return value
 
 
+class PostureConfig(_Section):
+    """What ``tlsrelay posture`` reads: deliveries per destination domain and day
+    (services/deliver/posture.py)."""
+
+    # Days a day's counts are kept after its last delivery (at most ten years).
+    retention: StrictInt = Field(default=30, gt=0, le=3660)
+
+
 class CeleryConfig(_Section):
     """Queue transport tuning shared by every worker."""
 
@@ -507,6 +515,7 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     celery: CeleryConfig = CeleryConfig()
     metrics: MetricsConfig = MetricsConfig()
+    posture: PostureConfig = PostureConfig()
     # Special-handling rules (syntax and validation: services/common/rules.py).
     rules: Rules = ()
     region: str = "default"  # this deployment's region

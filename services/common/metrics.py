@@ -228,6 +228,29 @@ BACKOFF_EVENTS = Counter(
     ["site"],
     registry=None,
 )
+POSTURE_DELIVERIES = Counter(
+    "tlsrelay_posture_deliveries_total",
+    "Delivery rounds that delivered recipients (MX and routed), by how the delivering session "
+    "rode: transport: clear | tls (encrypted, certificate not checked) | tls_verified "
+    "(authenticated: a verified chain, or a certificate matching DANE TLSA records).",
+    ["transport"],
+    registry=None,
+)
+POSTURE_WOULD_DEFER = Counter(
+    "tlsrelay_posture_would_defer_total",
+    "Of those deliveries, the ones that would have been deferred had their domain been at "
+    "tls_mode: enforced (delivered in clear) | verified (in clear, TLS 1.0/1.1, or a "
+    "certificate that fails verification). Totals only; per domain: tlsrelay posture.",
+    ["tls_mode"],
+    registry=None,
+)
+POSTURE_RECORDING_ERRORS = Counter(
+    "tlsrelay_posture_recording_errors_total",
+    "Deliveries whose posture counts (tlsrelay posture) could not be written; the delivery "
+    "itself is recorded as usual.",
+    registry=None,
+)
+POSTURE_TLS: Final = ("clear", "tls", "tls_verified")
 DELIVERY_DURATION = Histogram(
     "tlsrelay_delivery_duration_seconds",
     "Duration of one delivery attempt (connect to QUIT).",
@@ -254,6 +277,10 @@ def prime(service: str) -> None:
             PLAINTEXT_FALLBACK.labels(reason)
         for mode in (TlsMode.ENFORCED, TlsMode.VERIFIED, TlsMode.DANE):
             TLS_REQUIRED_DEFERRALS.labels(mode.label)
+        for mode in (TlsMode.ENFORCED, TlsMode.VERIFIED):
+            POSTURE_WOULD_DEFER.labels(mode.label)
+        for tls in POSTURE_TLS:
+            POSTURE_DELIVERIES.labels(tls)
         for result in DANE_RESULTS:
             DANE.labels(result)
 
@@ -466,6 +493,9 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
         DANE,
         THROTTLED,
         BACKOFF_EVENTS,
+        POSTURE_DELIVERIES,
+        POSTURE_WOULD_DEFER,
+        POSTURE_RECORDING_ERRORS,
         DELIVERY_DURATION,
         END_TO_END,
     ),

@@ -1,5 +1,6 @@
-"""The deliver side's commands: ``tlsrelay queue`` and ``tlsrelay tlsrpt`` (wired in by
-``services/cli.py``, which resolves the configuration and the Redis client first).
+"""The deliver side's commands: ``tlsrelay queue``, ``tlsrpt`` and ``check`` (wired in by
+``services/cli.py``, which resolves the configuration, the Redis client and, for ``check``, the
+decision the rules give the domain first).
 
 - ``tlsrelay queue [list] [ID] [--json]``: the deferred deliveries (all, or one message's);
   ``queue retry [ID]`` makes them due now; ``queue bounce ID`` bounces the message's pending
@@ -9,6 +10,13 @@
 - ``tlsrelay tlsrpt build --date YYYY-MM-DD [--out DIR]``: the day's RFC 8460 TLS reports, one
   gzip JSON file per policy domain, mailed through the relay where the domain asks for it
   (``services/deliver/tlsrpt.py``). Exit 0 (also when there was nothing to report).
+- ``tlsrelay posture [--days 7] [--domain GLOB] [--top N] [--json | --csv]``: deliveries per
+  destination domain over the last days, as recorded (``services/deliver/posture.py``): how they
+  rode TLS and how many would have been deferred under ``enforced`` / ``verified``; sorted by
+  clear-text volume. Exit 0.
+- ``tlsrelay check DOMAIN [--json]``: a live probe of the destination that sends no mail
+  (``services/deliver/check.py``). Exit 0 when the domain can take mail at the mode the rules
+  give it, 1 when it cannot.
 
 The delivery modules are imported when a command runs, not when the parser is built: the
 command line of every service builds it, and ``prometheus_client`` must not be imported before
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.common.config import DEFAULT_SITE, Config
+from services.common.model import Decision
 from services.common.values import format_duration, parse_duration
 
 if TYPE_CHECKING:
@@ -65,6 +74,41 @@ def add_tlsrpt_arguments(tlsrpt: argparse.ArgumentParser) -> None:
     tlsrpt.add_argument("--out", default=".", help="directory for the .json.gz reports")
 
 
+def add_check_arguments(check: argparse.ArgumentParser) -> None:
+    check.add_argument("domain", type=_domain, help="the destination domain")
+    check.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def add_posture_arguments(posture: argparse.ArgumentParser) -> None:
+    posture.add_argument("--days", type=_positive, default=7, help="the last N UTC days (7)")
+    posture.add_argument(
+        "--domain", metavar="GLOB", help="only domains matching (e.g. *.bank.example)"
+    )
+    posture.add_argument("--top", type=_positive, metavar="N", help="only the first N domains")
+    output = posture.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON document")
+    output.add_argument("--csv", action="store_true", help="CSV, one row per domain")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _domain(text: str) -> str:
+    from services.common.values import is_hostname
+
+    domain = text.strip().lower().rstrip(".")
+    if not is_hostname(domain):
+        raise argparse.ArgumentTypeError(f"expected a domain such as example.com, got {text!r}")
+    return domain
+
+
 def _day(text: str) -> str:
     try:
         return datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
@@ -90,6 +134,83 @@ def tlsrpt(config: Config, client: redis.Redis, args: argparse.Namespace) -> int
         print(f"{report.path}: {sent}")
     print(f"-- {len(built)} reports for {args.date}")
     return 0
+
+
+def check(
+    config: Config, decision: Decision, relay: redis.Redis | None, args: argparse.Namespace
+) -> int:
+    """``tlsrelay check DOMAIN``: 0 when the domain can take mail at the rules' mode, else 1."""
+    import asyncio
+
+    from services.deliver import check as live
+
+    report = asyncio.run(live.run(config, decision, relay))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        ca_name = str(config.delivery.ca_file) if config.delivery.ca_file else "the system CAs"
+        print("\n".join(live.text_lines(report, ca_name)))
+    return 0 if report.ok else 1
+
+
+def posture(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:
+    """``tlsrelay posture``: the recorded deliveries per domain, with the what-if columns."""
+    import csv
+    from datetime import UTC, datetime
+
+    from services.deliver import posture as store
+
+    days = store.window(args.days, datetime.now(UTC).date())
+    rows = store.select(store.read(client, days), args.domain, args.top)
+    retention = config.posture.retention
+    if args.json:
+        doc = {"days": days, "retention_days": retention, "domains": [r.to_json() for r in rows]}
+        print(json.dumps(doc, indent=2))
+    elif args.csv:
+        fields = [*rows[0].to_json()] if rows else ["domain", *store.COUNTS]
+        writer = csv.DictWriter(sys.stdout, fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.to_json().items()})
+    else:
+        print("\n".join(_posture_lines(rows, days, retention)))
+    return 0
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+def _posture_lines(rows: list[Any], days: list[str], retention: int) -> list[str]:
+    kept = f"; counts are kept {retention} days" if len(days) > retention else ""
+    lines = [
+        f"deliveries {days[0]} .. {days[-1]} (UTC, {len(days)} days{kept}), most clear text first",
+        f"{'DOMAIN':<32} {'DELIV':>7} {'TLS%':>5} {'VERIF%':>6} {'CLEAR':>6}  "
+        f"{'IF-ENFORCED':>11} {'IF-VERIFIED':>11} {'UNKNOWN':>7}  VERSIONS / WHY",
+    ]
+    for row in rows:
+        doc = row.to_json()
+        clear = {k[6:]: doc[k] for k in doc if k.startswith("clear_") and doc[k]}
+        versions = " ".join(f"{k}:{v}" for k, v in doc["versions"].items())
+        parts = [f"clear {_pairs(clear)}"] if clear else []
+        unverifiable = {k: v for k, v in doc["why_verified"].items() if k != "clear"}
+        if unverifiable:
+            parts.append(f"unverifiable {_pairs(unverifiable)}")
+        why = "; ".join(parts)
+        lines.append(
+            f"{row.domain:<32} {doc['deliveries']:>7} {doc['share_tls']:>5.0%} "
+            f"{doc['share_tls_verified']:>6.0%} {doc['clear']:>6}  "
+            f"{doc['would_defer_enforced']:>11} {doc['would_defer_verified']:>11} "
+            f"{doc['verified_unknown']:>7}  {versions}{' / ' + why if why else ''}"
+        )
+    lines.append(f"-- {len(rows)} domains")
+    return lines
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}:{v}" for k, v in counts.items())
 
 
 def queue(config: Config, client: redis.Redis, args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@
   its state as it is then; every other write here releases the claim in its transaction.
 - :meth:`Ledger.record` writes a round in ONE transaction: per-recipient results
   (``rcpt:{id}``: delivered, bounced, or deferred with the attempt that deferred them), the
-  trace events, the TLSRPT counts (:func:`services.deliver.tlsrpt.stage`), for what is left a
+  trace events, the TLSRPT counts (:func:`services.deliver.tlsrpt.stage`), a delivery's posture
+  counts (:func:`services.deliver.posture.stage`; their failure is logged and counted, never
+  raised: the round records without them), for what is left a
   deferred entry due per ``delivery.retry_schedule``
   (:func:`services.deliver.scheduler.stage_deferral`), the DSN the round calls for (queued as a
   new message with a null reverse-path, :func:`services.deliver.dsn.notice`; for a REQUIRETLS
@@ -47,7 +49,7 @@ from services.common import queueing, spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.deliver import dsn, observe, scheduler, tlsrpt
+from services.deliver import dsn, observe, posture, scheduler, tlsrpt
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
 from services.deliver.session import Peer
@@ -173,6 +175,7 @@ class Ledger:
             events = _round_events(rec)
             if outcome.sts is not None:  # TLSRPT counts ride this transaction
                 sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, round_.now)
+            at_posture, posture_counts = self._stage_posture(pipe, round_, outcome)
             events += _stage_states(pipe, rec)
             if outcome.deferred:
                 events.append(self._stage_retry(pipe, rec))
@@ -193,6 +196,7 @@ class Ledger:
             self._claimed(next_claim, peer)
         try:  # committed: what follows must not make the caller record the round again
             self._count(rec, sts_failures)
+            _posture_recorded(replies, at_posture, posture_counts, round_.job.key)
             if complete:
                 _final(final.values())
             elif at_states is not None:
@@ -202,6 +206,25 @@ class Ledger:
         except Exception:
             log.exception("after recording %s to %s", *round_.job.key)
         return next_claim
+
+    def _stage_posture(
+        self, pipe: redis.client.Pipeline, round_: Round, outcome: Outcome
+    ) -> tuple[int | None, dict[str, int]]:
+        """A round that delivered adds its posture counts to this transaction (one script;
+        :mod:`services.deliver.posture`): the index of its reply and the counts. Never raises:
+        a failure is logged and counted, and the round is recorded without them."""
+        if not outcome.delivered or not outcome.attempts:
+            return None, {}
+        try:
+            counts = posture.columns(outcome.attempts[-1])
+            if not counts:  # that attempt sent nothing: no delivery to count
+                return None, {}
+            retention = self.config.posture.retention
+            return posture.stage(pipe, round_.job.domain, counts, round_.now, retention), counts
+        except Exception:
+            log.exception("posture counts of %s to %s not recorded", *round_.job.key)
+            observe.posture_error()
+            return None, {}
 
     def _delay_notice_due(self, pipe: redis.client.Pipeline, message_id: str) -> bool:
         """Whether the "delayed" DSN this round calls for is still to be sent: the message is
@@ -444,6 +467,20 @@ class Ledger:
                 pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
             pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([dict(d) for d in docs]))
             pipe.execute()
+
+
+def _posture_recorded(
+    replies: Sequence[Any], at: int | None, counts: Mapping[str, int], key: tuple[str, str]
+) -> None:
+    """The posture script's reply (failed writes): counted as metrics, or as a recording error
+    (logged; the round itself committed)."""
+    if at is None:
+        return
+    if replies[at]:
+        log.warning("posture counts of %s to %s not recorded: %s writes failed", *key, replies[at])
+        observe.posture_error()
+    else:
+        observe.posture(counts)
 
 
 def _final(states: Iterable[str]) -> None:

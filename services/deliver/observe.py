@@ -1,5 +1,6 @@
 """Delivery results as metric observations: what an attempt, a round, its MTA-STS and DANE
-results, a DSN or a final message means for the deliver metrics of ``services/common/metrics.py``.
+results, its posture counts, a DSN or a final message means for the deliver metrics of
+``services/common/metrics.py``.
 
 The metric objects, names and label values are defined there (a contract: README,
 "Observability"); the label logic that reads delivery results is here, beside the code that
@@ -127,6 +128,21 @@ def dane(found: dane_.DaneRound, outcome: RoundResult) -> None:
     else:
         return
     metrics.DANE.labels(result).inc()
+
+
+def posture(counts: Mapping[str, int]) -> None:
+    """A recorded delivery's posture counts (``services.deliver.posture.columns``), as totals."""
+    for transport in metrics.POSTURE_TLS:
+        if counts.get(transport):
+            metrics.POSTURE_DELIVERIES.labels(transport).inc()
+    for mode in ("enforced", "verified"):
+        if counts.get(f"would_defer_{mode}"):
+            metrics.POSTURE_WOULD_DEFER.labels(mode).inc()
+
+
+def posture_error() -> None:
+    """A delivery's posture counts could not be written (the delivery is recorded)."""
+    metrics.POSTURE_RECORDING_ERRORS.inc()
 
 
 def dsn_sent(action: str) -> None:

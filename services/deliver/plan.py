@@ -29,9 +29,9 @@ Failure: DNS and policy trouble become the plan's reply, never exceptions; Redis
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import dns.asyncresolver
-import redis
 
 from services.common import spool
 from services.common.config import Config
@@ -64,12 +64,18 @@ class Plan:
     destinations: tuple[tuple[str, int, str], ...] = ()
 
 
+class Store(mtasts.CacheStore, Protocol):
+    """The Redis commands the planner uses — the MTA-STS cache's, and ``EXISTS`` for the "TLS
+    broken" memory — so that ``redis.Redis`` and ``tlsrelay check``'s in-memory stand-in both
+    fit, and a new command is a type error until both have it."""
+
+    def exists(self, name: str, /) -> Any: ...
+
+
 class Planner:
     """Per worker process: resolver, MTA-STS cache and the TLS-broken memory (per batch)."""
 
-    def __init__(
-        self, config: Config, client: redis.Redis, resolver: dns.asyncresolver.Resolver
-    ) -> None:
+    def __init__(self, config: Config, client: Store, resolver: dns.asyncresolver.Resolver) -> None:
         self.config = config
         self.client = client
         self.resolver = resolver

@@ -70,6 +70,7 @@ class Pooled:
     clean: bool = False
     lease: Lease | None = None  # its connection lease (traffic shaping)
     max_uses: int | None = None  # transactions per session at its site (None: the pool's)
+    leaf_verdict: str | None = None  # services.deliver.leafcheck's, for the attempts reusing it
 
 
 class ConnectionPool:

@@ -21,6 +21,9 @@ TLS), MAIL, every RCPT and DATA go in one write and their replies are read in or
 give it command by command. STARTTLS itself and EHLO are never pipelined.
 
 Every attempt is counted, with its duration, in ``services.common.metrics`` when it ends.
+
+:func:`probe` is the same session without a transaction (``tlsrelay check``): connect, greeting,
+EHLO, STARTTLS and the handshake per the TLS table, EHLO again, QUIT — never MAIL; not counted.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply, TlsMode
 from services.common.protocol import REQUIRETLS, TLS_REQUIRED_STATUS
-from services.deliver import dane, mtasts, observe, pipelining, tls
+from services.deliver import dane, leafcheck, mtasts, observe, pipelining, tls
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.shaping import Gate, Lease, Throttle
 from services.deliver.tls import Action, Outcome, Situation
@@ -132,6 +135,10 @@ class Attempt:
     # No session could be had: a shaping limit (services.deliver.shaping.Throttle); nothing
     # was tried, and the round waits (not an attempt).
     throttled: Throttle | None = None
+    # An unverified TLS session: what verification would have said of the server's leaf
+    # (services.deliver.leafcheck; for `tlsrelay posture`'s what-if); a reused session's too.
+    leaf_verdict: str | None = None
+    greeting: str = ""  # the server's 220 line (shown by `tlsrelay check`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -238,6 +245,7 @@ async def _attempt(
                 pooled.tls_version,
                 pooled.cipher,
             )
+            result.leaf_verdict = pooled.leaf_verdict
             result.reused = True
         else:
             smtp = await _open(peer, timeouts, result)
@@ -320,7 +328,7 @@ def _park(
     uses = pooled.uses + 1 if pooled is not None else 1
     parked = Pooled(
         smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean,
-        lease=lease, max_uses=max_uses,
+        lease=lease, max_uses=max_uses, leaf_verdict=result.leaf_verdict,
     )  # fmt: skip
     return pool.give(_pool_key(peer, settings, gate.site.id if gate else ""), parked)
 
@@ -339,8 +347,8 @@ async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.S
     )
     try:
         sock = await _tcp_connect(peer, timeouts.connect)
-        await smtp.connect(sock=sock, timeout=timeouts.greeting)
-        result.greeted = True
+        greeting = await smtp.connect(sock=sock, timeout=timeouts.greeting)
+        result.greeted, result.greeting = True, str(Reply.parse(greeting.code, greeting.message))
         await smtp.ehlo()
     except aiosmtplib.SMTPResponseException as exc:
         smtp.close()
@@ -387,6 +395,8 @@ async def _negotiate_tls(
         result.tls_version, result.cipher = _tls_info(smtp)
         if settings.check_leaf and not settings.mode.authenticates:
             result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
+        if not settings.mode.authenticates:
+            result.leaf_verdict = _leaf_verdict(smtp, result.peer.tls_name, settings.ca_file)
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"
         detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({why})"
@@ -685,6 +695,18 @@ def _leaf_problem(smtp: aiosmtplib.SMTP, name: str) -> int | None:
     return mtasts.leaf_problem(der, name, time.time()) if der else None
 
 
+def _leaf_verdict(smtp: aiosmtplib.SMTP, name: str, ca_file: str | None) -> str | None:
+    der = _peer_der(smtp)
+    return leafcheck.verdict(der, name, ca_file) if der else None
+
+
+def _peer_der(smtp: aiosmtplib.SMTP) -> bytes | None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
 def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:
     ssl_object = smtp.get_transport_info("ssl_object")
     if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
@@ -770,3 +792,56 @@ def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
 
 def _text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+# --------------------------------------------------------------------------- probing (no mail)
+
+
+@dataclass
+class Probe:
+    """What :func:`probe` found at one address; no mail was sent."""
+
+    attempt: Attempt  # greeting, TLS outcome, version, cipher, verify_code; error: where it ended
+    starttls: bool = False  # STARTTLS was offered in the EHLO reply in clear
+    requiretls: bool = False  # REQUIRETLS was advertised in the EHLO reply over TLS
+    certificate: bytes | None = None  # the server's leaf certificate (DER)
+
+
+async def probe(peer: Peer, settings: TlsSettings, timeouts: Timeouts) -> Probe:
+    """A delivery's session without a transaction (``tlsrelay check``): connect, greeting, EHLO,
+    STARTTLS and the handshake as the TLS table says for ``settings``, EHLO again, then QUIT —
+    never MAIL. ``settings.mode`` must require encryption, so that a failed handshake ends the
+    probe (it never reconnects in clear). Never raises for what the network or the peer does."""
+    if not settings.mode.requires_encryption:
+        raise ValueError(f"a probe needs a mode that requires TLS, not {settings.mode.label}")
+    found = Probe(Attempt(peer=peer, mode=settings.mode))
+    smtp: aiosmtplib.SMTP | None = None
+    try:
+        smtp = await _open(peer, timeouts, found.attempt)
+        found.starttls = smtp.supports_extension("starttls")
+        smtp = await _negotiate_tls(
+            smtp, found.attempt, settings, timeouts, Hooks().on_handshake_failed
+        )
+        found.requiretls = smtp.supports_extension("requiretls")
+        found.certificate = _peer_der(smtp)
+    except _NextHost as exc:
+        found.attempt.error, found.attempt.next_host = exc.reply, True
+    except BaseException:  # cancelled: drop the connection
+        if smtp is not None:
+            smtp.close()
+        raise
+    if smtp is not None:
+        await _close_and_wait(smtp)
+    return found
+
+
+async def _close_and_wait(smtp: aiosmtplib.SMTP, limit: float = 2.0) -> None:
+    """QUIT, then wait (at most ``limit`` seconds) until the socket is closed: a TLS session
+    finishes its shutdown after QUIT, and a short-lived caller (``tlsrelay check``) ends its
+    event loop right after the probes."""
+    sock = smtp.get_transport_info("socket") if smtp.is_connected else None
+    await _close(smtp)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while sock is not None and sock.fileno() != -1 and loop.time() < deadline:
+        await asyncio.sleep(0.01)

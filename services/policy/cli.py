@@ -133,6 +133,15 @@ def explain_rules(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def plain_decision(config: Config, domain: str) -> Decision:
+    """What the rules decide for ``domain`` for a message without content from ``<>`` to
+    ``postmaster@DOMAIN`` (``tlsrelay check``: the mode a plain message gets there)."""
+    envelope = Envelope(id="CHECK", sender="", recipients=(f"postmaster@{domain}",))
+    ruleset = Ruleset.from_config(config)
+    (decision,) = decide(facts_from_message(envelope, b"", ruleset), ruleset)
+    return decision
+
+
 def describe_decision(decision: Decision, config: Config | None = None) -> list[str]:
     """The lines ``rules explain`` prints for one destination domain."""
     lines = [f"{decision.domain}: tls {decision.tls.label}"]
