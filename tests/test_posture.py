@@ -220,3 +220,10 @@ def test_deliveries_are_counted_and_a_recording_error_never_fails_one(
     for job in more:  # recorded as usual: final, gone
         assert not store.exists(f"tlsrelay:msg:{job['id']}")
     assert counter("tlsrelay_posture_recording_errors_total") == errors + 2
+
+
+def test_a_delivery_is_one_field_whose_name_lists_its_columns() -> None:
+    counts = {"deliveries": 1, "tls": 1, "version:TLSv1.3": 1, "why_verified:expired": 2}
+    name = posture.class_of(counts)
+    assert name == "deliveries,tls,version:TLSv1.3,why_verified:expired=2"
+    assert posture.columns_of(name) == counts

@@ -22,13 +22,16 @@ An attempt whose outcome never sends (``verify_failed``, ``dane_failed``: the se
 to the next host) adds nothing: it is not a delivery.
 
 :func:`stage` queues them into the caller's transaction (``Ledger.record``): no round trip of its
-own. One small Lua script adds to the day's hash ``tlsrelay:posture:<YYYY-MM-DD>`` (fields
-``"<domain> <column>"``) and keeps the day's domains in ``tlsrelay:posture:<day>:domains``:
-at most :data:`DOMAIN_CAP` domains per day, the rest counted under :data:`OTHER`. Both keys
-expire ``posture.retention`` days after the day's last delivery, so the store holds at most
-retention × (cap + 1) rows. The script catches its own errors (``redis.pcall``) and returns how
-many of its writes failed: a recording error is logged and counted
-(``tlsrelay_posture_recording_errors_total``) by the caller, never raised into the send path.
+own. One small Lua script adds one to the day's hash ``tlsrelay:posture:<YYYY-MM-DD>``, field
+``"<domain> <class>"``, where the class lists the delivery's columns (``tls,version:TLSv1.3``:
+a few distinct classes per domain, and one write per delivery, not one per column), and keeps
+the day's domains in ``tlsrelay:posture:<day>:domains``: at most :data:`DOMAIN_CAP` domains per
+day, the rest counted under :data:`OTHER`. Both keys expire ``posture.retention`` + 1 days after
+the day's last new domain (set only then: a delivery costs three commands inside its one
+script call), so the store holds at most retention × (cap + 1) rows, each a few fields. The
+script catches its own errors (``redis.pcall``) and returns how many of its writes failed: a
+recording error is logged and counted (``tlsrelay_posture_recording_errors_total``) by the
+caller, never raised into the send path.
 
 Reading (``tlsrelay posture``): :func:`read` sums the days of a window per domain (no probing).
 
@@ -65,10 +68,11 @@ COUNTS: Final = (
     "verified_unknown",
 )  # fmt: skip
 
-# KEYS: the day's hash, the day's domain set. ARGV: domain, OTHER, cap, ttl, then column, n, ...
-# Returns the number of writes that failed (0: all done); never an error reply.
+# KEYS: the day's hash, the day's domain set. ARGV: domain, OTHER, cap, ttl, the delivery's class
+# (its columns, see class_of). One HINCRBY per delivery; both keys' lifetime is set when a domain
+# is new to the day. Returns the number of writes that failed (0: all done); never an error reply.
 SCRIPT: Final = """
-local domain = ARGV[1]
+local domain, new = ARGV[1], false
 local ok, known = pcall(redis.call, 'SISMEMBER', KEYS[2], domain)
 if not ok then return 1 end
 if known == 0 then
@@ -79,16 +83,17 @@ if known == 0 then
   else
     local added = redis.pcall('SADD', KEYS[2], domain)
     if type(added) == 'table' and added.err then return 1 end
+    new = true
   end
 end
 local failed = 0
-for i = 5, #ARGV, 2 do
-  local r = redis.pcall('HINCRBY', KEYS[1], domain .. ' ' .. ARGV[i], ARGV[i + 1])
-  if type(r) == 'table' and r.err then failed = failed + 1 end
-end
-for _, key in ipairs(KEYS) do
-  local r = redis.pcall('EXPIRE', key, ARGV[4])
-  if type(r) == 'table' and r.err then failed = failed + 1 end
+local r = redis.pcall('HINCRBY', KEYS[1], domain .. ' ' .. ARGV[5], 1)
+if type(r) == 'table' and r.err then failed = failed + 1 end
+if new then
+  for _, key in ipairs(KEYS) do
+    r = redis.pcall('EXPIRE', key, ARGV[4])
+    if type(r) == 'table' and r.err then failed = failed + 1 end
+  end
 end
 return failed
 """
@@ -172,12 +177,32 @@ def stage(
     """Queue one delivery's ``counts`` into ``pipe`` (one EVAL); return the index of its reply
     (the number of failed writes) in the pipeline."""
     day = utc_day(now)
-    args: list[str | int] = [domain.lower(), OTHER, DOMAIN_CAP, (retention_days + 1) * DAY]
-    for column, n in counts.items():
-        args += [column, n]
+    args: list[str | int] = [
+        domain.lower(),
+        OTHER,
+        DOMAIN_CAP,
+        (retention_days + 1) * DAY,
+        class_of(counts),
+    ]
     at = len(pipe)
     pipe.eval(SCRIPT, 2, day_key(day), domains_key(day), *args)
     return at
+
+
+def class_of(counts: Mapping[str, int]) -> str:
+    """One field name for a delivery's counts: its columns, sorted, joined by commas (a count
+    other than 1 as ``column=n``); :func:`columns_of` reads it back."""
+    return ",".join(c if n == 1 else f"{c}={n}" for c, n in sorted(counts.items()) if n)
+
+
+def columns_of(name: str) -> dict[str, int]:
+    """The counts a class stands for (:func:`class_of`)."""
+    found: dict[str, int] = {}
+    for part in name.split(","):
+        column, _, n = part.partition("=")
+        if column:
+            found[column] = found.get(column, 0) + (int(n) if n else 1)
+    return found
 
 
 # --------------------------------------------------------------------------- reading
@@ -230,9 +255,10 @@ def read(client: redis.Redis, days: Iterable[str]) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     for day, raw in zip(days, found, strict=True):
         for name, value in raw.items():
-            domain, _, column = name.decode().partition(" ")
+            domain, _, kind = name.decode().partition(" ")
             row = rows.setdefault(domain, Row(domain))
-            row.add(column, int(value))
+            for column, n in columns_of(kind).items():
+                row.add(column, n * int(value))
             row.days.add(day)
     return rows
 
