@@ -18,6 +18,7 @@ import yaml
 from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.redisserver import EmbeddedRedis
+from services.deliver.ledger import Ledger
 from tests.peers import Sink
 from tests.sinksmtp import Message
 from tests.test_batching import deliver, queue_jobs, routed
@@ -142,3 +143,40 @@ def test_lanes_start_no_job_after_the_start_window_and_hand_the_rest_back(
     assert queued_jobs(store) == jobs[2:]
     for job in jobs[2:]:
         assert [e["event"] for e in spool.read_trace(store, job["id"])][-1] == "requeued"
+
+
+def slow_but_first(msg: Message) -> float:
+    return 0.0 if "r0@lanes.test" in msg.rcpt_tos else 0.5
+
+
+def test_a_redis_error_in_one_lane_lets_the_others_record_their_rounds(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first job's recording fails (Redis): the task must run again, but the lanes sending
+    meanwhile finish and record their rounds first (cancelled, they would leave deliveries
+    unrecorded, to be sent again), and no lane starts another job."""
+    real = Ledger.record
+
+    def failing(self: Ledger, round_: Any, *args: Any, **kwargs: Any) -> Any:
+        if "r0@lanes.test" in round_.job.recipients:
+            raise redis.exceptions.ConnectionError("Redis went away")
+        return real(self, round_, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "record", failing)
+    with Sink("starttls", slow_for=slow_but_first) as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=3)
+        jobs = queue_jobs(store, DOMAIN, 5)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            deliver(config, store, jobs)
+        delivered_once(sink, jobs[:3])
+    for job in jobs[1:3]:
+        assert not store.exists(spool.msg_key(job["id"]))
+        assert [e["event"] for e in spool.read_trace(store, job["id"])][-1] == "completed"
+    for job in jobs[3:]:  # not started: still stored, never claimed or marked
+        assert store.exists(spool.msg_key(job["id"]))
+    assert store.keys(spool.claim_key("*", "*")) == []
+    # The first round's DATA went out unrecorded: its mark stays, so its retry says "may have
+    # it" (RFC 1047), as after a crash; no other job is marked.
+    assert store.keys(spool.in_flight_key("*", "*")) == [
+        spool.in_flight_key(jobs[0]["id"], DOMAIN).encode()
+    ]
