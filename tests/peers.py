@@ -89,6 +89,8 @@ class Sink(Background):
         ``(address) -> reply | None``; None / unlisted accepts with 250.
     :param data_reply: reply for DATA, or callable ``(Message) -> reply | None``.
         Messages answered 2xx go to ``messages``, others to ``rejected``.
+    :param slow_for: ``(Message) -> seconds``: a further delay of the reply to the final dot of
+        that message (e.g. one peer session that hangs while the others go on).
     :param data_delay: seconds the reply to the final dot takes (without blocking the sink's
         other sessions); the message is recorded when the reply is sent.
     :param hostname: name in the greeting / EHLO reply.
@@ -111,6 +113,7 @@ class Sink(Background):
         rcpt_replies: RcptReplies | None = None,
         data_reply: DataReply | None = None,
         data_delay: float = 0.0,
+        slow_for: Callable[[Message], float] | None = None,
         hostname: str | None = None,
         min_tls_version: ssl.TLSVersion | None = None,
         max_tls_version: ssl.TLSVersion | None = None,
@@ -137,6 +140,9 @@ class Sink(Background):
         self._rcpt_replies = rcpt_replies
         self._data_reply_spec = data_reply
         self.data_delay = data_delay
+        self._slow_for = slow_for
+        self._busy = 0  # transactions between the final dot and its reply
+        self.busy_peak = 0  # the most of them at once: deliveries in flight here
         self._min_tls = min_tls_version
         self._max_tls = max_tls_version
         if isinstance(extensions, str):
@@ -360,6 +366,16 @@ class Sink(Background):
             return spec(address)
         lowered = {k.lower(): v for k, v in spec.items()}
         return lowered.get(address.lower())
+
+    def busy(self, step: int) -> None:
+        """A transaction's final dot came (1) or its reply went (-1)."""
+        with self._cond:
+            self._busy += step
+            self.busy_peak = max(self.busy_peak, self._busy)
+
+    def delay_for(self, msg: Message) -> float:
+        """Seconds before the reply to the final dot of ``msg``."""
+        return self.data_delay + (self._slow_for(msg) if self._slow_for is not None else 0.0)
 
     def data_reply(self, msg: Message) -> str | None:
         spec = self._data_reply_spec

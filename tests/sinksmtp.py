@@ -85,6 +85,9 @@ class SinkHost(Protocol):
     extensions: tuple[str, ...]
     data_delay: float  # seconds before the reply to the final dot
 
+    def delay_for(self, msg: Message) -> float: ...
+    def busy(self, step: int) -> None: ...
+
     def advertises(self, keyword: str) -> bool: ...
     def on_connect(self, proto: SinkSMTP) -> int: ...
     def greeting(self, conn_no: int) -> str | None: ...
@@ -301,8 +304,13 @@ class SinkHandler:
             connection=server.conn_no,
             reply="",
         )
-        if self._sink.data_delay:
-            await asyncio.sleep(self._sink.data_delay)
+        delay = self._sink.delay_for(msg)
+        self._sink.busy(1)
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            self._sink.busy(-1)
         reply = self._sink.data_reply(msg) or "250 2.0.0 OK queued"
         self._sink.record(dataclasses.replace(msg, reply=reply))
         return reply

@@ -137,9 +137,12 @@ def write_config(path: Path, settings: dict[str, Any]) -> Config:
     return load_config(path)
 
 
-def routed(tmp_path: Path, valkey: EmbeddedRedis, domain: str, address: str) -> Config:
-    """A configuration whose mail for ``domain`` goes to ``address``."""
-    settings = {"redis_url": valkey.url, "delivery": {"routes": {domain: address}}}
+def routed(
+    tmp_path: Path, valkey: EmbeddedRedis, domain: str, address: str, **delivery: Any
+) -> Config:
+    """A configuration whose mail for ``domain`` goes to ``address`` (``delivery``: more
+    ``delivery`` settings)."""
+    settings = {"redis_url": valkey.url, "delivery": {"routes": {domain: address}, **delivery}}
     return write_config(tmp_path / "c.yaml", settings)
 
 
@@ -191,7 +194,8 @@ def sink() -> Iterator[Sink]:
 def test_a_batch_rides_one_connection_and_is_recorded_job_by_job(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
 ) -> None:
-    config = routed(tmp_path, valkey, "batch.test", sink.address_text)
+    """One lane (sessions_per_process 1): its jobs one after another over one session."""
+    config = routed(tmp_path, valkey, "batch.test", sink.address_text, sessions_per_process=1)
     jobs = queue_jobs(store, "batch.test", 8)
     outcomes = deliver(config, store, jobs)
     assert all(o is not None and len(o.delivered) == 1 for o in outcomes)

@@ -291,9 +291,13 @@ def test_a_task_out_of_time_hands_the_jobs_it_did_not_start_back(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
     """After its start window (a tenth of ``delivery.job_timeout``) a task starts no new job:
-    the rest go back to the ``deliver`` queue as one new task, each trace saying so."""
+    the rest go back to the ``deliver`` queue as one new task, each trace saying so. One lane
+    here (tests/test_sessions.py: several)."""
     with Sink("starttls", data_delay=0.3) as slow:
-        config = routed(tmp_path, valkey, {"x.test": slow.address_text}, job_timeout="1s")
+        config = routed(
+            tmp_path, valkey, {"x.test": slow.address_text}, job_timeout="1s",
+            sessions_per_process=1,
+        )  # fmt: skip
         envelopes = [stored(store, f"r{i}@x.test") for i in range(4)]
         docs = [job(e, "x.test").to_json() for e in envelopes]
         results = deliver(config, store, docs)

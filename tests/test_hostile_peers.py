@@ -64,7 +64,7 @@ def test_a_refused_data_does_not_poison_the_next_message_of_the_batch(
 ) -> None:
     """452 to DATA leaves the peer's transaction open: the reused session is reset first, so
     the next messages are delivered, none bounces (before: 503 to MAIL, every one bounced)."""
-    config = routed(tmp_path, valkey, "keep.test", peer.address_text)
+    config = routed(tmp_path, valkey, "keep.test", peer.address_text, sessions_per_process=1)
     jobs = queue_jobs(store, "keep.test", 3)
     outcomes = deliver(config, store, jobs)
     assert [sorted(o.deferred) for o in outcomes if o] == [["r0@keep.test"], [], []]

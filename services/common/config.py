@@ -354,6 +354,11 @@ class DeliveryConfig(_Section):
     # connection): fewer Celery hops per message. A destination that fails a job (no host
     # reachable, TLS unavailable) defers the rest of its batch without trying each.
     batch_max: StrictInt = Field(default=50, gt=0)
+    # Deliveries one deliver process keeps in flight at once (services/deliver/batch.py: the
+    # jobs of its task run in this many lanes, each over its own session), within the site's
+    # connection limit (shaping). 5 × the default 4 processes = 20 sessions to a destination,
+    # Postfix's default_destination_concurrency_limit. 1: one job after another.
+    sessions_per_process: StrictInt = Field(default=5, gt=0, le=1000)
     # How often one deliver worker looks for queued work whose Celery task was lost (a worker
     # killed inside kombu's two-step take or restore) and queues it again: services/deliver/
     # rescue.py. Work is re-queued after two sweeps without a task, at least this far apart.

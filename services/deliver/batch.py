@@ -2,8 +2,15 @@
 
 A job is (message, destination domain, its recipients, the policy decision) — a
 :class:`services.common.jobs.Job`; a task carries their documents (one per job: of two copies of
-a job in one task, the later attempt's). For each job, in order, so they share a reused
-connection (:class:`services.deliver.pool.ConnectionPool`):
+a job in one task, the later attempt's). The jobs run in up to ``delivery.sessions_per_process``
+*lanes* at once on the task's event loop (issue #20: a destination far away answers in tens of
+milliseconds; the lanes wait on it together). Each lane takes the next job in the batch's order
+and runs it over its own session (reused connections,
+:class:`services.deliver.pool.ConnectionPool`); the lanes but the first start once the first
+job's destination answered (or its job ended), so an unreachable destination costs one attempt
+per batch, not one per lane; at most the site's connection limit of them send to one site at
+once (more wait up to ``shaping.SHORT_WAIT``, then the job is parked as throttled). For each
+job:
 
 1. claim it (:mod:`services.deliver.claims`), reading the job's state as it is now; a job
    another worker process holds is waited for until its claim ends (recorded, or its owner
@@ -21,12 +28,22 @@ connection (:class:`services.deliver.pool.ConnectionPool`):
    ``delivery.job_timeout``, after which the round is abandoned and deferred; the destination's
    throttling replies step the site's limit down (back-off);
 5. record the round in one transaction (:mod:`services.deliver.ledger`), which also claims the
-   next job — or, when a shaping limit stopped it before anything was tried, park it as
-   throttled (:meth:`services.deliver.ledger.Ledger.throttle`: not an attempt), and the rest of
-   the batch to that destination with it (but for a rate, which each message asks again).
+   lane's next job (the next in the batch's order no lane has taken) — or, when a shaping
+   limit stopped it before anything was tried, park it as throttled
+   (:meth:`services.deliver.ledger.Ledger.throttle`: not an attempt), and the rest of the batch
+   to that destination with it (but for a rate, which each message asks again).
+
+Exactly once with lanes: a job is taken by one lane only (the batch's order is handed out on
+one event loop) and claimed before it is looked at, as before; each round is recorded in its own
+transaction, a synchronous Redis call with no await inside, so no other lane and no cancellation
+can come between its writes; the in-flight marks claims write ahead are remembered per job
+(:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
+lane stops the others from starting jobs; they finish and record the rounds under way, then the
+error propagates and the task runs again.
 
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
-window*); it hands the rest back to the ``deliver`` queue as a new task (one transaction, then
+window*); its lanes then stop, and the jobs none started (with the claims their recordings took
+for them) go back to the ``deliver`` queue as a new task (one transaction, then
 this task is acknowledged). So a task ends within ``DeliveryConfig.task_budget`` (the window,
 a claim's TTL, one job's round: at most 1.6 × job_timeout, plus a few Redis round trips), well
 below ``celery.visibility_timeout`` (at least twice job_timeout, checked at start-up) after
@@ -49,7 +66,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -67,7 +84,16 @@ from services.deliver.ledger import Ledger
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Hooks, Peer, Timeouts, attempt
-from services.deliver.shaping import RATE, Gate, Shaper, Throttle
+from services.deliver.shaping import (
+    CONNECTIONS,
+    PARK_CONNECTIONS,
+    RATE,
+    SHORT_WAIT,
+    Gate,
+    Shaper,
+    Site,
+    Throttle,
+)
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -98,59 +124,99 @@ class Deliverer:
             data=delivery.data_timeout,
             pipelining=delivery.pipelining,
         )
+        self._site_slots: dict[str, _Slots] = {}  # site id → its slots on _slots_loop
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
 
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
-        """Deliver and record a task's batch of job documents, one after another; each job's
-        outcome is recorded in its own transaction as soon as it is known (a worker dying
-        mid-batch re-sends nothing already recorded). One result per document; None: nothing
-        was sent for it (nothing left to do, another process holds it, a copy of another
+        """Deliver and record a task's batch of job documents, up to
+        ``delivery.sessions_per_process`` at once (lanes, each taking the next job in order);
+        each job's outcome is recorded in its own transaction as soon as it is known (a worker
+        dying mid-batch re-sends nothing already recorded). One result per document; None:
+        nothing was sent for it (nothing left to do, another process holds it, a copy of another
         document, handed back for lack of time, or parked)."""
-        started = time.monotonic()
         self.shaper.ensure_ticking()
         jobs = [_read(doc) for doc in docs]
         states = spool.load_jobs(self.client, [job_key(doc) for doc in docs])
-        bodies = _Bodies(self.client, jobs, states)
         self.planner.new_batch()
-        order = _unique(jobs)
-        unreachable: Unreachable = {}  # and destinations throttled (shaping) in this batch
-        results: list[Outcome | None] = [None] * len(docs)
-        claimed: Claim | None = None  # the next job's, taken by the previous recording
+        self.ledger.new_batch()
+        batch = _Batch(docs, jobs, states, _Bodies(self.client, jobs, states), _unique(jobs),
+                       self.config.delivery.task_window)  # fmt: skip
+        lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
         try:
-            for n, i in enumerate(order):
-                job = jobs[i]
-                if job is None:
-                    self.ledger.park(docs[i])
-                    continue
-                if n > 0 and time.monotonic() - started >= self.config.delivery.task_window:
-                    self.ledger.hand_back([docs[j] for j in order[n:]], claimed, OUT_OF_TIME)
-                    log.info("handed back %d jobs: %s", len(order) - n, OUT_OF_TIME)
-                    break
-                after = next((j for j in order[n + 1 :] if jobs[j] is not None), None)
-                upcoming = _Upcoming.of(jobs, states, after)
-                try:
-                    if claimed is None or claimed.key != job.key:
-                        claimed = self.ledger.claim(job.key, known=states[i].envelope)
-                    claim, claimed = claimed, None
-                    if not claim.ours:
-                        claim = await self._wait_for(claim, states[i].envelope)
-                    if not claim.ours:
-                        log.info("%s to %s is %s's: left to it", *job.key, claim.owner)
-                        continue
-                    results[i], claimed = await self._run(
-                        job, claim, bodies, i, unreachable, upcoming
-                    )
-                except redis.exceptions.RedisError:
-                    raise
-                except Exception:
-                    # Not in sending (that ends as a recorded deferral: _send_or_fail) but in
-                    # claiming or recording: the round may have sent DATA unrecorded, so the
-                    # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
-                    log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-                    self.ledger.park(job, keep_mark=True)
+            ends = await asyncio.gather(
+                *(self._lane(batch, first=n == 0) for n in range(lanes)), return_exceptions=True
+            )
+            for end in ends:  # a Redis error: the other lanes finished their rounds first
+                if isinstance(end, BaseException):
+                    raise end
+            left = batch.left()
+            if left:
+                self.ledger.hand_back([docs[i] for i, _ in left], [c for _, c in left], OUT_OF_TIME)
+                log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
         finally:
             self.ledger.claims.release_all()  # none is left but after an error
             await session.closed()  # the QUITs of the batch's sessions, after its recording
-        return results
+        return batch.results
+
+    async def _lane(self, batch: _Batch, first: bool) -> None:
+        """One lane: the batch's next job, then the next, until none is left or time is up.
+        The lanes but the first wait until the destination answered the first (or its job
+        ended): an unreachable destination is then tried once per batch, not once per lane."""
+        if not first:
+            await batch.opened.wait()
+        claimed: Claim | None = None  # the next job's, taken by this lane's last recording
+        index = batch.take()
+        try:
+            while index is not None:
+                index, claimed = await self._step(batch, index, claimed)
+                batch.opened.set()
+        except BaseException:  # the batch fails (the task runs again): no lane starts a job
+            batch.stop()
+            raise
+        finally:
+            batch.opened.set()
+
+    async def _step(
+        self, batch: _Batch, i: int, claimed: Claim | None
+    ) -> tuple[int | None, Claim | None]:
+        """Run the batch's document ``i`` (``claimed``: its claim, when the lane took it ahead);
+        return the lane's next document and its claim (None, None: the lane ends)."""
+        job = batch.jobs[i]
+        if job is None:
+            self.ledger.park(batch.docs[i])
+            return batch.take(), None
+        if not batch.may_start():
+            batch.leave(i, claimed)
+            return None, None
+        taken: list[int] = []  # the document this lane takes next, claimed by its recording
+
+        def upcoming() -> _Upcoming | None:
+            after = batch.take()
+            if after is None:
+                return None
+            taken.append(after)
+            return _Upcoming.of(batch.jobs, batch.states, after)
+
+        claimed_next: Claim | None = None
+        try:
+            if claimed is None or claimed.key != job.key:
+                claimed = self.ledger.claim(job.key, known=batch.states[i].envelope)
+            claim = claimed
+            if not claim.ours:
+                claim = await self._wait_for(claim, batch.states[i].envelope)
+            if claim.ours:
+                batch.results[i], claimed_next = await self._run(job, claim, batch, i, upcoming)
+            else:
+                log.info("%s to %s is %s's: left to it", *job.key, claim.owner)
+        except redis.exceptions.RedisError:
+            raise
+        except Exception:
+            # Not in sending (that ends as a recorded deferral: _send_or_fail) but in
+            # claiming or recording: the round may have sent DATA unrecorded, so the
+            # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
+            log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
+            self.ledger.park(job, keep_mark=True)
+        return (taken[0] if taken else batch.take()), claimed_next
 
     async def shutdown(self) -> None:
         """The worker process stops: close the parked sessions and release every connection
@@ -159,14 +225,19 @@ class Deliverer:
         self.shaper.close()
 
     async def _send_or_fail(
-        self, job: Job, envelope: Envelope, body: bytes, pending: list[str]
+        self,
+        job: Job,
+        envelope: Envelope,
+        body: bytes,
+        pending: list[str],
+        reached: Callable[[], None] = lambda: None,
     ) -> Outcome:
         """:meth:`send`; an unexpected error in it (a bug, an odd certificate, a policy value
         that broke a parser) defers the pending recipients under the normal retry and
         queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in the
         reply and so in the trace. Redis errors propagate (the task runs again)."""
         try:
-            return await self.send(job, envelope, body, pending)
+            return await self.send(job, envelope, body, pending, reached)
         except redis.exceptions.RedisError:
             raise
         except Exception as exc:
@@ -193,13 +264,12 @@ class Deliverer:
         self,
         job: Job,
         claim: Claim,
-        bodies: _Bodies,
+        batch: _Batch,
         index: int,
-        unreachable: Unreachable,
-        upcoming: _Upcoming | None = None,
+        upcoming: Callable[[], _Upcoming | None] = lambda: None,
     ) -> tuple[Outcome | None, Claim | None]:
-        """One claimed job: its outcome (None: nothing was sent) and the claim of ``upcoming``
-        taken by its recording (None: not taken)."""
+        """One claimed job: its outcome (None: nothing was sent) and the claim of the job
+        ``upcoming()`` gives (the lane's next), taken by its recording (None: not taken)."""
         assert claim.state is not None
         state = claim.state
         envelope = state.envelope
@@ -210,7 +280,7 @@ class Deliverer:
         if not pending:  # deferred by this attempt already: the retry is theirs
             self.ledger.leave(claim)
             return None, None
-        body = bodies.take(index) or spool.load_body(self.client, job.id)
+        body = batch.bodies.take(index) or spool.load_body(self.client, job.id)
         if body is None:
             self.ledger.close(job, envelope)
             return None, None
@@ -219,12 +289,13 @@ class Deliverer:
             self.ledger.note_interrupted(job, state.in_flight)
         decision = job.decision
         key = (decision.domain, decision.route, decision.tls, decision.tls_profile)
+        unreachable = batch.unreachable
         if key in unreachable:
             outcome = unreachable[key].not_tried(pending)
         else:
-            outcome = await self._send_or_fail(job, envelope, body, pending)
+            outcome = await self._send_or_fail(job, envelope, body, pending, batch.opened.set)
             if outcome.unreachable or _blocks_batch(outcome):
-                unreachable[key] = outcome
+                unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)
         if outcome.throttled is not None:
             reply = _throttle_reply(outcome.throttled)
@@ -232,21 +303,31 @@ class Deliverer:
                 self.ledger.throttle(round_, claim, outcome.throttled, reply)
                 return None, None
             outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
-        if upcoming is None:
+        after = upcoming()
+        if after is None:
             return outcome, self.ledger.record(round_, outcome)
         next_claim = self.ledger.record(
-            round_, outcome, upcoming.key, premark=upcoming.premark, known=upcoming.envelope
+            round_, outcome, after.key, premark=after.premark, known=after.envelope
         )
         return outcome, next_claim
 
-    async def send(self, job: Job, envelope: Envelope, body: bytes, pending: list[str]) -> Outcome:
-        """One round, abandoned (and deferred) when it outlasts ``delivery.job_timeout``."""
+    async def send(
+        self,
+        job: Job,
+        envelope: Envelope,
+        body: bytes,
+        pending: list[str],
+        reached: Callable[[], None] = lambda: None,
+    ) -> Outcome:
+        """One round, abandoned (and deferred) when it outlasts ``delivery.job_timeout``;
+        ``reached`` is called when a peer is about to receive the message."""
         outcome = Outcome()
         data: list[Peer] = []  # where DATA was under way when time ran out
 
         def before_data(peer: Peer) -> None:
             data.append(peer)
             self.ledger.mark_in_flight(job, peer)
+            reached()
 
         limit = self.config.delivery.job_timeout
         try:
@@ -279,11 +360,29 @@ class Deliverer:
         outcome.throttled = self.shaper.suspended(site, job.domain) or await self.shaper.pace(site)
         if outcome.throttled is not None:
             return
+        slots = self._slots(site)
+        if not await slots.take(SHORT_WAIT):  # this process's lanes hold the site's limit
+            outcome.throttled = Throttle(CONNECTIONS, site, PARK_CONNECTIONS)
+            return
         gate = self.shaper.gate(site)
         try:
             await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
         finally:
             gate.close()
+            slots.give()
+
+    def _slots(self, site: Site) -> _Slots:
+        """The site's slots in this process: as many lanes as its connection limit may send to
+        it at once (the leases bound all processes together; this keeps one process's lanes
+        from queueing on leases that its own busy sessions hold)."""
+        loop = asyncio.get_running_loop()
+        if self._slots_loop is not loop:  # a worker has one loop; tests may run several
+            self._slots_loop, self._site_slots = loop, {}
+        slots = self._site_slots.get(site.id)
+        if slots is None:
+            size = min(site.limits.connections, self.config.delivery.sessions_per_process)
+            slots = self._site_slots[site.id] = _Slots(size)
+        return slots
 
     async def _hops(
         self,
@@ -373,6 +472,95 @@ class _Upcoming:
             return None
         state = states[index]
         return cls(job.key, state.envelope, _sendable(job, state))
+
+
+class _Batch:
+    """One task's batch as its lanes share it (one event loop: no locks): the documents in
+    order and which come next, the destinations found unreachable (or throttled), the results,
+    and the jobs not started in the task's start window (handed back at the end)."""
+
+    def __init__(
+        self,
+        docs: Sequence[Mapping[str, Any]],
+        jobs: list[Job | None],
+        states: list[spool.JobState],
+        bodies: _Bodies,
+        order: list[int],
+        window: float,
+    ) -> None:
+        self.docs, self.jobs, self.states, self.bodies = docs, jobs, states, bodies
+        self.order, self.window = order, window
+        self.started = time.monotonic()
+        self.results: list[Outcome | None] = [None] * len(docs)
+        self.unreachable: Unreachable = {}  # and destinations throttled (shaping)
+        self.opened = asyncio.Event()  # the destination answered (or a job ended): all lanes go
+        self._next = 0  # place in order of the next document to hand out
+        self._begun = 0  # jobs started
+        self._stopped = False  # the start window is over (or a lane failed)
+        self._left: list[tuple[int, Claim | None]] = []  # taken, not started: handed back
+
+    def take(self) -> int | None:
+        """The next document (its index), None when none is left or time is up."""
+        if self._stopped or self._next >= len(self.order):
+            return None
+        self._next += 1
+        return self.order[self._next - 1]
+
+    def may_start(self) -> bool:
+        """Whether a job may start now: the batch's first always, the others within the start
+        window (delivery.job_timeout / 10); after it, none."""
+        if self._begun and time.monotonic() - self.started >= self.window:
+            self._stopped = True
+        if self._stopped:
+            return False
+        self._begun += 1
+        return True
+
+    def stop(self) -> None:
+        """A lane failed: no job starts any more (nothing is handed back: the task runs again)."""
+        self._stopped = True
+
+    def leave(self, index: int, claim: Claim | None) -> None:
+        """A document a lane took but did not start (time is up), with its claim if taken."""
+        self._left.append((index, claim))
+
+    def left(self) -> list[tuple[int, Claim | None]]:
+        """What was not started, in the batch's order: the lanes' left documents and those
+        never taken."""
+        rest: list[tuple[int, Claim | None]] = []
+        if self._stopped:
+            rest = [(i, None) for i in self.order[self._next :]]
+        place = {index: n for n, index in enumerate(self.order)}
+        return sorted(self._left + rest, key=lambda item: place[item[0]])
+
+
+@dataclass
+class _Slots:
+    """How many of a process's lanes may send to one site at once (``size``)."""
+
+    size: int
+    busy: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def take(self, wait: float) -> bool:
+        """A slot, waiting up to ``wait`` seconds for one (False: none came free)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self.busy >= self.size:
+            self.freed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.freed.wait(), remaining)
+            except TimeoutError:
+                return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
+        self.freed.set()
 
 
 class _Bodies:

@@ -90,8 +90,10 @@ class Ledger:
         # rcpt:{id} is deleted with the message; should a late write recreate it, it expires.
         self._rcpt_ttl = int(lifetime + DAY)
         self.claims = Claims(client, config.delivery.claim_ttl)
-        self._last_peer: Peer | None = None  # where the last DATA went
-        self._premarked: tuple[str, str, str, int] | None = None  # (id, domain, address, port)
+        self._last_peer: Peer | None = None  # where the last DATA went (any lane's: a guess)
+        # (id, domain) → (address, port) of the in-flight marks the claims wrote: one per job a
+        # lane of the batch has claimed ahead (services/deliver/batch.py runs several at once).
+        self._premarked: dict[tuple[str, str], tuple[str, int]] = {}
 
     def claim(
         self, key: tuple[str, str], premark: bool = False, known: Envelope | None = None
@@ -105,12 +107,17 @@ class Ledger:
         self._claimed(claim, note)
         return claim
 
+    def new_batch(self) -> None:
+        """A batch begins: the premarks of the last one are forgotten (each is also replaced
+        whenever its job is claimed again)."""
+        self._premarked.clear()
+
     def _claimed(self, claim: Claim, peer: Peer | None) -> None:
         # Always replaced: a premark remembered from an earlier claim must never stand in for
         # this job's mark (its DATA would go out unmarked, an RFC 1047 duplicate unreported).
-        self._premarked = None
+        self._premarked.pop(claim.key, None)
         if claim.marked and peer is not None:
-            self._premarked = (*claim.key, peer.address, peer.port)
+            self._premarked[claim.key] = (peer.address, peer.port)
 
     def round(
         self, job: Job, envelope: Envelope, body: bytes, state: spool.JobState | None = None
@@ -321,8 +328,8 @@ class Ledger:
         there was none. So the mark may precede DATA by a few commands: a worker dying in
         between reports a possible duplicate that cannot be one (on the safe side)."""
         self._last_peer = peer
-        if self._premarked == (job.id, job.domain, peer.address, peer.port):
-            return
+        if self._premarked.pop(job.key, None) == (peer.address, peer.port):
+            return  # used once: a second DATA of the round (another address) marks again
         key = spool.in_flight_key(job.id, job.domain)
         self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
 
@@ -450,13 +457,18 @@ class Ledger:
 
     # ----------------------------------------------------------------- out of time
 
-    def hand_back(self, docs: Sequence[Mapping[str, Any]], claim: Claim | None, why: str) -> None:
+    def hand_back(
+        self, docs: Sequence[Mapping[str, Any]], claims: Sequence[Claim | None], why: str
+    ) -> None:
         """The jobs a task did not start (its time is up) go back to the ``deliver`` queue as a
-        new task, each with a trace event saying ``why``; ``claim``: one of them already claimed
-        (by the previous recording), released here with the mark it set. One transaction: the
-        task that gave them back is acknowledged only after it committed."""
+        new task, each with a trace event saying ``why``; ``claims``: those of them already
+        claimed (by the recordings of the lanes' previous jobs), released here with the marks
+        they set. One transaction: the task that gave them back is acknowledged only after it
+        committed."""
         with self.client.pipeline(transaction=True) as pipe:
-            if claim is not None and claim.ours:
+            for claim in claims:
+                if claim is None or not claim.ours:
+                    continue
                 if claim.marked:
                     pipe.delete(spool.in_flight_key(*claim.key))
                 self.claims.stage_release(pipe, claim.key)

@@ -1,0 +1,182 @@
+"""Many sessions per worker process (issue #20 item 1): the jobs of one deliver task run in up to
+``delivery.sessions_per_process`` lanes at once, each over its own session, within the site's
+connection limit — every message exactly once, each lane's round recorded as soon as it ends.
+
+Real Redis (the ``store`` fixture), the deliverer's own code against real SMTP sinks that count
+how many transactions they hold at once (``Sink.busy_peak``: final dots not yet answered).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from services.common import spool
+from services.common.config import ConfigError, load_config
+from services.common.redisserver import EmbeddedRedis
+from services.deliver.ledger import Ledger
+from tests.peers import Sink
+from tests.sinksmtp import Message
+from tests.test_batching import deliver, queue_jobs, routed
+from tests.test_exactly_once import queued_jobs
+
+DOMAIN = "lanes.test"
+
+
+def delivered_once(sink: Sink, jobs: list[dict[str, Any]]) -> None:
+    """Every job's recipient arrived exactly once, and its message is final and gone."""
+    arrived = sorted(r for m in sink.messages for r in m.rcpt_tos)
+    assert arrived == sorted(r for j in jobs for r in j["recipients"]), sink.summary()
+
+
+def settled(store: redis.Redis, jobs: list[dict[str, Any]]) -> None:
+    """Nothing left behind: no message, claim, in-flight mark or waiting entry."""
+    for job in jobs:
+        assert not store.exists(spool.msg_key(job["id"]))
+        kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
+        assert kinds[-2:] == ["delivered", "completed"], kinds
+    assert store.keys(spool.claim_key("*", "*")) == []
+    assert store.keys(spool.in_flight_key("*", "*")) == []
+    assert store.zcard(spool.WAITING_DELIVER) == 0
+
+
+def test_a_batch_to_a_slow_destination_goes_over_several_sessions_at_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    with Sink("starttls", data_delay=0.3) as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4)
+        jobs = queue_jobs(store, DOMAIN, 12)
+        outcomes = deliver(config, store, jobs)
+        assert all(o is not None and len(o.delivered) == 1 for o in outcomes)
+        delivered_once(sink, jobs)
+        assert 1 < sink.busy_peak <= 4, sink.summary()
+        assert sink.peak_connections <= 4 and sink.tls_handshakes_ok <= 4, sink.summary()
+        assert all(m.tls for m in sink.messages)
+    settled(store, jobs)
+
+
+def test_a_site_limit_of_one_keeps_the_lanes_to_one_session(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    with Sink("starttls", data_delay=0.1) as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4,
+            shaping={"default": {"connections": 1}},
+        )  # fmt: skip
+        jobs = queue_jobs(store, DOMAIN, 8)
+        outcomes = deliver(config, store, jobs)
+        assert all(o is not None and len(o.delivered) == 1 for o in outcomes), outcomes
+        delivered_once(sink, jobs)
+        assert sink.busy_peak == 1 and sink.peak_connections == 1, sink.summary()
+    settled(store, jobs)
+
+
+def hangs(msg: Message) -> float:
+    """The first job's message is never answered (within the test)."""
+    return 60.0 if "r0@lanes.test" in msg.rcpt_tos else 0.0
+
+
+def test_a_lane_whose_peer_hangs_does_not_hold_up_the_others(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The first job's peer never answers the final dot: the other lanes deliver and record the
+    rest meanwhile; the hung round is abandoned at ``delivery.job_timeout`` and deferred, its
+    in-flight mark saying it may have arrived (RFC 1047)."""
+    with Sink("starttls", slow_for=hangs) as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=3, job_timeout="5s"
+        )
+        jobs = queue_jobs(store, DOMAIN, 6)
+        outcomes = deliver(config, store, jobs)
+        assert outcomes[0] is not None and outcomes[0].deferred, outcomes[0]
+        assert all(o is not None and len(o.delivered) == 1 for o in outcomes[1:]), outcomes
+        assert sorted(r for m in sink.messages for r in m.rcpt_tos) == sorted(
+            r for j in jobs[1:] for r in j["recipients"]
+        ), sink.summary()
+    settled(store, jobs[1:])
+    hung = spool.read_trace(store, jobs[0]["id"])
+    (deferred,) = [e for e in hung if e["event"] == "deferred"]
+    assert "job_timeout" in str(deferred) and "RFC 1047" in str(deferred)
+    recorded = [
+        e["at"] for j in jobs[1:] for e in spool.read_trace(store, j["id"])
+        if e["event"] == "completed"
+    ]  # fmt: skip
+    assert len(recorded) == 5 and max(recorded) < deferred["at"], (recorded, deferred)
+
+
+@pytest.mark.parametrize("value", [0, -1, "five", 1001])
+def test_sessions_per_process_must_be_a_positive_count(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"delivery": {"sessions_per_process": value}}))
+    with pytest.raises(ConfigError, match="sessions_per_process"):
+        load_config(path)
+
+
+def test_sessions_per_process_defaults_to_postfix_s_twenty_over_four_processes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    delivery = load_config(path).delivery
+    assert delivery.sessions_per_process * delivery.concurrency == 20
+
+
+def test_lanes_start_no_job_after_the_start_window_and_hand_the_rest_back(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Two lanes start a job each within the start window (a tenth of job_timeout: 0.3 s); the
+    replies take a second, so neither starts another: the rest go back as one task, the job a
+    lane had claimed ahead (in its recording) released with it, nothing left marked."""
+    with Sink("starttls", data_delay=1.0) as slow:
+        config = routed(
+            tmp_path, valkey, DOMAIN, slow.address_text, sessions_per_process=2, job_timeout="3s"
+        )
+        jobs = queue_jobs(store, DOMAIN, 6)
+        results = deliver(config, store, jobs)
+        assert [r is not None for r in results] == [True, True, False, False, False, False]
+        delivered_once(slow, jobs[:2])
+    settled(store, jobs[:2])
+    assert queued_jobs(store) == jobs[2:]
+    for job in jobs[2:]:
+        assert [e["event"] for e in spool.read_trace(store, job["id"])][-1] == "requeued"
+
+
+def slow_but_first(msg: Message) -> float:
+    return 0.0 if "r0@lanes.test" in msg.rcpt_tos else 0.5
+
+
+def test_a_redis_error_in_one_lane_lets_the_others_record_their_rounds(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first job's recording fails (Redis): the task must run again, but the lanes sending
+    meanwhile finish and record their rounds first (cancelled, they would leave deliveries
+    unrecorded, to be sent again), and no lane starts another job."""
+    real = Ledger.record
+
+    def failing(self: Ledger, round_: Any, *args: Any, **kwargs: Any) -> Any:
+        if "r0@lanes.test" in round_.job.recipients:
+            raise redis.exceptions.ConnectionError("Redis went away")
+        return real(self, round_, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "record", failing)
+    with Sink("starttls", slow_for=slow_but_first) as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=3)
+        jobs = queue_jobs(store, DOMAIN, 5)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            deliver(config, store, jobs)
+        delivered_once(sink, jobs[:3])
+    for job in jobs[1:3]:
+        assert not store.exists(spool.msg_key(job["id"]))
+        assert [e["event"] for e in spool.read_trace(store, job["id"])][-1] == "completed"
+    for job in jobs[3:]:  # not started: still stored, never claimed or marked
+        assert store.exists(spool.msg_key(job["id"]))
+    assert store.keys(spool.claim_key("*", "*")) == []
+    # The first round's DATA went out unrecorded: its mark stays, so its retry says "may have
+    # it" (RFC 1047), as after a crash; no other job is marked.
+    assert store.keys(spool.in_flight_key("*", "*")) == [
+        spool.in_flight_key(jobs[0]["id"], DOMAIN).encode()
+    ]
