@@ -53,9 +53,6 @@ def _site() -> shaping.Site:
     return shaping.site_of(config, "x.test", [("mx.x.test", 25, "mx")])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="session._attempt: a cancel during a failed session's QUIT skips give_back"
-)
 def test_a_job_timeout_during_a_failed_sessions_quit_leaks_its_lease(store: redis.Redis) -> None:
     """session._attempt: the session failed before its transaction (451 to MAIL: next host) and
     its QUIT is awaited inside the round; when ``delivery.job_timeout`` falls during that QUIT

@@ -262,7 +262,12 @@ async def _attempt(
                 _close_soon(smtp, _release(gate, lease))
                 handed_off = True
             elif not parked:
-                await _close(smtp)
+                try:
+                    await _close(smtp)
+                finally:  # even when delivery.job_timeout falls during the QUIT: never leaked
+                    if gate is not None:
+                        gate.give_back(lease)
+                    handed_off = True
         if not parked and not handed_off and gate is not None:
             gate.give_back(lease)
     return result
