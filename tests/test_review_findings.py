@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -13,8 +15,9 @@ from services.common import spool
 from services.common.config import Config
 from services.common.model import Envelope, TlsMode
 from services.deliver import shaping
+from services.deliver.delivery import Outcome
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Hooks, Peer, Timeouts, TlsSettings, attempt
+from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 from services.deliver.shaping import Lease, Shaper
 
 ENVELOPE = Envelope(id="0123456789ab-review", sender="s@origin.test", recipients=("r@x.test",))
@@ -94,3 +97,68 @@ def test_a_job_timeout_during_a_failed_sessions_quit_leaks_its_lease(store: redi
     held: list[Lease] = list(shaper.held.values())
     leases = store.zcard(spool.site_key("leases", "h"))
     assert held == [] and leases == 0, f"lease leaked: held {held}, {leases} in Redis"
+
+
+def _rcpt_252(pipelining: bool) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+    """Answers RCPT with ``252`` (a VRFY reply, not one RCPT may give: RFC 5321 §4.3.2); counts
+    DATA commands in ``DATA_SEEN``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        WRITERS.add(writer)
+        writer.write(b"220 odd.test ESMTP\r\n")
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    extra = b"250-PIPELINING\r\n" if pipelining else b""
+                    writer.write(b"250-odd.test\r\n" + extra + b"250 8BITMIME\r\n")
+                elif verb == b"RCPT":
+                    writer.write(b"252 2.1.5 cannot verify, will attempt delivery\r\n")
+                elif verb == b"DATA":
+                    DATA_SEEN.append(line)
+                    writer.write(b"554 5.5.1 no valid recipients\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+
+    return serve
+
+
+DATA_SEEN: list[bytes] = []
+
+
+@pytest.mark.xfail(strict=True, reason="a RCPT 2xx other than 250/251 is recorded as delivered")
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_2xx_rcpt_reply_other_than_250_251_is_never_a_delivery(pipelining: bool) -> None:
+    """session._recipients / session._pipelined: a RCPT answered with a 2xx that is not 250 or
+    251 is not accepted (no DATA for it; aiosmtplib refuses it too), yet its reply is recorded
+    as the recipient's fate — ``Reply.is_success``: delivered. The message was never sent."""
+
+    async def run() -> Attempt:
+        server = await asyncio.start_server(_rcpt_252(pipelining), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await attempt(
+                Peer("odd.test", "127.0.0.1", port, "odd.test"),
+                ENVELOPE,
+                ["r@x.test"],
+                BODY,
+                TlsSettings(mode=TlsMode.NONE),
+                Timeouts("relay.test", connect=5, command=10, greeting=10, data=10),
+            )
+        finally:
+            server.close()
+            for writer in WRITERS:
+                writer.close()
+            WRITERS.clear()
+            await asyncio.sleep(0.05)
+
+    result = asyncio.run(run())
+    outcome = Outcome()
+    outcome.settle(result.replies, "odd.test")
+    assert not result.data_sent
+    assert "r@x.test" not in outcome.delivered, f"never sent, yet delivered: {result.replies}"
+    assert "r@x.test" in outcome.deferred
