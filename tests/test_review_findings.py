@@ -130,7 +130,6 @@ def _rcpt_252(pipelining: bool) -> Callable[[asyncio.StreamReader, asyncio.Strea
 DATA_SEEN: list[bytes] = []
 
 
-@pytest.mark.xfail(strict=True, reason="a RCPT 2xx other than 250/251 is recorded as delivered")
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_a_2xx_rcpt_reply_other_than_250_251_is_never_a_delivery(pipelining: bool) -> None:
     """session._recipients / session._pipelined: a RCPT answered with a 2xx that is not 250 or

@@ -507,10 +507,20 @@ async def _recipients(
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
             _heard(result, exc.code, exc.message)
-            result.replies[rcpt] = _server_reply(exc)
+            result.replies[rcpt] = _rcpt_refused(exc.code, exc.message)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     return accepted
+
+
+def _rcpt_refused(code: int, message: str) -> Reply:
+    """A RCPT reply that did not accept the recipient (not 250/251): the recipient's fate. A
+    2xx here (252, ...: not a RCPT reply, RFC 5321 §4.3.2) is a protocol error, deferred 4.5.0,
+    never a success: no DATA is sent for that recipient."""
+    if 200 <= code < 300:
+        why = f"protocol error: {code} {' '.join(message.split())[:200]} in reply to RCPT"
+        return Reply(451, PROTOCOL_ERROR, why)
+    return _peer_reply(code, message)
 
 
 async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Attempt) -> Reply:
@@ -594,7 +604,7 @@ async def _pipelined(
                     accepted.append(rcpt)
                 else:
                     _heard(result, reply.code, reply.text)
-                    result.replies[rcpt] = _peer_reply(reply.code, reply.text)
+                    result.replies[rcpt] = _rcpt_refused(reply.code, reply.text)
             if not accepted:
                 await _no_data(pipe, timeouts.command)
                 return
