@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +16,15 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.model import Envelope, TlsMode
+from services.common.redisserver import EmbeddedRedis
 from services.deliver import shaping
+from services.deliver.batch import Deliverer
 from services.deliver.delivery import Outcome
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 from services.deliver.shaping import Lease, Shaper
+from tests.peers import Sink
+from tests.test_batching import queue_jobs, write_config
 
 ENVELOPE = Envelope(id="0123456789ab-review", sender="s@origin.test", recipients=("r@x.test",))
 BODY = b"Subject: review\r\n\r\nbody\r\n"
@@ -161,3 +167,43 @@ def test_a_2xx_rcpt_reply_other_than_250_251_is_never_a_delivery(pipelining: boo
     assert not result.data_sent
     assert "r@x.test" not in outcome.delivered, f"never sent, yet delivered: {result.replies}"
     assert "r@x.test" in outcome.deferred
+
+
+@pytest.mark.xfail(
+    strict=True, reason="every round to a saturated site sleeps SHORT_WAIT in the worker first"
+)
+def test_a_saturated_site_holds_the_worker_once_per_domain_not_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shaping.Gate.lease: a round that meets a site's connection limit sleeps up to
+    ``SHORT_WAIT`` (5 s) inside the worker before it is parked — and so does the next round to
+    the same site from another domain (MX rollup: one task per domain), and the next, each
+    time the parked jobs come back (every 5 s). A destination that holds its sessions (a
+    tarpit) with mail for as many domains as there are worker processes keeps every process
+    asleep in ``Gate.lease``: mail to every other destination waits behind it. Here one
+    process, three domains on one saturated site: three waits, where the first one already
+    showed the site full."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 1.0)
+    sink = Sink("plain").start()
+    try:
+        domains = ["a.rollup.test", "b.rollup.test", "c.rollup.test"]
+        settings = {
+            "redis_url": valkey.url,
+            "delivery": {
+                "routes": {d: sink.address_text for d in domains},
+                "shaping": {
+                    "sites": [{"name": "s", "match": [sink.address_text], "connections": 1}]
+                },
+            },
+        }
+        config = write_config(tmp_path / "c.yaml", settings)
+        store.zadd(spool.site_key("leases", "s"), {"tarpit-session": time.time() + 3600})
+        deliverer = Deliverer(config, store)  # one worker process
+        started = time.monotonic()
+        for domain in domains:  # one task per domain
+            assert asyncio.run(deliverer.run_batch(queue_jobs(store, domain, 1))) == [None]
+        elapsed = time.monotonic() - started
+        assert sink.connections == 0
+        assert elapsed < 1.5, f"the worker slept {elapsed:.1f}s for one full site"
+    finally:
+        sink.stop()
