@@ -169,9 +169,6 @@ def test_a_2xx_rcpt_reply_other_than_250_251_is_never_a_delivery(pipelining: boo
     assert "r@x.test" in outcome.deferred
 
 
-@pytest.mark.xfail(
-    strict=True, reason="every round to a saturated site sleeps SHORT_WAIT in the worker first"
-)
 def test_a_saturated_site_holds_the_worker_once_per_domain_not_once(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
