@@ -15,14 +15,16 @@ import redis
 
 from services.common import spool
 from services.common.config import Config
-from services.common.model import Envelope, TlsMode
+from services.common.model import Decision, Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import shaping
+from services.deliver import mx, shaping
 from services.deliver.batch import Deliverer
 from services.deliver.delivery import Outcome
+from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 from services.deliver.shaping import Lease, Shaper
+from tests.dnsserver import LocalDns
 from tests.peers import Sink
 from tests.test_batching import queue_jobs, write_config
 
@@ -204,3 +206,45 @@ def test_a_saturated_site_holds_the_worker_once_per_domain_not_once(
         assert elapsed < 1.5, f"the worker slept {elapsed:.1f}s for one full site"
     finally:
         sink.stop()
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a round's site is its allowed hosts, not the hosts its domain resolves to"
+)
+def test_the_same_mx_host_is_one_site_whatever_a_policy_filtered(store: redis.Redis) -> None:
+    """plan.Planner.plan / shaping.site_of: the site is computed from ``plan.destinations``,
+    the hosts the destination policies *allowed* (DANE drops a host whose TLSA lookup failed;
+    MTA-STS enforce drops unlisted ones; REQUIRETLS unvalidated ones; ``TLS-Required: No`` turns
+    DANE off), not from the MX hosts the domain resolves to as documented. Here a normal message
+    and one with ``TLS-Required: No`` to the same domain at the same moment get two sites: each
+    with its own ``connections`` limit, so the one MX host that takes both sees twice the
+    configured sessions."""
+    with LocalDns().start() as dns:
+        dns.add("split.test", "MX", "10 mx1.split.test.")
+        dns.add("split.test", "MX", "20 mx2.split.test.")
+        dns.add("mx1.split.test", "A", "192.0.2.1")
+        dns.add("mx2.split.test", "A", "192.0.2.2")
+        dns.secure("split.test")
+        dns.secure("mx1.split.test")
+        dns.secure("mx2.split.test")
+        dns.servfail("_25._tcp.mx1.split.test")  # a TLSA lookup that fails: mx1 left out
+        config = Config.model_validate(
+            {
+                "delivery": {
+                    "dnssec": "trust_resolver",
+                    "mta_sts": False,
+                    "dns_servers": [f"127.0.0.1:{dns.port}"],
+                }
+            }
+        )
+        resolver = mx.make_resolver(config.delivery.dns_servers, timeout=2)
+        planner = Planner(config, store, resolver)
+        decision = Decision("split.test", TlsMode.OPPORTUNISTIC)
+        normal = asyncio.run(planner.plan(decision, False))
+        relaxed = asyncio.run(planner.plan(decision, True))  # TLS-Required: No
+    shaper = Shaper(config, store)
+    one = shaper.site("split.test", normal.destinations)
+    other = shaper.site("split.test", relaxed.destinations)
+    assert [h.peer.host for h in normal.hops] == ["mx2.split.test"]
+    assert "mx2.split.test" in [h.peer.host for h in relaxed.hops]
+    assert one.id == other.id, f"mx2.split.test is in two sites: {one.hosts} and {other.hosts}"
