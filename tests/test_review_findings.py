@@ -208,9 +208,6 @@ def test_a_saturated_site_holds_the_worker_once_per_domain_not_once(
         sink.stop()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a round's site is its allowed hosts, not the hosts its domain resolves to"
-)
 def test_the_same_mx_host_is_one_site_whatever_a_policy_filtered(store: redis.Redis) -> None:
     """plan.Planner.plan / shaping.site_of: the site is computed from ``plan.destinations``,
     the hosts the destination policies *allowed* (DANE drops a host whose TLSA lookup failed;
