@@ -24,6 +24,7 @@ from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
 from services.deliver.shaping import Lease, Shaper
+from tests.badpeers import BadPeer
 from tests.dnsserver import LocalDns
 from tests.peers import Sink
 from tests.test_batching import queue_jobs, write_config
@@ -57,10 +58,9 @@ async def _refuse_mail_then_hang_at_quit(
             await writer.drain()
 
 
-def _site() -> shaping.Site:
-    config = Config.model_validate(
-        {"delivery": {"shaping": {"sites": [{"name": "h", "match": ["x.test"], "connections": 1}]}}}
-    )
+def _site(connections: int = 1) -> shaping.Site:
+    spec = {"name": "h", "match": ["x.test"], "connections": connections}
+    config = Config.model_validate({"delivery": {"shaping": {"sites": [spec]}}})
     return shaping.site_of(config, "x.test", [("mx.x.test", 25, "mx")])
 
 
@@ -245,3 +245,51 @@ def test_the_same_mx_host_is_one_site_whatever_a_policy_filtered(store: redis.Re
     assert [h.peer.host for h in normal.hops] == ["mx2.split.test"]
     assert "mx2.split.test" in [h.peer.host for h in relaxed.hops]
     assert one.id == other.id, f"mx2.split.test is in two sites: {one.hosts} and {other.hosts}"
+
+
+@pytest.mark.xfail(strict=True, reason="Gate.lease closes another parked session every 50 ms")
+def test_a_waiting_round_closes_one_parked_session_not_all(
+    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shaping.Gate.lease: a round that finds its site full and this process holding parked
+    sessions there closes one (its lease goes once its QUIT is answered) and polls again 50 ms
+    later — closing another parked session each time while the first QUIT is under way. A
+    destination slow to answer QUIT (up to QUIT_TIMEOUT, 5 s) loses every parked session of
+    the site for the one lease wanted: connection reuse is gone, each next message pays a new
+    connection and handshake."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.5)
+    peer = BadPeer("hang_at_quit").start()  # takes the message, never answers QUIT
+
+    async def run() -> int:
+        shaper = Shaper(Config(), store)
+        site = _site(connections=3)
+        pool = ConnectionPool(10, 60, shaper.release)
+        shaper.attach(pool.leases, pool.close_one, pool.expire)  # as batch.Deliverer does
+        for n in range(3):  # three sessions, parked for reuse, each with its lease
+            # a distinct tls_name per session: three pool keys, nothing reused
+            gate = shaper.gate(site)
+            await attempt(
+                Peer("mx.x.test", "127.0.0.1", peer.port, f"n{n}.x.test"),
+                ENVELOPE,
+                ["r@x.test"],
+                BODY,
+                TlsSettings(mode=TlsMode.NONE),
+                Timeouts("relay.test", connect=5, command=10, greeting=10, data=10),
+                Hooks(),
+                pool,
+                gate,
+            )
+            gate.close()
+        assert len(pool.leases()) == 3
+        got = await shaper.gate(site).lease()  # a fourth round: the site is full
+        left = len(pool.leases())
+        if isinstance(got, Lease):
+            shaper.release(got)
+        pool.close_all()
+        return left
+
+    try:
+        left = asyncio.run(run())
+    finally:
+        peer.stop()
+    assert left >= 2, f"{3 - left} parked sessions closed for one lease"
