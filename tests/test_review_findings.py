@@ -247,7 +247,6 @@ def test_the_same_mx_host_is_one_site_whatever_a_policy_filtered(store: redis.Re
     assert one.id == other.id, f"mx2.split.test is in two sites: {one.hosts} and {other.hosts}"
 
 
-@pytest.mark.xfail(strict=True, reason="Gate.lease closes another parked session every 50 ms")
 def test_a_waiting_round_closes_one_parked_session_not_all(
     store: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -501,6 +501,7 @@ class Gate:
         # A round to this site waited in vain a moment ago: one look, no sleep (else every
         # task to a full site — one per domain — would hold its worker SHORT_WAIT in turn).
         hurry = time.monotonic() < self.shaper.full.get(self.site.id, 0.0)
+        closing = False  # one of our parked sessions is being closed for this round
         while True:
             got = self.shaper._take(self.site)
             if isinstance(got, Lease):
@@ -510,9 +511,10 @@ class Gate:
                 return got
             first = first or got.reason
             wait = got.wait or pause
-            closing = got.reason != CONNECTION_RATE and self.shaper.close_parked(self.site.id)
-            if closing:
-                wait = CLOSING_WAIT  # one of our parked sessions held it: its QUIT frees it
+            if got.reason != CONNECTION_RATE and not closing:  # one per round, not one per look
+                closing = bool(self.shaper.close_parked(self.site.id))
+                if closing:
+                    wait = CLOSING_WAIT  # one of our parked sessions held it: its QUIT frees it
             if (hurry and not closing and got.reason != CONNECTION_RATE) or (
                 waited + wait > SHORT_WAIT
             ):
