@@ -60,7 +60,7 @@ class Plan:
     check_leaf: bool = False  # MTA-STS testing: note what verification would say
     refused: Reply | None = None  # nothing can be tried: every recipient gets this reply
     unreachable: bool = False  # refused because the destination could not be found now
-    # (host, port, source) of every allowed host: the traffic-shaping site (shaping.site_of)
+    # (host, port, source) of every host resolved: the traffic-shaping site (shaping.site_of)
     destinations: tuple[tuple[str, int, str], ...] = ()
 
 
@@ -124,9 +124,9 @@ class Planner:
         if not hops and path.hosts:
             return _refused(plan, loops.loop_reply(decision.domain))
         plan = _with_hops(plan, hops, self.config.delivery.mx_address_limit)
-        where = tuple(
-            (h.destination.host, h.destination.port, h.destination.source) for h in path.hosts
-        )
+        # The site is the hosts the domain resolves to, whatever a policy allowed this round
+        # (DANE, MTA-STS, REQUIRETLS, TLS-Required: No): else one host could be in two sites.
+        where = tuple((h.host, h.port, h.source) for h in hosts)
         return replace(plan, destinations=where)
 
     def _route(self, decision: Decision) -> Route | None:

@@ -270,7 +270,12 @@ async def _attempt(
                 _close_soon(smtp, _release(gate, lease))
                 handed_off = True
             elif not parked:
-                await _close(smtp)
+                try:
+                    await _close(smtp)
+                finally:  # even when delivery.job_timeout falls during the QUIT: never leaked
+                    if gate is not None:
+                        gate.give_back(lease)
+                    handed_off = True
         if not parked and not handed_off and gate is not None:
             gate.give_back(lease)
     return result
@@ -512,10 +517,20 @@ async def _recipients(
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
             _heard(result, exc.code, exc.message)
-            result.replies[rcpt] = _server_reply(exc)
+            result.replies[rcpt] = _rcpt_refused(exc.code, exc.message)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     return accepted
+
+
+def _rcpt_refused(code: int, message: str) -> Reply:
+    """A RCPT reply that did not accept the recipient (not 250/251): the recipient's fate. A
+    2xx here (252, ...: not a RCPT reply, RFC 5321 §4.3.2) is a protocol error, deferred 4.5.0,
+    never a success: no DATA is sent for that recipient."""
+    if 200 <= code < 300:
+        why = f"protocol error: {code} {' '.join(message.split())[:200]} in reply to RCPT"
+        return Reply(451, PROTOCOL_ERROR, why)
+    return _peer_reply(code, message)
 
 
 async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Attempt) -> Reply:
@@ -599,7 +614,7 @@ async def _pipelined(
                     accepted.append(rcpt)
                 else:
                     _heard(result, reply.code, reply.text)
-                    result.replies[rcpt] = _peer_reply(reply.code, reply.text)
+                    result.replies[rcpt] = _rcpt_refused(reply.code, reply.text)
             if not accepted:
                 await _no_data(pipe, timeouts.command)
                 return

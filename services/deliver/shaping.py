@@ -276,6 +276,9 @@ class Shaper:
         self._renew = client.register_script(_RENEW)
         self._suspended: dict[str, dict[str, object]] = {}
         self._suspended_at = -1e9
+        # site id → until when (monotonic) a round here already waited in vain for a lease:
+        # later rounds to it park at once instead of sleeping again (see Gate.lease)
+        self.full: dict[str, float] = {}
         self._ticking: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.parked: Callable[[], list[Lease]] = list  # the pool's parked sessions' leases
@@ -495,18 +498,29 @@ class Gate:
                 return lease
             self.shaper.release(lease)
         waited, pause, first = 0.0, 0.1, ""
+        # A round to this site waited in vain a moment ago: one look, no sleep (else every
+        # task to a full site — one per domain — would hold its worker SHORT_WAIT in turn).
+        hurry = time.monotonic() < self.shaper.full.get(self.site.id, 0.0)
+        closing = False  # one of our parked sessions is being closed for this round
         while True:
             got = self.shaper._take(self.site)
             if isinstance(got, Lease):
+                self.shaper.full.pop(self.site.id, None)
                 if first:  # a round that met a limit and waited here (else: parked)
                     observe.throttled(self.site.label, first)
                 return got
             first = first or got.reason
             wait = got.wait or pause
-            if got.reason != CONNECTION_RATE and self.shaper.close_parked(self.site.id):
-                wait = CLOSING_WAIT  # one of our parked sessions held it: its QUIT frees it
-            if waited + wait > SHORT_WAIT:
+            if got.reason != CONNECTION_RATE and not closing:  # one per round, not one per look
+                closing = bool(self.shaper.close_parked(self.site.id))
+                if closing:
+                    wait = CLOSING_WAIT  # one of our parked sessions held it: its QUIT frees it
+            if (hurry and not closing and got.reason != CONNECTION_RATE) or (
+                waited + wait > SHORT_WAIT
+            ):
                 park = got.wait if got.reason == CONNECTION_RATE else PARK_CONNECTIONS
+                if got.reason != CONNECTION_RATE:
+                    self.shaper.full[self.site.id] = time.monotonic() + PARK_CONNECTIONS
                 return Throttle(got.reason, self.site, max(park, 1.0))
             await asyncio.sleep(wait)
             waited, pause = waited + wait, min(1.0, pause * 2)
