@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from services.common import queueing, retry, spool
+from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import scheduler
+from services.deliver import queue, scheduler
 from tests.world import World, make_world, message, wait_until
 
 
@@ -90,3 +92,19 @@ def test_the_scheduler_thread_survives_an_unexpected_error(
     finally:
         thread.stop()
         thread.join(timeout=10)
+
+
+def test_queue_commands_step_over_a_bad_entry_in_the_deferred_set(
+    store: redis.Redis, tmp_path: Path
+) -> None:
+    """``tlsrelay queue`` (list, retry, resume, sites, bounce) reads the whole deferred set: an
+    entry that is not a job document is left where it is (the scheduler keeps it), not a crash."""
+    config = Config.model_validate({"hostname": "relay.test"})
+    bad = {"not json": 1.0, '["a list"]': 2.0, '{"id": "x", "domain": "d.test"}': 3.0}
+    store.zadd(spool.DEFERRED, bad)
+    assert queue.deferred(store) == []
+    assert queue.retry(store) == 1  # the one with an id and a domain: made due, as it was
+    assert queue.resume(store, "d.test") == (False, 0)
+    assert queue.sites(config, store) == []
+    assert queue.bounce(config, store, "x") == []
+    assert store.zcard(spool.DEFERRED) == 3, "kept, never dropped"

@@ -52,6 +52,7 @@ class PoolKey:
     client_cert: tuple[str, str] | None
     tls_name: str
     tlsa: tuple[str, ...] = ()  # DANE: the records the session was authenticated against
+    tlsa_names: tuple[str, ...] = ()  # DANE-TA: the names its certificate was checked for
     site: str = ""  # the shaping site's id (services/deliver/shaping.py)
 
 

@@ -64,14 +64,35 @@ class Entry:
 
 
 def _members(client: redis.Redis) -> list[tuple[bytes, float]]:
+    """The deferred set's job documents with their due times. An entry that is not a job
+    document (corruption, a hand edit) is left out here and left where it is: the scheduler
+    keeps it, due again hourly, and logs it (services/deliver/scheduler.py)."""
     raw: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
         spool.DEFERRED, 0, -1, withscores=True
     )
-    return raw
+    return [(member, due) for member, due in raw if _readable(member)]
+
+
+def _job(member: bytes) -> Job | None:
+    """The entry as a :class:`Job`; None for a document a worker parked as it was because it is
+    not one (services/deliver/batch.py: kept, never dropped)."""
+    try:
+        return Job.from_json(json.loads(member))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _readable(member: bytes) -> bool:
+    try:
+        doc = json.loads(member)
+        job_key(doc)
+        return isinstance(doc, dict)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False
 
 
 def deferred(client: redis.Redis, message_id: str | None = None) -> list[Entry]:
-    members = [(Job.from_json(json.loads(m)), due) for m, due in _members(client)]
+    members = [(job, due) for m, due in _members(client) if (job := _job(m)) is not None]
     jobs = [(job, due) for job, due in members if message_id in (None, job.id)]
     envelopes = {job.id: spool.load_envelope(client, job.id) for job, _ in jobs}
     return [
@@ -109,7 +130,7 @@ def bounce(config: Config, client: redis.Redis, message_id: str) -> list[str]:
     """Give up on a deferred message: bounce its deferred recipients; return them."""
     bounced: list[str] = []
     for member, _ in _members(client):
-        if job_key(json.loads(member))[0] == message_id:
+        if job_key(json.loads(member))[0] == message_id and _job(member) is not None:
             bounced += _bounce_entry(config, client, member)
     return bounced
 

@@ -136,7 +136,7 @@ def move_due(
             readable.append((member, doc))
     if unreadable:
         # Kept, never dropped, but out of the way: due again in an hour, so a corrupt entry
-        # neither blocks the jobs behind it nor disappears (``tlsrelay queue`` still lists it).
+        # neither blocks the jobs behind it nor disappears (logged here, hourly).
         client.zadd(spool.DEFERRED, unreadable, xx=True)
         log.error(
             "deferred set: %d unreadable entries (not a job document), looked at again in %ds: %r",

@@ -284,7 +284,7 @@ async def _attempt(
 def _pool_key(peer: Peer, settings: TlsSettings, site: str = "") -> PoolKey:
     return PoolKey(
         peer.address, peer.port, int(settings.mode), settings.ca_file, settings.client_cert,
-        peer.tls_name, settings.tlsa, site,
+        peer.tls_name, settings.tlsa, settings.tlsa_names, site,
     )  # fmt: skip
 
 
