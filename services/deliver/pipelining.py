@@ -184,21 +184,24 @@ class Pipeline:
         self._finished = True
 
 
-def envelope_commands(sender: str, options: Sequence[str], recipients: Sequence[str]) -> bytes:
+def envelope_commands(
+    sender: str, options: Sequence[str], recipients: Sequence[str], encoding: str = "ascii"
+) -> bytes:
     """``MAIL FROM``, one ``RCPT TO`` per recipient and ``DATA``, as one group (RFC 2920 §3.1:
     DATA may end a group; the message itself goes only after its ``354``). Addresses are
-    quoted and checked as aiosmtplib does (ValueError for a control character, as it raises)."""
-    lines = [_command("MAIL", f"FROM:{quote_address(sender)}", *options)]
-    lines += [_command("RCPT", f"TO:{quote_address(rcpt)}") for rcpt in recipients]
+    quoted and checked as aiosmtplib does (ValueError for a control character, as it raises);
+    ``encoding``: utf-8 under SMTPUTF8 (RFC 6531), else ascii."""
+    lines = [_command(encoding, "MAIL", f"FROM:{quote_address(sender)}", *options)]
+    lines += [_command(encoding, "RCPT", f"TO:{quote_address(rcpt)}") for rcpt in recipients]
     lines.append(b"DATA\r\n")
     return b"".join(lines)
 
 
-def _command(*args: str) -> bytes:
+def _command(encoding: str, *args: str) -> bytes:
     for arg in args:
         if _CONTROL.search(arg):
             raise ValueError("Command arg contains a prohibited control character")
-    return " ".join(args).encode("ascii") + b"\r\n"
+    return " ".join(args).encode(encoding) + b"\r\n"
 
 
 def message_data(body: bytes) -> bytes:

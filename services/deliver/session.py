@@ -482,8 +482,9 @@ async def _transaction(
     """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate.
     ``reset``: RSET first (a parked session's check, in the group when pipelining)."""
     options = _mail_options(smtp, envelope, result)
+    encoding = _address_encoding(envelope, recipients, options, result)
     if timeouts.pipelining and smtp.supports_extension("pipelining"):
-        group = _Group(envelope.sender, options, recipients, reset)
+        group = _Group(envelope.sender, options, recipients, reset, encoding)
         await _pipelined(smtp, group, body, result, hooks, timeouts)
         return
     if reset:  # (not reached today: _reusable leaves the check in the group only when pipelining)
@@ -492,14 +493,14 @@ async def _transaction(
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
     try:
-        await smtp.mail(envelope.sender, options=options)
+        await smtp.mail(envelope.sender, options=options, encoding=encoding)
     except aiosmtplib.SMTPResponseException as exc:
         _heard(result, exc.code, exc.message)
         _mail_refused(exc.code, exc.message, recipients, result)
         return
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise _NextHost(Reply(421, CONNECTION_DROPPED, _text(exc))) from None
-    accepted = await _recipients(smtp, recipients, result)
+    accepted = await _recipients(smtp, recipients, result, encoding)
     if accepted:
         hooks.before_data(result.peer)
         result.data_sent = True
@@ -508,12 +509,12 @@ async def _transaction(
 
 
 async def _recipients(
-    smtp: aiosmtplib.SMTP, recipients: Sequence[str], result: Attempt
+    smtp: aiosmtplib.SMTP, recipients: Sequence[str], result: Attempt, encoding: str = "ascii"
 ) -> list[str]:
     accepted = []
     for rcpt in recipients:
         try:
-            await smtp.rcpt(rcpt)
+            await smtp.rcpt(rcpt, encoding=encoding)
             accepted.append(rcpt)
         except aiosmtplib.SMTPResponseException as exc:
             _heard(result, exc.code, exc.message)
@@ -572,10 +573,13 @@ class _Group:
     options: list[str]
     recipients: Sequence[str]
     reset: bool = False
+    encoding: str = "ascii"  # of the addresses: utf-8 under SMTPUTF8 (RFC 6531)
 
     def commands(self) -> bytes:
         reset = b"RSET\r\n" if self.reset else b""
-        return reset + pipelining.envelope_commands(self.sender, self.options, self.recipients)
+        return reset + pipelining.envelope_commands(
+            self.sender, self.options, self.recipients, self.encoding
+        )
 
 
 async def _pipelined(
@@ -700,6 +704,20 @@ def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) ->
                 raise _NextHost(Reply(550, "5.7.30", f"REQUIRETLS not supported by {host}"))
             options.append(REQUIRETLS)
     return options
+
+
+def _address_encoding(
+    envelope: Envelope, recipients: Sequence[str], options: Sequence[str], result: Attempt
+) -> str:
+    """How the envelope's addresses go on the wire: UTF-8 when SMTPUTF8 is passed on (RFC 6531
+    §3.2), else ASCII. A non-ASCII address to a host without SMTPUTF8 cannot be sent as it is:
+    a permanent failure for this host (§3.4: 5.6.7), the next host may take it."""
+    if "SMTPUTF8" in options:
+        return "utf-8"
+    if not all(address.isascii() for address in (envelope.sender, *recipients)):
+        why = f"{result.peer.host} does not support SMTPUTF8, needed by a non-ASCII address"
+        raise _NextHost(Reply(550, "5.6.7", why))
+    return "ascii"
 
 
 def _leaf_problem(smtp: aiosmtplib.SMTP, name: str) -> int | None:
