@@ -47,6 +47,7 @@ from services.common.values import (
     HostPort,
     RateLimit,
     Route,
+    compile_regex,
     format_duration,
     is_hostname,
     parse_duration,
@@ -223,18 +224,7 @@ class PolicyConfig(_Section):
     body_scan_bytes: StrictInt = Field(default=1_048_576, gt=0)
 
 
-def _regex(value: object) -> re.Pattern[str]:
-    if isinstance(value, re.Pattern):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"expected a regular expression (a string), got {value!r}")
-    try:
-        return re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"bad regex {value!r}: {exc}") from None
-
-
-RegexT = Annotated[re.Pattern[str], BeforeValidator(_regex)]
+RegexT = Annotated[re.Pattern[str], BeforeValidator(compile_regex)]
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_SITE = "default"  # the label of every site without an entry of its own
 

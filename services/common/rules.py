@@ -47,7 +47,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from services.common.model import TlsMode
-from services.common.values import Route, parse_route
+from services.common.values import Route, compile_regex, parse_route
 
 # Circumstances that platform policy (not a rule) records; a rule may not take these names.
 RESERVED_NAMES = frozenset({"default", "requiretls", "intra-platform", "mta-sts", "dane"})
@@ -57,17 +57,6 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 §3.6.8: printable ASCII e
 
 
 # --------------------------------------------------------------------------- value types
-
-
-def _compile(value: object) -> re.Pattern[str]:
-    if isinstance(value, re.Pattern):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"expected a regular expression (a string), got {value!r}")
-    try:
-        return re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"bad regex '{value}': {exc}") from None
 
 
 def _globs(value: object) -> object:
@@ -87,7 +76,7 @@ def _lower_globs(value: tuple[str, ...]) -> tuple[str, ...]:
 
 Regex = Annotated[
     re.Pattern[str],
-    PlainValidator(_compile),
+    PlainValidator(compile_regex),
     PlainSerializer(lambda p: p.pattern, return_type=str),
 ]
 Globs = Annotated[tuple[str, ...], BeforeValidator(_globs), AfterValidator(_lower_globs)]

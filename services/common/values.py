@@ -154,3 +154,16 @@ def parse_rate(value: object) -> RateLimit:
     return RateLimit(
         int(m.group(1)), parse_duration(window if window[0].isdigit() else "1" + window)
     )
+
+
+def compile_regex(value: object) -> re.Pattern[str]:
+    """A configuration value as a compiled regular expression (a rule's match, a back-off
+    pattern); ValueError naming the pattern and what is wrong with it."""
+    if isinstance(value, re.Pattern):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression (a string), got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"bad regex '{value}': {exc}") from None
