@@ -20,8 +20,9 @@ job:
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
 3. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
    TLS);
-4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension and
-   message rate; then try each address in order with :func:`services.deliver.session.attempt`
+4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension, its
+   line (older mail waiting for the site goes first) and message rate; then try each address
+   in order with :func:`services.deliver.session.attempt`
    (a new session only with a connection lease of the site) until one runs a transaction, or
    ``delivery.mx_session_limit`` sessions that reached a greeting ran none
    (:class:`services.deliver.delivery.Outcome` says what its replies mean) — all within
@@ -31,7 +32,7 @@ job:
    lane's next job (the next in the batch's order no lane has taken) — or, when a shaping
    limit stopped it before anything was tried, park it as throttled
    (:meth:`services.deliver.ledger.Ledger.throttle`: not an attempt), and the rest of the batch
-   to that destination with it (but for a rate, which each message asks again).
+   to that destination with it (but for a rate or the line, which each message asks again).
 
 Exactly once with lanes: a job is taken by one lane only (the batch's order is handed out on
 one event loop) and claimed before it is looked at, as before; each round is recorded in its own
@@ -86,6 +87,8 @@ from services.deliver.pool import ConnectionPool
 from services.deliver.session import Hooks, Peer, Timeouts, attempt
 from services.deliver.shaping import (
     CONNECTIONS,
+    LINE,
+    LINE_REASONS,
     PARK_CONNECTIONS,
     RATE,
     SHORT_WAIT,
@@ -298,9 +301,12 @@ class Deliverer:
                 unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)
         if outcome.throttled is not None:
-            reply = _throttle_reply(outcome.throttled)
+            throttle = outcome.throttled
+            reply = _throttle_reply(throttle)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
-                self.ledger.throttle(round_, claim, outcome.throttled, reply)
+                self.ledger.throttle(round_, claim, throttle, reply)
+                if throttle.reason in LINE_REASONS:  # it waits in the site's line now
+                    self.shaper.saw_line(throttle.site.id, True)
                 return None, None
             outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
         after = upcoming()
@@ -357,14 +363,37 @@ class Deliverer:
             outcome.unreachable = plan.unreachable
             return
         site = self.shaper.site(job.domain, plan.destinations)
-        outcome.throttled = self.shaper.suspended(site, job.domain) or await self.shaper.pace(site)
+        throttled = self.shaper.suspended(site, job.domain) or self._line(job, site, envelope)
+        outcome.throttled = throttled or await self.shaper.pace(site)
         if outcome.throttled is not None:
             return
-        slots = self._slots(site)
+        gate = self.shaper.gate(site, envelope.received_at, job.throttled is not None)
+        await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
+
+    def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
+        """The site's line (services/deliver/shaping.py): asked for a job that waited in it,
+        or at a site where this process saw one lately; older jobs waiting there go first."""
+        member = job.throttled is not None
+        if not member and not self.shaper.queued(site):
+            return None
+        return self.shaper.admit(site, envelope.received_at, member)
+
+    async def _take_site(
+        self,
+        gate: Gate,
+        plan: Plan,
+        envelope: Envelope,
+        body: bytes,
+        pending: list[str],
+        outcome: Outcome,
+        before_data: Callable[[Peer], None],
+    ) -> None:
+        """The round's share of the site: a slot of this process, then a session per address
+        (a parked one, or a new one with a lease); else the round is throttled."""
+        slots = self._slots(gate.site)
         if not await slots.take(SHORT_WAIT):  # this process's lanes hold the site's limit
-            outcome.throttled = Throttle(CONNECTIONS, site, PARK_CONNECTIONS)
+            outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
             return
-        gate = self.shaper.gate(site)
         try:
             await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
         finally:
@@ -426,9 +455,10 @@ class Deliverer:
 
 def _blocks_batch(outcome: Outcome) -> bool:
     """A throttled round whose limit holds for the rest of the batch to the same destination
-    (connections, back-off, suspension; not a rate, which each message asks again)."""
+    (connections, back-off, suspension; not a rate, which each message asks again, nor the
+    site's line, where each message has its own place)."""
     throttle = outcome.throttled
-    return throttle is not None and throttle.reason != RATE
+    return throttle is not None and throttle.reason not in (RATE, LINE)
 
 
 def _throttled_reply(throttle: Throttle | None) -> Reply | None:

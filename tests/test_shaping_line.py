@@ -1,0 +1,244 @@
+"""A site's line (review finding 8), against a real
+Redis-compatible server and a real SMTP sink on loopback: mail waiting for a site's limit goes
+oldest first and younger mail does not pass it, on a new connection or on one a worker holds;
+leftovers never block the line and a killed worker's job in it is not stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from services.common import queueing, spool
+from services.common.config import Config
+from services.common.jobs import Job
+from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
+from services.common.redisserver import EmbeddedRedis
+from services.deliver import rescue, scheduler, shaping
+from services.deliver.batch import Deliverer
+from services.deliver.ledger import Ledger
+from services.deliver.shaping import Shaper, Throttle
+from tests.peers import Sink
+from tests.test_batching import BODY, deliver, tasks, write_config
+
+DOMAIN = "shaped.test"
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink("plain").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def shaped(
+    tmp_path: Path, valkey: EmbeddedRedis, sink: Sink, name: str = "s", **limits: object
+) -> Config:
+    settings = {
+        "redis_url": valkey.url,
+        "delivery": {
+            "routes": {DOMAIN: sink.address_text},
+            "shaping": {"sites": [{"name": name, "match": [sink.address_text], **limits}]},
+        },
+    }
+    return write_config(tmp_path / "c.yaml", settings)
+
+
+def queue(client: redis.Redis, name: str, age: float = 0.0) -> dict[str, Any]:
+    """A stored message to ``name@shaped.test``, accepted ``age`` seconds ago: its job."""
+    rcpt = f"{name}@{DOMAIN}"
+    e = Envelope(new_message_id(), "s@origin.test", (rcpt,), received_at=time.time() - age)
+    with client.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, e, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
+    spool.record_classifications(client, [(e, [decision])])  # as policy leaves it
+    client.delete(queueing.DELIVER_LIST)  # its task: the test runs the job itself
+    return Job(e.id, DOMAIN, (rcpt,), decision).to_json()
+
+
+def come_due(client: redis.Redis, now: float | None = None) -> list[dict[str, Any]]:
+    """What the scheduler moves to the deliver queue at ``now``, taken off it as a worker
+    would (the jobs are then in waiting:deliver)."""
+    scheduler.move_due(client, time.time() if now is None else now)
+    docs = [doc for batch in tasks(client, queueing.DELIVER_LIST) for doc in batch]
+    client.delete(queueing.DELIVER_LIST)
+    return docs
+
+
+def reasons(client: redis.Redis, job: dict[str, Any]) -> list[str]:
+    return [e["reason"] for e in spool.read_trace(client, job["id"]) if e["event"] == "throttled"]
+
+
+def arrived(sink: Sink) -> list[str]:
+    return [m.rcpt_tos[0].split("@")[0] for m in sink.messages]
+
+
+def line(client: redis.Redis, site: str = "s") -> list[str]:
+    members: list[bytes] = client.zrange(spool.site_key("line", site), 0, -1)  # type: ignore[assignment]
+    return [json.loads(m)["recipients"][0].split("@")[0] for m in members]
+
+
+def hold_the_site(client: redis.Redis, site: str = "s") -> None:
+    """Another worker holds the site's only connection."""
+    client.zadd(spool.site_key("leases", site), {"another-worker": time.time() + 3600})
+
+
+def free_the_site(client: redis.Redis, site: str = "s") -> None:
+    """Every session to the site closed (another worker's, or one a finished test process
+    parked: its tick would drop the lease)."""
+    client.delete(spool.site_key("leases", site))
+
+
+# --------------------------------------------------------------------------- the line
+
+
+def test_younger_mail_does_not_pass_mail_waiting_for_the_site(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Three messages wait for the site's only connection; it comes free just as a fourth,
+    younger one arrives. The younger one waits in line behind them (it would have taken the
+    connection at once); they go first, oldest first, then it — none of it an attempt."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    config = shaped(tmp_path, valkey, sink, connections=1)  # the line's front: 2 jobs
+    old = [queue(store, name, age) for name, age in (("a", 30), ("b", 20), ("c", 10))]
+    hold_the_site(store)
+    assert deliver(config, store, old) == [None, None, None]
+    assert line(store) == ["a", "b", "c"], "each waits in the site's line, oldest first"
+    free_the_site(store)
+    young = queue(store, "young")
+    assert deliver(config, store, [young]) == [None]
+    assert sink.messages == [] and reasons(store, young) == ["line"]
+    assert line(store) == ["a", "b", "c", "young"]
+    for _ in range(6):  # the scheduler and the workers, until all is delivered
+        docs = come_due(store, time.time() + shaping.PARK_CONNECTIONS)
+        if not docs:
+            break
+        deliver(config, store, docs)
+        free_the_site(store)
+    assert arrived(sink) == ["a", "b", "c", "young"], sink.summary()
+    assert not store.exists(spool.site_key("line", "s")) and not store.zcard(spool.DEFERRED)
+    for job in [*old, young]:
+        kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
+        assert kinds.count("attempt") == 1 and "deferred" not in kinds, kinds
+
+
+def test_younger_mail_does_not_take_a_session_the_worker_holds(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
+) -> None:
+    """A worker holds an idle session to the site (no lease needed to use it) while older
+    mail waits in the site's line for another worker: the worker learns of the line at its
+    next tick, and a younger message does not ride its session past that mail."""
+    config = shaped(tmp_path, valkey, sink, connections=1)
+    first, waiting, young = (
+        queue(store, "first", 60),
+        queue(store, "waiting", 30),
+        queue(store, "young"),
+    )
+
+    async def run() -> list[Any]:
+        worker = Deliverer(config, store)
+        try:
+            await worker.run_batch([first])  # its session is parked, with the site's lease
+            other = Ledger(config, store)  # another worker's round met the limit
+            job = Job.from_json(waiting)
+            envelope = spool.load_envelope(store, job.id)
+            assert envelope is not None
+            site = worker.shaper.site(DOMAIN, [(sink.address[0], sink.address[1], "route")])
+            claim = other.claim(job.key)
+            round_ = other.round(job, envelope, BODY)
+            throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
+            other.throttle(round_, claim, throttle, Reply(451, "4.4.5", "waiting"))
+            worker.shaper.tick()  # renews its lease, sees the line of its parked session's site
+            assert worker.shaper.queued(site)
+            return await worker.run_batch([young])
+        finally:
+            worker.pool.close_all()
+
+    assert asyncio.run(run()) == [None]
+    assert arrived(sink) == ["first"] and reasons(store, young) == ["line"]
+    assert line(store) == ["waiting", "young"]
+
+
+def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Two old jobs wait in the line; their worker is SIGKILLed as they come back (the
+    scheduler moved them: they are in waiting:deliver, not deferred); a third entry is a
+    leftover (its job is nowhere: bounced by hand). A younger message waits behind the two
+    (not behind the leftover, which goes), the rescue sweep queues the two again, and all three
+    are delivered in order: nothing stuck, nothing twice."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    config = shaped(tmp_path, valkey, sink, connections=1)
+    old = [queue(store, "a", 30), queue(store, "b", 20)]
+    hold_the_site(store)
+    deliver(config, store, old)
+    leftover = Job.from_json(queue(store, "gone", 40)).throttle(shaping.CONNECTIONS, "s")
+    store.zadd(spool.site_key("line", "s"), {shaping.line_member(leftover.to_json()): 1.0})
+    store.zrem(spool.WAITING_DELIVER, spool.waiting_job(*leftover.key))  # bounced by hand
+    assert come_due(store, time.time() + shaping.PARK_CONNECTIONS) != []  # the worker dies
+    free_the_site(store)
+    young = queue(store, "young")
+    assert deliver(config, store, [young]) == [None] and reasons(store, young) == ["line"]
+    assert line(store) == ["a", "b", "young"], "the leftover went, the running two stayed"
+    later = time.time() + 60
+    assert rescue.sweep(store, later, 30.0, 30.0, 50) == 0, "suspected"
+    store.delete(rescue.LOCK)  # the next sweep, 30 s later
+    assert rescue.sweep(store, later + 30, 30.0, 30.0, 50) == 2, "two passes agree: re-queued"
+    rescued = [doc for batch in tasks(store, queueing.DELIVER_LIST) for doc in batch]
+    store.delete(queueing.DELIVER_LIST)
+    assert sorted(j["recipients"][0] for j in rescued) == ["a@shaped.test", "b@shaped.test"]
+    assert [j.get("throttled") for j in rescued] == [None, None], "rebuilt from the spool"
+    deliver(config, store, rescued)
+    free_the_site(store)
+    for _ in range(6):  # the scheduler and the workers, until all is delivered
+        docs = come_due(store, time.time() + shaping.PARK_LINE)
+        if not docs:
+            break
+        deliver(config, store, docs)
+        free_the_site(store)
+    assert arrived(sink) == ["a", "b", "young"], sink.summary()
+    # The rescued jobs' old entries (their documents were rebuilt) go at the line's next look.
+    store.delete(spool.site_key("wake", "s"))
+    site = shaping.site_of(config, DOMAIN, [(*sink.address, "route")])
+    assert Shaper(config, store).admit(site, time.time(), False) is None
+    assert not store.exists(spool.site_key("line", "s"))
+
+
+def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: redis.Redis) -> None:
+    """Asking the line: without one it admits (one EXISTS); with one, jobs of its front parked
+    behind others are made due now; a rate's exact wait is left alone."""
+    shaper = Shaper(Config(), store)
+    spec = {"x": {"match": ["x.example"], "connections": 1}}
+    cfg = Config.model_validate({"delivery": {"shaping": {"sites": [{"name": "x", **spec["x"]}]}}})
+    site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
+    assert shaper.admit(site, time.time(), False) is None and not shaper.queued(site)
+    decision = Decision(domain="x.example", tls=TlsMode.OPPORTUNISTIC)
+    later = time.time() + 600
+    parked = {}
+    for name, reason in (("a", shaping.LINE), ("b", shaping.RATE), ("c", shaping.LINE)):
+        job = Job(new_message_id(), "x.example", (f"{name}@x.example",), decision)
+        member = shaping.line_member(job.throttle(reason, "x").to_json())
+        store.zadd(spool.DEFERRED, {member: later})
+        store.zadd(spool.site_key("line", "x"), {member: {"a": 1.0, "b": 2.0, "c": 3.0}[name]})
+        parked[name] = member
+    got = shaper.admit(site, time.time(), False)
+    assert got is not None and got.reason == shaping.LINE and shaper.queued(site)
+    assert (store.zscore(spool.DEFERRED, parked["a"]) or later) <= time.time(), "called in"
+    assert store.zscore(spool.DEFERRED, parked["b"]) == later, "a rate's wait is its own"
+    assert store.zscore(spool.DEFERRED, parked["c"]) == later, "not in the front (two jobs)"
+    assert shaper.admit(site, 1.5, True) is None, (
+        "of the line, older than all but one: in its front"
+    )
+    assert shaper.admit(site, 1.5, False) is not None, "not of the line: one older waits"
+    assert shaper.admit(site, 0.5, False) is None, "older than all that wait"
