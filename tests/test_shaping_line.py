@@ -1,7 +1,8 @@
-"""A site's line (review finding 8), against a real
+"""A site's line (review finding 8) and the throttled round's loose ends, against a real
 Redis-compatible server and a real SMTP sink on loopback: mail waiting for a site's limit goes
 oldest first and younger mail does not pass it, on a new connection or on one a worker holds;
-leftovers never block the line and a killed worker's job in it is not stuck."""
+leftovers never block the line and a killed worker's job in it is not stuck; a throttled round
+gives its rate cell back."""
 
 from __future__ import annotations
 
@@ -242,3 +243,25 @@ def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: red
     )
     assert shaper.admit(site, 1.5, False) is not None, "not of the line: one older waits"
     assert shaper.admit(site, 0.5, False) is None, "older than all that wait"
+
+
+# --------------------------------------------------------------------------- loose ends
+
+
+def test_a_throttled_round_gives_its_rate_cell_back(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A site allows one message a minute and one connection, which another worker holds: the
+    round passes the rate, meets the connection limit and is parked. It sent nothing, so the
+    minute's one message is still to be had when it comes back."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    config = shaped(tmp_path, valkey, sink, connections=1, rate="1/m")
+    job = queue(store, "paced")
+    hold_the_site(store)
+    assert deliver(config, store, [job]) == [None]
+    assert reasons(store, job) == ["connections"]
+    free_the_site(store)
+    outcomes = deliver(config, store, come_due(store, time.time() + shaping.PARK_CONNECTIONS))
+    assert reasons(store, job) == ["connections"], "not throttled again by the rate"
+    assert [len(o.delivered) for o in outcomes if o is not None] == [1]

@@ -32,7 +32,8 @@ job:
    lane's next job (the next in the batch's order no lane has taken) — or, when a shaping
    limit stopped it before anything was tried, park it as throttled
    (:meth:`services.deliver.ledger.Ledger.throttle`: not an attempt), and the rest of the batch
-   to that destination with it (but for a rate or the line, which each message asks again).
+   to that destination with it (but for a rate or the line, which each message asks again); a
+   throttled round gives back the rate cell it took.
 
 Exactly once with lanes: a job is taken by one lane only (the batch's order is handed out on
 one event loop) and claimed before it is looked at, as before; each round is recorded in its own
@@ -367,8 +368,12 @@ class Deliverer:
         outcome.throttled = throttled or await self.shaper.pace(site)
         if outcome.throttled is not None:
             return
-        gate = self.shaper.gate(site, envelope.received_at, job.throttled is not None)
-        await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
+        try:
+            gate = self.shaper.gate(site, envelope.received_at, job.throttled is not None)
+            await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
+        finally:
+            if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
+                self.shaper.refund(site)
 
     def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
         """The site's line (services/deliver/shaping.py): asked for a job that waited in it,

@@ -26,7 +26,9 @@ matching one of its ``match`` entries) has that name and its own limits; every o
 
 When a limit is reached the job waits: within the worker when the wait is short (at most
 :data:`SHORT_WAIT`, sleeping, never spinning), else it is parked as *throttled*
-(:meth:`services.deliver.ledger.Ledger.throttle`): not an attempt, not a retry step.
+(:meth:`services.deliver.ledger.Ledger.throttle`): not an attempt, not a retry step. A round
+that passed the ``rate`` and then met a connection limit gives its cell back
+(:meth:`Shaper.refund`): it sent nothing.
 
 **The site's line** (review finding 8). Parked jobs come back when their wait is over, but a
 new job to the site takes a connection the moment one is free, and a worker holding a session
@@ -304,6 +306,22 @@ return wait
 """
 )
 
+# KEYS: 1 rate cell, 2 the minute's message count. ARGV: interval. The cell a round took and
+# did not use (a connection limit stopped it after its rate allowed it) goes back.
+_REFUND = (
+    _NOW
+    + """
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tat > 0 then
+  local back = tat - tonumber(ARGV[1])
+  if back <= now then redis.call('DEL', KEYS[1])
+  else redis.call('SET', KEYS[1], back, 'PX', math.ceil((back - now) * 1000) + 1000) end
+end
+if tonumber(redis.call('GET', KEYS[2]) or 0) > 0 then redis.call('DECR', KEYS[2]) end
+return 1
+"""
+)
+
 # KEYS: 1 backoff hash. ARGV: 3 configured, 4 factor, 5 recover_after (1, 2 unused).
 # One step down (at most one per second, never below a limit of 1). Returns {steps, limit}.
 _BACKOFF = (
@@ -435,6 +453,7 @@ class Shaper:
         self._backoff = client.register_script(_BACKOFF)
         self._renew = client.register_script(_RENEW)
         self._admit = client.register_script(_ADMIT)
+        self._refund = client.register_script(_REFUND)
         # site id → until when (monotonic) this process asks the site's line before a round
         # (set whenever a reply of Redis said the site has one: see Shaper.admit)
         self.lines: dict[str, float] = {}
@@ -513,6 +532,21 @@ class Shaper:
                 return Throttle(RATE, site, wait)
             await asyncio.sleep(wait)
             waited += wait
+
+    def refund(self, site: Site) -> None:
+        """Give back the rate cell :meth:`pace` took for a round that then sent nothing (a
+        connection limit stopped it): a throttled round must not spend the site's rate. A Redis
+        error is logged (the rate is then a cell short for one window), never raised: the round
+        is still parked."""
+        interval, _ = _cell(site.limits.rate)
+        if not interval:
+            return
+        minute = int(time.time() // 60)
+        keys = [spool.site_key("rate", site.id), spool.site_key("count", f"{site.id}:{minute}")]
+        try:
+            self._refund(keys=keys, args=[interval])
+        except redis.exceptions.RedisError as exc:
+            log.warning("site %s: rate cell not given back, Redis unavailable: %s", site.id, exc)
 
     # ----------------------------------------------------------------- the site's line
 
