@@ -2,7 +2,7 @@
 Redis-compatible server and a real SMTP sink on loopback: mail waiting for a site's limit goes
 oldest first and younger mail does not pass it, on a new connection or on one a worker holds;
 leftovers never block the line and a killed worker's job in it is not stuck; a throttled round
-gives its rate cell back."""
+gives its rate cell back; what the sender reads of a throttle names no site."""
 
 from __future__ import annotations
 
@@ -265,3 +265,27 @@ def test_a_throttled_round_gives_its_rate_cell_back(
     outcomes = deliver(config, store, come_due(store, time.time() + shaping.PARK_CONNECTIONS))
     assert reasons(store, job) == ["connections"], "not throttled again by the rate"
     assert [len(o.delivered) for o in outcomes if o is not None] == [1]
+
+
+def test_the_sender_reads_what_happened_not_the_sites_name(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A message still waiting for a site's connection at its queue lifetime bounces; its DSN
+    says why in words a sender understands and names no site; the log and the trace do."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    config = shaped(tmp_path, valkey, sink, name="pool-eu-7", connections=1)
+    lifetime = config.delivery.max_queue_lifetime
+    job = queue(store, "late", age=lifetime + 1)
+    hold_the_site(store, "pool-eu-7")
+    deliver(config, store, [job])
+    trace = spool.read_trace(store, job["id"])
+    bounced = [e for e in trace if e["event"] == "bounced"]
+    assert bounced and "pool-eu-7" not in json.dumps(bounced), bounced
+    reply = next(iter(bounced[0]["recipients"].values()))
+    assert reply.startswith("451 4.4.5 delivery not attempted yet: the receiving mail system")
+    assert any("pool-eu-7" in e.get("note", "") for e in trace if e["event"] == "skipped")
+    dsn = next(e for e in trace if e["event"] == "dsn")
+    body = spool.load_body(store, dsn["dsn_id"]) or b""
+    assert b"receiving mail system accepts only so many connections" in body.replace(b"\r\n ", b" ")
+    assert b"pool-eu-7" not in body and b"traffic shaping" not in body

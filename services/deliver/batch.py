@@ -87,12 +87,15 @@ from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import Hooks, Peer, Timeouts, attempt
 from services.deliver.shaping import (
+    BACKOFF,
+    CONNECTION_RATE,
     CONNECTIONS,
     LINE,
     LINE_REASONS,
     PARK_CONNECTIONS,
     RATE,
     SHORT_WAIT,
+    SUSPENDED,
     Gate,
     Shaper,
     Site,
@@ -309,7 +312,11 @@ class Deliverer:
                 if throttle.reason in LINE_REASONS:  # it waits in the site's line now
                     self.shaper.saw_line(throttle.site.id, True)
                 return None, None
-            outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
+            # Expired: bounced as a deferral. The sender reads why in general words (the DSN);
+            # which limit of which site held it is for the operator (log and trace).
+            outcome.deferred = dict.fromkeys(pending, reply)
+            outcome.skipped = _throttle_detail(throttle)
+            log.warning("%s to %s bounced at its expiry: %s", *job.key, outcome.skipped)
         after = upcoming()
         if after is None:
             return outcome, self.ledger.record(round_, outcome)
@@ -470,12 +477,30 @@ def _throttled_reply(throttle: Throttle | None) -> Reply | None:
     return None if throttle is None else _throttle_reply(throttle)
 
 
+# What a sender is told of a throttled round (a DSN leaves the relay): what happened in plain
+# words, never our internal site names or ids — those are in the log and the trace.
+_WAITING = {
+    CONNECTIONS: "the receiving mail system accepts only so many connections from us at once",
+    CONNECTION_RATE: "the receiving mail system accepts only so many new connections at a time",
+    RATE: "the receiving mail system accepts only so many messages from us per period",
+    BACKOFF: "the receiving mail system asked us to slow down",
+    SUSPENDED: "delivery to this destination is paused by the relay's administrator",
+    LINE: "older mail to the same receiving mail system is waiting and goes first",
+}
+
+
 def _throttle_reply(throttle: Throttle) -> Reply:
     """Why a throttled round's recipients wait (its "delayed" DSN), the deferral of one still
     throttled at its message's expiry (then bounced), or of an address after which no lease
-    could be had."""
-    text = f"not tried yet: traffic shaping ({throttle.reason}) at site {throttle.site.id}"
-    return Reply(451, "4.7.0", text)
+    could be had: said to the sender, so without internal names (:func:`_throttle_detail`
+    has them, for the log and the trace). 4.4.5: the destination is congested (RFC 3463)."""
+    why = _WAITING.get(throttle.reason, "the receiving mail system limits how fast we may send")
+    return Reply(451, "4.4.5", f"delivery not attempted yet: {why}")
+
+
+def _throttle_detail(throttle: Throttle) -> str:
+    """The operator's account of a throttle: which limit, which site."""
+    return f"traffic shaping ({throttle.reason}) at site {throttle.site.id}"
 
 
 def _abandoned(limit: float, data: Peer | None) -> Reply:
