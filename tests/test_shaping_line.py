@@ -2,7 +2,8 @@
 Redis-compatible server and a real SMTP sink on loopback: mail waiting for a site's limit goes
 oldest first and younger mail does not pass it, on a new connection or on one a worker holds;
 leftovers never block the line and a killed worker's job in it is not stuck; a throttled round
-gives its rate cell back; what the sender reads of a throttle names no site."""
+gives its rate cell back; what the sender reads of a throttle names no site; the TLSRPT counts
+of a round that was throttled first are recorded once, by the round that tries."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from services.common.config import Config
 from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import rescue, scheduler, shaping
+from services.deliver import rescue, scheduler, shaping, tlsrpt
 from services.deliver.batch import Deliverer
+from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
 from services.deliver.shaping import Shaper, Throttle
 from tests.peers import Sink
@@ -289,3 +291,32 @@ def test_the_sender_reads_what_happened_not_the_sites_name(
     body = spool.load_body(store, dsn["dsn_id"]) or b""
     assert b"receiving mail system accepts only so many connections" in body.replace(b"\r\n ", b" ")
     assert b"pool-eu-7" not in body and b"traffic shaping" not in body
+
+
+def test_tlsrpt_counts_a_throttled_jobs_policy_once_when_it_is_tried(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """A throttled round tried no session: its policy lookups are not counted then (counting
+    them at each parking would count one message's MTA-STS failure once per wait), but by the
+    round that tries — which looks them up again — or, if the message's lifetime ends while it
+    waits, by that last round. Once either way."""
+    config = write_config(tmp_path / "c.yaml", {"redis_url": valkey.url})
+    ledger = Ledger(config, store)
+    site = shaping.site_of(config, DOMAIN, [("mx.shaped.test", 25, "mx")])
+    sts = tlsrpt.StsRound(DOMAIN, error="fetch failed", error_type="sts-policy-fetch-error")
+    for age in (0.0, config.delivery.max_queue_lifetime + 1):  # tried later; expired
+        job = Job.from_json(queue(store, "r", age))
+        envelope = spool.load_envelope(store, job.id)
+        assert envelope is not None
+        throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
+        for _ in range(3):  # three waits
+            ledger.throttle(ledger.round(job, envelope, BODY), ledger.claim(job.key), throttle,
+                            Reply(451, "4.4.5", "waiting"))  # fmt: skip
+        last = Outcome(deferred={job.recipients[0]: Reply(451, "4.4.5", "waiting")}, sts=sts)
+        ledger.claim(job.key)
+        ledger.record(
+            ledger.round(job.throttle(shaping.CONNECTIONS, site.id), envelope, BODY), last
+        )
+    day = tlsrpt.read_day(store, tlsrpt.utc_day(time.time()))
+    failures = day[DOMAIN][tlsrpt.policy_key(sts)].failures
+    assert sum(f["failed-session-count"] for f in failures) == 2, failures

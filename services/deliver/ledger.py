@@ -420,7 +420,12 @@ class Ledger:
         limit of the whole site (``shaping.LINE_REASONS``; out of the line it was in under its
         old document). A message that has waited ``delivery.delay_warning_after`` gets its one
         "delayed" DSN here too (``reply``: why its recipients wait), as a deferral would send
-        it."""
+        it.
+
+        No TLSRPT counts (RFC 8460) here, though the round looked its MTA-STS/DANE policy up:
+        it tried no session, and the round that does try plans again and counts its lookups
+        once (:meth:`record`), as does the last round if the lifetime ends first. Counting
+        them here would count one message's policy failure once per wait."""
         pending = round_.state.pending(round_.job)
         waiting = Outcome(deferred=dict.fromkeys(pending, reply))
         notice = dsn.notice(
