@@ -45,9 +45,12 @@ def sink() -> Iterator[Sink]:
 def shaped(
     tmp_path: Path, valkey: EmbeddedRedis, sink: Sink, name: str = "s", **limits: object
 ) -> Config:
+    """A site ``name`` for the sink; its line's front is two jobs per connection (a task
+    carries at most two here)."""
     settings = {
         "redis_url": valkey.url,
         "delivery": {
+            "batch_max": 2,
             "routes": {DOMAIN: sink.address_text},
             "shaping": {"sites": [{"name": name, "match": [sink.address_text], **limits}]},
         },
@@ -139,28 +142,27 @@ def test_younger_mail_does_not_take_a_session_the_worker_holds(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
 ) -> None:
     """A worker holds an idle session to the site (no lease needed to use it) while older
-    mail waits in the site's line for another worker: the worker learns of the line at its
-    next tick, and a younger message does not ride its session past that mail."""
-    config = shaped(tmp_path, valkey, sink, connections=1)
-    first, waiting, young = (
-        queue(store, "first", 60),
-        queue(store, "waiting", 30),
-        queue(store, "young"),
-    )
+    mail fills the site's line's front, waiting for another worker: the worker learns of the
+    line at its next tick, and a younger message does not ride its session past that mail."""
+    config = shaped(tmp_path, valkey, sink, connections=1)  # the line's front: 2 jobs
+    first = queue(store, "first", 60)
+    waiting = [queue(store, "w1", 30), queue(store, "w2", 20)]
+    young = queue(store, "young")
 
     async def run() -> list[Any]:
         worker = Deliverer(config, store)
         try:
             await worker.run_batch([first])  # its session is parked, with the site's lease
-            other = Ledger(config, store)  # another worker's round met the limit
-            job = Job.from_json(waiting)
-            envelope = spool.load_envelope(store, job.id)
-            assert envelope is not None
+            other = Ledger(config, store)  # another worker's rounds met the limit
             site = worker.shaper.site(DOMAIN, [(sink.address[0], sink.address[1], "route")])
-            claim = other.claim(job.key)
-            round_ = other.round(job, envelope, BODY)
             throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
-            other.throttle(round_, claim, throttle, Reply(451, "4.4.5", "waiting"))
+            for doc in waiting:
+                job = Job.from_json(doc)
+                envelope = spool.load_envelope(store, job.id)
+                assert envelope is not None
+                claim = other.claim(job.key)
+                round_ = other.round(job, envelope, BODY)
+                other.throttle(round_, claim, throttle, Reply(451, "4.4.5", "waiting"))
             worker.shaper.tick()  # renews its lease, sees the line of its parked session's site
             assert worker.shaper.queued(site)
             return await worker.run_batch([young])
@@ -169,7 +171,7 @@ def test_younger_mail_does_not_take_a_session_the_worker_holds(
 
     assert asyncio.run(run()) == [None]
     assert arrived(sink) == ["first"] and reasons(store, young) == ["line"]
-    assert line(store) == ["waiting", "young"]
+    assert line(store) == ["w1", "w2", "young"]
 
 
 def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
@@ -214,18 +216,18 @@ def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
     # The rescued jobs' old entries (their documents were rebuilt) go at the line's next look.
     store.delete(spool.site_key("wake", "s"))
     site = shaping.site_of(config, DOMAIN, [(*sink.address, "route")])
-    assert Shaper(config, store).admit(site, time.time(), False) is None
+    assert Shaper(config, store).admit(site, time.time()) is None
     assert not store.exists(spool.site_key("line", "s"))
 
 
 def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: redis.Redis) -> None:
     """Asking the line: without one it admits (one EXISTS); with one, jobs of its front parked
     behind others are made due now; a rate's exact wait is left alone."""
-    shaper = Shaper(Config(), store)
-    spec = {"x": {"match": ["x.example"], "connections": 1}}
-    cfg = Config.model_validate({"delivery": {"shaping": {"sites": [{"name": "x", **spec["x"]}]}}})
+    sites = [{"name": "x", "match": ["x.example"], "connections": 1}]
+    cfg = Config.model_validate({"delivery": {"batch_max": 1, "shaping": {"sites": sites}}})
+    shaper = Shaper(cfg, store)  # the line's front: two jobs
     site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
-    assert shaper.admit(site, time.time(), False) is None and not shaper.queued(site)
+    assert shaper.admit(site, time.time()) is None and not shaper.queued(site)
     decision = Decision(domain="x.example", tls=TlsMode.OPPORTUNISTIC)
     later = time.time() + 600
     parked = {}
@@ -235,16 +237,12 @@ def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: red
         store.zadd(spool.DEFERRED, {member: later})
         store.zadd(spool.site_key("line", "x"), {member: {"a": 1.0, "b": 2.0, "c": 3.0}[name]})
         parked[name] = member
-    got = shaper.admit(site, time.time(), False)
+    got = shaper.admit(site, time.time())
     assert got is not None and got.reason == shaping.LINE and shaper.queued(site)
     assert (store.zscore(spool.DEFERRED, parked["a"]) or later) <= time.time(), "called in"
     assert store.zscore(spool.DEFERRED, parked["b"]) == later, "a rate's wait is its own"
     assert store.zscore(spool.DEFERRED, parked["c"]) == later, "not in the front (two jobs)"
-    assert shaper.admit(site, 1.5, True) is None, (
-        "of the line, older than all but one: in its front"
-    )
-    assert shaper.admit(site, 1.5, False) is not None, "not of the line: one older waits"
-    assert shaper.admit(site, 0.5, False) is None, "older than all that wait"
+    assert shaper.admit(site, 1.5) is None, "one older than it waits: in the front (two)"
 
 
 # --------------------------------------------------------------------------- loose ends

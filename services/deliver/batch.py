@@ -376,7 +376,7 @@ class Deliverer:
         if outcome.throttled is not None:
             return
         try:
-            gate = self.shaper.gate(site, envelope.received_at, job.throttled is not None)
+            gate = self.shaper.gate(site, envelope.received_at)
             await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
         finally:
             if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
@@ -385,10 +385,9 @@ class Deliverer:
     def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
         """The site's line (services/deliver/shaping.py): asked for a job that waited in it,
         or at a site where this process saw one lately; older jobs waiting there go first."""
-        member = job.throttled is not None
-        if not member and not self.shaper.queued(site):
+        if job.throttled is None and not self.shaper.queued(site):
             return None
-        return self.shaper.admit(site, envelope.received_at, member)
+        return self.shaper.admit(site, envelope.received_at)
 
     async def _take_site(
         self,

@@ -454,7 +454,7 @@ class Ledger:
             if throttle.reason in shaping.LINE_REASONS:  # in its site's line, by seniority
                 keys = [spool.site_key("line", site.id), spool.DEFERRED]
                 args: list[str | int] = [_member(parked), repr(round_.envelope.received_at)]
-                args += [shaping.front_of(site.limits), self._mark_ttl]
+                args += [shaping.front_of(self.config, site.limits), self._mark_ttl]
                 pipe.eval(shaping.JOIN_LINE, len(keys), *keys, *args)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
@@ -481,7 +481,7 @@ class Ledger:
         if job.throttled is None:
             return
         site_id = job.throttled[1]
-        front = shaping.front_of(shaping.limits_of(self.config, site_id))
+        front = shaping.front_of(self.config, shaping.limits_of(self.config, site_id))
         keys = [spool.site_key("line", site_id), spool.DEFERRED]
         pipe.eval(shaping.LEAVE_LINE, len(keys), *keys, _member(job), front)
 

@@ -40,10 +40,13 @@ domain of the site and ends with ``resume``) waits in the site's line
 ``tlsrelay:shaping:line:<site>``, a sorted set of its deferred-set member scored by when its
 message was accepted (its seniority), until its round is recorded or it is closed:
 
-- a job *not* of the line goes only when no job of the line is older (else it joins the line,
-  parked as :data:`LINE`, not an attempt): younger mail never passes waiting mail;
-- a job of the line goes when fewer than :func:`front_of` (two per connection of the site's
-  limit) of the line are older — the line's *front*, served together, oldest first;
+- a round goes only when fewer than :func:`front_of` jobs of the line are older — the line's
+  *front*, served together as Postfix's active queue is (a task's worth of jobs,
+  ``delivery.batch_max``, or two per connection of the site's limit if that is more: enough
+  to keep its connections busy over reused sessions for a scheduler pass); else it joins the
+  line (parked as :data:`LINE`, not an attempt). So once more jobs wait for the site than its
+  front, younger mail no longer passes them; below that the site has room for all that wait
+  and a line that is not full never turns new mail away (no convoy behind a brief limit);
 - jobs behind the front sleep (:data:`PARK_LINE`, a safety net) and are called in (made due
   now) as the front moves: by the recording of a job of the line (:data:`LEAVE_LINE`), by a
   job parked behind others that finds itself in the front (:data:`JOIN_LINE`), and by a look
@@ -107,7 +110,7 @@ PARK_CONNECTIONS = 5.0  # a job parked for want of a connection comes back after
 PARK_SUSPENDED = 300.0  # a suspended site's jobs look again at least this often
 CLOSING_WAIT = 0.05  # after closing a parked session of our own for ourselves
 PARK_LINE = 60.0  # a job waiting behind older ones comes back after this unless called first
-FRONT_PER_CONNECTION = 2  # a site's line calls this many jobs per connection of its limit
+FRONT_PER_CONNECTION = 2  # a site's line's front holds at least this many jobs per connection
 LINE_MEMORY = 2 * TICK  # how long a process goes on asking the line after it last saw one
 WAKE_EVERY_MS = 1000  # the line's front is looked over at most this often per site
 REGISTER_EVERY = 60.0  # a process refreshes a site's entry in the list of sites this often
@@ -162,8 +165,8 @@ end
 """
 
 # The site's line: whether a round whose message was accepted at ``s`` may take the site's
-# capacity — for a job of the line (``member``: it was parked there), fewer than ``front`` jobs
-# waiting in the line are older; for any other, none is (always, with no line: one EXISTS).
+# capacity: fewer than ``front`` jobs waiting in the line are older (always, with no line: one
+# EXISTS).
 # At most once per ``wake_ms`` per site the line's front is looked over: a job of it asleep in
 # the deferred set behind others (parked as ``line``; a limit's own wait, a few seconds for a
 # connection or exact for a rate, is kept) is made due now (``call``); one that is neither
@@ -193,18 +196,17 @@ local function look_over(line, deferred, running, members)
     if not present(deferred, running, m) then redis.call('ZREM', line, m) end
   end
 end
-local function line_admits(line, deferred, running, gate, s, front, wake_ms, member)
+local function line_admits(line, deferred, running, gate, s, front, wake_ms)
   if redis.call('EXISTS', line) == 0 then return true, 0 end
   local looked = redis.call('SET', gate, '1', 'NX', 'PX', wake_ms)
   if looked then look_over(line, deferred, running, redis.call('ZRANGE', line, 0, front - 1)) end
   local older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
-  local limit = member == '1' and front or 1
-  if older >= limit and not looked and older <= limit + 2 then
+  if older >= front and not looked and older <= front + 2 then
     -- a few leftovers (a rescued job's old entry) must not hold a round up until the next look
     look_over(line, deferred, running, redis.call('ZRANGEBYSCORE', line, '-inf', '(' .. s))
     older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
   end
-  return older < limit, 1
+  return older < front, 1
 end
 """
 
@@ -212,8 +214,7 @@ end
 # 7 deferred set, 8 waiting:deliver, 9 the line's wake gate.
 # ARGV: 1 lease id, 2 ttl, 3 configured limit, 4 factor, 5 recover_after, 6 rate interval (0:
 # none), 7 rate tolerance, 8 site id, 9 site document ("": not written again now), 10 waiting
-# ttl, 11 seniority, 12 front, 13 wake ms, 14 member of the line ("1"/"0"), 15.. leases to
-# drop.
+# ttl, 11 seniority, 12 front, 13 wake ms, 14.. leases to drop.
 # Returns {1, limit, used, line} or {0, reason, wait ms, line} (line: 1 when the site has one).
 _ACQUIRE = (
     _NOW
@@ -221,10 +222,10 @@ _ACQUIRE = (
     + _GCRA
     + _LINE
     + """
-for i = 15, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+for i = 14, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local admitted, queued = line_admits(
-  KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[11], tonumber(ARGV[12]), ARGV[13], ARGV[14])
+  KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[11], tonumber(ARGV[12]), ARGV[13])
 if not admitted then return {0, 'line', 0, queued} end
 local configured = tonumber(ARGV[3])
 local steps = steps_now(KEYS[2], tonumber(ARGV[5]))
@@ -248,13 +249,13 @@ return {1, limit, used + 1, queued}
 )
 
 # KEYS: 1 line, 2 deferred set, 3 waiting:deliver, 4 wake gate. ARGV: 1 seniority, 2 front,
-# 3 wake ms, 4 member ("1"/"0"). Returns {admitted (1/0), line (1/0)}.
+# 3 wake ms. Returns {admitted (1/0), line (1/0)}.
 _ADMIT = (
     _NOW
     + _LINE
     + """
 local admitted, queued = line_admits(
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4])
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]), ARGV[3])
 return {admitted and 1 or 0, queued}
 """
 )
@@ -392,10 +393,11 @@ def site_of(config: Config, domain: str, hosts: Iterable[tuple[str, int, str]]) 
     return Site(f"mx:{digest}", DEFAULT_SITE, shaping.default, tuple(names or [domain.lower()]))
 
 
-def front_of(limits: SiteLimits) -> int:
+def front_of(config: Config, limits: SiteLimits) -> int:
     """How many of the oldest jobs waiting in a site's line may take its capacity at once (its
-    front: :data:`FRONT_PER_CONNECTION` per connection of its configured limit)."""
-    return max(1, limits.connections) * FRONT_PER_CONNECTION
+    front): a task's worth (``delivery.batch_max``), or :data:`FRONT_PER_CONNECTION` per
+    connection of its configured limit if that is more."""
+    return max(config.delivery.batch_max, max(1, limits.connections) * FRONT_PER_CONNECTION)
 
 
 def limits_of(config: Config, site_id: str) -> SiteLimits:
@@ -551,7 +553,7 @@ class Shaper:
     # ----------------------------------------------------------------- the site's line
 
     def front(self, site: Site) -> int:
-        return front_of(site.limits)
+        return front_of(self.config, site.limits)
 
     def queued(self, site: Site) -> bool:
         """Whether this process saw a line at ``site`` lately (within :data:`LINE_MEMORY`)."""
@@ -563,24 +565,23 @@ class Shaper:
         else:
             self.lines.pop(site_id, None)
 
-    def admit(self, site: Site, seniority: float, member: bool) -> Throttle | None:
+    def admit(self, site: Site, seniority: float) -> Throttle | None:
         """Ask the site's line (one Redis call) whether a round of a message accepted at
-        ``seniority`` may go: None, or a :data:`LINE` throttle when an older job waits there
-        (``member``, a job that was parked in the line: when :meth:`front` older ones do).
-        Asked when this process saw a line there lately or the job itself waited in one; the
-        lease asks it too (:meth:`_take`), so a process that does not know of the line yet
-        only lets a round pass on a session it already holds (for at most a tick)."""
+        ``seniority`` may go: None, or a :data:`LINE` throttle when :meth:`front` older jobs
+        wait there. Asked when this process saw a line there lately or the job itself waited
+        in one; the lease asks it too (:meth:`_take`), so a process that does not know of the
+        line yet only lets a round pass on a session it already holds (for at most a tick)."""
         keys = [
             spool.site_key("line", site.id), spool.DEFERRED, spool.WAITING_DELIVER,
             spool.site_key("wake", site.id),
         ]  # fmt: skip
-        args: list[str | int] = [repr(seniority), self.front(site), WAKE_EVERY_MS, int(member)]
+        args: list[str | int] = [repr(seniority), self.front(site), WAKE_EVERY_MS]
         admitted, queued = self._admit(keys=keys, args=args)
         self.saw_line(site.id, bool(queued))
         return None if admitted else Throttle(LINE, site, PARK_LINE)
 
-    def gate(self, site: Site, seniority: float = 0.0, member: bool = False) -> Gate:
-        return Gate(self, site, seniority, member)
+    def gate(self, site: Site, seniority: float = 0.0) -> Gate:
+        return Gate(self, site, seniority)
 
     def backoff(self, site: Site, replies: Sequence[str]) -> bool:
         """The destination's reply lines of an attempt: when one matches a
@@ -603,10 +604,9 @@ class Shaper:
 
     # ----------------------------------------------------------------- leases
 
-    def _take(self, site: Site, seniority: float = 0.0, member: bool = False) -> Lease | Throttle:
+    def _take(self, site: Site, seniority: float = 0.0) -> Lease | Throttle:
         """A lease for a new session to ``site`` for a round of a message accepted at
-        ``seniority`` (0: ahead of any line; ``member``: of a job parked in the line), or why
-        not."""
+        ``seniority`` (0: ahead of any line), or why not."""
         lease = Lease(site)
         interval, tolerance = _cell(site.limits.connection_rate)
         backoff = self.config.delivery.backoff
@@ -628,7 +628,7 @@ class Shaper:
             lease.id, LEASE_TTL, site.limits.connections, backoff.factor,
             backoff.recover_after, interval, tolerance, site.id,
             site.document() if register else "", WAITING_TTL, repr(seniority), self.front(site),
-            WAKE_EVERY_MS, int(member), *drop,
+            WAKE_EVERY_MS, *drop,
         ]  # fmt: skip
         ok, what, number, queued = self._acquire(keys=keys, args=args)
         self._dropped = [d for d in self._dropped if d.site.id != site.id]
@@ -728,16 +728,12 @@ return out
 class Gate:
     """The leases of one delivery round to one site: a lease whose session failed is kept for
     the next address of the round (no second call), and released when the round ends.
-    ``seniority``: when the round's message was accepted (its place in the site's line);
-    ``member``: the job was parked in that line."""
+    ``seniority``: when the round's message was accepted (its place in the site's line)."""
 
-    def __init__(
-        self, shaper: Shaper, site: Site, seniority: float = 0.0, member: bool = False
-    ) -> None:
+    def __init__(self, shaper: Shaper, site: Site, seniority: float = 0.0) -> None:
         self.shaper = shaper
         self.site = site
         self.seniority = seniority
-        self.member = member
         self._spare: Lease | None = None
 
     async def lease(self) -> Lease | Throttle:
@@ -756,7 +752,7 @@ class Gate:
         hurry = time.monotonic() < self.shaper.full.get(self.site.id, 0.0)
         closing = False  # one of our parked sessions is being closed for this round
         while True:
-            got = self.shaper._take(self.site, self.seniority, self.member)
+            got = self.shaper._take(self.site, self.seniority)
             if isinstance(got, Throttle) and got.reason == LINE:
                 return got  # older jobs wait for the site: this round joins them, no wait here
             if isinstance(got, Lease):
