@@ -245,6 +245,29 @@ def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: red
     assert shaper.admit(site, 1.5) is None, "one older than it waits: in the front (two)"
 
 
+def test_while_a_line_stands_a_freed_connection_goes_to_the_oldest_asking(
+    store: redis.Redis,
+) -> None:
+    """Within the line's front, the oldest round asking for a connection gets the next one
+    that comes free, not whichever younger round asks first; with no line, the flag is the
+    old "someone waits" and costs nothing more."""
+    sites = [{"name": "x", "match": ["x.example"], "connections": 1}]
+    cfg = Config.model_validate({"delivery": {"batch_max": 4, "shaping": {"sites": sites}}})
+    shaper = Shaper(cfg, store)
+    site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
+    old, young = time.time() - 60, time.time() - 1
+    store.zadd(spool.site_key("line", "x"), {"a job of the line": old - 1})
+    store.zadd(spool.DEFERRED, {"a job of the line": time.time() + 600})
+    hold_the_site(store, "x")
+    first = shaper._take(site, old)
+    assert isinstance(first, Throttle) and first.reason == shaping.CONNECTIONS
+    free_the_site(store, "x")
+    younger = shaper._take(site, young)
+    assert isinstance(younger, Throttle) and younger.reason == shaping.CONNECTIONS
+    assert isinstance(shaper._take(site, old), shaping.Lease), "the oldest asking gets it"
+    assert not store.exists(spool.site_key("waiting", "x"))
+
+
 # --------------------------------------------------------------------------- loose ends
 
 

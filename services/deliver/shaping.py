@@ -47,6 +47,10 @@ message was accepted (its seniority), until its round is recorded or it is close
   line (parked as :data:`LINE`, not an attempt). So once more jobs wait for the site than its
   front, younger mail no longer passes them; below that the site has room for all that wait
   and a line that is not full never turns new mail away (no convoy behind a brief limit);
+- within the front, a connection that comes free goes to the oldest round asking for one:
+  while a line stands, the site's ``waiting`` flag holds that round's seniority (set and
+  refreshed by it alone, for :data:`WAITING_TTL`) and the lease script turns younger rounds
+  away (``connections``) until it has its lease or stops asking;
 - jobs behind the front sleep (:data:`PARK_LINE`, a safety net) and are called in (made due
   now) as the front moves: by the recording of a job of the line (:data:`LEAVE_LINE`), by a
   job parked behind others that finds itself in the front (:data:`JOIN_LINE`), and by a look
@@ -231,11 +235,19 @@ local configured = tonumber(ARGV[3])
 local steps = steps_now(KEYS[2], tonumber(ARGV[5]))
 local limit = limit_of(configured, tonumber(ARGV[4]), steps)
 local used = redis.call('ZCARD', KEYS[1])
-if used >= limit then
-  redis.call('SET', KEYS[4], '1', 'PX', math.floor(tonumber(ARGV[10]) * 1000))
+-- While the site has a line, the waiting flag holds the seniority of the oldest round asking
+-- for a connection (set by it, refreshed by it alone): a younger round leaves it the next one.
+local s, oldest = tonumber(ARGV[11]), nil
+if queued == 1 then oldest = tonumber(redis.call('GET', KEYS[4]) or '') end
+if used >= limit or (oldest ~= nil and s > oldest) then
+  if oldest == nil or s <= oldest then
+    redis.call('SET', KEYS[4], ARGV[11], 'PX', math.floor(tonumber(ARGV[10]) * 1000))
+  end
+  if used < limit then return {0, 'connections', 0, queued} end
   if used < configured then return {0, 'backoff', 0, queued} end
   return {0, 'connections', 0, queued}
 end
+if oldest ~= nil then redis.call('DEL', KEYS[4]) end
 if tonumber(ARGV[6]) > 0 then
   local wait = gcra(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
   if wait > 0 then return {0, 'connection_rate', wait, queued} end
