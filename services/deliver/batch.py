@@ -77,13 +77,14 @@ from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.common.values import format_duration
 from services.deliver import mx, session
+from services.deliver.attempt import Hooks, Peer, Timeouts
 from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
 from services.deliver.ledger import Ledger
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Hooks, Peer, Timeouts, attempt
+from services.deliver.session import attempt
 from services.deliver.shaping import (
     CONNECTIONS,
     PARK_CONNECTIONS,

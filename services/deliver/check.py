@@ -47,9 +47,10 @@ from cryptography import x509
 from services.common.config import Config, DeliveryConfig
 from services.common.model import Decision, TlsMode
 from services.deliver import dane, leafcheck, mtasts, mx, tlsrpt
+from services.deliver.attempt import Peer, Timeouts, TlsSettings
 from services.deliver.destination import Auth
 from services.deliver.plan import Hop, Plan, Planner
-from services.deliver.session import Peer, Probe, Timeouts, TlsSettings, probe
+from services.deliver.session import Probe, probe
 from services.deliver.tls import Action, Situation, after_starttls, sends_in_clear, wants_starttls
 from services.deliver.tls import Outcome as TlsOutcome
 
