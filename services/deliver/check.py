@@ -44,7 +44,8 @@ from typing import Any
 import redis
 from cryptography import x509
 
-from services.common.config import Config, DeliveryConfig
+from services.common.config import Config
+from services.common.deliveryconfig import DeliveryConfig
 from services.common.model import Decision, TlsMode
 from services.deliver import dane, leafcheck, mtasts, mx, tlsrpt
 from services.deliver.attempt import Peer, Timeouts, TlsSettings

@@ -33,7 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.config import DEFAULT_SITE, Config
+from services.common.config import Config
+from services.common.deliveryconfig import DEFAULT_SITE
 from services.common.model import Decision
 from services.common.values import format_duration, parse_duration
 
