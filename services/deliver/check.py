@@ -49,7 +49,7 @@ from services.common.deliveryconfig import DeliveryConfig
 from services.common.model import Decision, TlsMode
 from services.deliver import dane, leafcheck, mtasts, mx, tlsrpt
 from services.deliver.attempt import Peer, Timeouts, TlsSettings
-from services.deliver.checkreport import HostReport, Report, Verdict, judge, secure
+from services.deliver.checkreport import HostReport, Report, Verdict, dnssec_word, judge
 from services.deliver.destination import Auth
 from services.deliver.plan import Hop, Plan, Planner
 from services.deliver.session import probe
@@ -124,8 +124,8 @@ def _describe_plan(report: Report, plan: Plan, delivery: DeliveryConfig) -> None
         pref = f"MX {dest.preference} " if dest.preference is not None else f"{dest.source} "
         line = f"{pref}{dest.host}:{dest.port} [{', '.join(dest.addresses)}]"
         if dnssec and dest.source != "route":
-            line += f" (DNSSEC: MX {secure(dest.mx_secure)}, addresses "
-            line += f"{secure(dest.address_secure)})"
+            line += f" (DNSSEC: MX {dnssec_word(dest.mx_secure)}, addresses "
+            line += f"{dnssec_word(dest.address_secure)})"
         report.routing.append(line)
     report.mta_sts = _sts_facts(plan.report, plan.decision)
     report.dane = _dane_facts(plan, delivery)

@@ -321,7 +321,7 @@ def _sts_line(sts: dict[str, Any]) -> str:
 
 def _dane_line(facts: dict[str, Any]) -> str:
     mx_secure = facts.get("mx_secure")
-    dnssec = "" if mx_secure is None else f"; MX records {secure(mx_secure)}"
+    dnssec = "" if mx_secure is None else f"; MX records {dnssec_word(mx_secure)}"
     if not facts.get("applies"):
         return f"DANE: not applied ({facts.get('why')}){dnssec}"
     hosts = ", ".join(f"{h['host']} {h['status']}" for h in facts["hosts"])
@@ -372,5 +372,6 @@ def _tlsa_lines(host: HostReport) -> list[str]:
     return lines
 
 
-def secure(validated: bool) -> str:
+def dnssec_word(validated: bool) -> str:
+    """How DNSSEC status reads in the report (also in the check's routing lines)."""
     return "validated" if validated else "not validated"
