@@ -37,7 +37,7 @@ LEGACY_CIPHERS: Final = "DEFAULT:@SECLEVEL=0"
 
 
 class Settings(Protocol):
-    """What a context depends on (``services.deliver.session.TlsSettings``)."""
+    """What a context depends on (``services.deliver.attempt.TlsSettings``)."""
 
     @property
     def mode(self) -> TlsMode: ...
