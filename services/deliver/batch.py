@@ -96,7 +96,6 @@ from services.deliver.shaping import (
     CONNECTION_RATE,
     CONNECTIONS,
     LINE,
-    LINE_REASONS,
     PARK_CONNECTIONS,
     RATE,
     SHORT_WAIT,
@@ -105,6 +104,7 @@ from services.deliver.shaping import (
     Shaper,
     Site,
     Throttle,
+    joins_line,
 )
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -345,7 +345,7 @@ class Deliverer:
             reply = _throttle_reply(throttle)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
                 self.ledger.throttle(round_, claim, throttle, reply)
-                if throttle.reason in LINE_REASONS:  # it waits in the site's line now
+                if joins_line(self.config, throttle):  # it waits in the site's line now
                     self.shaper.saw_line(throttle.site.id, True)
                 return None, None
             # Expired: bounced as a deferral. The sender reads why in general words (the DSN);
