@@ -26,7 +26,9 @@ Steps:
    included) ``VmRSS``, ``VmHWM`` and its open sockets. The sample with the most sessions open
    at the sink is kept: the RSS of every process *at the peak*.
 4. When every message has arrived (or ``--deadline``): ``VmHWM`` of every deliver process once
-   more (the peak over the whole run), and the arrivals matched by ``X-Bench-Id``.
+   more (the peak over the whole run), and the arrivals matched by ``X-Bench-Id``. Every sample
+   is written to ``samples.jsonl`` in the work directory (``[seconds, open at the sink,
+   {pid: [VmRSS kB, VmHWM kB, sockets]}]``).
 
 File descriptors: the sink's process holds 3 per session (the delay line's two ends, the sink's
 own), a deliver process 1, ingest and the client 1 per client session. The soft
@@ -124,6 +126,8 @@ class Samples:
     peak_open: int = -1
     peak_at: float = 0.0
     processes: dict[int, Process] = field(default_factory=dict)
+    # every sample: seconds, sessions open at the sink, {pid: (VmRSS kB, VmHWM kB, sockets)}
+    timeline: list[tuple[float, int, dict[int, tuple[int, int, int]]]] = field(default_factory=list)
 
     def take(self, deliver_pid: int, open_now: int, at: float) -> None:
         members = procstat.peak_rss(deliver_pid)
@@ -132,6 +136,9 @@ class Samples:
             proc = self.processes.setdefault(pid, Process(pid, role))
             proc.hwm_kb = max(proc.hwm_kb, hwm)
             proc.sockets_max = max(proc.sockets_max, socks)
+        self.timeline.append(
+            (round(at, 2), open_now, {p: (v[2], v[1], v[3]) for p, v in now.items()})
+        )
         if open_now > self.peak_open:
             self.peak_open, self.peak_at = open_now, at
             for pid, (_, _, rss, socks) in now.items():
@@ -238,6 +245,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 f"{max(sizes, default=0)} jobs; starting deliver")  # fmt: skip
             run = deliver(relay, sink, len(doc["accepted"]), args.sample, args.deadline)
             arrivals = sink.arrivals(root / "arrivals.jsonl")
+    with (root / "samples.jsonl").open("w") as out:  # for a closer look (--workdir)
+        out.writelines(json.dumps(sample) + "\n" for sample in run.samples.timeline)
     return report(args, workload, settings, doc, sizes, run, arrivals)
 
 

@@ -16,6 +16,10 @@ A task ends within ``delivery.task_budget``: it starts no new job after ``delive
 and queues the rest again (services/deliver/batch.py), so it is acknowledged well before
 ``celery.visibility_timeout`` would hand it to a second worker, and a warm shutdown (SIGTERM)
 waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
+
+Memory: each process keeps up to ``delivery.sessions_per_process`` sessions open; their TLS
+transports read 16 KiB at a time instead of asyncio's 256 KiB
+(:func:`services.deliver.tlscontext.bound_read_buffers`, set when the process starts delivering).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from services.common import queueing, retry, spool
 from services.common.config import Config
 from services.deliver.batch import Deliverer
 from services.deliver.scheduler import SchedulerThread
+from services.deliver.tlscontext import bound_read_buffers
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -46,6 +51,7 @@ class DeliverService:
     @property
     def deliverer(self) -> Deliverer:
         if self._deliverer is None:  # per process: created after the prefork fork
+            bound_read_buffers()  # 16 KiB per TLS session, not 256 (services/deliver/tlscontext.py)
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
             self._loop = asyncio.new_event_loop()
             loop = self._loop
