@@ -18,7 +18,7 @@ and queues the rest again (services/deliver/batch.py), so it is acknowledged wel
 waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
 
 Memory: each process keeps up to ``delivery.sessions_per_process`` sessions open; their TLS
-transports read 16 KiB at a time instead of asyncio's 256 KiB
+transports read 4 KiB at a time instead of asyncio's 256 KiB
 (:func:`services.deliver.tlscontext.bound_read_buffers`, set when the process starts delivering).
 """
 
@@ -51,7 +51,7 @@ class DeliverService:
     @property
     def deliverer(self) -> Deliverer:
         if self._deliverer is None:  # per process: created after the prefork fork
-            bound_read_buffers()  # 16 KiB per TLS session, not 256 (services/deliver/tlscontext.py)
+            bound_read_buffers()  # 4 KiB per TLS session, not 256 (services/deliver/tlscontext.py)
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
             self._loop = asyncio.new_event_loop()
             loop = self._loop
