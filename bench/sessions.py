@@ -23,8 +23,9 @@ Steps:
    classified them all, the jobs per queued deliver task are counted (``task_jobs_max``).
 3. ``tlsrelay deliver`` starts and works the queue off. Every ``--sample`` seconds: the sessions
    open at the sink (the sink counts them, TLS or not), and per deliver process (pool children
-   included) ``VmRSS``, ``VmHWM`` and its open sockets. The sample with the most sessions open
-   at the sink is kept: the RSS of every process *at the peak*.
+   included) ``VmRSS``, ``VmHWM`` and its open sockets. *At the peak*: per process, the highest
+   ``VmRSS`` while the most sessions were open at the sink (``sink_sessions_peak_at_s``: when
+   that many were first open).
 4. When every message has arrived (or ``--deadline``): ``VmHWM`` of every deliver process once
    more (the peak over the whole run), and the arrivals matched by ``X-Bench-Id``. Every sample
    is written to ``samples.jsonl`` in the work directory (``[seconds, open at the sink,
@@ -120,8 +121,9 @@ class Process:
 
 @dataclass
 class Samples:
-    """The sessions open at the sink and every deliver process's memory, sample by sample; the
-    sample with the most sessions open at the sink is kept."""
+    """The sessions open at the sink and every deliver process's memory, sample by sample. At the
+    peak: per process, the highest VmRSS among the samples with the most sessions open at the
+    sink (the handshakes of sessions the sink already counts may still be under way)."""
 
     peak_open: int = -1
     peak_at: float = 0.0
@@ -139,11 +141,15 @@ class Samples:
         self.timeline.append(
             (round(at, 2), open_now, {p: (v[2], v[1], v[3]) for p, v in now.items()})
         )
-        if open_now > self.peak_open:
+        if open_now > self.peak_open:  # a new peak: what was noted at the old one goes
             self.peak_open, self.peak_at = open_now, at
+            for proc in self.processes.values():
+                proc.rss_at_peak_kb = proc.sockets_at_peak = 0
+        if open_now == self.peak_open:  # while the most sessions are open: the highest RSS
             for pid, (_, _, rss, socks) in now.items():
-                self.processes[pid].rss_at_peak_kb = rss
-                self.processes[pid].sockets_at_peak = socks
+                proc = self.processes[pid]
+                if rss > proc.rss_at_peak_kb:
+                    proc.rss_at_peak_kb, proc.sockets_at_peak = rss, socks
 
     def final(self, deliver_pid: int) -> None:
         for member in procstat.peak_rss(deliver_pid):
