@@ -102,7 +102,8 @@ class TlsRelay:
     def settings_summary(self) -> dict[str, Any]:
         """The worker concurrencies in force (the service defaults when not given), and the
         ``--set`` overrides."""
-        from services.common.config import DeliveryConfig, PolicyConfig
+        from services.common.config import PolicyConfig
+        from services.common.deliveryconfig import DeliveryConfig
 
         return {
             "policy_workers": self.policy_workers or PolicyConfig().concurrency,

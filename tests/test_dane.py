@@ -19,7 +19,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from services.common.config import DeliveryConfig
+from services.common.deliveryconfig import DeliveryConfig
 from services.common.values import HostPort
 from services.deliver import dane, mx
 from services.deliver.dane import Tlsa, check

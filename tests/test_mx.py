@@ -11,7 +11,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from services.common.config import DeliveryConfig
+from services.common.deliveryconfig import DeliveryConfig
 from services.common.values import HostPort, Route
 from services.deliver.mx import (
     Destination,

@@ -19,9 +19,9 @@ from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
 from services.deliver import dsn, observe
+from services.deliver.attempt import Peer
 from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
-from services.deliver.session import Peer
 from tests.peers import Sink
 from tests.test_batching import BODY, deferred_members, deliver, write_config
 

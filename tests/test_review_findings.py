@@ -18,11 +18,12 @@ from services.common.config import Config
 from services.common.model import Decision, Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
 from services.deliver import mx, shaping
+from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.batch import Deliverer
 from services.deliver.delivery import Outcome
 from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Attempt, Hooks, Peer, Timeouts, TlsSettings, attempt
+from services.deliver.session import attempt
 from services.deliver.shaping import Lease, Shaper
 from tests.badpeers import BadPeer
 from tests.dnsserver import LocalDns

@@ -31,8 +31,9 @@ import pytest
 
 from services.common.model import Envelope, TlsMode
 from services.deliver import pipelining
+from services.deliver.attempt import Attempt, Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
+from services.deliver.session import attempt
 from tests.certs import default_ca
 
 BODY = b"Subject: pipelining\r\n\r\nline one\r\n.leading dot\r\n"

@@ -27,7 +27,8 @@ import pytest
 from aiosmtplib.protocol import SMTPProtocol
 
 from services.common.model import Envelope, Reply, TlsMode
-from services.deliver.session import Attempt, Peer, Timeouts, TlsSettings, attempt
+from services.deliver.attempt import Attempt, Peer, Timeouts, TlsSettings
+from services.deliver.session import attempt
 from services.deliver.tls import Outcome
 from tests.certs import default_ca
 

@@ -22,9 +22,9 @@ from services.common import queueing, spool
 from services.common.model import Envelope, TlsMode
 from services.common.values import HostPort
 from services.deliver import dane, tlsrpt
+from services.deliver.attempt import Attempt, Peer
 from services.deliver.mtasts import Policy, parse_policy
 from services.deliver.mx import make_resolver
-from services.deliver.session import Attempt, Peer
 from services.deliver.tls import Outcome
 from services.deliver.tlsrpt import StsRound
 from tests.dnsserver import LocalDns

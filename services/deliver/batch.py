@@ -8,9 +8,11 @@ milliseconds; the lanes wait on it together). Each lane takes the next job in th
 and runs it over its own session (reused connections,
 :class:`services.deliver.pool.ConnectionPool`); the lanes but the first start once the first
 job's destination answered (or its job ended), so an unreachable destination costs one attempt
-per batch, not one per lane; at most the site's connection limit of them send to one site at
-once (more wait up to ``shaping.SHORT_WAIT``, then the job is parked as throttled). For each
-job:
+per batch, not one per lane — unless that destination took a message from this process within
+the last ``WARM`` seconds: then all lanes start at once (as Postfix starts a destination it
+knows at several deliveries at once), and a task costs no round trip of slow start. At most
+the site's connection limit of them send to one site at once (more wait up to
+``shaping.SHORT_WAIT``, then the job is parked as throttled). For each job:
 
 1. claim it (:mod:`services.deliver.claims`), reading the job's state as it is now; a job
    another worker process holds is waited for until its claim ends (recorded, or its owner
@@ -49,7 +51,8 @@ a claim's TTL, one job's round: at most 1.6 × job_timeout, plus a few Redis rou
 below ``celery.visibility_timeout`` (at least twice job_timeout, checked at start-up) after
 which kombu would hand it to a second worker.
 
-The batch's state is read in one round trip, its bodies a few megabytes at a time. When a job
+The batch's state is read in one round trip, its bodies a few megabytes at a time (the lanes'
+shared state: :mod:`services.deliver.lanes`). When a job
 finds its destination unreachable, the rest of the batch with the same route and TLS
 requirement is deferred with the same error instead of waiting out the same timeouts again.
 
@@ -66,7 +69,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -77,13 +80,15 @@ from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.common.values import format_duration
 from services.deliver import mx, session
+from services.deliver.attempt import Hooks, Peer, Timeouts
 from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
+from services.deliver.lanes import Batch, Bodies, Slots, Upcoming, unique
 from services.deliver.ledger import Ledger
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Hooks, Peer, Timeouts, attempt
+from services.deliver.session import attempt
 from services.deliver.shaping import (
     CONNECTIONS,
     PARK_CONNECTIONS,
@@ -97,7 +102,11 @@ from services.deliver.shaping import (
 
 log = logging.getLogger("tlsrelay.deliver")
 
-Unreachable = dict[tuple[Any, ...], Outcome]  # destinations that failed in this batch
+# A destination that took a message from this process this recently (seconds) is warm: a batch
+# to it starts all its lanes at once instead of trying one job first.
+WARM = 60.0
+WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
+Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
 OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
@@ -124,7 +133,8 @@ class Deliverer:
             data=delivery.data_timeout,
             pipelining=delivery.pipelining,
         )
-        self._site_slots: dict[str, _Slots] = {}  # site id → its slots on _slots_loop
+        self._answered: dict[Destination, float] = {}  # destination → last message taken here
+        self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop
         self._slots_loop: asyncio.AbstractEventLoop | None = None
 
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
@@ -139,9 +149,11 @@ class Deliverer:
         states = spool.load_jobs(self.client, [job_key(doc) for doc in docs])
         self.planner.new_batch()
         self.ledger.new_batch()
-        batch = _Batch(docs, jobs, states, _Bodies(self.client, jobs, states), _unique(jobs),
+        batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states), unique(jobs),
                        self.config.delivery.task_window)  # fmt: skip
         lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
+        if self._warm(jobs, batch.order):
+            batch.opened.set()
         try:
             ends = await asyncio.gather(
                 *(self._lane(batch, first=n == 0) for n in range(lanes)), return_exceptions=True
@@ -158,7 +170,27 @@ class Deliverer:
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
 
-    async def _lane(self, batch: _Batch, first: bool) -> None:
+    def _warm(self, jobs: Sequence[Job | None], order: Sequence[int]) -> bool:
+        """Whether the batch's first job goes to a destination that took a message from this
+        process within the last ``WARM`` seconds."""
+        first = next((jobs[i] for i in order if jobs[i] is not None), None)
+        at = self._answered.get(_destination(first)) if first is not None else None
+        return at is not None and time.monotonic() - at < WARM
+
+    def _answering(self, destination: Destination, batch: Batch) -> Callable[[], None]:
+        """What a round calls when its peer is about to take the message: the batch's other
+        lanes may start, and the destination is warm for the batches after it."""
+
+        def reached() -> None:
+            batch.opened.set()
+            self._answered.pop(destination, None)  # newest last: the oldest are dropped first
+            self._answered[destination] = time.monotonic()
+            while len(self._answered) > WARM_KEEP:
+                del self._answered[next(iter(self._answered))]
+
+        return reached
+
+    async def _lane(self, batch: Batch, first: bool) -> None:
         """One lane: the batch's next job, then the next, until none is left or time is up.
         The lanes but the first wait until the destination answered the first (or its job
         ended): an unreachable destination is then tried once per batch, not once per lane."""
@@ -177,7 +209,7 @@ class Deliverer:
             batch.opened.set()
 
     async def _step(
-        self, batch: _Batch, i: int, claimed: Claim | None
+        self, batch: Batch, i: int, claimed: Claim | None
     ) -> tuple[int | None, Claim | None]:
         """Run the batch's document ``i`` (``claimed``: its claim, when the lane took it ahead);
         return the lane's next document and its claim (None, None: the lane ends)."""
@@ -190,12 +222,12 @@ class Deliverer:
             return None, None
         taken: list[int] = []  # the document this lane takes next, claimed by its recording
 
-        def upcoming() -> _Upcoming | None:
+        def upcoming() -> Upcoming | None:
             after = batch.take()
             if after is None:
                 return None
             taken.append(after)
-            return _Upcoming.of(batch.jobs, batch.states, after)
+            return Upcoming.of(batch.jobs, batch.states, after)
 
         claimed_next: Claim | None = None
         try:
@@ -264,9 +296,9 @@ class Deliverer:
         self,
         job: Job,
         claim: Claim,
-        batch: _Batch,
+        batch: Batch,
         index: int,
-        upcoming: Callable[[], _Upcoming | None] = lambda: None,
+        upcoming: Callable[[], Upcoming | None] = lambda: None,
     ) -> tuple[Outcome | None, Claim | None]:
         """One claimed job: its outcome (None: nothing was sent) and the claim of the job
         ``upcoming()`` gives (the lane's next), taken by its recording (None: not taken)."""
@@ -287,13 +319,13 @@ class Deliverer:
         state = replace(state, body=body)
         if state.in_flight is not None:
             self.ledger.note_interrupted(job, state.in_flight)
-        decision = job.decision
-        key = (decision.domain, decision.route, decision.tls, decision.tls_profile)
+        key = _destination(job)
         unreachable = batch.unreachable
         if key in unreachable:
             outcome = unreachable[key].not_tried(pending)
         else:
-            outcome = await self._send_or_fail(job, envelope, body, pending, batch.opened.set)
+            reached = self._answering(key, batch)
+            outcome = await self._send_or_fail(job, envelope, body, pending, reached)
             if outcome.unreachable or _blocks_batch(outcome):
                 unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)
@@ -371,7 +403,7 @@ class Deliverer:
             gate.close()
             slots.give()
 
-    def _slots(self, site: Site) -> _Slots:
+    def _slots(self, site: Site) -> Slots:
         """The site's slots in this process: as many lanes as its connection limit may send to
         it at once (the leases bound all processes together; this keeps one process's lanes
         from queueing on leases that its own busy sessions hold)."""
@@ -381,7 +413,7 @@ class Deliverer:
         slots = self._site_slots.get(site.id)
         if slots is None:
             size = min(site.limits.connections, self.config.delivery.sessions_per_process)
-            slots = self._site_slots[site.id] = _Slots(size)
+            slots = self._site_slots[site.id] = Slots(size)
         return slots
 
     async def _hops(
@@ -424,6 +456,12 @@ class Deliverer:
         outcome.no_transaction(pending, errors)
 
 
+def _destination(job: Job) -> Destination:
+    """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
+    decision = job.decision
+    return (decision.domain, decision.route, decision.tls, decision.tls_profile)
+
+
 def _blocks_batch(outcome: Outcome) -> bool:
     """A throttled round whose limit holds for the rest of the batch to the same destination
     (connections, back-off, suspension; not a rate, which each message asks again)."""
@@ -455,142 +493,6 @@ def _abandoned(limit: float, data: Peer | None) -> Reply:
     return Reply(451, "4.4.2", text)
 
 
-@dataclass(frozen=True)
-class _Upcoming:
-    """The job a batch looks at next, claimed by the recording of the one before."""
-
-    key: tuple[str, str]
-    envelope: Envelope | None  # as the batch read it (None: the message was gone)
-    premark: bool  # it had something to send: its in-flight mark rides along
-
-    @classmethod
-    def of(
-        cls, jobs: Sequence[Job | None], states: Sequence[spool.JobState], index: int | None
-    ) -> _Upcoming | None:
-        job = jobs[index] if index is not None else None
-        if job is None or index is None:
-            return None
-        state = states[index]
-        return cls(job.key, state.envelope, _sendable(job, state))
-
-
-class _Batch:
-    """One task's batch as its lanes share it (one event loop: no locks): the documents in
-    order and which come next, the destinations found unreachable (or throttled), the results,
-    and the jobs not started in the task's start window (handed back at the end)."""
-
-    def __init__(
-        self,
-        docs: Sequence[Mapping[str, Any]],
-        jobs: list[Job | None],
-        states: list[spool.JobState],
-        bodies: _Bodies,
-        order: list[int],
-        window: float,
-    ) -> None:
-        self.docs, self.jobs, self.states, self.bodies = docs, jobs, states, bodies
-        self.order, self.window = order, window
-        self.started = time.monotonic()
-        self.results: list[Outcome | None] = [None] * len(docs)
-        self.unreachable: Unreachable = {}  # and destinations throttled (shaping)
-        self.opened = asyncio.Event()  # the destination answered (or a job ended): all lanes go
-        self._next = 0  # place in order of the next document to hand out
-        self._begun = 0  # jobs started
-        self._stopped = False  # the start window is over (or a lane failed)
-        self._left: list[tuple[int, Claim | None]] = []  # taken, not started: handed back
-
-    def take(self) -> int | None:
-        """The next document (its index), None when none is left or time is up."""
-        if self._stopped or self._next >= len(self.order):
-            return None
-        self._next += 1
-        return self.order[self._next - 1]
-
-    def may_start(self) -> bool:
-        """Whether a job may start now: the batch's first always, the others within the start
-        window (delivery.job_timeout / 10); after it, none."""
-        if self._begun and time.monotonic() - self.started >= self.window:
-            self._stopped = True
-        if self._stopped:
-            return False
-        self._begun += 1
-        return True
-
-    def stop(self) -> None:
-        """A lane failed: no job starts any more (nothing is handed back: the task runs again)."""
-        self._stopped = True
-
-    def leave(self, index: int, claim: Claim | None) -> None:
-        """A document a lane took but did not start (time is up), with its claim if taken."""
-        self._left.append((index, claim))
-
-    def left(self) -> list[tuple[int, Claim | None]]:
-        """What was not started, in the batch's order: the lanes' left documents and those
-        never taken."""
-        rest: list[tuple[int, Claim | None]] = []
-        if self._stopped:
-            rest = [(i, None) for i in self.order[self._next :]]
-        place = {index: n for n, index in enumerate(self.order)}
-        return sorted(self._left + rest, key=lambda item: place[item[0]])
-
-
-@dataclass
-class _Slots:
-    """How many of a process's lanes may send to one site at once (``size``)."""
-
-    size: int
-    busy: int = 0
-    freed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def take(self, wait: float) -> bool:
-        """A slot, waiting up to ``wait`` seconds for one (False: none came free)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while self.busy >= self.size:
-            self.freed.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self.freed.wait(), remaining)
-            except TimeoutError:
-                return False
-        self.busy += 1
-        return True
-
-    def give(self) -> None:
-        self.busy -= 1
-        self.freed.set()
-
-
-class _Bodies:
-    """A batch's message bodies, read a few megabytes at a time (``spool.budgeted``) as the batch
-    reaches them, and let go once used: a worker never holds a whole batch of large messages."""
-
-    def __init__(
-        self, client: redis.Redis, jobs: list[Job | None], states: list[spool.JobState]
-    ) -> None:
-        self.client = client
-        self.ids = [job.id if job else "" for job in jobs]
-        # Only jobs with something to send need their body (size 0 for the others).
-        sizes = [
-            (s.envelope.size or 1) if _sendable(j, s) and s.envelope else 0
-            for j, s in zip(jobs, states, strict=True)
-        ]
-        self.sizes = sizes
-        self.chunks = spool.budgeted(sizes)
-        self.loaded: dict[int, bytes | None] = {}
-
-    def take(self, index: int) -> bytes | None:
-        if not self.sizes[index]:
-            return None
-        if index not in self.loaded:
-            chunk = [i for i in next(c for c in self.chunks if index in c) if self.sizes[i]]
-            bodies = spool.load_bodies(self.client, [self.ids[i] for i in chunk])
-            self.loaded.update(zip(chunk, bodies, strict=True))
-        return self.loaded.pop(index)
-
-
 def _read(doc: Mapping[str, Any]) -> Job | None:
     """The job in a task's document; None (logged) for one that is not a job: it is parked."""
     try:
@@ -598,30 +500,3 @@ def _read(doc: Mapping[str, Any]) -> Job | None:
     except (KeyError, ValueError, TypeError):
         log.exception("delivery of %s to %s failed unexpectedly", *job_key(doc))
         return None
-
-
-def _unique(jobs: Sequence[Job | None]) -> list[int]:
-    """The indices of the documents to run, in order: one per (message, domain) — of two copies
-    of a job in one task, the later attempt's (the recipients left are the same), at the place
-    of the first. Documents that are not jobs are all kept (each is parked)."""
-    order: list[int] = []
-    first: dict[tuple[str, str], int] = {}  # job key → its place in order
-    for i, job in enumerate(jobs):
-        if job is None:
-            order.append(i)
-        elif job.key not in first:
-            first[job.key] = len(order)
-            order.append(i)
-        else:
-            place = first[job.key]
-            kept = jobs[order[place]]
-            if kept is not None and job.attempt > kept.attempt:
-                order[place] = i
-    return order
-
-
-def _sendable(job: Job | None, state: spool.JobState) -> bool:
-    """Whether a job has something to send, as far as ``state`` (read earlier) says."""
-    if job is None or state.envelope is None:  # not a job; or the message is gone (its body too)
-        return False
-    return bool(state.pending(job))

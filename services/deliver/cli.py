@@ -33,7 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.config import DEFAULT_SITE, Config
+from services.common.config import Config
+from services.common.deliveryconfig import DEFAULT_SITE
 from services.common.model import Decision
 from services.common.values import format_duration, parse_duration
 
@@ -143,13 +144,14 @@ def check(
     import asyncio
 
     from services.deliver import check as live
+    from services.deliver import checkreport
 
     report = asyncio.run(live.run(config, decision, relay))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         ca_name = str(config.delivery.ca_file) if config.delivery.ca_file else "the system CAs"
-        print("\n".join(live.text_lines(report, ca_name)))
+        print("\n".join(checkreport.text_lines(report, ca_name)))
     return 0 if report.ok else 1
 
 

@@ -54,7 +54,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509 import verification
 
-from services.common.config import DeliveryConfig
+from services.common.deliveryconfig import DeliveryConfig
 from services.common.model import Decision, TlsMode
 from services.deliver import mx
 

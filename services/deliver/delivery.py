@@ -26,7 +26,7 @@ from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply
 from services.common.values import format_duration
 from services.deliver import tlsrpt
-from services.deliver.session import Attempt
+from services.deliver.attempt import Attempt
 from services.deliver.shaping import Throttle
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")

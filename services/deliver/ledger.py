@@ -50,9 +50,9 @@ from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
 from services.deliver import dsn, observe, posture, scheduler, tlsrpt
+from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
-from services.deliver.session import Peer
 from services.deliver.shaping import Throttle
 
 log = logging.getLogger("tlsrelay.deliver")

@@ -48,7 +48,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
-from services.common.config import DeliveryConfig
+from services.common.deliveryconfig import DeliveryConfig
 from services.common.values import HostPort, Route
 
 _ADDRESS_TYPES = (dns.rdatatype.AAAA, dns.rdatatype.A)

@@ -21,7 +21,7 @@ from services.deliver.tls import Outcome as TlsOutcome
 
 
 class AttemptResult(Protocol):
-    """What one attempt did (``services.deliver.session.Attempt``)."""
+    """What one attempt did (``services.deliver.attempt.Attempt``)."""
 
     @property
     def mode(self) -> TlsMode: ...

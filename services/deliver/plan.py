@@ -1,7 +1,7 @@
 """The plan of one delivery round: routes → hosts → the destination policy → TLS settings per peer.
 
 :meth:`Planner.plan` turns a job's decision into a :class:`Plan`: where to connect, in order (the
-addresses of each allowed host, as :class:`~services.deliver.session.Peer` values), the decision
+addresses of each allowed host, as :class:`~services.deliver.attempt.Peer` values), the decision
 as the destination policy leaves it, and what to report — or the reply for every recipient when
 nothing can be tried:
 
@@ -39,7 +39,8 @@ from services.common.model import Decision, Reply, TlsMode
 from services.common.tenants import PLATFORM_PROFILE
 from services.common.values import HostPort, Route
 from services.deliver import destination, loops, mtasts, mx, tlsrpt
-from services.deliver.session import TLS_UNAVAILABLE, Peer, TlsSettings
+from services.deliver.attempt import Peer, TlsSettings
+from services.deliver.session import TLS_UNAVAILABLE
 
 
 @dataclass(frozen=True)

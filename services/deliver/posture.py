@@ -100,7 +100,7 @@ return failed
 
 
 class Delivered(Protocol):
-    """The attempt that ran a round's transaction (``services.deliver.session.Attempt``)."""
+    """The attempt that ran a round's transaction (``services.deliver.attempt.Attempt``)."""
 
     @property
     def outcome(self) -> TlsOutcome | None: ...

@@ -29,7 +29,8 @@ from typing import Any
 import redis
 
 from services.common import spool
-from services.common.config import DEFAULT_SITE, Config
+from services.common.config import Config
+from services.common.deliveryconfig import DEFAULT_SITE
 from services.common.jobs import Job, job_key
 from services.common.model import Reply
 from services.deliver.delivery import Outcome

@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 import redis
 
 from services.common import spool
-from services.common.config import DEFAULT_SITE, Config, SiteLimits
+from services.common.config import Config
+from services.common.deliveryconfig import DEFAULT_SITE, SiteLimits
 from services.common.values import RateLimit
 from services.deliver import observe
 

@@ -49,7 +49,7 @@ READ_BUFFER: Final = 4 * 1024  # bytes a TLS session reads at once (asyncio's de
 
 
 class Settings(Protocol):
-    """What a context depends on (``services.deliver.session.TlsSettings``)."""
+    """What a context depends on (``services.deliver.attempt.TlsSettings``)."""
 
     @property
     def mode(self) -> TlsMode: ...

@@ -64,8 +64,8 @@ import redis
 from services.common import spool
 from services.common.model import Envelope, new_message_id
 from services.deliver import dane, mtasts
+from services.deliver.attempt import Attempt
 from services.deliver.dane import DaneRound
-from services.deliver.session import Attempt
 from services.deliver.tls import Outcome as TlsOutcome
 
 KEY_PREFIX = spool.PREFIX + "tlsrpt:"

@@ -1,0 +1,196 @@
+"""The lanes' shared state for one deliver task's batch (:mod:`services.deliver.batch` runs the
+lanes; this holds what they share, on one event loop, with no locks).
+
+:class:`Batch`: the documents in the batch's order (:func:`unique`: one per job, of two copies
+the later attempt's), handed out one at a time, so a job is taken by one lane only; the task's
+*start window* (``delivery.job_timeout`` / 10), after which no job starts and the ones taken but
+not started are handed back; the destinations found unreachable (or throttled); the results.
+:class:`Upcoming`: the lane's next job, claimed by the recording of the one before.
+:class:`Slots`: how many of a process's lanes may send to one site at once. :class:`Bodies`:
+the batch's message bodies, read a few megabytes at a time as the lanes reach them and let go
+once used.
+
+Failure: nothing here raises of its own; a Redis error reading bodies propagates to the lane
+(and so to the task, which runs again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from services.common import spool
+from services.common.jobs import Job
+from services.common.model import Envelope
+from services.deliver.claims import Claim
+from services.deliver.delivery import Outcome
+
+Unreachable = dict[tuple[Any, ...], Outcome]  # destinations that failed in this batch
+
+
+@dataclass(frozen=True)
+class Upcoming:
+    """The job a batch looks at next, claimed by the recording of the one before."""
+
+    key: tuple[str, str]
+    envelope: Envelope | None  # as the batch read it (None: the message was gone)
+    premark: bool  # it had something to send: its in-flight mark rides along
+
+    @classmethod
+    def of(
+        cls, jobs: Sequence[Job | None], states: Sequence[spool.JobState], index: int | None
+    ) -> Upcoming | None:
+        job = jobs[index] if index is not None else None
+        if job is None or index is None:
+            return None
+        state = states[index]
+        return cls(job.key, state.envelope, _sendable(job, state))
+
+
+class Batch:
+    """One task's batch as its lanes share it (one event loop: no locks): the documents in
+    order and which come next, the destinations found unreachable (or throttled), the results,
+    and the jobs not started in the task's start window (handed back at the end)."""
+
+    def __init__(
+        self,
+        docs: Sequence[Mapping[str, Any]],
+        jobs: list[Job | None],
+        states: list[spool.JobState],
+        bodies: Bodies,
+        order: list[int],
+        window: float,
+    ) -> None:
+        self.docs, self.jobs, self.states, self.bodies = docs, jobs, states, bodies
+        self.order, self.window = order, window
+        self.started = time.monotonic()
+        self.results: list[Outcome | None] = [None] * len(docs)
+        self.unreachable: Unreachable = {}  # and destinations throttled (shaping)
+        self.opened = asyncio.Event()  # the destination answered (or a job ended): all lanes go
+        self._next = 0  # place in order of the next document to hand out
+        self._begun = 0  # jobs started
+        self._stopped = False  # the start window is over (or a lane failed)
+        self._left: list[tuple[int, Claim | None]] = []  # taken, not started: handed back
+
+    def take(self) -> int | None:
+        """The next document (its index), None when none is left or time is up."""
+        if self._stopped or self._next >= len(self.order):
+            return None
+        self._next += 1
+        return self.order[self._next - 1]
+
+    def may_start(self) -> bool:
+        """Whether a job may start now: the batch's first always, the others within the start
+        window (delivery.job_timeout / 10); after it, none."""
+        if self._begun and time.monotonic() - self.started >= self.window:
+            self._stopped = True
+        if self._stopped:
+            return False
+        self._begun += 1
+        return True
+
+    def stop(self) -> None:
+        """A lane failed: no job starts any more (nothing is handed back: the task runs again)."""
+        self._stopped = True
+
+    def leave(self, index: int, claim: Claim | None) -> None:
+        """A document a lane took but did not start (time is up), with its claim if taken."""
+        self._left.append((index, claim))
+
+    def left(self) -> list[tuple[int, Claim | None]]:
+        """What was not started, in the batch's order: the lanes' left documents and those
+        never taken."""
+        rest: list[tuple[int, Claim | None]] = []
+        if self._stopped:
+            rest = [(i, None) for i in self.order[self._next :]]
+        place = {index: n for n, index in enumerate(self.order)}
+        return sorted(self._left + rest, key=lambda item: place[item[0]])
+
+
+@dataclass
+class Slots:
+    """How many of a process's lanes may send to one site at once (``size``)."""
+
+    size: int
+    busy: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def take(self, wait: float) -> bool:
+        """A slot, waiting up to ``wait`` seconds for one (False: none came free)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self.busy >= self.size:
+            self.freed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.freed.wait(), remaining)
+            except TimeoutError:
+                return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
+        self.freed.set()
+
+
+class Bodies:
+    """A batch's message bodies, read a few megabytes at a time (``spool.budgeted``) as the batch
+    reaches them, and let go once used: a worker never holds a whole batch of large messages."""
+
+    def __init__(
+        self, client: redis.Redis, jobs: list[Job | None], states: list[spool.JobState]
+    ) -> None:
+        self.client = client
+        self.ids = [job.id if job else "" for job in jobs]
+        # Only jobs with something to send need their body (size 0 for the others).
+        sizes = [
+            (s.envelope.size or 1) if _sendable(j, s) and s.envelope else 0
+            for j, s in zip(jobs, states, strict=True)
+        ]
+        self.sizes = sizes
+        self.chunks = spool.budgeted(sizes)
+        self.loaded: dict[int, bytes | None] = {}
+
+    def take(self, index: int) -> bytes | None:
+        if not self.sizes[index]:
+            return None
+        if index not in self.loaded:
+            chunk = [i for i in next(c for c in self.chunks if index in c) if self.sizes[i]]
+            bodies = spool.load_bodies(self.client, [self.ids[i] for i in chunk])
+            self.loaded.update(zip(chunk, bodies, strict=True))
+        return self.loaded.pop(index)
+
+
+def unique(jobs: Sequence[Job | None]) -> list[int]:
+    """The indices of the documents to run, in order: one per (message, domain) — of two copies
+    of a job in one task, the later attempt's (the recipients left are the same), at the place
+    of the first. Documents that are not jobs are all kept (each is parked)."""
+    order: list[int] = []
+    first: dict[tuple[str, str], int] = {}  # job key → its place in order
+    for i, job in enumerate(jobs):
+        if job is None:
+            order.append(i)
+        elif job.key not in first:
+            first[job.key] = len(order)
+            order.append(i)
+        else:
+            place = first[job.key]
+            kept = jobs[order[place]]
+            if kept is not None and job.attempt > kept.attempt:
+                order[place] = i
+    return order
+
+
+def _sendable(job: Job | None, state: spool.JobState) -> bool:
+    """Whether a job has something to send, as far as ``state`` (read earlier) says."""
+    if job is None or state.envelope is None:  # not a job; or the message is gone (its body too)
+        return False
+    return bool(state.pending(job))

@@ -1,0 +1,322 @@
+"""One SMTP transaction on a session that is open, greeted and (where the TLS table says so)
+encrypted: MAIL with its options, RCPT per recipient, DATA.
+
+:func:`transaction` fills ``Attempt.replies`` with each recipient's fate, for this try: the
+server's own reply, a refused sender's reply for every recipient, or a deferral of ours (RFC 3463
+codes below) where the peer did not answer as SMTP says. It raises :class:`NextHost` when this
+address is abandoned before the message was sent: the connection lost or a reply unreadable
+before DATA, MAIL refused other than with a 5xx (or out of sequence), REQUIRETLS (5.7.30) or a
+non-ASCII address without SMTPUTF8 (5.6.7) that this host cannot take. From DATA on nothing is
+raised: every ending is a reply (RFC 1047: a connection lost after the final dot is deferred,
+never final). An answer out of step sets ``Attempt.desync``: the session is then closed, never
+reused.
+
+When the server advertises PIPELINING (in the EHLO that counts: after STARTTLS, the one over
+TLS), MAIL, every RCPT and DATA go in one write and their replies are read in order by
+:mod:`services.deliver.pipelining` (RFC 2920); each recipient's fate is the one the same replies
+give it command by command. STARTTLS itself and EHLO are never pipelined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from services.common.model import Envelope, Reply
+from services.common.protocol import REQUIRETLS
+from services.deliver import pipelining
+from services.deliver.attempt import Attempt, Hooks, Timeouts
+
+# RFC 3463 codes for failures that have no server reply of their own.
+CONNECTION_DROPPED = "4.4.2"  # RFC 3463: bad connection
+PROTOCOL_ERROR = "4.5.0"  # RFC 3463: other or undefined protocol status (deferred, never final)
+BAD_SEQUENCE = 503  # RFC 5321 §4.2.4: bad sequence of commands
+
+
+class NextHost(Exception):
+    """Abandon this address; carries the reply to record."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+async def transaction(
+    smtp: aiosmtplib.SMTP,
+    envelope: Envelope,
+    recipients: Sequence[str],
+    body: bytes,
+    result: Attempt,
+    hooks: Hooks,
+    timeouts: Timeouts,
+    reset: bool = False,
+) -> None:
+    """MAIL, RCPT per recipient, DATA. Fills ``result.replies`` with each recipient's fate.
+    ``reset``: RSET first (a parked session's check, in the group when pipelining)."""
+    options = _mail_options(smtp, envelope, result)
+    encoding = _address_encoding(envelope, recipients, options, result)
+    if timeouts.pipelining and smtp.supports_extension("pipelining"):
+        group = _Group(envelope.sender, options, recipients, reset, encoding)
+        await _pipelined(smtp, group, body, result, hooks, timeouts)
+        return
+    if reset:  # (not reached today: _reusable leaves the check in the group only when pipelining)
+        try:
+            await smtp.rset()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+    try:
+        await smtp.mail(envelope.sender, options=options, encoding=encoding)
+    except aiosmtplib.SMTPResponseException as exc:
+        heard(result, exc.code, exc.message)
+        _mail_refused(exc.code, exc.message, recipients, result)
+        return
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+    accepted = await _recipients(smtp, recipients, result, encoding)
+    if accepted:
+        hooks.before_data(result.peer)
+        result.data_sent = True
+        reply = await _data(smtp, body, timeouts.data, result)
+        result.replies.update(dict.fromkeys(accepted, reply))
+
+
+async def _recipients(
+    smtp: aiosmtplib.SMTP, recipients: Sequence[str], result: Attempt, encoding: str = "ascii"
+) -> list[str]:
+    accepted = []
+    for rcpt in recipients:
+        try:
+            await smtp.rcpt(rcpt, encoding=encoding)
+            accepted.append(rcpt)
+        except aiosmtplib.SMTPResponseException as exc:
+            heard(result, exc.code, exc.message)
+            result.replies[rcpt] = _rcpt_refused(exc.code, exc.message)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+    return accepted
+
+
+def _rcpt_refused(code: int, message: str) -> Reply:
+    """A RCPT reply that did not accept the recipient (not 250/251): the recipient's fate. A
+    2xx here (252, ...: not a RCPT reply, RFC 5321 §4.3.2) is a protocol error, deferred 4.5.0,
+    never a success: no DATA is sent for that recipient."""
+    if 200 <= code < 300:
+        why = f"protocol error: {code} {' '.join(message.split())[:200]} in reply to RCPT"
+        return Reply(451, PROTOCOL_ERROR, why)
+    return _peer_reply(code, message)
+
+
+async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Attempt) -> Reply:
+    """DATA, the body, the final dot. Success is exactly ``354`` then ``250`` (RFC 5321
+    §4.3.2); any other 2xx/3xx (a server skipping a step, a stale reply left by a doubled
+    RCPT answer) means the body may never have been read: a protocol error, deferred 4.5.0."""
+    try:
+        response = await smtp.data(body, timeout=timeout)
+    except aiosmtplib.SMTPResponseException as exc:
+        if not 400 <= exc.code < 600:
+            result.desync = True
+            return Reply(451, PROTOCOL_ERROR, f"protocol error: {_reply(exc)} in reply to DATA")
+        return server_reply(exc)
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
+        return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {text(exc)}")
+    result.clean = True
+    return Reply.parse(response.code, response.message)
+
+
+def _mail_refused(code: int, message: str, recipients: Sequence[str], result: Attempt) -> None:
+    """MAIL got ``code``, not 250: a refused sender is every recipient's reply (5xx), anything
+    else is the next host's turn."""
+    if code == BAD_SEQUENCE:  # the server still holds a transaction: never a bounce
+        result.desync = True
+        why = f"MAIL out of sequence: {code} {message[:200]}"
+        raise NextHost(Reply(451, PROTOCOL_ERROR, why))
+    if code >= 500:  # the sender is refused: the same for every recipient
+        result.replies = dict.fromkeys(recipients, _peer_reply(code, message))
+        return
+    raise NextHost(_peer_reply(code, message))
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What one pipelined group says: [RSET], MAIL with its options, RCPT each, DATA."""
+
+    sender: str
+    options: list[str]
+    recipients: Sequence[str]
+    reset: bool = False
+    encoding: str = "ascii"  # of the addresses: utf-8 under SMTPUTF8 (RFC 6531)
+
+    def commands(self) -> bytes:
+        reset = b"RSET\r\n" if self.reset else b""
+        return reset + pipelining.envelope_commands(
+            self.sender, self.options, self.recipients, self.encoding
+        )
+
+
+async def _pipelined(
+    smtp: aiosmtplib.SMTP,
+    group: _Group,
+    body: bytes,
+    result: Attempt,
+    hooks: Hooks,
+    timeouts: Timeouts,
+) -> None:
+    """:func:`transaction` as one group (RFC 2920): MAIL, every RCPT and DATA in one write,
+    their replies read in order, the message sent after DATA's ``354`` only when a recipient was
+    accepted (§3.1). Each recipient gets the fate the same replies give it one command at a
+    time; the session is kept only when every reply was read and nothing more was said. A
+    reply to MAIL or RCPT that is not an SMTP reply leaves the rest unpaired: next host (the
+    message was not sent). A parked session's RSET may lead the group: anything but 250 to it
+    is a session that died while parked (next host, nothing sent: a fresh session is tried)."""
+    commands, recipients = group.commands(), group.recipients
+    try:
+        with pipelining.Pipeline(smtp) as pipe:
+            pipe.send(commands)
+            if group.reset:
+                reset = await _group_reply(pipe, timeouts.command, result)
+                if reset.code != 250:
+                    why = f"parked session answered RSET with {reset.code} {reset.text[:200]}"
+                    raise NextHost(Reply(421, CONNECTION_DROPPED, why))
+            mail = await _group_reply(pipe, timeouts.command, result)
+            if mail.code != 250:
+                heard(result, mail.code, mail.text)
+                _mail_refused(mail.code, mail.text, recipients, result)
+                return  # the rest of the group is not read: the session is closed
+            accepted = []
+            for rcpt in recipients:
+                reply = await _group_reply(pipe, timeouts.command, result)
+                if reply.code in (250, 251):  # aiosmtplib's rcpt() accepts exactly these
+                    accepted.append(rcpt)
+                else:
+                    heard(result, reply.code, reply.text)
+                    result.replies[rcpt] = _rcpt_refused(reply.code, reply.text)
+            if not accepted:
+                await _no_data(pipe, timeouts.command)
+                return
+            result.data_sent = True
+            end = await _pipelined_data(pipe, body, result, hooks, timeouts.data)
+            result.replies.update(dict.fromkeys(accepted, end))
+    except pipelining.Disconnected as exc:  # a parked session that died: nothing was sent
+        raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+
+
+async def _group_reply(
+    pipe: pipelining.Pipeline, timeout: float, result: Attempt
+) -> pipelining.RawReply:
+    """The next reply to MAIL or RCPT; unreadable → next host (as a lost connection is when the
+    commands go one by one)."""
+    try:
+        return await pipe.reply(timeout)
+    except pipelining.Malformed as exc:
+        result.desync = True
+        raise NextHost(Reply(451, PROTOCOL_ERROR, f"invalid SMTP reply: {exc}")) from None
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+
+
+async def _no_data(pipe: pipelining.Pipeline, timeout: float) -> None:
+    """Every recipient was refused, yet DATA was sent: it must be refused too (RFC 2920 §3.1),
+    and then the session goes on (RSET before reuse). A peer that answers it ``354`` instead has
+    shown it does not keep to §3.1: nothing more is sent to it (not even the lone dot §3.1
+    suggests) and the session is closed."""
+    try:
+        reply = await pipe.reply(timeout)
+    except (TimeoutError, pipelining.ReplyError):
+        return
+    if reply.code != 354:
+        pipe.finish()
+
+
+async def _pipelined_data(
+    pipe: pipelining.Pipeline, body: bytes, result: Attempt, hooks: Hooks, timeout: float
+) -> Reply:
+    """DATA's reply, then the message and its final reply: what :func:`_data` makes of them."""
+    try:
+        start = await pipe.reply(timeout)
+        if start.code == 354:
+            hooks.before_data(result.peer)
+            pipe.send(pipelining.message_data(body))
+            final = await pipe.reply(timeout)
+            if final.code == 250:
+                pipe.finish()
+                result.clean = True
+                return Reply.parse(final.code, final.text)
+            start = final
+    except pipelining.Malformed as exc:
+        result.desync = True
+        return Reply(451, PROTOCOL_ERROR, f"protocol error: {exc} in reply to DATA")
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
+        return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {text(exc)}")
+    if not 400 <= start.code < 600:
+        result.desync = True
+        why = f"{start.code} {start.text[:200]}"
+        return Reply(451, PROTOCOL_ERROR, f"protocol error: {why} in reply to DATA")
+    pipe.finish()  # refused: the server may hold the transaction (RSET before reuse)
+    return _peer_reply(start.code, start.text)
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, result: Attempt) -> list[str]:
+    """Pass on BODY=8BITMIME and SMTPUTF8 where the peer supports them, and REQUIRETLS always.
+
+    RFC 8689 §4.2.1: a REQUIRETLS message is relayed only over TLS to a host that advertises
+    REQUIRETLS; anything else is a permanent failure for this host (5.7.30).
+    """
+    options = []
+    for option in envelope.mail_options:
+        keyword = option.split("=", 1)[0].upper()
+        if keyword == "BODY" and smtp.supports_extension("8bitmime"):
+            options.append(option)
+        elif keyword == "SMTPUTF8" and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+        elif keyword == REQUIRETLS:
+            if result.tls_version is None or not smtp.supports_extension("requiretls"):
+                host = result.peer.host
+                raise NextHost(Reply(550, "5.7.30", f"REQUIRETLS not supported by {host}"))
+            options.append(REQUIRETLS)
+    return options
+
+
+def _address_encoding(
+    envelope: Envelope, recipients: Sequence[str], options: Sequence[str], result: Attempt
+) -> str:
+    """How the envelope's addresses go on the wire: UTF-8 when SMTPUTF8 is passed on (RFC 6531
+    §3.2), else ASCII. A non-ASCII address to a host without SMTPUTF8 cannot be sent as it is:
+    a permanent failure for this host (§3.4: 5.6.7), the next host may take it."""
+    if "SMTPUTF8" in options:
+        return "utf-8"
+    if not all(address.isascii() for address in (envelope.sender, *recipients)):
+        why = f"{result.peer.host} does not support SMTPUTF8, needed by a non-ASCII address"
+        raise NextHost(Reply(550, "5.6.7", why))
+    return "ascii"
+
+
+def heard(result: Attempt, code: int, message: str) -> None:
+    """Note the destination's reply line (a real reply, not aiosmtplib's code -1) for the
+    back-off patterns (services/deliver/shaping.py)."""
+    if 200 <= code < 600:
+        result.server_replies.append(f"{code} {' '.join(message.split())[:500]}")
+
+
+def server_reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
+    return _peer_reply(exc.code, exc.message)
+
+
+def _peer_reply(code: int, message: str) -> Reply:
+    """The peer's reply; a line that is not an SMTP reply at all (aiosmtplib's code -1) is a
+    temporary protocol failure (RFC 3463 X.5.0), never a permanent one."""
+    if 200 <= code < 600:
+        return Reply.parse(code, message)
+    return Reply(451, "4.5.0", f"invalid SMTP reply from server: {message[:200]!r}")
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
+    """A reply that is not taken at its word, as text for the trace (folded by Reply)."""
+    return f"{exc.code} {exc.message[:200]}"
+
+
+def text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
