@@ -20,8 +20,9 @@ import pytest
 
 from services.common.model import Envelope, TlsMode
 from services.deliver import pipelining
+from services.deliver.attempt import Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import Peer, Timeouts, TlsSettings, _close_and_wait, attempt
+from services.deliver.session import _close_and_wait, attempt
 from services.deliver.tlscontext import READ_BUFFER, bound_read_buffers
 from tests.peers import Sink
 
