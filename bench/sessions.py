@@ -20,7 +20,12 @@ Steps:
    processes × sessions client sessions, all connected before any sends (``connect_first``):
    they send together, ingest's group commit writes a commit of (nearly) a message from every
    session, and policy splits each into deliver tasks of ``batch_max`` jobs. Once policy has
-   classified them all, the jobs per queued deliver task are counted (``task_jobs_max``).
+   classified them all, the jobs per queued deliver task are counted, in the order they will be
+   taken (``task_jobs``). ``first_tasks_full``: the first task of every process holds as many
+   jobs as it has lanes, so that all its sessions open together. When ingest could not take a
+   message from every client session within its 1 s window (a busy machine), a commit, and so a
+   task, falls short and the opening is split over two tasks: fewer handshakes at once, a lower
+   peak. Such a run does not measure the shape; run it again.
 3. ``tlsrelay deliver`` starts and works the queue off. Every ``--sample`` seconds: the sessions
    open at the sink (the sink counts them, TLS or not), and per deliver process (pool children
    included) ``VmRSS``, ``VmHWM`` and its open sockets. *At the peak*: per process, the highest
@@ -192,10 +197,11 @@ def without_deliver(relay: TlsRelay) -> Iterator[TlsRelay]:
 
 
 def task_sizes(db: redis.Redis) -> list[int]:
-    """Jobs per ``deliver`` task waiting in the Celery queue (kombu's JSON envelope, the body
-    base64-encoded JSON ``[args, kwargs, embed]``)."""
+    """Jobs per ``deliver`` task waiting in the Celery queue, in the order they will be taken
+    (kombu pushes on the left and pops on the right; its JSON envelope, the body base64-encoded
+    JSON ``[args, kwargs, embed]``)."""
     sizes = []
-    for raw in db.lrange(queueing.DELIVER_LIST, 0, -1):
+    for raw in reversed(db.lrange(queueing.DELIVER_LIST, 0, -1)):
         envelope = json.loads(raw)
         args = json.loads(base64.b64decode(envelope["body"]))[0]
         jobs = args[0] if args else []
@@ -325,6 +331,8 @@ def report(
         "refused": len(doc["failed"]),
         "deliver_tasks": len(sizes),
         "task_jobs_max": max(sizes, default=0),
+        "task_jobs": sizes,
+        "first_tasks_full": _first_full(sizes, args.processes, args.sessions),
         "delivered": len(seen),
         "lost": workload.messages - len(seen),
         "duplicates": sum(n - 1 for n in seen.values()),
@@ -340,15 +348,23 @@ def report(
     }
 
 
+def _first_full(sizes: list[int], processes: int, sessions: int) -> bool:
+    """Whether the first task of every process fills its lanes: then all the sessions of the
+    shape open together (else the opening was split over tasks: fewer handshakes at once)."""
+    return len(sizes) >= processes and all(size == sessions for size in sizes[:processes])
+
+
 def _mb(kb: int) -> float:
     return round(kb / 1024, 1)
 
 
 def table(r: dict[str, Any]) -> str:
+    first = "full" if r["first_tasks_full"] else "NOT full: the sessions did not all open together"
     lines = [
         f"sessions in flight: {r['processes']} deliver process(es) × {r['sessions_per_process']} "
         f"sessions, RTT {r['rtt_ms']:g} ms, {r['messages']} messages × {r['size']} B",
-        f"  queued in {r['deliver_tasks']} deliver tasks (≤ {r['task_jobs_max']} jobs); "
+        f"  queued in {r['deliver_tasks']} deliver tasks (≤ {r['task_jobs_max']} jobs; the first "
+        f"per process {first}); "
         f"delivered {r['delivered']} in {r['deliver_seconds']} s, lost {r['lost']}, "
         f"duplicates {r['duplicates']}",
         f"  sessions open at the sink: peak {r['sink_sessions_peak']} "

@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 FIELDS = {
     "processes", "sessions_per_process", "rtt_ms", "messages", "size", "client_sessions",
     "settings", "accepted", "refused", "deliver_tasks", "task_jobs_max", "delivered", "lost",
-    "duplicates", "deliver_seconds", "sink_sessions_peak", "sink_sessions_peak_at_s",
-    "sink_connections", "tls_handshakes", "deliver_rss_mb", "deliver_max_rss_mb", "limit_mb",
-    "within_limit",
+    "duplicates", "task_jobs", "first_tasks_full", "deliver_seconds", "sink_sessions_peak",
+    "sink_sessions_peak_at_s", "sink_connections", "tls_handshakes", "deliver_rss_mb",
+    "deliver_max_rss_mb", "limit_mb", "within_limit",
 }  # fmt: skip
 PROCESS_FIELDS = {"pid", "role", "peak_mb", "at_peak_mb", "sockets_at_peak", "sockets_max"}
 
@@ -37,6 +37,7 @@ def test_sessions_bench_runs_small_and_reports_every_field(tmp_path: Path) -> No
     assert report["settings"]["delivery.sessions_per_process"] == 10
     assert 1 <= report["sink_sessions_peak"] <= 20  # never above the site's connection limit
     assert report["task_jobs_max"] <= 10  # delivery.batch_max = sessions per process
+    assert sum(report["task_jobs"]) == 40 and len(report["task_jobs"]) == report["deliver_tasks"]
     rows = report["deliver_rss_mb"]
     assert len(rows) == 1 + 2, "the deliver main process and its 2 pool processes"
     assert rows[0]["role"] == "main"
