@@ -5,7 +5,8 @@ Shape: ``--processes`` deliver processes (``delivery.concurrency``) × ``--sessi
 (``delivery.sessions_per_process``), every lane over its own STARTTLS session to the sink, which
 is ``--rtt`` away through the delay line (:mod:`bench.delayline`): a new session takes about 9
 round trips (connect, greeting, EHLO, STARTTLS, handshake, EHLO, the pipelined group, the
-message), so a long round trip holds every session open at once.
+message), so a long round trip holds every session open at once. ``--clear``: to the sink's
+listener without STARTTLS instead (what the sessions cost without TLS).
 
 Steps:
 
@@ -20,12 +21,13 @@ Steps:
    processes × sessions client sessions, all connected before any sends (``connect_first``):
    they send together, ingest's group commit writes a commit of (nearly) a message from every
    session, and policy splits each into deliver tasks of ``batch_max`` jobs. Once policy has
-   classified them all, the jobs per queued deliver task are counted, in the order they will be
-   taken (``task_jobs``). ``first_tasks_full``: the first task of every process holds as many
-   jobs as it has lanes, so that all its sessions open together. When ingest could not take a
-   message from every client session within its 1 s window (a busy machine), a commit, and so a
-   task, falls short and the opening is split over two tasks: fewer handshakes at once, a lower
-   peak. Such a run does not measure the shape; run it again.
+   classified them all, the queued deliver tasks are put largest first (only their order
+   changes) and counted (``task_jobs``, in the order they will be taken). When ingest could not
+   take a message from every client session within its 1 s window (a busy machine), a commit,
+   and so a task, falls short; taken first, it would split the opening of the sessions over two
+   tasks (fewer handshakes at once, a lower peak). ``first_tasks_full``: the first task of every
+   process holds as many jobs as it has lanes, so that all its sessions open together; a run
+   without it does not measure the shape (run it again, or with more ``--rounds``).
 3. ``tlsrelay deliver`` starts and works the queue off. Every ``--sample`` seconds: the sessions
    open at the sink (the sink counts them, TLS or not), and per deliver process (pool children
    included) ``VmRSS``, ``VmHWM`` and its open sockets. *At the peak*: per process, the highest
@@ -196,17 +198,25 @@ def without_deliver(relay: TlsRelay) -> Iterator[TlsRelay]:
         relay.stop()
 
 
-def task_sizes(db: redis.Redis) -> list[int]:
-    """Jobs per ``deliver`` task waiting in the Celery queue, in the order they will be taken
-    (kombu pushes on the left and pops on the right; its JSON envelope, the body base64-encoded
-    JSON ``[args, kwargs, embed]``)."""
-    sizes = []
-    for raw in reversed(db.lrange(queueing.DELIVER_LIST, 0, -1)):
-        envelope = json.loads(raw)
-        args = json.loads(base64.b64decode(envelope["body"]))[0]
-        jobs = args[0] if args else []
-        sizes.append(len(jobs) if isinstance(jobs, list) else 1)
-    return sizes
+def largest_first(db: redis.Redis) -> list[int]:
+    """Put the queued ``deliver`` tasks in the order largest first (the deliver worker is not
+    running yet: nothing else reads the list) and return their sizes in jobs, in the order they
+    will be taken. kombu pushes on the left and pops on the right; a task is kombu's JSON
+    envelope, its body base64-encoded JSON ``[args, kwargs, embed]``."""
+    raws = db.lrange(queueing.DELIVER_LIST, 0, -1)
+    tasks = sorted(((_jobs(raw), raw) for raw in raws), key=lambda task: task[0])
+    with db.pipeline(transaction=True) as pipe:
+        pipe.delete(queueing.DELIVER_LIST)
+        if tasks:
+            pipe.rpush(queueing.DELIVER_LIST, *(raw for _, raw in tasks))
+        pipe.execute()
+    return [size for size, _ in reversed(tasks)]
+
+
+def _jobs(raw: bytes | str) -> int:
+    args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+    jobs = args[0] if args else []
+    return len(jobs) if isinstance(jobs, list) else 1
 
 
 def send(relay: TlsRelay, workload: Workload, root: Path) -> dict[str, Any]:
@@ -242,7 +252,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     )
     settings = {**shape_settings(args.processes, args.sessions), **overrides_of(args)}
     with SinkProcess(root / "sink.log", args.rtt) as sink:
-        routes = {DOMAIN: f"127.0.0.1:{sink.tls_port}"}
+        routes = {DOMAIN: f"127.0.0.1:{sink.plain_port if args.clear else sink.tls_port}"}
         relay = TlsRelay(root / "tlsrelay", routes, overrides=settings)
         say(f"starting tlsrelay ingest and policy (logs in {relay.root})")
         with (
@@ -252,7 +262,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             say(f"queueing {messages} messages over {workload.sessions} client sessions")
             doc = send(relay, workload, root)
             wait_classified(db, relay, args.deadline)
-            sizes = task_sizes(db)
+            sizes = largest_first(db)
             say(f"{len(doc['accepted'])} accepted, {len(sizes)} deliver tasks of at most "
                 f"{max(sizes, default=0)} jobs; starting deliver")  # fmt: skip
             run = deliver(relay, sink, len(doc["accepted"]), args.sample, args.deadline)
@@ -323,6 +333,7 @@ def report(
         "processes": args.processes,
         "sessions_per_process": args.sessions,
         "rtt_ms": round(args.rtt * 1000, 1),
+        "tls": not args.clear,
         "messages": workload.messages,
         "size": workload.size,
         "client_sessions": workload.sessions,
@@ -362,7 +373,8 @@ def table(r: dict[str, Any]) -> str:
     first = "full" if r["first_tasks_full"] else "NOT full: the sessions did not all open together"
     lines = [
         f"sessions in flight: {r['processes']} deliver process(es) × {r['sessions_per_process']} "
-        f"sessions, RTT {r['rtt_ms']:g} ms, {r['messages']} messages × {r['size']} B",
+        f"sessions{'' if r['tls'] else ' in clear'}, RTT {r['rtt_ms']:g} ms, "
+        f"{r['messages']} messages × {r['size']} B",
         f"  queued in {r['deliver_tasks']} deliver tasks (≤ {r['task_jobs_max']} jobs; the first "
         f"per process {first}); "
         f"delivered {r['delivered']} in {r['deliver_seconds']} s, lost {r['lost']}, "
@@ -392,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--size", type=int, default=2048, help="bytes per message (default %(default)s)")
     add("--rtt", type=parse_rtt, default=1.0, metavar="TIME",
         help="round trip between the relay and the sink (default 1s)")  # fmt: skip
+    add("--clear", action="store_true", help="to the sink's listener without STARTTLS")
     add("--sample", type=float, default=0.2, help="seconds between samples")
     add("--limit-mb", type=float, default=150.0, help="RSS limit per deliver process")
     add("--deadline", type=float, default=300.0, help="seconds for the deliveries")

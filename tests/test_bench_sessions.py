@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = {
-    "processes", "sessions_per_process", "rtt_ms", "messages", "size", "client_sessions",
+    "processes", "sessions_per_process", "rtt_ms", "tls", "messages", "size", "client_sessions",
     "settings", "accepted", "refused", "deliver_tasks", "task_jobs_max", "delivered", "lost",
     "duplicates", "task_jobs", "first_tasks_full", "deliver_seconds", "sink_sessions_peak",
     "sink_sessions_peak_at_s", "sink_connections", "tls_handshakes", "deliver_rss_mb",
