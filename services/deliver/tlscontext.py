@@ -28,8 +28,8 @@ receive buffer of ``SSLProtocol.max_size`` — 256 KiB — per connection for it
 reads decrypted data in chunks of that size: 1 000 sessions held 250 MB. SMTP replies are a few
 hundred bytes, a server's handshake flight a few kilobytes: :data:`READ_BUFFER` (4 KiB) reads
 the same bytes, a larger record in several reads (as any partial read), for 4 KiB per session
-(16 KiB, one full TLS record, still cost 12 MB more per 1 000 sessions, and the 1 000 did not
-fit in 150 MB).
+(16 KiB, one full TLS record, cost 12 MB more per 1 000 sessions: bench/README.md, "Sessions in
+flight").
 """
 
 from __future__ import annotations
