@@ -114,6 +114,10 @@ log = logging.getLogger("tlsrelay.deliver")
 WARM = 60.0
 WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
 Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
+# How long a lane waits for a session of its own process's other lanes to come free when every
+# connection to the site is taken (their transactions end; longer → parked as throttled), at
+# most half of delivery.job_timeout (a round that outlasts it is abandoned as an attempt).
+SIBLING_WAIT = 30.0
 OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
@@ -433,20 +437,31 @@ class Deliverer:
     ) -> None:
         """The round's share of the site: a slot of this process, then a session per address
         (a parked one, or a new one with a lease); else the round is throttled."""
-        slots = self._slots(gate.site)
-        if not await slots.take(SHORT_WAIT):  # this process's lanes hold the site's limit
-            outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
-            return
-        try:
-            await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
-        finally:
-            gate.close()
-            slots.give()
+        slots, wait = self._slots(gate.site), SHORT_WAIT
+        while True:
+            if not await slots.take(wait):  # this process's lanes hold the site's limit
+                outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
+                return
+            try:
+                await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
+            finally:
+                gate.close()
+                slots.give()
+            # Every connection to the site is taken, some by this process's other lanes: send
+            # over theirs (the next that comes free), not park the job and the rest of its batch.
+            if not _no_connection(outcome) or not slots.shrink():
+                break
+            outcome.throttled = None
+            wait = min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)  # never abandoned
+        if outcome.attempts and time.monotonic() >= self.shaper.full.get(gate.site.id, 0.0):
+            slots.grow()  # the site had room of late: this process may try one more session
 
     def _slots(self, site: Site) -> Slots:
         """The site's slots in this process: as many lanes as its connection limit may send to
         it at once (the leases bound all processes together; this keeps one process's lanes
-        from queueing on leases that its own busy sessions hold)."""
+        from queueing on leases that its own busy sessions hold). When the site's connections
+        are all taken, the slots shrink to the sessions this process holds there, and grow back
+        one at a time while the site has room (:meth:`Slots.shrink`)."""
         loop = asyncio.get_running_loop()
         if self._slots_loop is not loop:  # a worker has one loop; tests may run several
             self._slots_loop, self._site_slots = loop, {}
@@ -500,6 +515,12 @@ def _destination(job: Job) -> Destination:
     """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
     decision = job.decision
     return (decision.domain, decision.route, decision.tls, decision.tls_profile)
+
+
+def _no_connection(outcome: Outcome) -> bool:
+    """The round found no connection to its site free in time and tried nothing."""
+    throttle = outcome.throttled
+    return throttle is not None and throttle.reason == CONNECTIONS and not outcome.attempts
 
 
 def _blocks_batch(outcome: Outcome) -> bool:
