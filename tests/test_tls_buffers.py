@@ -94,7 +94,8 @@ def test_a_pipelined_write_goes_out_in_chunks_of_at_most_16_kib(size: int) -> No
     pipe = pipelining.Pipeline.__new__(pipelining.Pipeline)
     recorder = _Recorder()
     pipe._transport = recorder  # type: ignore[assignment]
-    pipe.send(data)
+    pipe.reader = pipelining.ReplyReader()
+    asyncio.run(pipe.send(data))
     assert b"".join(recorder.writes) == data
     assert all(0 < len(w) <= pipelining.WRITE_CHUNK == 16 * 1024 for w in recorder.writes)
     assert len(recorder.writes) == -(-size // pipelining.WRITE_CHUNK)
