@@ -421,6 +421,8 @@ class Deliverer:
     def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
         """The site's line (services/deliver/shaping.py): asked for a job that waited in it,
         or at a site where this process saw one lately; older jobs waiting there go first."""
+        if not self.config.delivery.shaping.line:
+            return None  # off: not asked (a line left from when it was on holds no one)
         if job.throttled is None and not self.shaper.queued(site):
             return None
         return self.shaper.admit(site, envelope.received_at)
