@@ -36,7 +36,7 @@ def test_a_reset_after_354_stops_the_write_and_defers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     envelope = Envelope(
-        new_message_id(), "s@origin.test", ["r@reset.test"], received_at=time.time()
+        new_message_id(), "s@origin.test", ("r@reset.test",), received_at=time.time()
     )
     with store.pipeline(transaction=True) as pipe:
         spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)

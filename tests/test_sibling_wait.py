@@ -41,7 +41,7 @@ class OtherWorkers:
         self.seen += 1
         if self.seen == 3:
             theirs = {f"other-{n}": time.time() + 3600 for n in range(3)}
-            self.store.zadd(spool.site_key("leases", SITE), theirs)  # type: ignore[arg-type]
+            self.store.zadd(spool.site_key("leases", SITE), theirs)
         return STEP * self.seen
 
 
