@@ -14,6 +14,8 @@ Kinds:
 - ``busy``: greets, then answers EHLO with ``421 4.3.2`` (a session that reached a greeting).
 - ``hang_at_quit``: a normal session that takes the message (``250`` to the final dot), then
   never answers ``QUIT``.
+- ``reset_after_354``: advertises PIPELINING, answers DATA ``354``, then resets the connection
+  (TCP RST) before the message comes.
 
 ``connections`` counts accepted connections; ``data_received`` counts messages whose final dot
 arrived (the relay may believe they were not delivered).
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import threading
 from typing import Literal
 
@@ -30,7 +34,7 @@ from tests.background import Background
 
 Kind = Literal[
     "silent", "hang_after_data", "drop_after_data", "garbage",
-    "refuse_first_data", "data_250", "double_rcpt", "busy", "hang_at_quit",
+    "refuse_first_data", "data_250", "double_rcpt", "busy", "hang_at_quit", "reset_after_354",
 ]  # fmt: skip
 
 
@@ -114,8 +118,17 @@ class BadPeer(Background):
             elif verb in (b"EHLO", b"HELO") and self.kind == "busy":
                 self._reply(writer, b"421 4.3.2 too busy, try later")
                 return
+            elif verb in (b"EHLO", b"HELO") and self.kind == "reset_after_354":
+                writer.write(b"250-bad.peer.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
             elif verb in (b"EHLO", b"HELO"):
                 writer.write(b"250-bad.peer.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA" and self.kind == "reset_after_354":
+                self._reply(writer, b"354 go ahead")
+                await writer.drain()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # linger 0: a reset, not an orderly close
+                return
             elif verb == b"MAIL" and in_mail:
                 self._reply(writer, b"503 5.5.1 Error: nested MAIL command")
             elif verb == b"MAIL":

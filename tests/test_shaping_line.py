@@ -359,3 +359,40 @@ def test_the_line_is_off_unless_configured() -> None:
     on = Config.model_validate({"delivery": {"shaping": {"line": "on"}}})
     assert shaping.joins_line(on, throttle)
     assert not shaping.joins_line(on, Throttle(shaping.SUSPENDED, site, 60.0))
+
+
+def test_a_line_left_when_it_is_turned_off_holds_no_one_up(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An operator turns ``delivery.shaping.line`` off (it halved a saturated site's
+    throughput) while mail waits in a site's line: off means off, so younger mail is no longer
+    held behind it, by the lease or by the worker's own question; the jobs of the old line go
+    as they come due, and leave it."""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    config = shaped(tmp_path, valkey, sink, connections=1)  # the line's front: 2 jobs
+    old = [queue(store, name, age) for name, age in (("a", 30), ("b", 20), ("c", 10))]
+    hold_the_site(store)
+    assert deliver(config, store, old) == [None, None, None]
+    assert line(store) == ["a", "b", "c"]
+    free_the_site(store)
+    off = config.model_copy(
+        update={
+            "delivery": config.delivery.model_copy(
+                update={"shaping": config.delivery.shaping.model_copy(update={"line": False})}
+            )
+        }
+    )
+    young = queue(store, "young")
+    (outcome,) = deliver(off, store, [young])
+    assert outcome is not None and list(outcome.delivered) == ["young@shaped.test"]
+    assert reasons(store, young) == [], "not parked behind a line that is off"
+    free_the_site(store)
+    for _ in range(6):
+        docs = come_due(store, time.time() + shaping.PARK_CONNECTIONS)
+        if not docs:
+            break
+        deliver(off, store, docs)
+        free_the_site(store)
+    assert sorted(arrived(sink)) == ["a", "b", "c", "young"], sink.summary()
+    assert not store.exists(spool.site_key("line", "s")) and not store.zcard(spool.DEFERRED)

@@ -94,7 +94,38 @@ def test_a_pipelined_write_goes_out_in_chunks_of_at_most_16_kib(size: int) -> No
     pipe = pipelining.Pipeline.__new__(pipelining.Pipeline)
     recorder = _Recorder()
     pipe._transport = recorder  # type: ignore[assignment]
-    pipe.send(data)
+    pipe.reader = pipelining.ReplyReader()
+    asyncio.run(pipe.send(data))
     assert b"".join(recorder.writes) == data
     assert all(0 < len(w) <= pipelining.WRITE_CHUNK == 16 * 1024 for w in recorder.writes)
     assert len(recorder.writes) == -(-size // pipelining.WRITE_CHUNK)
+
+
+MANY = tuple(f"X-EXTENSION-{n:02d} " + "a" * 100 for n in range(60))  # an EHLO reply of ~7 kB
+LONG = ("X-LONG " + "b" * 8000,)  # one line near aiosmtplib's limit of 8 KiB
+
+
+@pytest.mark.usefixtures("asyncio_default")
+@pytest.mark.parametrize("extensions", [MANY, LONG], ids=["60-extensions", "8-KiB-line"])
+def test_a_reply_larger_than_the_read_buffer_arrives_whole_over_tls(
+    extensions: tuple[str, ...],
+) -> None:
+    """The EHLO after STARTTLS spans several 4 KiB reads: read whole, the delivery goes on."""
+    bound_read_buffers()
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    envelope = Envelope(id="B2", sender="s@relay.test", recipients=("r@dest.test",), size=len(BODY))
+    with Sink("starttls", extensions=extensions) as sink:
+        peer = Peer("mx.dest.test", sink.host, sink.port, "mx.dest.test")
+
+        async def deliver() -> None:
+            result = await attempt(
+                peer, envelope, ["r@dest.test"], BODY, TlsSettings(TlsMode.OPPORTUNISTIC),
+                Timeouts("relay.test", connect=5, command=10, greeting=10, data=10), pool=pool,
+            )  # fmt: skip
+            assert result.tls_version is not None and result.replies["r@dest.test"].code == 250
+            (parked,) = [p for sessions in pool._idle.values() for p in sessions]
+            assert parked.smtp.supports_extension(extensions[0].split()[0].lower())
+            await _close_and_wait(parked.smtp)
+
+        asyncio.run(deliver())
+    assert len(sink.messages) == 1 and sink.messages[0].tls

@@ -421,6 +421,8 @@ class Deliverer:
     def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
         """The site's line (services/deliver/shaping.py): asked for a job that waited in it,
         or at a site where this process saw one lately; older jobs waiting there go first."""
+        if not self.config.delivery.shaping.line:
+            return None  # off: not asked (a line left from when it was on holds no one)
         if job.throttled is None and not self.shaper.queued(site):
             return None
         return self.shaper.admit(site, envelope.received_at)
@@ -438,6 +440,7 @@ class Deliverer:
         """The round's share of the site: a slot of this process, then a session per address
         (a parked one, or a new one with a lease); else the round is throttled."""
         slots, wait = self._slots(gate.site), SHORT_WAIT
+        until: float | None = None  # when the wait for the siblings' sessions ends, in all
         while True:
             if not await slots.take(wait):  # this process's lanes hold the site's limit
                 outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
@@ -451,8 +454,15 @@ class Deliverer:
             # over theirs (the next that comes free), not park the job and the rest of its batch.
             if not _no_connection(outcome) or not slots.shrink():
                 break
+            # One wait in all, however often a sibling's session comes free and goes elsewhere
+            # (to another worker, its lease taken): never abandoned, its worker not held longer.
+            now = time.monotonic()
+            if until is None:
+                until = now + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
+            if now >= until:
+                break  # throttled (outcome.throttled is still set)
             outcome.throttled = None
-            wait = min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)  # never abandoned
+            wait = until - now
         if outcome.attempts and time.monotonic() >= self.shaper.full.get(gate.site.id, 0.0):
             slots.grow()  # the site had room of late: this process may try one more session
 

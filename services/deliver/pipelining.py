@@ -175,17 +175,27 @@ class Pipeline:
         else:
             self.smtp.close()
 
-    def send(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> None:
         """Write ``data`` :data:`WRITE_CHUNK` bytes at a time. asyncio's TLS transport encrypts
         each write whole into its outgoing memory BIO before passing it on, and that buffer keeps
         its largest size as long as the session lives: one write of the whole message left every
         session holding a copy the size of the largest message it sent (1 000 sessions that sent
         100 kB each: 100 MB). The bytes on the wire are the same: OpenSSL cuts records at 16 KiB
-        anyway."""
+        anyway.
+
+        A connection lost half-way (the peer reset it) stops the writing with
+        :class:`Disconnected`: asyncio logs a warning for every write to a lost connection, so
+        writing on would log one per chunk left (thousands for a large message, per attempt, at
+        a hostile peer's will). Between chunks the loop runs once, so that a TLS transport,
+        which learns of the loss from the one below it a step later, has learnt it."""
         if self._transport.is_closing():
             raise Disconnected("the session is closed")
         view = memoryview(data)
         for start in range(0, len(view), WRITE_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+                if self._transport.is_closing() or self.reader.closed:
+                    raise Disconnected("the connection was lost while writing")
             self._transport.write(view[start : start + WRITE_CHUNK])
 
     async def reply(self, timeout: float) -> RawReply:

@@ -171,7 +171,7 @@ end
 
 # The site's line: whether a round whose message was accepted at ``s`` may take the site's
 # capacity: fewer than ``front`` jobs waiting in the line are older (always, with no line: one
-# EXISTS).
+# EXISTS; and with ``front`` 0, the line turned off, without looking).
 # At most once per ``wake_ms`` per site the line's front is looked over: a job of it asleep in
 # the deferred set behind others (parked as ``line``; a limit's own wait, a few seconds for a
 # connection or exact for a rate, is kept) is made due now (``call``); one that is neither
@@ -202,7 +202,7 @@ local function look_over(line, deferred, running, members)
   end
 end
 local function line_admits(line, deferred, running, gate, s, front, wake_ms)
-  if redis.call('EXISTS', line) == 0 then return true, 0 end
+  if front == 0 or redis.call('EXISTS', line) == 0 then return true, 0 end
   local looked = redis.call('SET', gate, '1', 'NX', 'PX', wake_ms)
   if looked then look_over(line, deferred, running, redis.call('ZRANGE', line, 0, front - 1)) end
   local older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
@@ -572,7 +572,10 @@ class Shaper:
     # ----------------------------------------------------------------- the site's line
 
     def front(self, site: Site) -> int:
-        return front_of(self.config, site.limits)
+        """The front of ``site``'s line for the scripts that ask it; 0 with
+        ``delivery.shaping.line`` off: no line is asked, not even one left from when it was on
+        (its jobs leave it as they are recorded)."""
+        return front_of(self.config, site.limits) if self.config.delivery.shaping.line else 0
 
     def queued(self, site: Site) -> bool:
         """Whether this process saw a line at ``site`` lately (within :data:`LINE_MEMORY`)."""

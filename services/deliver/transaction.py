@@ -174,7 +174,7 @@ async def _pipelined(
     commands, recipients = group.commands(), group.recipients
     try:
         with pipelining.Pipeline(smtp) as pipe:
-            pipe.send(commands)
+            await pipe.send(commands)
             if group.reset:
                 reset = await _group_reply(pipe, timeouts.command, result)
                 if reset.code != 250:
@@ -238,7 +238,7 @@ async def _pipelined_data(
         start = await pipe.reply(timeout)
         if start.code == 354:
             hooks.before_data(result.peer)
-            pipe.send(pipelining.message_data(body))
+            await pipe.send(pipelining.message_data(body))
             final = await pipe.reply(timeout)
             if final.code == 250:
                 pipe.finish()
