@@ -9,7 +9,7 @@ values only: nothing here does I/O or raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,10 @@ class Timeouts:
     pipelining: bool = True  # use PIPELINING where offered (delivery.pipelining)
 
 
+async def _nothing(peer: Peer) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What the session tells its caller while it runs (both default to doing nothing)."""
@@ -65,7 +69,8 @@ class Hooks:
     on_handshake_failed: Callable[[Peer], None] = lambda peer: None
     # Called just before the message is sent: from here until the reply is recorded, a crash
     # leaves the relay unsure whether the peer has it (RFC 1047).
-    before_data: Callable[[Peer], None] = lambda peer: None
+    # Awaited: DATA goes out once it returns (the in-flight mark is written by then).
+    before_data: Callable[[Peer], Awaitable[None]] = _nothing
 
 
 @dataclass

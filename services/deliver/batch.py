@@ -66,7 +66,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -84,6 +84,7 @@ from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
 from services.deliver.lanes import Batch, Bodies, Slots, Upcoming, unique
 from services.deliver.ledger import Ledger
+from services.deliver.offload import Offload
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
@@ -118,6 +119,10 @@ class Deliverer:
             delivery.reuse_max_messages, delivery.reuse_idle_timeout, self.shaper.release
         )
         self.shaper.attach(self.pool.leases, self.pool.close_one, self.pool.expire)
+        # Redis calls off the loop (services/deliver/offload.py): one thread per lane, one for
+        # the shaper's tick and the batch's reads.
+        self.io = Offload(delivery.sessions_per_process + 1)
+        self.ledger.io = self.shaper.io = self.io
         self.timeouts = Timeouts(
             config.hostname,
             connect=delivery.connect_timeout,
@@ -138,10 +143,10 @@ class Deliverer:
         document, handed back for lack of time, or parked)."""
         self.shaper.ensure_ticking()
         jobs = [_read(doc) for doc in docs]
-        states = spool.load_jobs(self.client, [job_key(doc) for doc in docs])
+        states = await self.io(spool.load_jobs, self.client, [job_key(doc) for doc in docs])
         self.planner.new_batch()
         self.ledger.new_batch()
-        batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states), unique(jobs),
+        batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states, self.io), unique(jobs),
                        self.config.delivery.task_window)  # fmt: skip
         lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
         try:
@@ -153,10 +158,11 @@ class Deliverer:
                     raise end
             left = batch.left()
             if left:
-                self.ledger.hand_back([docs[i] for i, _ in left], [c for _, c in left], OUT_OF_TIME)
+                handed = [docs[i] for i, _ in left]
+                await self.io(self.ledger.hand_back, handed, [c for _, c in left], OUT_OF_TIME)
                 log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
         finally:
-            self.ledger.claims.release_all()  # none is left but after an error
+            await self.io(self.ledger.claims.release_all)  # none is left but after an error
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
 
@@ -185,7 +191,7 @@ class Deliverer:
         return the lane's next document and its claim (None, None: the lane ends)."""
         job = batch.jobs[i]
         if job is None:
-            self.ledger.park(batch.docs[i])
+            await self.io(self.ledger.park, batch.docs[i])
             return batch.take(), None
         if not batch.may_start():
             batch.leave(i, claimed)
@@ -202,7 +208,7 @@ class Deliverer:
         claimed_next: Claim | None = None
         try:
             if claimed is None or claimed.key != job.key:
-                claimed = self.ledger.claim(job.key, known=batch.states[i].envelope)
+                claimed = await self.ledger.claim_async(job.key, batch.states[i].envelope)
             claim = claimed
             if not claim.ours:
                 claim = await self._wait_for(claim, batch.states[i].envelope)
@@ -217,7 +223,7 @@ class Deliverer:
             # claiming or recording: the round may have sent DATA unrecorded, so the
             # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
             log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-            self.ledger.park(job, keep_mark=True)
+            await self.io(self.ledger.park, job, keep_mark=True)
         return (taken[0] if taken else batch.take()), claimed_next
 
     async def shutdown(self) -> None:
@@ -225,6 +231,7 @@ class Deliverer:
         lease now (a process that dies instead leaves them to expire)."""
         self.pool.close_all()
         self.shaper.close()
+        self.io.close()
 
     async def _send_or_fail(
         self,
@@ -259,7 +266,7 @@ class Deliverer:
         deadline = time.monotonic() + ttl + 0.5
         while not claim.ours and time.monotonic() < deadline:
             await asyncio.sleep(min(0.5, ttl / 6))
-            claim = self.ledger.claim(claim.key, known=known)
+            claim = await self.ledger.claim_async(claim.key, known)
         return claim
 
     async def _run(
@@ -276,19 +283,19 @@ class Deliverer:
         state = claim.state
         envelope = state.envelope
         if envelope is None or all(r in state.final for r in job.recipients):
-            self.ledger.close(job, envelope)
+            await self.io(self.ledger.close, job, envelope)
             return None, None
         pending = state.pending(job)
         if not pending:  # deferred by this attempt already: the retry is theirs
-            self.ledger.leave(claim)
+            await self.io(self.ledger.leave, claim)
             return None, None
-        body = batch.bodies.take(index) or spool.load_body(self.client, job.id)
+        body = await batch.bodies.take(index) or await self.io(spool.load_body, self.client, job.id)
         if body is None:
-            self.ledger.close(job, envelope)
+            await self.io(self.ledger.close, job, envelope)
             return None, None
         state = replace(state, body=body)
         if state.in_flight is not None:
-            self.ledger.note_interrupted(job, state.in_flight)
+            await self.io(self.ledger.note_interrupted, job, state.in_flight)
         decision = job.decision
         key = (decision.domain, decision.route, decision.tls, decision.tls_profile)
         unreachable = batch.unreachable
@@ -302,13 +309,13 @@ class Deliverer:
         if outcome.throttled is not None:
             reply = _throttle_reply(outcome.throttled)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
-                self.ledger.throttle(round_, claim, outcome.throttled, reply)
+                await self.io(self.ledger.throttle, round_, claim, outcome.throttled, reply)
                 return None, None
             outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
         after = upcoming()
         if after is None:
-            return outcome, self.ledger.record(round_, outcome)
-        next_claim = self.ledger.record(
+            return outcome, await self.ledger.record_async(round_, outcome)
+        next_claim = await self.ledger.record_async(
             round_, outcome, after.key, premark=after.premark, known=after.envelope
         )
         return outcome, next_claim
@@ -326,9 +333,9 @@ class Deliverer:
         outcome = Outcome()
         data: list[Peer] = []  # where DATA was under way when time ran out
 
-        def before_data(peer: Peer) -> None:
+        async def before_data(peer: Peer) -> None:
             data.append(peer)
-            self.ledger.mark_in_flight(job, peer)
+            await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
             reached()
 
         limit = self.config.delivery.job_timeout
@@ -346,7 +353,7 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], None],
+        before_data: Callable[[Peer], Awaitable[None]],
     ) -> None:
         """Plan the round, then try each address in order until one runs a transaction."""
         plan = await self.planner.plan(
@@ -394,7 +401,7 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], None],
+        before_data: Callable[[Peer], Awaitable[None]],
     ) -> None:
         """Try each address of the plan in order until one runs a transaction; every new
         session with a connection lease of ``gate``'s site (else the round is throttled)."""

@@ -52,6 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -60,6 +61,7 @@ from services.common.config import Config
 from services.common.deliveryconfig import DEFAULT_SITE, SiteLimits
 from services.common.values import RateLimit
 from services.deliver import observe
+from services.deliver.offload import INLINE, Offload
 
 log = logging.getLogger("tlsrelay.shaping")
 
@@ -285,6 +287,9 @@ class Shaper:
         self.parked: Callable[[], list[Lease]] = list  # the pool's parked sessions' leases
         self.close_parked: Callable[[str], int] = lambda site_id: 0  # close one for a waiter
         self.expire_parked: Callable[[], None] = lambda: None  # idle ones past their timeout
+        # Where rounds and the tick make their Redis calls: the deliver process's threads (set
+        # by services/deliver/batch.py); held and _dropped change on the loop only.
+        self.io: Offload = INLINE
 
     def attach(
         self,
@@ -340,7 +345,7 @@ class Shaper:
         keys = [spool.site_key("rate", site.id), spool.site_key("count", f"{site.id}:{minute}")]
         waited = 0.0
         while True:
-            wait = int(self._pace(keys=keys, args=[interval, tolerance])) / 1000
+            wait = int(await self.io(self._pace, keys=keys, args=[interval, tolerance])) / 1000
             if not wait:
                 if waited:  # a round that met the limit and waited here (else: parked)
                     observe.throttled(site.label, RATE)
@@ -375,10 +380,29 @@ class Shaper:
     # ----------------------------------------------------------------- leases
 
     def _take(self, site: Site) -> Lease | Throttle:
+        lease, sent, keys, args = self._ask(site)
+        return self._took(lease, sent, self._acquire(keys=keys, args=args))
+
+    async def take(self, site: Site) -> Lease | Throttle:
+        """:meth:`_take` with its script in a thread (:attr:`io`); a lease it took for a round
+        cancelled meanwhile is released (to go at the next tick), never held with no session."""
+
+        def orphan(reply: list[Any]) -> None:
+            got = self._took(lease, sent, reply)
+            if isinstance(got, Lease):
+                self.release(got)
+
+        lease, sent, keys, args = self._ask(site)
+        reply = await self.io(self._acquire, keys=keys, args=args, orphan=orphan)
+        return self._took(lease, sent, reply)
+
+    def _ask(self, site: Site) -> tuple[Lease, list[Lease], list[str], list[str | float]]:
+        """A new lease of ``site``, the released leases of the site dropped with it, and the
+        keys and arguments of :data:`_ACQUIRE`."""
         lease = Lease(site)
         interval, tolerance = _cell(site.limits.connection_rate)
         backoff = self.config.delivery.backoff
-        drop = [d.id for d in self._dropped if d.site.id == site.id]
+        sent = [d for d in self._dropped if d.site.id == site.id]
         keys = [
             lease.key,
             spool.site_key("backoff", site.id),
@@ -389,10 +413,15 @@ class Shaper:
         args: list[str | float] = [
             lease.id, LEASE_TTL, site.limits.connections, backoff.factor,
             backoff.recover_after, interval, tolerance, site.id, site.document(), WAITING_TTL,
-            *drop,
+            *(d.id for d in sent),
         ]  # fmt: skip
-        ok, what, number = self._acquire(keys=keys, args=args)
-        self._dropped = [d for d in self._dropped if d.site.id != site.id]
+        return lease, sent, keys, args
+
+    def _took(self, lease: Lease, sent: list[Lease], reply: list[Any]) -> Lease | Throttle:
+        """:data:`_ACQUIRE`'s reply: the lease, now held, or why not; ``sent`` are gone."""
+        ok, what, number = reply
+        site = lease.site
+        self._dropped = [d for d in self._dropped if all(d is not s for s in sent)]
         if not ok:
             return Throttle(
                 what.decode() if isinstance(what, bytes) else str(what), site, number / 1000
@@ -424,7 +453,7 @@ class Shaper:
         while True:
             await asyncio.sleep(TICK)
             try:
-                self.tick()
+                await self.tick_async()
             except redis.exceptions.RedisError as exc:
                 log.warning("shaping: lease renewal failed, trying again: %s", exc)
             except Exception:
@@ -433,19 +462,48 @@ class Shaper:
     def tick(self) -> None:
         """Renew every lease held, drop released ones, and close a parked session for each
         site another worker waits for (one Redis call; none when nothing is held)."""
+        asked = self._renewal()
+        if asked is not None:
+            leases, parked_sites, dropped, keys, args = asked
+            try:
+                replies = self._renew(keys=keys, args=args)
+            except BaseException:
+                self._dropped = dropped + self._dropped  # dropped at the next tick
+                raise
+            self._renewed(leases, parked_sites, replies)
+
+    async def tick_async(self) -> None:
+        """:meth:`tick` with its script in a thread (:attr:`io`)."""
+        asked = self._renewal()
+        if asked is not None:
+            leases, parked_sites, dropped, keys, args = asked
+            try:
+                replies = await self.io(self._renew, keys=keys, args=args)
+            except BaseException:
+                self._dropped = dropped + self._dropped
+                raise
+            self._renewed(leases, parked_sites, replies)
+
+    def _renewal(
+        self,
+    ) -> tuple[list[Lease], list[str], list[Lease], list[str], list[str | float]] | None:
+        """What a tick asks: the leases held, the sites of parked sessions, the released leases
+        (taken out of ``_dropped`` now: put back if the call fails), the script's keys and
+        arguments; None: nothing to ask."""
         self.expire_parked()
         leases = list(self.held.values())
         if not leases and not self._dropped:
-            return
+            return None
         parked_sites = sorted({lease.site.id for lease in self.parked()})
         keys = [lease.key for lease in leases] + [
             spool.site_key("waiting", s) for s in parked_sites
         ]
-        drops = [f"{d.key}|{d.id}" for d in self._dropped]
+        dropped, self._dropped = self._dropped, []
         args: list[str | float] = [len(leases), len(parked_sites), LEASE_TTL]
-        args += [lease.id for lease in leases] + drops
-        replies = self._renew(keys=keys, args=args)
-        self._dropped = []
+        args += [lease.id for lease in leases] + [f"{d.key}|{d.id}" for d in dropped]
+        return leases, parked_sites, dropped, keys, args
+
+    def _renewed(self, leases: list[Lease], parked_sites: list[str], replies: list[int]) -> None:
         for lease, renewed in zip(leases, replies[: len(leases)], strict=True):
             lease.lost = lease.lost or not renewed
         for site_id, waiting in zip(parked_sites, replies[len(leases) :], strict=True):
@@ -504,7 +562,7 @@ class Gate:
         hurry = time.monotonic() < self.shaper.full.get(self.site.id, 0.0)
         closing = False  # one of our parked sessions is being closed for this round
         while True:
-            got = self.shaper._take(self.site)
+            got = await self.shaper.take(self.site)
             if isinstance(got, Lease):
                 self.shaper.full.pop(self.site.id, None)
                 if first:  # a round that met a limit and waited here (else: parked)
