@@ -34,9 +34,16 @@ job:
    to that destination with it (but for a rate, which each message asks again).
 
 Exactly once with lanes: a job is taken by one lane only (the batch's order is handed out on
-one event loop) and claimed before it is looked at, as before; each round is recorded in its own
-transaction, a synchronous Redis call with no await inside, so no other lane and no cancellation
-can come between its writes; the in-flight marks claims write ahead are remembered per job
+one event loop) and claimed before it is looked at, as before. The lanes' Redis calls (claims,
+recordings, in-flight marks, leases and rates, the batch's reads) run in a thread pool of the
+process (:mod:`services.deliver.offload`), so a lane waiting on Redis never holds up the others;
+the state they share (the batch, the ledger's premarks, the shaper's leases) is read and changed
+on the loop only, before and after each call. Each round is still recorded in ONE transaction,
+in one thread, on a connection of its own: no other lane can come between its writes, and a
+cancellation cannot leave it half-way (the call runs to its end — committed or failed — before
+the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
+awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
+then abandons the round unsent); the marks claims write ahead are remembered per job
 (:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
 lane stops the others from starting jobs; they finish and record the rounds under way, then the
 error propagates and the task runs again.

@@ -30,6 +30,12 @@
 Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
 interrupted delivery are counted here, after their transaction committed — each in one place.
 
+Threads: the deliver lanes call :meth:`Ledger.claim_async`, :meth:`Ledger.record_async` and
+:meth:`Ledger.mark_in_flight_async`, whose Redis I/O runs in the process's thread pool
+(:mod:`services.deliver.offload`); the rest (close, leave, park, throttle, hand back) they run
+there whole. What a thread may touch: the client, the configuration and the claims (locked); the
+premarks and the last peer are changed on the loop only.
+
 Failure: Redis errors propagate (the Celery task is then not acknowledged and runs again; what was
 recorded is not sent again).
 """

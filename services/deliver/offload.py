@@ -19,6 +19,10 @@ it to end, hands its result to ``orphan`` (on the loop: e.g. a lease taken for a
 not use it is released), then propagates. So a transaction that committed is never taken for one
 that did not, and nothing a call wrote is left unaccounted for.
 
+Still on the loop, being rare or cached: the suspensions' read (once a second at most), a
+back-off step (after a matching reply), the "TLS broken" memory (one EXISTS per peer and batch,
+a SET after a failed handshake) and the MTA-STS policy cache (MX-routed mail).
+
 Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
 task runs again).
 """

@@ -29,7 +29,11 @@ When a limit is reached the job waits: within the worker when the wait is short 
 (:meth:`services.deliver.ledger.Ledger.throttle`): not an attempt, not a retry step.
 
 Costs: one Redis round trip per new connection (the lease), one per message only for a site
-with a ``rate``, and one per :data:`TICK` per process while it holds leases.
+with a ``rate``, and one per :data:`TICK` per process while it holds leases. In a deliver process
+these scripts run in its thread pool (:mod:`services.deliver.offload`), off the event loop;
+``held`` and the released leases are changed on the loop only. The suspensions (one read per
+:data:`SUSPENSION_REFRESH`) and a back-off step (only after a matching reply) are still read and
+written on the loop.
 
 Failure: Redis errors propagate from :meth:`Gate.lease`, :meth:`Shaper.pace` and
 :meth:`Shaper.suspended`, all before anything is sent (the task is parked for a retry: nothing is
