@@ -169,7 +169,8 @@ class Deliverer:
                 await self.io(self.ledger.hand_back, handed, [c for _, c in left], OUT_OF_TIME)
                 log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
         finally:
-            await self.io(self.ledger.claims.release_all)  # none is left but after an error
+            if self.ledger.claims.held:  # none is left but after an error
+                await self.io(self.ledger.claims.release_all)
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
 
