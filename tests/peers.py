@@ -93,6 +93,8 @@ class Sink(Background):
         that message (e.g. one peer session that hangs while the others go on).
     :param data_delay: seconds the reply to the final dot takes (without blocking the sink's
         other sessions); the message is recorded when the reply is sent.
+    :param mail_delay: seconds the reply to MAIL takes (without blocking other sessions);
+        ``mail_busy_peak`` counts the MAIL commands waiting for it at once.
     :param hostname: name in the greeting / EHLO reply.
     :param min_tls_version / max_tls_version: restrict the server's TLS versions.
     :param greeting: ``(connection number) -> reply | None``: a reply instead of the 220
@@ -114,6 +116,7 @@ class Sink(Background):
         data_reply: DataReply | None = None,
         data_delay: float = 0.0,
         slow_for: Callable[[Message], float] | None = None,
+        mail_delay: float = 0.0,
         hostname: str | None = None,
         min_tls_version: ssl.TLSVersion | None = None,
         max_tls_version: ssl.TLSVersion | None = None,
@@ -143,6 +146,9 @@ class Sink(Background):
         self._slow_for = slow_for
         self._busy = 0  # transactions between the final dot and its reply
         self.busy_peak = 0  # the most of them at once: deliveries in flight here
+        self.mail_delay = mail_delay
+        self._mail_busy = 0  # MAIL commands not answered yet
+        self.mail_busy_peak = 0  # the most of them at once: transactions begun together
         self._min_tls = min_tls_version
         self._max_tls = max_tls_version
         if isinstance(extensions, str):
@@ -366,6 +372,12 @@ class Sink(Background):
             return spec(address)
         lowered = {k.lower(): v for k, v in spec.items()}
         return lowered.get(address.lower())
+
+    def mail_busy(self, step: int) -> None:
+        """A MAIL command came (1) or its reply went (-1)."""
+        with self._cond:
+            self._mail_busy += step
+            self.mail_busy_peak = max(self.mail_busy_peak, self._mail_busy)
 
     def busy(self, step: int) -> None:
         """A transaction's final dot came (1) or its reply went (-1)."""

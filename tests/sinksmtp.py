@@ -84,9 +84,11 @@ class SinkHost(Protocol):
     kind: str
     extensions: tuple[str, ...]
     data_delay: float  # seconds before the reply to the final dot
+    mail_delay: float  # seconds before the reply to MAIL
 
     def delay_for(self, msg: Message) -> float: ...
     def busy(self, step: int) -> None: ...
+    def mail_busy(self, step: int) -> None: ...
 
     def advertises(self, keyword: str) -> bool: ...
     def on_connect(self, proto: SinkSMTP) -> int: ...
@@ -258,6 +260,12 @@ class SinkHandler:
             return "501 5.5.4 REQUIRETLS takes no value and is given once"
         envelope.mail_from = address
         envelope.mail_options.extend(server.mail_options)  # as sent, REQUIRETLS included
+        if self._sink.mail_delay:
+            self._sink.mail_busy(1)
+            try:
+                await asyncio.sleep(self._sink.mail_delay)
+            finally:
+                self._sink.mail_busy(-1)
         return "250 OK"  # aiosmtpd's own reply without a hook
 
     async def handle_RCPT(

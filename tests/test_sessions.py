@@ -8,6 +8,9 @@ how many transactions they hold at once (``Sink.busy_peak``: final dots not yet 
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import yaml
 from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.redisserver import EmbeddedRedis
+from services.deliver.batch import Deliverer
 from services.deliver.ledger import Ledger
 from tests.peers import Sink
 from tests.sinksmtp import Message
@@ -180,3 +184,38 @@ def test_a_redis_error_in_one_lane_lets_the_others_record_their_rounds(
     assert store.keys(spool.in_flight_key("*", "*")) == [
         spool.in_flight_key(jobs[0]["id"], DOMAIN).encode()
     ]
+
+
+def test_lanes_to_a_destination_that_just_took_mail_start_at_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """A batch to a destination no lane of this process has reached tries one job first (an
+    unreachable destination then costs one attempt per batch); once the destination took a
+    message, the next batch to it starts every lane at once, without that round trip. The sink
+    answers MAIL slowly and counts the MAIL commands waiting at once."""
+    with Sink("starttls", mail_delay=0.5) as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=3)
+        deliverer = Deliverer(config, store)
+        first, second = queue_jobs(store, DOMAIN, 3), queue_jobs(store, DOMAIN, 3)
+
+        async def run() -> tuple[int, int]:
+            try:
+                await deliverer.run_batch(first)
+                cold = sink.mail_busy_peak
+                sink.mail_busy_peak = 0
+                await deliverer.run_batch(second)
+                return cold, sink.mail_busy_peak
+            finally:
+                deliverer.pool.close_all()
+
+        try:
+            cold, warm = asyncio.run(run())
+        finally:  # as test_batching.deliver: parked TLS sockets outlive their loop
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
+        delivered_once(sink, first + second)
+        # Cold: the first MAIL alone, then the two other lanes together once it was answered.
+        assert cold == 2, sink.summary()
+        assert warm == 3, sink.summary()
+    settled(store, first + second)

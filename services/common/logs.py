@@ -30,6 +30,7 @@ gives (one line)::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -139,8 +140,13 @@ class RedactingFilter(logging.Filter):
 
 def _timestamp(record: logging.LogRecord) -> str:
     """RFC 3339, UTC, milliseconds: ``2025-01-01T12:00:00.123Z``."""
-    at = datetime.fromtimestamp(record.created, UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    second = int(record.created)
+    return _second(second) + f"{int((record.created - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -8,12 +8,11 @@ network match. ``authenticate`` is the only expensive call (scrypt): run it off 
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from services.common import passwords
 from services.common.config import Config, TenantConfig
-from services.common.values import Route
+from services.common.values import Route, ip_address
 
 PLATFORM_PROFILE = "platform"  # Decision.tls_profile: verify with the platform CA, present ours
 
@@ -40,9 +39,8 @@ class Directory:
 
     def tenant_of_address(self, address: str) -> str | None:
         """The tenant whose ``networks`` contain the client address (relay without AUTH)."""
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
+        ip = ip_address(address)
+        if ip is None:
             return None
         for name, tenant in self.tenants.items():
             if any(ip in network for network in tenant.networks):

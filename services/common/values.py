@@ -9,6 +9,7 @@ configuration loader (``services/common/config.py``) adds the file, key and line
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -19,6 +20,19 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0
 def is_hostname(text: str) -> bool:
     """Whether ``text`` is a syntactically valid host or domain name (RFC 1123 labels, ``_``)."""
     return bool(_HOSTNAME.match(text))
+
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_address(text: str) -> IpAddress | None:
+    """``text`` as an IP address, None when it is not one. Cached: a client's address is
+    looked at several times per message (the relay check, the tenant, the trace field)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _is_ip(text: str) -> bool:

@@ -8,9 +8,11 @@ milliseconds; the lanes wait on it together). Each lane takes the next job in th
 and runs it over its own session (reused connections,
 :class:`services.deliver.pool.ConnectionPool`); the lanes but the first start once the first
 job's destination answered (or its job ended), so an unreachable destination costs one attempt
-per batch, not one per lane; at most the site's connection limit of them send to one site at
-once (more wait up to ``shaping.SHORT_WAIT``, then the job is parked as throttled). For each
-job:
+per batch, not one per lane — unless that destination took a message from this process within
+the last ``WARM`` seconds: then all lanes start at once (as Postfix starts a destination it
+knows at several deliveries at once), and a task costs no round trip of slow start. At most
+the site's connection limit of them send to one site at once (more wait up to
+``shaping.SHORT_WAIT``, then the job is parked as throttled). For each job:
 
 1. claim it (:mod:`services.deliver.claims`), reading the job's state as it is now; a job
    another worker process holds is waited for until its claim ends (recorded, or its owner
@@ -108,6 +110,11 @@ from services.deliver.shaping import (
 
 log = logging.getLogger("tlsrelay.deliver")
 
+# A destination that took a message from this process this recently (seconds) is warm: a batch
+# to it starts all its lanes at once instead of trying one job first.
+WARM = 60.0
+WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
+Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
 OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
@@ -138,6 +145,7 @@ class Deliverer:
             data=delivery.data_timeout,
             pipelining=delivery.pipelining,
         )
+        self._answered: dict[Destination, float] = {}  # destination → last message taken here
         self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop
         self._slots_loop: asyncio.AbstractEventLoop | None = None
 
@@ -156,6 +164,8 @@ class Deliverer:
         batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states, self.io), unique(jobs),
                        self.config.delivery.task_window)  # fmt: skip
         lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
+        if self._warm(jobs, batch.order):
+            batch.opened.set()
         try:
             ends = await asyncio.gather(
                 *(self._lane(batch, first=n == 0) for n in range(lanes)), return_exceptions=True
@@ -173,6 +183,26 @@ class Deliverer:
                 await self.io(self.ledger.claims.release_all)
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
+
+    def _warm(self, jobs: Sequence[Job | None], order: Sequence[int]) -> bool:
+        """Whether the batch's first job goes to a destination that took a message from this
+        process within the last ``WARM`` seconds."""
+        first = next((jobs[i] for i in order if jobs[i] is not None), None)
+        at = self._answered.get(_destination(first)) if first is not None else None
+        return at is not None and time.monotonic() - at < WARM
+
+    def _answering(self, destination: Destination, batch: Batch) -> Callable[[], None]:
+        """What a round calls when its peer is about to take the message: the batch's other
+        lanes may start, and the destination is warm for the batches after it."""
+
+        def reached() -> None:
+            batch.opened.set()
+            self._answered.pop(destination, None)  # newest last: the oldest are dropped first
+            self._answered[destination] = time.monotonic()
+            while len(self._answered) > WARM_KEEP:
+                del self._answered[next(iter(self._answered))]
+
+        return reached
 
     async def _lane(self, batch: Batch, first: bool) -> None:
         """One lane: the batch's next job, then the next, until none is left or time is up.
@@ -304,13 +334,13 @@ class Deliverer:
         state = replace(state, body=body)
         if state.in_flight is not None:
             await self.io(self.ledger.note_interrupted, job, state.in_flight)
-        decision = job.decision
-        key = (decision.domain, decision.route, decision.tls, decision.tls_profile)
+        key = _destination(job)
         unreachable = batch.unreachable
         if key in unreachable:
             outcome = unreachable[key].not_tried(pending)
         else:
-            outcome = await self._send_or_fail(job, envelope, body, pending, batch.opened.set)
+            reached = self._answering(key, batch)
+            outcome = await self._send_or_fail(job, envelope, body, pending, reached)
             if outcome.unreachable or _blocks_batch(outcome):
                 unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)
@@ -439,6 +469,12 @@ class Deliverer:
             sessions += result.greeted
             errors.append(result.error or NO_HOST)
         outcome.no_transaction(pending, errors)
+
+
+def _destination(job: Job) -> Destination:
+    """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
+    decision = job.decision
+    return (decision.domain, decision.route, decision.tls, decision.tls_profile)
 
 
 def _blocks_batch(outcome: Outcome) -> bool:

@@ -20,19 +20,17 @@ matches no network. The Redis-backed limits are in :mod:`services.ingest.limits`
 
 from __future__ import annotations
 
-import ipaddress
-
 from services.common.config import Config
 from services.common.listeners import Listener
 from services.common.model import domain_of
 from services.common.tenants import Directory
+from services.common.values import ip_address
 
 
 def in_networks(config: Config, client_address: str) -> bool:
     """Whether the client is in ``ingest.relay_networks`` (may relay without AUTH)."""
-    try:
-        address = ipaddress.ip_address(client_address)
-    except ValueError:
+    address = ip_address(client_address)
+    if address is None:
         return False
     return any(address in network for network in config.ingest.relay_networks)
 

@@ -14,6 +14,7 @@ trace field is replaced by ``?``, an unreadable peer address is kept as the text
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
 import ssl
@@ -23,6 +24,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from services.common.model import Envelope, InboundTls
+from services.common.values import ip_address
 from services.ingest.replies import (
     DATA_LINE_TOO_LONG,
     HEADER_TOO_LARGE,
@@ -125,9 +127,8 @@ def client_ip(session: Session) -> str:
     peer: Any = session.peer
     host = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
     host = host.partition("%")[0]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = ip_address(host)
+    if address is None:
         return host
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return str(address.ipv4_mapped)
@@ -168,6 +169,12 @@ def with_keyword(session: Session, envelope: SmtpEnvelope) -> str:
     return base + ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 date-time of a second, local time (the same second: the same text)."""
+    return email.utils.formatdate(second, localtime=True)
+
+
 def received_header(envelope: Envelope, hostname: str, protocol: str) -> bytes:
     """The ``Received:`` trace field (RFC 5321 §4.4) for ``envelope``, CRLF-terminated."""
     helo = _NOT_PRINTABLE.sub("?", envelope.client_helo) or "unknown"
@@ -185,6 +192,6 @@ def received_header(envelope: Envelope, hostname: str, protocol: str) -> bytes:
         clauses.append(f'(client certificate "{name}" verified by the platform CA)')
     if len(envelope.recipients) == 1:
         clauses.append(f"for <{envelope.recipients[0]}>")
-    date = email.utils.formatdate(envelope.received_at, localtime=True)
+    date = _date(int(envelope.received_at))
     text = "Received: " + "\r\n\t".join(clauses) + f"; {date}\r\n"
     return text.encode("utf-8")
