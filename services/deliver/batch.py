@@ -269,7 +269,6 @@ class Deliverer:
         lease now (a process that dies instead leaves them to expire)."""
         self.pool.close_all()
         self.shaper.close()
-        self.io.close()
 
     async def _send_or_fail(
         self,

@@ -69,7 +69,9 @@ class Offload:
             raise
 
     def close(self) -> None:
-        """No more calls (the process stops); those under way end in their threads."""
+        """No more calls; those under way end in their threads. (A deliver process does not
+        close its pool: its idle threads end with it, and a lane still running at shutdown
+        keeps its calls.)"""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
