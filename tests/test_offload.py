@@ -59,7 +59,9 @@ def test_a_cancelled_call_runs_to_its_end_then_the_cancellation_propagates() -> 
     never goes on as if it had not run, and what it returned goes to ``orphan`` (e.g. a lease
     released, a claim noted)."""
     io = Offload(1)
-    started, release, done, orphans = threading.Event(), threading.Event(), [], []
+    started, release = threading.Event(), threading.Event()
+    done: list[str] = []
+    orphans: list[str] = []
 
     async def main() -> None:
         task = asyncio.create_task(io(blocked_call, started, release, done, orphan=orphans.append))
@@ -85,7 +87,8 @@ def test_a_timeout_during_a_call_waits_for_it_and_is_still_a_timeout() -> None:
     mark is being written: the mark is written, then the round is abandoned (TimeoutError),
     never left not knowing whether it was."""
     io = Offload(1)
-    started, release, done = threading.Event(), threading.Event(), []
+    started, release = threading.Event(), threading.Event()
+    done: list[str] = []
     after: list[str] = []
 
     async def release_later() -> None:
@@ -120,10 +123,10 @@ def test_a_lease_taken_for_a_cancelled_round_is_released_not_held(store: redis.R
     started, release = threading.Event(), threading.Event()
     acquire = shaper._acquire
 
-    def slow_acquire(**kwargs: object) -> object:
+    def slow_acquire(keys: list[str], args: list[str | float]) -> object:
         started.set()
         assert release.wait(10)
-        return acquire(**kwargs)
+        return acquire(keys=keys, args=args)
 
     shaper._acquire = slow_acquire  # type: ignore[assignment]
 
