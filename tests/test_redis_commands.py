@@ -26,11 +26,14 @@ JOBS = 10
 # commands inside them, per connection) is shared here by only the 10 jobs of one session;
 # 24.6 with the posture counts (tlsrelay posture: one script call riding in the recording
 # transaction, three commands inside it — ten before its columns were packed into one field).
+# 24.7 with the site's line (one EXISTS in the lease script while a site has none).
 BUDGET_PER_JOB = 25
 # With lanes (delivery.sessions_per_process, issue #20 item 1) the 10 jobs share 5 sessions: 5
 # connection leases (about ten commands each, taken and given back) and 5 lane starts whose
 # first job has no in-flight mark riding on an earlier recording (one SET, one claim call of its
-# own): 24.4 before the posture counts. Under load sessions outlive the batch, so the
+# own): 24.4 before the posture counts; 27.6 with them, 27.7 with the site's line (its EXISTS
+# in each of the 5 leases, less 4 of the 5 writes of the site's entry in the list of sites seen,
+# now written once a minute per process). Under load sessions outlive the batch, so the
 # per-message cost is the one above; this guards that lanes add nothing per message beyond
 # their sessions.
 BUDGET_PER_JOB_LANES = 28

@@ -21,6 +21,7 @@ import yaml
 from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.redisserver import EmbeddedRedis
+from services.deliver import batch, shaping
 from services.deliver.batch import Deliverer
 from services.deliver.ledger import Ledger
 from tests.peers import Sink
@@ -219,3 +220,51 @@ def test_lanes_to_a_destination_that_just_took_mail_start_at_once(
         assert cold == 2, sink.summary()
         assert warm == 3, sink.summary()
     settled(store, first + second)
+
+
+def test_processes_sharing_a_full_site_send_over_the_sessions_they_hold(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes (two deliverers, each with its own sessions and lanes) send to one site
+    whose connection limit is what each alone could use. A lane that finds every connection
+    taken while its process's other lanes send there waits for one of their sessions instead of
+    parking its job and the rest of its batch as throttled: every job is delivered in its own
+    task, the limit holds, nothing waits in the deferred set. (The wait for a connection within
+    the worker is cut from 5 s to 0.3 s, so the batches need not last seconds to outlast it.)"""
+    monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
+    monkeypatch.setattr(batch, "SHORT_WAIT", 0.3)
+    with Sink("starttls", data_delay=0.1) as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4,
+            shaping={"default": {"connections": 4}},
+        )  # fmt: skip
+        batches = [queue_jobs(store, DOMAIN, 16), queue_jobs(store, DOMAIN, 16)]
+        deliverers = [Deliverer(config, store), Deliverer(config, store)]
+
+        async def run() -> list[list[Any]]:
+            try:
+                return list(
+                    await asyncio.gather(
+                        *(d.run_batch(b) for d, b in zip(deliverers, batches, strict=True))
+                    )
+                )
+            finally:
+                for deliverer in deliverers:
+                    deliverer.pool.close_all()
+                    deliverer.shaper.close()
+
+        try:
+            outcomes = asyncio.run(run())
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
+        jobs = batches[0] + batches[1]
+        throttled = [
+            e for j in jobs for e in spool.read_trace(store, j["id"]) if e["event"] == "throttled"
+        ]
+        assert throttled == [] and store.zcard(spool.DEFERRED) == 0, throttled[:3]
+        assert all(o is not None and len(o.delivered) == 1 for b in outcomes for o in b), outcomes
+        delivered_once(sink, jobs)
+        assert sink.peak_connections <= 4, sink.summary()
+    settled(store, jobs)

@@ -9,20 +9,21 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from services.common import spool
+from services.common import queueing, spool
 from services.common.config import Config, ConfigError, load_config
 from services.common.jobs import Job
 from services.common.metrics import SiteCollector
 from services.common.model import Decision, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import shaping
+from services.deliver import scheduler, shaping
 from services.deliver.shaping import Lease, Shaper, Throttle
 from tests.peers import Sink
-from tests.test_batching import deliver, queue_jobs, write_config
+from tests.test_batching import deliver, queue_jobs, tasks, write_config
 
 SHAPED = """\
 delivery:
@@ -278,6 +279,15 @@ def test_the_site_gauges_read_redis(store: redis.Redis, valkey: EmbeddedRedis) -
 # --------------------------------------------------------------------------- in a deliverer
 
 
+def come_due(client: redis.Redis, now: float | None = None) -> list[dict[str, Any]]:
+    """What the scheduler moves to the deliver queue at ``now`` (the job documents of its
+    tasks, taken off the queue as a worker would)."""
+    scheduler.move_due(client, time.time() if now is None else now)
+    docs = [doc for batch in tasks(client, queueing.DELIVER_LIST) for doc in batch]
+    client.delete(queueing.DELIVER_LIST)
+    return docs
+
+
 @pytest.fixture
 def sink() -> Iterator[Sink]:
     server = Sink("plain").start()
@@ -305,7 +315,7 @@ def test_a_redis_error_at_the_lease_sends_nothing_and_loses_nothing(
     config = shaped(tmp_path, valkey, sink)
     jobs = queue_jobs(store, "shaped.test", 2)
 
-    async def unreachable(self: Shaper, site: shaping.Site) -> object:
+    async def unreachable(self: Shaper, site: shaping.Site, *rest: object) -> object:
         raise redis.exceptions.ConnectionError("Redis went away")
 
     with monkeypatch.context() as patch:
@@ -339,11 +349,13 @@ def test_a_batch_that_meets_the_limit_is_parked_as_throttled(
     for job in jobs:
         kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
         assert "throttled" in kinds and "attempt" not in kinds and "deferred" not in kinds
+    line = store.zrange(spool.site_key("line", "s"), 0, -1)
+    assert sorted(line) == sorted(members), "each waits in the site's line"
     store.delete(leases)
-    again = [Job.from_json(p).to_json() for p in parked]
-    outcomes = deliver(config, store, again)
+    outcomes = deliver(config, store, come_due(store, time.time() + shaping.PARK_CONNECTIONS))
     assert [len(o.delivered) for o in outcomes if o is not None] == [1, 1, 1]
     assert len(sink.messages) == 3 and sink.peak_connections == 1
+    assert not store.exists(spool.site_key("line", "s")), "the line is empty again"
 
 
 def test_a_long_throttled_wait_tells_the_sender_once(

@@ -217,7 +217,7 @@ THROTTLED = Counter(
     "tlsrelay_throttled_total",
     "Delivery rounds that waited for a traffic-shaping limit instead of being tried (parked, "
     "not an attempt). site: a configured site's name, else default; reason: connections, "
-    "connection_rate, rate, suspended, backoff.",
+    "connection_rate, rate, suspended, backoff, line (older mail to the site goes first).",
     ["site", "reason"],
     registry=None,
 )

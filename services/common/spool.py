@@ -100,7 +100,8 @@ SHAPING_SUSPENDED = SHAPING + "suspended"
 
 
 def site_key(part: str, site_id: str) -> str:
-    """A site's shaping key: ``part`` is leases, waiting, backoff, rate, crate or count."""
+    """A site's shaping key: ``part`` is leases, waiting, backoff, rate, crate, count, line
+    (the jobs waiting for the site, services/deliver/shaping.py) or wake."""
     return f"{SHAPING}{part}:{site_id}"
 
 

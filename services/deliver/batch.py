@@ -22,8 +22,9 @@ the site's connection limit of them send to one site at once (more wait up to
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
 3. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
    TLS);
-4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension and
-   message rate; then try each address in order with :func:`services.deliver.session.attempt`
+4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension, its
+   line (older mail waiting for the site goes first) and message rate; then try each address
+   in order with :func:`services.deliver.session.attempt`
    (a new session only with a connection lease of the site) until one runs a transaction, or
    ``delivery.mx_session_limit`` sessions that reached a greeting ran none
    (:class:`services.deliver.delivery.Outcome` says what its replies mean) — all within
@@ -33,7 +34,8 @@ the site's connection limit of them send to one site at once (more wait up to
    lane's next job (the next in the batch's order no lane has taken) — or, when a shaping
    limit stopped it before anything was tried, park it as throttled
    (:meth:`services.deliver.ledger.Ledger.throttle`: not an attempt), and the rest of the batch
-   to that destination with it (but for a rate, which each message asks again).
+   to that destination with it (but for a rate or the line, which each message asks again); a
+   throttled round gives back the rate cell it took.
 
 Exactly once with lanes: a job is taken by one lane only (the batch's order is handed out on
 one event loop) and claimed before it is looked at, as before. The lanes' Redis calls (claims,
@@ -98,10 +100,15 @@ from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
 from services.deliver.shaping import (
+    BACKOFF,
+    CONNECTION_RATE,
     CONNECTIONS,
+    LINE,
+    LINE_REASONS,
     PARK_CONNECTIONS,
     RATE,
     SHORT_WAIT,
+    SUSPENDED,
     Gate,
     Shaper,
     Site,
@@ -115,6 +122,10 @@ log = logging.getLogger("tlsrelay.deliver")
 WARM = 60.0
 WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
 Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
+# How long a lane waits for a session of its own process's other lanes to come free when every
+# connection to the site is taken (their transactions end; longer → parked as throttled), at
+# most half of delivery.job_timeout (a round that outlasts it is abandoned as an attempt).
+SIBLING_WAIT = 30.0
 OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
@@ -344,11 +355,18 @@ class Deliverer:
                 unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)
         if outcome.throttled is not None:
-            reply = _throttle_reply(outcome.throttled)
+            throttle = outcome.throttled
+            reply = _throttle_reply(throttle)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
-                await self.io(self.ledger.throttle, round_, claim, outcome.throttled, reply)
+                await self.io(self.ledger.throttle, round_, claim, throttle, reply)
+                if throttle.reason in LINE_REASONS:  # it waits in the site's line now
+                    self.shaper.saw_line(throttle.site.id, True)
                 return None, None
-            outcome.deferred = dict.fromkeys(pending, reply)  # expired: bounced as a deferral
+            # Expired: bounced as a deferral. The sender reads why in general words (the DSN);
+            # which limit of which site held it is for the operator (log and trace).
+            outcome.deferred = dict.fromkeys(pending, reply)
+            outcome.skipped = _throttle_detail(throttle)
+            log.warning("%s to %s bounced at its expiry: %s", *job.key, outcome.skipped)
         after = upcoming()
         if after is None:
             return outcome, await self.ledger.record_async(round_, outcome)
@@ -403,24 +421,63 @@ class Deliverer:
             outcome.unreachable = plan.unreachable
             return
         site = self.shaper.site(job.domain, plan.destinations)
-        outcome.throttled = self.shaper.suspended(site, job.domain) or await self.shaper.pace(site)
+        throttled = self.shaper.suspended(site, job.domain) or self._line(job, site, envelope)
+        outcome.throttled = throttled or await self.shaper.pace(site)
         if outcome.throttled is not None:
             return
-        slots = self._slots(site)
-        if not await slots.take(SHORT_WAIT):  # this process's lanes hold the site's limit
-            outcome.throttled = Throttle(CONNECTIONS, site, PARK_CONNECTIONS)
-            return
-        gate = self.shaper.gate(site)
         try:
-            await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
+            gate = self.shaper.gate(site, envelope.received_at)
+            await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
         finally:
-            gate.close()
-            slots.give()
+            if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
+                self.shaper.refund(site)
+
+    def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
+        """The site's line (services/deliver/shaping.py): asked for a job that waited in it,
+        or at a site where this process saw one lately; older jobs waiting there go first."""
+        if job.throttled is None and not self.shaper.queued(site):
+            return None
+        return self.shaper.admit(site, envelope.received_at)
+
+    async def _take_site(
+        self,
+        gate: Gate,
+        plan: Plan,
+        envelope: Envelope,
+        body: bytes,
+        pending: list[str],
+        outcome: Outcome,
+        before_data: Callable[[Peer], Awaitable[None]],
+    ) -> None:
+        """The round's share of the site: a slot of this process, then a session per address
+        (a parked one, or a new one with a lease); else the round is throttled."""
+        slots, wait = self._slots(gate.site), SHORT_WAIT
+        if slots.size < slots.limit:  # shrunk: the process sends over the sessions it holds
+            wait = min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
+        while True:
+            if not await slots.take(wait):  # this process's lanes hold the site's limit
+                outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
+                return
+            try:
+                await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
+            finally:
+                gate.close()
+                slots.give()
+            # Every connection to the site is taken, some by this process's other lanes: send
+            # over theirs (the next that comes free), not park the job and the rest of its batch.
+            if not _no_connection(outcome) or not slots.shrink():
+                break
+            outcome.throttled = None
+            wait = min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)  # never abandoned
+        if outcome.attempts and time.monotonic() >= self.shaper.full.get(gate.site.id, 0.0):
+            slots.grow()  # the site had room of late: this process may try one more session
 
     def _slots(self, site: Site) -> Slots:
         """The site's slots in this process: as many lanes as its connection limit may send to
         it at once (the leases bound all processes together; this keeps one process's lanes
-        from queueing on leases that its own busy sessions hold)."""
+        from queueing on leases that its own busy sessions hold). When the site's connections
+        are all taken, the slots shrink to the sessions this process holds there, and grow back
+        one at a time while the site has room (:meth:`Slots.shrink`)."""
         loop = asyncio.get_running_loop()
         if self._slots_loop is not loop:  # a worker has one loop; tests may run several
             self._slots_loop, self._site_slots = loop, {}
@@ -476,23 +533,48 @@ def _destination(job: Job) -> Destination:
     return (decision.domain, decision.route, decision.tls, decision.tls_profile)
 
 
+def _no_connection(outcome: Outcome) -> bool:
+    """The round found no connection to its site free in time and tried nothing."""
+    throttle = outcome.throttled
+    return throttle is not None and throttle.reason == CONNECTIONS and not outcome.attempts
+
+
 def _blocks_batch(outcome: Outcome) -> bool:
     """A throttled round whose limit holds for the rest of the batch to the same destination
-    (connections, back-off, suspension; not a rate, which each message asks again)."""
+    (connections, back-off, suspension; not a rate, which each message asks again, nor the
+    site's line, where each message has its own place)."""
     throttle = outcome.throttled
-    return throttle is not None and throttle.reason != RATE
+    return throttle is not None and throttle.reason not in (RATE, LINE)
 
 
 def _throttled_reply(throttle: Throttle | None) -> Reply | None:
     return None if throttle is None else _throttle_reply(throttle)
 
 
+# What a sender is told of a throttled round (a DSN leaves the relay): what happened in plain
+# words, never our internal site names or ids — those are in the log and the trace.
+_WAITING = {
+    CONNECTIONS: "the receiving mail system accepts only so many connections from us at once",
+    CONNECTION_RATE: "the receiving mail system accepts only so many new connections at a time",
+    RATE: "the receiving mail system accepts only so many messages from us per period",
+    BACKOFF: "the receiving mail system asked us to slow down",
+    SUSPENDED: "delivery to this destination is paused by the relay's administrator",
+    LINE: "older mail to the same receiving mail system is waiting and goes first",
+}
+
+
 def _throttle_reply(throttle: Throttle) -> Reply:
     """Why a throttled round's recipients wait (its "delayed" DSN), the deferral of one still
     throttled at its message's expiry (then bounced), or of an address after which no lease
-    could be had."""
-    text = f"not tried yet: traffic shaping ({throttle.reason}) at site {throttle.site.id}"
-    return Reply(451, "4.7.0", text)
+    could be had: said to the sender, so without internal names (:func:`_throttle_detail`
+    has them, for the log and the trace). 4.4.5: the destination is congested (RFC 3463)."""
+    why = _WAITING.get(throttle.reason, "the receiving mail system limits how fast we may send")
+    return Reply(451, "4.4.5", f"delivery not attempted yet: {why}")
+
+
+def _throttle_detail(throttle: Throttle) -> str:
+    """The operator's account of a throttle: which limit, which site."""
+    return f"traffic shaping ({throttle.reason}) at site {throttle.site.id}"
 
 
 def _abandoned(limit: float, data: Peer | None) -> Reply:

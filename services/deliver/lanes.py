@@ -121,6 +121,10 @@ class Slots:
     size: int
     busy: int = 0
     freed: asyncio.Event = field(default_factory=asyncio.Event)
+    limit: int = 0  # the size it grows back to (0: the size it was made with)
+
+    def __post_init__(self) -> None:
+        self.limit = self.limit or self.size
 
     async def take(self, wait: float) -> bool:
         """A slot, waiting up to ``wait`` seconds for one (False: none came free)."""
@@ -141,6 +145,23 @@ class Slots:
     def give(self) -> None:
         self.busy -= 1
         self.freed.set()
+
+    def shrink(self) -> bool:
+        """A lane found every connection to the site taken (none came free within the wait)
+        while others of this process's lanes send there: the process sends over the sessions
+        it holds, as many lanes at once as are sending now, and the lane waits for one of them
+        to come free (its session is parked, then reused). False when no other lane sends
+        there: nothing in this process will come free, the round is throttled."""
+        if self.busy < 1:
+            return False
+        self.size = self.busy
+        return True
+
+    def grow(self) -> None:
+        """One more lane may send at once (up to ``limit``): the site had room of late."""
+        if self.size < self.limit:
+            self.size += 1
+            self.freed.set()
 
 
 class Bodies:

@@ -22,7 +22,9 @@
   round trip per job).
 - :meth:`Ledger.throttle` parks a job a traffic-shaping limit stopped before anything was sent
   (services/deliver/shaping.py): in the deferred set marked throttled, the same attempt, with
-  the "delayed" DSN when one is due.
+  the "delayed" DSN when one is due, and for a limit of its whole site in the site's line (by
+  its message's acceptance time); a job that was throttled leaves the line in the transaction
+  that records or closes it (``shaping.LEAVE_LINE``, which calls the next one in).
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
   the first retry step, so a bug in delivery code never drops mail; :meth:`Ledger.hand_back`
   queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task.
@@ -55,7 +57,7 @@ from services.common import queueing, spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.deliver import dsn, observe, posture, scheduler, tlsrpt
+from services.deliver import dsn, observe, posture, scheduler, shaping, tlsrpt
 from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
@@ -250,6 +252,7 @@ class Ledger:
             if fallback is not None:
                 events.append(self._stage_fallback(pipe, round_.envelope.id, *fallback))
             self.claims.stage_release(pipe, round_.job.key)
+            self._stage_leave_line(pipe, round_.job)
             at_upcoming = len(pipe)
             if upcoming is not None:
                 note = _in_flight_note(peer) if peer is not None else None
@@ -422,6 +425,7 @@ class Ledger:
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, job.key)
+            self._stage_leave_line(pipe, job)
             if envelope is None:  # gone: so are its recipients' states and its index entry
                 pipe.delete(spool.rcpt_key(message_id))
                 scheduler.stage_completion(pipe, message_id)
@@ -482,9 +486,16 @@ class Ledger:
         — the same attempt and retry step, nothing recorded for its recipients — and leaves
         ``waiting:deliver`` as a deferral does (the scheduler queues it again when due, so the
         rescue sweep sees it as queued). One transaction, releasing the claim (and the
-        in-flight mark: no DATA went out in this round). A message that has waited
-        ``delivery.delay_warning_after`` gets its one "delayed" DSN here too (``reply``: why
-        its recipients wait), as a deferral would send it."""
+        in-flight mark: no DATA went out in this round), placing it in its site's line for a
+        limit of the whole site (``shaping.LINE_REASONS``; out of the line it was in under its
+        old document). A message that has waited ``delivery.delay_warning_after`` gets its one
+        "delayed" DSN here too (``reply``: why its recipients wait), as a deferral would send
+        it.
+
+        No TLSRPT counts (RFC 8460) here, though the round looked its MTA-STS/DANE policy up:
+        it tried no session, and the round that does try plans again and counts its lookups
+        once (:meth:`record`), as does the last round if the lifetime ends first. Counting
+        them here would count one message's policy failure once per wait."""
         pending = round_.state.pending(round_.job)
         waiting = Outcome(deferred=dict.fromkeys(pending, reply))
         notice = dsn.notice(
@@ -503,10 +514,18 @@ class Ledger:
         message_id, domain = job.key
         due = min(time.time() + throttle.wait, round_.expires)
         site = throttle.site
+        parked = job.throttle(throttle.reason, site.id)
         with self.client.pipeline(transaction=True) as pipe:
             if notice is not None and not self._delay_notice_due(pipe, message_id):
                 notice = None
-            scheduler.stage_deferral(pipe, job.throttle(throttle.reason, site.id), due)
+            scheduler.stage_deferral(pipe, parked, due)
+            if job.throttled is not None:  # its place in the line was under its old document
+                pipe.zrem(spool.site_key("line", job.throttled[1]), _member(job))
+            if throttle.reason in shaping.LINE_REASONS:  # in its site's line, by seniority
+                keys = [spool.site_key("line", site.id), spool.DEFERRED]
+                args: list[str | int] = [_member(parked), repr(round_.envelope.received_at)]
+                args += [shaping.front_of(self.config, site.limits), self._mark_ttl]
+                pipe.eval(shaping.JOIN_LINE, len(keys), *keys, *args)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, claim.key)
@@ -524,6 +543,17 @@ class Ledger:
         observe.throttled(site.label, throttle.reason)
         if notice is not None:
             observe.dsn_sent(notice.action)
+
+    def _stage_leave_line(self, pipe: redis.client.Pipeline, job: Job) -> None:
+        """A job that waited in its site's line (its document says throttled) is recorded or
+        closed: it leaves the line, and the next one is called in (one script, only for such
+        jobs; shaping.LEAVE_LINE)."""
+        if job.throttled is None:
+            return
+        site_id = job.throttled[1]
+        front = shaping.front_of(self.config, shaping.limits_of(self.config, site_id))
+        keys = [spool.site_key("line", site_id), spool.DEFERRED]
+        pipe.eval(shaping.LEAVE_LINE, len(keys), *keys, _member(job), front)
 
     # ----------------------------------------------------------------- out of time
 
@@ -549,6 +579,10 @@ class Ledger:
                 pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
             pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([dict(d) for d in docs]))
             pipe.execute()
+
+
+def _member(job: Job) -> str:
+    return shaping.line_member(job.to_json())
 
 
 def _posture_recorded(

@@ -26,14 +26,58 @@ matching one of its ``match`` entries) has that name and its own limits; every o
 
 When a limit is reached the job waits: within the worker when the wait is short (at most
 :data:`SHORT_WAIT`, sleeping, never spinning), else it is parked as *throttled*
-(:meth:`services.deliver.ledger.Ledger.throttle`): not an attempt, not a retry step.
+(:meth:`services.deliver.ledger.Ledger.throttle`): not an attempt, not a retry step. A round
+that passed the ``rate`` and then met a connection limit gives its cell back
+(:meth:`Shaper.refund`): it sent nothing.
 
-Costs: one Redis round trip per new connection (the lease), one per message only for a site
-with a ``rate``, and one per :data:`TICK` per process while it holds leases. In a deliver process
-these scripts run in its thread pool (:mod:`services.deliver.offload`), off the event loop;
-``held`` and the released leases are changed on the loop only. The suspensions (one read per
-:data:`SUSPENSION_REFRESH`) and a back-off step (only after a matching reply) are still read and
-written on the loop.
+**The site's line** (review finding 8). Parked jobs come back when their wait is over, but a
+new job to the site takes a connection the moment one is free, and a worker holding a session
+to the site sends its next job over it: under a long saturation an old job kept missing its
+turn, and could reach its queue lifetime untried while younger ones went. So, as Postfix's
+qmgr serves a destination's queue in order (and KumoMTA a site's ready queue), a job parked
+for a limit of its whole site (:data:`LINE_REASONS`: not a suspension, which may name one
+domain of the site and ends with ``resume``) waits in the site's line
+``tlsrelay:shaping:line:<site>``, a sorted set of its deferred-set member scored by when its
+message was accepted (its seniority), until its round is recorded or it is closed:
+
+- a round goes only when fewer than :func:`front_of` jobs of the line are older — the line's
+  *front*, served together as Postfix's active queue is (a task's worth of jobs,
+  ``delivery.batch_max``, or two per connection of the site's limit if that is more: enough
+  to keep its connections busy over reused sessions for a scheduler pass); else it joins the
+  line (parked as :data:`LINE`, not an attempt). So once more jobs wait for the site than its
+  front, younger mail no longer passes them; below that the site has room for all that wait
+  and a line that is not full never turns new mail away (no convoy behind a brief limit);
+- within the front, a connection that comes free goes to the oldest round asking for one:
+  while a line stands, the site's ``waiting`` flag holds that round's seniority (set and
+  refreshed by it alone, for :data:`WAITING_TTL`) and the lease script turns younger rounds
+  away (``connections``) until it has its lease or stops asking;
+- jobs behind the front sleep (:data:`PARK_LINE`, a safety net) and are called in (made due
+  now) as the front moves: by the recording of a job of the line (:data:`LEAVE_LINE`), by a
+  job parked behind others that finds itself in the front (:data:`JOIN_LINE`), and by a look
+  over the front at most once a second per site (in :data:`_LINE`), which also drops
+  leftovers — entries whose job is neither deferred nor being run (``waiting:deliver``):
+  bounced by the operator, or rebuilt by the rescue sweep after its worker died.
+
+The line is asked inside the lease script (a new connection: no command more than one
+``EXISTS`` while a site has no line) and, for a round that would ride a session the worker
+already holds, by :meth:`Shaper.admit` — one call, made only by a job of the line or in a
+process that saw a line at that site within :data:`LINE_MEMORY` (its lease replies and its
+tick tell it): a process that has not seen a new line yet lets younger jobs pass on its own
+sessions for at most a tick. Holding no lease or claim, the line never holds a connection: a
+worker killed while running a job of the line leaves its job in ``waiting:deliver`` (the
+rescue sweep queues it again) and its entry in the line, a place it keeps until recorded.
+Served this way under saturation, the site's jobs go through the deferred set and the
+scheduler (``delivery.scheduler_interval``) a front at a time: order is bought with some
+throughput while a line stands (each job of it waits for a scheduler pass).
+
+Costs: one Redis round trip per new connection (the lease, with the line's ``EXISTS``), one per
+message only for a site with a ``rate`` or a line, and one per :data:`TICK` per process while it
+holds leases. In a deliver process the lease, rate and renewal scripts run in its thread pool
+(:mod:`services.deliver.offload`), off the event loop; ``held``, the released leases and the
+lines seen are changed on the loop only. Still on the loop: the suspensions (one read per
+:data:`SUSPENSION_REFRESH`), a back-off step (only after a matching reply), a rate cell given
+back (only for a round a connection limit stopped) and :meth:`Shaper.admit` (only while a line
+stands at the site).
 
 Failure: Redis errors propagate from :meth:`Gate.lease`, :meth:`Shaper.pace` and
 :meth:`Shaper.suspended`, all before anything is sent (the task is parked for a retry: nothing is
@@ -77,11 +121,20 @@ SUSPENSION_REFRESH = 1.0  # how stale a process's copy of the suspensions may be
 PARK_CONNECTIONS = 5.0  # a job parked for want of a connection comes back after this
 PARK_SUSPENDED = 300.0  # a suspended site's jobs look again at least this often
 CLOSING_WAIT = 0.05  # after closing a parked session of our own for ourselves
+PARK_LINE = 60.0  # a job waiting behind older ones comes back after this unless called first
+FRONT_PER_CONNECTION = 2  # a site's line's front holds at least this many jobs per connection
+LINE_MEMORY = 2 * TICK  # how long a process goes on asking the line after it last saw one
+WAKE_EVERY_MS = 1000  # the line's front is looked over at most this often per site
+REGISTER_EVERY = 60.0  # a process refreshes a site's entry in the list of sites this often
 
-CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF = (
-    "connections", "connection_rate", "rate", "suspended", "backoff",
+CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF, LINE = (
+    "connections", "connection_rate", "rate", "suspended", "backoff", "line",
 )  # fmt: skip
-REASONS = (CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF)
+REASONS = (CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF, LINE)
+# The reasons that put a job in its site's line: a limit of the whole site. Not a suspension,
+# which may name one domain of the site (its jobs must not hold up the others) and ends with
+# `resume`, which makes them due at once.
+LINE_REASONS = frozenset({CONNECTIONS, CONNECTION_RATE, RATE, BACKOFF, LINE})
 
 # Redis time as seconds (a float): every pod compares expiries on the same clock. Writes after
 # TIME need effects replication: the default since Redis 5 (always since 7); asked for on 3.2-4.
@@ -123,35 +176,140 @@ local function gcra(key, interval, tolerance)
 end
 """
 
-# KEYS: 1 leases, 2 backoff, 3 connection-rate cell, 4 waiting flag, 5 sites registry.
+# The site's line: whether a round whose message was accepted at ``s`` may take the site's
+# capacity: fewer than ``front`` jobs waiting in the line are older (always, with no line: one
+# EXISTS).
+# At most once per ``wake_ms`` per site the line's front is looked over: a job of it asleep in
+# the deferred set behind others (parked as ``line``; a limit's own wait, a few seconds for a
+# connection or exact for a rate, is kept) is made due now (``call``); one that is neither
+# there nor being run (in waiting:deliver) is a leftover and leaves the line. Returns
+# (admitted, whether the site has a line).
+_LINE = """
+local function call(deferred, m)
+  local due = redis.call('ZSCORE', deferred, m)
+  if not due then return false end
+  if tonumber(due) > now then
+    local ok, doc = pcall(cjson.decode, m)
+    local why = ok and type(doc) == 'table' and type(doc['throttled']) == 'table'
+      and doc['throttled']['reason']
+    if why == 'line' then redis.call('ZADD', deferred, 'XX', now, m) end
+  end
+  return true
+end
+local function present(deferred, running, m)
+  if call(deferred, m) then return true end
+  local ok, doc = pcall(cjson.decode, m)
+  local known = ok and type(doc) == 'table' and type(doc['id']) == 'string'
+    and type(doc['domain']) == 'string'
+  return known and redis.call('ZSCORE', running, doc['id'] .. ' ' .. doc['domain']) ~= false
+end
+local function look_over(line, deferred, running, members)
+  for _, m in ipairs(members) do
+    if not present(deferred, running, m) then redis.call('ZREM', line, m) end
+  end
+end
+local function line_admits(line, deferred, running, gate, s, front, wake_ms)
+  if redis.call('EXISTS', line) == 0 then return true, 0 end
+  local looked = redis.call('SET', gate, '1', 'NX', 'PX', wake_ms)
+  if looked then look_over(line, deferred, running, redis.call('ZRANGE', line, 0, front - 1)) end
+  local older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
+  if older >= front and not looked and older <= front + 2 then
+    -- a few leftovers (a rescued job's old entry) must not hold a round up until the next look
+    look_over(line, deferred, running, redis.call('ZRANGEBYSCORE', line, '-inf', '(' .. s))
+    older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
+  end
+  return older < front, 1
+end
+"""
+
+# KEYS: 1 leases, 2 backoff, 3 connection-rate cell, 4 waiting flag, 5 sites registry, 6 line,
+# 7 deferred set, 8 waiting:deliver, 9 the line's wake gate.
 # ARGV: 1 lease id, 2 ttl, 3 configured limit, 4 factor, 5 recover_after, 6 rate interval (0:
-# none), 7 rate tolerance, 8 site id, 9 site document, 10 waiting ttl, 11.. leases to drop.
-# Returns {1, limit, used} or {0, reason, wait ms}.
+# none), 7 rate tolerance, 8 site id, 9 site document ("": not written again now), 10 waiting
+# ttl, 11 seniority, 12 front, 13 wake ms, 14.. leases to drop.
+# Returns {1, limit, used, line} or {0, reason, wait ms, line} (line: 1 when the site has one).
 _ACQUIRE = (
     _NOW
     + _STEPS
     + _GCRA
+    + _LINE
     + """
-for i = 11, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+for i = 14, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local admitted, queued = line_admits(
+  KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[11], tonumber(ARGV[12]), ARGV[13])
+if not admitted then return {0, 'line', 0, queued} end
 local configured = tonumber(ARGV[3])
 local steps = steps_now(KEYS[2], tonumber(ARGV[5]))
 local limit = limit_of(configured, tonumber(ARGV[4]), steps)
 local used = redis.call('ZCARD', KEYS[1])
-if used >= limit then
-  redis.call('SET', KEYS[4], '1', 'PX', math.floor(tonumber(ARGV[10]) * 1000))
-  if used < configured then return {0, 'backoff', 0} end
-  return {0, 'connections', 0}
+-- While the site has a line, the waiting flag holds the seniority of the oldest round asking
+-- for a connection (set by it, refreshed by it alone): a younger round leaves it the next one.
+local s, oldest = tonumber(ARGV[11]), nil
+if queued == 1 then oldest = tonumber(redis.call('GET', KEYS[4]) or '') end
+if used >= limit or (oldest ~= nil and s > oldest) then
+  if oldest == nil or s <= oldest then
+    redis.call('SET', KEYS[4], ARGV[11], 'PX', math.floor(tonumber(ARGV[10]) * 1000))
+  end
+  if used < limit then return {0, 'connections', 0, queued} end
+  if used < configured then return {0, 'backoff', 0, queued} end
+  return {0, 'connections', 0, queued}
 end
+if oldest ~= nil then redis.call('DEL', KEYS[4]) end
 if tonumber(ARGV[6]) > 0 then
   local wait = gcra(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
-  if wait > 0 then return {0, 'connection_rate', wait} end
+  if wait > 0 then return {0, 'connection_rate', wait, queued} end
 end
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 2000))
-redis.call('HSET', KEYS[5], ARGV[8], ARGV[9])
-return {1, limit, used + 1}
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[8], ARGV[9]) end
+return {1, limit, used + 1, queued}
+"""
+)
+
+# KEYS: 1 line, 2 deferred set, 3 waiting:deliver, 4 wake gate. ARGV: 1 seniority, 2 front,
+# 3 wake ms. Returns {admitted (1/0), line (1/0)}.
+_ADMIT = (
+    _NOW
+    + _LINE
+    + """
+local admitted, queued = line_admits(
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+return {admitted and 1 or 0, queued}
+"""
+)
+
+# KEYS: 1 line, 2 deferred set. ARGV: 1 the member leaving it, 2 front. A job of the line is
+# recorded (or gone): it leaves, and the job that enters the front by it, if asleep behind
+# others, is made due now. Staged in the transaction that records a job that was throttled
+# (services/deliver/ledger.py).
+LEAVE_LINE = (
+    _NOW
+    + _LINE
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local front = tonumber(ARGV[2])
+local next = redis.call('ZRANGE', KEYS[1], front - 1, front - 1)
+if next[1] then call(KEYS[2], next[1]) end
+return 1
+"""
+)
+
+# KEYS: 1 line, 2 deferred set. ARGV: 1 member, 2 seniority, 3 front, 4 ttl. A job parked for a
+# limit of its site takes its place in the line (after its deferred entry, in the same
+# transaction); one parked behind others (``line``) that is in the front by now (one of it was
+# recorded meanwhile) is made due at once rather than wait for a call.
+JOIN_LINE = (
+    _NOW
+    + _LINE
+    + """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[2]) < tonumber(ARGV[3]) then
+  call(KEYS[2], ARGV[1])
+end
+return 1
 """
 )
 
@@ -166,6 +324,22 @@ if wait == 0 then
   redis.call('EXPIRE', KEYS[2], 120)
 end
 return wait
+"""
+)
+
+# KEYS: 1 rate cell, 2 the minute's message count. ARGV: interval. The cell a round took and
+# did not use (a connection limit stopped it after its rate allowed it) goes back.
+_REFUND = (
+    _NOW
+    + """
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tat > 0 then
+  local back = tat - tonumber(ARGV[1])
+  if back <= now then redis.call('DEL', KEYS[1])
+  else redis.call('SET', KEYS[1], back, 'PX', math.ceil((back - now) * 1000) + 1000) end
+end
+if tonumber(redis.call('GET', KEYS[2]) or 0) > 0 then redis.call('DECR', KEYS[2]) end
+return 1
 """
 )
 
@@ -239,6 +413,25 @@ def site_of(config: Config, domain: str, hosts: Iterable[tuple[str, int, str]]) 
     return Site(f"mx:{digest}", DEFAULT_SITE, shaping.default, tuple(names or [domain.lower()]))
 
 
+def front_of(config: Config, limits: SiteLimits) -> int:
+    """How many of the oldest jobs waiting in a site's line may take its capacity at once (its
+    front): a task's worth (``delivery.batch_max``), or :data:`FRONT_PER_CONNECTION` per
+    connection of its configured limit if that is more."""
+    return max(config.delivery.batch_max, max(1, limits.connections) * FRONT_PER_CONNECTION)
+
+
+def limits_of(config: Config, site_id: str) -> SiteLimits:
+    """The limits of the site ``site_id`` (a configured site's name, else the default's)."""
+    shaping = config.delivery.shaping
+    own = next((s for s in shaping.sites if s.name == site_id), None)
+    return own.limits(shaping.default) if own is not None else shaping.default
+
+
+def line_member(job_doc: dict[str, object]) -> str:
+    """A job's member in its site's line: its member in the deferred set (sorted keys)."""
+    return json.dumps(job_doc, sort_keys=True)
+
+
 SITE_MEMORY = 86400.0  # a site unseen this long, with no lease, leaves the list of sites seen
 
 
@@ -281,6 +474,12 @@ class Shaper:
         self._pace = client.register_script(_PACE)
         self._backoff = client.register_script(_BACKOFF)
         self._renew = client.register_script(_RENEW)
+        self._admit = client.register_script(_ADMIT)
+        self._refund = client.register_script(_REFUND)
+        # site id → until when (monotonic) this process asks the site's line before a round
+        # (set whenever a reply of Redis said the site has one: see Shaper.admit)
+        self.lines: dict[str, float] = {}
+        self._registered: dict[str, float] = {}  # site id → when its entry was last written
         self._suspended: dict[str, dict[str, object]] = {}
         self._suspended_at = -1e9
         # site id → until when (monotonic) a round here already waited in vain for a lease:
@@ -292,7 +491,7 @@ class Shaper:
         self.close_parked: Callable[[str], int] = lambda site_id: 0  # close one for a waiter
         self.expire_parked: Callable[[], None] = lambda: None  # idle ones past their timeout
         # Where rounds and the tick make their Redis calls: the deliver process's threads (set
-        # by services/deliver/batch.py); held and _dropped change on the loop only.
+        # by services/deliver/batch.py); held, _dropped and lines change on the loop only.
         self.io: Offload = INLINE
 
     def attach(
@@ -359,8 +558,53 @@ class Shaper:
             await asyncio.sleep(wait)
             waited += wait
 
-    def gate(self, site: Site) -> Gate:
-        return Gate(self, site)
+    def refund(self, site: Site) -> None:
+        """Give back the rate cell :meth:`pace` took for a round that then sent nothing (a
+        connection limit stopped it): a throttled round must not spend the site's rate. A Redis
+        error is logged (the rate is then a cell short for one window), never raised: the round
+        is still parked."""
+        interval, _ = _cell(site.limits.rate)
+        if not interval:
+            return
+        minute = int(time.time() // 60)
+        keys = [spool.site_key("rate", site.id), spool.site_key("count", f"{site.id}:{minute}")]
+        try:
+            self._refund(keys=keys, args=[interval])
+        except redis.exceptions.RedisError as exc:
+            log.warning("site %s: rate cell not given back, Redis unavailable: %s", site.id, exc)
+
+    # ----------------------------------------------------------------- the site's line
+
+    def front(self, site: Site) -> int:
+        return front_of(self.config, site.limits)
+
+    def queued(self, site: Site) -> bool:
+        """Whether this process saw a line at ``site`` lately (within :data:`LINE_MEMORY`)."""
+        return time.monotonic() < self.lines.get(site.id, 0.0)
+
+    def saw_line(self, site_id: str, queued: bool) -> None:
+        if queued:
+            self.lines[site_id] = time.monotonic() + LINE_MEMORY
+        else:
+            self.lines.pop(site_id, None)
+
+    def admit(self, site: Site, seniority: float) -> Throttle | None:
+        """Ask the site's line (one Redis call) whether a round of a message accepted at
+        ``seniority`` may go: None, or a :data:`LINE` throttle when :meth:`front` older jobs
+        wait there. Asked when this process saw a line there lately or the job itself waited
+        in one; the lease asks it too (:meth:`_take`), so a process that does not know of the
+        line yet only lets a round pass on a session it already holds (for at most a tick)."""
+        keys = [
+            spool.site_key("line", site.id), spool.DEFERRED, spool.WAITING_DELIVER,
+            spool.site_key("wake", site.id),
+        ]  # fmt: skip
+        args: list[str | int] = [repr(seniority), self.front(site), WAKE_EVERY_MS]
+        admitted, queued = self._admit(keys=keys, args=args)
+        self.saw_line(site.id, bool(queued))
+        return None if admitted else Throttle(LINE, site, PARK_LINE)
+
+    def gate(self, site: Site, seniority: float = 0.0) -> Gate:
+        return Gate(self, site, seniority)
 
     def backoff(self, site: Site, replies: Sequence[str]) -> bool:
         """The destination's reply lines of an attempt: when one matches a
@@ -383,26 +627,31 @@ class Shaper:
 
     # ----------------------------------------------------------------- leases
 
-    def _take(self, site: Site) -> Lease | Throttle:
-        lease, sent, keys, args = self._ask(site)
-        return self._took(lease, sent, self._acquire(keys=keys, args=args))
+    def _take(self, site: Site, seniority: float = 0.0) -> Lease | Throttle:
+        """A lease for a new session to ``site`` for a round of a message accepted at
+        ``seniority`` (0: ahead of any line), or why not."""
+        lease, sent, register, keys, args = self._ask(site, seniority)
+        return self._took(lease, sent, register, self._acquire(keys=keys, args=args))
 
-    async def take(self, site: Site) -> Lease | Throttle:
+    async def take(self, site: Site, seniority: float = 0.0) -> Lease | Throttle:
         """:meth:`_take` with its script in a thread (:attr:`io`); a lease it took for a round
         cancelled meanwhile is released (to go at the next tick), never held with no session."""
 
         def orphan(reply: list[Any]) -> None:
-            got = self._took(lease, sent, reply)
+            got = self._took(lease, sent, register, reply)
             if isinstance(got, Lease):
                 self.release(got)
 
-        lease, sent, keys, args = self._ask(site)
+        lease, sent, register, keys, args = self._ask(site, seniority)
         reply = await self.io(self._acquire, keys=keys, args=args, orphan=orphan)
-        return self._took(lease, sent, reply)
+        return self._took(lease, sent, register, reply)
 
-    def _ask(self, site: Site) -> tuple[Lease, list[Lease], list[str], list[str | float]]:
-        """A new lease of ``site``, the released leases of the site dropped with it, and the
-        keys and arguments of :data:`_ACQUIRE`."""
+    def _ask(
+        self, site: Site, seniority: float
+    ) -> tuple[Lease, list[Lease], float | None, list[str], list[str | float]]:
+        """A new lease of ``site``, the released leases of the site dropped with it, when the
+        site's entry is written (None: not now), and the keys and arguments of
+        :data:`_ACQUIRE`."""
         lease = Lease(site)
         interval, tolerance = _cell(site.limits.connection_rate)
         backoff = self.config.delivery.backoff
@@ -413,23 +662,34 @@ class Shaper:
             spool.site_key("crate", site.id),
             spool.site_key("waiting", site.id),
             spool.SHAPING_SITES,
+            spool.site_key("line", site.id),
+            spool.DEFERRED,
+            spool.WAITING_DELIVER,
+            spool.site_key("wake", site.id),
         ]
+        now = time.monotonic()
+        register = now - self._registered.get(site.id, -1e9) >= REGISTER_EVERY
         args: list[str | float] = [
             lease.id, LEASE_TTL, site.limits.connections, backoff.factor,
-            backoff.recover_after, interval, tolerance, site.id, site.document(), WAITING_TTL,
-            *(d.id for d in sent),
+            backoff.recover_after, interval, tolerance, site.id,
+            site.document() if register else "", WAITING_TTL, repr(seniority), self.front(site),
+            WAKE_EVERY_MS, *(d.id for d in sent),
         ]  # fmt: skip
-        return lease, sent, keys, args
+        return lease, sent, now if register else None, keys, args
 
-    def _took(self, lease: Lease, sent: list[Lease], reply: list[Any]) -> Lease | Throttle:
+    def _took(
+        self, lease: Lease, sent: list[Lease], register: float | None, reply: list[Any]
+    ) -> Lease | Throttle:
         """:data:`_ACQUIRE`'s reply: the lease, now held, or why not; ``sent`` are gone."""
-        ok, what, number = reply
+        ok, what, number, queued = reply
         site = lease.site
         self._dropped = [d for d in self._dropped if all(d is not s for s in sent)]
+        self.saw_line(site.id, bool(queued))
         if not ok:
-            return Throttle(
-                what.decode() if isinstance(what, bytes) else str(what), site, number / 1000
-            )
+            reason = what.decode() if isinstance(what, bytes) else str(what)
+            return Throttle(reason, site, PARK_LINE if reason == LINE else number / 1000)
+        if register is not None:
+            self._registered[site.id] = register
         self.held[lease.id] = lease
         return lease
 
@@ -464,8 +724,10 @@ class Shaper:
                 log.exception("shaping: tick failed")
 
     def tick(self) -> None:
-        """Renew every lease held, drop released ones, and close a parked session for each
-        site another worker waits for (one Redis call; none when nothing is held)."""
+        """Renew every lease held, drop released ones, close a parked session for each site
+        another worker waits for, and note which of those sites have a line (a round that
+        would take a parked session there asks it first: :meth:`admit`). One Redis call; none
+        when nothing is held."""
         asked = self._renewal()
         if asked is not None:
             leases, parked_sites, dropped, keys, args = asked
@@ -500,24 +762,26 @@ class Shaper:
             return None
         parked_sites = sorted({lease.site.id for lease in self.parked()})
         keys = [lease.key for lease in leases] + [
-            spool.site_key("waiting", s) for s in parked_sites
+            spool.site_key(part, s) for s in parked_sites for part in ("waiting", "line")
         ]
         dropped, self._dropped = self._dropped, []
-        args: list[str | float] = [len(leases), len(parked_sites), LEASE_TTL]
+        args: list[str | float] = [len(leases), 2 * len(parked_sites), LEASE_TTL]
         args += [lease.id for lease in leases] + [f"{d.key}|{d.id}" for d in dropped]
         return leases, parked_sites, dropped, keys, args
 
     def _renewed(self, leases: list[Lease], parked_sites: list[str], replies: list[int]) -> None:
         for lease, renewed in zip(leases, replies[: len(leases)], strict=True):
             lease.lost = lease.lost or not renewed
-        for site_id, waiting in zip(parked_sites, replies[len(leases) :], strict=True):
+        flags = replies[len(leases) :]
+        for site_id, waiting, queued in zip(parked_sites, flags[::2], flags[1::2], strict=True):
+            self.saw_line(site_id, bool(queued))
             if waiting:
                 self.close_parked(site_id)
 
 
-# KEYS: leases sets (one per lease), then waiting flags (one per site with parked sessions).
-# ARGV: 1 number of leases n, 2 number of flags m, 3 ttl, 4.. the n lease ids, then "key|id" of
-# leases to drop. Returns n renewal flags (1: renewed, 0: gone) then m waiting flags.
+# KEYS: leases sets (one per lease), then per site with parked sessions its waiting flag and its
+# line. ARGV: 1 number of leases n, 2 number of those keys m, 3 ttl, 4.. the n lease ids, then
+# "key|id" of leases to drop. Returns n renewal flags (1: renewed, 0: gone) then m existences.
 _RENEW = (
     _NOW
     + """
@@ -544,17 +808,20 @@ return out
 
 class Gate:
     """The leases of one delivery round to one site: a lease whose session failed is kept for
-    the next address of the round (no second call), and released when the round ends."""
+    the next address of the round (no second call), and released when the round ends.
+    ``seniority``: when the round's message was accepted (its place in the site's line)."""
 
-    def __init__(self, shaper: Shaper, site: Site) -> None:
+    def __init__(self, shaper: Shaper, site: Site, seniority: float = 0.0) -> None:
         self.shaper = shaper
         self.site = site
+        self.seniority = seniority
         self._spare: Lease | None = None
 
     async def lease(self) -> Lease | Throttle:
         """A lease for a new session: the round's spare one, else a new one, waiting within
         the worker up to :data:`SHORT_WAIT` (polling with growing pauses, the site's waiting
-        flag set so that parked sessions elsewhere close)."""
+        flag set so that parked sessions elsewhere close). Older jobs waiting in the site's
+        line (:data:`LINE`) are not waited for here: the round joins the line at once."""
         if self._spare is not None:
             lease, self._spare = self._spare, None
             if not lease.lost:
@@ -566,7 +833,9 @@ class Gate:
         hurry = time.monotonic() < self.shaper.full.get(self.site.id, 0.0)
         closing = False  # one of our parked sessions is being closed for this round
         while True:
-            got = await self.shaper.take(self.site)
+            got = await self.shaper.take(self.site, self.seniority)
+            if isinstance(got, Throttle) and got.reason == LINE:
+                return got  # older jobs wait for the site: this round joins them, no wait here
             if isinstance(got, Lease):
                 self.shaper.full.pop(self.site.id, None)
                 if first:  # a round that met a limit and waited here (else: parked)
