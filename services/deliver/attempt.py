@@ -71,6 +71,11 @@ class Hooks:
     # leaves the relay unsure whether the peer has it (RFC 1047).
     # Awaited: DATA goes out once it returns (the in-flight mark is written by then).
     before_data: Callable[[Peer], Awaitable[None]] = _nothing
+    # The same, without an await: one command at a time (no PIPELINING), nothing may yield to
+    # the loop between the last RCPT reply and DATA — aiosmtplib drops a reply that arrives with
+    # no command outstanding, so a peer out of step (a doubled RCPT reply) would pass for one in
+    # step. The deliverer writes the mark there on the loop (none when the premark was right).
+    before_data_now: Callable[[Peer], None] = lambda peer: None
 
 
 @dataclass

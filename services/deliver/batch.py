@@ -47,7 +47,8 @@ in one thread, on a connection of its own: no other lane can come between its wr
 cancellation cannot leave it half-way (the call runs to its end — committed or failed — before
 the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
 awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
-then abandons the round unsent); the marks claims write ahead are remembered per job
+then abandons the round unsent; to a peer without PIPELINING it is written on the loop, as
+nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are remembered per job
 (:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
 lane stops the others from starting jobs; they finish and record the rounds under way, then the
 error propagates and the task runs again.
@@ -77,7 +78,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -393,10 +394,17 @@ class Deliverer:
             await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
             reached()
 
+        def before_data_now(peer: Peer) -> None:  # see attempt.Hooks: no await before DATA
+            data.append(peer)
+            self.ledger.mark_in_flight(job, peer)
+            reached()
+
+        hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
+
         limit = self.config.delivery.job_timeout
         try:
             async with asyncio.timeout(limit):
-                await self._send(job, envelope, body, pending, outcome, before_data)
+                await self._send(job, envelope, body, pending, outcome, hooks)
         except TimeoutError:
             outcome.abandon(pending, _abandoned(limit, data[-1] if data else None))
         return outcome
@@ -408,7 +416,7 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], Awaitable[None]],
+        hooks: Hooks,
     ) -> None:
         """Plan the round, then try each address in order until one runs a transaction."""
         plan = await self.planner.plan(
@@ -427,7 +435,7 @@ class Deliverer:
             return
         try:
             gate = self.shaper.gate(site, envelope.received_at)
-            await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
+            await self._take_site(gate, plan, envelope, body, pending, outcome, hooks)
         finally:
             if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
                 self.shaper.refund(site)
@@ -447,7 +455,7 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], Awaitable[None]],
+        hooks: Hooks,
     ) -> None:
         """The round's share of the site: a slot of this process, then a session per address
         (a parked one, or a new one with a lease); else the round is throttled."""
@@ -459,7 +467,7 @@ class Deliverer:
                 outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
                 return
             try:
-                await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
+                await self._hops(plan, gate, envelope, body, pending, outcome, hooks)
             finally:
                 gate.close()
                 slots.give()
@@ -495,12 +503,11 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], Awaitable[None]],
+        hooks: Hooks,
     ) -> None:
         """Try each address of the plan in order until one runs a transaction; every new
         session with a connection lease of ``gate``'s site (else the round is throttled)."""
         errors: list[Reply] = []
-        hooks = Hooks(self.planner.remember_broken, before_data)
         sessions, session_limit = 0, self.config.delivery.mx_session_limit
         for hop in plan.hops:
             # Bounded work: at most mx_session_limit greeted sessions per round (Postfix

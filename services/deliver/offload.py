@@ -21,7 +21,9 @@ that did not, and nothing a call wrote is left unaccounted for.
 
 Still on the loop, being rare or cached: the suspensions' read (once a second at most), a
 back-off step (after a matching reply), the "TLS broken" memory (one EXISTS per peer and batch,
-a SET after a failed handshake) and the MTA-STS policy cache (MX-routed mail).
+a SET after a failed handshake), the MTA-STS policy cache (MX-routed mail), the site's line
+(only while one stands) and, to a peer without PIPELINING, the in-flight mark when the premark
+missed (nothing may yield between the last RCPT reply and DATA: services/deliver/attempt.py).
 
 Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
 task runs again).
