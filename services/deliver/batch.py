@@ -48,8 +48,8 @@ cancellation cannot leave it half-way (the call runs to its end — committed or
 the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
 awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
 then abandons the round unsent; to a peer without PIPELINING it is written on the loop, as
-nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are remembered per job
-(:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
+nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
+remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
 lane stops the others from starting jobs; they finish and record the rounds under way, then the
 error propagates and the task runs again.
 
