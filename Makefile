@@ -117,3 +117,9 @@ soak: $(STAMP)
 
 soak-sentinel: $(STAMP)
 	$(BIN)/python -m bench.soak --sentinel $(SOAK_ARGS)
+
+# Deliver worker memory with many sessions in flight (bench/README.md, "Sessions in flight"):
+# 1 process × 1 000 sessions by default; 4 × 250: make bench-sessions BENCH_ARGS='--processes 4 --sessions 250'
+.PHONY: bench-sessions
+bench-sessions: $(STAMP)
+	$(BIN)/python -m bench.sessions $(BENCH_ARGS)

@@ -32,6 +32,9 @@ from collections.abc import Callable
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
 SETUP_ROUND_TRIPS = 1.5  # SYN + SYN-ACK + ACK before the server's accept returns
+# Connections waiting to be accepted (asyncio's default, 100, is too few when a relay opens a
+# thousand sessions at once: the rest would be dropped or half-open); capped by somaxconn.
+BACKLOG = 4096
 
 
 class _Direction:
@@ -179,7 +182,7 @@ class DelayLine:
 
     async def start(self) -> DelayLine:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, self.host, 0)
+        self._server = await loop.create_server(self._accept, self.host, 0, backlog=BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

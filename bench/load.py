@@ -4,7 +4,10 @@
 message (re-connecting only after an error), optionally after STARTTLS (``client_tls``). With
 PIPELINING offered, MAIL, the RCPTs and DATA go out as one group (RFC 2920 §3.1). Messages are
 numbered 0…N-1 and taken in order by whichever session is free; with ``rate`` > 0 message ``i`` is
-not sent before ``start + i / rate`` (an open-loop schedule shared by all sessions).
+not sent before ``start + i / rate`` (an open-loop schedule shared by all sessions). With
+``connect_first`` every session connects (and says EHLO) before any sends, so that they all send
+together (:mod:`bench.sessions`: ingest's group commits then hold a message of every session).
+At most ``CONNECTS_AT_ONCE`` sessions connect at once.
 
 For each message it records the accept time (``time.monotonic()`` when the final ``250`` reply
 arrived) and the queue id from ``250 … queued as ID``; each failure with its reply or error.
@@ -33,6 +36,10 @@ from bench.workload import SENDER, Workload, bench_id, message_bytes
 
 CONNECT_TIMEOUT = 30.0
 REPLY_TIMEOUT = 120.0  # generous: a relay under overload is measured, not failed early
+# Sessions connecting at once: a listener's accept queue is short (asyncio's default backlog is
+# 100), and a thousand sessions connecting together would overflow it: the connections beyond
+# it are dropped, or (SYN cookies) look open to the client while the server never saw them.
+CONNECTS_AT_ONCE = 50
 
 
 class SmtpError(Exception):
@@ -159,6 +166,11 @@ class LoadClient:
     finished: float = 0.0
     accepted: list[tuple[str, float, str | None]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    waiting: int = 0  # sessions not yet connected (connect_first)
+    all_connected: asyncio.Event = field(default_factory=asyncio.Event)
+    connecting: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(CONNECTS_AT_ONCE)
+    )
 
     def take(self) -> int | None:
         if self.next_index >= self.workload.messages:
@@ -174,6 +186,16 @@ class LoadClient:
 
     async def session(self) -> None:
         conn: Connection | None = None
+        if self.workload.connect_first:  # every session connected before any sends
+            try:
+                async with self.connecting:
+                    conn = await Connection.open(self.host, self.port, self.workload.client_tls)
+            except (OSError, SmtpError, TimeoutError, ssl.SSLError, ValueError):
+                conn = None  # connects again for its first message, failing it if need be
+            self.waiting -= 1
+            if not self.waiting:
+                self.all_connected.set()
+            await self.all_connected.wait()
         while (index := self.take()) is not None:
             await self.pace(index)
             recipients = self.workload.recipients_of(index)
@@ -181,7 +203,8 @@ class LoadClient:
             ident = bench_id(self.run_id, index)
             try:
                 if conn is None:
-                    conn = await Connection.open(self.host, self.port, self.workload.client_tls)
+                    async with self.connecting:
+                        conn = await Connection.open(self.host, self.port, self.workload.client_tls)
                 code, text = await conn.send(recipients, data)
             except (OSError, SmtpError, TimeoutError, ssl.SSLError, ValueError) as exc:
                 self.failed.append((ident, f"{type(exc).__name__}: {exc}"))
@@ -198,6 +221,7 @@ class LoadClient:
 
     async def run(self) -> dict[str, object]:
         self.started = time.monotonic()
+        self.waiting = self.workload.sessions
         await asyncio.gather(*(self.session() for _ in range(self.workload.sessions)))
         self.finished = time.monotonic()
         times = os.times()

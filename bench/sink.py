@@ -20,7 +20,8 @@ Protocol with the parent (stdin/stdout, one JSON line each): on start it prints
 ``{"tls_port": P, "plain_port": Q, "pid": N}``; then it answers each command line:
 
 - ``stats``     → ``{"connections", "handshakes", "resumed", "failed_handshakes", "messages",
-  "tls_messages", "peak_open"}`` (``peak_open``: most sessions open at once since ``mark``)
+  "tls_messages", "open", "peak_open"}`` (``open``: sessions open now; ``peak_open``: most
+  open at once since ``mark``)
 - ``mark``      → starts counting ``peak_open`` from the sessions open now; answers as ``stats``
 - ``dump PATH`` → writes the arrivals to ``PATH`` (one JSON list per line:
   ``[id, at, tls, [domains]]``) and answers ``{"arrivals": n}``
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bench.delayline import DelayLine
+from bench.delayline import BACKLOG, DelayLine
 from services.ingest import tlscert
 
 HOSTNAME = "sink.bench.test"
@@ -78,6 +79,7 @@ class Counters:
             "failed_handshakes": self.failed_handshakes,
             "messages": self.messages,
             "tls_messages": self.tls_messages,
+            "open": self.open,
             "peak_open": self.peak_open,
         }
 
@@ -288,8 +290,12 @@ async def main(rtt: float) -> None:
     loop = asyncio.get_running_loop()
     counters = Counters()
     context = server_context()
-    tls = await loop.create_server(lambda: SinkProtocol(counters, context), "127.0.0.1", 0)
-    plain = await loop.create_server(lambda: SinkProtocol(counters, None), "127.0.0.1", 0)
+    tls = await loop.create_server(
+        lambda: SinkProtocol(counters, context), "127.0.0.1", 0, backlog=BACKLOG
+    )
+    plain = await loop.create_server(
+        lambda: SinkProtocol(counters, None), "127.0.0.1", 0, backlog=BACKLOG
+    )
     ports = [server.sockets[0].getsockname()[1] for server in (tls, plain)]
     lines = []
     if rtt > 0:  # the relay reaches the sink through a delay line (bench/delayline.py)

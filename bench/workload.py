@@ -30,6 +30,7 @@ class Workload:
     tls_mix: float = 1.0  # share of destination domains whose sink offers STARTTLS
     rate: float = 0.0  # messages/s offered by the client; 0 = as fast as possible
     client_tls: bool = False  # the client uses STARTTLS towards the relay
+    connect_first: bool = False  # every client session connects before any sends
 
     def __post_init__(self) -> None:
         if self.messages < 1 or self.sessions < 1 or self.recipients < 1 or self.domains < 1:

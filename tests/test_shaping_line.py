@@ -52,7 +52,10 @@ def shaped(
         "delivery": {
             "batch_max": 2,
             "routes": {DOMAIN: sink.address_text},
-            "shaping": {"sites": [{"name": name, "match": [sink.address_text], **limits}]},
+            "shaping": {
+                "line": True,
+                "sites": [{"name": name, "match": [sink.address_text], **limits}],
+            },
         },
     }
     return write_config(tmp_path / "c.yaml", settings)
@@ -224,7 +227,9 @@ def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: red
     """Asking the line: without one it admits (one EXISTS); with one, jobs of its front parked
     behind others are made due now; a rate's exact wait is left alone."""
     sites = [{"name": "x", "match": ["x.example"], "connections": 1}]
-    cfg = Config.model_validate({"delivery": {"batch_max": 1, "shaping": {"sites": sites}}})
+    cfg = Config.model_validate(
+        {"delivery": {"batch_max": 1, "shaping": {"line": True, "sites": sites}}}
+    )
     shaper = Shaper(cfg, store)  # the line's front: two jobs
     site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
     assert shaper.admit(site, time.time()) is None and not shaper.queued(site)
@@ -252,7 +257,9 @@ def test_while_a_line_stands_a_freed_connection_goes_to_the_oldest_asking(
     that comes free, not whichever younger round asks first; with no line, the flag is the
     old "someone waits" and costs nothing more."""
     sites = [{"name": "x", "match": ["x.example"], "connections": 1}]
-    cfg = Config.model_validate({"delivery": {"batch_max": 4, "shaping": {"sites": sites}}})
+    cfg = Config.model_validate(
+        {"delivery": {"batch_max": 4, "shaping": {"line": True, "sites": sites}}}
+    )
     shaper = Shaper(cfg, store)
     site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
     old, young = time.time() - 60, time.time() - 1
@@ -341,3 +348,14 @@ def test_tlsrpt_counts_a_throttled_jobs_policy_once_when_it_is_tried(
     day = tlsrpt.read_day(store, tlsrpt.utc_day(time.time()))
     failures = day[DOMAIN][tlsrpt.policy_key(sts)].failures
     assert sum(f["failed-session-count"] for f in failures) == 2, failures
+
+
+def test_the_line_is_off_unless_configured() -> None:
+    """``delivery.shaping.line`` is off by default (it costs a saturated site throughput):
+    a throttled round then waits in the deferred set as before, in no line."""
+    site = shaping.site_of(Config(), "x.example", [("mx.x.example", 25, "mx")])
+    throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
+    assert not shaping.joins_line(Config(), throttle)
+    on = Config.model_validate({"delivery": {"shaping": {"line": "on"}}})
+    assert shaping.joins_line(on, throttle)
+    assert not shaping.joins_line(on, Throttle(shaping.SUSPENDED, site, 60.0))

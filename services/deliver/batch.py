@@ -49,9 +49,9 @@ the cancellation propagates; a claim it took is noted all the same). The in-flig
 awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
 then abandons the round unsent; to a peer without PIPELINING it is written on the loop, as
 nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
-remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
-lane stops the others from starting jobs; they finish and record the rounds under way, then the
-error propagates and the task runs again.
+remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process.
+A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
+under way, then the error propagates and the task runs again.
 
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
 window*); its lanes then stop, and the jobs none started (with the claims their recordings took
@@ -105,7 +105,6 @@ from services.deliver.shaping import (
     CONNECTION_RATE,
     CONNECTIONS,
     LINE,
-    LINE_REASONS,
     PARK_CONNECTIONS,
     RATE,
     SHORT_WAIT,
@@ -114,6 +113,7 @@ from services.deliver.shaping import (
     Shaper,
     Site,
     Throttle,
+    joins_line,
 )
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -360,7 +360,7 @@ class Deliverer:
             reply = _throttle_reply(throttle)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
                 await self.io(self.ledger.throttle, round_, claim, throttle, reply)
-                if throttle.reason in LINE_REASONS:  # it waits in the site's line now
+                if joins_line(self.config, throttle):  # it waits in the site's line now
                     self.shaper.saw_line(throttle.site.id, True)
                 return None, None
             # Expired: bounced as a deferral. The sender reads why in general words (the DSN);

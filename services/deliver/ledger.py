@@ -522,7 +522,7 @@ class Ledger:
             scheduler.stage_deferral(pipe, parked, due)
             if job.throttled is not None:  # its place in the line was under its old document
                 pipe.zrem(spool.site_key("line", job.throttled[1]), _member(job))
-            if throttle.reason in shaping.LINE_REASONS:  # in its site's line, by seniority
+            if shaping.joins_line(self.config, throttle):  # in its site's line, by seniority
                 keys = [spool.site_key("line", site.id), spool.DEFERRED]
                 args: list[str | int] = [_member(parked), repr(round_.envelope.received_at)]
                 args += [shaping.front_of(self.config, site.limits), self._mark_ttl]

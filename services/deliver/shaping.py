@@ -413,6 +413,12 @@ def site_of(config: Config, domain: str, hosts: Iterable[tuple[str, int, str]]) 
     return Site(f"mx:{digest}", DEFAULT_SITE, shaping.default, tuple(names or [domain.lower()]))
 
 
+def joins_line(config: Config, throttle: Throttle) -> bool:
+    """Whether a round stopped by ``throttle`` waits in its site's line (``delivery.shaping.line``
+    on, and a limit of the whole site: :data:`LINE_REASONS`)."""
+    return config.delivery.shaping.line and throttle.reason in LINE_REASONS
+
+
 def front_of(config: Config, limits: SiteLimits) -> int:
     """How many of the oldest jobs waiting in a site's line may take its capacity at once (its
     front): a task's worth (``delivery.batch_max``), or :data:`FRONT_PER_CONNECTION` per

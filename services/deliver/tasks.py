@@ -17,12 +17,21 @@ A task ends within ``delivery.task_budget``: it starts no new job after ``delive
 and queues the rest again (services/deliver/batch.py), so it is acknowledged well before
 ``celery.visibility_timeout`` would hand it to a second worker, and a warm shutdown (SIGTERM)
 waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
+
+Open files: each process keeps up to ``delivery.sessions_per_process`` sessions open, a socket
+each: the worker raises its soft ``RLIMIT_NOFILE`` to match (within the hard limit; a warning
+when that is too low), before the pool processes fork (:func:`raise_open_files`).
+
+Memory: each process keeps up to ``delivery.sessions_per_process`` sessions open; their TLS
+transports read 4 KiB at a time instead of asyncio's 256 KiB
+(:func:`services.deliver.tlscontext.bound_read_buffers`, set when the process starts delivering).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import threading
 from typing import Any
 
@@ -33,20 +42,48 @@ from services.common import queueing, retry, spool
 from services.common.config import Config
 from services.deliver.batch import Deliverer
 from services.deliver.scheduler import SchedulerThread
+from services.deliver.tlscontext import bound_read_buffers
 
 log = logging.getLogger("tlsrelay.deliver")
+FILES_BESIDES_SESSIONS = 64  # Redis connections, the pool's pipes, logs, DNS, metrics, headroom
+
+
+def raise_open_files(sessions: int) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` (the pool processes inherit it) to what
+    ``sessions`` open sessions need, one socket each plus :data:`FILES_BESIDES_SESSIONS`, within
+    the hard limit; never lower it. A hard limit below the need is logged: sessions beyond it
+    fail to connect (``EMFILE``) and their jobs are deferred. The soft limit in force is
+    returned. (1 000 sessions per process need more than the common soft limit of 1 024.)"""
+    need = sessions + FILES_BESIDES_SESSIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < need:
+        log.warning(
+            "delivery.sessions_per_process %d needs about %d open files per deliver process; "
+            "the hard limit is %d (raise it, e.g. ulimit -Hn or LimitNOFILE=)",
+            sessions,
+            need,
+            hard,
+        )
+    return max(target, soft)
 
 
 class DeliverService:
     def __init__(self, config: Config, redis_url: str) -> None:
         self.config = config
         self.redis_url = redis_url
+        raise_open_files(config.delivery.sessions_per_process)  # before the pool forks
         self._deliverer: Deliverer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def deliverer(self) -> Deliverer:
         if self._deliverer is None:  # per process: created after the prefork fork
+            bound_read_buffers()  # 4 KiB per TLS session, not 256 (services/deliver/tlscontext.py)
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
             self._loop = asyncio.new_event_loop()
             loop = self._loop

@@ -20,6 +20,16 @@ Contexts are built once per (mode class, CA, client certificate) and reused: loa
 costs milliseconds, a handshake with a ready context does not. Failure behaviour: a CA file or
 client certificate that cannot be read raises (``OSError``/``ssl.SSLError``) from the call, which
 the session treats as a failed handshake.
+
+:func:`bound_read_buffers` bounds what each TLS session holds to read with (issue #20: a deliver
+process keeps up to ``delivery.sessions_per_process`` sessions open). asyncio's ``SSLProtocol``
+(the STARTTLS transport aiosmtplib gets from ``loop.start_tls``) allocates and zero-fills a
+receive buffer of ``SSLProtocol.max_size`` — 256 KiB — per connection for its whole life, and
+reads decrypted data in chunks of that size: 1 000 sessions held 250 MB. SMTP replies are a few
+hundred bytes, a server's handshake flight a few kilobytes: :data:`READ_BUFFER` (4 KiB) reads
+the same bytes, a larger record in several reads (as any partial read), for 4 KiB per session
+(16 KiB, one full TLS record, cost 12 MB more per 1 000 sessions: bench/README.md, "Sessions in
+flight").
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import functools
 import ssl
 import warnings
+from asyncio import sslproto
 from typing import Final, Protocol
 
 from services.common.model import TlsMode
@@ -34,6 +45,7 @@ from services.common.model import TlsMode
 # RFC 8996 deprecates TLS 1.0/1.1; OpenSSL 3 accepts them only at security level 0.
 LEGACY_MINIMUM: Final = ssl.TLSVersion.TLSv1
 LEGACY_CIPHERS: Final = "DEFAULT:@SECLEVEL=0"
+READ_BUFFER: Final = 4 * 1024  # bytes a TLS session reads at once (asyncio's default: 256 KiB)
 
 
 class Settings(Protocol):
@@ -79,3 +91,11 @@ def _accept_legacy(context: ssl.SSLContext) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"ssl\.TLSVersion\.TLSv1", DeprecationWarning)
         context.minimum_version = LEGACY_MINIMUM
+
+
+def bound_read_buffers() -> None:
+    """Make every asyncio TLS transport of this process allocate and read :data:`READ_BUFFER`
+    bytes at a time, not 256 KiB (see the module docstring). Process-wide (asyncio has no
+    per-connection setting), idempotent; sessions opened before keep their buffer."""
+    if sslproto.SSLProtocol.max_size > READ_BUFFER:
+        sslproto.SSLProtocol.max_size = READ_BUFFER

@@ -1,0 +1,100 @@
+"""A deliver process's TLS sessions read 4 KiB at a time, not asyncio's 256 KiB, and write a
+message 16 KiB at a time, not whole (issue #20: many sessions open in one process).
+
+asyncio's ``SSLProtocol`` allocates a receive buffer of ``max_size`` bytes per connection for its
+whole life; with ``delivery.sessions_per_process`` sessions open that was 256 KiB each (1 000
+sessions: 250 MB). :func:`services.deliver.tlscontext.bound_read_buffers` (called when a deliver
+process starts delivering) lowers it; a delivery over STARTTLS must work exactly as before, and
+the session it parks must hold the small buffer. A pipelined group or message goes to the
+transport in writes of at most 16 KiB (asyncio's TLS transport keeps a buffer as large as the
+largest write for the session's life), the same bytes in the same order. Real STARTTLS sink,
+the deliver's session code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import sslproto
+
+import pytest
+
+from services.common.model import Envelope, TlsMode
+from services.deliver import pipelining
+from services.deliver.attempt import Peer, Timeouts, TlsSettings
+from services.deliver.pool import ConnectionPool
+from services.deliver.session import _close_and_wait, attempt
+from services.deliver.tlscontext import READ_BUFFER, bound_read_buffers
+from tests.peers import Sink
+
+BODY = b"Subject: buffers\r\n\r\n" + b"x" * 76 + b"\r\n"
+BIG = b"Subject: big\r\n\r\n" + b"".join(b"%07d" % n + b"y" * 69 + b"\r\n" for n in range(1300))
+
+
+@pytest.fixture
+def asyncio_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's own size for the test, whatever ran before; restored after it."""
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", 256 * 1024)
+
+
+@pytest.mark.usefixtures("asyncio_default")
+@pytest.mark.parametrize("body", [BODY, BIG], ids=["small", "100kB"])
+def test_a_deliver_session_over_tls_holds_a_4_kib_read_buffer(body: bytes) -> None:
+    bound_read_buffers()
+    assert sslproto.SSLProtocol.max_size == READ_BUFFER == 4 * 1024
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    envelope = Envelope(id="B1", sender="s@relay.test", recipients=("r@dest.test",), size=len(body))
+    with Sink("starttls") as sink:
+        peer = Peer("mx.dest.test", sink.host, sink.port, "mx.dest.test")
+
+        async def deliver() -> int:
+            result = await attempt(
+                peer, envelope, ["r@dest.test"], body, TlsSettings(TlsMode.OPPORTUNISTIC),
+                Timeouts("relay.test", connect=5, command=10, greeting=10, data=10), pool=pool,
+            )  # fmt: skip
+            assert result.tls_version is not None and result.replies["r@dest.test"].code == 250
+            (parked,) = [p for sessions in pool._idle.values() for p in sessions]
+            protocol = getattr(parked.smtp.transport, "_ssl_protocol", None)  # asyncio's own
+            held = len(getattr(protocol, "_ssl_buffer", b""))
+            await _close_and_wait(parked.smtp)
+            return held
+
+        assert asyncio.run(deliver()) == READ_BUFFER
+    assert len(sink.messages) == 1 and sink.messages[0].tls
+    assert sink.messages[0].data.endswith(body.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.usefixtures("asyncio_default")
+def test_bounding_is_idempotent_and_never_raises_a_smaller_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bound_read_buffers()
+    bound_read_buffers()
+    assert sslproto.SSLProtocol.max_size == READ_BUFFER
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", 1024)
+    bound_read_buffers()
+    assert sslproto.SSLProtocol.max_size == 1024
+
+
+class _Recorder:
+    """A transport that records what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024, 16 * 1024 + 1, 100_003])
+def test_a_pipelined_write_goes_out_in_chunks_of_at_most_16_kib(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    pipe = pipelining.Pipeline.__new__(pipelining.Pipeline)
+    recorder = _Recorder()
+    pipe._transport = recorder  # type: ignore[assignment]
+    pipe.send(data)
+    assert b"".join(recorder.writes) == data
+    assert all(0 < len(w) <= pipelining.WRITE_CHUNK == 16 * 1024 for w in recorder.writes)
+    assert len(recorder.writes) == -(-size // pipelining.WRITE_CHUNK)
