@@ -47,6 +47,7 @@ def run_one(
                 args.policy_workers,
                 args.deliver_workers,
                 overrides_of(args),
+                args.redis_rtt,
             )
             settings = target.settings_summary()
         else:

@@ -15,13 +15,18 @@ until it has written enough (TCP flow control then holds the sender back). Bandw
 limited (loopback's); only the delay is modelled, no loss, no jitter.
 
 It runs inside the sink's process and event loop (:mod:`bench.sink`), so its CPU is reported
-with the sink's, never charged to the relay.
+with the sink's, never charged to the relay. ``python -m bench.delayline RTT PORT`` runs one
+alone, in front of 127.0.0.1:PORT (the benchmark's Redis at a distance, ``--redis-rtt``): it
+prints ``{"port": P, "pid": N}`` and runs until its standard input closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import os
+import sys
 from collections.abc import Callable
 
 HIGH_WATER = 1024 * 1024
@@ -217,3 +222,17 @@ class DelayLine:
         assert server.transport is not None
         server.outbound.connected(client.transport)
         client.outbound.connected(server.transport)
+
+
+async def main(rtt: float, target_port: int) -> None:
+    """One delay line in front of ``target_port`` until standard input closes."""
+    line = await DelayLine(rtt, target_port).start()
+    print(json.dumps({"port": line.port, "pid": os.getpid()}), flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        line.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(float(sys.argv[1]), int(sys.argv[2])))

@@ -33,13 +33,14 @@ import redis
 
 from bench import procstat
 from bench.env import REPO, python_env
-from bench.relay import TargetError
+from bench.relay import REDIS_LINE, TargetError
 from bench.sink import Arrival
 from bench.workload import Workload
 
 ClientKind = Literal["load", "smtp-source"]
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 POLL = 0.05  # seconds between looks at the sink's counters
+NOT_RELAY = ("sink", REDIS_LINE)  # measured, but not the relay's CPU (delay lines are in both)
 
 
 class Target(Protocol):
@@ -392,7 +393,7 @@ def report(m: Measurement) -> dict[str, Any]:
     )
     sink = {k: m.after.sink[k] - m.before.sink[k] for k in m.after.sink}
     cpu = {n: (m.after.cpu[n] - m.before.cpu[n]) / w.messages for n in m.after.cpu}
-    relay_cpu = sum(v for n, v in cpu.items() if n != "sink")
+    relay_cpu = sum(v for n, v in cpu.items() if n not in NOT_RELAY)
     ours = sum(m.after.cpu[n] - m.before.cpu[n] for n in m.after.cpu)
     ours += m.result.cpu_s + (m.after.own - m.before.own)
     other = max(0.0, (m.after.machine - m.before.machine) - ours)

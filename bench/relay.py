@@ -6,7 +6,9 @@
 free loopback port, one route per benchmark domain to its sink, the worker concurrencies asked
 for, metrics on free ports, every other setting at its default unless overridden (``--set
 delivery.some_key=VALUE``, the value read as YAML). Each service is started in its
-own process group, with its log in ``<root>/<service>.log``.
+own process group, with its log in ``<root>/<service>.log``. With ``redis_rtt`` the services
+reach Redis through a delay line (``python -m bench.delayline``, a process of its own, measured
+as ``redis_line`` and not charged to the relay); the benchmark's own snapshots go direct.
 
 Failure: :class:`TargetError` when ingest does not listen in time or a service exits early.
 """
@@ -14,6 +16,7 @@ Failure: :class:`TargetError` when ingest does not listen in time or a service e
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -30,6 +33,7 @@ from bench.env import REPO, python_env
 from services.common.redisserver import EmbeddedRedis, free_port
 
 SERVICES = ("ingest", "policy", "deliver")
+REDIS_LINE = "redis_line"  # the delay line in front of Redis: measured, not the relay's CPU
 START_TIMEOUT = 60.0
 
 
@@ -66,8 +70,12 @@ class TlsRelay:
         policy_workers: int | None = None,
         deliver_workers: int | None = None,
         overrides: dict[str, Any] | None = None,
+        redis_rtt: float = 0.0,
     ) -> None:
         self.root = root
+        self.redis_rtt = redis_rtt  # seconds between the services and Redis; 0: direct
+        self.redis_line: subprocess.Popen[str] | None = None
+        self.services_redis_url = ""  # where the services reach Redis (set when started)
         self.overrides = overrides or {}
         self.routes = routes
         self.policy_workers = policy_workers
@@ -80,7 +88,7 @@ class TlsRelay:
     def config(self) -> dict[str, Any]:
         settings: dict[str, Any] = {
             "hostname": "relay.bench.test",
-            "redis_url": self.redis.url,
+            "redis_url": self.services_redis_url or self.redis.url,
             "data_dir": str(self.root / "var"),
             "ingest": {"listen": f"127.0.0.1:{self.smtp_port}"},
             "policy": {},
@@ -109,12 +117,15 @@ class TlsRelay:
             "policy_workers": self.policy_workers or PolicyConfig().concurrency,
             "deliver_workers": self.deliver_workers or DeliveryConfig().concurrency,
             "settings": dict(self.overrides),
+            "redis_rtt_ms": round(self.redis_rtt * 1000, 1),
         }
 
     def __enter__(self) -> TlsRelay:
         self.root.mkdir(parents=True, exist_ok=True)
         self.redis.start()
         try:
+            if self.redis_rtt > 0:
+                self._start_redis_line()
             self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
             for name in SERVICES:
                 self._start(name)
@@ -129,6 +140,20 @@ class TlsRelay:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    def _start_redis_line(self) -> None:
+        """The delay line between the services and Redis (bench/delayline.py)."""
+        argv = [sys.executable, "-m", "bench.delayline", str(self.redis_rtt), str(self.redis.port)]
+        with (self.root / "redis_line.log").open("ab") as log:
+            self.redis_line = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                cwd=REPO, env=python_env(),
+            )  # fmt: skip
+        assert self.redis_line.stdout is not None
+        hello = self.redis_line.stdout.readline()
+        if not hello:
+            raise TargetError("the Redis delay line exited; see redis_line.log")
+        self.services_redis_url = f"redis://127.0.0.1:{json.loads(hello)['port']}/0"
 
     def _start(self, name: str) -> None:
         argv = [
@@ -158,6 +183,8 @@ class TlsRelay:
     def processes(self) -> dict[str, int]:
         assert self.redis.process is not None
         pids = {name: proc.pid for name, proc in self.procs.items()}
+        if self.redis_line is not None:
+            pids[REDIS_LINE] = self.redis_line.pid
         return {**pids, "redis": self.redis.process.pid}
 
     def check_alive(self) -> None:
@@ -179,4 +206,14 @@ class TlsRelay:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
         self.procs.clear()
+        if self.redis_line is not None:
+            with contextlib.suppress(OSError):
+                assert self.redis_line.stdin is not None
+                self.redis_line.stdin.close()
+            try:
+                self.redis_line.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.redis_line.kill()
+                self.redis_line.wait()
+            self.redis_line = None
         self.redis.stop()

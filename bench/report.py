@@ -23,6 +23,7 @@ def table(r: dict[str, Any]) -> str:
         f"{r['recipients']} rcpt/msg, {r['domains']} domain(s), TLS share {r['tls_mix']:g}, "
         f"{rate}, client {r['client']}{' (STARTTLS)' if r['client_tls'] else ''}"
         + (f", RTT to the sink {r['rtt_ms']:g} ms" if r.get("rtt_ms") else "")
+        + (f", RTT to Redis {r['redis_rtt_ms']:g} ms" if r.get("redis_rtt_ms") else "")
         + (f"; workers: {workers}" if workers else "")
         + "".join(f"; {key}={value}" for key, value in r.get("settings", {}).items()),
         f"  end-to-end          {r['e2e_msgs_per_s']:>9.1f} msg/s  "

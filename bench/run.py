@@ -74,6 +74,14 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         help="round-trip time between the relay and the sink, e.g. 40ms (a user-space delay "
         "line, bench/delayline.py; default 0: plain loopback)",
     )
+    add(
+        "--redis-rtt",
+        type=parse_rtt,
+        default=0.0,
+        metavar="TIME",
+        help="round-trip time between the relay's services and its Redis, e.g. 2ms (a delay "
+        "line, bench/delayline.py; default 0: plain loopback)",
+    )
     add("--warmup", type=int, default=20, help="messages sent and delivered before measuring")
     add("--workdir", type=Path, default=None, help="keep logs and data here (default: a temp dir)")
     add("--json-only", action="store_true", help="print only the JSON line")
@@ -133,6 +141,7 @@ def run_tlsrelay(args: argparse.Namespace, workload: Workload, root: Path) -> di
             args.policy_workers,
             args.deliver_workers,
             overrides_of(args),
+            args.redis_rtt,
         )
         say(f"starting tlsrelay (logs in {relay.root})")
         with relay:

@@ -315,11 +315,11 @@ def test_a_redis_error_at_the_lease_sends_nothing_and_loses_nothing(
     config = shaped(tmp_path, valkey, sink)
     jobs = queue_jobs(store, "shaped.test", 2)
 
-    def unreachable(self: Shaper, site: shaping.Site, *rest: object) -> object:
+    async def unreachable(self: Shaper, site: shaping.Site, *rest: object) -> object:
         raise redis.exceptions.ConnectionError("Redis went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(Shaper, "_take", unreachable)
+        patch.setattr(Shaper, "take", unreachable)  # the lease's script, off the loop
         with pytest.raises(redis.exceptions.ConnectionError):
             deliver(config, store, jobs)  # the task is then parked for a retry (retry.py)
     assert sink.connections == 0 and sink.messages == []

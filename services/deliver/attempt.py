@@ -9,7 +9,7 @@ values only: nothing here does I/O or raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,10 @@ class Timeouts:
     pipelining: bool = True  # use PIPELINING where offered (delivery.pipelining)
 
 
+async def _nothing(peer: Peer) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What the session tells its caller while it runs (both default to doing nothing)."""
@@ -65,7 +69,13 @@ class Hooks:
     on_handshake_failed: Callable[[Peer], None] = lambda peer: None
     # Called just before the message is sent: from here until the reply is recorded, a crash
     # leaves the relay unsure whether the peer has it (RFC 1047).
-    before_data: Callable[[Peer], None] = lambda peer: None
+    # Awaited: DATA goes out once it returns (the in-flight mark is written by then).
+    before_data: Callable[[Peer], Awaitable[None]] = _nothing
+    # The same, without an await: one command at a time (no PIPELINING), nothing may yield to
+    # the loop between the last RCPT reply and DATA — aiosmtplib drops a reply that arrives with
+    # no command outstanding, so a peer out of step (a doubled RCPT reply) would pass for one in
+    # step. The deliverer writes the mark there on the loop (none when the premark was right).
+    before_data_now: Callable[[Peer], None] = lambda peer: None
 
 
 @dataclass

@@ -38,12 +38,20 @@ the site's connection limit of them send to one site at once (more wait up to
    throttled round gives back the rate cell it took.
 
 Exactly once with lanes: a job is taken by one lane only (the batch's order is handed out on
-one event loop) and claimed before it is looked at, as before; each round is recorded in its own
-transaction, a synchronous Redis call with no await inside, so no other lane and no cancellation
-can come between its writes; the in-flight marks claims write ahead are remembered per job
-(:class:`services.deliver.ledger.Ledger`), never one for the whole process. A Redis error in one
-lane stops the others from starting jobs; they finish and record the rounds under way, then the
-error propagates and the task runs again.
+one event loop) and claimed before it is looked at, as before. The lanes' Redis calls (claims,
+recordings, in-flight marks, leases and rates, the batch's reads) run in a thread pool of the
+process (:mod:`services.deliver.offload`), so a lane waiting on Redis never holds up the others;
+the state they share (the batch, the ledger's premarks, the shaper's leases) is read and changed
+on the loop only, before and after each call. Each round is still recorded in ONE transaction,
+in one thread, on a connection of its own: no other lane can come between its writes, and a
+cancellation cannot leave it half-way (the call runs to its end — committed or failed — before
+the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
+awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
+then abandons the round unsent; to a peer without PIPELINING it is written on the loop, as
+nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
+remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process.
+A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
+under way, then the error propagates and the task runs again.
 
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
 window*); its lanes then stop, and the jobs none started (with the claims their recordings took
@@ -88,6 +96,7 @@ from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
 from services.deliver.lanes import Batch, Bodies, Slots, Upcoming, unique
 from services.deliver.ledger import Ledger
+from services.deliver.offload import Offload
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
@@ -136,6 +145,10 @@ class Deliverer:
             delivery.reuse_max_messages, delivery.reuse_idle_timeout, self.shaper.release
         )
         self.shaper.attach(self.pool.leases, self.pool.close_one, self.pool.expire)
+        # Redis calls off the loop (services/deliver/offload.py): one thread per lane, one for
+        # the shaper's tick and the batch's reads.
+        self.io = Offload(delivery.sessions_per_process + 1)
+        self.ledger.io = self.shaper.io = self.io
         self.timeouts = Timeouts(
             config.hostname,
             connect=delivery.connect_timeout,
@@ -157,10 +170,10 @@ class Deliverer:
         document, handed back for lack of time, or parked)."""
         self.shaper.ensure_ticking()
         jobs = [_read(doc) for doc in docs]
-        states = spool.load_jobs(self.client, [job_key(doc) for doc in docs])
+        states = await self.io(spool.load_jobs, self.client, [job_key(doc) for doc in docs])
         self.planner.new_batch()
         self.ledger.new_batch()
-        batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states), unique(jobs),
+        batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states, self.io), unique(jobs),
                        self.config.delivery.task_window)  # fmt: skip
         lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
         if self._warm(jobs, batch.order):
@@ -174,10 +187,12 @@ class Deliverer:
                     raise end
             left = batch.left()
             if left:
-                self.ledger.hand_back([docs[i] for i, _ in left], [c for _, c in left], OUT_OF_TIME)
+                handed = [docs[i] for i, _ in left]
+                await self.io(self.ledger.hand_back, handed, [c for _, c in left], OUT_OF_TIME)
                 log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
         finally:
-            self.ledger.claims.release_all()  # none is left but after an error
+            if self.ledger.claims.held:  # none is left but after an error
+                await self.io(self.ledger.claims.release_all)
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
 
@@ -226,7 +241,7 @@ class Deliverer:
         return the lane's next document and its claim (None, None: the lane ends)."""
         job = batch.jobs[i]
         if job is None:
-            self.ledger.park(batch.docs[i])
+            await self.io(self.ledger.park, batch.docs[i])
             return batch.take(), None
         if not batch.may_start():
             batch.leave(i, claimed)
@@ -243,7 +258,7 @@ class Deliverer:
         claimed_next: Claim | None = None
         try:
             if claimed is None or claimed.key != job.key:
-                claimed = self.ledger.claim(job.key, known=batch.states[i].envelope)
+                claimed = await self.ledger.claim_async(job.key, batch.states[i].envelope)
             claim = claimed
             if not claim.ours:
                 claim = await self._wait_for(claim, batch.states[i].envelope)
@@ -258,7 +273,7 @@ class Deliverer:
             # claiming or recording: the round may have sent DATA unrecorded, so the
             # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
             log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-            self.ledger.park(job, keep_mark=True)
+            await self.io(self.ledger.park, job, keep_mark=True)
         return (taken[0] if taken else batch.take()), claimed_next
 
     async def shutdown(self) -> None:
@@ -300,7 +315,7 @@ class Deliverer:
         deadline = time.monotonic() + ttl + 0.5
         while not claim.ours and time.monotonic() < deadline:
             await asyncio.sleep(min(0.5, ttl / 6))
-            claim = self.ledger.claim(claim.key, known=known)
+            claim = await self.ledger.claim_async(claim.key, known)
         return claim
 
     async def _run(
@@ -317,19 +332,19 @@ class Deliverer:
         state = claim.state
         envelope = state.envelope
         if envelope is None or all(r in state.final for r in job.recipients):
-            self.ledger.close(job, envelope)
+            await self.io(self.ledger.close, job, envelope)
             return None, None
         pending = state.pending(job)
         if not pending:  # deferred by this attempt already: the retry is theirs
-            self.ledger.leave(claim)
+            await self.io(self.ledger.leave, claim)
             return None, None
-        body = batch.bodies.take(index) or spool.load_body(self.client, job.id)
+        body = await batch.bodies.take(index) or await self.io(spool.load_body, self.client, job.id)
         if body is None:
-            self.ledger.close(job, envelope)
+            await self.io(self.ledger.close, job, envelope)
             return None, None
         state = replace(state, body=body)
         if state.in_flight is not None:
-            self.ledger.note_interrupted(job, state.in_flight)
+            await self.io(self.ledger.note_interrupted, job, state.in_flight)
         key = _destination(job)
         unreachable = batch.unreachable
         if key in unreachable:
@@ -344,7 +359,7 @@ class Deliverer:
             throttle = outcome.throttled
             reply = _throttle_reply(throttle)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
-                self.ledger.throttle(round_, claim, throttle, reply)
+                await self.io(self.ledger.throttle, round_, claim, throttle, reply)
                 if joins_line(self.config, throttle):  # it waits in the site's line now
                     self.shaper.saw_line(throttle.site.id, True)
                 return None, None
@@ -355,8 +370,8 @@ class Deliverer:
             log.warning("%s to %s bounced at its expiry: %s", *job.key, outcome.skipped)
         after = upcoming()
         if after is None:
-            return outcome, self.ledger.record(round_, outcome)
-        next_claim = self.ledger.record(
+            return outcome, await self.ledger.record_async(round_, outcome)
+        next_claim = await self.ledger.record_async(
             round_, outcome, after.key, premark=after.premark, known=after.envelope
         )
         return outcome, next_claim
@@ -374,15 +389,22 @@ class Deliverer:
         outcome = Outcome()
         data: list[Peer] = []  # where DATA was under way when time ran out
 
-        def before_data(peer: Peer) -> None:
+        async def before_data(peer: Peer) -> None:
+            data.append(peer)
+            await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
+            reached()
+
+        def before_data_now(peer: Peer) -> None:  # see attempt.Hooks: no await before DATA
             data.append(peer)
             self.ledger.mark_in_flight(job, peer)
             reached()
 
+        hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
+
         limit = self.config.delivery.job_timeout
         try:
             async with asyncio.timeout(limit):
-                await self._send(job, envelope, body, pending, outcome, before_data)
+                await self._send(job, envelope, body, pending, outcome, hooks)
         except TimeoutError:
             outcome.abandon(pending, _abandoned(limit, data[-1] if data else None))
         return outcome
@@ -394,7 +416,7 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], None],
+        hooks: Hooks,
     ) -> None:
         """Plan the round, then try each address in order until one runs a transaction."""
         plan = await self.planner.plan(
@@ -413,7 +435,7 @@ class Deliverer:
             return
         try:
             gate = self.shaper.gate(site, envelope.received_at)
-            await self._take_site(gate, plan, envelope, body, pending, outcome, before_data)
+            await self._take_site(gate, plan, envelope, body, pending, outcome, hooks)
         finally:
             if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
                 self.shaper.refund(site)
@@ -435,18 +457,21 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], None],
+        hooks: Hooks,
     ) -> None:
         """The round's share of the site: a slot of this process, then a session per address
         (a parked one, or a new one with a lease); else the round is throttled."""
         slots, wait = self._slots(gate.site), SHORT_WAIT
         until: float | None = None  # when the wait for the siblings' sessions ends, in all
+        if slots.size < slots.limit:  # shrunk: the process sends over the sessions it holds
+            until = time.monotonic() + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
+            wait = until - time.monotonic()
         while True:
             if not await slots.take(wait):  # this process's lanes hold the site's limit
                 outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
                 return
             try:
-                await self._hops(plan, gate, envelope, body, pending, outcome, before_data)
+                await self._hops(plan, gate, envelope, body, pending, outcome, hooks)
             finally:
                 gate.close()
                 slots.give()
@@ -489,12 +514,11 @@ class Deliverer:
         body: bytes,
         pending: list[str],
         outcome: Outcome,
-        before_data: Callable[[Peer], None],
+        hooks: Hooks,
     ) -> None:
         """Try each address of the plan in order until one runs a transaction; every new
         session with a connection lease of ``gate``'s site (else the round is throttled)."""
         errors: list[Reply] = []
-        hooks = Hooks(self.planner.remember_broken, before_data)
         sessions, session_limit = 0, self.config.delivery.mx_session_limit
         for hop in plan.hops:
             # Bounded work: at most mx_session_limit greeted sessions per round (Postfix

@@ -7,7 +7,8 @@ the later attempt's), handed out one at a time, so a job is taken by one lane on
 not started are handed back; the destinations found unreachable (or throttled); the results.
 :class:`Upcoming`: the lane's next job, claimed by the recording of the one before.
 :class:`Slots`: how many of a process's lanes may send to one site at once. :class:`Bodies`:
-the batch's message bodies, read a few megabytes at a time as the lanes reach them and let go
+the batch's message bodies, read a few megabytes at a time as the lanes reach them (off the
+loop, :mod:`services.deliver.offload`; one read at a time, so a chunk is read once) and let go
 once used.
 
 Failure: nothing here raises of its own; a Redis error reading bodies propagates to the lane
@@ -29,6 +30,7 @@ from services.common.jobs import Job
 from services.common.model import Envelope
 from services.deliver.claims import Claim
 from services.deliver.delivery import Outcome
+from services.deliver.offload import INLINE, Offload
 
 Unreachable = dict[tuple[Any, ...], Outcome]  # destinations that failed in this batch
 
@@ -167,9 +169,15 @@ class Bodies:
     reaches them, and let go once used: a worker never holds a whole batch of large messages."""
 
     def __init__(
-        self, client: redis.Redis, jobs: list[Job | None], states: list[spool.JobState]
+        self,
+        client: redis.Redis,
+        jobs: list[Job | None],
+        states: list[spool.JobState],
+        io: Offload = INLINE,
     ) -> None:
         self.client = client
+        self.io = io
+        self._reading = asyncio.Lock()  # lanes wanting a body wait for the chunk being read
         self.ids = [job.id if job else "" for job in jobs]
         # Only jobs with something to send need their body (size 0 for the others).
         sizes = [
@@ -180,13 +188,15 @@ class Bodies:
         self.chunks = spool.budgeted(sizes)
         self.loaded: dict[int, bytes | None] = {}
 
-    def take(self, index: int) -> bytes | None:
+    async def take(self, index: int) -> bytes | None:
         if not self.sizes[index]:
             return None
-        if index not in self.loaded:
-            chunk = [i for i in next(c for c in self.chunks if index in c) if self.sizes[i]]
-            bodies = spool.load_bodies(self.client, [self.ids[i] for i in chunk])
-            self.loaded.update(zip(chunk, bodies, strict=True))
+        async with self._reading:
+            if index not in self.loaded:
+                chunk = [i for i in next(c for c in self.chunks if index in c) if self.sizes[i]]
+                ids = [self.ids[i] for i in chunk]
+                bodies = await self.io(spool.load_bodies, self.client, ids)
+                self.loaded.update(zip(chunk, bodies, strict=True))
         return self.loaded.pop(index)
 
 

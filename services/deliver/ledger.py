@@ -32,6 +32,13 @@
 Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
 interrupted delivery are counted here, after their transaction committed — each in one place.
 
+Threads: the deliver lanes call :meth:`Ledger.claim_async`, :meth:`Ledger.record_async` and
+:meth:`Ledger.mark_in_flight_async` (:meth:`Ledger.mark_in_flight` on the loop for a peer
+without PIPELINING), whose Redis I/O runs in the process's thread pool
+(:mod:`services.deliver.offload`); the rest (close, leave, park, throttle, hand back) they run
+there whole. What a thread may touch: the client, the configuration and the claims (locked); the
+premarks and the last peer are changed on the loop only.
+
 Failure: Redis errors propagate (the Celery task is then not acknowledged and runs again; what was
 recorded is not sent again).
 """
@@ -55,6 +62,7 @@ from services.deliver import dsn, observe, posture, scheduler, shaping, tlsrpt
 from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
+from services.deliver.offload import INLINE, Offload
 from services.deliver.shaping import Throttle
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -96,6 +104,9 @@ class Ledger:
         # (id, domain) → (address, port) of the in-flight marks the claims wrote: one per job a
         # lane of the batch has claimed ahead (services/deliver/batch.py runs several at once).
         self._premarked: dict[tuple[str, str], tuple[str, int]] = {}
+        # Where the *_async methods make their Redis calls: the deliver process's threads (set
+        # by services/deliver/batch.py); _last_peer and _premarked change on the loop only.
+        self.io: Offload = INLINE
 
     def claim(
         self, key: tuple[str, str], premark: bool = False, known: Envelope | None = None
@@ -107,6 +118,16 @@ class Ledger:
         text = _in_flight_note(note) if note else None
         claim = self.claims.take(key, text, self._mark_ttl, known)
         self._claimed(claim, note)
+        return claim
+
+    async def claim_async(self, key: tuple[str, str], known: Envelope | None = None) -> Claim:
+        """:meth:`claim` (no premark), its Redis call off the loop (:attr:`io`)."""
+
+        def claimed(claim: Claim) -> None:
+            self._claimed(claim, None)
+
+        claim = await self.io(self.claims.take, key, None, 0, known, orphan=claimed)
+        claimed(claim)
         return claim
 
     def new_batch(self) -> None:
@@ -147,16 +168,56 @@ class Ledger:
         without ``upcoming``). ``pipe``: the caller's transaction (after ``multi()``, with its
         own commands staged first and what it decided on WATCHed); executed here, and then
         ``redis.WatchError`` propagates to the caller."""
+        peer = self._last_peer if premark and upcoming is not None else None
+        next_claim = self._write(round_, outcome, upcoming, pipe, peer, known)
+        if next_claim is not None:
+            self._claimed(next_claim, peer)
+        return next_claim
+
+    async def record_async(
+        self,
+        round_: Round,
+        outcome: Outcome,
+        upcoming: tuple[str, str] | None = None,
+        premark: bool = False,
+        known: Envelope | None = None,
+    ) -> Claim | None:
+        """:meth:`record`, its transaction in a thread (:attr:`io`): still ONE transaction,
+        never left half-way (a cancellation waits for it to commit or fail); the claim it took
+        for ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
+        peer = self._last_peer if premark and upcoming is not None else None
+
+        def claimed(next_claim: Claim | None) -> None:
+            if next_claim is not None:
+                self._claimed(next_claim, peer)
+
+        next_claim = await self.io(
+            self._write, round_, outcome, upcoming, None, peer, known, orphan=claimed
+        )
+        claimed(next_claim)
+        return next_claim
+
+    def _write(
+        self,
+        round_: Round,
+        outcome: Outcome,
+        upcoming: tuple[str, str] | None,
+        pipe: redis.client.Pipeline | None,
+        peer: Peer | None,
+        known: Envelope | None,
+    ) -> Claim | None:
+        """The Redis side of :meth:`record` (any thread): it reads no state of the loop's;
+        ``peer``: the in-flight mark to set for ``upcoming`` (None: none)."""
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
         )
         fallback = self._fallback(round_, outcome)
         if pipe is not None:
-            return self._record(round_, outcome, notice, fallback, upcoming, premark, known, pipe)
+            return self._record(round_, outcome, notice, fallback, upcoming, peer, known, pipe)
         while True:
             try:
-                return self._record(round_, outcome, notice, fallback, upcoming, premark, known)
+                return self._record(round_, outcome, notice, fallback, upcoming, peer, known)
             except redis.exceptions.WatchError:  # another job of the message sent the notice
                 continue  # or finished the message meanwhile: look again
 
@@ -167,7 +228,7 @@ class Ledger:
         notice: dsn.Notice | None,
         fallback: tuple[Envelope, bytes] | None,
         upcoming: tuple[str, str] | None,
-        premark: bool,
+        peer: Peer | None,
         known: Envelope | None,
         given: redis.client.Pipeline | None = None,
     ) -> Claim | None:
@@ -175,7 +236,6 @@ class Ledger:
         final = {**round_.state.final, **outcome.final}
         complete = set(final) >= set(round_.envelope.recipients)
         sts_failures = 0
-        peer = self._last_peer if premark and upcoming is not None else None
         with given or self.client.pipeline(transaction=True) as pipe:
             delayed = notice is not None and notice.action == dsn.DELAYED
             if delayed and given is None and not self._delay_notice_due(pipe, round_.envelope.id):
@@ -203,7 +263,6 @@ class Ledger:
         next_claim = None
         if upcoming is not None:
             next_claim = self.claims.taken(upcoming, replies[at_upcoming], known)
-            self._claimed(next_claim, peer)
         try:  # committed: what follows must not make the caller record the round again
             self._count(rec, sts_failures)
             _posture_recorded(replies, at_posture, posture_counts, round_.job.key)
@@ -330,11 +389,23 @@ class Ledger:
         (one Redis round trip less per message). It is set here when that guess was wrong or
         there was none. So the mark may precede DATA by a few commands: a worker dying in
         between reports a possible duplicate that cannot be one (on the safe side)."""
+        if self._marks(job, peer):
+            key = spool.in_flight_key(job.id, job.domain)
+            self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
+
+    async def mark_in_flight_async(self, job: Job, peer: Peer) -> None:
+        """:meth:`mark_in_flight`, its SET in a thread (:attr:`io`); returns once the mark is
+        written, so DATA goes out only after it (a cancellation meanwhile waits for the write,
+        then propagates: no DATA)."""
+        if self._marks(job, peer):
+            key = spool.in_flight_key(job.id, job.domain)
+            await self.io(self.client.set, key, _in_flight_note(peer), ex=self._mark_ttl)
+
+    def _marks(self, job: Job, peer: Peer) -> bool:
+        """Whether DATA of ``job`` to ``peer`` needs its mark written (not premarked there)."""
         self._last_peer = peer
-        if self._premarked.pop(job.key, None) == (peer.address, peer.port):
-            return  # used once: a second DATA of the round (another address) marks again
-        key = spool.in_flight_key(job.id, job.domain)
-        self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
+        # A premark is used once: a second DATA of the round (another address) marks again.
+        return self._premarked.pop(job.key, None) != (peer.address, peer.port)
 
     def note_interrupted(self, job: Job, raw: bytes) -> None:
         """An earlier run's in-flight mark was found: a worker died while sending DATA."""

@@ -72,7 +72,12 @@ throughput while a line stands (each job of it waits for a scheduler pass).
 
 Costs: one Redis round trip per new connection (the lease, with the line's ``EXISTS``), one per
 message only for a site with a ``rate`` or a line, and one per :data:`TICK` per process while it
-holds leases.
+holds leases. In a deliver process the lease, rate and renewal scripts run in its thread pool
+(:mod:`services.deliver.offload`), off the event loop; ``held``, the released leases and the
+lines seen are changed on the loop only. Still on the loop: the suspensions (one read per
+:data:`SUSPENSION_REFRESH`), a back-off step (only after a matching reply), a rate cell given
+back (only for a round a connection limit stopped) and :meth:`Shaper.admit` (only while a line
+stands at the site).
 
 Failure: Redis errors propagate from :meth:`Gate.lease`, :meth:`Shaper.pace` and
 :meth:`Shaper.suspended`, all before anything is sent (the task is parked for a retry: nothing is
@@ -95,6 +100,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -103,6 +109,7 @@ from services.common.config import Config
 from services.common.deliveryconfig import DEFAULT_SITE, SiteLimits
 from services.common.values import RateLimit
 from services.deliver import observe
+from services.deliver.offload import INLINE, Offload
 
 log = logging.getLogger("tlsrelay.shaping")
 
@@ -489,6 +496,9 @@ class Shaper:
         self.parked: Callable[[], list[Lease]] = list  # the pool's parked sessions' leases
         self.close_parked: Callable[[str], int] = lambda site_id: 0  # close one for a waiter
         self.expire_parked: Callable[[], None] = lambda: None  # idle ones past their timeout
+        # Where rounds and the tick make their Redis calls: the deliver process's threads (set
+        # by services/deliver/batch.py); held, _dropped and lines change on the loop only.
+        self.io: Offload = INLINE
 
     def attach(
         self,
@@ -544,7 +554,7 @@ class Shaper:
         keys = [spool.site_key("rate", site.id), spool.site_key("count", f"{site.id}:{minute}")]
         waited = 0.0
         while True:
-            wait = int(self._pace(keys=keys, args=[interval, tolerance])) / 1000
+            wait = int(await self.io(self._pace, keys=keys, args=[interval, tolerance])) / 1000
             if not wait:
                 if waited:  # a round that met the limit and waited here (else: parked)
                     observe.throttled(site.label, RATE)
@@ -629,10 +639,32 @@ class Shaper:
     def _take(self, site: Site, seniority: float = 0.0) -> Lease | Throttle:
         """A lease for a new session to ``site`` for a round of a message accepted at
         ``seniority`` (0: ahead of any line), or why not."""
+        lease, sent, register, keys, args = self._ask(site, seniority)
+        return self._took(lease, sent, register, self._acquire(keys=keys, args=args))
+
+    async def take(self, site: Site, seniority: float = 0.0) -> Lease | Throttle:
+        """:meth:`_take` with its script in a thread (:attr:`io`); a lease it took for a round
+        cancelled meanwhile is released (to go at the next tick), never held with no session."""
+
+        def orphan(reply: list[Any]) -> None:
+            got = self._took(lease, sent, register, reply)
+            if isinstance(got, Lease):
+                self.release(got)
+
+        lease, sent, register, keys, args = self._ask(site, seniority)
+        reply = await self.io(self._acquire, keys=keys, args=args, orphan=orphan)
+        return self._took(lease, sent, register, reply)
+
+    def _ask(
+        self, site: Site, seniority: float
+    ) -> tuple[Lease, list[Lease], float | None, list[str], list[str | float]]:
+        """A new lease of ``site``, the released leases of the site dropped with it, when the
+        site's entry is written (None: not now), and the keys and arguments of
+        :data:`_ACQUIRE`."""
         lease = Lease(site)
         interval, tolerance = _cell(site.limits.connection_rate)
         backoff = self.config.delivery.backoff
-        drop = [d.id for d in self._dropped if d.site.id == site.id]
+        sent = [d for d in self._dropped if d.site.id == site.id]
         keys = [
             lease.key,
             spool.site_key("backoff", site.id),
@@ -650,16 +682,23 @@ class Shaper:
             lease.id, LEASE_TTL, site.limits.connections, backoff.factor,
             backoff.recover_after, interval, tolerance, site.id,
             site.document() if register else "", WAITING_TTL, repr(seniority), self.front(site),
-            WAKE_EVERY_MS, *drop,
+            WAKE_EVERY_MS, *(d.id for d in sent),
         ]  # fmt: skip
-        ok, what, number, queued = self._acquire(keys=keys, args=args)
-        self._dropped = [d for d in self._dropped if d.site.id != site.id]
+        return lease, sent, now if register else None, keys, args
+
+    def _took(
+        self, lease: Lease, sent: list[Lease], register: float | None, reply: list[Any]
+    ) -> Lease | Throttle:
+        """:data:`_ACQUIRE`'s reply: the lease, now held, or why not; ``sent`` are gone."""
+        ok, what, number, queued = reply
+        site = lease.site
+        self._dropped = [d for d in self._dropped if all(d is not s for s in sent)]
         self.saw_line(site.id, bool(queued))
         if not ok:
             reason = what.decode() if isinstance(what, bytes) else str(what)
             return Throttle(reason, site, PARK_LINE if reason == LINE else number / 1000)
-        if register:
-            self._registered[site.id] = now
+        if register is not None:
+            self._registered[site.id] = register
         self.held[lease.id] = lease
         return lease
 
@@ -687,7 +726,7 @@ class Shaper:
         while True:
             await asyncio.sleep(TICK)
             try:
-                self.tick()
+                await self.tick_async()
             except redis.exceptions.RedisError as exc:
                 log.warning("shaping: lease renewal failed, trying again: %s", exc)
             except Exception:
@@ -698,19 +737,48 @@ class Shaper:
         another worker waits for, and note which of those sites have a line (a round that
         would take a parked session there asks it first: :meth:`admit`). One Redis call; none
         when nothing is held."""
+        asked = self._renewal()
+        if asked is not None:
+            leases, parked_sites, dropped, keys, args = asked
+            try:
+                replies = self._renew(keys=keys, args=args)
+            except BaseException:
+                self._dropped = dropped + self._dropped  # dropped at the next tick
+                raise
+            self._renewed(leases, parked_sites, replies)
+
+    async def tick_async(self) -> None:
+        """:meth:`tick` with its script in a thread (:attr:`io`)."""
+        asked = self._renewal()
+        if asked is not None:
+            leases, parked_sites, dropped, keys, args = asked
+            try:
+                replies = await self.io(self._renew, keys=keys, args=args)
+            except BaseException:
+                self._dropped = dropped + self._dropped
+                raise
+            self._renewed(leases, parked_sites, replies)
+
+    def _renewal(
+        self,
+    ) -> tuple[list[Lease], list[str], list[Lease], list[str], list[str | float]] | None:
+        """What a tick asks: the leases held, the sites of parked sessions, the released leases
+        (taken out of ``_dropped`` now: put back if the call fails), the script's keys and
+        arguments; None: nothing to ask."""
         self.expire_parked()
         leases = list(self.held.values())
         if not leases and not self._dropped:
-            return
+            return None
         parked_sites = sorted({lease.site.id for lease in self.parked()})
         keys = [lease.key for lease in leases] + [
             spool.site_key(part, s) for s in parked_sites for part in ("waiting", "line")
         ]
-        drops = [f"{d.key}|{d.id}" for d in self._dropped]
+        dropped, self._dropped = self._dropped, []
         args: list[str | float] = [len(leases), 2 * len(parked_sites), LEASE_TTL]
-        args += [lease.id for lease in leases] + drops
-        replies = self._renew(keys=keys, args=args)
-        self._dropped = []
+        args += [lease.id for lease in leases] + [f"{d.key}|{d.id}" for d in dropped]
+        return leases, parked_sites, dropped, keys, args
+
+    def _renewed(self, leases: list[Lease], parked_sites: list[str], replies: list[int]) -> None:
         for lease, renewed in zip(leases, replies[: len(leases)], strict=True):
             lease.lost = lease.lost or not renewed
         flags = replies[len(leases) :]
@@ -774,7 +842,7 @@ class Gate:
         hurry = time.monotonic() < self.shaper.full.get(self.site.id, 0.0)
         closing = False  # one of our parked sessions is being closed for this round
         while True:
-            got = self.shaper._take(self.site, self.seniority)
+            got = await self.shaper.take(self.site, self.seniority)
             if isinstance(got, Throttle) and got.reason == LINE:
                 return got  # older jobs wait for the site: this round joins them, no wait here
             if isinstance(got, Lease):

@@ -2,7 +2,8 @@
 
 The task is a thin wrapper: it runs :meth:`services.deliver.batch.Deliverer.run_batch` for its batch
 of jobs on this process's event loop (one per worker process, kept for its lifetime so the
-connection pool lives on it). The loop runs in a thread of its own, between tasks too: parked
+connection pool lives on it; its Redis calls run in a small thread pool beside it,
+services/deliver/offload.py). The loop runs in a thread of its own, between tasks too: parked
 sessions are closed when idle too long or when another worker waits for their site's connection
 lease, and the leases this process holds are renewed (services/deliver/shaping.py). An unexpected
 error in delivery code is not allowed to drop a job: the job is put back into the deferred set (due

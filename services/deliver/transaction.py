@@ -76,7 +76,7 @@ async def transaction(
         raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
     accepted = await _recipients(smtp, recipients, result, encoding)
     if accepted:
-        hooks.before_data(result.peer)
+        hooks.before_data_now(result.peer)  # no await before DATA here: see Hooks
         result.data_sent = True
         reply = await _data(smtp, body, timeouts.data, result)
         result.replies.update(dict.fromkeys(accepted, reply))
@@ -237,7 +237,7 @@ async def _pipelined_data(
     try:
         start = await pipe.reply(timeout)
         if start.code == 354:
-            hooks.before_data(result.peer)
+            await hooks.before_data(result.peer)
             await pipe.send(pipelining.message_data(body))
             final = await pipe.reply(timeout)
             if final.code == 250:

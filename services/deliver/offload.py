@@ -1,0 +1,93 @@
+"""Redis calls of a deliver process, made off its event loop (issue #20: nothing on the loop
+blocks on a synchronous Redis call).
+
+A deliver process runs its lanes (services/deliver/batch.py) on one event loop. redis-py's
+client is synchronous: a call made on the loop stops every lane of the process for a round trip
+to Redis — nothing on loopback, 0.5–2 ms in a cluster, for each of the dozens of calls a message
+takes. :class:`Offload` runs such a call in a small thread pool of its own, one thread per lane
+(and one for the shaper's tick and the batch's reads), so that the loop goes on while it waits.
+redis-py's client and connection pool are thread-safe; a pipeline or transaction holds one
+connection of its own for its whole life, in the thread that runs it.
+
+What runs in a thread is the Redis I/O and what depends on its reply only; state owned by the
+loop (the ledger's premarks, the shaper's leases) is read before the call and changed after it,
+on the loop, by the caller.
+
+A call is never abandoned half-way: once started it runs to its end in its thread. A
+cancellation that lands while it runs (``delivery.job_timeout``'s ``asyncio.timeout``) waits for
+it to end, hands its result to ``orphan`` (on the loop: e.g. a lease taken for a round that will
+not use it is released), then propagates. So a transaction that committed is never taken for one
+that did not, and nothing a call wrote is left unaccounted for.
+
+Still on the loop, being rare or cached: the suspensions' read (once a second at most), a
+back-off step (after a matching reply), the "TLS broken" memory (one EXISTS per peer and batch,
+a SET after a failed handshake), the MTA-STS policy cache (MX-routed mail), the site's line
+(only while one stands) and, to a peer without PIPELINING, the in-flight mark when the premark
+missed (nothing may yield between the last RCPT reply and DATA: services/deliver/attempt.py).
+
+Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
+task runs again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Offload:
+    """A deliver process's thread pool for Redis calls (``workers``: its threads; 0: calls run
+    inline on the loop, as in tools and tests that use one object alone)."""
+
+    def __init__(self, workers: int, name: str = "tlsrelay-redis") -> None:
+        self._pool = ThreadPoolExecutor(workers, name) if workers > 0 else None
+
+    async def __call__(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        orphan: Callable[[T], object] | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``fn(*args, **kwargs)`` in a thread of the pool; its result, or its exception. A
+        cancellation waits for the call to end, gives its result to ``orphan`` (if any; not on
+        an error), then propagates."""
+        call = functools.partial(fn, *args, **kwargs)
+        if self._pool is None:
+            return call()
+        future: Future[T] = self._pool.submit(call)
+        waiting = asyncio.wrap_future(future)
+        try:
+            return await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            await _settled(waiting)
+            if orphan is not None and not future.exception():
+                orphan(future.result())
+            raise
+
+    def close(self) -> None:
+        """No more calls; those under way end in their threads. (A deliver process does not
+        close its pool: its idle threads end with it, and a lane still running at shutdown
+        keeps its calls.)"""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+INLINE = Offload(0)  # for objects used without a deliver loop's pool
+
+
+async def _settled(waiting: asyncio.Future[Any]) -> None:
+    """Until ``waiting`` is done, whatever further cancellations land meanwhile (they are
+    part of the one already propagating)."""
+    while not waiting.done():
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            continue
+        except BaseException:  # the call's own error: done
+            return

@@ -1,0 +1,258 @@
+"""Redis calls off the deliver loop (services/deliver/offload.py, issue #20 item 1: nothing on the
+loop blocks on a synchronous Redis call).
+
+The pool itself: a call's result and error come back; a cancellation waits for the call to end,
+hands its result to ``orphan`` and propagates (as ``TimeoutError`` out of ``asyncio.timeout``:
+a round abandoned after ``delivery.job_timeout``). Then the lanes with Redis at a distance:
+behind a proxy that holds every reply 50 ms, the lanes of one process have their Redis requests
+in flight together, not one at a time. No timed assertions: counts and ordering only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common import spool
+from services.common.config import Config
+from services.common.redisserver import EmbeddedRedis
+from services.deliver import shaping
+from services.deliver.offload import Offload
+from services.deliver.shaping import Shaper
+from tests.peers import Sink
+from tests.test_batching import deliver, queue_jobs, routed
+
+DOMAIN = "far.test"
+TURNS = 20  # loop turns given to a cancellation to land (not a wait for a condition)
+
+
+def blocked_call(started: threading.Event, release: threading.Event, done: list[str]) -> str:
+    started.set()
+    assert release.wait(10), "the test never released the call"
+    done.append("committed")
+    return "committed"
+
+
+def test_a_call_gives_its_result_and_its_error() -> None:
+    io = Offload(2)
+
+    def fails() -> None:
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    async def main() -> None:
+        assert await io(lambda a, b=0: a + b, 1, b=2) == 3
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await io(fails)
+
+    asyncio.run(main())
+    io.close()
+
+
+def test_a_cancelled_call_runs_to_its_end_then_the_cancellation_propagates() -> None:
+    """A transaction under way when its lane is cancelled commits (or fails) first: the lane
+    never goes on as if it had not run, and what it returned goes to ``orphan`` (e.g. a lease
+    released, a claim noted)."""
+    io = Offload(1)
+    started, release = threading.Event(), threading.Event()
+    done: list[str] = []
+    orphans: list[str] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(io(blocked_call, started, release, done, orphan=orphans.append))
+        assert await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        for _ in range(TURNS):
+            await asyncio.sleep(0)
+        task.cancel()  # a second cancellation changes nothing
+        for _ in range(TURNS):
+            await asyncio.sleep(0)
+        assert not task.done(), "the cancellation must wait for the call under way"
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert done == ["committed"] and orphans == ["committed"]
+    io.close()
+
+
+def test_a_timeout_during_a_call_waits_for_it_and_is_still_a_timeout() -> None:
+    """``delivery.job_timeout`` (``asyncio.timeout`` around a round) landing while the in-flight
+    mark is being written: the mark is written, then the round is abandoned (TimeoutError),
+    never left not knowing whether it was."""
+    io = Offload(1)
+    started, release = threading.Event(), threading.Event()
+    done: list[str] = []
+    after: list[str] = []
+
+    async def release_later() -> None:
+        await asyncio.to_thread(started.wait, 10)
+        for _ in range(TURNS):
+            await asyncio.sleep(0)
+        release.set()
+
+    async def main() -> None:
+        releaser = asyncio.create_task(release_later())
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout_at(loop.time()):  # expires at the first await
+                await io(blocked_call, started, release, done)
+                after.append("DATA")  # never reached
+        assert done == ["committed"], "the call ended before the timeout propagated"
+        await releaser
+
+    asyncio.run(main())
+    assert after == []
+    io.close()
+
+
+def test_a_lease_taken_for_a_cancelled_round_is_released_not_held(store: redis.Redis) -> None:
+    """The lease script ran while its round was abandoned (``delivery.job_timeout``): the lease
+    it took has no session, so it is released (gone at the next tick), never renewed forever."""
+    shaper = Shaper(Config(), store)
+    shaper.io = Offload(1)
+    spec = [{"name": "x", "match": ["x.example"], "connections": 2}]
+    config = Config.model_validate({"delivery": {"shaping": {"sites": spec}}})
+    s = shaping.site_of(config, "x.example", [("mx.x.example", 25, "mx")])
+    started, release = threading.Event(), threading.Event()
+    acquire = shaper._acquire
+
+    def slow_acquire(keys: list[str], args: list[str | float]) -> object:
+        started.set()
+        assert release.wait(10)
+        return acquire(keys=keys, args=args)
+
+    shaper._acquire = slow_acquire  # type: ignore[assignment]
+
+    async def main() -> None:
+        task = asyncio.create_task(shaper.take(s))
+        assert await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        for _ in range(TURNS):
+            await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    key = spool.site_key("leases", s.id)
+    assert store.zcard(key) == 1, "the script took it"
+    assert shaper.held == {}, "never held with no session"
+    shaper.tick()
+    assert store.zcard(key) == 0, "released at the next tick"
+    shaper.io.close()
+
+
+class RedisAtADistance:
+    """A TCP proxy in front of Redis that holds every reply ``rtt`` seconds and counts the
+    connections with a request in flight (sent, its reply not yet passed on): ``peak``."""
+
+    def __init__(self, port: int, rtt: float) -> None:
+        self.target, self.rtt = port, rtt
+        self.port = 0
+        self.in_flight = self.peak = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __enter__(self) -> RedisAtADistance:
+        self.thread.start()
+        start = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+        start.result(timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        waiting = [False]  # this connection has a request in flight
+        try:
+            await asyncio.gather(
+                self._requests(reader, up_writer, waiting),
+                self._replies(up_reader, writer, waiting),
+            )
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            up_writer.close()
+            self.tasks.discard(task)
+
+    async def _requests(
+        self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, waiting: list[bool]
+    ) -> None:
+        while data := await reader.read(65536):
+            if not waiting[0]:
+                waiting[0] = True
+                self.in_flight += 1
+                self.peak = max(self.peak, self.in_flight)
+            up.write(data)
+            await up.drain()
+        up.write_eof()
+
+    async def _replies(
+        self, up: asyncio.StreamReader, writer: asyncio.StreamWriter, waiting: list[bool]
+    ) -> None:
+        while data := await up.read(65536):
+            await asyncio.sleep(self.rtt)  # the reply's way back, held (in order)
+            writer.write(data)
+            await writer.drain()
+            if waiting[0]:
+                waiting[0] = False
+                self.in_flight -= 1
+        writer.write_eof()
+
+
+@contextmanager
+def far_client(redis_port: int, rtt: float) -> Iterator[tuple[redis.Redis, RedisAtADistance]]:
+    with RedisAtADistance(redis_port, rtt) as far:
+        client = redis.Redis(port=far.port)
+        try:
+            yield client, far
+        finally:
+            client.close()
+
+
+def test_lanes_wait_on_a_distant_redis_together_not_in_turn(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Redis 50 ms away: five jobs over five lanes. The lanes' Redis calls (claims, marks,
+    leases, recordings) are in flight at once — on the loop, each would stop every lane for a
+    round trip, and at most one request (and the claims' keeper thread) would be in flight."""
+    lanes = 5
+    with Sink("plain") as sink, far_client(valkey.port, 0.05) as (client, far):
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=lanes)
+        jobs = queue_jobs(store, DOMAIN, lanes)
+        outcomes = deliver(config, client, jobs)
+        peak = far.peak
+    assert all(o is not None and len(o.delivered) == 1 for o in outcomes), outcomes
+    assert len(sink.messages) == lanes
+    assert not store.keys(spool.claim_key("*", DOMAIN)), "claims released"
+    assert not store.keys(spool.in_flight_key("*", DOMAIN)), "marks cleared with the recordings"
+    assert peak >= lanes - 1, f"Redis requests in flight at once: {peak}"
