@@ -297,6 +297,22 @@ def test_a_throttled_round_gives_its_rate_cell_back(
     assert [len(o.delivered) for o in outcomes if o is not None] == [1]
 
 
+def test_the_rate_cell_goes_back_to_the_minute_it_was_counted_in(store: redis.Redis) -> None:
+    """A round counted by the rate in one minute and throttled in the next (it waited for a
+    connection) takes its count off the minute it was counted in, not the current one (the
+    per-minute counts ``queue sites`` shows)."""
+    cfg = Config.model_validate({"delivery": {"shaping": {"default": {"rate": "10/m"}}}})
+    site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
+    shaper = Shaper(cfg, store)
+    paced_at = time.time() - 120
+    then = spool.site_key("count", f"{site.id}:{int(paced_at // 60)}")
+    now = spool.site_key("count", f"{site.id}:{int(time.time() // 60)}")
+    store.set(then, 1)
+    store.set(now, 1)
+    shaper.refund(site, paced_at)
+    assert store.get(then) == b"0" and store.get(now) == b"1"
+
+
 def test_the_sender_reads_what_happened_not_the_sites_name(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
     monkeypatch: pytest.MonkeyPatch,

@@ -430,6 +430,7 @@ class Deliverer:
             return
         site = self.shaper.site(job.domain, plan.destinations)
         throttled = self.shaper.suspended(site, job.domain) or self._line(job, site, envelope)
+        paced_at = time.time()  # the minute the rate counts this message in (refund below)
         outcome.throttled = throttled or await self.shaper.pace(site)
         if outcome.throttled is not None:
             return
@@ -438,7 +439,7 @@ class Deliverer:
             await self._take_site(gate, plan, envelope, body, pending, outcome, hooks)
         finally:
             if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
-                self.shaper.refund(site)
+                self.shaper.refund(site, paced_at)
 
     def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
         """The site's line (services/deliver/shaping.py): asked for a job that waited in it,

@@ -564,15 +564,17 @@ class Shaper:
             await asyncio.sleep(wait)
             waited += wait
 
-    def refund(self, site: Site) -> None:
+    def refund(self, site: Site, paced_at: float | None = None) -> None:
         """Give back the rate cell :meth:`pace` took for a round that then sent nothing (a
-        connection limit stopped it): a throttled round must not spend the site's rate. A Redis
-        error is logged (the rate is then a cell short for one window), never raised: the round
-        is still parked."""
+        connection limit stopped it): a throttled round must not spend the site's rate.
+        ``paced_at``: when :meth:`pace` counted the message (``time.time()``), so that the
+        minute it was counted in is the one given back, however long the round waited since. A
+        Redis error is logged (the rate is then a cell short for one window), never raised: the
+        round is still parked."""
         interval, _ = _cell(site.limits.rate)
         if not interval:
             return
-        minute = int(time.time() // 60)
+        minute = int((time.time() if paced_at is None else paced_at) // 60)
         keys = [spool.site_key("rate", site.id), spool.site_key("count", f"{site.id}:{minute}")]
         try:
             self._refund(keys=keys, args=[interval])
