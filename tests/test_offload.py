@@ -240,7 +240,7 @@ def far_client(redis_port: int, rtt: float) -> Iterator[tuple[redis.Redis, Redis
             client.close()
 
 
-@pytest.mark.parametrize(("mode", "count"), [("threads", 5), ("auto", 25)])
+@pytest.mark.parametrize(("mode", "count"), [("threads", 5), ("auto", 40)])
 def test_lanes_wait_on_a_distant_redis_together_not_in_turn(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, mode: str, count: int
 ) -> None:

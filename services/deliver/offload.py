@@ -35,8 +35,9 @@ behind a proxy, or stalled) they go to the threads, where every :data:`PROBE_EVE
 runs inline to look again. The least wait of a window is the distance, not the machine's load:
 one quick answer is enough to show Redis is near, and a round trip far away is never quick. An
 inline call blocks the loop for its round trip, as a far Redis would for at most one probe in
-:data:`PROBE_EVERY`; a Redis that stops answering blocks it for its socket timeout once, and the
-window after that sends the calls to the threads.
+:data:`PROBE_EVERY`. A Redis that stops answering holds an inline call for the client's socket
+timeout (its error then fails the task, which runs again): the loop's other lanes wait too, as
+they would, having nothing to record their rounds in.
 
 Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
 task runs again).
@@ -55,9 +56,13 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 Mode = Literal["auto", "threads", "inline"]
 
-NEAR = 300e-6  # s: a least wait below this is a Redis on this host (a network hop is more)
-WINDOW = 8  # measured calls per decision
-PROBE_EVERY = 32  # in the threads, one call in this many runs inline, measured
+# A least wait below NEAR is a Redis on this host, or as near (a round trip across a zone is
+# more). On a machine whose CPUs are saturated a call to a Redis on this host waits milliseconds
+# too, for a core (measured: a median of 6 ms, a tenth under 0.5 ms), so the least of a window of
+# WINDOW calls decides, not any one of them.
+NEAR = 500e-6  # s
+WINDOW = 32  # measured calls per decision
+PROBE_EVERY = 16  # in the threads, one call in this many runs inline, measured
 
 
 class Offload:
