@@ -144,6 +144,10 @@ class DeliveryConfig(Section):
     # (services/deliver/pipelining.py); off = one command at a time everywhere (Postfix's
     # smtp_discard_ehlo_keywords = pipelining), for a broken peer or a comparison.
     pipelining: OnOff = True
+    # RFC 3030: where the server offers CHUNKING too, the message joins that round trip as
+    # BDAT <size> LAST (services/deliver/transaction.py): one round trip per message, not two;
+    # off = DATA always (a broken peer).
+    chunking: OnOff = True
     # Jobs per deliver task (all for one destination domain, sent one after another over one
     # connection): fewer Celery hops per message. A destination that fails a job (no host
     # reachable, TLS unavailable) defers the rest of its batch without trying each.

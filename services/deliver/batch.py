@@ -156,6 +156,7 @@ class Deliverer:
             greeting=delivery.greeting_timeout,
             data=delivery.data_timeout,
             pipelining=delivery.pipelining,
+            chunking=delivery.chunking,
         )
         self._answered: dict[Destination, float] = {}  # destination → last message taken here
         self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop
