@@ -102,6 +102,20 @@ def test_every_recipient_refused_the_chunk_is_refused_and_the_session_goes_on() 
     assert second == [b"RSET", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"BDAT"], seen.commands
 
 
+@pytest.mark.parametrize("how", ["closed at RSET", "421 to RSET, then closed"])
+def test_a_parked_session_gone_before_the_group_gives_way_to_a_fresh_one(how: str) -> None:
+    """The RSET leading a parked session's group got no reply, or a refusal and then nothing:
+    the session was dropped while parked (an idle timeout), so nothing was taken — the same
+    round goes on a fresh session at once, not deferred."""
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    refused = replace(REFUSED_ALL, chunking=True)
+    said = b"" if how == "closed at RSET" else b"421 4.4.2 idle too long\r\n"
+    results, seen = deliver(replace(refused, rset_close=said), pool=pool, times=2)
+    assert seen.connections == 2, "the round ran on a new session"
+    assert not results[1].next_host and fates(results[1]) == fates(results[0])
+    assert set(fates(results[1]).values()) == {"550 5.1.1 no such user"}
+
+
 def test_a_reused_session_carries_the_next_message_in_one_write() -> None:
     pool = ConnectionPool(max_messages=10, idle_timeout=30)
     results, seen = deliver(replace(CHUNKED, tls=True), pool=pool, times=3)

@@ -59,6 +59,8 @@ class Script:
     trickle: bool = False  # every reply byte in its own write
     tls: bool = False
     chunking: bool = False  # advertise CHUNKING (RFC 3030) and take BDAT
+    # At RSET: write this (b"": nothing) and close: a parked session dropped by the server
+    rset_close: bytes | None = None
 
 
 @dataclass
@@ -160,6 +162,9 @@ class _Session:
             await self._write([b"221 2.0.0 bye\r\n"])
             return False
         elif verb == b"RSET":  # held with MAIL and RCPT: it may lead a group
+            if s.rset_close is not None:
+                await self._write([s.rset_close])
+                return False
             self.sent = 0
             return await self._group(s.rset)
         else:  # NOOP

@@ -226,9 +226,12 @@ async def _chunked(
     From the write on the message may have been taken even if no reply comes: a pipelining
     server answers the group once it has done all of it, so the replies to MAIL and RCPT can be
     lost with the one to BDAT after the message was queued (RFC 1047). So an ending that is not
-    a reply is a deferral (``451 4.4.2``), never the next host, once the group is written; a
-    connection cut while the group was being written (the chunk never arrived whole) and a
-    refused MAIL (no transaction) are the only ways to the next host."""
+    a reply is a deferral (``451 4.4.2``), never the next host, once the group is written. The
+    ways to the next host (a fresh session first, for a parked one): a connection cut while the
+    group was being written (the chunk never arrived whole); a refused MAIL (no transaction); a
+    parked session that gave no reply at all to the RSET leading the group, or refused it and
+    then said nothing more (:class:`_Stale`: closed while parked, an idle timeout's ``421``
+    — a server does not queue a message in a session it has dropped, and answers in order)."""
     data = pipelining.chunk_data(body)
     commands, recipients = group.commands(len(data)), group.recipients
     await hooks.before_data(result.peer)  # the in-flight mark (RFC 1047) before the message
@@ -242,6 +245,9 @@ async def _chunked(
             await _chunked_replies(pipe, group, result, timeouts)
     except pipelining.Disconnected as exc:  # the session was closed before the write
         raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+    except _Stale as exc:
+        result.data_sent = False  # nothing was taken: a fresh session may carry it at once
+        raise NextHost(Reply(421, CONNECTION_DROPPED, str(exc))) from None
     for rcpt in recipients:  # whatever has no fate of its own was in the lost part
         result.replies.setdefault(rcpt, Reply(451, CONNECTION_DROPPED, "no reply"))
 
@@ -255,10 +261,13 @@ async def _chunked_replies(
     accepted: list[str] = []
     try:
         if group.reset:
-            reset = await pipe.reply(timeouts.command)
-            if reset.code != 250:  # a session that was not well while parked: not kept
-                result.desync = True
-        mail = await pipe.reply(timeouts.command)
+            await _parked_check(pipe, timeouts.command, result)
+        try:
+            mail = await pipe.reply(timeouts.command)
+        except (TimeoutError, pipelining.Disconnected) as exc:
+            if group.reset and result.desync:  # RSET refused, then nothing: an idle timeout
+                raise _Stale(f"parked session refused RSET and closed: {text(exc)}") from None
+            raise
         if mail.code != 250:
             heard(result, mail.code, mail.text)
             _mail_refused(mail.code, mail.text, group.recipients, result)
@@ -280,6 +289,21 @@ async def _chunked_replies(
         _unsure(result, group.recipients, Reply(451, CONNECTION_DROPPED, why))
         return
     _chunk_end(pipe, end, accepted, result)
+
+
+class _Stale(Exception):
+    """A parked session was gone before the group reached it: nothing was taken."""
+
+
+async def _parked_check(pipe: pipelining.Pipeline, timeout: float, result: Attempt) -> None:
+    """The reply to the RSET leading a parked session's group: none at all is a session that
+    was closed while parked (:class:`_Stale`); anything but ``250`` marks it not to be kept."""
+    try:
+        reset = await pipe.reply(timeout)
+    except (TimeoutError, pipelining.Disconnected) as exc:
+        raise _Stale(f"parked session gave no reply to RSET: {text(exc)}") from None
+    if reset.code != 250:
+        result.desync = True
 
 
 def _chunk_end(
