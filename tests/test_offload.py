@@ -275,11 +275,17 @@ def test_the_pool_has_a_thread_per_lane_and_one_up_to_a_bound(
     assert offload.threads_for(1) == 2
     assert offload.threads_for(5) == 6  # the default lanes: one thread each, and one
     assert offload.threads_for(1000) == offload.THREADS_MAX == 8
+    client = spool.connect(valkey.url)  # as a deliver process's
     for lanes, threads in ((5, 6), (1000, offload.THREADS_MAX)):
         config = routed(tmp_path, valkey, DOMAIN, "127.0.0.1:25", sessions_per_process=lanes)
-        deliverer = Deliverer(config, store)
+        deliverer = Deliverer(config, client)
         assert deliverer.io.workers == threads
         deliverer.io.close()
+    # Each thread holds a connection of the client's pool while it calls, besides the loop's own
+    # calls and the claims' keeper: a thread per lane ran out of connections past 99 lanes
+    # ("Too many connections": the task failed and ran again, re-sending what it had sent).
+    assert client.connection_pool.max_connections > offload.THREADS_MAX + 2
+    client.close()
 
 
 def test_more_calls_than_threads_wait_their_turn_and_all_run() -> None:
