@@ -15,7 +15,7 @@ few threads keep every lane's calls moving; a call made while all are busy waits
 pool's queue (first come, first served). Each thread costs memory for its life: its stack's
 touched pages, its Redis connection and its parser's buffers, and — with glibc — a malloc arena
 of its own that keeps what was freed in it. With a thread per lane, 1 000 lanes started up to a
-few hundred threads and cost 25–30 MB (bench/README.md, "Session 6"). :func:`limit_arenas`
+few hundred threads and cost 20–30 MB (bench/README.md, "Session 6"). :func:`limit_arenas`
 makes a process's threads share glibc's arenas.
 
 What runs in a thread is the Redis I/O and what depends on its reply only; state owned by the
