@@ -111,10 +111,10 @@ from services.deliver.shaping import (
     SUSPENDED,
     Gate,
     Shaper,
-    Site,
     Throttle,
     joins_line,
 )
+from services.deliver.sites import Site
 
 log = logging.getLogger("tlsrelay.deliver")
 

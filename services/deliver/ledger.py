@@ -24,7 +24,7 @@
   (services/deliver/shaping.py): in the deferred set marked throttled, the same attempt, with
   the "delayed" DSN when one is due, and for a limit of its whole site in the site's line (by
   its message's acceptance time); a job that was throttled leaves the line in the transaction
-  that records or closes it (``shaping.LEAVE_LINE``, which calls the next one in).
+  that records or closes it (``shapingscripts.LEAVE_LINE``, which calls the next one in).
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
   the first retry step, so a bug in delivery code never drops mail; :meth:`Ledger.hand_back`
   queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task.
@@ -58,7 +58,16 @@ from services.common import queueing, spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.deliver import dsn, observe, posture, scheduler, shaping, tlsrpt
+from services.deliver import (
+    dsn,
+    observe,
+    posture,
+    scheduler,
+    shaping,
+    shapingscripts,
+    sites,
+    tlsrpt,
+)
 from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire, retry_due
@@ -526,7 +535,7 @@ class Ledger:
                 keys = [spool.site_key("line", site.id), spool.DEFERRED]
                 args: list[str | int] = [_member(parked), repr(round_.envelope.received_at)]
                 args += [shaping.front_of(self.config, site.limits), self._mark_ttl]
-                pipe.eval(shaping.JOIN_LINE, len(keys), *keys, *args)
+                pipe.eval(shapingscripts.JOIN_LINE, len(keys), *keys, *args)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, claim.key)
@@ -548,13 +557,13 @@ class Ledger:
     def _stage_leave_line(self, pipe: redis.client.Pipeline, job: Job) -> None:
         """A job that waited in its site's line (its document says throttled) is recorded or
         closed: it leaves the line, and the next one is called in (one script, only for such
-        jobs; shaping.LEAVE_LINE)."""
+        jobs; shapingscripts.LEAVE_LINE)."""
         if job.throttled is None:
             return
         site_id = job.throttled[1]
-        front = shaping.front_of(self.config, shaping.limits_of(self.config, site_id))
+        front = shaping.front_of(self.config, sites.limits_of(self.config, site_id))
         keys = [spool.site_key("line", site_id), spool.DEFERRED]
-        pipe.eval(shaping.LEAVE_LINE, len(keys), *keys, _member(job), front)
+        pipe.eval(shapingscripts.LEAVE_LINE, len(keys), *keys, _member(job), front)
 
     # ----------------------------------------------------------------- out of time
 
