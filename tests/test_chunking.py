@@ -162,3 +162,36 @@ def test_a_delivery_through_the_deliver_service_to_a_sink_offering_chunking(
 
 def test_timeouts_default_to_chunking() -> None:
     assert Timeouts("relay.test").chunking
+
+
+def test_a_server_answering_the_group_once_the_message_is_checked_gets_the_data_timeout() -> None:
+    """A pipelining server answers the group once it has done all of it: its reply to MAIL comes
+    after the chunk was read and checked (a content filter), as the reply to DATA's final dot
+    does. That wait is the data timeout's (RFC 5321 §4.5.3.2.6), not the command timeout's: a
+    deferral there would send the message again at every retry, the server having queued it each
+    time (review finding)."""
+    timeouts = replace(TIMEOUTS, command=0.3, data=10)
+    (result,), seen = deliver(replace(CHUNKED, delay=1.0), timeouts=timeouts)
+    assert seen.bodies == [AS_SENT]
+    assert set(fates(result).values()) == {"250 2.0.0 queued as Q1"}
+    assert result.clean and not result.next_host
+
+
+def test_a_parked_session_slow_to_answer_its_group_is_not_sent_the_message_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parked session whose group (RSET leading) gets no reply in time is still open: the
+    server may be checking the message it read and queue it. So the round is deferred (RFC
+    1047), never carried at once on a fresh session, which would deliver a second copy at once
+    (review finding: a timeout was taken for a session dropped while parked)."""
+    monkeypatch.setattr("services.deliver.pool.RECHECK_AFTER", 0.0)  # every reuse: RSET first
+    timeouts = replace(TIMEOUTS, command=0.3, data=0.8)
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    script = replace(CHUNKED, delay=2.0, delay_from=1)  # the second message is slow to check
+    results, seen = deliver(script, pool=pool, times=2, timeouts=timeouts)
+    assert [r.reused for r in results] == [False, True]
+    assert seen.connections == 1, "no fresh session: the server may be queuing the message"
+    assert seen.bodies == [AS_SENT] * 2
+    second = results[1]
+    assert second.data_sent and not second.next_host
+    assert {(r.code, r.status) for r in second.replies.values()} == {(451, "4.4.2")}

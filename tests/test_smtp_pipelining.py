@@ -61,6 +61,10 @@ class Script:
     chunking: bool = False  # advertise CHUNKING (RFC 3030) and take BDAT
     # At RSET: write this (b"": nothing) and close: a parked session dropped by the server
     rset_close: bytes | None = None
+    # Seconds the peer spends on a BDAT chunk it has read (a content check, a milter) before it
+    # answers the group, from its ``delay_from``-th chunk on (counting from 0)
+    delay: float = 0.0
+    delay_from: int = 0
 
 
 @dataclass
@@ -197,6 +201,8 @@ class _Session:
         size = int(line.split()[1])
         self.peer.seen.bodies.append(await self.reader.readexactly(size))
         s = self.script
+        if s.delay and len(self.peer.seen.bodies) > s.delay_from:
+            await asyncio.sleep(s.delay)  # the peer's own work, not a synchronisation
         self.held.append(s.final + s.extra if s.data.startswith(b"354") else s.data)
         return await self._flush()
 

@@ -229,9 +229,10 @@ async def _chunked(
     a reply is a deferral (``451 4.4.2``), never the next host, once the group is written. The
     ways to the next host (a fresh session first, for a parked one): a connection cut while the
     group was being written (the chunk never arrived whole); a refused MAIL (no transaction); a
-    parked session that gave no reply at all to the RSET leading the group, or refused it and
-    then said nothing more (:class:`_Stale`: closed while parked, an idle timeout's ``421``
-    — a server does not queue a message in a session it has dropped, and answers in order)."""
+    parked session that closed the connection with no reply at all to the RSET leading the
+    group, or a refusal of it and nothing more (:class:`_Stale`: closed while parked, an idle
+    timeout's ``421`` — a server does not queue a message in a session it has dropped, and
+    answers in order). A parked session that is still open but slow to answer is not one."""
     data = pipelining.chunk_data(body)
     commands, recipients = group.commands(len(data)), group.recipients
     await hooks.before_data(result.peer)  # the in-flight mark (RFC 1047) before the message
@@ -257,15 +258,23 @@ async def _chunked_replies(
 ) -> None:
     """The replies to a chunked group, in order: [RSET], MAIL, each RCPT, BDAT. A reply that
     does not come (or is not a reply) defers the recipients without a fate yet, with what went
-    wrong (:func:`_unsure`)."""
+    wrong (:func:`_unsure`).
+
+    Every one of them is awaited up to the data timeout (RFC 5321 §4.5.3.2.6, the final dot's),
+    never the command timeout: a pipelining server answers the group once it has done all of it
+    — read the chunk (whose transfer the timer also covers: the write only queued it) and
+    checked and queued the message — so its reply to the RSET or the MAIL leading the group
+    comes as late as DATA's final reply does. Cut at the command timeout, a message the server
+    takes a while to take would be deferred and sent again at every retry, queued each time."""
     accepted: list[str] = []
+    wait = timeouts.data
     try:
         if group.reset:
-            await _parked_check(pipe, timeouts.command, result)
+            await _parked_check(pipe, wait, result)
         try:
-            mail = await pipe.reply(timeouts.command)
-        except (TimeoutError, pipelining.Disconnected) as exc:
-            if group.reset and result.desync:  # RSET refused, then nothing: an idle timeout
+            mail = await pipe.reply(wait)
+        except pipelining.Disconnected as exc:
+            if group.reset and result.desync:  # RSET refused, then closed: an idle timeout
                 raise _Stale(f"parked session refused RSET and closed: {text(exc)}") from None
             raise
         if mail.code != 250:
@@ -273,13 +282,13 @@ async def _chunked_replies(
             _mail_refused(mail.code, mail.text, group.recipients, result)
             return  # no transaction, nothing taken; the rest is not read: the session closes
         for rcpt in group.recipients:
-            reply = await pipe.reply(timeouts.command)
+            reply = await pipe.reply(wait)
             if reply.code in (250, 251):
                 accepted.append(rcpt)
             else:
                 heard(result, reply.code, reply.text)
                 result.replies[rcpt] = _rcpt_refused(reply.code, reply.text)
-        end = await pipe.reply(timeouts.data)
+        end = await pipe.reply(wait)
     except pipelining.Malformed as exc:
         result.desync = True
         _unsure(result, group.recipients, Reply(451, PROTOCOL_ERROR, f"invalid SMTP reply: {exc}"))
@@ -296,11 +305,14 @@ class _Stale(Exception):
 
 
 async def _parked_check(pipe: pipelining.Pipeline, timeout: float, result: Attempt) -> None:
-    """The reply to the RSET leading a parked session's group: none at all is a session that
-    was closed while parked (:class:`_Stale`); anything but ``250`` marks it not to be kept."""
+    """The reply to the RSET leading a parked session's group: the connection closed without
+    one is a session that was closed while parked (:class:`_Stale`); anything but ``250`` marks
+    it not to be kept. No reply *in time* is not that: the connection is open, and the server
+    may be checking the message it read before it answers (a ``TimeoutError``: deferred, as
+    any reply lost after the chunk went; a fresh session at once would deliver it twice)."""
     try:
         reset = await pipe.reply(timeout)
-    except (TimeoutError, pipelining.Disconnected) as exc:
+    except pipelining.Disconnected as exc:
         raise _Stale(f"parked session gave no reply to RSET: {text(exc)}") from None
     if reset.code != 250:
         result.desync = True
