@@ -14,15 +14,22 @@ offers CHUNKING (``tests/sinksmtp.py``): a whole delivery through the deliver se
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 
+from services.common.model import Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver.attempt import Timeouts
+from services.deliver.attempt import Attempt, Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool
+from services.deliver.session import attempt
 from tests.peers import Sink
 from tests.test_batching import deliver as deliver_jobs
 from tests.test_batching import queue_jobs, routed
@@ -33,6 +40,7 @@ from tests.test_smtp_pipelining import (
     SCENARIOS,
     TIMEOUTS,
     Script,
+    ScriptedPeer,
     deliver,
     fates,
     verbs,
@@ -195,3 +203,51 @@ def test_a_parked_session_slow_to_answer_its_group_is_not_sent_the_message_again
     second = results[1]
     assert second.data_sent and not second.next_host
     assert {(r.code, r.status) for r in second.replies.values()} == {(451, "4.4.2")}
+
+
+def _open_sockets_to(port: int) -> list[socket.socket]:
+    found = []
+    for thing in gc.get_objects():
+        if (
+            isinstance(thing, socket.socket)
+            and thing.family in (socket.AF_INET, socket.AF_INET6)
+            and thing.fileno() != -1
+        ):
+            with contextlib.suppress(OSError):
+                if thing.getpeername()[1] == port and thing.getsockname()[1] != port:
+                    found.append(thing)
+    return found
+
+
+@pytest.mark.parametrize(
+    "script",
+    [CHUNKED, Script(), Script(pipelining=False)],
+    ids=["BDAT", "pipelined DATA", "DATA one command at a time"],
+)
+def test_a_peer_that_stops_reading_the_message_leaves_no_connection_behind(
+    script: Script,
+) -> None:
+    """A peer that reads the commands, then nothing more (its receive window shut): the message
+    is still in our transport's buffer when the reply times out. Closing the session must drop
+    the connection and that copy of the message; a close that waits for the buffer to drain
+    would keep both for as long as the peer keeps the connection open — forever, for a hostile
+    one, one message's size per attempt (review finding: memory and descriptors at a peer's
+    will; BDAT sends the message without waiting for a 354)."""
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 24_000  # 24 MB: beyond the buffers
+    timeouts = replace(TIMEOUTS, command=0.5, data=0.5)
+    envelope = Envelope(id="0123456789ab-big", sender="s@origin.test", recipients=tuple(RCPTS))
+
+    async def run(peer: ScriptedPeer) -> tuple[Attempt, list[socket.socket]]:
+        where = Peer("scripted.test", "127.0.0.1", peer.port, "localhost")
+        result = await attempt(
+            where, envelope, RCPTS, body, TlsSettings(mode=TlsMode.NONE), timeouts
+        )
+        deadline = time.monotonic() + 5
+        while (left := _open_sockets_to(peer.port)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return result, left
+
+    with ScriptedPeer(replace(script, stall=True)) as peer:
+        result, left = asyncio.run(run(peer))
+    assert {(r.code, r.status) for r in result.replies.values()} == {(451, "4.4.2")}
+    assert left == [], "the connection outlived the session, holding the message"

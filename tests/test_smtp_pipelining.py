@@ -65,6 +65,8 @@ class Script:
     # answers the group, from its ``delay_from``-th chunk on (counting from 0)
     delay: float = 0.0
     delay_from: int = 0
+    # at BDAT, or after DATA's 354: read no more and say nothing (a peer that stops reading)
+    stall: bool = False
 
 
 @dataclass
@@ -187,6 +189,8 @@ class _Session:
             return False
         if not self.script.data.startswith(b"354"):
             return True
+        if self.script.stall:
+            await asyncio.get_running_loop().create_future()  # until the peer is stopped
         lines = []
         while (line := await self.reader.readline()) and line != b".\r\n":
             lines.append(line)
@@ -199,6 +203,8 @@ class _Session:
         and the chunk's go together: DATA's reply where it refuses (no ``354``), else the
         final one."""
         size = int(line.split()[1])
+        if self.script.stall:
+            await asyncio.get_running_loop().create_future()  # until the peer is stopped
         self.peer.seen.bodies.append(await self.reader.readexactly(size))
         s = self.script
         if s.delay and len(self.peer.seen.bodies) > s.delay_from:

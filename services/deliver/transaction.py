@@ -118,6 +118,7 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Atte
     """DATA, the body, the final dot. Success is exactly ``354`` then ``250`` (RFC 5321
     §4.3.2); any other 2xx/3xx (a server skipping a step, a stale reply left by a doubled
     RCPT answer) means the body may never have been read: a protocol error, deferred 4.5.0."""
+    transport = smtp.transport  # aiosmtplib lets go of it when it gives up (below)
     try:
         response = await smtp.data(body, timeout=timeout)
     except aiosmtplib.SMTPResponseException as exc:
@@ -126,6 +127,9 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Atte
             return Reply(451, PROTOCOL_ERROR, f"protocol error: {_reply(exc)} in reply to DATA")
         return server_reply(exc)
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        # aiosmtplib closed the session; a message the peer stopped reading is still in the
+        # transport, which a close keeps until it drains: dropped (pipelining.hang_up).
+        pipelining.drop_unsent(transport)
         # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {text(exc)}")
     result.clean = True
