@@ -30,6 +30,7 @@ from services.common.redisserver import EmbeddedRedis
 from services.deliver.attempt import Attempt, Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
+from services.deliver.transaction import forget_chunking
 from tests.peers import Sink
 from tests.test_batching import deliver as deliver_jobs
 from tests.test_batching import queue_jobs, routed
@@ -50,7 +51,9 @@ AS_SENT = b"Subject: pipelining\r\n\r\nline one\r\n.leading dot\r\n"  # BODY: no
 CHUNKED = Script(chunking=True)
 # Scenarios of DATA that have a BDAT twin: "DATA answered 250" is a DATA-only protocol error
 # (skipping 354); 250 is BDAT's right answer.
-TWINS = [name for name in SCENARIOS if name != "DATA answered 250"]
+# "MAIL out of sequence" (503) is unsure with BDAT: the chunk went with the group, and a
+# transaction still open may have taken it (test below).
+TWINS = [n for n in SCENARIOS if n not in ("DATA answered 250", "MAIL out of sequence")]
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["together", "trickle"])
@@ -251,3 +254,36 @@ def test_a_peer_that_stops_reading_the_message_leaves_no_connection_behind(
         result, left = asyncio.run(run(peer))
     assert {(r.code, r.status) for r in result.replies.values()} == {(451, "4.4.2")}
     assert left == [], "the connection outlived the session, holding the message"
+
+
+def test_mail_out_of_sequence_after_the_chunk_went_defers_never_the_next_host() -> None:
+    """``503`` to MAIL: the server holds a transaction still open, which took our RCPTs and the
+    chunk that went with them — it may deliver the message. Unsure (RFC 1047): deferred 4.5.0
+    and the session closed, never the next host in the same round (review finding: a second
+    copy there, at once)."""
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    script = replace(SCENARIOS["MAIL out of sequence"], chunking=True)
+    results, seen = deliver(script, pool=pool, times=2)
+    for result in results:
+        assert result.data_sent and not result.next_host and result.desync
+        assert {(r.code, r.status) for r in result.replies.values()} == {(451, "4.5.0")}
+    assert seen.connections == 2, "never reused"
+
+
+def test_a_peer_that_offers_chunking_but_does_not_understand_bdat() -> None:
+    """``500`` to BDAT after accepted recipients: the server did not take BDAT, and read the
+    chunk as commands (an SMTP-smuggling-shaped fault: whatever it says next answers the
+    message's lines). The message was never judged: a protocol error, deferred 4.5.0 and the
+    session closed — not a bounce for every recipient — and DATA to that peer from then on
+    (review finding: the recipients were bounced with the 500, the next message too)."""
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    try:
+        results, seen = deliver(replace(CHUNKED, bdat_unknown=True), pool=pool, times=2)
+    finally:
+        forget_chunking()
+    first, second = results
+    assert {(r.code, r.status) for r in first.replies.values()} == {(451, "4.5.0")}
+    assert first.desync and not first.next_host
+    assert set(fates(second).values()) == {"250 2.0.0 queued as Q1"}, fates(second)
+    assert verbs(seen)[-1] == b"DATA" and seen.connections == 2
+    assert seen.bodies == [BODY.replace(b"\r\n.", b"\r\n..")]

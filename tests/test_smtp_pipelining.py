@@ -67,6 +67,8 @@ class Script:
     delay_from: int = 0
     # at BDAT, or after DATA's 354: read no more and say nothing (a peer that stops reading)
     stall: bool = False
+    # CHUNKING offered, BDAT not understood: "500" at once, the chunk then read as commands
+    bdat_unknown: bool = False
 
 
 @dataclass
@@ -202,6 +204,9 @@ class _Session:
         """``BDAT <size> LAST``: the chunk is read whole (RFC 3030 §2), then every held reply
         and the chunk's go together: DATA's reply where it refuses (no ``354``), else the
         final one."""
+        if self.script.bdat_unknown:  # the chunk's lines are commands to it now
+            self.held.append(b"500 5.5.2 Error: command not recognized\r\n")
+            return await self._flush()
         size = int(line.split()[1])
         if self.script.stall:
             await asyncio.get_running_loop().create_future()  # until the peer is stopped
