@@ -37,7 +37,12 @@ one quick answer is enough to show Redis is near, and a round trip far away is n
 inline call blocks the loop for its round trip, as a far Redis would for at most one probe in
 :data:`PROBE_EVERY`. A Redis that stops answering holds an inline call for the client's socket
 timeout (its error then fails the task, which runs again): the loop's other lanes wait too, as
-they would, having nothing to record their rounds in.
+they would, having nothing to record their rounds in. A cancellation cannot land during an inline
+call: a deadline (``delivery.job_timeout``) that passes meanwhile lands at the caller's next
+await, after the call returned its result to it (so no ``orphan``: the caller has the result).
+Where that matters — the in-flight mark, after which the message goes out without an await —
+the caller looks at the deadline itself (services/deliver/batch.py: the round is abandoned
+unsent, as in the threads).
 
 Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
 task runs again).
