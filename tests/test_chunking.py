@@ -198,7 +198,7 @@ def test_a_parked_session_slow_to_answer_its_group_is_not_sent_the_message_again
     monkeypatch.setattr("services.deliver.pool.RECHECK_AFTER", 0.0)  # every reuse: RSET first
     timeouts = replace(TIMEOUTS, command=0.3, data=0.8)
     pool = ConnectionPool(max_messages=10, idle_timeout=30)
-    script = replace(CHUNKED, delay=2.0, delay_from=1)  # the second message is slow to check
+    script = replace(CHUNKED, delay=4.0, delay_from=1)  # the second message is slow to check
     results, seen = deliver(script, pool=pool, times=2, timeouts=timeouts)
     assert [r.reused for r in results] == [False, True]
     assert seen.connections == 1, "no fresh session: the server may be queuing the message"
@@ -237,7 +237,7 @@ def test_a_peer_that_stops_reading_the_message_leaves_no_connection_behind(
     one, one message's size per attempt (review finding: memory and descriptors at a peer's
     will; BDAT sends the message without waiting for a 354)."""
     body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 24_000  # 24 MB: beyond the buffers
-    timeouts = replace(TIMEOUTS, command=0.5, data=0.5)
+    timeouts = replace(TIMEOUTS, data=1.0)  # the reply after the message (BDAT: every reply)
     envelope = Envelope(id="0123456789ab-big", sender="s@origin.test", recipients=tuple(RCPTS))
 
     async def run(peer: ScriptedPeer) -> tuple[Attempt, list[socket.socket]]:
