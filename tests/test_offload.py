@@ -382,3 +382,18 @@ def test_a_job_timeout_that_falls_while_the_mark_is_written_abandons_the_round_u
         sink.wait_for(lambda: sink.closed_connections >= sink.connections, what="sessions over")
         assert sink.bdat_commands == 0 and not sink.messages  # (DATA went in a group: no 354)
     assert outcome is not None and not outcome.delivered and outcome.deferred
+
+
+def test_auto_one_call_that_hangs_sends_the_next_ones_to_the_threads_at_once() -> None:
+    """A call that hangs on the loop (a connection to a master that failed over and no longer
+    answers, held until the socket timeout; Redis stalled) sends the next calls to the threads
+    at once — not after a window of 32 in which every quick answer (a new connection to the new
+    master, the replica's READONLY) keeps the least wait low and each dead connection of the
+    pool holds the whole loop, lease renewals and every lane's session, for its timeout again
+    (review finding: auto stayed inline through a Sentinel switch)."""
+    io = Offload(2, mode="auto")
+    assert where_calls_run(io, lambda: None, 4) == ["loop"] * 4
+    assert where_calls_run(io, lambda: time.sleep(0.3), 1) == ["loop"], "measured inline"
+    assert not io.inline
+    assert where_calls_run(io, lambda: None, 3) == ["pool"] * 3
+    io.close()
