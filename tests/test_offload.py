@@ -24,7 +24,7 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import offload, shaping
+from services.deliver import offload, sites
 from services.deliver.batch import Deliverer
 from services.deliver.delivery import Outcome
 from services.deliver.offload import Offload
@@ -123,7 +123,7 @@ def test_a_lease_taken_for_a_cancelled_round_is_released_not_held(store: redis.R
     shaper.io = Offload(1)
     spec = [{"name": "x", "match": ["x.example"], "connections": 2}]
     config = Config.model_validate({"delivery": {"shaping": {"sites": spec}}})
-    s = shaping.site_of(config, "x.example", [("mx.x.example", 25, "mx")])
+    s = sites.site_of(config, "x.example", [("mx.x.example", 25, "mx")])
     started, release = threading.Event(), threading.Event()
     acquire = shaper._acquire
 

@@ -81,6 +81,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import redis
@@ -95,7 +96,7 @@ from services.deliver.attempt import Hooks, Peer, Timeouts
 from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
-from services.deliver.lanes import Batch, Bodies, Slots, Upcoming, unique
+from services.deliver.lanes import Batch, Bodies, SiteSlots, Upcoming, unique
 from services.deliver.ledger import Ledger
 from services.deliver.offload import Offload
 from services.deliver.plan import Plan, Planner
@@ -106,16 +107,14 @@ from services.deliver.shaping import (
     CONNECTION_RATE,
     CONNECTIONS,
     LINE,
-    PARK_CONNECTIONS,
     RATE,
-    SHORT_WAIT,
     SUSPENDED,
     Gate,
     Shaper,
-    Site,
     Throttle,
     joins_line,
 )
+from services.deliver.sites import Site
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -124,10 +123,6 @@ log = logging.getLogger("tlsrelay.deliver")
 WARM = 60.0
 WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
 Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
-# How long a lane waits for a session of its own process's other lanes to come free when every
-# connection to the site is taken (their transactions end; longer → parked as throttled), at
-# most half of delivery.job_timeout (a round that outlasts it is abandoned as an attempt).
-SIBLING_WAIT = 30.0
 OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
@@ -160,8 +155,7 @@ class Deliverer:
             chunking=delivery.chunking,
         )
         self._answered: dict[Destination, float] = {}  # destination → last message taken here
-        self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop
-        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        self.site_slots = SiteSlots(config, self.shaper)  # this process's lanes per site
 
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
         """Deliver and record a task's batch of job documents, up to
@@ -450,7 +444,8 @@ class Deliverer:
             return
         try:
             gate = self.shaper.gate(site, envelope.received_at)
-            await self._take_site(gate, plan, envelope, body, pending, outcome, hooks)
+            hops = partial(self._hops, plan, gate, envelope, body, pending, outcome, hooks)
+            await self.site_slots.share(gate, outcome, hops)
         finally:
             if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
                 self.shaper.refund(site, paced_at)
@@ -463,63 +458,6 @@ class Deliverer:
         if job.throttled is None and not self.shaper.queued(site):
             return None
         return self.shaper.admit(site, envelope.received_at)
-
-    async def _take_site(
-        self,
-        gate: Gate,
-        plan: Plan,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        outcome: Outcome,
-        hooks: Hooks,
-    ) -> None:
-        """The round's share of the site: a slot of this process, then a session per address
-        (a parked one, or a new one with a lease); else the round is throttled."""
-        slots, wait = self._slots(gate.site), SHORT_WAIT
-        until: float | None = None  # when the wait for the siblings' sessions ends, in all
-        if slots.size < slots.limit:  # shrunk: the process sends over the sessions it holds
-            until = time.monotonic() + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
-            wait = until - time.monotonic()
-        while True:
-            if not await slots.take(wait):  # this process's lanes hold the site's limit
-                outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
-                return
-            try:
-                await self._hops(plan, gate, envelope, body, pending, outcome, hooks)
-            finally:
-                gate.close()
-                slots.give()
-            # Every connection to the site is taken, some by this process's other lanes: send
-            # over theirs (the next that comes free), not park the job and the rest of its batch.
-            if not _no_connection(outcome) or not slots.shrink():
-                break
-            # One wait in all, however often a sibling's session comes free and goes elsewhere
-            # (to another worker, its lease taken): never abandoned, its worker not held longer.
-            now = time.monotonic()
-            if until is None:
-                until = now + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
-            if now >= until:
-                break  # throttled (outcome.throttled is still set)
-            outcome.throttled = None
-            wait = until - now
-        if outcome.attempts and time.monotonic() >= self.shaper.full.get(gate.site.id, 0.0):
-            slots.grow()  # the site had room of late: this process may try one more session
-
-    def _slots(self, site: Site) -> Slots:
-        """The site's slots in this process: as many lanes as its connection limit may send to
-        it at once (the leases bound all processes together; this keeps one process's lanes
-        from queueing on leases that its own busy sessions hold). When the site's connections
-        are all taken, the slots shrink to the sessions this process holds there, and grow back
-        one at a time while the site has room (:meth:`Slots.shrink`)."""
-        loop = asyncio.get_running_loop()
-        if self._slots_loop is not loop:  # a worker has one loop; tests may run several
-            self._slots_loop, self._site_slots = loop, {}
-        slots = self._site_slots.get(site.id)
-        if slots is None:
-            size = min(site.limits.connections, self.config.delivery.sessions_per_process)
-            slots = self._site_slots[site.id] = Slots(size)
-        return slots
 
     async def _hops(
         self,
@@ -564,12 +502,6 @@ def _destination(job: Job) -> Destination:
     """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
     decision = job.decision
     return (decision.domain, decision.route, decision.tls, decision.tls_profile)
-
-
-def _no_connection(outcome: Outcome) -> bool:
-    """The round found no connection to its site free in time and tried nothing."""
-    throttle = outcome.throttled
-    return throttle is not None and throttle.reason == CONNECTIONS and not outcome.attempts
 
 
 def _blocks_batch(outcome: Outcome) -> bool:
