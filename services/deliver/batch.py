@@ -47,7 +47,8 @@ in one thread, on a connection of its own: no other lane can come between its wr
 cancellation cannot leave it half-way (the call runs to its end — committed or failed — before
 the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
 awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
-then abandons the round unsent; to a peer without PIPELINING it is written on the loop, as
+then abandons the round unsent — a mark written on the loop, inline or not, is followed by a
+look at the deadline for that; to a peer without PIPELINING it is written on the loop, as
 nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
 remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process.
 A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
@@ -384,22 +385,34 @@ class Deliverer:
         ``reached`` is called when a peer is about to receive the message."""
         outcome = Outcome()
         data: list[Peer] = []  # where DATA was under way when time ran out
+        limit = self.config.delivery.job_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+
+        def in_time() -> None:
+            # The mark is written: the message may go only if the round's time is not up. A
+            # mark written on the loop (inline, services/deliver/offload.py, or to a peer
+            # without PIPELINING) held the loop, so a deadline passed meanwhile has not landed
+            # yet: it would land only after the message went. Abandoned here, unsent.
+            if loop.time() >= deadline:
+                raise TimeoutError("delivery.job_timeout passed while the mark was written")
 
         async def before_data(peer: Peer) -> None:
             data.append(peer)
             await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
+            in_time()
             reached()
 
         def before_data_now(peer: Peer) -> None:  # see attempt.Hooks: no await before DATA
             data.append(peer)
             self.ledger.mark_in_flight(job, peer)
+            in_time()
             reached()
 
         hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
 
-        limit = self.config.delivery.job_timeout
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout_at(deadline):
                 await self._send(job, envelope, body, pending, outcome, hooks)
         except TimeoutError:
             outcome.abandon(pending, _abandoned(limit, data[-1] if data else None))
