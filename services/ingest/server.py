@@ -122,7 +122,7 @@ STARTTLS succeeded); each 4xx/5xx reply to MAIL, RCPT or DATA, and each message 
 per listener.
 
 Memory per inbound TLS session: aiosmtpd builds asyncio's ``SSLProtocol`` for STARTTLS, whose
-receive buffer is 256 KiB per session for its life (300 sessions held 87 MB). :func:`serve`
+receive buffer is 256 KiB per session for its life (300 sessions held 85 MB). :func:`serve`
 bounds it to :data:`READ_BUFFER` (:mod:`services.common.tlsbuffers`): one full TLS record, so a
 message body is still read a record at a time (bench/README.md, "Session 6").
 """
