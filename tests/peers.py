@@ -96,6 +96,8 @@ class Sink(Background):
         other sessions); the message is recorded when the reply is sent.
     :param mail_delay: seconds the reply to MAIL takes (without blocking other sessions);
         ``mail_busy_peak`` counts the MAIL commands waiting for it at once.
+    :param starttls_delay: seconds the reply to STARTTLS takes (the same way);
+        ``starttls_busy_peak`` counts the STARTTLS commands waiting for it at once.
     :param hostname: name in the greeting / EHLO reply.
     :param min_tls_version / max_tls_version: restrict the server's TLS versions.
     :param greeting: ``(connection number) -> reply | None``: a reply instead of the 220
@@ -118,6 +120,7 @@ class Sink(Background):
         data_delay: float = 0.0,
         slow_for: Callable[[Message], float] | None = None,
         mail_delay: float = 0.0,
+        starttls_delay: float = 0.0,
         hostname: str | None = None,
         min_tls_version: ssl.TLSVersion | None = None,
         max_tls_version: ssl.TLSVersion | None = None,
@@ -150,6 +153,9 @@ class Sink(Background):
         self.mail_delay = mail_delay
         self._mail_busy = 0  # MAIL commands not answered yet
         self.mail_busy_peak = 0  # the most of them at once: transactions begun together
+        self.starttls_delay = starttls_delay
+        self._starttls_busy = 0
+        self.starttls_busy_peak = 0  # the most STARTTLS commands waiting at once
         self._min_tls = min_tls_version
         self._max_tls = max_tls_version
         if isinstance(extensions, str):
@@ -383,6 +389,12 @@ class Sink(Background):
         with self._cond:
             self._mail_busy += step
             self.mail_busy_peak = max(self.mail_busy_peak, self._mail_busy)
+
+    def starttls_busy(self, step: int) -> None:
+        """A STARTTLS command came (1) or its reply went (-1)."""
+        with self._cond:
+            self._starttls_busy += step
+            self.starttls_busy_peak = max(self.starttls_busy_peak, self._starttls_busy)
 
     def busy(self, step: int) -> None:
         """A transaction's final dot came (1) or its reply went (-1)."""

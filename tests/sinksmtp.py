@@ -85,10 +85,12 @@ class SinkHost(Protocol):
     extensions: tuple[str, ...]
     data_delay: float  # seconds before the reply to the final dot
     mail_delay: float  # seconds before the reply to MAIL
+    starttls_delay: float  # seconds before the reply to STARTTLS
 
     def delay_for(self, msg: Message) -> float: ...
     def busy(self, step: int) -> None: ...
     def mail_busy(self, step: int) -> None: ...
+    def starttls_busy(self, step: int) -> None: ...
 
     def advertises(self, keyword: str) -> bool: ...
     def on_connect(self, proto: SinkSMTP) -> int: ...
@@ -240,6 +242,12 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         if kind == "broken":
             await self._broken_starttls()
             return
+        if self._sink.starttls_delay:
+            self._sink.starttls_busy(1)
+            try:
+                await asyncio.sleep(self._sink.starttls_delay)
+            finally:
+                self._sink.starttls_busy(-1)
         try:
             await super().smtp_STARTTLS(arg)
         except Exception:

@@ -28,13 +28,14 @@ import redis
 from services.common import tlsbuffers
 from services.common.model import Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import pipelining
+from services.deliver import pipelining, session
 from services.deliver.attempt import Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import _close_and_wait, attempt
 from services.deliver.tlscontext import READ_BUFFER, bound_read_buffers
 from services.ingest import server as ingest_server
 from tests.peers import Sink
+from tests.test_batching import deliver, queue_jobs, routed
 from tests.test_ingest import RunningServer, _unverified_tls, client, make_config, queued_id, stored
 
 BODY = b"Subject: buffers\r\n\r\n" + b"x" * 76 + b"\r\n"
@@ -172,3 +173,19 @@ def test_an_inbound_tls_session_holds_16_kib_and_reads_a_message_whole(
     assert envelope["inbound_tls"]["version"] is not None
     assert body.endswith(INBOUND)
     assert HELO.encode() in body  # in the Received field
+
+
+def test_a_process_runs_at_most_its_bound_of_tls_handshakes_at_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six lanes open six STARTTLS sessions at once to a sink slow to answer STARTTLS; with the
+    process's bound at 2, at most two STARTTLS commands wait at the sink at any time (six
+    without the bound), and every message still arrives over TLS."""
+    monkeypatch.setattr(session, "HANDSHAKES", 2)
+    with Sink("starttls", starttls_delay=0.3) as sink:
+        config = routed(tmp_path, valkey, "h.test", sink.address_text, sessions_per_process=6)
+        outcomes = deliver(config, store, queue_jobs(store, "h.test", 6))
+        messages = sink.wait_messages(6)
+    assert all(o is not None and len(o.delivered) == 1 for o in outcomes), outcomes
+    assert {m.tls for m in messages} == {"TLSv1.3"}
+    assert sink.starttls_busy_peak == 2, sink.starttls_busy_peak
