@@ -36,8 +36,12 @@ lock-check:
 run: $(STAMP)
 	$(BIN)/tlsrelay run --config $(CONFIG)
 
+# The suite runs on TEST_WORKERS processes (most of a test's time is spent waiting on sockets and
+# subprocesses, so three share two cores well); every fixture picks free ports and its own
+# directories. TEST_WORKERS=0: one process, as before (e.g. to read a failure's output in order).
+TEST_WORKERS ?= 3
 test: lock-check $(STAMP) k8s-check promtool
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 # promtool (Debian's prometheus package; no server is started) runs the alert unit tests of
 # deploy/monitoring. Installed here when missing and this is a root shell with apt-get (a fresh
