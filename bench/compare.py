@@ -36,7 +36,7 @@ def run_one(
     label: str, args: argparse.Namespace, workload: Workload, root: Path, client: ClientKind
 ) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
-    with SinkProcess(root / "sink.log", args.rtt) as sink:
+    with SinkProcess(root / "sink.log", args.rtt, args.sink_chunking == "on") as sink:
         where = routes(workload, sink)
         target: TlsRelay | PostfixRelay
         settings: dict[str, Any] = {}

@@ -58,16 +58,18 @@ class Target(Protocol):
 class SinkProcess:
     """``python -m bench.sink`` as a child process, driven over its stdin/stdout."""
 
-    def __init__(self, log: Path, rtt: float = 0.0) -> None:
+    def __init__(self, log: Path, rtt: float = 0.0, chunking: bool = True) -> None:
         self.log = log
         self.rtt = rtt  # seconds between the relay and the sink (bench/delayline.py); 0: none
+        self.chunking = chunking  # the sink offers CHUNKING (RFC 3030)
         self.proc: subprocess.Popen[str] | None = None
         self.tls_port = self.plain_port = self.pid = 0
 
     def __enter__(self) -> SinkProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.sink", str(self.rtt)],
+                [sys.executable, "-m", "bench.sink", str(self.rtt)]
+                + ([] if self.chunking else ["--no-chunking"]),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -82,6 +82,13 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         help="round-trip time between the relay's services and its Redis, e.g. 2ms (a delay "
         "line, bench/delayline.py; default 0: plain loopback)",
     )
+    add(
+        "--sink-chunking",
+        choices=("on", "off"),
+        default="on",
+        help="the sink offers CHUNKING (RFC 3030), as Postfix and the big mailbox providers do "
+        "(default on; off: DATA only, as the sink before session 6)",
+    )
     add("--warmup", type=int, default=20, help="messages sent and delivered before measuring")
     add("--workdir", type=Path, default=None, help="keep logs and data here (default: a temp dir)")
     add("--json-only", action="store_true", help="print only the JSON line")
@@ -134,7 +141,7 @@ def say(text: str) -> None:
 
 def run_tlsrelay(args: argparse.Namespace, workload: Workload, root: Path) -> dict[str, object]:
     root.mkdir(parents=True, exist_ok=True)
-    with SinkProcess(root / "sink.log", args.rtt) as sink:
+    with SinkProcess(root / "sink.log", args.rtt, args.sink_chunking == "on") as sink:
         relay = TlsRelay(
             root / "tlsrelay",
             routes(workload, sink),
@@ -156,7 +163,7 @@ def run_tlsrelay(args: argparse.Namespace, workload: Workload, root: Path) -> di
                 relay.settings_summary(),
                 say,
             )
-    return report(m)
+    return {**report(m), "sink_chunking": args.sink_chunking}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,16 +2,19 @@
 
 Two listeners on 127.0.0.1 (free ports): one offers STARTTLS (a self-signed RSA-2048 certificate,
 as many MX hosts have, from :func:`services.ingest.tlscert.selfsigned_cert_pem`; opportunistic
-senders do not verify it), one does not. Both speak ESMTP
-with PIPELINING, accept every sender and recipient, and answer DATA with ``250 2.0.0 Ok: queued
-as S<n>``. Written on ``asyncio.Protocol`` (no aiosmtpd: one parser, no per-command coroutines)
-so that the sink is never what limits the relay.
+senders do not verify it), one does not. Both speak ESMTP with PIPELINING, accept every sender
+and recipient, and answer DATA (or the last BDAT) with ``250 2.0.0 Ok: queued as S<n>``.
+Written on ``asyncio.Protocol`` (no aiosmtpd: one parser, no per-command coroutines) so that the
+sink is never what limits the relay.
 
 Per message it records an :class:`Arrival`: the ``X-Bench-Id`` header (else ``Message-Id``, the
 one id Postfix's ``smtp-source`` sends), the arrival time (``time.monotonic()``, the same clock as
 the load client's accept times on this machine), whether the session was TLS, and the recipient
 domains. It counts connections and TLS handshakes (and how many of them resumed a session), and
 the most sessions open at once.
+
+Both offer CHUNKING (RFC 3030: ``BDAT <size> [LAST]``, the chunk read by its size), as Postfix
+and the big mailbox providers do; ``--no-chunking`` leaves it out (DATA only).
 
 ``python -m bench.sink RTT`` (seconds) puts a delay line (:mod:`bench.delayline`) in front of
 each listener and announces its ports instead: whoever connects is RTT away from the sink.
@@ -98,7 +101,9 @@ def message_id(content: bytes) -> str | None:
 class SinkProtocol(asyncio.Protocol):
     """One SMTP session. Commands are parsed from a buffer, so pipelined groups get one write."""
 
-    def __init__(self, counters: Counters, context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, counters: Counters, context: ssl.SSLContext | None, chunking: bool = True
+    ) -> None:
         self.counters = counters
         self.context = context  # None: STARTTLS not offered
         self.transport: asyncio.Transport | None = None
@@ -108,6 +113,10 @@ class SinkProtocol(asyncio.Protocol):
         self.domains: list[str] = []
         self.tls = False
         self.upgrading = False
+        self.chunking = chunking  # offer CHUNKING (RFC 3030), as Postfix and the big providers do
+        self.chunk_left = 0  # BDAT: bytes of the chunk still to come
+        self.chunk_last = False
+        self.chunks = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -128,6 +137,10 @@ class SinkProtocol(asyncio.Protocol):
         while not self.upgrading and self.transport is not None:
             if self.in_data:
                 if not self._take_message(out):
+                    break
+                continue
+            if self.chunk_left:
+                if not self._take_chunk(out):
                     break
                 continue
             end = self.buffer.find(b"\r\n")
@@ -151,6 +164,45 @@ class SinkProtocol(asyncio.Protocol):
         content = bytes(self.buffer[2 : end + 2])
         del self.buffer[: end + 5]
         self.in_data = False
+        self._arrived(content, out)
+        return True
+
+    def _take_chunk(self, out: list[bytes]) -> bool:
+        """A BDAT chunk's bytes (RFC 3030), as many as are here; False until it is whole."""
+        taken = self.buffer[: self.chunk_left]
+        del self.buffer[: len(taken)]
+        self.chunks += taken
+        self.chunk_left -= len(taken)
+        if self.chunk_left:
+            return False
+        self._chunk_done(out)
+        return True
+
+    def _chunk_done(self, out: list[bytes]) -> None:
+        if not self.domains:
+            self.chunks.clear()
+            out.append(b"554 5.5.1 Error: no valid recipients\r\n")
+        elif self.chunk_last:
+            content = bytes(self.chunks)
+            self.chunks.clear()
+            self._arrived(content, out)
+        else:
+            out.append(b"250 2.0.0 Ok: chunk received\r\n")
+
+    def _bdat(self, line: bytes, out: list[bytes]) -> None:
+        words = line.split()
+        last = len(words) == 3 and words[2].upper() == b"LAST"
+        if not self.chunking or len(words) not in (2, 3) or not words[1].isdigit():
+            out.append(b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")  # (the chunk is not read)
+            return
+        if len(words) == 3 and not last:
+            out.append(b"501 5.5.4 Syntax: BDAT size [LAST]\r\n")
+            return
+        self.chunk_left, self.chunk_last = int(words[1]), last
+        if not self.chunk_left:  # BDAT 0 LAST: nothing to read
+            self._chunk_done(out)
+
+    def _arrived(self, content: bytes, out: list[bytes]) -> None:
         counters = self.counters
         counters.messages += 1
         counters.tls_messages += self.tls
@@ -158,7 +210,6 @@ class SinkProtocol(asyncio.Protocol):
         counters.arrivals.append(arrival)
         self.domains = []
         out.append(b"250 2.0.0 Ok: queued as S%d\r\n" % counters.messages)
-        return True
 
     def _command(self, line: bytes, out: list[bytes]) -> None:
         verb = line[:4].upper()
@@ -168,12 +219,15 @@ class SinkProtocol(asyncio.Protocol):
             out.append(f"250 {HOSTNAME}\r\n".encode())
         elif verb == b"MAIL":
             self.domains = []
+            self.chunks.clear()
             out.append(b"250 2.1.0 Ok\r\n")
         elif verb == b"RCPT":
             address = _ADDRESS.search(line)
             domain = address.group(1).rpartition(b"@")[2] if address else b""
             self.domains.append(domain.decode("ascii", "replace").lower())
             out.append(b"250 2.1.5 Ok\r\n")
+        elif verb == b"BDAT":
+            self._bdat(line, out)
         elif verb == b"DATA":
             if not self.domains:
                 out.append(b"503 5.5.1 Error: need RCPT command\r\n")
@@ -195,6 +249,8 @@ class SinkProtocol(asyncio.Protocol):
 
     def _ehlo(self) -> bytes:
         lines = [HOSTNAME, "PIPELINING", "SIZE 104857600", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.chunking:
+            lines.insert(2, "CHUNKING")
         if self.context is not None and not self.tls:
             lines.append("STARTTLS")
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
@@ -286,15 +342,15 @@ async def control(counters: Counters) -> None:
         print(json.dumps(answer), flush=True)
 
 
-async def main(rtt: float) -> None:
+async def main(rtt: float, chunking: bool = True) -> None:
     loop = asyncio.get_running_loop()
     counters = Counters()
     context = server_context()
     tls = await loop.create_server(
-        lambda: SinkProtocol(counters, context), "127.0.0.1", 0, backlog=BACKLOG
+        lambda: SinkProtocol(counters, context, chunking), "127.0.0.1", 0, backlog=BACKLOG
     )
     plain = await loop.create_server(
-        lambda: SinkProtocol(counters, None), "127.0.0.1", 0, backlog=BACKLOG
+        lambda: SinkProtocol(counters, None, chunking), "127.0.0.1", 0, backlog=BACKLOG
     )
     ports = [server.sockets[0].getsockname()[1] for server in (tls, plain)]
     lines = []
@@ -314,4 +370,9 @@ async def main(rtt: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0))
+    options = [a for a in sys.argv[1:] if a.startswith("--")]
+    positional = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if set(options) - {"--no-chunking"}:
+        sys.exit(f"bench.sink: unknown option(s) {sorted(set(options) - {'--no-chunking'})}")
+    rtt = float(positional[0]) if positional else 0.0
+    asyncio.run(main(rtt, "--no-chunking" not in options))

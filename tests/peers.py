@@ -16,7 +16,8 @@ One class, :class:`Sink`, with a ``kind`` option:
     that are not a TLS record and closes the connection.  A client that reconnects and
     stays in clear is served normally.
 
-``extensions`` adds EHLO keywords to any kind, e.g. ``extensions=("REQUIRETLS",)``.  A sink
+``extensions`` adds EHLO keywords to any kind, e.g. ``extensions=("REQUIRETLS",)``; with
+``"CHUNKING"`` the sink also takes RFC 3030 ``BDAT`` (``SinkSMTP.smtp_BDAT``).  A sink
 that advertises REQUIRETLS (RFC 8689) accepts the ``REQUIRETLS`` MAIL parameter, in clear too
 (a misbehaving peer is a legitimate test subject), and keeps it in ``Message.mail_options``;
 one that does not refuses it with ``555 5.5.4``, as a real server would.  Every MAIL command
@@ -171,6 +172,8 @@ class Sink(Background):
                 "tls_handshakes_ok",
                 "tls_handshakes_failed",
                 "cleartext_transactions",
+                "data_commands",
+                "bdat_commands",
             ),
             0,
         )
@@ -267,6 +270,8 @@ class Sink(Background):
     tls_handshakes_ok = _counter("tls_handshakes_ok")
     tls_handshakes_failed = _counter("tls_handshakes_failed")
     cleartext_transactions = _counter("cleartext_transactions")
+    data_commands = _counter("data_commands")
+    bdat_commands = _counter("bdat_commands")  # RFC 3030, with extensions=("CHUNKING",)
 
     @property
     def errors(self) -> list[str]:

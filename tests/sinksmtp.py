@@ -114,6 +114,7 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         # as sent, and the REQUIRETLS ones taken out before aiosmtpd (which refuses them) saw it.
         self.mail_options: list[str] = []
         self.mail_requiretls: list[str] = []
+        self._chunks: list[bytes] = []  # BDAT chunks of the transaction so far (RFC 3030)
         super().__init__(SinkHandler(sink), **kwargs)
 
     # connection bookkeeping -------------------------------------------------
@@ -156,6 +157,7 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     async def smtp_MAIL(self, arg: str | None) -> None:
         if self._tls_protocol is None:
             self._sink.bump("cleartext_transactions")
+        self._chunks = []  # a new transaction (RFC 3030 §2: RSET, then MAIL, drops chunks)
         mail_from, path, options = self._parse_mail(arg)
         self._sink.record_mail(MailCommand(mail_from, list(options), self.tls_version))
         requiretls = [o for o in options if keyword_of(o) == REQUIRETLS]
@@ -185,6 +187,43 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
             return rest, None, []
         path = rest[: len(rest) - len(params)].rstrip()
         return address, path, params.upper().split()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._sink.bump("data_commands")
+        await super().smtp_DATA(arg)
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 ``BDAT <size> [LAST]``, served only by a sink that advertises CHUNKING
+        (else ``500``, as aiosmtpd answers a command it does not know). The chunk is read
+        whole whatever the state (§2), then answered: ``503`` without MAIL, ``554 5.5.1``
+        without an accepted recipient, ``250`` for a chunk before the last, and for the last
+        the DATA hook's reply (recorded as a message, as after DATA)."""
+        if not self._sink.advertises("CHUNKING"):
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        self._sink.bump("bdat_commands")
+        words = (arg or "").split()
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if not words or not words[0].isdigit() or len(words) > 2 or (len(words) == 2 and not last):
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        chunk = await self._reader.readexactly(int(words[0]))
+        assert self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        self._chunks.append(chunk)
+        if not last:
+            await self.push(f"250 2.0.0 {len(chunk)} octets received")
+            return
+        self.envelope.original_content = self.envelope.content = b"".join(self._chunks)
+        self._chunks = []
+        reply = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+        self._set_post_data_state()
+        await self.push(reply)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if arg:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import shaping
+from services.deliver import offload, shaping
 from services.deliver.offload import Offload
 from services.deliver.shaping import Shaper
 from tests.peers import Sink
@@ -239,20 +240,92 @@ def far_client(redis_port: int, rtt: float) -> Iterator[tuple[redis.Redis, Redis
             client.close()
 
 
+@pytest.mark.parametrize(("mode", "count"), [("threads", 5), ("auto", 40)])
 def test_lanes_wait_on_a_distant_redis_together_not_in_turn(
-    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, mode: str, count: int
 ) -> None:
-    """Redis 50 ms away: five jobs over five lanes. The lanes' Redis calls (claims, marks,
-    leases, recordings) are in flight at once — on the loop, each would stop every lane for a
-    round trip, and at most one request (and the claims' keeper thread) would be in flight."""
+    """Redis 50 ms away: jobs over five lanes. The lanes' Redis calls (claims, marks, leases,
+    recordings) are in flight at once — on the loop, each would stop every lane for a round
+    trip, and at most one request (and the claims' keeper thread) would be in flight. ``auto``
+    starts inline and sends the calls to the threads once it has measured the distance: more
+    jobs, so that lanes are still running then."""
     lanes = 5
     with Sink("plain") as sink, far_client(valkey.port, 0.05) as (client, far):
-        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=lanes)
-        jobs = queue_jobs(store, DOMAIN, lanes)
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text,
+            sessions_per_process=lanes, redis_calls=mode,
+        )  # fmt: skip
+        jobs = queue_jobs(store, DOMAIN, count)
         outcomes = deliver(config, client, jobs)
         peak = far.peak
     assert all(o is not None and len(o.delivered) == 1 for o in outcomes), outcomes
-    assert len(sink.messages) == lanes
+    assert len(sink.messages) == count
     assert not store.keys(spool.claim_key("*", DOMAIN)), "claims released"
     assert not store.keys(spool.in_flight_key("*", DOMAIN)), "marks cleared with the recordings"
     assert peak >= lanes - 1, f"Redis requests in flight at once: {peak}"
+
+
+def where_calls_run(io: Offload, call: Callable[[], object], count: int) -> list[str]:
+    """``count`` calls through ``io``, one after another: for each, "loop" when it ran on the
+    event loop's thread, "pool" when in a thread of the pool."""
+
+    def called() -> int:
+        call()
+        return threading.get_ident()
+
+    async def main() -> list[str]:
+        here = threading.get_ident()
+        return ["loop" if await io(called) == here else "pool" for _ in range(count)]
+
+    return asyncio.run(main())
+
+
+def far_call() -> None:
+    """What a call to a Redis a millisecond away does on its thread: wait, not compute (the
+    round trip stood in for; the decision measures wall time less CPU time)."""
+    time.sleep(0.001)
+
+
+def test_auto_calls_run_inline_while_redis_is_near_and_in_threads_once_far() -> None:
+    """``delivery.redis_calls: auto``: calls that wait for nothing beyond their own CPU run on
+    the loop (no thread hop); a window of calls that all waited sends the next ones to the
+    threads, where one call in ``PROBE_EVERY`` still runs inline to measure; a window of quick
+    probes brings them back."""
+    io = Offload(2, mode="auto")
+    assert where_calls_run(io, lambda: None, 3 * offload.WINDOW) == ["loop"] * 3 * offload.WINDOW
+    first = where_calls_run(io, far_call, offload.WINDOW)
+    assert first == ["loop"] * offload.WINDOW, "measured inline, then decided"
+    assert not io.inline
+    far = where_calls_run(io, far_call, 2 * offload.PROBE_EVERY)
+    assert far.count("loop") == 2 and far[offload.PROBE_EVERY - 1] == "loop", far
+    back = where_calls_run(io, lambda: None, offload.WINDOW * offload.PROBE_EVERY)
+    assert io.inline and back[-1] == "loop", "quick probes brought the calls back inline"
+    probing = (offload.WINDOW - 2) * offload.PROBE_EVERY  # the window had two far probes
+    assert back[:probing].count("loop") == offload.WINDOW - 2, "the probes only, till then"
+    assert set(back[probing:]) == {"loop"}, "then every call"
+    io.close()
+
+
+def test_auto_sends_the_calls_of_a_distant_redis_to_the_threads(valkey: EmbeddedRedis) -> None:
+    """A real Redis 20 ms away (a proxy): after one window measured inline, its calls run in
+    the pool's threads; the same through ``threads`` from the start; ``inline`` never."""
+    with far_client(valkey.port, 0.02) as (client, _):
+        auto = where_calls_run(Offload(2, mode="auto"), client.ping, offload.WINDOW + 4)
+        threads = where_calls_run(Offload(2, mode="threads"), client.ping, 3)
+        inline = where_calls_run(Offload(2, mode="inline"), client.ping, 3)
+    assert auto == ["loop"] * offload.WINDOW + ["pool"] * 4
+    assert threads == ["pool"] * 3 and inline == ["loop"] * 3
+
+
+def test_auto_keeps_the_calls_of_a_redis_on_this_host_inline(store: redis.Redis) -> None:
+    """The same Redis without the proxy: its calls stay on the loop. (The least wait of a
+    window decides; on a loaded machine a window may still see none quick, so the test asks
+    for calls until one window kept them inline, within a bound.)"""
+    io = Offload(2, mode="auto")
+    for _ in range(50):
+        where = where_calls_run(io, store.ping, offload.WINDOW)
+        if io.inline and where == ["loop"] * offload.WINDOW:
+            break
+    else:
+        pytest.fail("a Redis on this host never measured as near in 50 windows")
+    io.close()

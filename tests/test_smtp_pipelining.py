@@ -58,6 +58,9 @@ class Script:
     pipelining: bool = True
     trickle: bool = False  # every reply byte in its own write
     tls: bool = False
+    chunking: bool = False  # advertise CHUNKING (RFC 3030) and take BDAT
+    # At RSET: write this (b"": nothing) and close: a parked session dropped by the server
+    rset_close: bytes | None = None
 
 
 @dataclass
@@ -139,6 +142,7 @@ class _Session:
         if verb == b"EHLO":
             caps = [b"250-scripted.test", b"250-8BITMIME"]
             caps += [b"250-PIPELINING"] if s.pipelining else []
+            caps += [b"250-CHUNKING"] if s.chunking else []
             caps += [b"250-STARTTLS"] if s.tls and not self.tls else []
             await self._write([b"\r\n".join([*caps, b"250 HELP"]) + b"\r\n"])
         elif verb == b"STAR":
@@ -152,10 +156,15 @@ class _Session:
             return await self._group(s.rcpt.get(address, b"250 2.1.5 ok\r\n"))
         elif verb == b"DATA":
             return await self._data()
+        elif verb == b"BDAT":
+            return await self._bdat(line)
         elif verb == b"QUIT":
             await self._write([b"221 2.0.0 bye\r\n"])
             return False
         elif verb == b"RSET":  # held with MAIL and RCPT: it may lead a group
+            if s.rset_close is not None:
+                await self._write([s.rset_close])
+                return False
             self.sent = 0
             return await self._group(s.rset)
         else:  # NOOP
@@ -179,6 +188,16 @@ class _Session:
             lines.append(line)
         self.peer.seen.bodies.append(b"".join(lines))
         self.held.append(self.script.final + self.script.extra)
+        return await self._flush()
+
+    async def _bdat(self, line: bytes) -> bool:
+        """``BDAT <size> LAST``: the chunk is read whole (RFC 3030 §2), then every held reply
+        and the chunk's go together: DATA's reply where it refuses (no ``354``), else the
+        final one."""
+        size = int(line.split()[1])
+        self.peer.seen.bodies.append(await self.reader.readexactly(size))
+        s = self.script
+        self.held.append(s.final + s.extra if s.data.startswith(b"354") else s.data)
         return await self._flush()
 
     async def _flush(self) -> bool:
@@ -265,7 +284,8 @@ def fates(result: Attempt) -> dict[str, str]:
 
 
 def verbs(seen: Seen) -> list[bytes]:
-    return [c[:4].upper() for c in seen.commands if c[:4].upper() in (b"MAIL", b"RCPT", b"DATA")]
+    wanted = (b"MAIL", b"RCPT", b"DATA", b"BDAT")
+    return [c[:4].upper() for c in seen.commands if c[:4].upper() in wanted]
 
 
 SCENARIOS: dict[str, Script] = {

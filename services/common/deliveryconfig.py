@@ -144,6 +144,10 @@ class DeliveryConfig(Section):
     # (services/deliver/pipelining.py); off = one command at a time everywhere (Postfix's
     # smtp_discard_ehlo_keywords = pipelining), for a broken peer or a comparison.
     pipelining: OnOff = True
+    # RFC 3030: where the server offers CHUNKING too, the message joins that round trip as
+    # BDAT <size> LAST (services/deliver/transaction.py): one round trip per message, not two;
+    # off = DATA always (a broken peer).
+    chunking: OnOff = True
     # Jobs per deliver task (all for one destination domain, sent one after another over one
     # connection): fewer Celery hops per message. A destination that fails a job (no host
     # reachable, TLS unavailable) defers the rest of its batch without trying each.
@@ -153,6 +157,11 @@ class DeliveryConfig(Section):
     # connection limit (shaping). 5 × the default 4 processes = 20 sessions to a destination,
     # Postfix's default_destination_concurrency_limit. 1: one job after another.
     sessions_per_process: StrictInt = Field(default=5, gt=0, le=1000)
+    # Where a deliver process makes its Redis calls (services/deliver/offload.py): "threads"
+    # (a pool, the loop goes on while Redis answers), "inline" (on the event loop: no thread
+    # hop, the loop waits out each round trip), "auto": inline while Redis answers as from
+    # this host (least wait of 32 calls under 0.5 ms), in the threads when it is farther.
+    redis_calls: Literal["auto", "threads", "inline"] = "auto"
     # How often one deliver worker looks for queued work whose Celery task was lost (a worker
     # killed inside kombu's two-step take or restore) and queues it again: services/deliver/
     # rescue.py. Work is re-queued after two sweeps without a task, at least this far apart.

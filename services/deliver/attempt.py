@@ -56,6 +56,7 @@ class Timeouts:
     greeting: float = 300.0
     data: float = 600.0
     pipelining: bool = True  # use PIPELINING where offered (delivery.pipelining)
+    chunking: bool = True  # and CHUNKING with it where offered (delivery.chunking)
 
 
 async def _nothing(peer: Peer) -> None:

@@ -146,8 +146,8 @@ class Deliverer:
         )
         self.shaper.attach(self.pool.leases, self.pool.close_one, self.pool.expire)
         # Redis calls off the loop (services/deliver/offload.py): one thread per lane, one for
-        # the shaper's tick and the batch's reads.
-        self.io = Offload(delivery.sessions_per_process + 1)
+        # the shaper's tick and the batch's reads; inline while Redis is near (redis_calls).
+        self.io = Offload(delivery.sessions_per_process + 1, mode=delivery.redis_calls)
         self.ledger.io = self.shaper.io = self.io
         self.timeouts = Timeouts(
             config.hostname,
@@ -156,6 +156,7 @@ class Deliverer:
             greeting=delivery.greeting_timeout,
             data=delivery.data_timeout,
             pipelining=delivery.pipelining,
+            chunking=delivery.chunking,
         )
         self._answered: dict[Destination, float] = {}  # destination → last message taken here
         self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop

@@ -208,15 +208,20 @@ class Pipeline:
 
 
 def envelope_commands(
-    sender: str, options: Sequence[str], recipients: Sequence[str], encoding: str = "ascii"
+    sender: str,
+    options: Sequence[str],
+    recipients: Sequence[str],
+    encoding: str = "ascii",
+    chunk: int | None = None,
 ) -> bytes:
     """``MAIL FROM``, one ``RCPT TO`` per recipient and ``DATA``, as one group (RFC 2920 §3.1:
     DATA may end a group; the message itself goes only after its ``354``). Addresses are
     quoted and checked as aiosmtplib does (ValueError for a control character, as it raises);
-    ``encoding``: utf-8 under SMTPUTF8 (RFC 6531), else ascii."""
+    ``encoding``: utf-8 under SMTPUTF8 (RFC 6531), else ascii. ``chunk``: ``BDAT <chunk>
+    LAST`` instead of DATA (RFC 3030 §2; its data follows at once, :func:`chunk_data`)."""
     lines = [_command(encoding, "MAIL", f"FROM:{quote_address(sender)}", *options)]
     lines += [_command(encoding, "RCPT", f"TO:{quote_address(rcpt)}") for rcpt in recipients]
-    lines.append(b"DATA\r\n")
+    lines.append(b"DATA\r\n" if chunk is None else b"BDAT %d LAST\r\n" % chunk)
     return b"".join(lines)
 
 
@@ -231,3 +236,9 @@ def message_data(body: bytes) -> bytes:
     """The message as sent after ``354``: CRLF line ends, leading dots doubled, the final dot
     (RFC 5321 §4.5.2), exactly as aiosmtplib sends it."""
     return _PERIOD.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
+
+
+def chunk_data(body: bytes) -> bytes:
+    """The message as one BDAT chunk: CRLF line ends, as after DATA, but no dot doubled and no
+    final dot (RFC 3030 §2: the size says where it ends)."""
+    return normalize_message_line_endings(body)

@@ -14,7 +14,10 @@ reused.
 When the server advertises PIPELINING (in the EHLO that counts: after STARTTLS, the one over
 TLS), MAIL, every RCPT and DATA go in one write and their replies are read in order by
 :mod:`services.deliver.pipelining` (RFC 2920); each recipient's fate is the one the same replies
-give it command by command. STARTTLS itself and EHLO are never pipelined.
+give it command by command. STARTTLS itself and EHLO are never pipelined. Where it also
+advertises CHUNKING (RFC 3030) the message itself joins the group as ``BDAT <size> LAST``
+(``delivery.chunking``): one round trip per message; from that write on, a reply that does not
+come defers (RFC 1047), as a lost reply to the final dot does.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ async def transaction(
     encoding = _address_encoding(envelope, recipients, options, result)
     if timeouts.pipelining and smtp.supports_extension("pipelining"):
         group = _Group(envelope.sender, options, recipients, reset, encoding)
-        await _pipelined(smtp, group, body, result, hooks, timeouts)
+        if timeouts.chunking and smtp.supports_extension("chunking"):
+            await _chunked(smtp, group, body, result, hooks, timeouts)
+        else:
+            await _pipelined(smtp, group, body, result, hooks, timeouts)
         return
     if reset:  # (not reached today: _reusable leaves the check in the group only when pipelining)
         try:
@@ -149,10 +155,11 @@ class _Group:
     reset: bool = False
     encoding: str = "ascii"  # of the addresses: utf-8 under SMTPUTF8 (RFC 6531)
 
-    def commands(self) -> bytes:
+    def commands(self, chunk: int | None = None) -> bytes:
+        """The group's command lines; ``chunk``: ``BDAT <chunk> LAST`` in DATA's place."""
         reset = b"RSET\r\n" if self.reset else b""
         return reset + pipelining.envelope_commands(
-            self.sender, self.options, self.recipients, self.encoding
+            self.sender, self.options, self.recipients, self.encoding, chunk
         )
 
 
@@ -201,6 +208,133 @@ async def _pipelined(
             result.replies.update(dict.fromkeys(accepted, end))
     except pipelining.Disconnected as exc:  # a parked session that died: nothing was sent
         raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+
+
+async def _chunked(
+    smtp: aiosmtplib.SMTP,
+    group: _Group,
+    body: bytes,
+    result: Attempt,
+    hooks: Hooks,
+    timeouts: Timeouts,
+) -> None:
+    """:func:`_pipelined` where the server also offers CHUNKING (RFC 3030): the message goes in
+    the group itself, as one ``BDAT <size> LAST`` chunk after the RCPTs — one round trip per
+    message, not two (as Exim sends it). The server reads the whole chunk whatever it made of
+    MAIL and RCPT and answers it last (§2: refused when no recipient was accepted).
+
+    From the write on the message may have been taken even if no reply comes: a pipelining
+    server answers the group once it has done all of it, so the replies to MAIL and RCPT can be
+    lost with the one to BDAT after the message was queued (RFC 1047). So an ending that is not
+    a reply is a deferral (``451 4.4.2``), never the next host, once the group is written. The
+    ways to the next host (a fresh session first, for a parked one): a connection cut while the
+    group was being written (the chunk never arrived whole); a refused MAIL (no transaction); a
+    parked session that gave no reply at all to the RSET leading the group, or refused it and
+    then said nothing more (:class:`_Stale`: closed while parked, an idle timeout's ``421``
+    — a server does not queue a message in a session it has dropped, and answers in order)."""
+    data = pipelining.chunk_data(body)
+    commands, recipients = group.commands(len(data)), group.recipients
+    await hooks.before_data(result.peer)  # the in-flight mark (RFC 1047) before the message
+    try:
+        with pipelining.Pipeline(smtp) as pipe:
+            try:
+                await pipe.send(commands + data)
+            except pipelining.Disconnected as exc:  # the chunk was cut short: not taken
+                raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+            result.data_sent = True
+            await _chunked_replies(pipe, group, result, timeouts)
+    except pipelining.Disconnected as exc:  # the session was closed before the write
+        raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+    except _Stale as exc:
+        result.data_sent = False  # nothing was taken: a fresh session may carry it at once
+        raise NextHost(Reply(421, CONNECTION_DROPPED, str(exc))) from None
+    for rcpt in recipients:  # whatever has no fate of its own was in the lost part
+        result.replies.setdefault(rcpt, Reply(451, CONNECTION_DROPPED, "no reply"))
+
+
+async def _chunked_replies(
+    pipe: pipelining.Pipeline, group: _Group, result: Attempt, timeouts: Timeouts
+) -> None:
+    """The replies to a chunked group, in order: [RSET], MAIL, each RCPT, BDAT. A reply that
+    does not come (or is not a reply) defers the recipients without a fate yet, with what went
+    wrong (:func:`_unsure`)."""
+    accepted: list[str] = []
+    try:
+        if group.reset:
+            await _parked_check(pipe, timeouts.command, result)
+        try:
+            mail = await pipe.reply(timeouts.command)
+        except (TimeoutError, pipelining.Disconnected) as exc:
+            if group.reset and result.desync:  # RSET refused, then nothing: an idle timeout
+                raise _Stale(f"parked session refused RSET and closed: {text(exc)}") from None
+            raise
+        if mail.code != 250:
+            heard(result, mail.code, mail.text)
+            _mail_refused(mail.code, mail.text, group.recipients, result)
+            return  # no transaction, nothing taken; the rest is not read: the session closes
+        for rcpt in group.recipients:
+            reply = await pipe.reply(timeouts.command)
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                heard(result, reply.code, reply.text)
+                result.replies[rcpt] = _rcpt_refused(reply.code, reply.text)
+        end = await pipe.reply(timeouts.data)
+    except pipelining.Malformed as exc:
+        result.desync = True
+        _unsure(result, group.recipients, Reply(451, PROTOCOL_ERROR, f"invalid SMTP reply: {exc}"))
+        return
+    except (TimeoutError, pipelining.ReplyError) as exc:
+        why = f"connection lost during BDAT: {text(exc)}"
+        _unsure(result, group.recipients, Reply(451, CONNECTION_DROPPED, why))
+        return
+    _chunk_end(pipe, end, accepted, result)
+
+
+class _Stale(Exception):
+    """A parked session was gone before the group reached it: nothing was taken."""
+
+
+async def _parked_check(pipe: pipelining.Pipeline, timeout: float, result: Attempt) -> None:
+    """The reply to the RSET leading a parked session's group: none at all is a session that
+    was closed while parked (:class:`_Stale`); anything but ``250`` marks it not to be kept."""
+    try:
+        reset = await pipe.reply(timeout)
+    except (TimeoutError, pipelining.Disconnected) as exc:
+        raise _Stale(f"parked session gave no reply to RSET: {text(exc)}") from None
+    if reset.code != 250:
+        result.desync = True
+
+
+def _chunk_end(
+    pipe: pipelining.Pipeline, end: pipelining.RawReply, accepted: list[str], result: Attempt
+) -> None:
+    """BDAT's reply: exactly ``250`` delivers to the accepted recipients; 4xx/5xx is their
+    fate; anything else is a protocol error (deferred 4.5.0, the session closed). With no
+    recipient accepted it must be a refusal (else the server is out of step: closed)."""
+    if not accepted:
+        if 400 <= end.code < 600 and not result.desync:
+            pipe.finish()
+        return
+    if end.code == 250:
+        result.clean = True
+        result.replies.update(dict.fromkeys(accepted, Reply.parse(end.code, end.text)))
+    elif 400 <= end.code < 600:
+        heard(result, end.code, end.text)
+        result.replies.update(dict.fromkeys(accepted, _peer_reply(end.code, end.text)))
+    else:
+        result.desync = True
+        why = f"protocol error: {end.code} {end.text[:200]} in reply to BDAT"
+        result.replies.update(dict.fromkeys(accepted, Reply(451, PROTOCOL_ERROR, why)))
+        return
+    if not result.desync:
+        pipe.finish()
+
+
+def _unsure(result: Attempt, recipients: Sequence[str], reply: Reply) -> None:
+    """The chunk was written and its fate is unknown (RFC 1047): deferred, never final."""
+    for rcpt in recipients:
+        result.replies.setdefault(rcpt, reply)
 
 
 async def _group_reply(
