@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -23,7 +24,9 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import offload, shaping
+from services.deliver import offload, sites
+from services.deliver.batch import Deliverer
+from services.deliver.delivery import Outcome
 from services.deliver.offload import Offload
 from services.deliver.shaping import Shaper
 from tests.peers import Sink
@@ -120,7 +123,7 @@ def test_a_lease_taken_for_a_cancelled_round_is_released_not_held(store: redis.R
     shaper.io = Offload(1)
     spec = [{"name": "x", "match": ["x.example"], "connections": 2}]
     config = Config.model_validate({"delivery": {"shaping": {"sites": spec}}})
-    s = shaping.site_of(config, "x.example", [("mx.x.example", 25, "mx")])
+    s = sites.site_of(config, "x.example", [("mx.x.example", 25, "mx")])
     started, release = threading.Event(), threading.Event()
     acquire = shaper._acquire
 
@@ -328,4 +331,69 @@ def test_auto_keeps_the_calls_of_a_redis_on_this_host_inline(store: redis.Redis)
             break
     else:
         pytest.fail("a Redis on this host never measured as near in 50 windows")
+    io.close()
+
+
+class _StalledMarks:
+    """The deliver service's Redis client, but an in-flight mark's SET takes ``stall`` seconds
+    (Redis stalled for that call: inline, the loop waits it out with it)."""
+
+    def __init__(self, client: redis.Redis, stall: float) -> None:
+        self._client, self._stall = client, stall
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    def set(self, key: str, *args: Any, **kwargs: Any) -> object:
+        if key.startswith(spool.in_flight_key("", "")[: -len("::")]):
+            time.sleep(self._stall)
+        return self._client.set(key, *args, **kwargs)
+
+
+@pytest.mark.parametrize("extensions", [("CHUNKING",), ()], ids=["BDAT", "DATA"])
+@pytest.mark.parametrize("mode", ["threads", "inline"])
+def test_a_job_timeout_that_falls_while_the_mark_is_written_abandons_the_round_unsent(
+    mode: str,
+    extensions: tuple[str, ...],
+    tmp_path: Path,
+    valkey: EmbeddedRedis,
+    store: redis.Redis,
+) -> None:
+    """``delivery.job_timeout`` passes while the in-flight mark is being written (Redis slow
+    for that call): the mark is written, then the round is abandoned with nothing sent — in
+    the threads (the cancellation waits for the call) and inline alike. Inline, the loop is
+    blocked in the call, so the timeout cannot land there: the message went out at once after
+    it, past the deadline, and the round was abandoned with the message sent — deferred, and
+    sent again at the retry (review finding)."""
+    with Sink("plain", extensions=extensions) as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, redis_calls=mode,
+                        job_timeout=1.0)  # fmt: skip
+        jobs = queue_jobs(store, DOMAIN, 1)
+        deliverer = Deliverer(config, store)
+        deliverer.ledger.client = _StalledMarks(store, 1.5)  # type: ignore[assignment]
+
+        async def run() -> list[Outcome | None]:
+            try:
+                return list(await deliverer.run_batch(jobs))
+            finally:
+                deliverer.pool.close_all()
+
+        (outcome,) = asyncio.run(run())
+        sink.wait_for(lambda: sink.closed_connections >= sink.connections, what="sessions over")
+        assert sink.bdat_commands == 0 and not sink.messages  # (DATA went in a group: no 354)
+    assert outcome is not None and not outcome.delivered and outcome.deferred
+
+
+def test_auto_one_call_that_hangs_sends_the_next_ones_to_the_threads_at_once() -> None:
+    """A call that hangs on the loop (a connection to a master that failed over and no longer
+    answers, held until the socket timeout; Redis stalled) sends the next calls to the threads
+    at once — not after a window of 32 in which every quick answer (a new connection to the new
+    master, the replica's READONLY) keeps the least wait low and each dead connection of the
+    pool holds the whole loop, lease renewals and every lane's session, for its timeout again
+    (review finding: auto stayed inline through a Sentinel switch)."""
+    io = Offload(2, mode="auto")
+    assert where_calls_run(io, lambda: None, 4) == ["loop"] * 4
+    assert where_calls_run(io, lambda: time.sleep(0.3), 1) == ["loop"], "measured inline"
+    assert not io.inline
+    assert where_calls_run(io, lambda: None, 3) == ["pool"] * 3
     io.close()

@@ -17,7 +17,7 @@ from services.common import spool
 from services.common.config import Config
 from services.common.model import Decision, Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import mx, shaping
+from services.deliver import mx, shaping, sites
 from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.batch import Deliverer
 from services.deliver.delivery import Outcome
@@ -75,10 +75,10 @@ async def _refuse_mail_then_hang_at_quit(
             await writer.drain()
 
 
-def _site(connections: int = 1) -> shaping.Site:
+def _site(connections: int = 1) -> sites.Site:
     spec = {"name": "h", "match": ["x.test"], "connections": connections}
     config = Config.model_validate({"delivery": {"shaping": {"sites": [spec]}}})
-    return shaping.site_of(config, "x.test", [("mx.x.test", 25, "mx")])
+    return sites.site_of(config, "x.test", [("mx.x.test", 25, "mx")])
 
 
 def test_a_job_timeout_during_a_failed_sessions_quit_leaks_its_lease(store: redis.Redis) -> None:
@@ -220,7 +220,7 @@ def test_a_saturated_site_holds_the_worker_once_per_domain_not_once(
 
 
 def test_the_same_mx_host_is_one_site_whatever_a_policy_filtered(store: redis.Redis) -> None:
-    """plan.Planner.plan / shaping.site_of: the site is computed from ``plan.destinations``,
+    """plan.Planner.plan / sites.site_of: the site is computed from ``plan.destinations``,
     the hosts the destination policies *allowed* (DANE drops a host whose TLSA lookup failed;
     MTA-STS enforce drops unlisted ones; REQUIRETLS unvalidated ones; ``TLS-Required: No`` turns
     DANE off), not from the MX hosts the domain resolves to as documented. Here a normal message

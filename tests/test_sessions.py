@@ -21,7 +21,7 @@ import yaml
 from services.common import spool
 from services.common.config import ConfigError, load_config
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import batch, shaping
+from services.deliver import lanes, shaping
 from services.deliver.batch import Deliverer
 from services.deliver.ledger import Ledger
 from tests.peers import Sink
@@ -232,7 +232,7 @@ def test_processes_sharing_a_full_site_send_over_the_sessions_they_hold(
     task, the limit holds, nothing waits in the deferred set. (The wait for a connection within
     the worker is cut from 5 s to 0.3 s, so the batches need not last seconds to outlast it.)"""
     monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
-    monkeypatch.setattr(batch, "SHORT_WAIT", 0.3)
+    monkeypatch.setattr(lanes, "SHORT_WAIT", 0.3)
     with Sink("starttls", data_delay=0.1) as sink:
         config = routed(
             tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4,

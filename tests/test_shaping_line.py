@@ -22,7 +22,7 @@ from services.common.config import Config
 from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import rescue, scheduler, shaping, tlsrpt
+from services.deliver import rescue, scheduler, shaping, sites, tlsrpt
 from services.deliver.batch import Deliverer
 from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
@@ -218,7 +218,7 @@ def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
     assert arrived(sink) == ["a", "b", "young"], sink.summary()
     # The rescued jobs' old entries (their documents were rebuilt) go at the line's next look.
     store.delete(spool.site_key("wake", "s"))
-    site = shaping.site_of(config, DOMAIN, [(*sink.address, "route")])
+    site = sites.site_of(config, DOMAIN, [(*sink.address, "route")])
     assert Shaper(config, store).admit(site, time.time()) is None
     assert not store.exists(spool.site_key("line", "s"))
 
@@ -226,12 +226,12 @@ def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
 def test_the_lines_front_is_called_in_and_no_one_waits_without_a_line(store: redis.Redis) -> None:
     """Asking the line: without one it admits (one EXISTS); with one, jobs of its front parked
     behind others are made due now; a rate's exact wait is left alone."""
-    sites = [{"name": "x", "match": ["x.example"], "connections": 1}]
+    named = [{"name": "x", "match": ["x.example"], "connections": 1}]
     cfg = Config.model_validate(
-        {"delivery": {"batch_max": 1, "shaping": {"line": True, "sites": sites}}}
+        {"delivery": {"batch_max": 1, "shaping": {"line": True, "sites": named}}}
     )
     shaper = Shaper(cfg, store)  # the line's front: two jobs
-    site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
+    site = sites.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
     assert shaper.admit(site, time.time()) is None and not shaper.queued(site)
     decision = Decision(domain="x.example", tls=TlsMode.OPPORTUNISTIC)
     later = time.time() + 600
@@ -256,12 +256,12 @@ def test_while_a_line_stands_a_freed_connection_goes_to_the_oldest_asking(
     """Within the line's front, the oldest round asking for a connection gets the next one
     that comes free, not whichever younger round asks first; with no line, the flag is the
     old "someone waits" and costs nothing more."""
-    sites = [{"name": "x", "match": ["x.example"], "connections": 1}]
+    named = [{"name": "x", "match": ["x.example"], "connections": 1}]
     cfg = Config.model_validate(
-        {"delivery": {"batch_max": 4, "shaping": {"line": True, "sites": sites}}}
+        {"delivery": {"batch_max": 4, "shaping": {"line": True, "sites": named}}}
     )
     shaper = Shaper(cfg, store)
-    site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
+    site = sites.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
     old, young = time.time() - 60, time.time() - 1
     store.zadd(spool.site_key("line", "x"), {"a job of the line": old - 1})
     store.zadd(spool.DEFERRED, {"a job of the line": time.time() + 600})
@@ -302,7 +302,7 @@ def test_the_rate_cell_goes_back_to_the_minute_it_was_counted_in(store: redis.Re
     connection) takes its count off the minute it was counted in, not the current one (the
     per-minute counts ``queue sites`` shows)."""
     cfg = Config.model_validate({"delivery": {"shaping": {"default": {"rate": "10/m"}}}})
-    site = shaping.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
+    site = sites.site_of(cfg, "x.example", [("mx.x.example", 25, "mx")])
     shaper = Shaper(cfg, store)
     paced_at = time.time() - 120
     then = spool.site_key("count", f"{site.id}:{int(paced_at // 60)}")
@@ -346,7 +346,7 @@ def test_tlsrpt_counts_a_throttled_jobs_policy_once_when_it_is_tried(
     waits, by that last round. Once either way."""
     config = write_config(tmp_path / "c.yaml", {"redis_url": valkey.url})
     ledger = Ledger(config, store)
-    site = shaping.site_of(config, DOMAIN, [("mx.shaped.test", 25, "mx")])
+    site = sites.site_of(config, DOMAIN, [("mx.shaped.test", 25, "mx")])
     sts = tlsrpt.StsRound(DOMAIN, error="fetch failed", error_type="sts-policy-fetch-error")
     for age in (0.0, config.delivery.max_queue_lifetime + 1):  # tried later; expired
         job = Job.from_json(queue(store, "r", age))
@@ -369,7 +369,7 @@ def test_tlsrpt_counts_a_throttled_jobs_policy_once_when_it_is_tried(
 def test_the_line_is_off_unless_configured() -> None:
     """``delivery.shaping.line`` is off by default (it costs a saturated site throughput):
     a throttled round then waits in the deferred set as before, in no line."""
-    site = shaping.site_of(Config(), "x.example", [("mx.x.example", 25, "mx")])
+    site = sites.site_of(Config(), "x.example", [("mx.x.example", 25, "mx")])
     throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
     assert not shaping.joins_line(Config(), throttle)
     on = Config.model_validate({"delivery": {"shaping": {"line": "on"}}})

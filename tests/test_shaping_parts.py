@@ -20,7 +20,7 @@ from services.common.jobs import Job
 from services.common.metrics import SiteCollector
 from services.common.model import Decision, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import scheduler, shaping
+from services.deliver import scheduler, shaping, sites
 from services.deliver.shaping import Lease, Shaper, Throttle
 from tests.peers import Sink
 from tests.test_batching import deliver, queue_jobs, tasks, write_config
@@ -143,26 +143,22 @@ def test_the_site_of_a_round() -> None:
         bank={"match": ["bank.example"]},
     )
     outlook = [("contoso-com.mail.protection.outlook.com", 25, "mx")]
-    assert shaping.site_of(cfg, "contoso.com", outlook).id == "microsoft"
-    assert shaping.site_of(cfg, "contoso.com", outlook).limits.connections == 5
-    assert shaping.site_of(cfg, "x.test", [("127.0.0.1", 2601, "route")]).label == "lab"
-    assert shaping.site_of(cfg, "bank.example", [("mx.bank.example", 25, "mx")]).id == "bank"
+    assert sites.site_of(cfg, "contoso.com", outlook).id == "microsoft"
+    assert sites.site_of(cfg, "contoso.com", outlook).limits.connections == 5
+    assert sites.site_of(cfg, "x.test", [("127.0.0.1", 2601, "route")]).label == "lab"
+    assert sites.site_of(cfg, "bank.example", [("mx.bank.example", 25, "mx")]).id == "bank"
     # MX rollup: the same MX hosts, in any order, are one site; labelled default.
-    a = shaping.site_of(
-        cfg, "a.example", [("mx1.host.test", 25, "mx"), ("MX2.host.test.", 25, "mx")]
-    )
-    b = shaping.site_of(
-        cfg, "b.example", [("mx2.host.test", 25, "mx"), ("mx1.host.test", 25, "mx")]
-    )
-    c = shaping.site_of(cfg, "c.example", [("mx3.host.test", 25, "mx")])
+    a = sites.site_of(cfg, "a.example", [("mx1.host.test", 25, "mx"), ("MX2.host.test.", 25, "mx")])
+    b = sites.site_of(cfg, "b.example", [("mx2.host.test", 25, "mx"), ("mx1.host.test", 25, "mx")])
+    c = sites.site_of(cfg, "c.example", [("mx3.host.test", 25, "mx")])
     assert a.id == b.id != c.id and a.id.startswith("mx:") and a.label == "default"
-    route = shaping.site_of(cfg, "d.example", [("10.0.0.1", 2525, "route")])
+    route = sites.site_of(cfg, "d.example", [("10.0.0.1", 2525, "route")])
     assert route.id == "route:10.0.0.1:2525" and route.label == "default"
 
 
-def site(connections: int = 2, **limits: object) -> shaping.Site:
+def site(connections: int = 2, **limits: object) -> sites.Site:
     spec = {"x": {"match": ["x.example"], "connections": connections, **limits}}
-    return shaping.site_of(config(**spec), "x.example", [("mx.x.example", 25, "mx")])
+    return sites.site_of(config(**spec), "x.example", [("mx.x.example", 25, "mx")])
 
 
 def test_leases_hold_the_limit_and_expire(store: redis.Redis) -> None:
@@ -261,7 +257,7 @@ def test_a_throttled_job_keeps_its_attempt_and_member_form() -> None:
 
 def test_the_site_gauges_read_redis(store: redis.Redis, valkey: EmbeddedRedis) -> None:
     shaper = Shaper(Config(), store)
-    named, other = site(5), shaping.site_of(Config(), "y.example", [("mx.y.example", 25, "mx")])
+    named, other = site(5), sites.site_of(Config(), "y.example", [("mx.y.example", 25, "mx")])
     leases = [shaper._take(named), shaper._take(named), shaper._take(other)]
     assert all(isinstance(lease, Lease) for lease in leases)
     assert shaper.backoff(named, ["421 4.7.0 slow down"])
@@ -271,8 +267,8 @@ def test_the_site_gauges_read_redis(store: redis.Redis, valkey: EmbeddedRedis) -
     connections, steps, suspended = SiteCollector(valkey.url).read(time.time())
     assert connections == {"default": 1, "x": 2}
     assert steps == {"default": 0, "x": 1} and suspended == {"default": 1, "x": 0}
-    assert shaping.prune_sites(store, time.time()) == 0, "recently seen sites stay"
-    assert shaping.prune_sites(store, time.time() + 2 * shaping.SITE_MEMORY) == 2
+    assert sites.prune_sites(store, time.time()) == 0, "recently seen sites stay"
+    assert sites.prune_sites(store, time.time() + 2 * sites.SITE_MEMORY) == 2
     assert not store.exists(spool.SHAPING_SITES), "unseen for a day, their leases long gone"
 
 
@@ -315,7 +311,7 @@ def test_a_redis_error_at_the_lease_sends_nothing_and_loses_nothing(
     config = shaped(tmp_path, valkey, sink)
     jobs = queue_jobs(store, "shaped.test", 2)
 
-    async def unreachable(self: Shaper, site: shaping.Site, *rest: object) -> object:
+    async def unreachable(self: Shaper, site: sites.Site, *rest: object) -> object:
         raise redis.exceptions.ConnectionError("Redis went away")
 
     with monkeypatch.context() as patch:

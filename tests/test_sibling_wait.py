@@ -1,5 +1,5 @@
 """A lane that finds every connection to its site taken waits for a session of its own
-process's other lanes (services/deliver/batch.py, ``_take_site``): ``SIBLING_WAIT`` bounds
+process's other lanes (services/deliver/lanes.py, ``SiteSlots.share``): ``SIBLING_WAIT`` bounds
 that wait as a whole, not each time a sibling's session comes free and goes to another worker
 — else a round at a saturated site waits until the site's last sibling ends, or until
 ``delivery.job_timeout`` cuts it and records an abandoned attempt for a message never tried,
@@ -18,7 +18,7 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import batch, shaping
+from services.deliver import lanes, shaping
 from tests.peers import Sink
 from tests.sinksmtp import Message
 from tests.test_batching import deliver, queue_jobs, write_config
@@ -74,7 +74,7 @@ def test_a_lane_waits_for_its_siblings_once_in_all_then_is_parked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
-    monkeypatch.setattr(batch, "SIBLING_WAIT", SIBLING_WAIT)
+    monkeypatch.setattr(lanes, "SIBLING_WAIT", SIBLING_WAIT)
     jobs = queue_jobs(store, "sib.test", 4)
     outcomes = deliver(config(tmp_path, valkey, sink), store, jobs)
     assert len(sink.messages) == 3, "three sessions: the site's limit"

@@ -61,6 +61,14 @@ class Script:
     chunking: bool = False  # advertise CHUNKING (RFC 3030) and take BDAT
     # At RSET: write this (b"": nothing) and close: a parked session dropped by the server
     rset_close: bytes | None = None
+    # Seconds the peer spends on a BDAT chunk it has read (a content check, a milter) before it
+    # answers the group, from its ``delay_from``-th chunk on (counting from 0)
+    delay: float = 0.0
+    delay_from: int = 0
+    # at BDAT, or after DATA's 354: read no more and say nothing (a peer that stops reading)
+    stall: bool = False
+    # CHUNKING offered, BDAT not understood: "500" at once, the chunk then read as commands
+    bdat_unknown: bool = False
 
 
 @dataclass
@@ -183,6 +191,8 @@ class _Session:
             return False
         if not self.script.data.startswith(b"354"):
             return True
+        if self.script.stall:
+            await asyncio.get_running_loop().create_future()  # until the peer is stopped
         lines = []
         while (line := await self.reader.readline()) and line != b".\r\n":
             lines.append(line)
@@ -194,9 +204,16 @@ class _Session:
         """``BDAT <size> LAST``: the chunk is read whole (RFC 3030 §2), then every held reply
         and the chunk's go together: DATA's reply where it refuses (no ``354``), else the
         final one."""
+        if self.script.bdat_unknown:  # the chunk's lines are commands to it now
+            self.held.append(b"500 5.5.2 Error: command not recognized\r\n")
+            return await self._flush()
         size = int(line.split()[1])
+        if self.script.stall:
+            await asyncio.get_running_loop().create_future()  # until the peer is stopped
         self.peer.seen.bodies.append(await self.reader.readexactly(size))
         s = self.script
+        if s.delay and len(self.peer.seen.bodies) > s.delay_from:
+            await asyncio.sleep(s.delay)  # the peer's own work, not a synchronisation
         self.held.append(s.final + s.extra if s.data.startswith(b"354") else s.data)
         return await self._flush()
 

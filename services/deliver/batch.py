@@ -47,7 +47,8 @@ in one thread, on a connection of its own: no other lane can come between its wr
 cancellation cannot leave it half-way (the call runs to its end — committed or failed — before
 the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
 awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
-then abandons the round unsent; to a peer without PIPELINING it is written on the loop, as
+then abandons the round unsent — a mark written on the loop, inline or not, is followed by a
+look at the deadline for that; to a peer without PIPELINING it is written on the loop, as
 nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
 remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process.
 A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
@@ -80,6 +81,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import redis
@@ -94,7 +96,7 @@ from services.deliver.attempt import Hooks, Peer, Timeouts
 from services.deliver.claims import Claim
 from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
-from services.deliver.lanes import Batch, Bodies, Slots, Upcoming, unique
+from services.deliver.lanes import Batch, Bodies, SiteSlots, Upcoming, unique
 from services.deliver.ledger import Ledger
 from services.deliver.offload import Offload
 from services.deliver.plan import Plan, Planner
@@ -105,16 +107,14 @@ from services.deliver.shaping import (
     CONNECTION_RATE,
     CONNECTIONS,
     LINE,
-    PARK_CONNECTIONS,
     RATE,
-    SHORT_WAIT,
     SUSPENDED,
     Gate,
     Shaper,
-    Site,
     Throttle,
     joins_line,
 )
+from services.deliver.sites import Site
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -123,10 +123,6 @@ log = logging.getLogger("tlsrelay.deliver")
 WARM = 60.0
 WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
 Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
-# How long a lane waits for a session of its own process's other lanes to come free when every
-# connection to the site is taken (their transactions end; longer → parked as throttled), at
-# most half of delivery.job_timeout (a round that outlasts it is abandoned as an attempt).
-SIBLING_WAIT = 30.0
 OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
 
 
@@ -159,8 +155,7 @@ class Deliverer:
             chunking=delivery.chunking,
         )
         self._answered: dict[Destination, float] = {}  # destination → last message taken here
-        self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop
-        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        self.site_slots = SiteSlots(config, self.shaper)  # this process's lanes per site
 
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
         """Deliver and record a task's batch of job documents, up to
@@ -389,22 +384,34 @@ class Deliverer:
         ``reached`` is called when a peer is about to receive the message."""
         outcome = Outcome()
         data: list[Peer] = []  # where DATA was under way when time ran out
+        limit = self.config.delivery.job_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+
+        def in_time() -> None:
+            # The mark is written: the message may go only if the round's time is not up. A
+            # mark written on the loop (inline, services/deliver/offload.py, or to a peer
+            # without PIPELINING) held the loop, so a deadline passed meanwhile has not landed
+            # yet: it would land only after the message went. Abandoned here, unsent.
+            if loop.time() >= deadline:
+                raise TimeoutError("delivery.job_timeout passed while the mark was written")
 
         async def before_data(peer: Peer) -> None:
             data.append(peer)
             await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
+            in_time()
             reached()
 
         def before_data_now(peer: Peer) -> None:  # see attempt.Hooks: no await before DATA
             data.append(peer)
             self.ledger.mark_in_flight(job, peer)
+            in_time()
             reached()
 
         hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
 
-        limit = self.config.delivery.job_timeout
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout_at(deadline):
                 await self._send(job, envelope, body, pending, outcome, hooks)
         except TimeoutError:
             outcome.abandon(pending, _abandoned(limit, data[-1] if data else None))
@@ -437,7 +444,8 @@ class Deliverer:
             return
         try:
             gate = self.shaper.gate(site, envelope.received_at)
-            await self._take_site(gate, plan, envelope, body, pending, outcome, hooks)
+            hops = partial(self._hops, plan, gate, envelope, body, pending, outcome, hooks)
+            await self.site_slots.share(gate, outcome, hops)
         finally:
             if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
                 self.shaper.refund(site, paced_at)
@@ -450,63 +458,6 @@ class Deliverer:
         if job.throttled is None and not self.shaper.queued(site):
             return None
         return self.shaper.admit(site, envelope.received_at)
-
-    async def _take_site(
-        self,
-        gate: Gate,
-        plan: Plan,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        outcome: Outcome,
-        hooks: Hooks,
-    ) -> None:
-        """The round's share of the site: a slot of this process, then a session per address
-        (a parked one, or a new one with a lease); else the round is throttled."""
-        slots, wait = self._slots(gate.site), SHORT_WAIT
-        until: float | None = None  # when the wait for the siblings' sessions ends, in all
-        if slots.size < slots.limit:  # shrunk: the process sends over the sessions it holds
-            until = time.monotonic() + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
-            wait = until - time.monotonic()
-        while True:
-            if not await slots.take(wait):  # this process's lanes hold the site's limit
-                outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
-                return
-            try:
-                await self._hops(plan, gate, envelope, body, pending, outcome, hooks)
-            finally:
-                gate.close()
-                slots.give()
-            # Every connection to the site is taken, some by this process's other lanes: send
-            # over theirs (the next that comes free), not park the job and the rest of its batch.
-            if not _no_connection(outcome) or not slots.shrink():
-                break
-            # One wait in all, however often a sibling's session comes free and goes elsewhere
-            # (to another worker, its lease taken): never abandoned, its worker not held longer.
-            now = time.monotonic()
-            if until is None:
-                until = now + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
-            if now >= until:
-                break  # throttled (outcome.throttled is still set)
-            outcome.throttled = None
-            wait = until - now
-        if outcome.attempts and time.monotonic() >= self.shaper.full.get(gate.site.id, 0.0):
-            slots.grow()  # the site had room of late: this process may try one more session
-
-    def _slots(self, site: Site) -> Slots:
-        """The site's slots in this process: as many lanes as its connection limit may send to
-        it at once (the leases bound all processes together; this keeps one process's lanes
-        from queueing on leases that its own busy sessions hold). When the site's connections
-        are all taken, the slots shrink to the sessions this process holds there, and grow back
-        one at a time while the site has room (:meth:`Slots.shrink`)."""
-        loop = asyncio.get_running_loop()
-        if self._slots_loop is not loop:  # a worker has one loop; tests may run several
-            self._slots_loop, self._site_slots = loop, {}
-        slots = self._site_slots.get(site.id)
-        if slots is None:
-            size = min(site.limits.connections, self.config.delivery.sessions_per_process)
-            slots = self._site_slots[site.id] = Slots(size)
-        return slots
 
     async def _hops(
         self,
@@ -551,12 +502,6 @@ def _destination(job: Job) -> Destination:
     """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
     decision = job.decision
     return (decision.domain, decision.route, decision.tls, decision.tls_profile)
-
-
-def _no_connection(outcome: Outcome) -> bool:
-    """The round found no connection to its site free in time and tried nothing."""
-    throttle = outcome.throttled
-    return throttle is not None and throttle.reason == CONNECTIONS and not outcome.attempts
 
 
 def _blocks_batch(outcome: Outcome) -> bool:

@@ -6,33 +6,55 @@ the later attempt's), handed out one at a time, so a job is taken by one lane on
 *start window* (``delivery.job_timeout`` / 10), after which no job starts and the ones taken but
 not started are handed back; the destinations found unreachable (or throttled); the results.
 :class:`Upcoming`: the lane's next job, claimed by the recording of the one before.
-:class:`Slots`: how many of a process's lanes may send to one site at once. :class:`Bodies`:
+:class:`Slots`: how many of a process's lanes may send to one site at once; :class:`SiteSlots`
+holds them per site for the process and gives a round its share of its site (a slot, then the
+sessions its addresses get: when every connection to the site is taken, some by the process's
+other lanes, the lane waits up to :data:`SIBLING_WAIT` in all for one of theirs rather than
+park its job; no slot or no session in time, the round is throttled). :class:`Bodies`:
 the batch's message bodies, read a few megabytes at a time as the lanes reach them (off the
 loop, :mod:`services.deliver.offload`; one read at a time, so a chunk is read once) and let go
 once used.
 
-Failure: nothing here raises of its own; a Redis error reading bodies propagates to the lane
-(and so to the task, which runs again).
+Inputs: the task's documents and the jobs and states read from them, the configuration, the
+process's shaper (:mod:`services.deliver.shaping`) and the round's addresses to try.
+
+Failure: nothing here raises of its own; a Redis error reading bodies, or one of the shaper's or
+the addresses' (:meth:`SiteSlots.share`), propagates to the lane (and so to the task, which runs
+again). A round that gets no share of its site is throttled, not failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from services.common import spool
+from services.common.config import Config
 from services.common.jobs import Job
 from services.common.model import Envelope
 from services.deliver.claims import Claim
 from services.deliver.delivery import Outcome
 from services.deliver.offload import INLINE, Offload
+from services.deliver.shaping import (
+    CONNECTIONS,
+    PARK_CONNECTIONS,
+    SHORT_WAIT,
+    Gate,
+    Shaper,
+    Throttle,
+)
+from services.deliver.sites import Site
 
 Unreachable = dict[tuple[Any, ...], Outcome]  # destinations that failed in this batch
+# How long a lane waits for a session of its own process's other lanes to come free when every
+# connection to the site is taken (their transactions end; longer → parked as throttled), at
+# most half of delivery.job_timeout (a round that outlasts it is abandoned as an attempt).
+SIBLING_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,67 @@ class Slots:
             self.freed.set()
 
 
+class SiteSlots:
+    """Per worker process: each site's :class:`Slots` (on the process's event loop), and a
+    round's share of its site (:meth:`share`)."""
+
+    def __init__(self, config: Config, shaper: Shaper) -> None:
+        self.config = config
+        self.shaper = shaper
+        self._site_slots: dict[str, Slots] = {}  # site id → its slots on _slots_loop
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
+
+    async def share(
+        self, gate: Gate, outcome: Outcome, hops: Callable[[], Awaitable[None]]
+    ) -> None:
+        """The round's share of the site: a slot of this process, then a session per address
+        (``hops``: a parked one, or a new one with a lease); else the round is throttled."""
+        slots, wait = self.slots(gate.site), SHORT_WAIT
+        until: float | None = None  # when the wait for the siblings' sessions ends, in all
+        if slots.size < slots.limit:  # shrunk: the process sends over the sessions it holds
+            until = time.monotonic() + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
+            wait = until - time.monotonic()
+        while True:
+            if not await slots.take(wait):  # this process's lanes hold the site's limit
+                outcome.throttled = Throttle(CONNECTIONS, gate.site, PARK_CONNECTIONS)
+                return
+            try:
+                await hops()
+            finally:
+                gate.close()
+                slots.give()
+            # Every connection to the site is taken, some by this process's other lanes: send
+            # over theirs (the next that comes free), not park the job and the rest of its batch.
+            if not _no_connection(outcome) or not slots.shrink():
+                break
+            # One wait in all, however often a sibling's session comes free and goes elsewhere
+            # (to another worker, its lease taken): never abandoned, its worker not held longer.
+            now = time.monotonic()
+            if until is None:
+                until = now + min(SIBLING_WAIT, self.config.delivery.job_timeout / 2)
+            if now >= until:
+                break  # throttled (outcome.throttled is still set)
+            outcome.throttled = None
+            wait = until - now
+        if outcome.attempts and time.monotonic() >= self.shaper.full.get(gate.site.id, 0.0):
+            slots.grow()  # the site had room of late: this process may try one more session
+
+    def slots(self, site: Site) -> Slots:
+        """The site's slots in this process: as many lanes as its connection limit may send to
+        it at once (the leases bound all processes together; this keeps one process's lanes
+        from queueing on leases that its own busy sessions hold). When the site's connections
+        are all taken, the slots shrink to the sessions this process holds there, and grow back
+        one at a time while the site has room (:meth:`Slots.shrink`)."""
+        loop = asyncio.get_running_loop()
+        if self._slots_loop is not loop:  # a worker has one loop; tests may run several
+            self._slots_loop, self._site_slots = loop, {}
+        slots = self._site_slots.get(site.id)
+        if slots is None:
+            size = min(site.limits.connections, self.config.delivery.sessions_per_process)
+            slots = self._site_slots[site.id] = Slots(size)
+        return slots
+
+
 class Bodies:
     """A batch's message bodies, read a few megabytes at a time (``spool.budgeted``) as the batch
     reaches them, and let go once used: a worker never holds a whole batch of large messages."""
@@ -218,6 +301,12 @@ def unique(jobs: Sequence[Job | None]) -> list[int]:
             if kept is not None and job.attempt > kept.attempt:
                 order[place] = i
     return order
+
+
+def _no_connection(outcome: Outcome) -> bool:
+    """The round found no connection to its site free in time and tried nothing."""
+    throttle = outcome.throttled
+    return throttle is not None and throttle.reason == CONNECTIONS and not outcome.attempts
 
 
 def _sendable(job: Job | None, state: spool.JobState) -> bool:

@@ -2,7 +2,8 @@
 
 - :meth:`Ledger.claim` makes a job this process's alone (services/deliver/claims.py) and reads
   its state as it is then; every other write here releases the claim in its transaction.
-- :meth:`Ledger.record` writes a round in ONE transaction: per-recipient results
+- :meth:`Ledger.record` writes a round in ONE transaction (its writes staged by
+  :mod:`services.deliver.recording`): per-recipient results
   (``rcpt:{id}``: delivered, bounced, or deferred with the attempt that deferred them), the
   trace events, the TLSRPT counts (:func:`services.deliver.tlsrpt.stage`), a delivery's posture
   counts (:func:`services.deliver.posture.stage`; their failure is logged and counted, never
@@ -24,7 +25,7 @@
   (services/deliver/shaping.py): in the deferred set marked throttled, the same attempt, with
   the "delayed" DSN when one is due, and for a limit of its whole site in the site's line (by
   its message's acceptance time); a job that was throttled leaves the line in the transaction
-  that records or closes it (``shaping.LEAVE_LINE``, which calls the next one in).
+  that records or closes it (``shapingscripts.LEAVE_LINE``, which calls the next one in).
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
   the first retry step, so a bug in delivery code never drops mail; :meth:`Ledger.hand_back`
   queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task.
@@ -49,7 +50,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -58,10 +58,10 @@ from services.common import queueing, spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.deliver import dsn, observe, posture, scheduler, shaping, tlsrpt
+from services.deliver import dsn, observe, recording, scheduler, shaping, shapingscripts, tlsrpt
 from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
-from services.deliver.delivery import Outcome, Round, expire, retry_due
+from services.deliver.delivery import Outcome, Round, expire
 from services.deliver.offload import INLINE, Offload
 from services.deliver.shaping import Throttle
 
@@ -72,19 +72,6 @@ RFC1047 = (
     "so the destination may receive this message twice (RFC 1047)"
 )
 DAY = 86400.0
-
-
-@dataclass(frozen=True)
-class _Recording:
-    """One round being written: what it was, what came of it, the DSN it calls for."""
-
-    round: Round
-    outcome: Outcome
-    notice: dsn.Notice | None
-
-    @property
-    def job(self) -> Job:
-        return self.round.job
 
 
 class Ledger:
@@ -235,30 +222,32 @@ class Ledger:
         # Final when nothing is left: known here unless another domain's job is still open.
         final = {**round_.state.final, **outcome.final}
         complete = set(final) >= set(round_.envelope.recipients)
-        sts_failures = 0
+        sts_failures, ttl = 0, self.config.trace_ttl
         with given or self.client.pipeline(transaction=True) as pipe:
             delayed = notice is not None and notice.action == dsn.DELAYED
             if delayed and given is None and not self._delay_notice_due(pipe, round_.envelope.id):
                 notice = None
-            rec = _Recording(round_, outcome, notice)
-            events = _round_events(rec)
+            rec = recording.Recording(round_, outcome, notice)
+            events = recording.round_events(rec)
             if outcome.sts is not None:  # TLSRPT counts ride this transaction
                 sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, round_.now)
-            at_posture, posture_counts = self._stage_posture(pipe, round_, outcome)
-            events += _stage_states(pipe, rec)
+            retention = self.config.posture.retention
+            at_posture, posture_counts = recording.stage_posture(pipe, round_, outcome, retention)
+            events += recording.stage_states(pipe, rec)
             if outcome.deferred:
-                events.append(self._stage_retry(pipe, rec))
+                schedule = self.config.delivery.retry_schedule
+                events.append(recording.stage_retry(pipe, rec, schedule))
             if notice is not None:
-                events.append(self._stage_notice(pipe, round_.envelope.id, notice))
+                events.append(recording.stage_notice(pipe, round_.envelope.id, notice, ttl))
             if fallback is not None:
-                events.append(self._stage_fallback(pipe, round_.envelope.id, *fallback))
+                events.append(recording.stage_fallback(pipe, round_.envelope.id, *fallback, ttl))
             self.claims.stage_release(pipe, round_.job.key)
-            self._stage_leave_line(pipe, round_.job)
+            recording.stage_leave_line(pipe, round_.job, self.config)
             at_upcoming = len(pipe)
             if upcoming is not None:
                 note = _in_flight_note(peer) if peer is not None else None
                 self.claims.stage_take(pipe, upcoming, note, self._mark_ttl, known is not None)
-            at_states = self._stage_end(pipe, rec, events, complete)
+            at_states = recording.stage_end(pipe, rec, events, complete, self._rcpt_ttl, ttl)
             replies = pipe.execute()
         next_claim = None
         if upcoming is not None:
@@ -276,25 +265,6 @@ class Ledger:
             log.exception("after recording %s to %s", *round_.job.key)
         return next_claim
 
-    def _stage_posture(
-        self, pipe: redis.client.Pipeline, round_: Round, outcome: Outcome
-    ) -> tuple[int | None, dict[str, int]]:
-        """A round that delivered adds its posture counts to this transaction (one script;
-        :mod:`services.deliver.posture`): the index of its reply and the counts. Never raises:
-        a failure is logged and counted, and the round is recorded without them."""
-        if not outcome.delivered or not outcome.attempts:
-            return None, {}
-        try:
-            counts = posture.columns(outcome.attempts[-1])
-            if not counts:  # that attempt sent nothing: no delivery to count
-                return None, {}
-            retention = self.config.posture.retention
-            return posture.stage(pipe, round_.job.domain, counts, round_.now, retention), counts
-        except Exception:
-            log.exception("posture counts of %s to %s not recorded", *round_.job.key)
-            observe.posture_error()
-            return None, {}
-
     def _delay_notice_due(self, pipe: redis.client.Pipeline, message_id: str) -> bool:
         """Whether the "delayed" DSN this round calls for is still to be sent: the message is
         stored and no notice went out. WATCHes the message, so that the transaction (then
@@ -306,51 +276,6 @@ class Ledger:
         pipe.multi()
         return stored and not warned
 
-    def _stage_end(
-        self, pipe: redis.client.Pipeline, rec: _Recording, events: list[str], complete: bool
-    ) -> int | None:
-        """The job leaves the waiting set and loses its in-flight mark; the message is deleted
-        when complete (with the mark: one DEL), else its recipients' states are read back (the
-        reply at the index returned; None: not read); the trace gets the round's events."""
-        message_id, domain = rec.job.key
-        at_states = None
-        pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
-        mark = spool.in_flight_key(message_id, domain)
-        if complete:
-            events.append(spool.event("completed"))
-            pipe.delete(mark, spool.msg_key(message_id), spool.rcpt_key(message_id))
-            scheduler.stage_completion(pipe, message_id)
-        else:
-            pipe.delete(mark)
-            pipe.expire(spool.rcpt_key(message_id), self._rcpt_ttl)
-            if not rec.outcome.deferred:  # the other jobs may have finished meanwhile: look
-                at_states = len(pipe)
-                pipe.hgetall(spool.rcpt_key(message_id))
-        pipe.rpush(spool.trace_key(message_id), *events)
-        pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
-        return at_states
-
-    def _stage_retry(self, pipe: redis.client.Pipeline, rec: _Recording) -> str:
-        """Back into the deferred set, with what is left and the reply that deferred it."""
-        deferred = rec.outcome.deferred
-        due = retry_due(rec.round, self.config.delivery.retry_schedule)
-        retry = rec.job.retry(list(deferred), str(next(iter(deferred.values()))))
-        scheduler.stage_deferral(pipe, retry, due)
-        return spool.event("deferred", domain=retry.domain, due=round(due, 3), **_replies(deferred))
-
-    def _stage_notice(
-        self, pipe: redis.client.Pipeline, message_id: str, notice: dsn.Notice
-    ) -> str:
-        ttl, action = self.config.trace_ttl, notice.action
-        spool.stage_message(
-            pipe, notice.envelope, notice.body, ttl,
-            fallback=notice.fallback, dsn_for=message_id, action=action,
-        )  # fmt: skip
-        if notice.action == dsn.DELAYED:
-            pipe.hset(spool.msg_key(message_id), "delay_warned", notice.envelope.id)
-        recipients = list(notice.envelope.recipients)
-        return spool.event("dsn", action=notice.action, dsn_id=notice.envelope.id, to=recipients)
-
     def _fallback(self, round_: Round, outcome: Outcome) -> tuple[Envelope, bytes] | None:
         """The redacted twin to send now that this REQUIRETLS DSN failed for good, if any."""
         if not dsn.fallback_due(round_.envelope, bool(outcome.bounced)):
@@ -360,14 +285,7 @@ class Ledger:
             return None
         return dsn.fallback_envelope(round_.envelope, body, round_.now), body
 
-    def _stage_fallback(
-        self, pipe: redis.client.Pipeline, dsn_id: str, twin: Envelope, body: bytes
-    ) -> str:
-        spool.stage_message(pipe, twin, body, self.config.trace_ttl, fallback_for=dsn_id)
-        note = "this DSN could not travel with REQUIRETLS: its redacted twin is sent without"
-        return spool.event("fallback", dsn_id=twin.id, to=list(twin.recipients), note=note)
-
-    def _count(self, rec: _Recording, sts_failures: int) -> None:
+    def _count(self, rec: recording.Recording, sts_failures: int) -> None:
         """The round's metrics, once its transaction committed."""
         outcome = rec.outcome
         observe.delivery_round(outcome, rec.round.envelope.received_at, rec.round.now)
@@ -426,7 +344,7 @@ class Ledger:
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, job.key)
-            self._stage_leave_line(pipe, job)
+            recording.stage_leave_line(pipe, job, self.config)
             if envelope is None:  # gone: so are its recipients' states and its index entry
                 pipe.delete(spool.rcpt_key(message_id))
                 scheduler.stage_completion(pipe, message_id)
@@ -521,12 +439,13 @@ class Ledger:
                 notice = None
             scheduler.stage_deferral(pipe, parked, due)
             if job.throttled is not None:  # its place in the line was under its old document
-                pipe.zrem(spool.site_key("line", job.throttled[1]), _member(job))
+                pipe.zrem(spool.site_key("line", job.throttled[1]), recording.line_member(job))
             if shaping.joins_line(self.config, throttle):  # in its site's line, by seniority
                 keys = [spool.site_key("line", site.id), spool.DEFERRED]
-                args: list[str | int] = [_member(parked), repr(round_.envelope.received_at)]
+                member = recording.line_member(parked)
+                args: list[str | int] = [member, repr(round_.envelope.received_at)]
                 args += [shaping.front_of(self.config, site.limits), self._mark_ttl]
-                pipe.eval(shaping.JOIN_LINE, len(keys), *keys, *args)
+                pipe.eval(shapingscripts.JOIN_LINE, len(keys), *keys, *args)
             pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
             pipe.delete(spool.in_flight_key(message_id, domain))
             self.claims.stage_release(pipe, claim.key)
@@ -537,24 +456,15 @@ class Ledger:
                 )
             ]  # fmt: skip
             if notice is not None:
-                events.append(self._stage_notice(pipe, message_id, notice))
+                events.append(
+                    recording.stage_notice(pipe, message_id, notice, self.config.trace_ttl)
+                )
             pipe.rpush(spool.trace_key(message_id), *events)
             pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
             pipe.execute()
         observe.throttled(site.label, throttle.reason)
         if notice is not None:
             observe.dsn_sent(notice.action)
-
-    def _stage_leave_line(self, pipe: redis.client.Pipeline, job: Job) -> None:
-        """A job that waited in its site's line (its document says throttled) is recorded or
-        closed: it leaves the line, and the next one is called in (one script, only for such
-        jobs; shaping.LEAVE_LINE)."""
-        if job.throttled is None:
-            return
-        site_id = job.throttled[1]
-        front = shaping.front_of(self.config, shaping.limits_of(self.config, site_id))
-        keys = [spool.site_key("line", site_id), spool.DEFERRED]
-        pipe.eval(shaping.LEAVE_LINE, len(keys), *keys, _member(job), front)
 
     # ----------------------------------------------------------------- out of time
 
@@ -582,10 +492,6 @@ class Ledger:
             pipe.execute()
 
 
-def _member(job: Job) -> str:
-    return shaping.line_member(job.to_json())
-
-
 def _posture_recorded(
     replies: Sequence[Any], at: int | None, counts: Mapping[str, int], key: tuple[str, str]
 ) -> None:
@@ -605,61 +511,5 @@ def _final(states: Iterable[str]) -> None:
     observe.message_final(states)
 
 
-def _round_events(rec: _Recording) -> list[str]:
-    """The trace events of the round itself: MTA-STS, each attempt, a skip."""
-    domain, outcome = rec.job.domain, rec.outcome
-    events = _sts_events(outcome) + [
-        spool.event("attempt", domain=domain, **a.to_json()) for a in outcome.attempts
-    ]
-    if outcome.skipped:
-        events.append(spool.event("skipped", domain=domain, note=outcome.skipped))
-    return events
-
-
-def _stage_states(pipe: redis.client.Pipeline, rec: _Recording) -> list[str]:
-    """Delivered and bounced recipients become final in ``rcpt:{id}``; deferred ones are noted
-    with this attempt (a redelivered copy of this job skips them: the retry is theirs)."""
-    events = []
-    for state, replies in (("delivered", rec.outcome.delivered), ("bounced", rec.outcome.bounced)):
-        if replies:
-            mapping = _states(state, replies, rec.round.now)
-            pipe.hset(spool.rcpt_key(rec.job.id), mapping=mapping)
-            events.append(spool.event(state, domain=rec.job.domain, **_replies(replies)))
-    if rec.outcome.deferred:
-        attempt = rec.job.attempt
-        mapping = _states(spool.DEFERRED_STATE, rec.outcome.deferred, rec.round.now, attempt)
-        pipe.hset(spool.rcpt_key(rec.job.id), mapping=mapping)
-    return events
-
-
-def _sts_events(outcome: Outcome) -> list[str]:
-    """The ``mta-sts`` trace event: the policy that applied (mode, id), any relaxation by
-    ``TLS-Required: No``, MX hosts skipped, a lookup failure. None for domains without one.
-    Then the ``dane`` event of every MX round while DANE is active: whether it applies, each
-    host's TLSA records, and what each certificate check said."""
-    sts = outcome.sts
-    events = []
-    if sts is not None and (sts.policy is not None or sts.error is not None):
-        events.append(spool.event("mta-sts", **sts.trace_fields()))
-    if sts is not None and sts.dane is not None:
-        checks = [(a.peer.host, a.peer.address, a.dane) for a in outcome.attempts]
-        events.append(spool.event("dane", domain=sts.domain, **sts.dane.trace_fields(checks)))
-    return events
-
-
 def _in_flight_note(peer: Peer) -> str:
     return json.dumps({"host": peer.host, "address": peer.address, "at": time.time()})
-
-
-def _states(
-    state: str, replies: dict[str, Reply], now: float, attempt: int | None = None
-) -> dict[Any, Any]:
-    extra = {} if attempt is None else {"attempt": attempt}
-    return {
-        r: json.dumps({"state": state, "reply": str(reply), "at": now, **extra})
-        for r, reply in replies.items()
-    }
-
-
-def _replies(replies: dict[str, Reply]) -> dict[str, Any]:
-    return {"recipients": {r: str(reply) for r, reply in replies.items()}}

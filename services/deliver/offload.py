@@ -37,7 +37,15 @@ one quick answer is enough to show Redis is near, and a round trip far away is n
 inline call blocks the loop for its round trip, as a far Redis would for at most one probe in
 :data:`PROBE_EVERY`. A Redis that stops answering holds an inline call for the client's socket
 timeout (its error then fails the task, which runs again): the loop's other lanes wait too, as
-they would, having nothing to record their rounds in.
+they would, having nothing to record their rounds in — once: a call that waited :data:`STALL`
+sends the next ones to the threads at once (a pool's other dead connections after a failover
+would hold the loop again each), and the probes bring them back.
+
+A cancellation cannot land during an inline call: a deadline (``delivery.job_timeout``) that
+passes meanwhile lands at the caller's next await, after the call returned its result to it (so
+no ``orphan``: the caller has the result). Where that matters — the in-flight mark, after which
+the message goes out without an await — the caller looks at the deadline itself
+(services/deliver/batch.py: the round is abandoned unsent, as in the threads).
 
 Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
 task runs again).
@@ -63,6 +71,11 @@ Mode = Literal["auto", "threads", "inline"]
 NEAR = 500e-6  # s
 WINDOW = 32  # measured calls per decision
 PROBE_EVERY = 16  # in the threads, one call in this many runs inline, measured
+# One inline call that waited this long sends the calls to the threads at once, whatever the
+# window: a connection that hangs (a master that failed over, a stalled Redis) held the whole
+# loop for it, and the pool's next dead connection would again, while the least of the window
+# stays low on the quick answers in between. The probes bring the calls back inline.
+STALL = 0.25  # s
 
 
 class Offload:
@@ -126,7 +139,10 @@ class Offload:
             waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
             self._least = min(self._least, waited)
             self._measured += 1
-            if self._measured >= WINDOW:
+            if waited >= STALL:  # it held the loop: the threads now, not after the window
+                self.inline = False
+                self._least, self._measured, self._calls = math.inf, 0, 0
+            elif self._measured >= WINDOW:
                 self.inline = self._least < NEAR
                 self._least, self._measured, self._calls = math.inf, 0, 0
 

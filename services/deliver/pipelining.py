@@ -173,7 +173,7 @@ class Pipeline:
         if kind is None and self._finished and not self.reader.buffer and not self.reader.closed:
             self._transport.set_protocol(self._protocol)
         else:
-            self.smtp.close()
+            hang_up(self.smtp)
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` :data:`WRITE_CHUNK` bytes at a time. asyncio's TLS transport encrypts
@@ -205,6 +205,22 @@ class Pipeline:
         """Every reply the group called for was read: the session may go on (unless the peer
         said more than that, or closed)."""
         self._finished = True
+
+
+def hang_up(smtp: aiosmtplib.SMTP) -> None:
+    """Close the session; a connection still holding bytes the peer has not taken (a message
+    it stopped reading: its receive window shut) is aborted, not closed. asyncio's close waits
+    for the write buffer to drain before it lets the socket go, with no time limit over plain
+    TCP: a peer that never reads again would keep the connection, and the copy of the message
+    in its buffer, for as long as it likes — one per attempt at its will."""
+    drop_unsent(smtp.transport)
+    smtp.close()
+
+
+def drop_unsent(transport: asyncio.BaseTransport | None) -> None:
+    """Abort ``transport`` if it still holds bytes the peer has not taken (:func:`hang_up`)."""
+    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport.abort()
 
 
 def envelope_commands(

@@ -61,7 +61,7 @@ class Plan:
     check_leaf: bool = False  # MTA-STS testing: note what verification would say
     refused: Reply | None = None  # nothing can be tried: every recipient gets this reply
     unreachable: bool = False  # refused because the destination could not be found now
-    # (host, port, source) of every host resolved: the traffic-shaping site (shaping.site_of)
+    # (host, port, source) of every host resolved: the traffic-shaping site (sites.site_of)
     destinations: tuple[tuple[str, int, str], ...] = ()
 
 

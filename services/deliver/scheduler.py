@@ -33,7 +33,7 @@ import redis
 from services.common import broker, liveness, queueing, retry, spool
 from services.common.jobs import Job, job_key
 from services.common.model import is_message_id
-from services.deliver import rescue, shaping
+from services.deliver import rescue, sites
 
 log = logging.getLogger("tlsrelay.scheduler")
 UNREADABLE_RECHECK = 3600  # s: a corrupt entry of the deferred set is looked at again after this
@@ -158,7 +158,7 @@ def move_due(
 class SchedulerThread(threading.Thread):
     """Runs ``move_due`` every ``interval`` seconds; :func:`rescue.reclaim` (dead workers'
     tasks) every ``liveness.INTERVAL``; every ``rescue_interval`` the housekeeping:
-    :func:`rescue.sweep`, :func:`prune_deferred_index`, :func:`shaping.prune_sites` and
+    :func:`rescue.sweep`, :func:`prune_deferred_index`, :func:`sites.prune_sites` and
     :func:`broker.migrate_legacy` (tasks an older release left in kombu's unprefixed keys; also
     once at start). Survives Redis outages and any other error: a failed round is logged and the
     next one tries again."""
@@ -209,7 +209,7 @@ class SchedulerThread(threading.Thread):
         grace = 2 * self.rescue_interval
         rescue.sweep(client, now, grace, self.rescue_interval, self.batch_max)
         prune_deferred_index(client)
-        shaping.prune_sites(client, now)
+        sites.prune_sites(client, now)
 
     def stop(self) -> None:
         self._stopped.set()

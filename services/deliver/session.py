@@ -36,7 +36,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply
 from services.common.protocol import TLS_REQUIRED_STATUS
-from services.deliver import dane, leafcheck, mtasts, observe, tls
+from services.deliver import dane, leafcheck, mtasts, observe, pipelining, tls
 from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.shaping import Gate, Lease, Throttle
@@ -141,7 +141,7 @@ async def _attempt(
         result.error, result.next_host = exc.reply, True
     except BaseException:  # cancelled (delivery.job_timeout): drop the session, never park it
         if smtp is not None:
-            smtp.close()
+            pipelining.hang_up(smtp)
             smtp = None
         raise
     finally:
@@ -426,10 +426,10 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         return
     try:
         await asyncio.wait_for(smtp.quit(), timeout=QUIT_TIMEOUT)
-    except Exception:
-        smtp.close()
+    except Exception:  # a QUIT stuck behind bytes the peer does not read: aborted
+        pipelining.hang_up(smtp)
     except BaseException:  # cancelled (the worker's loop is shutting down)
-        smtp.close()
+        pipelining.hang_up(smtp)
         raise
 
 

@@ -1,26 +1,23 @@
 """Traffic shaping per destination site: connection leases, rates and back-off, shared by every
 worker process and pod through Redis.
 
-A **site** is where connections go (:func:`site_of`): a route's address, or the set of MX hosts
-a domain resolves to (domains sharing their MX hosts share one site, KumoMTA's "MX rollup"). A
-site named in ``delivery.shaping.sites`` (an MX host glob, a domain or a route's ``host:port``
-matching one of its ``match`` entries) has that name and its own limits; every other site has
-``delivery.shaping.default``'s and is labelled ``default`` in metrics.
+A **site** is where connections go, with its limits (:mod:`services.deliver.sites`).
 
 - **Connections**: every open SMTP session to a site, busy or parked for reuse, holds a *lease*:
   a member of the site's sorted set ``tlsrelay:shaping:leases:<site>`` scored by its expiry
-  (Redis time). A lease is taken in one Lua call (:data:`_ACQUIRE`, which also drops expired
-  leases, applies the back-off and the connection rate) and renewed every :data:`TICK` by the
-  process holding it (:meth:`Shaper.tick`, one call for all its leases); a killed worker's
-  leases expire within :data:`LEASE_TTL`, never a counter that leaks. A process waiting for a
-  lease sets the site's ``waiting`` flag; a process holding a parked session to that site closes
-  it at its next tick (and idle ones after ``delivery.reuse_idle_timeout``).
+  (Redis time). A lease is taken in one Lua call
+  (:data:`~services.deliver.shapingscripts.ACQUIRE`, which also drops expired leases, applies
+  the back-off and the connection rate) and renewed every :data:`TICK` by the process holding
+  it (:meth:`Shaper.tick`, one call for all its leases); a killed worker's leases expire within
+  :data:`LEASE_TTL`, never a counter that leaks. A process waiting for a lease sets the site's
+  ``waiting`` flag; a process holding a parked session to that site closes it at its next tick
+  (and idle ones after ``delivery.reuse_idle_timeout``).
 - **Rates** (``rate`` per message, ``connection_rate`` per new connection) are a generic cell
   rate algorithm (GCRA) in one Lua call, with a burst of the rate's count.
 - **Back-off**: a reply line of the destination (greeting, MAIL, RCPT) matching one of
   ``delivery.backoff.replies`` multiplies the site's connection limit by ``factor`` for every
   worker (one step per second at most, never below 1); one step comes back per
-  ``recover_after`` (:data:`_BACKOFF`).
+  ``recover_after`` (:data:`~services.deliver.shapingscripts.BACKOFF`).
 - **Suspension** (``tlsrelay queue suspend``): read from ``tlsrelay:shaping:suspended`` at most
   once per :data:`SUSPENSION_REFRESH` per process.
 
@@ -30,45 +27,10 @@ When a limit is reached the job waits: within the worker when the wait is short 
 that passed the ``rate`` and then met a connection limit gives its cell back
 (:meth:`Shaper.refund`): it sent nothing.
 
-**The site's line** (review finding 8). Parked jobs come back when their wait is over, but a
-new job to the site takes a connection the moment one is free, and a worker holding a session
-to the site sends its next job over it: under a long saturation an old job kept missing its
-turn, and could reach its queue lifetime untried while younger ones went. So, as Postfix's
-qmgr serves a destination's queue in order (and KumoMTA a site's ready queue), a job parked
-for a limit of its whole site (:data:`LINE_REASONS`: not a suspension, which may name one
-domain of the site and ends with ``resume``) waits in the site's line
-``tlsrelay:shaping:line:<site>``, a sorted set of its deferred-set member scored by when its
-message was accepted (its seniority), until its round is recorded or it is closed:
-
-- a round goes only when fewer than :func:`front_of` jobs of the line are older — the line's
-  *front*, served together as Postfix's active queue is (a task's worth of jobs,
-  ``delivery.batch_max``, or two per connection of the site's limit if that is more: enough
-  to keep its connections busy over reused sessions for a scheduler pass); else it joins the
-  line (parked as :data:`LINE`, not an attempt). So once more jobs wait for the site than its
-  front, younger mail no longer passes them; below that the site has room for all that wait
-  and a line that is not full never turns new mail away (no convoy behind a brief limit);
-- within the front, a connection that comes free goes to the oldest round asking for one:
-  while a line stands, the site's ``waiting`` flag holds that round's seniority (set and
-  refreshed by it alone, for :data:`WAITING_TTL`) and the lease script turns younger rounds
-  away (``connections``) until it has its lease or stops asking;
-- jobs behind the front sleep (:data:`PARK_LINE`, a safety net) and are called in (made due
-  now) as the front moves: by the recording of a job of the line (:data:`LEAVE_LINE`), by a
-  job parked behind others that finds itself in the front (:data:`JOIN_LINE`), and by a look
-  over the front at most once a second per site (in :data:`_LINE`), which also drops
-  leftovers — entries whose job is neither deferred nor being run (``waiting:deliver``):
-  bounced by the operator, or rebuilt by the rescue sweep after its worker died.
-
-The line is asked inside the lease script (a new connection: no command more than one
-``EXISTS`` while a site has no line) and, for a round that would ride a session the worker
-already holds, by :meth:`Shaper.admit` — one call, made only by a job of the line or in a
-process that saw a line at that site within :data:`LINE_MEMORY` (its lease replies and its
-tick tell it): a process that has not seen a new line yet lets younger jobs pass on its own
-sessions for at most a tick. Holding no lease or claim, the line never holds a connection: a
-worker killed while running a job of the line leaves its job in ``waiting:deliver`` (the
-rescue sweep queues it again) and its entry in the line, a place it keeps until recorded.
-Served this way under saturation, the site's jobs go through the deferred set and the
-scheduler (``delivery.scheduler_interval``) a front at a time: order is bought with some
-throughput while a line stands (each job of it waits for a scheduler pass).
+**The site's line** (review finding 8, ``delivery.shaping.line``): a job parked for a limit of
+its whole site (:data:`LINE_REASONS`) waits in the site's line by its message's acceptance
+time, and younger mail no longer passes the oldest :func:`front_of` jobs waiting there. How,
+and what a process asks of it, is told with its scripts in :mod:`services.deliver.shapingscripts`.
 
 Costs: one Redis round trip per new connection (the lease, with the line's ``EXISTS``), one per
 message only for a site with a ``rate`` or a line, and one per :data:`TICK` per process while it
@@ -91,8 +53,6 @@ finishes the transaction under way and is then closed, never parked.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -106,10 +66,11 @@ import redis
 
 from services.common import spool
 from services.common.config import Config
-from services.common.deliveryconfig import DEFAULT_SITE, SiteLimits
+from services.common.deliveryconfig import SiteLimits
 from services.common.values import RateLimit
-from services.deliver import observe
+from services.deliver import observe, shapingscripts
 from services.deliver.offload import INLINE, Offload
+from services.deliver.sites import Site, site_of
 
 log = logging.getLogger("tlsrelay.shaping")
 
@@ -136,244 +97,6 @@ REASONS = (CONNECTIONS, CONNECTION_RATE, RATE, SUSPENDED, BACKOFF, LINE)
 # `resume`, which makes them due at once.
 LINE_REASONS = frozenset({CONNECTIONS, CONNECTION_RATE, RATE, BACKOFF, LINE})
 
-# Redis time as seconds (a float): every pod compares expiries on the same clock. Writes after
-# TIME need effects replication: the default since Redis 5 (always since 7); asked for on 3.2-4.
-_NOW = (
-    "if redis.replicate_commands then redis.replicate_commands() end\n"
-    "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1e6\n"
-)
-
-# The back-off steps still in force (recovering one per recover_after), written back.
-# KEYS[2] = backoff hash; needs now, factor (ARGV[4]), recover (ARGV[5]), configured (ARGV[3]).
-_STEPS = """
-local function steps_now(key, recover)
-  local b = redis.call('HMGET', key, 'steps', 'at')
-  local steps, at = tonumber(b[1]) or 0, tonumber(b[2]) or now
-  if steps > 0 then
-    local back = math.floor((now - at) / recover)
-    if back > 0 then
-      steps = math.max(0, steps - back)
-      if steps == 0 then redis.call('DEL', key)
-      else redis.call('HSET', key, 'steps', steps, 'at', at + back * recover) end
-    end
-  end
-  return steps
-end
-local function limit_of(configured, factor, steps)
-  return math.max(1, math.floor(configured * factor ^ steps))
-end
-"""
-
-# GCRA: allow when the theoretical arrival time is at most `tolerance` ahead; returns the wait
-# in milliseconds (0: allowed, and the cell is taken).
-_GCRA = """
-local function gcra(key, interval, tolerance)
-  local tat = tonumber(redis.call('GET', key) or now)
-  if tat < now then tat = now end
-  if tat - now > tolerance then return math.ceil((tat - now - tolerance) * 1000) end
-  redis.call('SET', key, tat + interval, 'PX', math.ceil((tat + interval - now) * 1000) + 1000)
-  return 0
-end
-"""
-
-# The site's line: whether a round whose message was accepted at ``s`` may take the site's
-# capacity: fewer than ``front`` jobs waiting in the line are older (always, with no line: one
-# EXISTS; and with ``front`` 0, the line turned off, without looking).
-# At most once per ``wake_ms`` per site the line's front is looked over: a job of it asleep in
-# the deferred set behind others (parked as ``line``; a limit's own wait, a few seconds for a
-# connection or exact for a rate, is kept) is made due now (``call``); one that is neither
-# there nor being run (in waiting:deliver) is a leftover and leaves the line. Returns
-# (admitted, whether the site has a line).
-_LINE = """
-local function call(deferred, m)
-  local due = redis.call('ZSCORE', deferred, m)
-  if not due then return false end
-  if tonumber(due) > now then
-    local ok, doc = pcall(cjson.decode, m)
-    local why = ok and type(doc) == 'table' and type(doc['throttled']) == 'table'
-      and doc['throttled']['reason']
-    if why == 'line' then redis.call('ZADD', deferred, 'XX', now, m) end
-  end
-  return true
-end
-local function present(deferred, running, m)
-  if call(deferred, m) then return true end
-  local ok, doc = pcall(cjson.decode, m)
-  local known = ok and type(doc) == 'table' and type(doc['id']) == 'string'
-    and type(doc['domain']) == 'string'
-  return known and redis.call('ZSCORE', running, doc['id'] .. ' ' .. doc['domain']) ~= false
-end
-local function look_over(line, deferred, running, members)
-  for _, m in ipairs(members) do
-    if not present(deferred, running, m) then redis.call('ZREM', line, m) end
-  end
-end
-local function line_admits(line, deferred, running, gate, s, front, wake_ms)
-  if front == 0 or redis.call('EXISTS', line) == 0 then return true, 0 end
-  local looked = redis.call('SET', gate, '1', 'NX', 'PX', wake_ms)
-  if looked then look_over(line, deferred, running, redis.call('ZRANGE', line, 0, front - 1)) end
-  local older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
-  if older >= front and not looked and older <= front + 2 then
-    -- a few leftovers (a rescued job's old entry) must not hold a round up until the next look
-    look_over(line, deferred, running, redis.call('ZRANGEBYSCORE', line, '-inf', '(' .. s))
-    older = redis.call('ZCOUNT', line, '-inf', '(' .. s)
-  end
-  return older < front, 1
-end
-"""
-
-# KEYS: 1 leases, 2 backoff, 3 connection-rate cell, 4 waiting flag, 5 sites registry, 6 line,
-# 7 deferred set, 8 waiting:deliver, 9 the line's wake gate.
-# ARGV: 1 lease id, 2 ttl, 3 configured limit, 4 factor, 5 recover_after, 6 rate interval (0:
-# none), 7 rate tolerance, 8 site id, 9 site document ("": not written again now), 10 waiting
-# ttl, 11 seniority, 12 front, 13 wake ms, 14.. leases to drop.
-# Returns {1, limit, used, line} or {0, reason, wait ms, line} (line: 1 when the site has one).
-_ACQUIRE = (
-    _NOW
-    + _STEPS
-    + _GCRA
-    + _LINE
-    + """
-for i = 14, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local admitted, queued = line_admits(
-  KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[11], tonumber(ARGV[12]), ARGV[13])
-if not admitted then return {0, 'line', 0, queued} end
-local configured = tonumber(ARGV[3])
-local steps = steps_now(KEYS[2], tonumber(ARGV[5]))
-local limit = limit_of(configured, tonumber(ARGV[4]), steps)
-local used = redis.call('ZCARD', KEYS[1])
--- While the site has a line, the waiting flag holds the seniority of the oldest round asking
--- for a connection (set by it, refreshed by it alone): a younger round leaves it the next one.
-local s, oldest = tonumber(ARGV[11]), nil
-if queued == 1 then oldest = tonumber(redis.call('GET', KEYS[4]) or '') end
-if used >= limit or (oldest ~= nil and s > oldest) then
-  if oldest == nil or s <= oldest then
-    redis.call('SET', KEYS[4], ARGV[11], 'PX', math.floor(tonumber(ARGV[10]) * 1000))
-  end
-  if used < limit then return {0, 'connections', 0, queued} end
-  if used < configured then return {0, 'backoff', 0, queued} end
-  return {0, 'connections', 0, queued}
-end
-if oldest ~= nil then redis.call('DEL', KEYS[4]) end
-if tonumber(ARGV[6]) > 0 then
-  local wait = gcra(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
-  if wait > 0 then return {0, 'connection_rate', wait, queued} end
-end
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.floor(ttl * 2000))
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[8], ARGV[9]) end
-return {1, limit, used + 1, queued}
-"""
-)
-
-# KEYS: 1 line, 2 deferred set, 3 waiting:deliver, 4 wake gate. ARGV: 1 seniority, 2 front,
-# 3 wake ms. Returns {admitted (1/0), line (1/0)}.
-_ADMIT = (
-    _NOW
-    + _LINE
-    + """
-local admitted, queued = line_admits(
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[2]), ARGV[3])
-return {admitted and 1 or 0, queued}
-"""
-)
-
-# KEYS: 1 line, 2 deferred set. ARGV: 1 the member leaving it, 2 front. A job of the line is
-# recorded (or gone): it leaves, and the job that enters the front by it, if asleep behind
-# others, is made due now. Staged in the transaction that records a job that was throttled
-# (services/deliver/ledger.py).
-LEAVE_LINE = (
-    _NOW
-    + _LINE
-    + """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local front = tonumber(ARGV[2])
-local next = redis.call('ZRANGE', KEYS[1], front - 1, front - 1)
-if next[1] then call(KEYS[2], next[1]) end
-return 1
-"""
-)
-
-# KEYS: 1 line, 2 deferred set. ARGV: 1 member, 2 seniority, 3 front, 4 ttl. A job parked for a
-# limit of its site takes its place in the line (after its deferred entry, in the same
-# transaction); one parked behind others (``line``) that is in the front by now (one of it was
-# recorded meanwhile) is made due at once rather than wait for a call.
-JOIN_LINE = (
-    _NOW
-    + _LINE
-    + """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[2]) < tonumber(ARGV[3]) then
-  call(KEYS[2], ARGV[1])
-end
-return 1
-"""
-)
-
-# KEYS: 1 rate cell, 2 this minute's message count. ARGV: interval, tolerance. Returns wait ms.
-_PACE = (
-    _NOW
-    + _GCRA
-    + """
-local wait = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
-if wait == 0 then
-  redis.call('INCR', KEYS[2])
-  redis.call('EXPIRE', KEYS[2], 120)
-end
-return wait
-"""
-)
-
-# KEYS: 1 rate cell, 2 the minute's message count. ARGV: interval. The cell a round took and
-# did not use (a connection limit stopped it after its rate allowed it) goes back.
-_REFUND = (
-    _NOW
-    + """
-local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
-if tat > 0 then
-  local back = tat - tonumber(ARGV[1])
-  if back <= now then redis.call('DEL', KEYS[1])
-  else redis.call('SET', KEYS[1], back, 'PX', math.ceil((back - now) * 1000) + 1000) end
-end
-if tonumber(redis.call('GET', KEYS[2]) or 0) > 0 then redis.call('DECR', KEYS[2]) end
-return 1
-"""
-)
-
-# KEYS: 1 backoff hash. ARGV: 3 configured, 4 factor, 5 recover_after (1, 2 unused).
-# One step down (at most one per second, never below a limit of 1). Returns {steps, limit}.
-_BACKOFF = (
-    _NOW
-    + _STEPS
-    + """
-local configured, factor, recover = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local steps = steps_now(KEYS[1], recover)
-local last = tonumber(redis.call('HGET', KEYS[1], 'stepped') or 0)
-if limit_of(configured, factor, steps) > 1 and now - last >= 1 then
-  steps = steps + 1
-  redis.call('HSET', KEYS[1], 'steps', steps, 'at', now, 'stepped', now, 'recover', recover)
-  redis.call('EXPIRE', KEYS[1], math.ceil(recover * (steps + 1)) + 60)
-end
-return {steps, limit_of(configured, factor, steps)}
-"""
-)
-
-
-@dataclass(frozen=True)
-class Site:
-    """One destination site: its Redis id, its metrics label and its limits."""
-
-    id: str  # a configured site's name, else "mx:<hash of the MX hosts>" or "route:<host:port>"
-    label: str  # the configured name, or "default"
-    limits: SiteLimits
-    hosts: tuple[str, ...] = ()  # what it stands for (MX hosts or the route), for operators
-
-    def document(self) -> str:
-        return json.dumps({"label": self.label, "hosts": list(self.hosts), "seen": time.time()})
-
 
 @dataclass(frozen=True)
 class Throttle:
@@ -397,22 +120,6 @@ class Lease:
         return spool.site_key("leases", self.site.id)
 
 
-def site_of(config: Config, domain: str, hosts: Iterable[tuple[str, int, str]]) -> Site:
-    """The site of a round: ``hosts`` are (host name, port, source) of the plan's destinations,
-    ``source`` as :class:`services.deliver.mx.Destination`'s ("route", "mx", "implicit")."""
-    hosts = list(dict.fromkeys((h.lower().rstrip("."), p, s) for h, p, s in hosts))
-    routes = [f"{h}:{p}" for h, p, s in hosts if s == "route"]
-    names = sorted({h for h, _, s in hosts if s != "route"})
-    shaping = config.delivery.shaping
-    for site in shaping.sites:
-        if _matches(site.match, domain.lower(), names, routes):
-            return Site(site.name, site.name, site.limits(shaping.default), tuple(routes or names))
-    if routes:
-        return Site(f"route:{routes[0]}", DEFAULT_SITE, shaping.default, (routes[0],))
-    digest = hashlib.sha1(" ".join(names or [domain.lower()]).encode()).hexdigest()[:16]
-    return Site(f"mx:{digest}", DEFAULT_SITE, shaping.default, tuple(names or [domain.lower()]))
-
-
 def joins_line(config: Config, throttle: Throttle) -> bool:
     """Whether a round stopped by ``throttle`` waits in its site's line (``delivery.shaping.line``
     on, and a limit of the whole site: :data:`LINE_REASONS`)."""
@@ -426,37 +133,9 @@ def front_of(config: Config, limits: SiteLimits) -> int:
     return max(config.delivery.batch_max, max(1, limits.connections) * FRONT_PER_CONNECTION)
 
 
-def limits_of(config: Config, site_id: str) -> SiteLimits:
-    """The limits of the site ``site_id`` (a configured site's name, else the default's)."""
-    shaping = config.delivery.shaping
-    own = next((s for s in shaping.sites if s.name == site_id), None)
-    return own.limits(shaping.default) if own is not None else shaping.default
-
-
 def line_member(job_doc: dict[str, object]) -> str:
     """A job's member in its site's line: its member in the deferred set (sorted keys)."""
     return json.dumps(job_doc, sort_keys=True)
-
-
-SITE_MEMORY = 86400.0  # a site unseen this long, with no lease, leaves the list of sites seen
-
-
-def prune_sites(client: redis.Redis, now: float) -> int:
-    """Forget the sites not seen for :data:`SITE_MEMORY` that hold no lease (the list of sites
-    seen feeds ``tlsrelay queue sites`` and the site gauges); return how many. Run with the
-    deliver scheduler's housekeeping."""
-    raw: dict[bytes, bytes] = client.hgetall(spool.SHAPING_SITES)  # type: ignore[assignment]
-    old = [k.decode() for k, v in raw.items() if json.loads(v).get("seen", 0) < now - SITE_MEMORY]
-    gone = [s for s in old if not client.zcount(spool.site_key("leases", s), now, "+inf")]
-    return int(client.hdel(spool.SHAPING_SITES, *gone)) if gone else 0
-
-
-def _matches(patterns: Sequence[str], domain: str, names: list[str], routes: list[str]) -> bool:
-    for pattern in patterns:
-        candidates = routes if ":" in pattern else [*names, domain]
-        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
-            return True
-    return False
 
 
 def _cell(rate: RateLimit | None) -> tuple[float, float]:
@@ -476,12 +155,12 @@ class Shaper:
         self.client = client
         self.held: dict[str, Lease] = {}  # lease id → lease (busy or parked)
         self._dropped: list[Lease] = []  # released, to be removed from Redis
-        self._acquire = client.register_script(_ACQUIRE)
-        self._pace = client.register_script(_PACE)
-        self._backoff = client.register_script(_BACKOFF)
-        self._renew = client.register_script(_RENEW)
-        self._admit = client.register_script(_ADMIT)
-        self._refund = client.register_script(_REFUND)
+        self._acquire = client.register_script(shapingscripts.ACQUIRE)
+        self._pace = client.register_script(shapingscripts.PACE)
+        self._backoff = client.register_script(shapingscripts.BACKOFF)
+        self._renew = client.register_script(shapingscripts.RENEW)
+        self._admit = client.register_script(shapingscripts.ADMIT)
+        self._refund = client.register_script(shapingscripts.REFUND)
         # site id → until when (monotonic) this process asks the site's line before a round
         # (set whenever a reply of Redis said the site has one: see Shaper.admit)
         self.lines: dict[str, float] = {}
@@ -662,7 +341,7 @@ class Shaper:
     ) -> tuple[Lease, list[Lease], float | None, list[str], list[str | float]]:
         """A new lease of ``site``, the released leases of the site dropped with it, when the
         site's entry is written (None: not now), and the keys and arguments of
-        :data:`_ACQUIRE`."""
+        :data:`~services.deliver.shapingscripts.ACQUIRE`."""
         lease = Lease(site)
         interval, tolerance = _cell(site.limits.connection_rate)
         backoff = self.config.delivery.backoff
@@ -691,7 +370,7 @@ class Shaper:
     def _took(
         self, lease: Lease, sent: list[Lease], register: float | None, reply: list[Any]
     ) -> Lease | Throttle:
-        """:data:`_ACQUIRE`'s reply: the lease, now held, or why not; ``sent`` are gone."""
+        """The lease script's reply: the lease, now held, or why not; ``sent`` are gone."""
         ok, what, number, queued = reply
         site = lease.site
         self._dropped = [d for d in self._dropped if all(d is not s for s in sent)]
@@ -788,33 +467,6 @@ class Shaper:
             self.saw_line(site_id, bool(queued))
             if waiting:
                 self.close_parked(site_id)
-
-
-# KEYS: leases sets (one per lease), then per site with parked sessions its waiting flag and its
-# line. ARGV: 1 number of leases n, 2 number of those keys m, 3 ttl, 4.. the n lease ids, then
-# "key|id" of leases to drop. Returns n renewal flags (1: renewed, 0: gone) then m existences.
-_RENEW = (
-    _NOW
-    + """
-local n, m, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4 + n, #ARGV do
-  local sep = string.find(ARGV[i], '|', 1, true)
-  redis.call('ZREM', string.sub(ARGV[i], 1, sep - 1), string.sub(ARGV[i], sep + 1))
-end
-local out = {}
-for i = 1, n do
-  if redis.call('ZSCORE', KEYS[i], ARGV[3 + i]) then
-    redis.call('ZADD', KEYS[i], now + ttl, ARGV[3 + i])
-    redis.call('PEXPIRE', KEYS[i], math.floor(ttl * 2000))
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-for j = 1, m do out[n + j] = redis.call('EXISTS', KEYS[n + j]) end
-return out
-"""
-)
 
 
 class Gate:

@@ -22,6 +22,7 @@ come defers (RFC 1047), as a lost reply to the final dot does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import aiosmtplib
 from services.common.model import Envelope, Reply
 from services.common.protocol import REQUIRETLS
 from services.deliver import pipelining
-from services.deliver.attempt import Attempt, Hooks, Timeouts
+from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts
 
 # RFC 3463 codes for failures that have no server reply of their own.
 CONNECTION_DROPPED = "4.4.2"  # RFC 3463: bad connection
@@ -62,7 +63,7 @@ async def transaction(
     encoding = _address_encoding(envelope, recipients, options, result)
     if timeouts.pipelining and smtp.supports_extension("pipelining"):
         group = _Group(envelope.sender, options, recipients, reset, encoding)
-        if timeouts.chunking and smtp.supports_extension("chunking"):
+        if timeouts.chunking and smtp.supports_extension("chunking") and chunking_for(result.peer):
             await _chunked(smtp, group, body, result, hooks, timeouts)
         else:
             await _pipelined(smtp, group, body, result, hooks, timeouts)
@@ -118,6 +119,7 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Atte
     """DATA, the body, the final dot. Success is exactly ``354`` then ``250`` (RFC 5321
     §4.3.2); any other 2xx/3xx (a server skipping a step, a stale reply left by a doubled
     RCPT answer) means the body may never have been read: a protocol error, deferred 4.5.0."""
+    transport = smtp.transport  # aiosmtplib lets go of it when it gives up (below)
     try:
         response = await smtp.data(body, timeout=timeout)
     except aiosmtplib.SMTPResponseException as exc:
@@ -126,6 +128,9 @@ async def _data(smtp: aiosmtplib.SMTP, body: bytes, timeout: float, result: Atte
             return Reply(451, PROTOCOL_ERROR, f"protocol error: {_reply(exc)} in reply to DATA")
         return server_reply(exc)
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        # aiosmtplib closed the session; a message the peer stopped reading is still in the
+        # transport, which a close keeps until it drains: dropped (pipelining.hang_up).
+        pipelining.drop_unsent(transport)
         # RFC 1047: after the final dot the message may have arrived; we cannot know. Defer.
         return Reply(451, CONNECTION_DROPPED, f"connection lost during DATA: {text(exc)}")
     result.clean = True
@@ -228,10 +233,12 @@ async def _chunked(
     lost with the one to BDAT after the message was queued (RFC 1047). So an ending that is not
     a reply is a deferral (``451 4.4.2``), never the next host, once the group is written. The
     ways to the next host (a fresh session first, for a parked one): a connection cut while the
-    group was being written (the chunk never arrived whole); a refused MAIL (no transaction); a
-    parked session that gave no reply at all to the RSET leading the group, or refused it and
-    then said nothing more (:class:`_Stale`: closed while parked, an idle timeout's ``421``
-    — a server does not queue a message in a session it has dropped, and answers in order)."""
+    group was being written (the chunk never arrived whole); a refused MAIL (no transaction; but
+    ``503``, out of sequence, is unsure: a transaction still open may have taken the chunk); a
+    parked session that closed the connection with no reply at all to the RSET leading the
+    group, or a refusal of it and nothing more (:class:`_Stale`: closed while parked, an idle
+    timeout's ``421`` — a server does not queue a message in a session it has dropped, and
+    answers in order). A parked session that is still open but slow to answer is not one."""
     data = pipelining.chunk_data(body)
     commands, recipients = group.commands(len(data)), group.recipients
     await hooks.before_data(result.peer)  # the in-flight mark (RFC 1047) before the message
@@ -257,29 +264,43 @@ async def _chunked_replies(
 ) -> None:
     """The replies to a chunked group, in order: [RSET], MAIL, each RCPT, BDAT. A reply that
     does not come (or is not a reply) defers the recipients without a fate yet, with what went
-    wrong (:func:`_unsure`)."""
+    wrong (:func:`_unsure`).
+
+    Every one of them is awaited up to the data timeout (RFC 5321 §4.5.3.2.6, the final dot's),
+    never the command timeout: a pipelining server answers the group once it has done all of it
+    — read the chunk (whose transfer the timer also covers: the write only queued it) and
+    checked and queued the message — so its reply to the RSET or the MAIL leading the group
+    comes as late as DATA's final reply does. Cut at the command timeout, a message the server
+    takes a while to take would be deferred and sent again at every retry, queued each time."""
     accepted: list[str] = []
+    wait = timeouts.data
     try:
         if group.reset:
-            await _parked_check(pipe, timeouts.command, result)
+            await _parked_check(pipe, wait, result)
         try:
-            mail = await pipe.reply(timeouts.command)
-        except (TimeoutError, pipelining.Disconnected) as exc:
-            if group.reset and result.desync:  # RSET refused, then nothing: an idle timeout
+            mail = await pipe.reply(wait)
+        except pipelining.Disconnected as exc:
+            if group.reset and result.desync:  # RSET refused, then closed: an idle timeout
                 raise _Stale(f"parked session refused RSET and closed: {text(exc)}") from None
             raise
+        if mail.code == BAD_SEQUENCE:  # a transaction still open took our RCPTs and chunk?
+            heard(result, mail.code, mail.text)
+            result.desync = True
+            why = f"MAIL out of sequence: {mail.code} {mail.text[:200]}"
+            _unsure(result, group.recipients, Reply(451, PROTOCOL_ERROR, why))
+            return
         if mail.code != 250:
             heard(result, mail.code, mail.text)
             _mail_refused(mail.code, mail.text, group.recipients, result)
             return  # no transaction, nothing taken; the rest is not read: the session closes
         for rcpt in group.recipients:
-            reply = await pipe.reply(timeouts.command)
+            reply = await pipe.reply(wait)
             if reply.code in (250, 251):
                 accepted.append(rcpt)
             else:
                 heard(result, reply.code, reply.text)
                 result.replies[rcpt] = _rcpt_refused(reply.code, reply.text)
-        end = await pipe.reply(timeouts.data)
+        end = await pipe.reply(wait)
     except pipelining.Malformed as exc:
         result.desync = True
         _unsure(result, group.recipients, Reply(451, PROTOCOL_ERROR, f"invalid SMTP reply: {exc}"))
@@ -296,11 +317,14 @@ class _Stale(Exception):
 
 
 async def _parked_check(pipe: pipelining.Pipeline, timeout: float, result: Attempt) -> None:
-    """The reply to the RSET leading a parked session's group: none at all is a session that
-    was closed while parked (:class:`_Stale`); anything but ``250`` marks it not to be kept."""
+    """The reply to the RSET leading a parked session's group: the connection closed without
+    one is a session that was closed while parked (:class:`_Stale`); anything but ``250`` marks
+    it not to be kept. No reply *in time* is not that: the connection is open, and the server
+    may be checking the message it read before it answers (a ``TimeoutError``: deferred, as
+    any reply lost after the chunk went; a fresh session at once would deliver it twice)."""
     try:
         reset = await pipe.reply(timeout)
-    except (TimeoutError, pipelining.Disconnected) as exc:
+    except pipelining.Disconnected as exc:
         raise _Stale(f"parked session gave no reply to RSET: {text(exc)}") from None
     if reset.code != 250:
         result.desync = True
@@ -319,6 +343,15 @@ def _chunk_end(
     if end.code == 250:
         result.clean = True
         result.replies.update(dict.fromkeys(accepted, Reply.parse(end.code, end.text)))
+    elif end.code in NOT_UNDERSTOOD:
+        # BDAT itself not understood by a server that offered CHUNKING: it read the chunk as
+        # commands (what it says next cannot be paired), and the message was never judged —
+        # a protocol error (deferred, never a bounce), and DATA to this peer from now on.
+        result.desync = True
+        _no_chunking(result.peer)
+        why = f"protocol error: {end.code} {end.text[:200]} in reply to BDAT (CHUNKING offered)"
+        result.replies.update(dict.fromkeys(accepted, Reply(451, PROTOCOL_ERROR, why)))
+        return
     elif 400 <= end.code < 600:
         heard(result, end.code, end.text)
         result.replies.update(dict.fromkeys(accepted, _peer_reply(end.code, end.text)))
@@ -329,6 +362,34 @@ def _chunk_end(
         return
     if not result.desync:
         pipe.finish()
+
+
+# Replies to a well-formed BDAT after an accepted RCPT that say the command itself was not
+# understood (RFC 5321 §4.2.3: syntax error, parameters, not implemented; 503: out of sequence).
+NOT_UNDERSTOOD = frozenset({500, 501, 502, 503, 504})
+NO_CHUNKING_FOR = 24 * 3600.0  # s: how long a peer that did not understand BDAT gets DATA
+NO_CHUNKING_KEEP = 10_000  # peers remembered at most (the oldest are forgotten first)
+_no_chunking_until: dict[tuple[str, int], float] = {}  # (address, port) → until (monotonic)
+
+
+def _no_chunking(peer: Peer) -> None:
+    """Remember that ``peer`` offers CHUNKING but does not understand BDAT (this process)."""
+    key = (peer.address, peer.port)
+    _no_chunking_until.pop(key, None)  # newest last: the oldest are dropped first
+    _no_chunking_until[key] = time.monotonic() + NO_CHUNKING_FOR
+    while len(_no_chunking_until) > NO_CHUNKING_KEEP:
+        del _no_chunking_until[next(iter(_no_chunking_until))]
+
+
+def chunking_for(peer: Peer) -> bool:
+    """Whether BDAT may go to ``peer`` (not remembered as not understanding it)."""
+    until = _no_chunking_until.get((peer.address, peer.port))
+    return until is None or until <= time.monotonic()
+
+
+def forget_chunking() -> None:
+    """Forget every peer remembered by :func:`_no_chunking` (tests)."""
+    _no_chunking_until.clear()
 
 
 def _unsure(result: Attempt, recipients: Sequence[str], reply: Reply) -> None:
