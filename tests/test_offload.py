@@ -5,12 +5,15 @@ The pool itself: a call's result and error come back; a cancellation waits for t
 hands its result to ``orphan`` and propagates (as ``TimeoutError`` out of ``asyncio.timeout``:
 a round abandoned after ``delivery.job_timeout``). Then the lanes with Redis at a distance:
 behind a proxy that holds every reply 50 ms, the lanes of one process have their Redis requests
-in flight together, not one at a time. No timed assertions: counts and ordering only.
+in flight together, not one at a time. The pool's size: a thread per lane and one, at most
+``offload.THREADS_MAX`` (each thread costs memory for the process's life), and a batch with more
+lanes than threads delivers every job. No timed assertions: counts and ordering only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +269,74 @@ def test_lanes_wait_on_a_distant_redis_together_not_in_turn(
     assert not store.keys(spool.claim_key("*", DOMAIN)), "claims released"
     assert not store.keys(spool.in_flight_key("*", DOMAIN)), "marks cleared with the recordings"
     assert peak >= lanes - 1, f"Redis requests in flight at once: {peak}"
+
+
+def test_the_pool_has_a_thread_per_lane_and_one_up_to_a_bound(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    assert offload.threads_for(1) == 2
+    assert offload.threads_for(5) == 6  # the default lanes: one thread each, and one
+    assert offload.threads_for(1000) == offload.THREADS_MAX == 8
+    client = spool.connect(valkey.url)  # as a deliver process's
+    for lanes, threads in ((5, 6), (1000, offload.THREADS_MAX)):
+        config = routed(tmp_path, valkey, DOMAIN, "127.0.0.1:25", sessions_per_process=lanes)
+        deliverer = Deliverer(config, client)
+        assert deliverer.io.workers == threads
+        deliverer.io.close()
+    # Each thread holds a connection of the client's pool while it calls, besides the loop's own
+    # calls and the claims' keeper: a thread per lane ran out of connections past 99 lanes
+    # ("Too many connections": the task failed and ran again, re-sending what it had sent).
+    assert client.connection_pool.max_connections > offload.THREADS_MAX + 2
+    client.close()
+
+
+def test_more_calls_than_threads_wait_their_turn_and_all_run() -> None:
+    """30 calls at once on a pool of 3 threads: at most 3 run at a time (3 threads seen, and
+    every call meets two others at a barrier: the pool runs its threads together), each waits for
+    a free thread, and all end."""
+    io = Offload(3)
+    barrier = threading.Barrier(3, timeout=10)
+    seen: set[int] = set()
+
+    def call(n: int) -> int:
+        seen.add(threading.get_ident())
+        barrier.wait()
+        return n
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(io(call, n) for n in range(30)))
+
+    assert asyncio.run(main()) == list(range(30))
+    io.close()
+    assert len(seen) == 3
+
+
+def test_a_batch_with_more_lanes_than_threads_delivers_every_job(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """20 lanes, 8 threads (``redis_calls: threads``, as with Redis far away): every lane's
+    calls (claims, marks, leases, recordings) get a thread in turn; every job is delivered and
+    recorded, its claim and mark gone."""
+    lanes = 20
+    before = {t.ident for t in threading.enumerate()}
+    with Sink("plain") as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text,
+            sessions_per_process=lanes, redis_calls="threads",
+        )  # fmt: skip
+        jobs = queue_jobs(store, DOMAIN, lanes)
+        outcomes = deliver(config, store, jobs)
+    assert all(o is not None and len(o.delivered) == 1 for o in outcomes), outcomes
+    assert len(sink.messages) == lanes
+    assert not store.keys(spool.claim_key("*", DOMAIN)), "claims released"
+    assert not store.keys(spool.in_flight_key("*", DOMAIN)), "marks cleared with the recordings"
+    pool = [t for t in threading.enumerate() if t.name.startswith("tlsrelay-redis")]
+    assert 0 < len([t for t in pool if t.ident not in before]) <= offload.THREADS_MAX
+
+
+def test_malloc_arenas_are_limited_with_glibc() -> None:
+    glibc = "CS_GNU_LIBC_VERSION" in os.confstr_names and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    assert offload.limit_arenas() is glibc
 
 
 def where_calls_run(io: Offload, call: Callable[[], object], count: int) -> list[str]:

@@ -9,22 +9,33 @@ the session it parks must hold the small buffer. A pipelined group or message go
 transport in writes of at most 16 KiB (asyncio's TLS transport keeps a buffer as large as the
 largest write for the session's life), the same bytes in the same order. Real STARTTLS sink,
 the deliver's session code.
+
+Ingest's inbound STARTTLS sessions (aiosmtpd builds asyncio's ``SSLProtocol`` itself) read 16 KiB
+at a time (``services.ingest.server.READ_BUFFER``, set by ``serve``): a long EHLO and a message
+of 100 kB in lines of 998 octets arrive whole over TLS, and the session holds the small buffer.
+Real ingest server, Valkey and client.
 """
 
 from __future__ import annotations
 
 import asyncio
 from asyncio import sslproto
+from pathlib import Path
 
 import pytest
+import redis
 
+from services.common import tlsbuffers
 from services.common.model import Envelope, TlsMode
+from services.common.redisserver import EmbeddedRedis
 from services.deliver import pipelining
 from services.deliver.attempt import Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import _close_and_wait, attempt
 from services.deliver.tlscontext import READ_BUFFER, bound_read_buffers
+from services.ingest import server as ingest_server
 from tests.peers import Sink
+from tests.test_ingest import RunningServer, _unverified_tls, client, make_config, queued_id, stored
 
 BODY = b"Subject: buffers\r\n\r\n" + b"x" * 76 + b"\r\n"
 BIG = b"Subject: big\r\n\r\n" + b"".join(b"%07d" % n + b"y" * 69 + b"\r\n" for n in range(1300))
@@ -129,3 +140,35 @@ def test_a_reply_larger_than_the_read_buffer_arrives_whole_over_tls(
 
         asyncio.run(deliver())
     assert len(sink.messages) == 1 and sink.messages[0].tls
+
+
+HELO = "h" * 200 + ".client.example"  # a long EHLO argument, after STARTTLS
+INBOUND = b"Subject: inbound\r\n\r\n" + b"".join(
+    b"%06d" % n + b"z" * 992 + b"\r\n" for n in range(100)
+)  # 100 lines of 998 octets, ~100 kB: many TLS records, each more than one 4 KiB read
+
+
+@pytest.mark.usefixtures("asyncio_default")
+def test_an_inbound_tls_session_holds_16_kib_and_reads_a_message_whole(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    tlsbuffers.bound_read_buffers(ingest_server.READ_BUFFER)  # as serve() does
+    assert sslproto.SSLProtocol.max_size == ingest_server.READ_BUFFER == 16 * 1024
+    running = RunningServer(make_config(tmp_path), valkey.url)
+    with running as address, client(address) as smtp:
+        smtp.ehlo()
+        assert smtp.starttls(context=_unverified_tls())[0] == 220
+        assert smtp.ehlo(HELO)[0] == 250
+        held = [
+            len(getattr(getattr(c, "_tls_protocol", None), "_ssl_buffer", b""))
+            for h in running.server._handlers
+            for c in h.connections
+        ]
+        assert held == [ingest_server.READ_BUFFER]
+        assert smtp.mail("a@client.example") == (250, b"2.1.0 Ok")
+        assert smtp.rcpt("b@dest.example")[0] == 250
+        message_id = queued_id(smtp.data(INBOUND))
+    envelope, body = stored(store, message_id)
+    assert envelope["inbound_tls"]["version"] is not None
+    assert body.endswith(INBOUND)
+    assert HELO.encode() in body  # in the Received field

@@ -98,7 +98,7 @@ from services.deliver.delivery import NO_HOST, Outcome
 from services.deliver.dsn import one_line
 from services.deliver.lanes import Batch, Bodies, SiteSlots, Upcoming, unique
 from services.deliver.ledger import Ledger
-from services.deliver.offload import Offload
+from services.deliver.offload import Offload, threads_for
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
@@ -142,8 +142,9 @@ class Deliverer:
         )
         self.shaper.attach(self.pool.leases, self.pool.close_one, self.pool.expire)
         # Redis calls off the loop (services/deliver/offload.py): one thread per lane, one for
-        # the shaper's tick and the batch's reads; inline while Redis is near (redis_calls).
-        self.io = Offload(delivery.sessions_per_process + 1, mode=delivery.redis_calls)
+        # the shaper's tick and the batch's reads, at most offload.THREADS_MAX; inline while
+        # Redis is near (redis_calls).
+        self.io = Offload(threads_for(delivery.sessions_per_process), mode=delivery.redis_calls)
         self.ledger.io = self.shaper.io = self.io
         self.timeouts = Timeouts(
             config.hostname,

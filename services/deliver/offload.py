@@ -4,10 +4,19 @@ blocks on a synchronous Redis call).
 A deliver process runs its lanes (services/deliver/batch.py) on one event loop. redis-py's
 client is synchronous: a call made on the loop stops every lane of the process for a round trip
 to Redis — nothing on loopback, 0.5–2 ms in a cluster, for each of the dozens of calls a message
-takes. :class:`Offload` runs such a call in a small thread pool of its own, one thread per lane
-(and one for the shaper's tick and the batch's reads), so that the loop goes on while it waits.
-redis-py's client and connection pool are thread-safe; a pipeline or transaction holds one
-connection of its own for its whole life, in the thread that runs it.
+takes. :class:`Offload` runs such a call in a small thread pool of its own, so that the loop goes
+on while it waits. redis-py's client and connection pool are thread-safe; a pipeline or
+transaction holds one connection of its own for its whole life, in the thread that runs it.
+
+Its size (:func:`threads_for`): one thread per lane and one for the shaper's tick and the
+batch's reads, but never more than :data:`THREADS_MAX`. The calls are short (a round trip or
+two, none blocks on another) and the lanes spend most of their time on their SMTP sessions, so a
+few threads keep every lane's calls moving; a call made while all are busy waits its turn in the
+pool's queue (first come, first served). Each thread costs memory for its life: its stack's
+touched pages, its Redis connection and its parser's buffers, and — with glibc — a malloc arena
+of its own that keeps what was freed in it. With a thread per lane, 1 000 lanes started up to a
+few hundred threads and cost 20–30 MB (bench/README.md, "Session 6"). :func:`limit_arenas`
+makes a process's threads share glibc's arenas.
 
 What runs in a thread is the Redis I/O and what depends on its reply only; state owned by the
 loop (the ledger's premarks, the shaper's leases) is read before the call and changed after it,
@@ -54,12 +63,15 @@ task runs again).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 T = TypeVar("T")
 Mode = Literal["auto", "threads", "inline"]
@@ -77,6 +89,35 @@ PROBE_EVERY = 16  # in the threads, one call in this many runs inline, measured
 # stays low on the quick answers in between. The probes bring the calls back inline.
 STALL = 0.25  # s
 
+log = logging.getLogger(__name__)
+
+THREADS_MAX: Final = 8  # threads of a deliver process's pool, whatever its lanes
+ARENAS_MAX: Final = 2  # glibc malloc arenas of a deliver process (its default: 8 per core)
+M_ARENA_MAX: Final = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def threads_for(lanes: int) -> int:
+    """The pool's threads for a process of ``lanes`` lanes: one per lane and one, at most
+    :data:`THREADS_MAX`."""
+    return min(lanes + 1, THREADS_MAX)
+
+
+def limit_arenas() -> bool:
+    """With glibc: at most :data:`ARENAS_MAX` malloc arenas in this process, for the threads
+    started from now on. glibc gives each new thread an arena of its own, up to 8 per core; an
+    arena keeps the memory freed in it, so every thread that once read a large Redis reply or ran
+    TLS handshakes keeps its own share of free memory. Whether it was set (False: not glibc, or
+    refused; nothing changes). Call it before the process starts its threads (after a fork)."""
+    try:
+        if "CS_GNU_LIBC_VERSION" not in os.confstr_names or not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        libc = ctypes.CDLL(None)
+        done = bool(libc.mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(ARENAS_MAX)))
+    except (OSError, ValueError, AttributeError) as exc:
+        log.debug("malloc arenas not limited: %s", exc)
+        return False
+    return done
+
 
 class Offload:
     """A deliver process's thread pool for Redis calls (``workers``: its threads; 0: calls run
@@ -86,6 +127,7 @@ class Offload:
 
     def __init__(self, workers: int, name: str = "tlsrelay-redis", mode: Mode = "threads") -> None:
         use_pool = workers > 0 and mode != "inline"
+        self.workers = workers if use_pool else 0  # the pool's threads, at most
         self._pool = ThreadPoolExecutor(workers, name) if use_pool else None
         self._auto = use_pool and mode == "auto"
         self.inline = not use_pool or self._auto  # where the next call runs

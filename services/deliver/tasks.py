@@ -24,7 +24,9 @@ when that is too low), before the pool processes fork (:func:`raise_open_files`)
 
 Memory: each process keeps up to ``delivery.sessions_per_process`` sessions open; their TLS
 transports read 4 KiB at a time instead of asyncio's 256 KiB
-(:func:`services.deliver.tlscontext.bound_read_buffers`, set when the process starts delivering).
+(:func:`services.deliver.tlscontext.bound_read_buffers`, set when the process starts delivering);
+its Redis calls run in a pool of at most 8 threads, which share 2 malloc arenas
+(:mod:`services.deliver.offload`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from celery.signals import worker_process_shutdown, worker_ready, worker_shutdow
 from services.common import queueing, retry, spool
 from services.common.config import Config
 from services.deliver.batch import Deliverer
+from services.deliver.offload import limit_arenas
 from services.deliver.scheduler import SchedulerThread
 from services.deliver.tlscontext import bound_read_buffers
 
@@ -84,6 +87,7 @@ class DeliverService:
     def deliverer(self) -> Deliverer:
         if self._deliverer is None:  # per process: created after the prefork fork
             bound_read_buffers()  # 4 KiB per TLS session, not 256 (services/deliver/tlscontext.py)
+            limit_arenas()  # before its threads start (services/deliver/offload.py)
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
             self._loop = asyncio.new_event_loop()
             loop = self._loop

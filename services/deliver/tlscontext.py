@@ -37,9 +37,9 @@ from __future__ import annotations
 import functools
 import ssl
 import warnings
-from asyncio import sslproto
 from typing import Final, Protocol
 
+from services.common import tlsbuffers
 from services.common.model import TlsMode
 
 # RFC 8996 deprecates TLS 1.0/1.1; OpenSSL 3 accepts them only at security level 0.
@@ -97,5 +97,4 @@ def bound_read_buffers() -> None:
     """Make every asyncio TLS transport of this process allocate and read :data:`READ_BUFFER`
     bytes at a time, not 256 KiB (see the module docstring). Process-wide (asyncio has no
     per-connection setting), idempotent; sessions opened before keep their buffer."""
-    if sslproto.SSLProtocol.max_size > READ_BUFFER:
-        sslproto.SSLProtocol.max_size = READ_BUFFER
+    tlsbuffers.bound_read_buffers(READ_BUFFER)

@@ -120,6 +120,11 @@ relay listener without ``platform_tls``.
 Metrics (``services.common.metrics``): each connection is counted when it closes (with whether
 STARTTLS succeeded); each 4xx/5xx reply to MAIL, RCPT or DATA, and each message stored, is counted
 per listener.
+
+Memory per inbound TLS session: aiosmtpd builds asyncio's ``SSLProtocol`` for STARTTLS, whose
+receive buffer is 256 KiB per session for its life (300 sessions held 85 MB). :func:`serve`
+bounds it to :data:`READ_BUFFER` (:mod:`services.common.tlsbuffers`): one full TLS record, so a
+message body is still read a record at a time (bench/README.md, "Session 6").
 """
 
 from __future__ import annotations
@@ -130,10 +135,11 @@ import os
 import signal
 import ssl
 import time
+from typing import Final
 
 import redis.asyncio as aioredis
 
-from services.common import commit, health, listeners, metrics, spool
+from services.common import commit, health, listeners, metrics, spool, tlsbuffers
 from services.common.config import Config
 from services.common.listeners import Listener
 from services.common.tenants import Directory
@@ -143,6 +149,8 @@ from services.ingest.handler import Connection, IngestHandler
 from services.ingest.session import IngestSMTP
 
 log = logging.getLogger("tlsrelay.ingest")
+
+READ_BUFFER: Final = 16 * 1024  # bytes an inbound TLS session reads at once (asyncio: 256 KiB)
 
 
 class ListenError(Exception):
@@ -303,6 +311,7 @@ async def _close_sessions(connections: set[Connection], timeout: float = 5.0) ->
 
 def serve(config: Config, redis_url: str) -> None:
     """Run every configured listener until SIGTERM or SIGINT, then stop them all cleanly."""
+    tlsbuffers.bound_read_buffers(READ_BUFFER)  # before any session: see READ_BUFFER
     asyncio.run(_serve(config, redis_url))
 
 
