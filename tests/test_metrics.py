@@ -34,10 +34,6 @@ from tests.peers import Sink
 from tests.sinksmtp import Message
 from tests.world import SERVICES, World, make_world, message, metrics_ports, wait_until
 
-# The module's tests share one world and some read what earlier ones counted: with the suite on
-# several processes (make test), they all run on one, in order.
-pytestmark = pytest.mark.xdist_group("test_metrics")
-
 Key = tuple[str, tuple[tuple[str, str], ...]]
 Samples = dict[Key, float]
 
