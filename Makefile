@@ -36,8 +36,14 @@ lock-check:
 run: $(STAMP)
 	$(BIN)/tlsrelay run --config $(CONFIG)
 
+# The suite runs on TEST_WORKERS processes (most of a test's time is spent waiting on sockets and
+# subprocesses, so three share two cores well); every fixture picks free ports and its own
+# directories. A test module runs whole, in order, on one of them (--dist loadfile): tests of a
+# module share its world and some read what earlier ones left (metrics counted so far).
+# TEST_WORKERS=0: one process, as before (e.g. to read a failure's output in order).
+TEST_WORKERS ?= 3
 test: lock-check $(STAMP) k8s-check promtool
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # promtool (Debian's prometheus package; no server is started) runs the alert unit tests of
 # deploy/monitoring. Installed here when missing and this is a root shell with apt-get (a fresh

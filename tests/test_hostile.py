@@ -48,6 +48,9 @@ RCPT_OK = b"250 2.1.5 Ok"
 GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>"
 NEED_HELO = b"503 5.5.1 Error: send HELO first"
 NEED_MAIL = b"503 5.5.1 Error: need MAIL command"
+# Seconds a test waits for a session that must end (a timeout of 0.5 s, then a grace of 0.5 s)
+# to free its max_connections slot: a deadline for a loaded machine, not a measure of speed.
+SLOT_FREED = 30.0
 
 
 # --------------------------------------------------------------------------- real parts
@@ -107,9 +110,13 @@ class Raw:
 
 
 def greets(address: HostPort) -> bool:
-    """Whether a new connection is greeted (not refused with 421)."""
+    """Whether a new connection is greeted (not refused with 421, nor left unanswered: on a
+    loaded machine the server may still be working through a flood when the connection comes)."""
     with Raw(address) as raw:
-        return raw.line().startswith(b"220 ")
+        try:
+            return raw.line().startswith(b"220 ")
+        except TimeoutError:
+            return False
 
 
 def serving(address: HostPort) -> bool:
@@ -153,7 +160,7 @@ def test_connections_over_the_limit_get_421_while_the_others_are_served(
         # The limit is per listener: submission still takes connections.
         assert serving(running.server.addresses[Listener.SUBMISSION])
         first.close()
-        wait_for(lambda: serving(address), 5, "a slot to free up")
+        wait_for(lambda: serving(address), SLOT_FREED, "a slot to free up")
         assert second.command(b"NOOP") == NOOP_OK
         second.close()
 
@@ -277,7 +284,7 @@ def test_a_client_that_never_reads_is_cut_off(
             while time.monotonic() < deadline:
                 sock.send(b"EHLO x\r\n" * 1000)  # 8 octets in, ~150 out
         try:
-            wait_for(lambda: greets(address), 5, "the stuck session to be cut off")
+            wait_for(lambda: greets(address), SLOT_FREED, "the stuck session to be cut off")
         finally:
             sock.close()
 
@@ -296,7 +303,7 @@ def test_a_stalled_tls_handshake_is_cut_off_and_frees_its_slot(
                 assert raw.command(b"STARTTLS") == b"220 2.0.0 Ready to start TLS"
                 raw.send(b"\x16\x03\x01\x02\x00")  # a ClientHello record header, then nothing
                 assert raw.closed_by_server()
-            wait_for(lambda: greets(address), 5, "the slot of the stalled handshake")
+            wait_for(lambda: greets(address), SLOT_FREED, "the slot of the stalled handshake")
         stalled = Raw(address).greeted().ehlo()
         assert stalled.command(b"STARTTLS") == b"220 2.0.0 Ready to start TLS"
         stopping = time.monotonic()

@@ -34,7 +34,23 @@ ENVELOPE = Envelope(id="0123456789ab-review", sender="s@origin.test", recipients
 BODY = b"Subject: review\r\n\r\nbody\r\n"
 
 
-WRITERS: set[asyncio.StreamWriter] = set()
+WRITERS: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}  # each peer connection's handler
+
+
+def _serving(writer: asyncio.StreamWriter) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    WRITERS[writer] = task
+
+
+async def _close_peers() -> None:
+    """Close the peer's side of every connection and wait (bounded) for each handler to end,
+    so that asyncio.run finds no handler still pending."""
+    for writer in WRITERS:
+        writer.close()
+    if WRITERS:
+        await asyncio.wait(WRITERS.values(), timeout=10)
+    WRITERS.clear()
 
 
 async def _refuse_mail_then_hang_at_quit(
@@ -42,7 +58,7 @@ async def _refuse_mail_then_hang_at_quit(
 ) -> None:
     """Greets, answers EHLO, defers MAIL with 451 (the client's next host), and never answers
     QUIT: a destination that holds the client's goodbye."""
-    WRITERS.add(writer)
+    _serving(writer)
     writer.write(b"220 hostile.test ESMTP\r\n")
     with contextlib.suppress(ConnectionError):
         while line := await reader.readline():
@@ -95,10 +111,7 @@ def test_a_job_timeout_during_a_failed_sessions_quit_leaks_its_lease(store: redi
         finally:
             gate.close()  # the round is over (batch.Deliverer._send)
             server.close()
-            for writer in WRITERS:
-                writer.close()
-            WRITERS.clear()
-            await asyncio.sleep(0.05)
+            await _close_peers()
         return shaper
 
     shaper = asyncio.run(run())
@@ -113,7 +126,7 @@ def _rcpt_252(pipelining: bool) -> Callable[[asyncio.StreamReader, asyncio.Strea
     DATA commands in ``DATA_SEEN``."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        WRITERS.add(writer)
+        _serving(writer)
         writer.write(b"220 odd.test ESMTP\r\n")
         with contextlib.suppress(ConnectionError):
             while line := await reader.readline():
@@ -159,10 +172,7 @@ def test_a_2xx_rcpt_reply_other_than_250_251_is_never_a_delivery(pipelining: boo
             )
         finally:
             server.close()
-            for writer in WRITERS:
-                writer.close()
-            WRITERS.clear()
-            await asyncio.sleep(0.05)
+            await _close_peers()
 
     result = asyncio.run(run())
     outcome = Outcome()

@@ -77,20 +77,68 @@ class World:
 
     # ----------------------------------------------------------------- processes
     def start_service(self, name: str) -> None:
+        self.start_services(name)
+
+    def start_services(self, *names: str) -> None:
+        """Start the services side by side and wait until each has bound its ports (its log
+        says so). Ports are chosen free a moment before a service binds them, so a test running
+        beside this one can take one in between: that service then exits with "Address already
+        in use" and is started again on new ports (never left talking to whoever took them)."""
+        pending = list(names)
+        for _ in range(5):
+            launched = [(name, self._launch(name)) for name in pending]
+            pending = [name for name, started in launched if not self._bound(name, *started)]
+            if not pending:
+                return
+        raise AssertionError(f"{pending} could not bind their ports: {self.log(pending[0])}")
+
+    def _launch(self, name: str) -> tuple[subprocess.Popen[bytes], int]:
+        """Start ``name``; return its process and where its output starts in its log."""
         settings = yaml.safe_load(self.config_path.read_text()) or {}
         if "metrics" not in settings:
             settings["metrics"] = metrics_ports()
             self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
-        log = (self.root / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
+        log_path = self.root / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        log = log_path.open("ab")
+        proc = self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "services.cli", name, "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: kill() takes the pool children too
         )
         log.close()
+        return proc, offset
+
+    def _bound(self, name: str, proc: subprocess.Popen[bytes], offset: int) -> bool:
+        """Wait until ``name`` said it bound its ports, or exited. False (and new ports in the
+        config) when it exited because one was taken meanwhile: start it again."""
+        settings = yaml.safe_load(self.config_path.read_text())
+        # What the service prints once each of its ports is bound (nothing for metrics: null).
+        lines = [f"{name} metrics on "] if (settings["metrics"] or {}).get(name) else []
         if name == "ingest":
-            wait_until(lambda: port_open("127.0.0.1", self.ingest_port), what="ingest to listen")
+            lines.append(f"ingest listening on smtp://127.0.0.1:{self.ingest_port} ")
+
+        def said() -> str:
+            with (self.root / f"{name}.log").open("rb") as file:
+                file.seek(offset)
+                return file.read().decode(errors="replace")
+
+        wait_until(
+            lambda: proc.poll() is not None or all(line in said() for line in lines),
+            60,
+            f"{name} to bind its ports",
+        )
+        if proc.poll() is None or "Address already in use" not in said():
+            return True  # running and bound (or exited for a reason of its own: the test sees)
+        self.procs.pop(name)
+        if (settings["metrics"] or {}).get(name):
+            settings["metrics"][name] = metrics_ports()[name]
+        if name == "ingest":
+            self.ingest_port = free_port()
+            settings["ingest"]["listen"] = f"127.0.0.1:{self.ingest_port}"
+        self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        return False
 
     def stop_service(self, name: str, kill: bool = False) -> None:
         """SIGTERM (warm shutdown), or SIGKILL to the whole process group with ``kill``."""
@@ -274,6 +322,5 @@ def make_world(
         settings = merge(settings, config(world) if config else {})
         world.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         stack.callback(world.stop_all)
-        for name in SERVICES:
-            world.start_service(name)
+        world.start_services(*SERVICES)
         yield world

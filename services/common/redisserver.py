@@ -15,6 +15,7 @@ Failure: :class:`EmbeddedRedisError` when the binary is missing or the server do
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -59,6 +60,9 @@ class EmbeddedRedis:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        # A port chosen here may be chosen again while the server has never run (see start()).
+        self._port_chosen = port is None
+        self._started = False
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.maxmemory_policy = maxmemory_policy
@@ -88,7 +92,23 @@ class EmbeddedRedis:
         ]  # fmt: skip
 
     def start(self, timeout: float = 15.0) -> str:
+        """Start the server; return its URL once the server answering on its port is this one
+        (its ``process_id``), not another process that holds the port. A port chosen here was
+        only free a moment before the server binds it: when another process took it meanwhile,
+        a server that has never run yet gets another port (a restart keeps its port, or fails)."""
+        for _ in range(5):
+            url = self._start_once(timeout)
+            if url is not None:
+                self._started = True
+                return url
+            self.port = free_port()
+        raise EmbeddedRedisError(f"embedded Redis found no free port: {self._log()}")
+
+    def _start_once(self, timeout: float) -> str | None:
+        """The URL once started; None when the port was taken and may be chosen again."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / "server.log"
+        offset = log.stat().st_size if log.exists() else 0
         # Its own process group: a Ctrl-C in a terminal (SIGINT to the foreground group) must
         # not stop the server under the workers' warm shutdown; its owner stops it, last.
         self.process = subprocess.Popen(
@@ -105,14 +125,18 @@ class EmbeddedRedis:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     break
-                try:
-                    if client.ping():
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    if client.info("server").get("process_id") == self.process.pid:
                         return self.url
-                except redis.exceptions.RedisError:
-                    time.sleep(0.02)  # polling a condition with a deadline
+                time.sleep(0.02)  # polling a condition with a deadline
         finally:
             client.close()
         self.stop()
+        if self._port_chosen and not self._started:
+            with log.open("rb") as file:
+                file.seek(offset)
+                if b"Address already in use" in file.read():
+                    return None
         raise EmbeddedRedisError(f"embedded Redis did not start on port {self.port}: {self._log()}")
 
     def stop(self, kill: bool = False) -> None:
