@@ -116,7 +116,9 @@ def test_younger_mail_does_not_pass_mail_waiting_for_the_site(
 ) -> None:  # fmt: skip
     """Three messages wait for the site's only connection; it comes free just as a fourth,
     younger one arrives. The younger one waits in line behind them (it would have taken the
-    connection at once); they go first, oldest first, then it — none of it an attempt."""
+    connection at once); they go first, then it — none of it an attempt. (Within the line's
+    front no order is promised, README "The site's line": a front job asleep in its own
+    connection wait may go after the next one called in.)"""
     monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
     config = shaped(tmp_path, valkey, sink, connections=1)  # the line's front: 2 jobs
     old = [queue(store, name, age) for name, age in (("a", 30), ("b", 20), ("c", 10))]
@@ -134,7 +136,8 @@ def test_younger_mail_does_not_pass_mail_waiting_for_the_site(
             break
         deliver(config, store, docs)
         free_the_site(store)
-    assert arrived(sink) == ["a", "b", "c", "young"], sink.summary()
+    order = arrived(sink)
+    assert sorted(order[:3]) == ["a", "b", "c"] and order[3:] == ["young"], sink.summary()
     assert not store.exists(spool.site_key("line", "s")) and not store.zcard(spool.DEFERRED)
     for job in [*old, young]:
         kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
