@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
@@ -242,12 +243,7 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         if kind == "broken":
             await self._broken_starttls()
             return
-        if self._sink.starttls_delay:
-            self._sink.starttls_busy(1)
-            try:
-                await asyncio.sleep(self._sink.starttls_delay)
-            finally:
-                self._sink.starttls_busy(-1)
+        await held(self._sink.starttls_delay, self._sink.starttls_busy)
         try:
             await super().smtp_STARTTLS(arg)
         except Exception:
@@ -270,6 +266,18 @@ class SinkSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         self.transport.write(BROKEN_TLS_GARBAGE)
         self.transport.close()
         self._sink.bump("tls_handshakes_failed")
+
+
+async def held(delay: float, busy: Callable[[int], None]) -> None:
+    """A reply held ``delay`` seconds (none: at once), counted in ``busy`` while it waits
+    (+1, then -1), without blocking the sink's other sessions."""
+    if not delay:
+        return
+    busy(1)
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        busy(-1)
 
 
 class SinkHandler:
@@ -307,12 +315,7 @@ class SinkHandler:
             return "501 5.5.4 REQUIRETLS takes no value and is given once"
         envelope.mail_from = address
         envelope.mail_options.extend(server.mail_options)  # as sent, REQUIRETLS included
-        if self._sink.mail_delay:
-            self._sink.mail_busy(1)
-            try:
-                await asyncio.sleep(self._sink.mail_delay)
-            finally:
-                self._sink.mail_busy(-1)
+        await held(self._sink.mail_delay, self._sink.mail_busy)
         return "250 OK"  # aiosmtpd's own reply without a hook
 
     async def handle_RCPT(

@@ -22,6 +22,7 @@ import asyncio
 from asyncio import sslproto
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 import redis
 
@@ -48,26 +49,33 @@ def asyncio_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sslproto.SSLProtocol, "max_size", 256 * 1024)
 
 
+async def delivered_and_parked(sink: Sink, body: bytes) -> aiosmtplib.SMTP:
+    """One message to ``sink`` over opportunistic STARTTLS, delivered (250); the session it
+    parked, still open."""
+    pool = ConnectionPool(max_messages=10, idle_timeout=30)
+    envelope = Envelope(id="B1", sender="s@relay.test", recipients=("r@dest.test",), size=len(body))
+    peer = Peer("mx.dest.test", sink.host, sink.port, "mx.dest.test")
+    result = await attempt(
+        peer, envelope, ["r@dest.test"], body, TlsSettings(TlsMode.OPPORTUNISTIC),
+        Timeouts("relay.test", connect=5, command=10, greeting=10, data=10), pool=pool,
+    )  # fmt: skip
+    assert result.tls_version is not None and result.replies["r@dest.test"].code == 250
+    (parked,) = [p for sessions in pool._idle.values() for p in sessions]
+    return parked.smtp
+
+
 @pytest.mark.usefixtures("asyncio_default")
 @pytest.mark.parametrize("body", [BODY, BIG], ids=["small", "100kB"])
 def test_a_deliver_session_over_tls_holds_a_4_kib_read_buffer(body: bytes) -> None:
     bound_read_buffers()
     assert sslproto.SSLProtocol.max_size == READ_BUFFER == 4 * 1024
-    pool = ConnectionPool(max_messages=10, idle_timeout=30)
-    envelope = Envelope(id="B1", sender="s@relay.test", recipients=("r@dest.test",), size=len(body))
     with Sink("starttls") as sink:
-        peer = Peer("mx.dest.test", sink.host, sink.port, "mx.dest.test")
 
         async def deliver() -> int:
-            result = await attempt(
-                peer, envelope, ["r@dest.test"], body, TlsSettings(TlsMode.OPPORTUNISTIC),
-                Timeouts("relay.test", connect=5, command=10, greeting=10, data=10), pool=pool,
-            )  # fmt: skip
-            assert result.tls_version is not None and result.replies["r@dest.test"].code == 250
-            (parked,) = [p for sessions in pool._idle.values() for p in sessions]
-            protocol = getattr(parked.smtp.transport, "_ssl_protocol", None)  # asyncio's own
+            parked = await delivered_and_parked(sink, body)
+            protocol = getattr(parked.transport, "_ssl_protocol", None)  # asyncio's own
             held = len(getattr(protocol, "_ssl_buffer", b""))
-            await _close_and_wait(parked.smtp)
+            await _close_and_wait(parked)
             return held
 
         assert asyncio.run(deliver()) == READ_BUFFER
@@ -124,20 +132,12 @@ def test_a_reply_larger_than_the_read_buffer_arrives_whole_over_tls(
 ) -> None:
     """The EHLO after STARTTLS spans several 4 KiB reads: read whole, the delivery goes on."""
     bound_read_buffers()
-    pool = ConnectionPool(max_messages=10, idle_timeout=30)
-    envelope = Envelope(id="B2", sender="s@relay.test", recipients=("r@dest.test",), size=len(BODY))
     with Sink("starttls", extensions=extensions) as sink:
-        peer = Peer("mx.dest.test", sink.host, sink.port, "mx.dest.test")
 
         async def deliver() -> None:
-            result = await attempt(
-                peer, envelope, ["r@dest.test"], BODY, TlsSettings(TlsMode.OPPORTUNISTIC),
-                Timeouts("relay.test", connect=5, command=10, greeting=10, data=10), pool=pool,
-            )  # fmt: skip
-            assert result.tls_version is not None and result.replies["r@dest.test"].code == 250
-            (parked,) = [p for sessions in pool._idle.values() for p in sessions]
-            assert parked.smtp.supports_extension(extensions[0].split()[0].lower())
-            await _close_and_wait(parked.smtp)
+            parked = await delivered_and_parked(sink, BODY)
+            assert parked.supports_extension(extensions[0].split()[0].lower())
+            await _close_and_wait(parked)
 
         asyncio.run(deliver())
     assert len(sink.messages) == 1 and sink.messages[0].tls
