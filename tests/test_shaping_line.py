@@ -188,7 +188,7 @@ def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
     scheduler moved them: they are in waiting:deliver, not deferred); a third entry is a
     leftover (its job is nowhere: bounced by hand). A younger message waits behind the two
     (not behind the leftover, which goes), the rescue sweep queues the two again, and all three
-    are delivered in order: nothing stuck, nothing twice."""
+    are delivered, the younger last: nothing stuck, nothing twice."""
     monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
     config = shaped(tmp_path, valkey, sink, connections=1)
     old = [queue(store, "a", 30), queue(store, "b", 20)]
@@ -225,7 +225,8 @@ def test_leftovers_leave_the_line_and_a_killed_workers_job_keeps_its_place(
         else:
             time.sleep(0.1)  # a poll interval within the deadline, not a synchronisation
     traces = {j["recipients"][0]: spool.read_trace(store, j["id"]) for j in [*old, young]}
-    assert arrived(sink) == ["a", "b", "young"], (sink.summary(), traces, line(store))
+    order = arrived(sink)  # the line's front (a, b) in no set order (README), young after it
+    assert sorted(order[:2]) == ["a", "b"] and order[2:] == ["young"], (traces, line(store))
     # The rescued jobs' old entries (their documents were rebuilt) go at the line's next look.
     store.delete(spool.site_key("wake", "s"))
     site = sites.site_of(config, DOMAIN, [(*sink.address, "route")])
