@@ -13,7 +13,10 @@ lanes than threads delivers every job. No timed assertions: counts and ordering 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -403,6 +406,60 @@ def test_auto_keeps_the_calls_of_a_redis_on_this_host_inline(store: redis.Redis)
     else:
         pytest.fail("a Redis on this host never measured as near in 50 windows")
     io.close()
+
+
+# A process pinned to one CPU at nice 19, that CPU taken by a busy process: each Redis reply then
+# waits milliseconds in the run queue for the CPU. Prints where each of ``count`` calls ran.
+_ON_A_BUSY_CPU = """
+import asyncio, json, os, sys, threading
+import redis
+from services.deliver.offload import Offload
+cpu, port, count = (int(a) for a in sys.argv[1:4])
+os.sched_setaffinity(0, {cpu})
+os.nice(19)
+client = redis.Redis(port=port)
+client.ping()
+io = Offload(2, mode="auto")
+def called():
+    client.ping()
+    return threading.get_ident()
+async def main():
+    here = threading.get_ident()
+    return ["loop" if await io(called) == here else "pool" for _ in range(count)]
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def calls_on_a_busy_cpu(port: int, count: int) -> list[str]:
+    """Where ``count`` calls to the Redis on ``port`` ran ("loop", "pool"), made by a process
+    that shares its one CPU with a busy one and yields it to it (nice 19)."""
+    cpu = min(os.sched_getaffinity(0))
+    busy = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    hog = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", _ON_A_BUSY_CPU, str(cpu), str(port), str(count)],
+            capture_output=True, text=True, timeout=120, check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )  # fmt: skip
+    finally:
+        hog.kill()
+        hog.wait()
+    where: list[str] = json.loads(ran.stdout)
+    return where
+
+
+def test_auto_keeps_a_near_redis_inline_on_a_saturated_cpu(valkey: EmbeddedRedis) -> None:
+    """A Redis on this host, called from a CPU another process keeps busy: every reply waits
+    milliseconds for the CPU, in the run queue. That is the machine's load, not Redis's distance
+    (schedstat's run-queue time is not counted as a wait): the calls stay inline. Counted, it
+    sent a loaded benchmark's calls to the threads, at more CPU per message (bench/README.md,
+    "Session 7"). The same caller with its Redis 20 ms away still sends them to the threads."""
+    near = calls_on_a_busy_cpu(valkey.port, 3 * offload.WINDOW)
+    assert near == ["loop"] * 3 * offload.WINDOW, near
+    with RedisAtADistance(valkey.port, 0.02) as far:
+        distant = calls_on_a_busy_cpu(far.port, offload.WINDOW + 4)
+    assert distant == ["loop"] * offload.WINDOW + ["pool"] * 4, distant
 
 
 class _StalledMarks:

@@ -37,8 +37,10 @@ missed (nothing may yield between the last RCPT reply and DATA: services/deliver
 Inline when Redis is near (``delivery.redis_calls``, :class:`Offload`'s ``mode``): a thread hop
 (submit, the thread's wake-up, the result handed back to the loop) costs 50–130 µs of CPU on a
 small machine, more than a round trip to a Redis on the same host waits. ``auto`` (the default)
-measures what a call waits for beyond its own CPU (wall time minus the calling thread's CPU
-time): while the least of a window of such waits stays below :data:`NEAR` the calls run inline on
+measures what a call waits for beyond its own CPU and beyond the machine's own load (wall time
+minus the calling thread's time on a CPU and in the run queue waiting for one: Linux's
+``/proc/thread-self/schedstat``; elsewhere its CPU time alone): while the least of a window of
+such waits stays below :data:`NEAR` the calls run inline on
 the loop (each one measured); once a window's least wait is above it (Redis in another host,
 behind a proxy, or stalled) they go to the threads, where every :data:`PROBE_EVERY`-th call still
 runs inline to look again. The least wait of a window is the distance, not the machine's load:
@@ -63,11 +65,13 @@ task runs again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,8 +82,10 @@ Mode = Literal["auto", "threads", "inline"]
 
 # A least wait below NEAR is a Redis on this host, or as near (a round trip across a zone is
 # more). On a machine whose CPUs are saturated a call to a Redis on this host waits milliseconds
-# too, for a core (measured: a median of 6 ms, a tenth under 0.5 ms), so the least of a window of
-# WINDOW calls decides, not any one of them.
+# for a core once its reply is in (measured: a median of 6 ms, a tenth under 0.5 ms). That time
+# in the run queue is not counted (schedstat) — counted, it sent a loaded benchmark's calls to the
+# threads for a third of its calls, at a third more deliver CPU per message (bench/README.md,
+# "Session 7") — and the least of a window of WINDOW calls decides, not any one of them.
 NEAR = 500e-6  # s
 WINDOW = 32  # measured calls per decision
 PROBE_EVERY = 16  # in the threads, one call in this many runs inline, measured
@@ -174,11 +180,12 @@ class Offload:
     def _measure(self, call: Callable[[], T]) -> T:
         """``call()`` inline, its wait (wall time less this thread's CPU time) counted towards
         the window's decision — an error's too: a Redis that timed out was not near."""
-        wall, cpu = time.perf_counter(), time.thread_time()
-        try:
+        wall, busy = time.perf_counter(), busy_time()  # busy's readings within wall's: a
+        try:  # preemption between two readings never makes a wait look shorter than it was
             return call()
         finally:
-            waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
+            busy = busy_time() - busy
+            waited = (time.perf_counter() - wall) - busy
             self._least = min(self._least, waited)
             self._measured += 1
             if waited >= STALL:  # it held the loop: the threads now, not after the window
@@ -197,6 +204,48 @@ class Offload:
 
 
 INLINE = Offload(0)  # for objects used without a deliver loop's pool
+
+
+class _Schedstat:
+    """A thread's ``/proc/thread-self/schedstat``, open (``fd`` None: not Linux, or not
+    readable: no time in the run queue is counted). Closed when its thread ends (it lives in a
+    ``threading.local``)."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        with contextlib.suppress(OSError):
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+
+    def queued(self) -> float:
+        """Seconds in the run queue (0: unreadable, from now on). The first field, the time on
+        a CPU, is not used: it lags by the running slice (thread_time does not)."""
+        if self.fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self.fd, 96, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            self.close()
+            return 0.0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+_threads = threading.local()
+
+
+def busy_time() -> float:
+    """Seconds the calling thread spent on a CPU, and in the run queue waiting for one (Linux's
+    schedstat; none where it cannot be read). Only differences mean anything."""
+    schedstat = getattr(_threads, "schedstat", None)
+    if schedstat is None:
+        schedstat = _threads.schedstat = _Schedstat()
+    return time.thread_time() + schedstat.queued()
 
 
 async def _settled(waiting: asyncio.Future[Any]) -> None:
