@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from aiosmtplib.email import quote_address
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
@@ -26,6 +27,7 @@ from pydantic import TypeAdapter
 from services.common.model import Envelope, TlsMode, has_tls_required_no, new_message_id
 from services.common.rules import Rules
 from services.common.values import HostPort
+from services.deliver import pipelining
 from services.ingest import session as ingest_session
 from services.policy.decide import Ruleset
 from services.policy.facts import facts_from_message
@@ -229,3 +231,34 @@ def test_message_parsers_never_raise(raw: bytes) -> None:
     for ruleset in (DEEP, HEADERS_ONLY):
         assert facts_from_message(envelope, raw, ruleset).size == len(raw)
     assert isinstance(has_tls_required_no(raw), bool)
+
+
+_ADDRESS_CHARS = "abcXYZ09!#$%&'*+/=?^_`{|}~-.@ <>\"(),:;[]\\\r\n\té"
+
+
+def _quoted_as_aiosmtplib(address: str) -> str:
+    try:
+        return quote_address(address)
+    except ValueError:
+        return "ValueError"
+
+
+def _quoted_here(address: str) -> str:
+    try:
+        return pipelining.quoted(address)
+    except ValueError:
+        return "ValueError"
+
+
+@FUZZ
+@given(
+    address=st.one_of(
+        st.text(alphabet=_ADDRESS_CHARS, max_size=24),
+        st.from_regex(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,10}@[a-z0-9.-]{1,10}", fullmatch=True),
+    )
+)
+def test_envelope_addresses_are_quoted_as_aiosmtplib_quotes_them(address: str) -> None:
+    """The deliver client's quick way for plain addresses (services/deliver/pipelining.py
+    ``quoted``) gives what aiosmtplib's ``quote_address`` gives, or the same ValueError, for
+    any string: plain, odd (dots, quotes, brackets, spaces) or hostile (CR, LF)."""
+    assert _quoted_here(address) == _quoted_as_aiosmtplib(address)
