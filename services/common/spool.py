@@ -49,7 +49,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.sentinel
 import redis.sentinel
 
-from services.common import queueing
+from services.common import queueing, redispack
 from services.common.jobs import Job
 from services.common.model import Decision, Envelope
 
@@ -159,12 +159,15 @@ def connect(url: str) -> redis.Redis:
     """A synchronous client (workers). Timeouts keep a dead Redis from hanging a task forever.
     A ``sentinel://`` URL gives a client that follows the master through failovers."""
     spec = SentinelUrl.parse(url)
+    packing = redispack.connection_kwargs()  # commands packed in C
     if spec is None:
-        return redis.Redis.from_url(url, **TIMEOUTS)
+        return redis.Redis.from_url(url, **TIMEOUTS, **packing)
     sentinel = redis.sentinel.Sentinel(
         list(spec.sentinels), sentinel_kwargs={"password": spec.password, **TIMEOUTS}, **TIMEOUTS
     )
-    client: redis.Redis = sentinel.master_for(spec.master, db=spec.db, password=spec.password)
+    client: redis.Redis = sentinel.master_for(
+        spec.master, db=spec.db, password=spec.password, **packing
+    )
     return client
 
 

@@ -1,0 +1,58 @@
+"""Redis commands packed in C (hiredis), for the synchronous clients of :func:`spool.connect`.
+
+redis-py packs each command in Python first — every argument through its encoder, in a
+generator — and only then hands the encoded tuple to ``hiredis.pack_command``. hiredis takes
+``str``, ``bytes``, ``int`` and ``float`` arguments as they are (UTF-8, and ``repr`` for a
+float, as redis-py's encoder does), so :class:`Packer` hands them over directly: a deliver
+round's transaction (a dozen commands) costs a fifth less CPU to send (bench/README.md,
+"Session 7").
+
+Contract: the bytes on the wire are those redis-py would send. An argument hiredis does not
+take (a ``bool``, ``None``, a ``memoryview``, a ``bytearray``) goes redis-py's own way, which
+packs it or raises its ``DataError`` as before. A command name with spaces in it
+(``"SCRIPT LOAD"``) is split into words, as redis-py does. Without hiredis
+(:data:`AVAILABLE` false) nothing changes: :func:`connection_kwargs` is empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis._parsers.encoders import Encoder
+from redis.connection import HiredisRespSerializer, PythonRespSerializer
+
+try:
+    import hiredis
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - hiredis is in the locks
+    AVAILABLE = False
+
+BUFFER_CUTOFF = 6000  # redis-py's: larger arguments are sent as pieces of their own
+
+
+class Packer:
+    """A redis-py ``command_packer``: ``pack(*args)`` → the command's bytes, in one piece."""
+
+    def __init__(self) -> None:
+        encode = Encoder("utf-8", "strict", False).encode  # type: ignore[no-untyped-call]
+        python = PythonRespSerializer(BUFFER_CUTOFF, encode)
+        self._redis_py = HiredisRespSerializer(python.pack, encode)  # type: ignore[no-untyped-call]
+
+    def pack(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if isinstance(name, str):
+            if " " in name:
+                args = (*name.split(), *args[1:])
+        elif isinstance(name, bytes) and b" " in name:
+            args = (*name.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # an argument hiredis does not take: redis-py's way
+            return list(self._redis_py.pack(*args))
+
+
+def connection_kwargs() -> dict[str, Any]:
+    """What a synchronous client's connections take to use :class:`Packer` (empty without
+    hiredis)."""
+    return {"command_packer": Packer()} if AVAILABLE else {}
