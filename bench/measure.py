@@ -251,6 +251,9 @@ def snapshot(
     )
 
 
+READS = "(reads)"  # redis_commands' entry for INFO stats total_reads_processed
+
+
 def redis_commands(target: Target) -> dict[str, int]:
     """Calls per Redis command so far (``INFO commandstats``) of a target with a Redis (its
     ``redis_url``); empty for one without (Postfix)."""
@@ -260,13 +263,17 @@ def redis_commands(target: Target) -> dict[str, int]:
     client = redis.Redis.from_url(url)
     try:
         info = client.info("commandstats")
+        reads = client.info("stats").get("total_reads_processed")
     finally:
         client.close()
-    return {
+    calls = {
         name.removeprefix("cmdstat_"): int(stats["calls"])
         for name, stats in info.items()
         if isinstance(stats, dict) and "calls" in stats
     }
+    if reads is not None:  # requests read from client sockets: round trips (pipelines count 1)
+        calls[READS] = int(reads)
+    return calls
 
 
 def wait_arrived(
@@ -451,6 +458,7 @@ def redis_per_message(
         return None
     calls = {c: n - before.get(c, 0) for c, n in after.items() if c != "info"}
     calls = {c: n for c, n in calls.items() if n > 0}
+    reads = calls.pop(READS, None)
     by_command = {
         c: round(n / messages, 2) for c, n in sorted(calls.items(), key=lambda kv: -kv[1])
     }
@@ -460,6 +468,9 @@ def redis_per_message(
         # EVAL/EVALSHA calls: one round trip each (the commands they run are in the total)
         "scripts": round(scripts / messages, 3),
         "by_command": by_command,
+        # reads of client requests by Redis (INFO stats total_reads_processed): round trips,
+        # a pipeline or transaction one (or a few, when large); the snapshots' INFOs are in
+        "round_trips": round(reads / messages, 2) if reads is not None else None,
     }
 
 

@@ -49,6 +49,11 @@ def table(r: dict[str, Any]) -> str:
             f"  Redis scripts/msg   {commands.get('scripts', 0):>9.3f}  (EVAL/EVALSHA: one round"
             " trip each)"
         )
+        if commands.get("round_trips") is not None:
+            lines.append(
+                f"  Redis round trips   {commands['round_trips']:>9.2f}  per message (requests"
+                " read: a pipeline or transaction is one)"
+            )
     busy = r["other_load_cores"]
     note = "  ← ≥ 0.1: was the machine quiet? (README: other load)" if busy >= 0.1 else ""
     lines.append(f"  other load          {busy:>9.2f} cores (not in the processes measured){note}")
