@@ -8,8 +8,9 @@ round's transaction (a dozen commands) costs a fifth less CPU to send (bench/REA
 "Session 7").
 
 Contract: the bytes on the wire are those redis-py would send. An argument hiredis does not
-take (a ``bool``, ``None``, a ``memoryview``, a ``bytearray``) goes redis-py's own way, which
-packs it or raises its ``DataError`` as before. A command name with spaces in it
+take (a ``bool``, ``None``, a ``memoryview``, a ``bytearray``) goes redis-py's own way (its
+Python packer, the same in redis-py 5 to 8), which packs it or raises its ``DataError`` as
+before. A command name with spaces in it
 (``"SCRIPT LOAD"``) is split into words, as redis-py does. Without hiredis
 (:data:`AVAILABLE` false) nothing changes: :func:`connection_kwargs` is empty.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis._parsers.encoders import Encoder
-from redis.connection import HiredisRespSerializer, PythonRespSerializer
+from redis.connection import PythonRespSerializer
 
 try:
     import hiredis
@@ -36,8 +37,7 @@ class Packer:
 
     def __init__(self) -> None:
         encode = Encoder("utf-8", "strict", False).encode  # type: ignore[no-untyped-call]
-        python = PythonRespSerializer(BUFFER_CUTOFF, encode)
-        self._redis_py = HiredisRespSerializer(python.pack, encode)  # type: ignore[no-untyped-call]
+        self._redis_py = PythonRespSerializer(BUFFER_CUTOFF, encode)  # redis-py 5 to 8 alike
 
     def pack(self, *args: Any) -> list[bytes]:
         name = args[0]
@@ -49,7 +49,7 @@ class Packer:
         try:
             return [hiredis.pack_command(args)]
         except TypeError:  # an argument hiredis does not take: redis-py's way
-            return list(self._redis_py.pack(*args))
+            return list(self._redis_py.pack(*args))  # type: ignore[no-untyped-call]
 
 
 def connection_kwargs() -> dict[str, Any]:
