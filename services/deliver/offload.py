@@ -37,13 +37,12 @@ missed (nothing may yield between the last RCPT reply and DATA: services/deliver
 Inline when Redis is near (``delivery.redis_calls``, :class:`Offload`'s ``mode``): a thread hop
 (submit, the thread's wake-up, the result handed back to the loop) costs 50–130 µs of CPU on a
 small machine, more than a round trip to a Redis on the same host waits. ``auto`` (the default)
-measures what a call waits for beyond its own CPU and beyond the machine's own load (wall time
-minus the calling thread's time on a CPU and in the run queue waiting for one: Linux's
-``/proc/thread-self/schedstat``; elsewhere its CPU time alone): while the least of a window of
-such waits stays below :data:`NEAR` the calls run inline on
-the loop (each one measured); once a window's least wait is above it (Redis in another host,
-behind a proxy, or stalled) they go to the threads, where every :data:`PROBE_EVERY`-th call still
-runs inline to look again. The least wait of a window is the distance, not the machine's load:
+measures what a call waits for beyond its own CPU (wall time minus the calling thread's CPU
+time): while the least of a window of such waits stays below :data:`NEAR` the calls run inline on
+the loop (each one measured); once the least wait of :data:`FAR_WINDOWS` windows in a row is
+above it (Redis in another host, behind a proxy, or stalled) they go to the threads, where every
+:data:`PROBE_EVERY`-th call still runs inline to look again (there one window of quick probes
+brings them back). The least wait of a window is the distance, not the machine's load:
 one quick answer is enough to show Redis is near, and a round trip far away is never quick. An
 inline call blocks the loop for its round trip, as a far Redis would for at most one probe in
 :data:`PROBE_EVERY`. A Redis that stops answering holds an inline call for the client's socket
@@ -65,13 +64,11 @@ task runs again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import functools
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,12 +79,16 @@ Mode = Literal["auto", "threads", "inline"]
 
 # A least wait below NEAR is a Redis on this host, or as near (a round trip across a zone is
 # more). On a machine whose CPUs are saturated a call to a Redis on this host waits milliseconds
-# for a core once its reply is in (measured: a median of 6 ms, a tenth under 0.5 ms). That time
-# in the run queue is not counted (schedstat) — counted, it sent a loaded benchmark's calls to the
-# threads for a third of its calls, at a third more deliver CPU per message (bench/README.md,
-# "Session 7") — and the least of a window of WINDOW calls decides, not any one of them.
+# too, for a core (measured: a median of 6 ms, a tenth under 0.5 ms), so the least of a window of
+# WINDOW calls decides, not any one of them; and on such a machine one window in thirty still saw
+# no quick call, in bursts: with one window deciding, a loaded benchmark sent a third of its calls
+# to the threads (bench/README.md, "Session 7"). So FAR_WINDOWS windows in a row must be far.
+# (The time the caller waited in the run queue, Linux's schedstat, cannot be taken off: with the
+# scheduler's delayed dequeue it also counts time the thread slept — a Redis 20 ms away then
+# measured as near.)
 NEAR = 500e-6  # s
 WINDOW = 32  # measured calls per decision
+FAR_WINDOWS = 3  # windows in a row whose least wait is above NEAR: the calls go to the threads
 PROBE_EVERY = 16  # in the threads, one call in this many runs inline, measured
 # One inline call that waited this long sends the calls to the threads at once, whatever the
 # window: a connection that hangs (a master that failed over, a stalled Redis) held the whole
@@ -139,6 +140,7 @@ class Offload:
         self.inline = not use_pool or self._auto  # where the next call runs
         self._least = math.inf  # the least wait of the window so far
         self._measured = 0  # calls measured in this window
+        self._far = 0  # windows in a row (inline) whose least wait was above NEAR
         self._calls = 0  # calls since the last probe (in the threads)
 
     async def __call__(
@@ -180,19 +182,23 @@ class Offload:
     def _measure(self, call: Callable[[], T]) -> T:
         """``call()`` inline, its wait (wall time less this thread's CPU time) counted towards
         the window's decision — an error's too: a Redis that timed out was not near."""
-        wall, busy = time.perf_counter(), busy_time()  # busy's readings within wall's: a
-        try:  # preemption between two readings never makes a wait look shorter than it was
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
             return call()
         finally:
-            busy = busy_time() - busy
-            waited = (time.perf_counter() - wall) - busy
+            waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
             self._least = min(self._least, waited)
             self._measured += 1
             if waited >= STALL:  # it held the loop: the threads now, not after the window
-                self.inline = False
+                self.inline, self._far = False, 0
                 self._least, self._measured, self._calls = math.inf, 0, 0
             elif self._measured >= WINDOW:
-                self.inline = self._least < NEAR
+                near = self._least < NEAR
+                self._far = 0 if near or not self.inline else self._far + 1
+                if near:
+                    self.inline = True  # from the threads too: one window of quick probes
+                elif self.inline and self._far >= FAR_WINDOWS:
+                    self.inline, self._far = False, 0
                 self._least, self._measured, self._calls = math.inf, 0, 0
 
     def close(self) -> None:
@@ -204,48 +210,6 @@ class Offload:
 
 
 INLINE = Offload(0)  # for objects used without a deliver loop's pool
-
-
-class _Schedstat:
-    """A thread's ``/proc/thread-self/schedstat``, open (``fd`` None: not Linux, or not
-    readable: no time in the run queue is counted). Closed when its thread ends (it lives in a
-    ``threading.local``)."""
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        with contextlib.suppress(OSError):
-            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-
-    def queued(self) -> float:
-        """Seconds in the run queue (0: unreadable, from now on). The first field, the time on
-        a CPU, is not used: it lags by the running slice (thread_time does not)."""
-        if self.fd is None:
-            return 0.0
-        try:
-            return int(os.pread(self.fd, 96, 0).split()[1]) / 1e9
-        except (OSError, ValueError, IndexError):
-            self.close()
-            return 0.0
-
-    def close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
-
-
-_threads = threading.local()
-
-
-def busy_time() -> float:
-    """Seconds the calling thread spent on a CPU, and in the run queue waiting for one (Linux's
-    schedstat; none where it cannot be read). Only differences mean anything."""
-    schedstat = getattr(_threads, "schedstat", None)
-    if schedstat is None:
-        schedstat = _threads.schedstat = _Schedstat()
-    return time.thread_time() + schedstat.queued()
 
 
 async def _settled(waiting: asyncio.Future[Any]) -> None:
