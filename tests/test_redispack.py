@@ -89,3 +89,22 @@ def test_a_real_redis_answers_the_packed_commands(client: redis.Redis) -> None:
         pipe.hgetall("h")
         replies = pipe.execute()
     assert replies[2] == 0.1 and replies[3] == {b"a": b"1", b"b": b"2.5"}
+
+
+@pytest.mark.parametrize(
+    ("query", "value"), [("?encoding=latin-1", "é"), ("?encoding_errors=replace", "é\ud800")]
+)
+def test_a_url_with_an_encoding_of_its_own_is_packed_by_redis_py(query: str, value: str) -> None:
+    """``redis_url: redis://…?encoding=latin-1``: the asynchronous clients (ingest) encode
+    ``str`` arguments with it; hiredis would send UTF-8, so the synchronous ones (deliver,
+    policy) would write other bytes for the same key or value. Those go redis-py's way."""
+    client = spool.connect(f"redis://127.0.0.1:1/0{query}")
+    try:
+        ours = client.connection_pool.make_connection()
+        theirs = redis.Redis.from_url(f"redis://127.0.0.1:1/0{query}").connection_pool
+        packed = wire(ours.pack_command("SET", "k", value))  # type: ignore[no-untyped-call]
+        expected = theirs.make_connection().pack_command("SET", "k", value)  # type: ignore[no-untyped-call]
+        assert packed == wire(expected)
+        assert "command_packer" not in client.connection_pool.connection_kwargs
+    finally:
+        client.close()

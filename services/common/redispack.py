@@ -52,7 +52,14 @@ class Packer:
             return list(self._redis_py.pack(*args))  # type: ignore[no-untyped-call]
 
 
-def connection_kwargs() -> dict[str, Any]:
+def connection_kwargs(options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a synchronous client's connections take to use :class:`Packer` (empty without
-    hiredis)."""
+    hiredis). ``options``: the client's own (a ``redis://`` URL's query, e.g.); with an
+    ``encoding`` or ``encoding_errors`` other than UTF-8's strict (hiredis encodes ``str`` as
+    UTF-8, strictly) redis-py packs, with that encoding, as every other client of the URL does."""
+    options = options or {}
+    if options.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8"):
+        return {}
+    if options.get("encoding_errors", "strict") != "strict":
+        return {}
     return {"command_packer": Packer()} if AVAILABLE else {}

@@ -159,14 +159,15 @@ def connect(url: str) -> redis.Redis:
     """A synchronous client (workers). Timeouts keep a dead Redis from hanging a task forever.
     A ``sentinel://`` URL gives a client that follows the master through failovers."""
     spec = SentinelUrl.parse(url)
-    packing = redispack.connection_kwargs()  # commands packed in C
     if spec is None:
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        packing = redispack.connection_kwargs(options)  # commands packed in C
         return redis.Redis.from_url(url, **TIMEOUTS, **packing)
     sentinel = redis.sentinel.Sentinel(
         list(spec.sentinels), sentinel_kwargs={"password": spec.password, **TIMEOUTS}, **TIMEOUTS
     )
     client: redis.Redis = sentinel.master_for(
-        spec.master, db=spec.db, password=spec.password, **packing
+        spec.master, db=spec.db, password=spec.password, **redispack.connection_kwargs()
     )
     return client
 
