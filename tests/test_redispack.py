@@ -26,7 +26,10 @@ arguments = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False),
 )
-names = st.sampled_from(["SET", "HSET", b"ZADD", "SCRIPT LOAD", b"CLIENT SETINFO", "EVALSHA"])
+names = st.sampled_from(
+    ["SET", "HSET", b"ZADD", "SCRIPT LOAD", b"CLIENT SETINFO", "EVALSHA", "CONFIG\tGET",
+     "A \u2003B", b"X\tY Z", "", "  LEADING"]
+)  # fmt: skip
 
 
 def redis_py(*args: object) -> bytes:

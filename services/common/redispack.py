@@ -40,10 +40,9 @@ class Packer:
         self._redis_py = PythonRespSerializer(BUFFER_CUTOFF, encode)  # redis-py 5 to 8 alike
 
     def pack(self, *args: Any) -> list[bytes]:
-        name = args[0]
+        name = args[0]  # split into words as redis-py splits it ("SCRIPT LOAD")
         if isinstance(name, str):
-            if " " in name:
-                args = (*name.split(), *args[1:])
+            args = (*name.encode().split(), *args[1:])
         elif isinstance(name, bytes) and b" " in name:
             args = (*name.split(), *args[1:])
         try:
