@@ -2,7 +2,10 @@
 
 Three measurements, one after the other, each with a fresh sink and the same load and client:
 tlsrelay (as ``make bench`` runs it), then a private Postfix instance (:mod:`bench.postfix`) with
-``smtp_tls_connection_reuse = no`` and with ``= yes``. The client is Postfix's ``smtp-source``
+``smtp_tls_connection_reuse = no`` and with ``= yes`` (``--targets`` picks some of them).
+``--rounds N`` runs them N times in alternating order and takes each ratio within its round,
+then the median: on a machine whose speed drifts within minutes (bench/README.md, "Session 7")
+one round's order decides too much. The client is Postfix's ``smtp-source``
 (``--client smtp-source``, the default: one domain, in clear, unpaced, no per-message accept
 times, so no latency) or this package's load client for all three (``--client load``: latency
 too, and every load option). Prints each table, a comparison with the ratios tlsrelay / Postfix
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -84,6 +88,26 @@ def _div(a: float, b: float) -> float | None:
 
 
 LABELS = ("tlsrelay", "postfix reuse=no", "postfix reuse=yes")
+TARGETS = {"tlsrelay": LABELS[0], "reuse=no": LABELS[1], "reuse=yes": LABELS[2]}
+
+
+def order(labels: Sequence[str], round_: int) -> list[str]:
+    """The targets' order in round ``round_`` (from 0): as given, then reversed, and so on —
+    so that a machine whose speed drifts during the sitting favours none of them."""
+    return list(labels) if round_ % 2 == 0 else list(reversed(labels))
+
+
+def paired(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """The median over the rounds of each ratio tlsrelay / Postfix, each taken within its round
+    (the two runs minutes apart, not a whole sitting)."""
+    per_round = [ratios([r[label] for label in LABELS if label in r]) for r in rounds]
+    out: dict[str, dict[str, float | None]] = {}
+    for key in per_round[0]:
+        out[key] = {}
+        for field in per_round[0][key]:
+            values = [v for r in per_round if (v := r[key][field]) is not None]
+            out[key][field] = round(statistics.median(values), 3) if values else None
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="smtp-source",
         help="the load generator for all three runs (default %(default)s)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the targets this many times, in alternating order (A B C, C B A, …): this "
+        "machine's speed drifts within minutes, and each round's ratios are taken within it; "
+        "the summary is their median (default %(default)s)",
+    )
+    parser.add_argument(
+        "--targets",
+        default="tlsrelay,reuse=no,reuse=yes",
+        help="which runs, comma-separated, tlsrelay first: tlsrelay, reuse=no, reuse=yes "
+        "(default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    labels = [TARGETS.get(t.strip(), "") for t in args.targets.split(",")]
+    if "" in labels or not labels or labels[0] != "tlsrelay" or len(set(labels)) != len(labels):
+        parser.error(f"--targets {args.targets!r}: tlsrelay first, then reuse=no and/or reuse=yes")
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     try:
         workload = workload_of(args)
         overrides_of(args)
@@ -110,10 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if root is None:
         root = Path(tempfile.mkdtemp(prefix="tlsrelay-compare-"))
         root.chmod(0o755)  # Postfix's daemons (user postfix) must reach their directories
-    reports = []
+    reports: list[dict[str, Any]] = []
+    rounds: list[dict[str, dict[str, Any]]] = []
     try:
-        for index, label in enumerate(LABELS):
-            reports.append(run_one(label, args, workload, root / str(index), args.client))
+        for round_ in range(args.rounds):
+            done: dict[str, dict[str, Any]] = {}
+            for label in order(labels, round_):
+                where = root / f"{round_}-{LABELS.index(label)}"
+                done[label] = run_one(label, args, workload, where, args.client)
+                done[label]["round"] = round_
+            rounds.append(done)
+            reports += [done[label] for label in labels]
     except TargetError as exc:
         say(f"{exc} (logs kept in {root})")
         return 1
@@ -122,9 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     if not args.json_only:
         print("\n\n".join(table(r) for r in reports))
-        print()
-        print(comparison(reports))
-    print(json.dumps({"reports": reports, "ratios": ratios(reports)}), flush=True)
+        for round_, done in enumerate(rounds):
+            print()
+            if args.rounds > 1:
+                print(f"round {round_ + 1} (order: {', '.join(order(labels, round_))})")
+            print(comparison([done[label] for label in labels]))
+    summary = paired(rounds)
+    if args.rounds > 1 and not args.json_only:
+        print(f"\nmedian of the {args.rounds} rounds' ratios:")
+        for key, values in summary.items():
+            print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+    print(json.dumps({"reports": reports, "ratios": summary}), flush=True)
     return 1 if lost else 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import compare
 from bench.run import parse_rtt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +68,23 @@ def test_rtt_is_read_in_milliseconds_or_seconds(text: str, seconds: float) -> No
 def test_a_bad_rtt_is_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_rtt(text)
+
+
+def test_compare_rounds_alternate_and_each_ratio_is_taken_within_its_round() -> None:
+    """``bench.compare --rounds``: the order flips every round (a drifting machine favours no
+    target), and the summary is the median of the ratios each round gives on its own."""
+    labels = ["tlsrelay", "postfix reuse=yes"]
+    assert compare.order(labels, 0) == labels
+    assert compare.order(labels, 1) == labels[::-1]
+    assert compare.order(labels, 2) == labels
+
+    def run(label: str, msgs: float, cpu: float) -> dict[str, object]:
+        return {"label": label, "e2e_msgs_per_s": msgs, "accept_msgs_per_s": msgs,
+                "cpu_ms_per_msg": {"relay_total": cpu}, "tls_handshakes_per_msg": 0.01}  # fmt: skip
+
+    rounds = [  # a machine twice as fast in the second round: the rounds' ratios 1.5, 1.5, 1.65
+        {label: run(label, m, c) for label, (m, c) in zip(labels, pair, strict=True)}
+        for pair in [((300, 2.0), (200, 2.0)), ((600, 1.0), (400, 1.0)), ((330, 2.0), (200, 2.0))]
+    ]
+    summary = compare.paired(rounds)["tlsrelay/postfix reuse=yes"]
+    assert summary["e2e_msgs_per_s"] == 1.5 and summary["cpu_ms_per_msg"] == 1.0
