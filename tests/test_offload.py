@@ -365,12 +365,12 @@ def far_call() -> None:
 
 def test_auto_calls_run_inline_while_redis_is_near_and_in_threads_once_far() -> None:
     """``delivery.redis_calls: auto``: calls that wait for nothing beyond their own CPU run on
-    the loop (no thread hop); a window of calls that all waited sends the next ones to the
-    threads, where one call in ``PROBE_EVERY`` still runs inline to measure; a window of quick
-    probes brings them back."""
+    the loop (no thread hop); ``FAR_WINDOWS`` windows in a row of calls that all waited 1 ms
+    send the next ones to the threads, where one call in ``PROBE_EVERY`` still runs inline to
+    measure; a window of probes with a quick one brings them back."""
     io = Offload(2, mode="auto")
     assert where_calls_run(io, lambda: None, 3 * offload.WINDOW) == ["loop"] * 3 * offload.WINDOW
-    measured = offload.FAR_WINDOWS * offload.WINDOW
+    measured = offload.FAR_WINDOWS * offload.WINDOW  # 1 ms: between NEAR and FAR
     first = where_calls_run(io, far_call, measured)
     assert first == ["loop"] * measured, "measured inline, then decided"
     assert not io.inline
@@ -385,10 +385,11 @@ def test_auto_calls_run_inline_while_redis_is_near_and_in_threads_once_far() -> 
 
 
 def test_auto_sends_the_calls_of_a_distant_redis_to_the_threads(valkey: EmbeddedRedis) -> None:
-    """A real Redis 20 ms away (a proxy): after one window measured inline, its calls run in
-    the pool's threads; the same through ``threads`` from the start; ``inline`` never."""
+    """A real Redis 20 ms away (a proxy; past ``FAR``): after one window measured inline, its
+    calls run in the pool's threads; the same through ``threads`` from the start; ``inline``
+    never."""
     with far_client(valkey.port, 0.02) as (client, _):
-        measured = offload.FAR_WINDOWS * offload.WINDOW
+        measured = offload.WINDOW  # past FAR: one window decides
         auto = where_calls_run(Offload(2, mode="auto"), client.ping, measured + 4)
         threads = where_calls_run(Offload(2, mode="threads"), client.ping, 3)
         inline = where_calls_run(Offload(2, mode="inline"), client.ping, 3)
@@ -436,7 +437,10 @@ def calls_on_a_busy_cpu(port: int, count: int) -> list[str]:
     """Where ``count`` calls to the Redis on ``port`` ran ("loop", "pool"), made by a process
     that shares its one CPU with a busy one and yields it to it (nice 19)."""
     cpu = min(os.sched_getaffinity(0))
-    busy = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    busy = (  # dies with its parent (PR_SET_PDEATHSIG, SIGKILL), even a killed one
+        f"import ctypes, os\nctypes.CDLL(None).prctl(1, 9)\n"
+        f"os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    )
     hog = subprocess.Popen([sys.executable, "-c", busy])
     try:
         ran = subprocess.run(
@@ -454,13 +458,13 @@ def calls_on_a_busy_cpu(port: int, count: int) -> list[str]:
 def test_auto_sends_a_distant_redis_to_the_threads_from_a_busy_cpu(valkey: EmbeddedRedis) -> None:
     """A Redis 20 ms away, called from a CPU another process keeps busy (the caller at nice
     19): every call waits its round trip, and for the CPU after it. Its calls go to the threads
-    after ``FAR_WINDOWS`` windows. (Taking the caller's run-queue time off the wait, as
-    schedstat counts it, measured this Redis as near: with the scheduler's delayed dequeue the
-    time a thread sleeps can be counted as time in the run queue.)"""
-    measured = offload.FAR_WINDOWS * offload.WINDOW
+    after the window that measured them (or at once, should one call have waited ``STALL``).
+    (Taking the caller's run-queue time off the wait, as schedstat counts it, measured this
+    Redis as near: with the scheduler's delayed dequeue the time a thread sleeps can be counted
+    as time in the run queue.)"""
     with RedisAtADistance(valkey.port, 0.02) as far:
-        distant = calls_on_a_busy_cpu(far.port, measured + 4)
-    assert distant == ["loop"] * measured + ["pool"] * 4, distant
+        distant = calls_on_a_busy_cpu(far.port, offload.WINDOW + 4)
+    assert distant[-4:] == ["pool"] * 4, distant
 
 
 def test_auto_one_window_without_a_quick_call_keeps_the_calls_inline() -> None:
@@ -541,4 +545,13 @@ def test_auto_one_call_that_hangs_sends_the_next_ones_to_the_threads_at_once() -
     assert where_calls_run(io, lambda: time.sleep(0.3), 1) == ["loop"], "measured inline"
     assert not io.inline
     assert where_calls_run(io, lambda: None, 3) == ["pool"] * 3
+    io.close()
+
+
+def test_auto_one_window_past_far_decides_alone() -> None:
+    """A window whose least wait is past ``FAR`` (no machine's load made it) sends the calls
+    to the threads at once: a Redis that far holds the loop for each of its inline calls."""
+    io = Offload(2, mode="auto")
+    where = where_calls_run(io, lambda: time.sleep(3 * offload.FAR / 2), offload.WINDOW + 2)
+    assert where == ["loop"] * offload.WINDOW + ["pool"] * 2
     io.close()

@@ -40,16 +40,18 @@ small machine, more than a round trip to a Redis on the same host waits. ``auto`
 measures what a call waits for beyond its own CPU (wall time minus the calling thread's CPU
 time): while the least of a window of such waits stays below :data:`NEAR` the calls run inline on
 the loop (each one measured); once the least wait of :data:`FAR_WINDOWS` windows in a row is
-above it (Redis in another host, behind a proxy, or stalled) they go to the threads, where every
-:data:`PROBE_EVERY`-th call still runs inline to look again (there one window of quick probes
-brings them back). The least wait of a window is the distance, not the machine's load:
-one quick answer is enough to show Redis is near, and a round trip far away is never quick. An
-inline call blocks the loop for its round trip, as a far Redis would for at most one probe in
-:data:`PROBE_EVERY`. A Redis that stops answering holds an inline call for the client's socket
-timeout (its error then fails the task, which runs again): the loop's other lanes wait too, as
-they would, having nothing to record their rounds in — once: a call that waited :data:`STALL`
-sends the next ones to the threads at once (a pool's other dead connections after a failover
-would hold the loop again each), and the probes bring them back.
+above it (Redis in another host, behind a proxy, or stalled) — or of one window above :data:`FAR`
+(no machine's load made that) — they go to the threads, where every :data:`PROBE_EVERY`-th call
+still runs inline to look again (one quick probe in a window of them brings them back). The
+least wait of a window is the distance, not the machine's load: one quick answer is enough to
+show Redis is near, and a round trip far away is never quick. An inline call blocks the loop for
+its round trip: a far Redis does so for the calls that measure it (a window, or up to
+``FAR_WINDOWS`` windows for one between NEAR and FAR away: at 1 ms, 0.1 s in all), then for at
+most one probe in :data:`PROBE_EVERY`. A Redis that stops answering holds an inline call for
+the client's socket timeout (its error then fails the task, which runs again): the loop's other
+lanes wait too, as they would, having nothing to record their rounds in — once: a call that
+waited :data:`STALL` sends the next ones to the threads at once (a pool's other dead connections
+after a failover would hold the loop again each), and the probes bring them back.
 
 A cancellation cannot land during an inline call: a deadline (``delivery.job_timeout``) that
 passes meanwhile lands at the caller's next await, after the call returned its result to it (so
@@ -89,6 +91,9 @@ Mode = Literal["auto", "threads", "inline"]
 NEAR = 500e-6  # s
 WINDOW = 32  # measured calls per decision
 FAR_WINDOWS = 3  # windows in a row whose least wait is above NEAR: the calls go to the threads
+# A window whose least wait is above FAR decides alone: the saturated benchmark's far windows
+# stayed under 1.4 ms, and a Redis that far holds the loop for each of its inline calls.
+FAR = 2e-3  # s
 PROBE_EVERY = 16  # in the threads, one call in this many runs inline, measured
 # One inline call that waited this long sends the calls to the threads at once, whatever the
 # window: a connection that hangs (a master that failed over, a stalled Redis) held the whole
@@ -130,7 +135,7 @@ class Offload:
     """A deliver process's thread pool for Redis calls (``workers``: its threads; 0: calls run
     inline on the loop, as in tools and tests that use one object alone). ``mode``: ``threads``
     always, ``inline`` never (no pool), ``auto`` inline while Redis is near (module docstring;
-    it starts inline, and decides after the first :data:`WINDOW` calls)."""
+    it starts inline, and decides after each :data:`WINDOW` calls)."""
 
     def __init__(self, workers: int, name: str = "tlsrelay-redis", mode: Mode = "threads") -> None:
         use_pool = workers > 0 and mode != "inline"
@@ -196,8 +201,8 @@ class Offload:
                 near = self._least < NEAR
                 self._far = 0 if near or not self.inline else self._far + 1
                 if near:
-                    self.inline = True  # from the threads too: one window of quick probes
-                elif self.inline and self._far >= FAR_WINDOWS:
+                    self.inline = True  # from the threads too: one quick probe in a window
+                elif self.inline and (self._far >= FAR_WINDOWS or self._least >= FAR):
                     self.inline, self._far = False, 0
                 self._least, self._measured, self._calls = math.inf, 0, 0
 
