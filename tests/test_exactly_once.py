@@ -17,6 +17,7 @@ world of real processes (tests/world.py).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import re
 import threading
@@ -241,6 +242,21 @@ def test_a_claim_is_kept_alive_while_held_and_ends_with_its_release(store: redis
     assert gone.ours and gone.state is not None and gone.state.envelope is None
     claims.release_all()
     assert not store.exists(spool.claim_key(*key))
+
+
+def test_the_keeper_of_a_discarded_claims_object_ends(store: redis.Redis) -> None:
+    """A :class:`Claims` nothing refers to any more (a test's, a tool's) stops its refresh
+    thread: its claims then run out with their TTL, as a dead process's do — the thread no
+    longer outlives it, refreshing (and logging) for ever."""
+    claims = Claims(store, ttl=0.3)
+    envelope = stored(store, "a@x.test")
+    assert claims.take((envelope.id, "x.test")).ours
+    keeper = claims._keeper
+    assert keeper is not None and keeper.is_alive()
+    del claims
+    gc.collect()
+    keeper.join(timeout=10)
+    assert not keeper.is_alive(), "the keeper outlived its Claims"
 
 
 # --------------------------------------------------------------------------- item 3: time

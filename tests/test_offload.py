@@ -464,7 +464,8 @@ def test_auto_sends_a_distant_redis_to_the_threads_from_a_busy_cpu(valkey: Embed
     as time in the run queue.)"""
     with RedisAtADistance(valkey.port, 0.02) as far:
         distant = calls_on_a_busy_cpu(far.port, offload.WINDOW + 4)
-    assert distant[-4:] == ["pool"] * 4, distant
+    after = distant[offload.WINDOW :]  # in the threads; at most one a probe (PROBE_EVERY)
+    assert after.count("pool") >= len(after) - 1, distant
 
 
 def test_auto_one_window_without_a_quick_call_keeps_the_calls_inline() -> None:

@@ -35,6 +35,7 @@ import os
 import secrets
 import socket
 import threading
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -224,29 +225,28 @@ class Claims:
             self._held.add(claim)
             if self._keeper is None:
                 self._keeper = threading.Thread(
-                    target=self._keep, name="tlsrelay-claims", daemon=True
-                )
+                    target=_keep, args=(weakref.ref(self), self.ttl / 3),
+                    name="tlsrelay-claims", daemon=True,
+                )  # fmt: skip
                 self._keeper.start()
 
-    def _keep(self) -> None:
-        """Refresh the held claims every third of the TTL; end when none is held."""
-        pause = threading.Event()
-        while True:
-            pause.wait(self.ttl / 3)
-            with self._lock:
-                held = sorted(self._held)
-                if not held:
-                    self._keeper = None
-                    return
-            try:
-                lost = self.refresh(held)
-            except (redis.exceptions.RedisError, OSError) as exc:
-                log.warning("could not refresh %d delivery claims: %s", len(held), exc)
-                continue
-            with self._lock:  # released meanwhile: not lost
-                lost = [claim for claim in lost if claim in self._held]
-            if lost:
-                log.warning("delivery claims lost (another worker may send these): %s", lost)
+    def _keep_once(self) -> bool:
+        """Refresh the held claims once; False (the keeper ends) when none is held."""
+        with self._lock:
+            held = sorted(self._held)
+            if not held:
+                self._keeper = None
+                return False
+        try:
+            lost = self.refresh(held)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("could not refresh %d delivery claims: %s", len(held), exc)
+            return True
+        with self._lock:  # released meanwhile: not lost
+            lost = [claim for claim in lost if claim in self._held]
+        if lost:
+            log.warning("delivery claims lost (another worker may send these): %s", lost)
+        return True
 
     def refresh(self, claims: list[str]) -> list[str]:
         """Extend those of ``claims`` that are still ours by the TTL; return the others."""
@@ -254,3 +254,16 @@ class Claims:
             _REFRESH, len(claims), *claims, self.token, int(self.ttl * 1000)
         )
         return [claim.decode() for claim in raw]
+
+
+def _keep(claims: weakref.ref[Claims], every: float) -> None:
+    """The keeper thread: refresh the held claims every third of the TTL; end when none is
+    held, or when nothing else refers to their :class:`Claims` any more (a discarded object's
+    claims run out with their TTL, as a dead process's do)."""
+    pause = threading.Event()
+    while True:
+        pause.wait(every)
+        alive = claims()
+        if alive is None or not alive._keep_once():
+            return
+        del alive  # no strong reference while it sleeps
