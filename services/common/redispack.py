@@ -10,9 +10,9 @@ round's transaction (a dozen commands) costs a fifth less CPU to send (bench/REA
 Contract: the bytes on the wire are those redis-py would send. An argument hiredis does not
 take (a ``bool``, ``None``, a ``memoryview``, a ``bytearray``) goes redis-py's own way (its
 Python packer, the same in redis-py 5 to 8), which packs it or raises its ``DataError`` as
-before. A command name with spaces in it
-(``"SCRIPT LOAD"``) is split into words, as redis-py does. Without hiredis
-(:data:`AVAILABLE` false) nothing changes: :func:`connection_kwargs` is empty.
+before. A command name with spaces in it (``"SCRIPT LOAD"``) is split into words, as redis-py
+does. Without hiredis (:data:`AVAILABLE` false), or for a ``redis_url`` with an encoding other
+than strict UTF-8, nothing changes: :func:`connection_kwargs` is empty.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis is in the locks
     AVAILABLE = False
 
-BUFFER_CUTOFF = 6000  # redis-py's: larger arguments are sent as pieces of their own
+BUFFER_CUTOFF = 6000  # redis-py's, for its Python packer (larger arguments: pieces of their own)
 
 
 class Packer:
