@@ -36,11 +36,7 @@ def ip_address(text: str) -> IpAddress | None:
 
 
 def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+    return ip_address(text) is not None  # cached: a route's host is looked at per message
 
 
 # --------------------------------------------------------------------------- endpoints

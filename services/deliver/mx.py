@@ -49,7 +49,7 @@ import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
 from services.common.deliveryconfig import DeliveryConfig
-from services.common.values import HostPort, Route
+from services.common.values import HostPort, Route, ip_address
 
 _ADDRESS_TYPES = (dns.rdatatype.AAAA, dns.rdatatype.A)
 _T = TypeVar("_T")
@@ -245,7 +245,7 @@ async def _route_destination(
     """A route is one destination; a named route host without addresses defers (config issue)."""
     target = route.address
     if target.is_ip:
-        ip = str(ipaddress.ip_address(target.host))
+        ip = str(ip_address(target.host))  # cached (values.ip_address)
         return Destination(ip, target.port, (ip,), None, "route", route.tls_name or domain)
     host = _normal(target.host)
     addresses = (await _addresses(resolver, domain, _name(host))).found

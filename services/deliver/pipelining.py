@@ -106,7 +106,17 @@ class ReplyReader(asyncio.Protocol):
             self._wakeup.set_result(None)
 
     async def read(self, timeout: float) -> RawReply:
-        """The next whole reply, waiting at most ``timeout`` seconds for it."""
+        """The next whole reply, waiting at most ``timeout`` seconds for it. A reply already
+        buffered (a pipelined group's replies often come in one packet) is taken without a
+        timer: nothing waits."""
+        reply = self._parse()
+        if reply is None:
+            reply = await self._wait(timeout)
+        if len(self.buffer) < LOW_WATER:
+            self._resume()
+        return reply
+
+    async def _wait(self, timeout: float) -> RawReply:
         async with asyncio.timeout(timeout):
             while (reply := self._parse()) is None:
                 if self.closed:
@@ -117,8 +127,6 @@ class ReplyReader(asyncio.Protocol):
                     await self._wakeup
                 finally:
                     self._wakeup = None
-        if len(self.buffer) < LOW_WATER:
-            self._resume()
         return reply
 
     def _resume(self) -> None:
