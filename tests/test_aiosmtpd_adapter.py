@@ -84,11 +84,32 @@ def test_connected_attributes_and_the_stream_buffer() -> None:
     assert isinstance(stream, asyncio.StreamReader), type(stream)
     buffer = getattr(stream, "_buffer", None)
     assert isinstance(buffer, bytearray), "asyncio.StreamReader has no _buffer any more"
+    assert adapter.unread(stream) is buffer
+    assert adapter.stream_limit(stream) == smtp.line_length_limit, "StreamReader._limit changed"
+
+
+def test_the_stream_buffer_and_limit_are_what_readuntil_uses() -> None:
+    """``unread`` holds what the reads return, ``stream_limit`` is where readuntil gives up."""
+
+    async def read() -> None:
+        stream = asyncio.StreamReader(limit=8)
+        stream.feed_data(b"12345678\r\n123456789\r\nnext")
+        assert adapter.stream_limit(stream) == 8
+        assert bytes(adapter.unread(stream)) == b"12345678\r\n123456789\r\nnext"
+        assert await stream.readuntil(b"\r\n") == b"12345678\r\n"
+        with pytest.raises(asyncio.LimitOverrunError) as overrun:
+            await stream.readuntil(b"\r\n")
+        assert overrun.value.consumed == 9
+        assert bytes(adapter.unread(stream)) == b"123456789\r\nnext"
+
+    asyncio.run(read())
 
 
 def test_no_other_ingest_module_touches_those_members() -> None:
     private = (*adapter.PRIVATE_METHODS, *adapter.PRIVATE_ATTRIBUTES, *adapter.CONNECTED_ATTRIBUTES)
-    pattern = re.compile(r"\.(" + "|".join(map(re.escape, (*private, "_buffer"))) + r")\b")
+    pattern = re.compile(
+        r"\.(" + "|".join(map(re.escape, (*private, *adapter.STREAM_ATTRIBUTES))) + r")\b"
+    )
     for path in sorted(INGEST.glob("*.py")):
         if path.name != "adapter.py":
             found = pattern.findall(path.read_text())

@@ -30,7 +30,7 @@ from services.common.values import HostPort
 from services.ingest import replies
 from services.ingest import session as ingest_session
 from services.ingest.message import MessageReader
-from services.ingest.session import COMMAND_LINE_MAX, MAIL_LINE_MAX
+from services.ingest.session import AUTH_LINE_MAX, COMMAND_LINE_MAX, MAIL_LINE_MAX
 from tests.test_ingest import RunningServer, Valkey, client, make_config, queued_id, stored
 
 # The replies of the contract (services/ingest/server.py), as they go over the wire.
@@ -513,7 +513,7 @@ def test_password_checks_are_constant_time_and_metrics_bind_loopback() -> None:
 
 def test_message_reader_table() -> None:
     def read(*lines: bytes, max_bytes: int = 10_000, header: int = 100) -> MessageReader:
-        reader = MessageReader(max_bytes, header, max_hops=50)
+        reader = MessageReader(max_bytes, header, max_hops=50, stream_limit=AUTH_LINE_MAX)
         for line in lines:
             if not line.endswith(b"\r\n"):
                 reader.fragment(line)

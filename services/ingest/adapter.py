@@ -9,7 +9,7 @@ API: ``smtp_*`` methods, ``push``, hooks, ``Session``, ``Envelope``).
 
 :data:`PRIVATE_METHODS`, :data:`PRIVATE_ATTRIBUTES` and :data:`CONNECTED_ATTRIBUTES` list every
 private member relied on; ``tests/test_aiosmtpd_adapter.py`` fails, naming the member, when a
-new aiosmtpd (or asyncio, for ``StreamReader._buffer``) no longer has one. Failure behaviour:
+new aiosmtpd (or asyncio, for :data:`STREAM_ATTRIBUTES`) no longer has one. Failure behaviour:
 nothing here catches anything; a missing member raises ``AttributeError`` in the session (logged
 and answered ``451 4.3.0`` by the handler's ``handle_exception``), which that test catches first.
 """
@@ -43,7 +43,23 @@ PRIVATE_ATTRIBUTES: Final = (  # set by SMTP.__init__
     "_handler_coroutine",  # the task running the session's commands
 )
 CONNECTED_ATTRIBUTES: Final = ("_reader", "_writer")  # set once a client connected
-# And asyncio.StreamReader._buffer: the octets received and not yet read (see discard_pipelined).
+# And asyncio.StreamReader's (see unread and stream_limit).
+STREAM_ATTRIBUTES: Final = (
+    "_buffer",  # the octets received and not read yet
+    "_limit",  # how far readuntil looks for its separator (LimitOverrunError beyond)
+)
+
+
+def unread(reader: asyncio.StreamReader) -> bytearray:
+    """The octets ``reader`` received and has not returned yet: its buffer itself, to look into
+    before a read of a length known to be there, or to clear; never to keep over an ``await``."""
+    return cast(bytearray, cast(Any, reader)._buffer)
+
+
+def stream_limit(reader: asyncio.StreamReader) -> int:
+    """The octets before a separator beyond which ``reader.readuntil`` raises
+    ``LimitOverrunError`` (the ``limit`` it was made with)."""
+    return int(cast(Any, reader)._limit)
 
 
 class IngestSession(Session):  # type: ignore[misc]  # aiosmtpd is untyped
@@ -181,7 +197,7 @@ class AiosmtpdAdapter(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 
     def discard_pipelined(self) -> None:
         """Drop what the client sent and was not read yet: those commands are never run."""
-        self._reader._buffer.clear()
+        unread(self._reader).clear()
 
     def cancel_commands(self) -> None:
         """Stop the task that runs the session's commands."""

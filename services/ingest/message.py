@@ -1,7 +1,8 @@
 """What ingest records of a message: the DATA lines within the limits, and the trace it adds.
 
 - :class:`MessageReader` keeps the lines of one DATA transfer within the size, line, header and
-  hop limits, with memory bounded by the size limit whatever the client sends.
+  hop limits, with memory bounded by the size limit whatever the client sends: one line at a
+  time, or every whole line the stream holds at once (the same result, for less CPU).
 - :func:`received_header` writes the ``Received:`` trace field (RFC 5321 §4.4) from the facts
   of the session: :func:`client_ip`, :func:`inbound_tls`, :func:`client_certificate`,
   :func:`with_keyword` (the RFC 3848 ``with`` keyword).
@@ -40,6 +41,12 @@ TEXT_LINE_MAX: Final = 1000
 # RFC 5322 §2.2 (and §4.5's obsolete space before the colon): a header field, or a folded line.
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]")
 _RECEIVED_FIELD = re.compile(rb"received[ \t]*:", re.IGNORECASE)  # RFC 5322 §3.6.7: a hop
+# The same over many lines: the lines matching _HEADER_LINE that start a text (each to its CRLF:
+# a bare CR or LF ends nothing), and a Received field after the first line.
+_HEADER_LINES = re.compile(
+    rb"(?:(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\r]*(?:\r(?!\n)[^\r]*)*\r\n)*"
+)
+_NEXT_RECEIVED_FIELD = re.compile(rb"\r\nreceived[ \t]*:", re.IGNORECASE)
 _NOT_PRINTABLE = re.compile(r"[^!-~]")  # anything but visible ASCII (for the Received header)
 _NOT_QUOTABLE = re.compile(r'[^ -~]|["\\()]')  # ... in a quoted name inside a comment
 
@@ -47,8 +54,11 @@ _NOT_QUOTABLE = re.compile(r'[^ -~]|["\\()]')  # ... in a quoted name inside a c
 class MessageReader:
     """The lines of one DATA transfer, kept within the limits (pure, no I/O).
 
-    Feed it every line up to and including the final dot (:meth:`line`; the pieces of a line
-    longer than the stream buffer through :meth:`fragment`). Dot-stuffing is undone (RFC 5321
+    Feed it every line up to and including the final dot: one at a time as a StreamReader's
+    ``readuntil`` of CRLF returns them (:meth:`line`; the pieces of a line longer than the stream
+    buffer, ``stream_limit``, through :meth:`fragment`), or the whole lines the stream already
+    holds at once (:meth:`whole_lines` says how many octets, :meth:`lines` takes them), which
+    ends in the same content and refusal. Dot-stuffing is undone (RFC 5321
     §4.5.2); the size counts the message as stored (RFC 1870: CRLFs, not the stuffed dots). The
     first limit crossed decides the refusal, after which nothing more is kept, so memory stays
     bounded by ``max_bytes`` whatever the client sends. The header section is the lines up to
@@ -57,10 +67,16 @@ class MessageReader:
     ``max_hops`` ``Received:`` fields in it is a mail loop (RFC 5321 §6.3): TOO_MANY_HOPS.
     """
 
-    def __init__(self, max_bytes: int, max_header_bytes: int, max_hops: int) -> None:
+    def __init__(
+        self, max_bytes: int, max_header_bytes: int, max_hops: int, *, stream_limit: int
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_header_bytes = max_header_bytes
         self.max_hops = max_hops
+        self.stream_limit = stream_limit  # the reader's limit: a longer line comes in fragments
+        # The longest line (without CRLF and its stuffed dot) that :meth:`lines` takes without
+        # looking closer: within TEXT_LINE_MAX, and no fragment even with a stuffed dot.
+        self._plain_line_max = min(TEXT_LINE_MAX - 2, stream_limit - 1)
         self._hops = 0
         self.content = bytearray()
         self.refusal: str | None = None  # the reply once the final dot arrived, if not 250
@@ -85,6 +101,75 @@ class MessageReader:
         if self.refusal is None:
             self._keep(line)
         return False
+
+    def whole_lines(self, unread: bytes | bytearray) -> int:
+        """How many octets at the start of ``unread`` (what the stream holds and has not returned
+        yet) :meth:`lines` takes: the whole lines there, up to and including the final dot when
+        it is among them, never an octet past it (the client's next command). 0 when no line
+        ends there, or inside a line longer than the stream buffer (its end goes to :meth:`line`).
+        """
+        if self._in_line:
+            return 0
+        if unread.startswith(b".\r\n"):
+            return 3
+        end = unread.find(b"\r\n.\r\n")  # a CRLF is always a line end: they never overlap
+        if end >= 0:
+            return end + 5
+        last = unread.rfind(b"\r\n")
+        return last + 2 if last >= 0 else 0
+
+    def lines(self, data: bytes) -> bool:
+        """The octets :meth:`whole_lines` counted: the same as :meth:`line` (and
+        :meth:`fragment`, for a line longer than the stream buffer, as ``readuntil`` would have
+        split it) on each line in turn, in a few passes over the whole; True when the last line
+        is the final dot."""
+        final = data == b".\r\n" or data.endswith(b"\r\n.\r\n")
+        body = data[:-3] if final else data
+        if body and self.refusal is None:  # once refused, the rest only has to be read
+            self._bulk(body)
+        return final
+
+    def _bulk(self, body: bytes) -> None:
+        """Whole lines, none of them the final dot, from the start of a line."""
+        # RFC 5321 §4.5.2, the first line and the others. A CRLF is neither made nor unmade:
+        # the dots taken out follow an LF.
+        text = body.replace(b"\r\n.", b"\r\n")
+        if body.startswith(b"."):
+            text = text[1:]
+        longest = max(map(len, text.split(b"\r\n")))  # without CRLF, and without a dot
+        if longest > self._plain_line_max or self._size + len(text) > self.max_bytes:
+            for line in body.split(b"\r\n")[:-1]:  # a limit may be crossed: find where
+                self._as_read(line)
+            return
+        self._size += len(text)
+        if self._in_header and not self._header(text):
+            return
+        self.content += text
+
+    def _as_read(self, line: bytes) -> None:
+        """A line (without CRLF) as ``readuntil`` hands it over: beyond the stream limit, that
+        much as a fragment, then the CRLF alone."""
+        if len(line) > self.stream_limit:
+            self.fragment(line)
+            self.line(b"\r\n")
+        else:
+            self.line(line + b"\r\n")
+
+    def _header(self, text: bytes) -> bool:
+        """:meth:`_keep`'s header accounting, on lines (dots unstuffed) within every other
+        limit; False when that refused them."""
+        match = _HEADER_LINES.match(text)
+        end = match.end() if match is not None else 0  # the header lines text starts with
+        hops = self._hops + (_RECEIVED_FIELD.match(text, 0, end) is not None)
+        hops += len(_NEXT_RECEIVED_FIELD.findall(text, 0, end))
+        if self._header_bytes + end > self.max_header_bytes or hops > self.max_hops:
+            for line in text[:end].split(b"\r\n")[:-1]:  # a limit is crossed: find which
+                self._keep(line + b"\r\n")
+            return False
+        self._header_bytes += end
+        self._hops = hops
+        self._in_header = end == len(text)
+        return True
 
     def _count(self, size: int, refusal: str | None) -> None:
         self._size += size

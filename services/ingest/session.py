@@ -33,7 +33,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from services.common import metrics
 from services.common.protocol import REQUIRETLS
 from services.ingest import replies
-from services.ingest.adapter import AiosmtpdAdapter
+from services.ingest.adapter import AiosmtpdAdapter, stream_limit, unread
 from services.ingest.handler import IngestHandler
 from services.ingest.message import MessageReader, client_ip
 
@@ -378,24 +378,18 @@ class IngestSMTP(AiosmtpdAdapter):
         await self.push(status)
 
     async def _read_message(self) -> MessageReader:
-        """Every line up to the final dot. Lines read restart the command timeout (at most ten
-        times per timeout, to keep timers off the per-line path), so a slow but steady transfer
-        is not cut off while a stalled one is."""
+        """Every line up to the final dot (:func:`read_data`). Lines read restart the command
+        timeout (at most ten times per timeout, to keep timers off the per-line path), so a slow
+        but steady transfer is not cut off while a stalled one is."""
         message = MessageReader(
-            self.data_size_limit, self._limits.max_header_bytes, self._limits.max_hops
+            self.data_size_limit,
+            self._limits.max_header_bytes,
+            self._limits.max_hops,
+            stream_limit=stream_limit(self.reader),
         )
-        reader = self.reader
         every = min(1.0, self.timeout_seconds / 10)
-        restarted = self.loop.time()
-        while True:
-            try:
-                if message.line(await reader.readuntil(b"\r\n")):
-                    return message
-            except asyncio.LimitOverrunError as exc:  # no CRLF within the stream buffer
-                message.fragment(await reader.read(exc.consumed))
-            if self.loop.time() - restarted >= every:
-                self.restart_timeout()
-                restarted = self.loop.time()
+        await read_data(self.reader, message, self.restart_timeout, every)
+        return message
 
     # ----------------------------------------------------------------------- AUTH (submission)
 
@@ -479,3 +473,39 @@ class IngestSMTP(AiosmtpdAdapter):
         if refusal is not None:
             return AuthResult(success=False, handled=False, message=refusal)
         return AuthResult(success=True, auth_data=self.session.auth_user)
+
+
+async def read_data(
+    reader: asyncio.StreamReader,
+    message: MessageReader,
+    restart_timeout: Callable[[], None],
+    every: float,
+) -> None:
+    """Every line of a DATA transfer from ``reader`` into ``message``, up to and including the
+    final dot and not an octet further: what follows is the client's next command.
+
+    The whole lines the stream already holds are taken in one read and handed over together
+    (:meth:`MessageReader.lines`: the 32 lines of a 2 KB message at once); only when it holds
+    none is the next line awaited, with ``readuntil`` as before (:meth:`~MessageReader.line`,
+    :meth:`~MessageReader.fragment`). The lines, fragments and refusal are those of reading line
+    by line, and no more is held than the stream buffer and ``message`` hold. After each read
+    that ended a line or a fragment, ``restart_timeout()`` is called if ``every`` seconds passed
+    since it last was; a partial line never calls it. Raises what the reads raise
+    (``IncompleteReadError`` when the stream ends before the final dot).
+    """
+    loop = asyncio.get_running_loop()
+    restarted = loop.time()
+    while True:
+        whole = message.whole_lines(unread(reader))
+        if whole:  # all there: this read returns at once
+            if message.lines(await reader.readexactly(whole)):
+                return
+        else:
+            try:
+                if message.line(await reader.readuntil(b"\r\n")):
+                    return
+            except asyncio.LimitOverrunError as exc:  # no CRLF within the stream buffer
+                message.fragment(await reader.read(exc.consumed))
+        if loop.time() - restarted >= every:
+            restart_timeout()
+            restarted = loop.time()
