@@ -17,6 +17,7 @@ def settings(world: World) -> dict[str, Any]:
     return {
         "delivery": {
             "concurrency": 1,  # one worker process: one pool, so reuse is deterministic
+            "tasks_per_process": 1,  # and one task at a time: two under way need two sessions
             "routes": {
                 "busy.test": busy,
                 "enf-busy.test": busy,

@@ -13,6 +13,11 @@ What kombu's Redis transport keeps, all under our ``global_keyprefix`` (``queuei
 atomically, so it races safely with kombu's own restore and with the worker's ack (whoever
 removes the entry first wins; the other does nothing).
 
+:func:`reserve` and :func:`unreserve` add and remove an entry of our own in ``unacked``: a
+deliver task acknowledged while its jobs are still in flight (``delivery.tasks_per_process``)
+stays reserved this way until they are recorded, so a dead pool process's batch is handed back
+like any reserved task of a dead worker (``services/deliver/rescue.py``).
+
 :func:`free_slots_on_failure` mends kombu's QoS so that an ack or a requeue that fails (Redis
 unreachable, a failover) does not keep the task's prefetch slot forever: kept slots stop a worker
 from consuming.
@@ -27,6 +32,7 @@ propagate.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis
@@ -74,6 +80,25 @@ def restore(client: redis.Redis, tag: str, unacked: str = queueing.UNACKED,
     hash (kombu would fail on it too) and logged by the caller through the False."""
     done: int = client.eval(_RESTORE, 2, unacked, index, tag, queueing.KEY_PREFIX)
     return done == 1
+
+
+def reserve(client: redis.Redis, tag: str, task: str, queue: str, now: float) -> None:
+    """Record ``task`` (a task document, :func:`queueing.task_payload`) as reserved under
+    ``tag``, taken at ``now``, as kombu records a task a worker took: :func:`restore` (or
+    kombu's own restore, after the visibility timeout) puts it back on ``queue``'s list."""
+    entry = json.dumps([json.loads(task), queue, queue])
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(queueing.UNACKED, tag, entry)
+        pipe.zadd(queueing.UNACKED_INDEX, {tag: now})
+        pipe.execute()
+
+
+def unreserve(client: redis.Redis, tag: str) -> None:
+    """The work reserved under ``tag`` is done: its entry goes (as kombu's ack removes one)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hdel(queueing.UNACKED, tag)
+        pipe.zrem(queueing.UNACKED_INDEX, tag)
+        pipe.execute()
 
 
 def migrate_legacy(client: redis.Redis, now: float, visibility_timeout: float,

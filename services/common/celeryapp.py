@@ -152,7 +152,8 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
 def wire_liveness(redis_url: str, role: str) -> None:
     """Beat in Redis (services/common/liveness.py) from the main process — naming the delivery
     tags of the tasks it holds, so a sweep can hand back those of a dead worker — and from each
-    pool process (for claims that name the process doing the work)."""
+    pool process (for claims that name the process doing the work; naming what it holds past
+    its task's acknowledgement, :func:`liveness.hold`)."""
     from celery.signals import worker_init
 
     def held() -> list[str]:
@@ -169,7 +170,7 @@ def wire_liveness(redis_url: str, role: str) -> None:
         liveness.Beacon(redis_url, liveness.new_id(role), held).start()
 
     def start_child(**_: object) -> None:
-        liveness.Beacon(redis_url, liveness.new_id(f"{role}-process")).start()
+        liveness.Beacon(redis_url, liveness.new_id(f"{role}-process"), liveness.holding).start()
 
     worker_init.connect(start_main, weak=False)
     worker_process_init.connect(start_child, weak=False)

@@ -157,6 +157,13 @@ class DeliveryConfig(Section):
     # connection limit (shaping). 5 × the default 4 processes = 20 sessions to a destination,
     # Postfix's default_destination_concurrency_limit. 1: one job after another.
     sessions_per_process: StrictInt = Field(default=5, gt=0, le=1000)
+    # Deliver tasks one process works on at once (services/deliver/tasks.py): with 2, the next
+    # task's jobs take the lanes the last task's jobs leave, instead of waiting for its slowest
+    # job; the lanes of all of them together stay within sessions_per_process. A task is then
+    # acknowledged when the one before it is done, its own jobs maybe still in flight: should the
+    # process die, they are queued again by the rescue sweep (rescue_interval) rather than with
+    # its reserved tasks. 1: a task is acknowledged only once its jobs are recorded.
+    tasks_per_process: StrictInt = Field(default=2, gt=0, le=8)
     # Where a deliver process makes its Redis calls (services/deliver/offload.py): "threads"
     # (a pool, the loop goes on while Redis answers), "inline" (on the event loop: no thread
     # hop, the loop waits out each round trip), "auto": inline while Redis answers as from

@@ -12,8 +12,10 @@ as dead too (its tasks may then run twice: delivery claims guard against sending
 
 API for other parts: :func:`beat`, :func:`alive`, :func:`current` (this process's id, once its
 :class:`Beacon` started), :func:`holders` (tags held by live workers, for the sweep that hands
-back a dead worker's tasks: ``services/deliver/rescue.py``). Redis errors propagate, except in
-:class:`Beacon`, which logs them and beats again at the next interval.
+back a dead worker's tasks: ``services/deliver/rescue.py``), :func:`hold` / :func:`let_go` /
+:func:`holding` (work a pool process holds after its task was acknowledged; its beats name
+it). Redis errors propagate, except in :class:`Beacon`, which logs them and beats again at the
+next interval.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ TTL = 15.0  # a worker silent for this long is dead
 REGISTRY = spool.PREFIX + "workers"
 
 _current: str | None = None
+# Tags of work this process holds besides the tasks Celery reserved for it (a deliver pool
+# process's batch still in flight after its task was acknowledged: services/deliver/tasks.py).
+_holding: set[str] = set()
+_holding_lock = threading.Lock()
 
 
 def worker_key(worker_id: str) -> str:
@@ -58,6 +64,23 @@ def beat(client: redis.Redis, worker_id: str, ttl: float = TTL, held: Iterable[s
         pipe.set(worker_key(worker_id), json.dumps(sorted(held)), px=int(ttl * 1000))
         pipe.sadd(REGISTRY, worker_id)
         pipe.execute()
+
+
+def hold(tag: str) -> None:
+    """This process holds the work reserved under ``tag`` from now (its beats name it)."""
+    with _holding_lock:
+        _holding.add(tag)
+
+
+def let_go(tag: str) -> None:
+    with _holding_lock:
+        _holding.discard(tag)
+
+
+def holding() -> list[str]:
+    """The tags :func:`hold` added and :func:`let_go` did not remove."""
+    with _holding_lock:
+        return sorted(_holding)
 
 
 def alive(client: redis.Redis, worker_id: str) -> bool:

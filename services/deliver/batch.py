@@ -54,6 +54,11 @@ remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the 
 A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
 under way, then the error propagates and the task runs again.
 
+Batches side by side (``delivery.tasks_per_process``, services/deliver/tasks.py): their lanes
+share ``delivery.sessions_per_process`` permits. A claim is the process's (one token), so the
+process notes which batch took each job and another batch leaves that job to it; a batch's end
+releases only its own claims. Each batch renews the per-batch memories but others' premarks.
+
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
 window*); its lanes then stop, and the jobs none started (with the claims their recordings took
 for them) go back to the ``deliver`` queue as a new task (one transaction, then
@@ -146,6 +151,12 @@ class Deliverer:
         # Redis is near (redis_calls).
         self.io = Offload(threads_for(delivery.sessions_per_process), mode=delivery.redis_calls)
         self.ledger.io = self.shaper.io = self.io
+        # Batches run side by side on the loop (delivery.tasks_per_process): every job a batch
+        # has taken, and by which (another batch leaves it alone: the same claim token is the
+        # whole process's); their lanes share delivery.sessions_per_process permits.
+        self._taken: dict[tuple[str, str], Batch] = {}
+        self._permits: asyncio.Semaphore | None = None
+        self._permits_loop: asyncio.AbstractEventLoop | None = None
         self.timeouts = Timeouts(
             config.hostname,
             connect=delivery.connect_timeout,
@@ -169,7 +180,7 @@ class Deliverer:
         jobs = [_read(doc) for doc in docs]
         states = await self.io(spool.load_jobs, self.client, [job_key(doc) for doc in docs])
         self.planner.new_batch()
-        self.ledger.new_batch()
+        self.ledger.new_batch(keep=self._taken)  # the premarks of the batches under way stay
         batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states, self.io), unique(jobs),
                        self.config.delivery.task_window)  # fmt: skip
         lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
@@ -188,8 +199,11 @@ class Deliverer:
                 await self.io(self.ledger.hand_back, handed, [c for _, c in left], OUT_OF_TIME)
                 log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
         finally:
-            if self.ledger.claims.held:  # none is left but after an error
-                await self.io(self.ledger.claims.release_all)
+            mine = [key for key, owner in self._taken.items() if owner is batch]
+            if self.ledger.claims.held:  # none of this batch's is left but after an error
+                await self.io(self.ledger.claims.release_all, mine)
+            for key in mine:  # released first: another batch taking one now claims it anew
+                del self._taken[key]
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
 
@@ -219,17 +233,38 @@ class Deliverer:
         ended): an unreachable destination is then tried once per batch, not once per lane."""
         if not first:
             await batch.opened.wait()
+        permits = self._lane_permits()
         claimed: Claim | None = None  # the next job's, taken by this lane's last recording
-        index = batch.take()
         try:
-            while index is not None:
-                index, claimed = await self._step(batch, index, claimed)
-                batch.opened.set()
+            async with permits:  # the process's other batches' lanes hold the rest
+                index = self._take(batch)
+                while index is not None:
+                    index, claimed = await self._step(batch, index, claimed)
+                    batch.opened.set()
         except BaseException:  # the batch fails (the task runs again): no lane starts a job
             batch.stop()
             raise
         finally:
             batch.opened.set()
+
+    def _lane_permits(self) -> asyncio.Semaphore:
+        """The process's lanes at once, across its batches: ``delivery.sessions_per_process``."""
+        loop = asyncio.get_running_loop()
+        if self._permits is None or self._permits_loop is not loop:  # tests run several loops
+            self._permits = asyncio.Semaphore(self.config.delivery.sessions_per_process)
+            self._permits_loop = loop
+        return self._permits
+
+    def _take(self, batch: Batch) -> int | None:
+        """The batch's next document (its index; None: none left, or time is up). A job another
+        batch of this process has taken is skipped: that batch's claim is this process's too,
+        so both would send it; its recording settles it (as a job another process holds)."""
+        while (index := batch.take()) is not None:
+            job = batch.jobs[index]
+            if job is None or self._taken.setdefault(job.key, batch) is batch:
+                return index
+            log.info("%s to %s is another batch's of this process: left to it", *job.key)
+        return None
 
     async def _step(
         self, batch: Batch, i: int, claimed: Claim | None
@@ -239,14 +274,14 @@ class Deliverer:
         job = batch.jobs[i]
         if job is None:
             await self.io(self.ledger.park, batch.docs[i])
-            return batch.take(), None
+            return self._take(batch), None
         if not batch.may_start():
             batch.leave(i, claimed)
             return None, None
         taken: list[int] = []  # the document this lane takes next, claimed by its recording
 
         def upcoming() -> Upcoming | None:
-            after = batch.take()
+            after = self._take(batch)
             if after is None:
                 return None
             taken.append(after)
@@ -271,7 +306,7 @@ class Deliverer:
             # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
             log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
             await self.io(self.ledger.park, job, keep_mark=True)
-        return (taken[0] if taken else batch.take()), claimed_next
+        return (taken[0] if taken else self._take(batch)), claimed_next
 
     async def shutdown(self) -> None:
         """The worker process stops: close the parked sessions and release every connection

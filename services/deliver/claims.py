@@ -36,6 +36,7 @@ import secrets
 import socket
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -199,10 +200,15 @@ class Claims:
         with self._lock:
             self._held.discard(claim)
 
-    def release_all(self) -> None:
-        """Release whatever is still held (a batch that ended on an error); best effort."""
+    def release_all(self, keys: Iterable[tuple[str, str]] | None = None) -> None:
+        """Release whatever is still held (a batch that ended on an error) — of the jobs
+        ``keys`` only, when given (the process's other batches keep theirs); best effort."""
         with self._lock:
-            held, self._held = sorted(self._held), set()
+            if keys is None:
+                held, self._held = sorted(self._held), set()
+            else:
+                held = sorted(self._held & {spool.claim_key(*key) for key in keys})
+                self._held -= set(held)
         if not held:
             return
         try:

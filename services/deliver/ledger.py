@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -117,10 +117,11 @@ class Ledger:
         claimed(claim)
         return claim
 
-    def new_batch(self) -> None:
+    def new_batch(self, keep: Container[tuple[str, str]] = ()) -> None:
         """A batch begins: the premarks of the last one are forgotten (each is also replaced
-        whenever its job is claimed again)."""
-        self._premarked.clear()
+        whenever its job is claimed again) — but those of the jobs ``keep`` (the process's
+        other batches under way work on them)."""
+        self._premarked = {k: v for k, v in self._premarked.items() if k in keep}
 
     def _claimed(self, claim: Claim, peer: Peer | None) -> None:
         # Always replaced: a premark remembered from an earlier claim must never stand in for

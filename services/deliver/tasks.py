@@ -18,6 +18,22 @@ and queues the rest again (services/deliver/batch.py), so it is acknowledged wel
 ``celery.visibility_timeout`` would hand it to a second worker, and a warm shutdown (SIGTERM)
 waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
 
+Tasks side by side (``delivery.tasks_per_process``, 2 by default): a prefork pool process runs
+one Celery task at a time, and a task's batch ends with its slowest job — far away, the lanes
+that finished early would wait for it. So the task starts its batch on the loop and returns once
+at most ``tasks_per_process`` - 1 batches are still under way (the oldest awaited first): with
+2, task N returns when batch N - 1 is done, and the next task's jobs take the lanes batch N's
+leave (the lanes of all batches share ``sessions_per_process``; a job in two batches is sent by
+the one that took it first: services/deliver/batch.py). So task N is acknowledged while its
+jobs may still be in flight; before that, the batch is reserved under a tag of the process's own
+in kombu's ``unacked`` hash, which its beats name (services/common/broker.py, liveness.py) and
+which goes when the batch is recorded. A process that dies meanwhile leaves it there: the
+reclaim hands it back within half a minute, as any reserved task of a dead worker
+(services/deliver/rescue.py), and the rescue sweep counts its jobs as queued, not lost. A batch
+that fails is parked for a retry as before (from the loop, in a thread). A pool process that
+exits (warm shutdown, recycling) first waits for its batches under way, within
+``delivery.task_budget``. Redis refusing the reservation: the task waits for its own batch.
+
 Open files: each process keeps up to ``delivery.sessions_per_process`` sessions open, a socket
 each: the worker raises its soft ``RLIMIT_NOFILE`` to match (within the hard limit; a warning
 when that is too low), before the pool processes fork (:func:`raise_open_files`).
@@ -32,15 +48,21 @@ its Redis calls run in a pool of at most 8 threads, which share 2 malloc arenas
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import logging
 import resource
 import threading
+import time
+import uuid
 from typing import Any
 
+import redis
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
-from services.common import queueing, retry, spool
+from services.common import broker, liveness, queueing, retry, spool
 from services.common.config import Config
 from services.deliver.batch import Deliverer
 from services.deliver.offload import limit_arenas
@@ -82,6 +104,8 @@ class DeliverService:
         raise_open_files(config.delivery.sessions_per_process)  # before the pool forks
         self._deliverer: Deliverer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The batches under way on the loop, oldest first (delivery.tasks_per_process at most).
+        self._running: collections.deque[concurrent.futures.Future[None]] = collections.deque()
 
     @property
     def deliverer(self) -> Deliverer:
@@ -97,25 +121,118 @@ class DeliverService:
         return self._deliverer
 
     def deliver(self, jobs: list[dict[str, Any]], retries: int = 0) -> None:
-        """Run the batch; if anything raises, park it for a retry (services/common/retry.py);
-        after ``retry.CAP`` tries its jobs become ordinary deferrals."""
+        """Start the batch on the loop; return once at most ``delivery.tasks_per_process`` - 1
+        batches are still under way — this one among them, with 2 or more: the next task's jobs
+        then take the lanes this one's leave. A batch that raises is parked for a retry
+        (services/common/retry.py; after ``retry.CAP`` tries its jobs become ordinary
+        deferrals). Never raises but :class:`celery.exceptions.Reject` (Redis down while this
+        task's own batch failed: the task goes back to its queue)."""
         deliverer = self.deliverer
         assert self._loop is not None
+        keep = self.config.delivery.tasks_per_process - 1
+        tag = self._reserve(deliverer, jobs, retries) if keep else None
+        if tag is None:  # not reserved on its own: this task waits for its batch
+            keep = 0
+        running = asyncio.run_coroutine_threadsafe(
+            self._batch(deliverer, jobs, retries, tag), self._loop
+        )
+        self._running.append(running)
+        while len(self._running) > keep:
+            oldest = self._running.popleft()
+            try:
+                rejected = oldest.result()  # _batch returns what parking it could not
+            except Exception as exc:  # cancelled with the loop (the process ends)
+                if oldest is not running:  # acknowledged: left to the rescue sweep
+                    log.error("deliver: a batch of an earlier task ended: %s", exc)
+                    continue
+                retry.failed(deliverer.client, queueing.TASK_DELIVER, jobs, retries, exc)
+                return
+            if rejected is not None and oldest is running:
+                raise rejected
+
+    def _reserve(
+        self, deliverer: Deliverer, jobs: list[dict[str, Any]], retries: int
+    ) -> str | None:
+        """Reserve the batch under a tag of this process's (kombu's ``unacked``, named by its
+        beats: services/common/broker.py, liveness.py) before its task is acknowledged: should
+        the process die, the reclaim hands it back within half a minute, as a dead worker's
+        reserved tasks; while it lives, the rescue sweep counts its jobs as queued. None when
+        Redis refused (the task then waits for its batch, reserved as Celery reserved it)."""
+        tag = f"tlsrelay-batch-{uuid.uuid4().hex}"
+        liveness.hold(tag)  # first: a beat names it before any reclaim could find it
+        task = queueing.task_payload(
+            queueing.TASK_DELIVER, [jobs], queueing.QUEUE_DELIVER, retries=retries
+        )
         try:
-            asyncio.run_coroutine_threadsafe(deliverer.run_batch(jobs), self._loop).result()
+            broker.reserve(deliverer.client, tag, task, queueing.QUEUE_DELIVER, time.time())
+        except (redis.exceptions.RedisError, OSError) as exc:
+            liveness.let_go(tag)
+            log.warning("deliver: batch not reserved on its own, its task waits for it: %s", exc)
+            return None
+        return tag
+
+    @staticmethod
+    def _unreserve(client: redis.Redis, tag: str) -> None:
+        """The batch is recorded (or parked): its reservation goes. Best effort: one left
+        behind is handed back by the reclaim, and finds its jobs recorded (nothing is sent)."""
+        try:
+            broker.unreserve(client, tag)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("deliver: reservation %s left to the reclaim: %s", tag, exc)
+        finally:
+            liveness.let_go(tag)
+
+    async def _batch(
+        self, deliverer: Deliverer, jobs: list[dict[str, Any]], retries: int, tag: str | None
+    ) -> Reject | None:
+        """One task's batch on the loop, then its reservation (``tag``) goes. A failure is
+        parked (in a thread: the loop goes on); when even that fails (Redis down) the Reject
+        is returned: its task, if still waiting, goes back to its queue; else the batch's
+        reservation is handed back by the reclaim once this process is gone, and its jobs
+        wait in ``waiting:deliver`` for the rescue sweep meanwhile."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await self._run_or_park(deliverer, jobs, retries)
+        finally:
+            if tag is not None:
+                await loop.run_in_executor(None, self._unreserve, deliverer.client, tag)
+
+    async def _run_or_park(
+        self, deliverer: Deliverer, jobs: list[dict[str, Any]], retries: int
+    ) -> Reject | None:
+        try:
+            await deliverer.run_batch(jobs)
+            return None
         except Exception as exc:
+            error = exc
 
-            def defer_jobs() -> None:
-                for doc in jobs:
-                    deliverer.ledger.park(doc)
+        def defer_jobs() -> None:
+            for doc in jobs:
+                deliverer.ledger.park(doc)
 
-            retry.failed(deliverer.client, queueing.TASK_DELIVER, jobs, retries, exc, defer_jobs)
+        def park() -> Reject | None:
+            try:
+                retry.failed(
+                    deliverer.client, queueing.TASK_DELIVER, jobs, retries, error, defer_jobs
+                )
+            except Reject as rejected:  # its task goes back to its queue, if not acknowledged
+                return rejected  # yet; else its jobs wait for the rescue sweep
+            return None
+
+        return await asyncio.get_running_loop().run_in_executor(None, park)
 
     def shutdown(self) -> None:
         """A pool process exits: its parked sessions close and its leases go (best effort,
         bounded: a process that cannot reach Redis leaves them to expire)."""
         if self._deliverer is None or self._loop is None:
             return
+        # The batches still under way (their tasks acknowledged) end first, as a task would.
+        budget = time.monotonic() + self.config.delivery.task_budget
+        while self._running:
+            try:
+                self._running.popleft().result(timeout=max(0.0, budget - time.monotonic()))
+            except Exception as exc:  # stuck past its budget: its jobs go to the rescue sweep
+                log.warning("deliver: a batch still under way at shutdown: %s", exc)
         done = asyncio.run_coroutine_threadsafe(self._deliverer.shutdown(), self._loop)
         try:
             done.result(timeout=5)
