@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--size", type=int, default=2048, help="bytes per message (default %(default)s)")
     add("--sessions", type=int, default=20, help="concurrent client sessions")
     add("--policy-workers", type=int, default=None, help="policy.concurrency (default: 2)")
-    add("--deliver-workers", type=int, default=None, help="delivery.concurrency (default: 4)")
+    add("--deliver-workers", type=int, default=None, help="delivery.concurrency (default: 2)")
     add("--limit-mb", type=float, default=150.0, help="peak RSS limit per worker process")
     add("--deadline", type=float, default=1800.0, help="seconds for the workers to drain it")
     add("--sample", type=float, default=0.5, help="seconds between memory samples")

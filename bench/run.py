@@ -50,7 +50,7 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--client-tls", action="store_true", help="the client uses STARTTLS towards the relay")
     add("--policy-workers", type=int, default=None, help="policy.concurrency (default: 2)")
-    add("--deliver-workers", type=int, default=None, help="delivery.concurrency (default: 4)")
+    add("--deliver-workers", type=int, default=None, help="delivery.concurrency (default: 2)")
     add(
         "--set",
         dest="overrides",

@@ -121,7 +121,7 @@ def test_sessions_per_process_must_be_a_positive_count(tmp_path: Path, value: ob
         load_config(path)
 
 
-def test_sessions_per_process_defaults_to_postfix_s_twenty_over_four_processes(
+def test_sessions_per_process_defaults_to_postfix_s_twenty_over_two_processes(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "c.yaml"

@@ -154,9 +154,9 @@ class DeliveryConfig(Section):
     batch_max: StrictInt = Field(default=50, gt=0)
     # Deliveries one deliver process keeps in flight at once (services/deliver/batch.py: the
     # jobs of its task run in this many lanes, each over its own session), within the site's
-    # connection limit (shaping). 5 × the default 4 processes = 20 sessions to a destination,
+    # connection limit (shaping). 10 × the default 2 processes = 20 sessions to a destination,
     # Postfix's default_destination_concurrency_limit. 1: one job after another.
-    sessions_per_process: StrictInt = Field(default=5, gt=0, le=1000)
+    sessions_per_process: StrictInt = Field(default=10, gt=0, le=1000)
     # Deliver tasks one process works on at once (services/deliver/tasks.py): with 2, the next
     # task's jobs take the lanes the last task's jobs leave, instead of waiting for its slowest
     # job; the lanes of all of them together stay within sessions_per_process. A task is then
@@ -178,7 +178,9 @@ class DeliveryConfig(Section):
     # greeting; 0 = no limit. A destination cannot hold a worker for every address × timeouts.
     mx_address_limit: StrictInt = Field(default=5, ge=0)
     mx_session_limit: StrictInt = Field(default=2, ge=0)
-    concurrency: StrictInt = Field(default=4, gt=0)  # Celery worker processes
+    # Celery worker processes: 2 fills the deliver pods' 2 CPUs (deploy/k8s); more lanes per
+    # process (sessions_per_process) cost less CPU than more processes (bench/README, session 8)
+    concurrency: StrictInt = Field(default=2, gt=0)
     # MTA-STS (RFC 8461, services/deliver/mtasts.py): look up and apply the destination domain's
     # policy at delivery time (never for routed mail). The policy is fetched over verified HTTPS
     # with mta_sts_ca_file (absent → the system CAs) from mta_sts_port (443; another port only
