@@ -32,6 +32,6 @@ def test_a_backlog_of_big_messages_stays_out_of_worker_memory(tmp_path: Path) ->
     assert report["backlog"] == report["accepted"] == report["delivered"] == 300, report
     assert report["redis_used_mb"] > 110, "the bodies were queued in Redis"
     workers = [p for s in ("policy", "deliver") for p in report["peak_rss_mb"][s]]
-    assert len(workers) >= 2 + 2 + 4, "every main and pool process was measured"
+    assert len(workers) >= 2 + 2 + 2, "every main and pool process was measured"
     assert all(p["mb"] < 150 for p in workers), report["peak_rss_mb"]
     assert report["within_limit"] and report["lost"] == 0

@@ -220,3 +220,24 @@ def test_one_task_per_process_returns_once_its_jobs_are_recorded(
         finally:
             stop(service)
         delivered_once(sink, jobs)
+
+
+def test_a_batch_that_gets_no_lane_in_its_start_window_hands_its_jobs_back(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The only lane is taken by a slow batch past the next batch's start window (a tenth of
+    delivery.job_timeout): that batch starts nothing — not even its first job — and queues its
+    jobs again, so every batch ends within delivery.task_budget of its own start (a warm
+    shutdown, and kombu's visibility timeout, count on that)."""
+    slow = "r0@overlap.test"
+    with Sink("starttls", slow_for=lambda m: 1.5 if slow in m.rcpt_tos else 0.0) as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=1, job_timeout="5s"
+        )
+        jobs = queue_jobs(store, DOMAIN, 3)
+        first, second = run_side_by_side(Deliverer(config, store), jobs[:1], jobs[1:])
+        assert first[0] is not None and len(first[0].delivered) == 1
+        assert second == [None, None]
+        assert [r for m in sink.messages for r in m.rcpt_tos] == [slow]
+    (raw,) = store.lrange(queueing.DELIVER_LIST, 0, -1)
+    assert queueing.task_batch(raw) == (queueing.TASK_DELIVER, jobs[1:])

@@ -56,7 +56,8 @@ under way, then the error propagates and the task runs again.
 
 Batches side by side (``delivery.tasks_per_process``, services/deliver/tasks.py): their lanes
 share ``delivery.sessions_per_process`` permits. A claim is the process's (one token), so the
-process notes which batch took each job and another batch leaves that job to it; a batch's end
+process notes which batch works on each job and another batch waits for it (lanes.Holders, at
+most a claim's TTL, then leaves it), as for another process's claim; a batch's end
 releases only its own claims. Each batch renews the per-batch memories but others' premarks.
 
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
@@ -95,25 +96,27 @@ from services.common import spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.common.values import format_duration
 from services.deliver import mx, session
 from services.deliver.attempt import Hooks, Peer, Timeouts
 from services.deliver.claims import Claim
-from services.deliver.delivery import NO_HOST, Outcome
+from services.deliver.delivery import (
+    NO_HOST,
+    Outcome,
+    abandoned_reply,
+    throttle_detail,
+    throttle_reply,
+    throttled_reply,
+)
 from services.deliver.dsn import one_line
-from services.deliver.lanes import Batch, Bodies, SiteSlots, Upcoming, unique
+from services.deliver.lanes import Batch, Bodies, Holders, SiteSlots, Upcoming, unique
 from services.deliver.ledger import Ledger
 from services.deliver.offload import Offload, threads_for
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
 from services.deliver.shaping import (
-    BACKOFF,
-    CONNECTION_RATE,
-    CONNECTIONS,
     LINE,
     RATE,
-    SUSPENDED,
     Gate,
     Shaper,
     Throttle,
@@ -151,10 +154,10 @@ class Deliverer:
         # Redis is near (redis_calls).
         self.io = Offload(threads_for(delivery.sessions_per_process), mode=delivery.redis_calls)
         self.ledger.io = self.shaper.io = self.io
-        # Batches run side by side on the loop (delivery.tasks_per_process): every job a batch
-        # has taken, and by which (another batch leaves it alone: the same claim token is the
-        # whole process's); their lanes share delivery.sessions_per_process permits.
-        self._taken: dict[tuple[str, str], Batch] = {}
+        # Batches run side by side on the loop (delivery.tasks_per_process): which of them works
+        # on each job (the claim token is the whole process's); their lanes share
+        # delivery.sessions_per_process permits.
+        self.holders = Holders()
         self._permits: asyncio.Semaphore | None = None
         self._permits_loop: asyncio.AbstractEventLoop | None = None
         self.timeouts = Timeouts(
@@ -180,7 +183,7 @@ class Deliverer:
         jobs = [_read(doc) for doc in docs]
         states = await self.io(spool.load_jobs, self.client, [job_key(doc) for doc in docs])
         self.planner.new_batch()
-        self.ledger.new_batch(keep=self._taken)  # the premarks of the batches under way stay
+        self.ledger.new_batch(keep=self.holders)  # the premarks of the batches under way stay
         batch = Batch(docs, jobs, states, Bodies(self.client, jobs, states, self.io), unique(jobs),
                        self.config.delivery.task_window)  # fmt: skip
         lanes = max(1, min(self.config.delivery.sessions_per_process, len(batch.order)))
@@ -199,11 +202,10 @@ class Deliverer:
                 await self.io(self.ledger.hand_back, handed, [c for _, c in left], OUT_OF_TIME)
                 log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
         finally:
-            mine = [key for key, owner in self._taken.items() if owner is batch]
+            mine = self.holders.held_by(batch)
             if self.ledger.claims.held:  # none of this batch's is left but after an error
                 await self.io(self.ledger.claims.release_all, mine)
-            for key in mine:  # released first: another batch taking one now claims it anew
-                del self._taken[key]
+            self.holders.let_go_all(batch)  # after: another batch taking one claims it anew
             await session.closed()  # the QUITs of the batch's sessions, after its recording
         return batch.results
 
@@ -236,11 +238,19 @@ class Deliverer:
         permits = self._lane_permits()
         claimed: Claim | None = None  # the next job's, taken by this lane's last recording
         try:
-            async with permits:  # the process's other batches' lanes hold the rest
-                index = self._take(batch)
+            try:  # a permit (the process's other batches' lanes hold the rest) in the window
+                async with asyncio.timeout_at(batch.window_ends()):
+                    await permits.acquire()
+            except TimeoutError:  # none: this batch starts nothing, its jobs are handed back
+                batch.stop()
+                return
+            try:
+                index = batch.take()
                 while index is not None:
                     index, claimed = await self._step(batch, index, claimed)
                     batch.opened.set()
+            finally:
+                permits.release()
         except BaseException:  # the batch fails (the task runs again): no lane starts a job
             batch.stop()
             raise
@@ -255,17 +265,6 @@ class Deliverer:
             self._permits_loop = loop
         return self._permits
 
-    def _take(self, batch: Batch) -> int | None:
-        """The batch's next document (its index; None: none left, or time is up). A job another
-        batch of this process has taken is skipped: that batch's claim is this process's too,
-        so both would send it; its recording settles it (as a job another process holds)."""
-        while (index := batch.take()) is not None:
-            job = batch.jobs[index]
-            if job is None or self._taken.setdefault(job.key, batch) is batch:
-                return index
-            log.info("%s to %s is another batch's of this process: left to it", *job.key)
-        return None
-
     async def _step(
         self, batch: Batch, i: int, claimed: Claim | None
     ) -> tuple[int | None, Claim | None]:
@@ -273,18 +272,33 @@ class Deliverer:
         return the lane's next document and its claim (None, None: the lane ends)."""
         job = batch.jobs[i]
         if job is None:
-            await self.io(self.ledger.park, batch.docs[i])
-            return self._take(batch), None
+            await self._park_doc(batch, i)
+            return batch.take(), None
         if not batch.may_start():
             batch.leave(i, claimed)
             return None, None
+        if not await self.holders.wait(job.key, batch, self.ledger.claims.ttl):
+            log.info("%s to %s is another batch's of this process: left to it", *job.key)
+            return batch.take(), None
+        # Let go once its claim went (recorded, closed, left); after an error the batch's end
+        # releases the claim first (run_batch).
+        step = await self._held_step(batch, i, job, claimed)
+        self.holders.let_go(job.key, batch)
+        return step
+
+    async def _held_step(
+        self, batch: Batch, i: int, job: Job, claimed: Claim | None
+    ) -> tuple[int | None, Claim | None]:
         taken: list[int] = []  # the document this lane takes next, claimed by its recording
 
         def upcoming() -> Upcoming | None:
-            after = self._take(batch)
+            after = batch.take()
             if after is None:
                 return None
             taken.append(after)
+            found = batch.jobs[after]  # claimed ahead only when no other batch holds it
+            if found is None or not self.holders.take(found.key, batch):
+                return None
             return Upcoming.of(batch.jobs, batch.states, after)
 
         claimed_next: Claim | None = None
@@ -306,7 +320,20 @@ class Deliverer:
             # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
             log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
             await self.io(self.ledger.park, job, keep_mark=True)
-        return (taken[0] if taken else self._take(batch)), claimed_next
+        return (taken[0] if taken else batch.take()), claimed_next
+
+    async def _park_doc(self, batch: Batch, i: int) -> None:
+        """Park a document that is not a job (for a retry), unless another batch of this
+        process holds a job of its id and domain (parking would release that job's claim)."""
+        try:
+            key: tuple[str, str] | None = job_key(batch.docs[i])
+            hash(key)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            key = None
+        if key is not None and not self.holders.take(key, batch):
+            log.warning("%s to %s: a copy that is not a job, dropped: another is sent", *key)
+            return
+        await self.io(self.ledger.park, batch.docs[i])
 
     async def shutdown(self) -> None:
         """The worker process stops: close the parked sessions and release every connection
@@ -389,7 +416,7 @@ class Deliverer:
         round_ = self.ledger.round(job, envelope, body, state)
         if outcome.throttled is not None:
             throttle = outcome.throttled
-            reply = _throttle_reply(throttle)
+            reply = throttle_reply(throttle)
             if round_.now < round_.expires:  # waits, parked: not an attempt, lifetime unchanged
                 await self.io(self.ledger.throttle, round_, claim, throttle, reply)
                 if joins_line(self.config, throttle):  # it waits in the site's line now
@@ -398,7 +425,7 @@ class Deliverer:
             # Expired: bounced as a deferral. The sender reads why in general words (the DSN);
             # which limit of which site held it is for the operator (log and trace).
             outcome.deferred = dict.fromkeys(pending, reply)
-            outcome.skipped = _throttle_detail(throttle)
+            outcome.skipped = throttle_detail(throttle)
             log.warning("%s to %s bounced at its expiry: %s", *job.key, outcome.skipped)
         after = upcoming()
         if after is None:
@@ -450,7 +477,7 @@ class Deliverer:
             async with asyncio.timeout_at(deadline):
                 await self._send(job, envelope, body, pending, outcome, hooks)
         except TimeoutError:
-            outcome.abandon(pending, _abandoned(limit, data[-1] if data else None))
+            outcome.abandon(pending, abandoned_reply(limit, data[-1] if data else None))
         return outcome
 
     async def _send(
@@ -522,7 +549,7 @@ class Deliverer:
                 if not outcome.attempts:
                     outcome.throttled = result.throttled  # nothing tried: the round waits
                     return
-                errors.append(_throttled_reply(result.throttled) or NO_HOST)  # an address
+                errors.append(throttled_reply(result.throttled) or NO_HOST)  # an address
                 break  # failed and its lease went elsewhere meanwhile: try again later
             outcome.attempts.append(result)
             self.shaper.backoff(gate.site, result.server_replies)
@@ -546,48 +573,6 @@ def _blocks_batch(outcome: Outcome) -> bool:
     site's line, where each message has its own place)."""
     throttle = outcome.throttled
     return throttle is not None and throttle.reason not in (RATE, LINE)
-
-
-def _throttled_reply(throttle: Throttle | None) -> Reply | None:
-    return None if throttle is None else _throttle_reply(throttle)
-
-
-# What a sender is told of a throttled round (a DSN leaves the relay): what happened in plain
-# words, never our internal site names or ids — those are in the log and the trace.
-_WAITING = {
-    CONNECTIONS: "the receiving mail system accepts only so many connections from us at once",
-    CONNECTION_RATE: "the receiving mail system accepts only so many new connections at a time",
-    RATE: "the receiving mail system accepts only so many messages from us per period",
-    BACKOFF: "the receiving mail system asked us to slow down",
-    SUSPENDED: "delivery to this destination is paused by the relay's administrator",
-    LINE: "older mail to the same receiving mail system is waiting and goes first",
-}
-
-
-def _throttle_reply(throttle: Throttle) -> Reply:
-    """Why a throttled round's recipients wait (its "delayed" DSN), the deferral of one still
-    throttled at its message's expiry (then bounced), or of an address after which no lease
-    could be had: said to the sender, so without internal names (:func:`_throttle_detail`
-    has them, for the log and the trace). 4.4.5: the destination is congested (RFC 3463)."""
-    why = _WAITING.get(throttle.reason, "the receiving mail system limits how fast we may send")
-    return Reply(451, "4.4.5", f"delivery not attempted yet: {why}")
-
-
-def _throttle_detail(throttle: Throttle) -> str:
-    """The operator's account of a throttle: which limit, which site."""
-    return f"traffic shaping ({throttle.reason}) at site {throttle.site.id}"
-
-
-def _abandoned(limit: float, data: Peer | None) -> Reply:
-    """The reply that defers a round abandoned after ``limit`` seconds (``data``: the peer the
-    message was being sent to, if it got that far: it may have it)."""
-    text = f"delivery attempt abandoned after {format_duration(limit)} (delivery.job_timeout)"
-    if data is not None:
-        text += (
-            f" while {data.host} was receiving the message: it may have it, and the retry may"
-            " deliver it twice (RFC 1047)"
-        )
-    return Reply(451, "4.4.2", text)
 
 
 def _read(doc: Mapping[str, Any]) -> Job | None:

@@ -26,8 +26,16 @@ from services.common.jobs import Job
 from services.common.model import Decision, Envelope, Reply
 from services.common.values import format_duration
 from services.deliver import tlsrpt
-from services.deliver.attempt import Attempt
-from services.deliver.shaping import Throttle
+from services.deliver.attempt import Attempt, Peer
+from services.deliver.shaping import (
+    BACKOFF,
+    CONNECTION_RATE,
+    CONNECTIONS,
+    LINE,
+    RATE,
+    SUSPENDED,
+    Throttle,
+)
 
 NO_HOST = Reply(451, "4.4.1", "no destination host could be reached")
 
@@ -142,3 +150,45 @@ def retry_delay(schedule: tuple[float, ...], attempt_number: int) -> float:
 def retry_due(round_: Round, schedule: tuple[float, ...]) -> float:
     """When the deferred rest is tried again: the last try happens at the expiry, not after."""
     return min(round_.now + retry_delay(schedule, round_.job.attempt), round_.expires)
+
+
+def throttled_reply(throttle: Throttle | None) -> Reply | None:
+    return None if throttle is None else throttle_reply(throttle)
+
+
+# What a sender is told of a throttled round (a DSN leaves the relay): what happened in plain
+# words, never our internal site names or ids — those are in the log and the trace.
+_WAITING = {
+    CONNECTIONS: "the receiving mail system accepts only so many connections from us at once",
+    CONNECTION_RATE: "the receiving mail system accepts only so many new connections at a time",
+    RATE: "the receiving mail system accepts only so many messages from us per period",
+    BACKOFF: "the receiving mail system asked us to slow down",
+    SUSPENDED: "delivery to this destination is paused by the relay's administrator",
+    LINE: "older mail to the same receiving mail system is waiting and goes first",
+}
+
+
+def throttle_reply(throttle: Throttle) -> Reply:
+    """Why a throttled round's recipients wait (its "delayed" DSN), the deferral of one still
+    throttled at its message's expiry (then bounced), or of an address after which no lease
+    could be had: said to the sender, so without internal names (:func:`throttle_detail`
+    has them, for the log and the trace). 4.4.5: the destination is congested (RFC 3463)."""
+    why = _WAITING.get(throttle.reason, "the receiving mail system limits how fast we may send")
+    return Reply(451, "4.4.5", f"delivery not attempted yet: {why}")
+
+
+def throttle_detail(throttle: Throttle) -> str:
+    """The operator's account of a throttle: which limit, which site."""
+    return f"traffic shaping ({throttle.reason}) at site {throttle.site.id}"
+
+
+def abandoned_reply(limit: float, data: Peer | None) -> Reply:
+    """The reply that defers a round abandoned after ``limit`` seconds (``data``: the peer the
+    message was being sent to, if it got that far: it may have it)."""
+    text = f"delivery attempt abandoned after {format_duration(limit)} (delivery.job_timeout)"
+    if data is not None:
+        text += (
+            f" while {data.host} was receiving the message: it may have it, and the retry may"
+            " deliver it twice (RFC 1047)"
+        )
+    return Reply(451, "4.4.2", text)

@@ -6,6 +6,7 @@ the later attempt's), handed out one at a time, so a job is taken by one lane on
 *start window* (``delivery.job_timeout`` / 10), after which no job starts and the ones taken but
 not started are handed back; the destinations found unreachable (or throttled); the results.
 :class:`Upcoming`: the lane's next job, claimed by the recording of the one before.
+:class:`Holders`: which batch of the process works on each job (batches side by side).
 :class:`Slots`: how many of a process's lanes may send to one site at once; :class:`SiteSlots`
 holds them per site for the process and gives a round its share of its site (a slot, then the
 sessions its addresses get: when every connection to the site is taken, some by the process's
@@ -107,6 +108,11 @@ class Batch:
             return None
         self._next += 1
         return self.order[self._next - 1]
+
+    def window_ends(self) -> float:
+        """When the start window ends, on the loop's clock."""
+        loop = asyncio.get_running_loop()
+        return loop.time() + self.started + self.window - time.monotonic()
 
     def may_start(self) -> bool:
         """Whether a job may start now: the batch's first always, the others within the start
@@ -281,6 +287,62 @@ class Bodies:
                 bodies = await self.io(spool.load_bodies, self.client, ids)
                 self.loaded.update(zip(chunk, bodies, strict=True))
         return self.loaded.pop(index)
+
+
+class Holders:
+    """Per worker process (on its event loop): which of its batches works on each job now.
+
+    A claim is the process's (one token, services/deliver/claims.py), so two batches of one
+    process side by side (``delivery.tasks_per_process``) would both find a job "ours": the one
+    that holds it here works on it, the other waits for it as it would wait for another
+    process's claim (at most the claim's TTL; then it leaves the job to its holder). A holder
+    is any object (a :class:`Batch`, or a failed batch's parking)."""
+
+    def __init__(self) -> None:
+        self._holder: dict[tuple[str, str], object] = {}
+        self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._holder
+
+    def take(self, key: tuple[str, str], holder: object) -> bool:
+        """Hold ``key`` if no one else does; whether ``holder`` holds it now."""
+        return self._holder.setdefault(key, holder) is holder
+
+    async def wait(self, key: tuple[str, str], holder: object, timeout: float) -> bool:
+        """:meth:`take`, waiting up to ``timeout`` seconds for another holder to let go."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.take(key, holder):
+            waiter = loop.create_future()
+            self._waiters.setdefault(key, []).append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                return False
+            finally:
+                waiting = self._waiters.get(key, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                if not waiting:
+                    self._waiters.pop(key, None)
+        return True
+
+    def held_by(self, holder: object) -> list[tuple[str, str]]:
+        return [key for key, held in self._holder.items() if held is holder]
+
+    def let_go(self, key: tuple[str, str], holder: object) -> None:
+        """``holder`` is done with ``key``: the next waiter may take it."""
+        if self._holder.get(key) is holder:
+            del self._holder[key]
+            for waiter in self._waiters.pop(key, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def let_go_all(self, holder: object) -> None:
+        for key in self.held_by(holder):
+            self.let_go(key, holder)
 
 
 def unique(jobs: Sequence[Job | None]) -> list[int]:

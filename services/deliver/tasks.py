@@ -18,21 +18,22 @@ and queues the rest again (services/deliver/batch.py), so it is acknowledged wel
 ``celery.visibility_timeout`` would hand it to a second worker, and a warm shutdown (SIGTERM)
 waits at most that long for it (the deliver pods' ``terminationGracePeriodSeconds`` is longer).
 
-Tasks side by side (``delivery.tasks_per_process``, 2 by default): a prefork pool process runs
-one Celery task at a time, and a task's batch ends with its slowest job — far away, the lanes
-that finished early would wait for it. So the task starts its batch on the loop and returns once
-at most ``tasks_per_process`` - 1 batches are still under way (the oldest awaited first): with
-2, task N returns when batch N - 1 is done, and the next task's jobs take the lanes batch N's
-leave (the lanes of all batches share ``sessions_per_process``; a job in two batches is sent by
-the one that took it first: services/deliver/batch.py). So task N is acknowledged while its
-jobs may still be in flight; before that, the batch is reserved under a tag of the process's own
-in kombu's ``unacked`` hash, which its beats name (services/common/broker.py, liveness.py) and
-which goes when the batch is recorded. A process that dies meanwhile leaves it there: the
-reclaim hands it back within half a minute, as any reserved task of a dead worker
+Tasks side by side (``delivery.tasks_per_process``, 2 by default): a prefork pool process runs one
+Celery task at a time, and a task's batch ends with its slowest job — far away, the lanes that
+finished early would wait for it. So the task starts its batch on the loop and returns once at most
+``tasks_per_process`` - 1 batches are still under way (the oldest awaited first): with 2, task N
+returns when batch N - 1 is done, and the next task's jobs take the lanes batch N's leave (the
+lanes of all batches share ``sessions_per_process``; a job in two batches is worked on by one at a
+time: services/deliver/batch.py; a batch that gets no lane within its start window starts nothing
+and hands its jobs back, so each ends within ``delivery.task_budget``). So task N is acknowledged
+while its jobs may still be in flight; before that, the batch is reserved under a tag of the
+process's own in kombu's ``unacked`` hash, which its beats name (services/common/broker.py,
+liveness.py) and which goes when the batch is recorded. A process that dies meanwhile leaves it
+there: the reclaim hands it back within half a minute, as any reserved task of a dead worker
 (services/deliver/rescue.py), and the rescue sweep counts its jobs as queued, not lost. A batch
-that fails is parked for a retry as before (from the loop, in a thread). A pool process that
-exits (warm shutdown, recycling) first waits for its batches under way, within
-``delivery.task_budget``. Redis refusing the reservation: the task waits for its own batch.
+that fails is parked for a retry as before (from the loop, in a thread). A pool process that exits
+(warm shutdown, recycling) first waits for its batches under way, within ``delivery.task_budget``.
+Redis refusing the reservation: the task waits for its own batch.
 
 Open files: each process keeps up to ``delivery.sessions_per_process`` sessions open, a socket
 each: the worker raises its soft ``RLIMIT_NOFILE`` to match (within the hard limit; a warning
@@ -64,6 +65,7 @@ from celery.signals import worker_process_shutdown, worker_ready, worker_shutdow
 
 from services.common import broker, liveness, queueing, retry, spool
 from services.common.config import Config
+from services.common.jobs import job_key
 from services.deliver.batch import Deliverer
 from services.deliver.offload import limit_arenas
 from services.deliver.scheduler import SchedulerThread
@@ -130,8 +132,8 @@ class DeliverService:
         deliverer = self.deliverer
         assert self._loop is not None
         keep = self.config.delivery.tasks_per_process - 1
-        tag = self._reserve(deliverer, jobs, retries) if keep else None
-        if tag is None:  # not reserved on its own: this task waits for its batch
+        tag, reserved = self._reserve(deliverer, jobs, retries) if keep else (None, False)
+        if not reserved:  # not reserved on its own: this task waits for its batch
             keep = 0
         running = asyncio.run_coroutine_threadsafe(
             self._batch(deliverer, jobs, retries, tag), self._loop
@@ -152,12 +154,13 @@ class DeliverService:
 
     def _reserve(
         self, deliverer: Deliverer, jobs: list[dict[str, Any]], retries: int
-    ) -> str | None:
+    ) -> tuple[str, bool]:
         """Reserve the batch under a tag of this process's (kombu's ``unacked``, named by its
         beats: services/common/broker.py, liveness.py) before its task is acknowledged: should
         the process die, the reclaim hands it back within half a minute, as a dead worker's
-        reserved tasks; while it lives, the rescue sweep counts its jobs as queued. None when
-        Redis refused (the task then waits for its batch, reserved as Celery reserved it)."""
+        reserved tasks; while it lives, the rescue sweep counts its jobs as queued. The tag, and
+        whether it is reserved: not when Redis refused (the task then waits for its batch,
+        reserved as Celery reserved it; the tag stays held, as the write may have landed)."""
         tag = f"tlsrelay-batch-{uuid.uuid4().hex}"
         liveness.hold(tag)  # first: a beat names it before any reclaim could find it
         task = queueing.task_payload(
@@ -166,15 +169,15 @@ class DeliverService:
         try:
             broker.reserve(deliverer.client, tag, task, queueing.QUEUE_DELIVER, time.time())
         except (redis.exceptions.RedisError, OSError) as exc:
-            liveness.let_go(tag)
             log.warning("deliver: batch not reserved on its own, its task waits for it: %s", exc)
-            return None
-        return tag
+            return tag, False
+        return tag, True
 
     @staticmethod
     def _unreserve(client: redis.Redis, tag: str) -> None:
         """The batch is recorded (or parked): its reservation goes. Best effort: one left
-        behind is handed back by the reclaim, and finds its jobs recorded (nothing is sent)."""
+        behind is handed back by the reclaim, and finds its jobs recorded (nothing is sent
+        again; a job another process holds waits for its claim)."""
         try:
             broker.unreserve(client, tag)
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -187,15 +190,19 @@ class DeliverService:
     ) -> Reject | None:
         """One task's batch on the loop, then its reservation (``tag``) goes. A failure is
         parked (in a thread: the loop goes on); when even that fails (Redis down) the Reject
-        is returned: its task, if still waiting, goes back to its queue; else the batch's
-        reservation is handed back by the reclaim once this process is gone, and its jobs
-        wait in ``waiting:deliver`` for the rescue sweep meanwhile."""
+        is returned: its task, if still waiting, goes back to its queue; and the reservation
+        stays, let go: the reclaim hands it back (about 25 s), as a dead worker's."""
         loop = asyncio.get_running_loop()
+        done = False
         try:
-            return await self._run_or_park(deliverer, jobs, retries)
+            rejected = await self._run_or_park(deliverer, jobs, retries)
+            done = rejected is None
+            return rejected
         finally:
-            if tag is not None:
+            if tag is not None and done:
                 await loop.run_in_executor(None, self._unreserve, deliverer.client, tag)
+            elif tag is not None:
+                liveness.let_go(tag)
 
     async def _run_or_park(
         self, deliverer: Deliverer, jobs: list[dict[str, Any]], retries: int
@@ -205,6 +212,14 @@ class DeliverService:
             return None
         except Exception as exc:
             error = exc
+
+        # Only the jobs no other batch of this process works on: parking one releases its
+        # claim, the process's (services/deliver/lanes.py, Holders); the others are left to
+        # the batch that holds them, which records them.
+        parking = object()
+        jobs = [doc for doc in jobs if _free(deliverer, doc, parking)]
+        if not jobs:
+            return None
 
         def defer_jobs() -> None:
             for doc in jobs:
@@ -219,7 +234,10 @@ class DeliverService:
                 return rejected  # yet; else its jobs wait for the rescue sweep
             return None
 
-        return await asyncio.get_running_loop().run_in_executor(None, park)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, park)
+        finally:
+            deliverer.holders.let_go_all(parking)
 
     def shutdown(self) -> None:
         """A pool process exits: its parked sessions close and its leases go (best effort,
@@ -238,6 +256,17 @@ class DeliverService:
             done.result(timeout=5)
         except Exception as exc:  # Redis down, or the loop stuck: the leases expire anyway
             log.warning("deliver: leases not released at shutdown: %s", exc)
+
+
+def _free(deliverer: Deliverer, doc: dict[str, Any], holder: object) -> bool:
+    """Whether ``doc``'s job is free of the process's other batches (then ``holder`` holds it);
+    a document without a job key is nobody's."""
+    try:
+        key = job_key(doc)
+        hash(key)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return True
+    return deliverer.holders.take(key, holder)
 
 
 def register(app: Celery, service: DeliverService) -> None:
