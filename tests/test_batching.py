@@ -164,11 +164,16 @@ def queue_jobs(client: redis.Redis, domain: str, count: int) -> list[dict[str, A
 
 def deliver(config: Config, client: redis.Redis, jobs: list[dict[str, Any]]) -> list[Any]:
     """Run one deliver task's batch in this process, then close the sessions it parked."""
-    deliverer = Deliverer(config, client)
+    return run_batches(Deliverer(config, client), jobs)[0]
 
-    async def run() -> list[Any]:
+
+def run_batches(deliverer: Deliverer, *batches: list[dict[str, Any]]) -> list[list[Any]]:
+    """Run ``batches`` at once on one loop (one, or several side by side as a process with
+    several tasks under way), then close the sessions they parked."""
+
+    async def run() -> list[list[Any]]:
         try:
-            return await deliverer.run_batch(jobs)
+            return list(await asyncio.gather(*(deliverer.run_batch(b) for b in batches)))
         finally:
             deliverer.pool.close_all()
 

@@ -31,7 +31,7 @@ from services.deliver import session
 from services.deliver.batch import Deliverer
 from services.deliver.tasks import DeliverService
 from tests.peers import Sink
-from tests.test_batching import queue_jobs, routed, write_config
+from tests.test_batching import queue_jobs, routed, run_batches, write_config
 from tests.test_sessions import delivered_once, settled
 
 DOMAIN = "overlap.test"
@@ -65,23 +65,6 @@ def stop(service: DeliverService) -> None:
         gc.collect()
 
 
-def run_side_by_side(deliverer: Deliverer, *batches: list[dict[str, Any]]) -> list[list[Any]]:
-    """Run ``batches`` at once on one loop (as a process with several tasks under way)."""
-
-    async def run() -> list[list[Any]]:
-        try:
-            return list(await asyncio.gather(*(deliverer.run_batch(b) for b in batches)))
-        finally:
-            deliverer.pool.close_all()
-
-    try:
-        return asyncio.run(run())
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-
-
 def test_batches_side_by_side_share_the_process_s_lanes(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
@@ -109,7 +92,7 @@ def test_batches_side_by_side_share_the_process_s_lanes(
                 running -= 1
 
         deliverer._step = counted  # type: ignore[method-assign,assignment]
-        first, second = run_side_by_side(deliverer, jobs, jobs2)
+        first, second = run_batches(deliverer, jobs, jobs2)
         assert all(o is not None and len(o.delivered) == 1 for o in first + second)
         delivered_once(sink, jobs)
         delivered_once(sink2, jobs2)
@@ -125,7 +108,7 @@ def test_a_job_in_two_batches_under_way_is_sent_once(
     with Sink("starttls", data_delay=0.1) as sink:
         config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4)
         jobs = queue_jobs(store, DOMAIN, 6)
-        first, second = run_side_by_side(Deliverer(config, store), jobs, list(reversed(jobs)))
+        first, second = run_batches(Deliverer(config, store), jobs, list(reversed(jobs)))
         sent = [o for o in first + second if o is not None]
         assert len(sent) == 6 and all(len(o.delivered) == 1 for o in sent), (first, second)
         delivered_once(sink, jobs)
@@ -143,24 +126,16 @@ def test_one_batch_s_end_leaves_the_claims_of_a_batch_still_sending(
         jobs = queue_jobs(store, DOMAIN, 3)
         deliverer = Deliverer(config, store)
         seen: list[set[str]] = []
+        short, run = jobs[1:], deliverer.run_batch
 
-        async def short_then_look() -> list[Any]:
-            results = await deliverer.run_batch(jobs[1:])
-            seen.append(deliverer.ledger.claims.held)
+        async def looking(docs: Any) -> Any:  # what is held when the short batch ends
+            results = await run(docs)
+            if docs is short:
+                seen.append(deliverer.ledger.claims.held)
             return results
 
-        async def run() -> None:
-            try:
-                await asyncio.gather(deliverer.run_batch(jobs[:1]), short_then_look())
-            finally:
-                deliverer.pool.close_all()
-
-        try:
-            asyncio.run(run())
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
-                gc.collect()
+        deliverer.run_batch = looking  # type: ignore[method-assign]
+        run_batches(deliverer, jobs[:1], short)
         delivered_once(sink, jobs)
     slow_claim = spool.claim_key(jobs[0]["id"], DOMAIN)
     assert seen == [{slow_claim}], seen  # held still when the short batch ended
@@ -235,7 +210,7 @@ def test_a_batch_that_gets_no_lane_in_its_start_window_hands_its_jobs_back(
             tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=1, job_timeout="5s"
         )
         jobs = queue_jobs(store, DOMAIN, 3)
-        first, second = run_side_by_side(Deliverer(config, store), jobs[:1], jobs[1:])
+        first, second = run_batches(Deliverer(config, store), jobs[:1], jobs[1:])
         assert first[0] is not None and len(first[0].delivered) == 1
         assert second == [None, None]
         assert [r for m in sink.messages for r in m.rcpt_tos] == [slow]

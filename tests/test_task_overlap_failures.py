@@ -21,7 +21,7 @@ from services.common.redisserver import EmbeddedRedis
 from services.deliver.batch import Deliverer
 from services.deliver.tasks import DeliverService
 from tests.peers import Sink
-from tests.test_batching import queue_jobs, routed
+from tests.test_batching import queue_jobs, routed, run_batches
 from tests.test_task_overlap import stop
 
 DOMAIN = "overlap.test"
@@ -134,8 +134,6 @@ def test_a_job_s_retry_is_not_dropped_for_a_stale_copy_another_batch_holds(
     first and finds nothing to send (deferred by its attempt: "the retry owns those"); B must
     not skip J as A's but wait for A to let it go, then send it — else the retry is gone: J in
     no queue, reservation, retry or deferred set, and nothing sent."""
-    from tests.test_task_overlap import run_side_by_side
-
     with Sink("starttls") as sink:
         config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4)
         (j,) = queue_jobs(store, DOMAIN, 1)
@@ -143,7 +141,7 @@ def test_a_job_s_retry_is_not_dropped_for_a_stale_copy_another_batch_holds(
         state = {"state": spool.DEFERRED_STATE, "attempt": 1}
         store.hset(spool.rcpt_key(j["id"]), rcpt, __import__("json").dumps(state))
         retry_copy = {**j, "attempt": 2}
-        run_side_by_side(Deliverer(config, store), [j], [retry_copy])
+        run_batches(Deliverer(config, store), [j], [retry_copy])
         arrived = [r for m in sink.messages for r in m.rcpt_tos]
     deferred = store.zrange(spool.DEFERRED, 0, -1)
     assert arrived == [rcpt] or deferred or where(store, j), (arrived, deferred)
