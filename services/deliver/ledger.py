@@ -66,6 +66,7 @@ from services.deliver.offload import INLINE, Offload
 from services.deliver.shaping import Throttle
 
 log = logging.getLogger("tlsrelay.deliver")
+LAST_PEERS = 1000  # domains whose last peer is remembered (for the next job's premark)
 
 RFC1047 = (
     "a worker stopped while sending DATA; recipients not recorded as delivered are sent again, "
@@ -87,12 +88,14 @@ class Ledger:
         # rcpt:{id} is deleted with the message; should a late write recreate it, it expires.
         self._rcpt_ttl = int(lifetime + DAY)
         self.claims = Claims(client, config.delivery.claim_ttl)
-        self._last_peer: Peer | None = None  # where the last DATA went (any lane's: a guess)
+        # Where the last DATA to each domain went (any lane's: a guess for the domain's next job;
+        # per domain, as batches to several domains run side by side), newest last, bounded.
+        self._last_peers: dict[str, Peer] = {}
         # (id, domain) → (address, port) of the in-flight marks the claims wrote: one per job a
         # lane of the batch has claimed ahead (services/deliver/batch.py runs several at once).
         self._premarked: dict[tuple[str, str], tuple[str, int]] = {}
         # Where the *_async methods make their Redis calls: the deliver process's threads (set
-        # by services/deliver/batch.py); _last_peer and _premarked change on the loop only.
+        # by services/deliver/batch.py); _last_peers and _premarked change on the loop only.
         self.io: Offload = INLINE
 
     def claim(
@@ -101,7 +104,7 @@ class Ledger:
         """Claim the job ``key`` (one round trip) and read its state as it is now; ``premark``:
         also set its in-flight mark naming the last peer (it will probably go there too);
         ``known``: its envelope, when read earlier."""
-        note = self._last_peer if premark else None
+        note = self._last_peers.get(key[1]) if premark else None
         text = _in_flight_note(note) if note else None
         claim = self.claims.take(key, text, self._mark_ttl, known)
         self._claimed(claim, note)
@@ -156,7 +159,7 @@ class Ledger:
         without ``upcoming``). ``pipe``: the caller's transaction (after ``multi()``, with its
         own commands staged first and what it decided on WATCHed); executed here, and then
         ``redis.WatchError`` propagates to the caller."""
-        peer = self._last_peer if premark and upcoming is not None else None
+        peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
         next_claim = self._write(round_, outcome, upcoming, pipe, peer, known)
         if next_claim is not None:
             self._claimed(next_claim, peer)
@@ -173,7 +176,7 @@ class Ledger:
         """:meth:`record`, its transaction in a thread (:attr:`io`): still ONE transaction,
         never left half-way (a cancellation waits for it to commit or fail); the claim it took
         for ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
-        peer = self._last_peer if premark and upcoming is not None else None
+        peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
 
         def claimed(next_claim: Claim | None) -> None:
             if next_claim is not None:
@@ -322,7 +325,10 @@ class Ledger:
 
     def _marks(self, job: Job, peer: Peer) -> bool:
         """Whether DATA of ``job`` to ``peer`` needs its mark written (not premarked there)."""
-        self._last_peer = peer
+        self._last_peers.pop(job.domain, None)
+        self._last_peers[job.domain] = peer
+        if len(self._last_peers) > LAST_PEERS:
+            del self._last_peers[next(iter(self._last_peers))]
         # A premark is used once: a second DATA of the round (another address) marks again.
         return self._premarked.pop(job.key, None) != (peer.address, peer.port)
 
