@@ -272,13 +272,17 @@ class Deliverer:
         return the lane's next document and its claim (None, None: the lane ends)."""
         job = batch.jobs[i]
         if job is None:
-            await self._park_doc(batch, i)
+            if not await self._park_doc(batch, i):
+                batch.leave(i, None)  # handed back at the batch's end, parked when J is free
             return batch.take(), None
         if not batch.may_start():
             batch.leave(i, claimed)
             return None, None
         if not await self.holders.wait(job.key, batch, self.ledger.claims.ttl):
-            log.info("%s to %s is another batch's of this process: left to it", *job.key)
+            # Still another batch's: handed back (never dropped: the copy there may be stale,
+            # left at its window, or a non-job's parking), as a job not started in time.
+            log.info("%s to %s is another batch's of this process: handed back", *job.key)
+            batch.leave(i, None)
             return batch.take(), None
         # Let go once its claim went (recorded, closed, left); after an error the batch's end
         # releases the claim first (run_batch).
@@ -322,18 +326,27 @@ class Deliverer:
             await self.io(self.ledger.park, job, keep_mark=True)
         return (taken[0] if taken else batch.take()), claimed_next
 
-    async def _park_doc(self, batch: Batch, i: int) -> None:
-        """Park a document that is not a job (for a retry), unless another batch of this
-        process holds a job of its id and domain (parking would release that job's claim)."""
+    async def _park_doc(self, batch: Batch, i: int) -> bool:
+        """Park a document that is not a job (for a retry), unless a batch of this process
+        (this one too: another lane) holds a job of its id and domain: parking would release
+        that job's claim and its in-flight mark. Whether it was parked."""
         try:
             key: tuple[str, str] | None = job_key(batch.docs[i])
             hash(key)
         except (KeyError, TypeError, ValueError, AttributeError):
             key = None
-        if key is not None and not self.holders.take(key, batch):
-            log.warning("%s to %s: a copy that is not a job, dropped: another is sent", *key)
-            return
-        await self.io(self.ledger.park, batch.docs[i])
+        if key is not None and key in self.holders:
+            log.warning("%s to %s: a copy that is not a job, handed back: the job is sent", *key)
+            return False
+        parking = object()
+        if key is not None:
+            self.holders.take(key, parking)
+        try:
+            await self.io(self.ledger.park, batch.docs[i])
+        finally:
+            if key is not None:
+                self.holders.let_go(key, parking)
+        return True
 
     async def shutdown(self) -> None:
         """The worker process stops: close the parked sessions and release every connection

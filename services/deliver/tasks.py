@@ -213,17 +213,20 @@ class DeliverService:
         except Exception as exc:
             error = exc
 
-        # Only the jobs no other batch of this process works on: parking one releases its
-        # claim, the process's (services/deliver/lanes.py, Holders); the others are left to
-        # the batch that holds them, which records them.
+        # A plain retry (retries < CAP) re-queues every job: it releases no claim. The give-up
+        # parks only the jobs no other batch of this process holds (parking releases the claim,
+        # the process's: services/deliver/lanes.py, Holders) and queues the others again.
         parking = object()
-        jobs = [doc for doc in jobs if _free(deliverer, doc, parking)]
-        if not jobs:
-            return None
+        free = [_free(deliverer, doc, parking) for doc in jobs]
+        held = [doc for doc, ok in zip(jobs, free, strict=True) if not ok]
 
         def defer_jobs() -> None:
-            for doc in jobs:
-                deliverer.ledger.park(doc)
+            for doc, ok in zip(jobs, free, strict=True):
+                if ok:
+                    deliverer.ledger.park(doc)
+            if held:  # never dropped (the copy there may be stale): queued again, claims kept
+                why = "another batch of this process held it when its batch gave up"
+                deliverer.ledger.hand_back(held, [None] * len(held), why)
 
         def park() -> Reject | None:
             try:

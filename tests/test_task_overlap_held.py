@@ -1,0 +1,169 @@
+"""Tasks side by side: a job one batch of a process holds longer than a claim's TTL, or holds
+without working on it, is never dropped by another batch of the process — handed back instead
+(the copy held may be stale); a failed batch's retry keeps every job; a copy that is not a job
+never parks (and so releases the claim and in-flight mark of) a job a lane is sending. Found by
+a second review of the change, each test failing before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from services.common import queueing, spool
+from services.common.redisserver import EmbeddedRedis
+from services.deliver.batch import Deliverer
+from tests.peers import Sink
+from tests.test_batching import queue_jobs, routed
+
+DOMAIN = "overlap.test"
+
+
+def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Batch A = [X, Y, J(stale, attempt 1)]: lane 1 sends X, its recording claims J ahead
+    (Holders: A), then the start window is over: J is left (handed back at A's end), but A
+    holds J until its end — lane 2 still sends Y, longer than a claim's TTL. Batch B =
+    [J(retry, attempt 2)] waits a TTL for J, then drops it as "A's". A hands back its stale
+    copy, which finds nothing to send: the retry is gone, nothing sent."""
+    slow = {"r0@overlap.test": 0.6, "r1@overlap.test": 3.5}
+    with Sink("starttls", slow_for=lambda m: max(slow.get(r, 0.0) for r in m.rcpt_tos)) as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=2,
+            tasks_per_process=2, job_timeout=4,
+        )  # fmt: skip
+        x, y, j = queue_jobs(store, DOMAIN, 3)
+        (rcpt,) = j["recipients"]
+        store.hset(spool.rcpt_key(j["id"]), rcpt,
+                   json.dumps({"state": spool.DEFERRED_STATE, "attempt": 1}))  # fmt: skip
+        retry_copy = {**j, "attempt": 2}
+        deliverer = Deliverer(config, store)
+
+        async def later(docs: list[dict[str, Any]]) -> Any:
+            await asyncio.sleep(0.9)  # A's lane 1 has left J and ended
+            return await deliverer.run_batch(docs)
+
+        async def run() -> Any:
+            try:
+                return await asyncio.gather(deliverer.run_batch([x, y, j]), later([retry_copy]))
+            finally:
+                deliverer.pool.close_all()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            asyncio.run(run())
+            gc.collect()
+        # What was handed back (the queue) runs now, as the next task would.
+        handed = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
+        copies = [d for got in handed if got for d in got[1] if d["id"] == j["id"]]
+        attempts = [d.get("attempt") for d in copies]
+        deliverer = Deliverer(config, store)
+
+        async def rerun() -> None:
+            try:
+                for got in handed:
+                    if got:
+                        await deliverer.run_batch(got[1])
+            finally:
+                deliverer.pool.close_all()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            asyncio.run(rerun())
+            gc.collect()
+        arrived = [r for m in sink.messages for r in m.rcpt_tos]
+    deferred = store.zrange(spool.DEFERRED, 0, -1)
+    assert rcpt in arrived or deferred, (arrived, attempts, deferred)
+
+
+def test_a_failed_batch_keeps_a_retry_another_batch_holds_for_a_stale_copy(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """As above, but batch B fails at once (a document whose state cannot be read): its
+    _run_or_park drops J (held by A, which left its stale copy at the window) from the retry
+    task — a plain retry (retries < CAP) releases no claim, so nothing called for dropping it.
+    A hands back the stale copy: the retry is gone."""
+    from services.common import retry
+    from services.deliver.tasks import DeliverService
+
+    slow = {"r0@overlap.test": 0.6, "r1@overlap.test": 3.5}
+    with Sink("starttls", slow_for=lambda m: max(slow.get(r, 0.0) for r in m.rcpt_tos)) as sink:
+        config = routed(
+            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=2,
+            tasks_per_process=2, job_timeout=4,
+        )  # fmt: skip
+        x, y, j, bad = queue_jobs(store, DOMAIN, 4)
+        (rcpt,) = j["recipients"]
+        store.hset(spool.rcpt_key(j["id"]), rcpt,
+                   json.dumps({"state": spool.DEFERRED_STATE, "attempt": 1}))  # fmt: skip
+        store.delete(spool.rcpt_key(bad["id"]))
+        store.set(spool.rcpt_key(bad["id"]), "not a hash")  # B's state read fails: WRONGTYPE
+        retry_copy = {**j, "attempt": 2}
+        deliverer = Deliverer(config, store)
+        service = DeliverService(config, valkey.url)
+
+        async def later() -> Any:
+            await asyncio.sleep(0.9)  # A's lane 1 has left J and ended
+            return await service._run_or_park(deliverer, [retry_copy, bad], 0)
+
+        async def run() -> Any:
+            try:
+                return await asyncio.gather(deliverer.run_batch([x, y, j]), later())
+            finally:
+                deliverer.pool.close_all()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            asyncio.run(run())
+            gc.collect()
+    copies = []
+    for raw in [*store.lrange(queueing.DELIVER_LIST, 0, -1), *store.zrange(retry.RETRY, 0, -1)]:
+        got = queueing.task_batch(raw)
+        copies += [d for d in (got[1] if got else []) if d["id"] == j["id"]]
+    assert any(d.get("attempt") == 2 for d in copies), copies
+
+
+def test_a_non_job_copy_does_not_release_the_claim_of_its_own_batch_s_lane(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """One batch: J (sent slowly by lane 1) and a copy of J that is not a job (an unknown TLS
+    mode, say a newer writer's). Lane 2 parks the copy: _park_doc's Holders.take is True (the
+    same batch holds J), so ledger.park releases J's claim and deletes its in-flight mark while
+    lane 1 is in DATA: another process's copy of J could claim it and send it again."""
+    (j,) = queue_jobs(store, DOMAIN, 1)
+    broken = {**j, "decision": {**j["decision"], "tls": "no-such-mode"}}
+    claim, mark = spool.claim_key(j["id"], DOMAIN), spool.in_flight_key(j["id"], DOMAIN)
+    seen: list[tuple[bool, bool, bool, bool]] = []
+    with Sink("starttls", slow_for=lambda m: 1.5) as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=2)
+        deliverer = Deliverer(config, store)
+        park = deliverer.ledger.park
+
+        def watched(doc: Any, keep_mark: bool = False) -> None:
+            before = bool(store.exists(claim)), bool(store.exists(mark))
+            park(doc, keep_mark)
+            seen.append((*before, bool(store.exists(claim)), bool(store.exists(mark))))
+
+        deliverer.ledger.park = watched  # type: ignore[method-assign,assignment]
+
+        async def run() -> Any:
+            try:
+                return await deliverer.run_batch([j, broken])
+            finally:
+                deliverer.pool.close_all()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            asyncio.run(run())
+            gc.collect()
+        arrived = [r for m in sink.messages for r in m.rcpt_tos]
+    # Parked while lane 1 held J's claim and mark (in DATA): both must stay.
+    assert all(s[:2] == s[2:] for s in seen), (seen, arrived)
+    queued = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
+    assert seen or any(got and broken in got[1] for got in queued), "the copy: parked or queued"
