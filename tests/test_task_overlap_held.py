@@ -24,6 +24,15 @@ from tests.test_batching import queue_jobs, routed
 DOMAIN = "overlap.test"
 
 
+async def a_claimed_j_ahead(store: redis.Redis, j: dict[str, Any]) -> None:
+    """Until A's recording of X claimed J ahead (then A holds J, past its start window)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not store.exists(spool.claim_key(j["id"], DOMAIN)):
+        assert loop.time() < deadline, "A never claimed J ahead"
+        await asyncio.sleep(0.01)
+
+
 def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
@@ -46,7 +55,7 @@ def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
         deliverer = Deliverer(config, store)
 
         async def later(docs: list[dict[str, Any]]) -> Any:
-            await asyncio.sleep(0.9)  # A's lane 1 has left J and ended
+            await a_claimed_j_ahead(store, j)
             return await deliverer.run_batch(docs)
 
         async def run() -> Any:
@@ -109,7 +118,7 @@ def test_a_failed_batch_keeps_a_retry_another_batch_holds_for_a_stale_copy(
         service = DeliverService(config, valkey.url)
 
         async def later() -> Any:
-            await asyncio.sleep(0.9)  # A's lane 1 has left J and ended
+            await a_claimed_j_ahead(store, j)
             return await service._run_or_park(deliverer, [retry_copy, bad], 0)
 
         async def run() -> Any:
