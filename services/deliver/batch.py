@@ -57,8 +57,9 @@ under way, then the error propagates and the task runs again.
 Batches side by side (``delivery.tasks_per_process``, services/deliver/tasks.py): their lanes
 share ``delivery.sessions_per_process`` permits. A claim is the process's (one token), so the
 process notes which batch works on each job and another batch waits for it (lanes.Holders, at
-most a claim's TTL, then leaves it), as for another process's claim; a batch's end
-releases only its own claims. Each batch renews the per-batch memories but others' premarks.
+most a claim's TTL, then hands its copy back: never dropped), as for another process's claim;
+a batch's end releases only its own claims. Each batch renews the per-batch memories, but
+not the premarks of jobs the others hold.
 
 Time: a task starts no new job once it has run ``delivery.job_timeout`` / 10 (its *start
 window*); its lanes then stop, and the jobs none started (with the claims their recordings took

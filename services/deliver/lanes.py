@@ -295,8 +295,8 @@ class Holders:
     A claim is the process's (one token, services/deliver/claims.py), so two batches of one
     process side by side (``delivery.tasks_per_process``) would both find a job "ours": the one
     that holds it here works on it, the other waits for it as it would wait for another
-    process's claim (at most the claim's TTL; then it leaves the job to its holder). A holder
-    is any object (a :class:`Batch`, or a failed batch's parking)."""
+    process's claim (at most the claim's TTL; then it hands its copy back, services/deliver/
+    batch.py). A holder is any object (a :class:`Batch`, or a parking)."""
 
     def __init__(self) -> None:
         self._holder: dict[tuple[str, str], object] = {}

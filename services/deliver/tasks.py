@@ -144,7 +144,7 @@ class DeliverService:
             try:
                 rejected = oldest.result()  # _batch returns what parking it could not
             except Exception as exc:  # cancelled with the loop (the process ends)
-                if oldest is not running:  # acknowledged: left to the rescue sweep
+                if oldest is not running:  # acknowledged: its reservation goes to the reclaim
                     log.error("deliver: a batch of an earlier task ended: %s", exc)
                     continue
                 retry.failed(deliverer.client, queueing.TASK_DELIVER, jobs, retries, exc)
@@ -234,7 +234,7 @@ class DeliverService:
                     deliverer.client, queueing.TASK_DELIVER, jobs, retries, error, defer_jobs
                 )
             except Reject as rejected:  # its task goes back to its queue, if not acknowledged
-                return rejected  # yet; else its jobs wait for the rescue sweep
+                return rejected  # yet; else the reclaim hands its reservation back
             return None
 
         try:
@@ -252,7 +252,7 @@ class DeliverService:
         while self._running:
             try:
                 self._running.popleft().result(timeout=max(0.0, budget - time.monotonic()))
-            except Exception as exc:  # stuck past its budget: its jobs go to the rescue sweep
+            except Exception as exc:  # stuck past its budget: reclaimed once the process is gone
                 log.warning("deliver: a batch still under way at shutdown: %s", exc)
         done = asyncio.run_coroutine_threadsafe(self._deliverer.shutdown(), self._loop)
         try:
