@@ -10,12 +10,14 @@ import asyncio
 import gc
 import json
 import warnings
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from services.common import queueing, spool
+from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
 from services.deliver.batch import Deliverer
 from tests.peers import Sink
@@ -31,6 +33,37 @@ async def a_claimed_j_ahead(store: redis.Redis, j: dict[str, Any]) -> None:
     while not store.exists(spool.claim_key(j["id"], DOMAIN)):
         assert loop.time() < deadline, "A never claimed J ahead"
         await asyncio.sleep(0.01)
+
+
+def run_quietly(deliverer: Deliverer, *runs: Awaitable[Any]) -> None:
+    """Run ``runs`` at once on one loop, then close the sessions they parked (and collect
+    what the closed loop left: see tests/test_batching.py, run_batches)."""
+
+    async def run() -> None:
+        try:
+            await asyncio.gather(*runs)
+        finally:
+            deliverer.pool.close_all()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        asyncio.run(run())
+        gc.collect()
+
+
+def rerun_handed_back(config: Config, store: redis.Redis) -> list[dict[str, Any]]:
+    """Run what was handed back (the deliver queue), one task after another, as the next tasks
+    would; return its documents."""
+    handed = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
+    batches = [got[1] for got in handed if got]
+    deliverer = Deliverer(config, store)
+
+    async def in_turn() -> None:
+        for docs in batches:
+            await deliverer.run_batch(docs)
+
+    run_quietly(deliverer, in_turn())
+    return [doc for docs in batches for doc in docs]
 
 
 def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
@@ -58,34 +91,9 @@ def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
             await a_claimed_j_ahead(store, j)
             return await deliverer.run_batch(docs)
 
-        async def run() -> Any:
-            try:
-                return await asyncio.gather(deliverer.run_batch([x, y, j]), later([retry_copy]))
-            finally:
-                deliverer.pool.close_all()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            asyncio.run(run())
-            gc.collect()
-        # What was handed back (the queue) runs now, as the next task would.
-        handed = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
-        copies = [d for got in handed if got for d in got[1] if d["id"] == j["id"]]
-        attempts = [d.get("attempt") for d in copies]
-        deliverer = Deliverer(config, store)
-
-        async def rerun() -> None:
-            try:
-                for got in handed:
-                    if got:
-                        await deliverer.run_batch(got[1])
-            finally:
-                deliverer.pool.close_all()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            asyncio.run(rerun())
-            gc.collect()
+        run_quietly(deliverer, deliverer.run_batch([x, y, j]), later([retry_copy]))
+        handed = rerun_handed_back(config, store)  # what was handed back, as the next tasks
+        attempts = [d.get("attempt") for d in handed if d["id"] == j["id"]]
         arrived = [r for m in sink.messages for r in m.rcpt_tos]
     deferred = store.zrange(spool.DEFERRED, 0, -1)
     assert rcpt in arrived or deferred, (arrived, attempts, deferred)
@@ -121,16 +129,7 @@ def test_a_failed_batch_keeps_a_retry_another_batch_holds_for_a_stale_copy(
             await a_claimed_j_ahead(store, j)
             return await service._run_or_park(deliverer, [retry_copy, bad], 0)
 
-        async def run() -> Any:
-            try:
-                return await asyncio.gather(deliverer.run_batch([x, y, j]), later())
-            finally:
-                deliverer.pool.close_all()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            asyncio.run(run())
-            gc.collect()
+        run_quietly(deliverer, deliverer.run_batch([x, y, j]), later())
     copies = []
     for raw in [*store.lrange(queueing.DELIVER_LIST, 0, -1), *store.zrange(retry.RETRY, 0, -1)]:
         got = queueing.task_batch(raw)
@@ -161,16 +160,7 @@ def test_a_non_job_copy_does_not_release_the_claim_of_its_own_batch_s_lane(
 
         deliverer.ledger.park = watched  # type: ignore[method-assign,assignment]
 
-        async def run() -> Any:
-            try:
-                return await deliverer.run_batch([j, broken])
-            finally:
-                deliverer.pool.close_all()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            asyncio.run(run())
-            gc.collect()
+        run_quietly(deliverer, deliverer.run_batch([j, broken]))
         arrived = [r for m in sink.messages for r in m.rcpt_tos]
     # Parked while lane 1 held J's claim and mark (in DATA): both must stay.
     assert all(s[:2] == s[2:] for s in seen), (seen, arrived)
