@@ -160,9 +160,9 @@ class DeliveryConfig(Section):
     # Deliver tasks one process works on at once (services/deliver/tasks.py): with 2, the next
     # task's jobs take the lanes the last task's jobs leave, instead of waiting for its slowest
     # job; the lanes of all of them together stay within sessions_per_process. A task is then
-    # acknowledged when the one before it is done, its own jobs maybe still in flight: should the
-    # process die, they are queued again by the rescue sweep (rescue_interval) rather than with
-    # its reserved tasks. 1: a task is acknowledged only once its jobs are recorded.
+    # acknowledged when the one before it is done, its own jobs maybe still in flight, reserved
+    # meanwhile under a tag of the process's own: should the process die, they are handed back
+    # as a dead worker's reserved tasks are. 1: a task is acknowledged once its jobs are recorded.
     tasks_per_process: StrictInt = Field(default=2, gt=0, le=8)
     # Where a deliver process makes its Redis calls (services/deliver/offload.py): "threads"
     # (a pool, the loop goes on while Redis answers), "inline" (on the event loop: no thread
