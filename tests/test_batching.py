@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -170,10 +170,15 @@ def deliver(config: Config, client: redis.Redis, jobs: list[dict[str, Any]]) -> 
 def run_batches(deliverer: Deliverer, *batches: list[dict[str, Any]]) -> list[list[Any]]:
     """Run ``batches`` at once on one loop (one, or several side by side as a process with
     several tasks under way), then close the sessions they parked."""
+    return run_quietly(deliverer, *(deliverer.run_batch(b) for b in batches))
 
-    async def run() -> list[list[Any]]:
+
+def run_quietly(deliverer: Deliverer, *runs: Awaitable[Any]) -> list[Any]:
+    """Run ``runs`` at once on one loop, then close the sessions ``deliverer`` parked."""
+
+    async def run() -> list[Any]:
         try:
-            return list(await asyncio.gather(*(deliverer.run_batch(b) for b in batches)))
+            return list(await asyncio.gather(*runs))
         finally:
             deliverer.pool.close_all()
 

@@ -56,6 +56,30 @@ def test_a_reserved_task_is_kept_under_the_prefix_and_restored_to_its_queue(
     assert again.payload == message.payload  # type: ignore[attr-defined]
 
 
+def test_a_batch_we_reserve_ourselves_reads_and_restores_as_kombu_s_own(
+    kombu: Connection, store: redis.Redis
+) -> None:
+    """broker.reserve (a deliver batch still in flight after its task's acknowledgement) writes
+    what kombu writes for a task it took: kombu's entry shape, read back by the rescue sweep's
+    parser; restore puts it on its queue, where a worker takes the same task again."""
+    jobs = [{"id": "m1", "domain": "d.test", "recipients": ["r@d.test"]}]
+    task = queueing.task_payload(queueing.TASK_DELIVER, [jobs], queueing.QUEUE_DELIVER)
+    broker.reserve(store, "ours", task, queueing.QUEUE_DELIVER, 1000.0)
+    (raw,) = store.hvals(queueing.UNACKED)
+    assert json.loads(raw)[1:] == ["deliver", "deliver"]
+    document = queueing.reserved(raw)
+    assert document is not None
+    assert queueing.task_batch(document) == (queueing.TASK_DELIVER, jobs)
+    assert store.zscore(queueing.UNACKED_INDEX, "ours") == 1000.0
+    assert broker.restore(store, "ours") is True
+    again = take(kombu, queueing.QUEUE_DELIVER)
+    assert again.payload[0] == [jobs]  # type: ignore[attr-defined]
+    broker.reserve(store, "done", task, queueing.QUEUE_DELIVER, 1000.0)
+    broker.unreserve(store, "done")
+    assert store.hget(queueing.UNACKED, "done") is None
+    assert store.zscore(queueing.UNACKED_INDEX, "done") is None
+
+
 def test_the_upgrade_moves_our_tasks_out_of_the_unprefixed_keys(store: redis.Redis) -> None:
     now = time.time()
     old, new = queueing.classify_task(["old"]), queueing.classify_task(["new"])

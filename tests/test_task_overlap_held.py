@@ -7,21 +7,20 @@ a second review of the change, each test failing before its fix."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
-import warnings
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from services.common import queueing, spool
+from services.common import queueing, retry, spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
 from services.deliver.batch import Deliverer
+from services.deliver.tasks import DeliverService
 from tests.peers import Sink
-from tests.test_batching import queue_jobs, routed
+from tests.sinksmtp import Message
+from tests.test_batching import queue_jobs, routed, run_quietly
 
 DOMAIN = "overlap.test"
 
@@ -35,20 +34,28 @@ async def a_claimed_j_ahead(store: redis.Redis, j: dict[str, Any]) -> None:
         await asyncio.sleep(0.01)
 
 
-def run_quietly(deliverer: Deliverer, *runs: Awaitable[Any]) -> None:
-    """Run ``runs`` at once on one loop, then close the sessions they parked (and collect
-    what the closed loop left: see tests/test_batching.py, run_batches)."""
+def x_then_y_slowly(message: Message) -> float:
+    """X (r0) is answered after 0.6 s, past A's start window; Y (r1) after 3.5 s, longer than a
+    claim's TTL (2 s with job_timeout 4 s)."""
+    slow = {"r0@overlap.test": 0.6, "r1@overlap.test": 3.5}
+    return max(slow.get(r, 0.0) for r in message.rcpt_tos)
 
-    async def run() -> None:
-        try:
-            await asyncio.gather(*runs)
-        finally:
-            deliverer.pool.close_all()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        asyncio.run(run())
-        gc.collect()
+def two_lanes(tmp_path: Path, valkey: EmbeddedRedis, sink: Sink) -> Config:
+    """Two lanes, two batches side by side, a start window of 0.4 s."""
+    return routed(
+        tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=2,
+        tasks_per_process=2, job_timeout=4,
+    )  # fmt: skip
+
+
+def deferred_with_retry(store: redis.Redis, j: dict[str, Any]) -> dict[str, Any]:
+    """J's recipient deferred by its attempt 1 (so a copy of attempt 1 is stale: nothing to
+    send); the document of its retry, attempt 2."""
+    (rcpt,) = j["recipients"]
+    state = {"state": spool.DEFERRED_STATE, "attempt": 1}
+    store.hset(spool.rcpt_key(j["id"]), rcpt, json.dumps(state))
+    return {**j, "attempt": 2}
 
 
 def rerun_handed_back(config: Config, store: redis.Redis) -> list[dict[str, Any]]:
@@ -72,19 +79,12 @@ def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
     """Batch A = [X, Y, J(stale, attempt 1)]: lane 1 sends X, its recording claims J ahead
     (Holders: A), then the start window is over: J is left (handed back at A's end), but A
     holds J until its end — lane 2 still sends Y, longer than a claim's TTL. Batch B =
-    [J(retry, attempt 2)] waits a TTL for J, then drops it as "A's". A hands back its stale
-    copy, which finds nothing to send: the retry is gone, nothing sent."""
-    slow = {"r0@overlap.test": 0.6, "r1@overlap.test": 3.5}
-    with Sink("starttls", slow_for=lambda m: max(slow.get(r, 0.0) for r in m.rcpt_tos)) as sink:
-        config = routed(
-            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=2,
-            tasks_per_process=2, job_timeout=4,
-        )  # fmt: skip
+    [J(retry, attempt 2)] waits a TTL for J, then must hand its copy back, not drop it as
+    "A's": A's stale copy finds nothing to send, so only the retry delivers (or defers) J."""
+    with Sink("starttls", slow_for=x_then_y_slowly) as sink:
+        config = two_lanes(tmp_path, valkey, sink)
         x, y, j = queue_jobs(store, DOMAIN, 3)
-        (rcpt,) = j["recipients"]
-        store.hset(spool.rcpt_key(j["id"]), rcpt,
-                   json.dumps({"state": spool.DEFERRED_STATE, "attempt": 1}))  # fmt: skip
-        retry_copy = {**j, "attempt": 2}
+        retry_copy = deferred_with_retry(store, j)
         deliverer = Deliverer(config, store)
 
         async def later(docs: list[dict[str, Any]]) -> Any:
@@ -96,32 +96,23 @@ def test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window(
         attempts = [d.get("attempt") for d in handed if d["id"] == j["id"]]
         arrived = [r for m in sink.messages for r in m.rcpt_tos]
     deferred = store.zrange(spool.DEFERRED, 0, -1)
+    (rcpt,) = j["recipients"]
     assert rcpt in arrived or deferred, (arrived, attempts, deferred)
 
 
 def test_a_failed_batch_keeps_a_retry_another_batch_holds_for_a_stale_copy(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
-    """As above, but batch B fails at once (a document whose state cannot be read): its
-    _run_or_park drops J (held by A, which left its stale copy at the window) from the retry
-    task — a plain retry (retries < CAP) releases no claim, so nothing called for dropping it.
-    A hands back the stale copy: the retry is gone."""
-    from services.common import retry
-    from services.deliver.tasks import DeliverService
+    """As above, but batch B fails at once (a document whose state cannot be read): its retry
+    task must keep J although A holds it (a plain retry, retries < CAP, releases no claim);
+    A hands back only the stale copy, so without J in B's retry the retry would be gone."""
 
-    slow = {"r0@overlap.test": 0.6, "r1@overlap.test": 3.5}
-    with Sink("starttls", slow_for=lambda m: max(slow.get(r, 0.0) for r in m.rcpt_tos)) as sink:
-        config = routed(
-            tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=2,
-            tasks_per_process=2, job_timeout=4,
-        )  # fmt: skip
+    with Sink("starttls", slow_for=x_then_y_slowly) as sink:
+        config = two_lanes(tmp_path, valkey, sink)
         x, y, j, bad = queue_jobs(store, DOMAIN, 4)
-        (rcpt,) = j["recipients"]
-        store.hset(spool.rcpt_key(j["id"]), rcpt,
-                   json.dumps({"state": spool.DEFERRED_STATE, "attempt": 1}))  # fmt: skip
+        retry_copy = deferred_with_retry(store, j)
         store.delete(spool.rcpt_key(bad["id"]))
         store.set(spool.rcpt_key(bad["id"]), "not a hash")  # B's state read fails: WRONGTYPE
-        retry_copy = {**j, "attempt": 2}
         deliverer = Deliverer(config, store)
         service = DeliverService(config, valkey.url)
 
@@ -141,9 +132,9 @@ def test_a_non_job_copy_does_not_release_the_claim_of_its_own_batch_s_lane(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
     """One batch: J (sent slowly by lane 1) and a copy of J that is not a job (an unknown TLS
-    mode, say a newer writer's). Lane 2 parks the copy: _park_doc's Holders.take is True (the
-    same batch holds J), so ledger.park releases J's claim and deletes its in-flight mark while
-    lane 1 is in DATA: another process's copy of J could claim it and send it again."""
+    mode, say a newer writer's). Lane 2 must not park the copy while lane 1 is in DATA: the
+    park would release J's claim and delete its in-flight mark, and another process's copy of J
+    could then claim it and send it again. The copy is handed back (or parked once J is free)."""
     (j,) = queue_jobs(store, DOMAIN, 1)
     broken = {**j, "decision": {**j["decision"], "tls": "no-such-mode"}}
     claim, mark = spool.claim_key(j["id"], DOMAIN), spool.in_flight_key(j["id"], DOMAIN)

@@ -85,8 +85,9 @@ def restore(client: redis.Redis, tag: str, unacked: str = queueing.UNACKED,
 def reserve(client: redis.Redis, tag: str, task: str, queue: str, now: float) -> None:
     """Record ``task`` (a task document, :func:`queueing.task_payload`) as reserved under
     ``tag``, taken at ``now``, as kombu records a task a worker took: :func:`restore` (or
-    kombu's own restore, after the visibility timeout) puts it back on ``queue``'s list."""
-    entry = json.dumps([json.loads(task), queue, queue])
+    kombu's own restore, after the visibility timeout) puts it back on ``queue``'s list. The
+    document is embedded as it is (it is JSON already): a batch's jobs are not encoded again."""
+    entry = f"[{task}, {json.dumps(queue)}, {json.dumps(queue)}]"
     with client.pipeline(transaction=True) as pipe:
         pipe.hset(queueing.UNACKED, tag, entry)
         pipe.zadd(queueing.UNACKED_INDEX, {tag: now})

@@ -109,7 +109,7 @@ from services.deliver.delivery import (
     throttled_reply,
 )
 from services.deliver.dsn import one_line
-from services.deliver.lanes import Batch, Bodies, Holders, SiteSlots, Upcoming, unique
+from services.deliver.lanes import Batch, Bodies, Holders, SiteSlots, Upcoming, held_key, unique
 from services.deliver.ledger import Ledger
 from services.deliver.offload import Offload, threads_for
 from services.deliver.plan import Plan, Planner
@@ -331,11 +331,7 @@ class Deliverer:
         """Park a document that is not a job (for a retry), unless a batch of this process
         (this one too: another lane) holds a job of its id and domain: parking would release
         that job's claim and its in-flight mark. Whether it was parked."""
-        try:
-            key: tuple[str, str] | None = job_key(batch.docs[i])
-            hash(key)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            key = None
+        key = held_key(batch.docs[i])
         if key is not None and key in self.holders:
             log.warning("%s to %s: a copy that is not a job, handed back: the job is sent", *key)
             return False

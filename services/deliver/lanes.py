@@ -36,7 +36,7 @@ import redis
 
 from services.common import spool
 from services.common.config import Config
-from services.common.jobs import Job
+from services.common.jobs import Job, job_key
 from services.common.model import Envelope
 from services.deliver.claims import Claim
 from services.deliver.delivery import Outcome
@@ -287,6 +287,17 @@ class Bodies:
                 bodies = await self.io(spool.load_bodies, self.client, ids)
                 self.loaded.update(zip(chunk, bodies, strict=True))
         return self.loaded.pop(index)
+
+
+def held_key(doc: Mapping[str, Any]) -> tuple[str, str] | None:
+    """A document's job key as :class:`Holders` keeps it; None for one without a usable key (a
+    document that is not a job may lack one, or carry values that cannot be a key)."""
+    try:
+        key = job_key(doc)
+        hash(key)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return key
 
 
 class Holders:

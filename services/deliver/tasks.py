@@ -65,8 +65,8 @@ from celery.signals import worker_process_shutdown, worker_ready, worker_shutdow
 
 from services.common import broker, liveness, queueing, retry, spool
 from services.common.config import Config
-from services.common.jobs import job_key
 from services.deliver.batch import Deliverer
+from services.deliver.lanes import held_key
 from services.deliver.offload import limit_arenas
 from services.deliver.scheduler import SchedulerThread
 from services.deliver.tlscontext import bound_read_buffers
@@ -264,12 +264,8 @@ class DeliverService:
 def _free(deliverer: Deliverer, doc: dict[str, Any], holder: object) -> bool:
     """Whether ``doc``'s job is free of the process's other batches (then ``holder`` holds it);
     a document without a job key is nobody's."""
-    try:
-        key = job_key(doc)
-        hash(key)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return True
-    return deliverer.holders.take(key, holder)
+    key = held_key(doc)
+    return key is None or deliverer.holders.take(key, holder)
 
 
 def register(app: Celery, service: DeliverService) -> None:
