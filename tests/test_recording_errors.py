@@ -4,6 +4,7 @@ never let DATA go out without its in-flight mark. Real deliver code, real Redis,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -124,3 +125,44 @@ def test_a_premark_of_an_earlier_claim_never_stands_in_for_a_later_mark(
     ledger.claim(retry.key, known=envelopes[1])  # the retry, first of a new batch
     ledger.mark_in_flight(retry, peer)  # DATA to the same peer
     assert store.get(spool.in_flight_key(*retry.key)) is not None
+
+
+def test_a_lanes_first_claim_carries_the_mark_of_the_domains_last_peer(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The first job of a lane is claimed with its in-flight mark when the domain's last peer
+    is known (one round trip less before DATA); DATA to another peer marks again, and a job
+    with nothing to send is claimed without a mark."""
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
+    jobs = []
+    for rcpt in ("x@d.test", "y@d.test", "z@d.test"):
+        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
+        with store.pipeline(transaction=True) as pipe:
+            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+            pipe.execute()
+        jobs.append((Job(envelope.id, "d.test", envelope.recipients, decision), envelope))
+    peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
+    other = Peer("mx2.d.test", "192.0.2.2", 25, "mx2.d.test")
+    (x, x_env), (y, y_env), (z, z_env) = jobs
+
+    async def run() -> None:
+        unknown = await ledger.claim_async(x.key, x_env, premark=True)
+        assert unknown.ours and not unknown.marked, "no last peer yet: nothing to guess"
+        await ledger.mark_in_flight_async(x, peer)  # DATA of x: the domain's last peer now
+        claim_y = await ledger.claim_async(y.key, y_env, premark=True)
+        assert claim_y.marked
+        note = json.loads(store.get(spool.in_flight_key(*y.key)) or b"{}")
+        assert note["host"] == "mx.d.test"
+        store.delete(spool.in_flight_key(*y.key))  # so a second write would show
+        await ledger.mark_in_flight_async(y, peer)
+        assert store.get(spool.in_flight_key(*y.key)) is None, "the premark was written twice"
+        claim_z = await ledger.claim_async(z.key, z_env, premark=True)
+        assert claim_z.marked
+        await ledger.mark_in_flight_async(z, other)  # the guess was wrong: marked again
+        note = json.loads(store.get(spool.in_flight_key(*z.key)) or b"{}")
+        assert note["host"] == "mx2.d.test"
+        plain = await ledger.claim_async(z.key, z_env)
+        assert not plain.marked
+
+    asyncio.run(run())

@@ -309,7 +309,8 @@ class Deliverer:
         claimed_next: Claim | None = None
         try:
             if claimed is None or claimed.key != job.key:
-                claimed = await self.ledger.claim_async(job.key, batch.states[i].envelope)
+                known = batch.states[i].envelope  # premarked when it has something to send
+                claimed = await self.ledger.claim_async(job.key, known, batch.sendable(i))
             claim = claimed
             if not claim.ours:
                 claim = await self._wait_for(claim, batch.states[i].envelope)

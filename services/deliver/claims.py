@@ -36,7 +36,7 @@ import secrets
 import socket
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -172,6 +172,20 @@ class Claims:
             self.stage_take(pipe, key, note, note_ttl, known is not None)
             (reply,) = pipe.execute()
         return self.taken(key, reply, known)
+
+    def take_all(
+        self, requests: Sequence[tuple[tuple[str, str], str | None, int, Envelope | None]]
+    ) -> list[Claim | Exception]:
+        """:meth:`take` for each (key, note, note TTL, known) at once: one round trip. A claim
+        whose command failed is its exception; the others stand."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, note, note_ttl, known in requests:
+                self.stage_take(pipe, key, note, note_ttl, known is not None)
+            replies = pipe.execute(raise_on_error=False)
+        return [
+            reply if isinstance(reply, Exception) else self.taken(key, reply, known)
+            for (key, _, _, known), reply in zip(requests, replies, strict=True)
+        ]
 
     def taken(self, key: tuple[str, str], reply: list[Any], known: Envelope | None = None) -> Claim:
         """The claim from the reply of :meth:`stage_take` (``known`` as given there); one we got

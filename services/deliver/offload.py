@@ -74,9 +74,10 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 Mode = Literal["auto", "threads", "inline"]
 
 # A least wait below NEAR is a Redis on this host, or as near (a round trip across a zone is
@@ -215,6 +216,75 @@ class Offload:
 
 
 INLINE = Offload(0)  # for objects used without a deliver loop's pool
+
+
+class _Request(Generic[Item, T]):
+    def __init__(self, item: Item, future: asyncio.Future[T]) -> None:
+        self.item, self.future = item, future
+
+
+class Gathered(Generic[Item, T]):
+    """The calls made in one turn of the loop, made together: ``run(items)`` — one Redis round
+    trip for all of them (a pipeline) — in ``io``, at the loop's next turn. The lanes of a
+    batch that start together (services/deliver/batch.py) claim their first jobs this way.
+
+    ``run`` returns one result per item, in order: its value, or the exception of its own
+    command (the others' results stand). An exception of ``run`` itself (Redis unreachable)
+    goes to every caller of the group. A caller cancelled before the group was sent leaves it
+    (nothing was done for it); one cancelled later waits for the group, hands its own result to
+    ``orphan`` (as :class:`Offload` does), then propagates."""
+
+    def __init__(self, run: Callable[[list[Item]], list[T | Exception]]) -> None:
+        self._run = run
+        self._due: list[_Request[Item, T]] = []
+        self._flushing: set[asyncio.Task[None]] = set()  # held: a task only weakly referenced
+        self._next: asyncio.Task[None] | None = None  # the group's, until it takes the calls
+        self.groups = 0  # round trips made (for tests and benchmarks)
+
+    async def __call__(
+        self, io: Offload, item: Item, orphan: Callable[[T], object] | None = None
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        request: _Request[Item, T] = _Request(item, loop.create_future())
+        self._due.append(request)
+        if self._next is None or self._next.done():  # the first of this turn: the group goes
+            self._next = loop.create_task(self._flush(io))  # at the loop's next turn
+            self._flushing.add(self._next)
+            self._next.add_done_callback(self._flushing.discard)
+        try:
+            return await asyncio.shield(request.future)
+        except asyncio.CancelledError:
+            if request in self._due:  # not sent: nothing was done for it
+                self._due.remove(request)
+                raise
+            await _settled(request.future)
+            done = request.future
+            if orphan is not None and not done.cancelled() and done.exception() is None:
+                orphan(done.result())
+            raise
+
+    async def _flush(self, io: Offload) -> None:
+        group, self._due, self._next = self._due, [], None
+        if not group:  # every caller of the turn was cancelled before it
+            return
+        self.groups += 1
+        try:
+            results = await io(self._run, [request.item for request in group])
+            if len(results) != len(group):
+                raise RuntimeError(f"{len(results)} results for {len(group)} calls")
+        except Exception as exc:
+            for request in group:
+                request.future.set_exception(exc)
+            return
+        except BaseException:  # the loop ends: so do its callers
+            for request in group:
+                request.future.cancel()
+            raise
+        for request, result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
 
 
 async def _settled(waiting: asyncio.Future[Any]) -> None:
