@@ -1,6 +1,7 @@
 """Calls made in one turn of the deliver loop, made together (services/deliver/offload.py,
 ``Gathered``): the lanes of a batch that start together claim their first jobs in one Redis
-round trip (issue #20 item 4). Each caller still gets its own claim or its own error; a caller
+round trip, and the lanes whose rounds end in one turn record them in one transaction (issue
+#20 item 4). Each caller still gets its own claim or its own error; a caller
 cancelled while its group is under way waits for it and hands its result on, as a single call
 does. Real Redis; counts and ordering only, no timed assertions."""
 
@@ -16,11 +17,14 @@ import redis
 
 from services.common import spool
 from services.common.jobs import Job
-from services.common.model import Decision, Envelope, TlsMode, new_message_id
+from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
+from services.deliver.attempt import Peer
+from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
 from services.deliver.offload import Gathered, Offload
 from tests.test_batching import BODY, write_config
+from tests.test_exactly_once import deferred_jobs, delay_notices, delayed_rounds
 from tests.test_offload import TURNS
 
 LANES = 5
@@ -127,3 +131,95 @@ def test_an_error_of_the_whole_group_reaches_every_caller() -> None:
         assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results)
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- recordings
+
+
+def delivered(job: Job) -> Outcome:
+    return Outcome(delivered=dict.fromkeys(job.recipients, Reply(250, "2.0.0", "ok")))
+
+
+def test_rounds_recorded_in_one_turn_take_one_transaction(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Each round is recorded whole (its message final and gone, its claim released) and
+    the lane's next job claimed, premarked, in the same transaction."""
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    jobs = stored_jobs(store, LANES * 2)
+    peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
+
+    async def main() -> None:
+        firsts = jobs[:LANES]
+        claims = await asyncio.gather(*(ledger.claim_async(j.key, e) for j, e in firsts))
+        await ledger.mark_in_flight_async(firsts[0][0], peer)  # the domain's last peer
+        rounds = [ledger.round(j, e, BODY, c.state) for (j, e), c in zip(firsts, claims)]
+        upcoming = jobs[LANES:]
+        nexts = await asyncio.gather(
+            *(
+                ledger.record_async(r, delivered(r.job), j.key, premark=True, known=e)
+                for r, (j, e) in zip(rounds, upcoming, strict=True)
+            )
+        )
+        assert ledger.record_round_trips == 1
+        assert [c.key for c in nexts if c is not None] == [j.key for j, _ in upcoming]
+        assert all(c is not None and c.ours and c.marked for c in nexts)
+
+    asyncio.run(main())
+    for job, _ in jobs[:LANES]:
+        assert not store.exists(spool.msg_key(job.id)), "recorded final: the message is gone"
+        assert not store.exists(spool.claim_key(*job.key))
+        assert not store.exists(spool.in_flight_key(*job.key))
+    for job, _ in jobs[LANES:]:
+        assert store.get(spool.claim_key(*job.key)) == ledger.claims.token.encode()
+        assert store.exists(spool.in_flight_key(*job.key)), "premarked with its claim"
+
+
+def test_a_round_whose_writes_fail_fails_alone_the_others_are_recorded(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    (ok, ok_env), (bad, bad_env) = stored_jobs(store, 2)
+    store.delete(spool.trace_key(bad.id))
+    store.set(spool.trace_key(bad.id), "not a list")  # WRONGTYPE for its trace events
+
+    async def main() -> None:
+        claims = await asyncio.gather(
+            ledger.claim_async(ok.key, ok_env), ledger.claim_async(bad.key, bad_env)
+        )
+        rounds = [
+            ledger.round(ok, ok_env, BODY, claims[0].state),
+            ledger.round(bad, bad_env, BODY, claims[1].state),
+        ]
+        good, failed = await asyncio.gather(
+            *(ledger.record_async(r, delivered(r.job)) for r in rounds), return_exceptions=True
+        )
+        assert good is None
+        assert isinstance(failed, redis.exceptions.ResponseError)
+        assert ledger.record_round_trips == 1
+
+    asyncio.run(main())
+    assert not store.exists(spool.msg_key(ok.id)), "the other round is recorded"
+    assert not store.exists(spool.claim_key(*ok.key))
+
+
+def test_rounds_that_send_a_delayed_dsn_are_recorded_apart_one_notice_per_message(
+    store: redis.Redis,
+) -> None:
+    """A "delayed" DSN's transaction watches its message (one notice for the message, whichever
+    of its jobs records first): such rounds do not join the turn's transaction, and of two
+    domain jobs of one message recorded in one turn, one sends the notice."""
+    config, envelope, rounds = delayed_rounds(store)
+    ledger = Ledger(config, store)
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(
+                ledger.record_async(ledger.round(job, envelope, BODY, state), outcome)
+                for job, state, outcome in rounds
+            )
+        )
+
+    asyncio.run(main())
+    assert len(delay_notices(store, envelope.id)) == 1, "one delay notice per message"
+    assert len(deferred_jobs(store)) == 2

@@ -160,14 +160,14 @@ def test_a_redis_error_in_one_lane_lets_the_others_record_their_rounds(
     """The first job's recording fails (Redis): the task must run again, but the lanes sending
     meanwhile finish and record their rounds first (cancelled, they would leave deliveries
     unrecorded, to be sent again), and no lane starts another job."""
-    real = Ledger._write  # the recording's Redis side (in a thread of the process)
+    real = Ledger._record_all  # the recordings of a turn (in a thread of the process)
 
-    def failing(self: Ledger, round_: Any, *args: Any, **kwargs: Any) -> Any:
-        if "r0@lanes.test" in round_.job.recipients:
+    def failing(self: Ledger, requests: Any) -> Any:
+        if any("r0@lanes.test" in round_.job.recipients for round_, *_ in requests):
             raise redis.exceptions.ConnectionError("Redis went away")
-        return real(self, round_, *args, **kwargs)
+        return real(self, requests)
 
-    monkeypatch.setattr(Ledger, "_write", failing)
+    monkeypatch.setattr(Ledger, "_record_all", failing)
     with Sink("starttls", slow_for=slow_but_first) as sink:
         config = routed(tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=3)
         jobs = queue_jobs(store, DOMAIN, 5)

@@ -28,7 +28,11 @@
   that records or closes it (``shapingscripts.LEAVE_LINE``, which calls the next one in).
 - :meth:`Ledger.park` puts a job that failed unexpectedly back into the deferred set, due after
   the first retry step, so a bug in delivery code never drops mail; :meth:`Ledger.hand_back`
-  queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task.
+  queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task. (These
+  two and :meth:`Ledger.throttle` are written in :mod:`services.deliver.setaside`.)
+- The rounds lanes record in one turn of the loop (:meth:`Ledger.record_async`) share ONE
+  transaction, and so do their claims (:class:`services.deliver.offload.Gathered`): one round
+  trip for them all; a round whose own writes fail fails alone.
 
 Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
 interrupted delivery are counted here, after their transaction committed — each in one place.
@@ -49,23 +53,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
 
-from services.common import queueing, spool
+from services.common import spool
 from services.common.config import Config
-from services.common.jobs import Job, job_key
-from services.common.model import Envelope, Reply
-from services.deliver import dsn, observe, recording, scheduler, shaping, shapingscripts, tlsrpt
+from services.common.jobs import Job
+from services.common.model import Envelope
+from services.deliver import dsn, observe, recording, scheduler, tlsrpt
 from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire
 from services.deliver.offload import INLINE, Gathered, Offload
-from services.deliver.shaping import Throttle
+from services.deliver.setaside import SetAside
 
 log = logging.getLogger("tlsrelay.deliver")
+# What a lane's round hands to the recording (Ledger.record_async): the round, its outcome,
+# the job claimed next, the peer its premark names, the envelope read of that job.
+RoundRequest = tuple[Round, Outcome, tuple[str, str] | None, Peer | None, Envelope | None]
 LAST_PEERS = 1000  # domains whose last peer is remembered (for the next job's premark)
 
 RFC1047 = (
@@ -75,7 +82,7 @@ RFC1047 = (
 DAY = 86400.0
 
 
-class Ledger:
+class Ledger(SetAside):
     """Per worker process: the Redis writes of delivery jobs."""
 
     def __init__(self, config: Config, client: redis.Redis) -> None:
@@ -99,6 +106,8 @@ class Ledger:
         self.io: Offload = INLINE
         # Lanes that start together claim their first jobs in one round trip (offload.Gathered).
         self._claiming = Gathered(self.claims.take_all)
+        # ... and the lanes whose rounds end in one turn record them in one transaction.
+        self._recording = Gathered(self._record_all)
 
     def claim(
         self, key: tuple[str, str], premark: bool = False, known: Envelope | None = None
@@ -133,6 +142,11 @@ class Ledger:
     def claim_round_trips(self) -> int:
         """The round trips :meth:`claim_async` made (for tests and benchmarks)."""
         return self._claiming.groups
+
+    @property
+    def record_round_trips(self) -> int:
+        """The transactions :meth:`record_async` made (for tests and benchmarks)."""
+        return self._recording.groups
 
     def new_batch(self, keep: Container[tuple[str, str]] = ()) -> None:
         """A batch begins: the premarks of the last one are forgotten (each is also replaced
@@ -196,9 +210,8 @@ class Ledger:
             if next_claim is not None:
                 self._claimed(next_claim, peer)
 
-        next_claim = await self.io(
-            self._write, round_, outcome, upcoming, None, peer, known, orphan=claimed
-        )
+        request = (round_, outcome, upcoming, peer, known)
+        next_claim = await self._recording(self.io, request, orphan=claimed)
         claimed(next_claim)
         return next_claim
 
@@ -213,11 +226,32 @@ class Ledger:
     ) -> Claim | None:
         """The Redis side of :meth:`record` (any thread): it reads no state of the loop's;
         ``peer``: the in-flight mark to set for ``upcoming`` (None: none)."""
+        notice, fallback = self._prepare(round_, outcome)
+        return self._write_prepared(round_, outcome, notice, fallback, upcoming, pipe, peer, known)
+
+    def _prepare(
+        self, round_: Round, outcome: Outcome
+    ) -> tuple[dsn.Notice | None, tuple[Envelope, bytes] | None]:
+        """What a round's recording writes besides its results: the DSN it calls for, the
+        redacted twin of a REQUIRETLS DSN that failed for good (past the queue lifetime, what
+        would be deferred is bounced first)."""
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
         )
-        fallback = self._fallback(round_, outcome)
+        return notice, self._fallback(round_, outcome)
+
+    def _write_prepared(
+        self,
+        round_: Round,
+        outcome: Outcome,
+        notice: dsn.Notice | None,
+        fallback: tuple[Envelope, bytes] | None,
+        upcoming: tuple[str, str] | None,
+        pipe: redis.client.Pipeline | None,
+        peer: Peer | None,
+        known: Envelope | None,
+    ) -> Claim | None:
         if pipe is not None:
             return self._record(round_, outcome, notice, fallback, upcoming, peer, known, pipe)
         while True:
@@ -237,62 +271,115 @@ class Ledger:
         known: Envelope | None,
         given: redis.client.Pipeline | None = None,
     ) -> Claim | None:
-        # Final when nothing is left: known here unless another domain's job is still open.
-        final = {**round_.state.final, **outcome.final}
-        complete = set(final) >= set(round_.envelope.recipients)
-        sts_failures, ttl = 0, self.config.trace_ttl
         with given or self.client.pipeline(transaction=True) as pipe:
             delayed = notice is not None and notice.action == dsn.DELAYED
             if delayed and given is None and not self._delay_notice_due(pipe, round_.envelope.id):
                 notice = None
-            rec = recording.Recording(round_, outcome, notice)
-            events = recording.round_events(rec)
-            if outcome.sts is not None:  # TLSRPT counts ride this transaction
-                sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, round_.now)
-            retention = self.config.posture.retention
-            at_posture, posture_counts = recording.stage_posture(pipe, round_, outcome, retention)
-            events += recording.stage_states(pipe, rec)
-            if outcome.deferred:
-                schedule = self.config.delivery.retry_schedule
-                events.append(recording.stage_retry(pipe, rec, schedule))
-            if notice is not None:
-                events.append(recording.stage_notice(pipe, round_.envelope.id, notice, ttl))
-            if fallback is not None:
-                events.append(recording.stage_fallback(pipe, round_.envelope.id, *fallback, ttl))
-            self.claims.stage_release(pipe, round_.job.key)
-            recording.stage_leave_line(pipe, round_.job, self.config)
-            at_upcoming = len(pipe)
-            if upcoming is not None:
-                note = _in_flight_note(peer) if peer is not None else None
-                self.claims.stage_take(pipe, upcoming, note, self._mark_ttl, known is not None)
-            at_states = recording.stage_end(pipe, rec, events, complete, self._rcpt_ttl, ttl)
+            finish = self._stage(pipe, round_, outcome, notice, fallback, upcoming, peer, known)
             replies = pipe.execute()
-        next_claim = None
-        if upcoming is not None:
-            next_claim = self.claims.taken(upcoming, replies[at_upcoming], known)
-        try:  # committed: what follows must not make the caller record the round again
-            self._count(rec, sts_failures)
-            _posture_recorded(replies, at_posture, posture_counts, round_.job.key)
-            if complete:
-                _final(final.values())
-            elif at_states is not None:
-                self.finish_if_final(round_.envelope, replies[at_states])
-        except redis.exceptions.RedisError:
-            raise  # the task runs again; the recorded round is then skipped (final/deferred)
-        except Exception:
-            log.exception("after recording %s to %s", *round_.job.key)
-        return next_claim
+        return finish(replies)
 
-    def _delay_notice_due(self, pipe: redis.client.Pipeline, message_id: str) -> bool:
-        """Whether the "delayed" DSN this round calls for is still to be sent: the message is
-        stored and no notice went out. WATCHes the message, so that the transaction (then
-        opened) fails when another job of the message sends one (or finishes it) meanwhile."""
-        key = spool.msg_key(message_id)
-        pipe.watch(key)  # type: ignore[no-untyped-call]
-        stored = bool(pipe.hexists(key, "envelope"))
-        warned = bool(pipe.hexists(key, "delay_warned"))
-        pipe.multi()
-        return stored and not warned
+    def _stage(
+        self,
+        pipe: redis.client.Pipeline,
+        round_: Round,
+        outcome: Outcome,
+        notice: dsn.Notice | None,
+        fallback: tuple[Envelope, bytes] | None,
+        upcoming: tuple[str, str] | None,
+        peer: Peer | None,
+        known: Envelope | None,
+    ) -> Callable[[list[Any]], Claim | None]:
+        """A round's writes, staged into ``pipe`` (a transaction, perhaps with other rounds');
+        returns what follows its commit, given the transaction's replies."""
+        # Final when nothing is left: known here unless another domain's job is still open.
+        final = {**round_.state.final, **outcome.final}
+        complete = set(final) >= set(round_.envelope.recipients)
+        sts_failures, ttl = 0, self.config.trace_ttl
+        rec = recording.Recording(round_, outcome, notice)
+        events = recording.round_events(rec)
+        if outcome.sts is not None:  # TLSRPT counts ride this transaction
+            sts_failures = tlsrpt.stage(pipe, outcome.sts, outcome.attempts, round_.now)
+        retention = self.config.posture.retention
+        at_posture, posture_counts = recording.stage_posture(pipe, round_, outcome, retention)
+        events += recording.stage_states(pipe, rec)
+        if outcome.deferred:
+            schedule = self.config.delivery.retry_schedule
+            events.append(recording.stage_retry(pipe, rec, schedule))
+        if notice is not None:
+            events.append(recording.stage_notice(pipe, round_.envelope.id, notice, ttl))
+        if fallback is not None:
+            events.append(recording.stage_fallback(pipe, round_.envelope.id, *fallback, ttl))
+        self.claims.stage_release(pipe, round_.job.key)
+        recording.stage_leave_line(pipe, round_.job, self.config)
+        at_upcoming = len(pipe)
+        if upcoming is not None:
+            note = _in_flight_note(peer) if peer is not None else None
+            self.claims.stage_take(pipe, upcoming, note, self._mark_ttl, known is not None)
+        at_states = recording.stage_end(pipe, rec, events, complete, self._rcpt_ttl, ttl)
+
+        def finish(replies: list[Any]) -> Claim | None:
+            next_claim = None
+            if upcoming is not None:
+                next_claim = self.claims.taken(upcoming, replies[at_upcoming], known)
+            try:  # committed: what follows must not make the caller record the round again
+                self._count(rec, sts_failures)
+                _posture_recorded(replies, at_posture, posture_counts, round_.job.key)
+                if complete:
+                    _final(final.values())
+                elif at_states is not None:
+                    self.finish_if_final(round_.envelope, replies[at_states])
+            except redis.exceptions.RedisError:
+                raise  # the task runs again; the recorded round is then skipped (final/deferred)
+            except Exception:
+                log.exception("after recording %s to %s", *round_.job.key)
+            return next_claim
+
+        return finish
+
+    def _record_all(self, requests: list[RoundRequest]) -> list[Claim | Exception | None]:
+        """The rounds of :meth:`record_async` made in one turn of the loop, in ONE transaction
+        (one round trip; Redis applies it whole). A round whose own commands failed, or whose
+        staging raised (then nothing of it is staged), gets its exception; the others stand.
+        A round that sends a "delayed" DSN needs a transaction of its own (it watches the
+        message: :meth:`_delay_notice_due`), made after."""
+        results: list[Claim | Exception | None] = [None] * len(requests)
+        staged: list[tuple[int, int, int, Callable[[list[Any]], Claim | None]]] = []
+        alone: list[tuple[int, dsn.Notice, tuple[Envelope, bytes] | None]] = []
+        with self.client.pipeline(transaction=True) as pipe:
+            for n, (round_, outcome, upcoming, peer, known) in enumerate(requests):
+                start = len(pipe)
+                try:
+                    notice, fallback = self._prepare(round_, outcome)
+                    if notice is not None and notice.action == dsn.DELAYED:
+                        alone.append((n, notice, fallback))
+                        continue
+                    finish = self._stage(
+                        pipe, round_, outcome, notice, fallback, upcoming, peer, known
+                    )
+                except Exception as exc:  # a bug of ours: this round alone is not written
+                    del pipe.command_stack[start:]
+                    results[n] = exc
+                    continue
+                staged.append((n, start, len(pipe), finish))
+            replies: list[Any] = pipe.execute(raise_on_error=False) if staged else []
+        for n, start, end, finish in staged:
+            error = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
+            try:
+                if error is not None:
+                    raise error
+                results[n] = finish(replies)
+            except Exception as exc:
+                results[n] = exc
+        for n, notice, fallback in alone:
+            round_, outcome, upcoming, peer, known = requests[n]
+            try:
+                results[n] = self._write_prepared(
+                    round_, outcome, notice, fallback, upcoming, None, peer, known
+                )
+            except Exception as exc:
+                results[n] = exc
+        return results
 
     def _fallback(self, round_: Round, outcome: Outcome) -> tuple[Envelope, bytes] | None:
         """The redacted twin to send now that this REQUIRETLS DSN failed for good, if any."""
@@ -398,119 +485,6 @@ class Ledger:
                 deleted = pipe.execute()[0]
             if deleted:  # both may see all final; only one of them deleted the message
                 _final(final.values())
-
-    # ----------------------------------------------------------------- unexpected errors
-
-    def park(self, job: Job | Mapping[str, Any], keep_mark: bool = False) -> None:
-        """Put a job that failed unexpectedly (or a document that is not one) back into the
-        deferred set, due after the first retry step, so a bug never drops mail. ``keep_mark``:
-        its in-flight mark stays (the round may have sent DATA and not been recorded: the retry
-        then says ``interrupted``, as after a crash in the RFC 1047 window)."""
-        message_id, domain = job.key if isinstance(job, Job) else job_key(job)
-        due = time.time() + self.config.delivery.retry_schedule[0]
-        with self.client.pipeline(transaction=True) as pipe:
-            scheduler.stage_deferral(pipe, job, due)
-            pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
-            if not keep_mark:
-                pipe.delete(spool.in_flight_key(message_id, domain))
-            self.claims.stage_release(pipe, (message_id, domain))
-            pipe.rpush(spool.trace_key(message_id), spool.event("error", domain=domain))
-            pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
-            pipe.execute()
-
-    # ----------------------------------------------------------------- traffic shaping
-
-    def throttle(self, round_: Round, claim: Claim, throttle: Throttle, reply: Reply) -> None:
-        """A shaping limit stopped the job's round before anything was sent: it waits in the
-        deferred set, due when the limit permits (never after its expiry), marked as throttled
-        — the same attempt and retry step, nothing recorded for its recipients — and leaves
-        ``waiting:deliver`` as a deferral does (the scheduler queues it again when due, so the
-        rescue sweep sees it as queued). One transaction, releasing the claim (and the
-        in-flight mark: no DATA went out in this round), placing it in its site's line for a
-        limit of the whole site (``shaping.LINE_REASONS``; out of the line it was in under its
-        old document). A message that has waited ``delivery.delay_warning_after`` gets its one
-        "delayed" DSN here too (``reply``: why its recipients wait), as a deferral would send
-        it.
-
-        No TLSRPT counts (RFC 8460) here, though the round looked its MTA-STS/DANE policy up:
-        it tried no session, and the round that does try plans again and counts its lookups
-        once (:meth:`record`), as does the last round if the lifetime ends first. Counting
-        them here would count one message's policy failure once per wait."""
-        pending = round_.state.pending(round_.job)
-        waiting = Outcome(deferred=dict.fromkeys(pending, reply))
-        notice = dsn.notice(
-            round_, waiting, self.config.hostname, self.config.delivery.delay_warning_after
-        )
-        while True:
-            try:
-                return self._throttle(round_, claim, throttle, notice)
-            except redis.exceptions.WatchError:  # another job of the message sent the notice
-                continue
-
-    def _throttle(
-        self, round_: Round, claim: Claim, throttle: Throttle, notice: dsn.Notice | None
-    ) -> None:
-        job = round_.job
-        message_id, domain = job.key
-        due = min(time.time() + throttle.wait, round_.expires)
-        site = throttle.site
-        parked = job.throttle(throttle.reason, site.id)
-        with self.client.pipeline(transaction=True) as pipe:
-            if notice is not None and not self._delay_notice_due(pipe, message_id):
-                notice = None
-            scheduler.stage_deferral(pipe, parked, due)
-            if job.throttled is not None:  # its place in the line was under its old document
-                pipe.zrem(spool.site_key("line", job.throttled[1]), recording.line_member(job))
-            if shaping.joins_line(self.config, throttle):  # in its site's line, by seniority
-                keys = [spool.site_key("line", site.id), spool.DEFERRED]
-                member = recording.line_member(parked)
-                args: list[str | int] = [member, repr(round_.envelope.received_at)]
-                args += [shaping.front_of(self.config, site.limits), self._mark_ttl]
-                pipe.eval(shapingscripts.JOIN_LINE, len(keys), *keys, *args)
-            pipe.zrem(spool.WAITING_DELIVER, spool.waiting_job(message_id, domain))
-            pipe.delete(spool.in_flight_key(message_id, domain))
-            self.claims.stage_release(pipe, claim.key)
-            events = [
-                spool.event(
-                    "throttled", domain=domain, reason=throttle.reason, site=site.id,
-                    due=round(due, 3),
-                )
-            ]  # fmt: skip
-            if notice is not None:
-                events.append(
-                    recording.stage_notice(pipe, message_id, notice, self.config.trace_ttl)
-                )
-            pipe.rpush(spool.trace_key(message_id), *events)
-            pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
-            pipe.execute()
-        observe.throttled(site.label, throttle.reason)
-        if notice is not None:
-            observe.dsn_sent(notice.action)
-
-    # ----------------------------------------------------------------- out of time
-
-    def hand_back(
-        self, docs: Sequence[Mapping[str, Any]], claims: Sequence[Claim | None], why: str
-    ) -> None:
-        """The jobs a task did not start (its time is up) go back to the ``deliver`` queue as a
-        new task, each with a trace event saying ``why``; ``claims``: those of them already
-        claimed (by the recordings of the lanes' previous jobs), released here with the marks
-        they set. One transaction: the task that gave them back is acknowledged only after it
-        committed."""
-        with self.client.pipeline(transaction=True) as pipe:
-            for claim in claims:
-                if claim is None or not claim.ours:
-                    continue
-                if claim.marked:
-                    pipe.delete(spool.in_flight_key(*claim.key))
-                self.claims.stage_release(pipe, claim.key)
-            for doc in docs:
-                message_id, domain = job_key(doc)
-                event = spool.event("requeued", queue="deliver", domain=domain, note=why)
-                pipe.rpush(spool.trace_key(message_id), event)
-                pipe.expire(spool.trace_key(message_id), int(self.config.trace_ttl))
-            pipe.lpush(queueing.DELIVER_LIST, queueing.deliver_task([dict(d) for d in docs]))
-            pipe.execute()
 
 
 def _posture_recorded(

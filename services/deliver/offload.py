@@ -230,9 +230,9 @@ class Gathered(Generic[Item, T]):
 
     ``run`` returns one result per item, in order: its value, or the exception of its own
     command (the others' results stand). An exception of ``run`` itself (Redis unreachable)
-    goes to every caller of the group. A caller cancelled before the group was sent leaves it
-    (nothing was done for it); one cancelled later waits for the group, hands its own result to
-    ``orphan`` (as :class:`Offload` does), then propagates."""
+    goes to every caller of the group. A caller cancelled once its call is made — it is made
+    all the same, even when the cancellation lands before its group was sent — waits for the
+    group, hands its own result to ``orphan`` (as :class:`Offload` does), then propagates."""
 
     def __init__(self, run: Callable[[list[Item]], list[T | Exception]]) -> None:
         self._run = run
@@ -253,11 +253,8 @@ class Gathered(Generic[Item, T]):
             self._next.add_done_callback(self._flushing.discard)
         try:
             return await asyncio.shield(request.future)
-        except asyncio.CancelledError:
-            if request in self._due:  # not sent: nothing was done for it
-                self._due.remove(request)
-                raise
-            await _settled(request.future)
+        except asyncio.CancelledError:  # the call is made all the same (a round's recording
+            await _settled(request.future)  # must never be dropped): waited for, handed on
             done = request.future
             if orphan is not None and not done.cancelled() and done.exception() is None:
                 orphan(done.result())
@@ -265,8 +262,6 @@ class Gathered(Generic[Item, T]):
 
     async def _flush(self, io: Offload) -> None:
         group, self._due, self._next = self._due, [], None
-        if not group:  # every caller of the turn was cancelled before it
-            return
         self.groups += 1
         try:
             results = await io(self._run, [request.item for request in group])
