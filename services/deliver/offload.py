@@ -246,6 +246,11 @@ class Gathered(Generic[Item, T]):
     ) -> T:
         loop = asyncio.get_running_loop()
         request: _Request[Item, T] = _Request(item, loop.create_future())
+        if self._next is not None and self._next.get_loop() is not loop:
+            # An earlier loop's group (tests run several loops; one may close with its group
+            # still scheduled): it never runs, and its callers went with their loop.
+            self._due = [due for due in self._due if due.future.get_loop() is loop]
+            self._next = None
         self._due.append(request)
         if self._next is None or self._next.done():  # the first of this turn: the group goes
             self._next = loop.create_task(self._flush(io))  # at the loop's next turn
