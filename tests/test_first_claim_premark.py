@@ -91,7 +91,7 @@ def test_a_claim_whose_reply_was_lost_leaves_no_mark_that_reports_an_interruptio
     lost: list[int] = []
 
     def reply_lost_once(self: Any, connection: Any, commands: Any, raise_on_error: bool) -> Any:
-        replies = real(self, connection, commands, raise_on_error)
+        replies = real(self, connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
         claiming = any(args[:2] == ("EVAL", claims_module._CLAIM) for args, _ in commands)
         if claiming and not lost:
             lost.append(1)
@@ -135,3 +135,26 @@ def test_gathered_claims_made_on_a_second_loop_after_the_first_closed_mid_turn(
     finally:
         for task in left:  # no "never awaited" warning for a later test
             task.get_coro().close()
+
+
+def test_a_redis_error_after_data_keeps_the_mark_of_a_premarked_first_claim(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The other side of the two tests above: DATA went out under the premark, then recording
+    failed (Redis): the mark must stay, and the next run says the message may come twice."""
+    deliverer = warmed(tmp_path, valkey, store, sink)
+    (job,) = queue_jobs(store, DOMAIN, 1)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.ConnectionError("Redis went away while recording")
+
+    monkeypatch.setattr(deliverer.ledger, "_record_all", broken)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        run_batches(deliverer, [job])
+    monkeypatch.undo()
+    assert len(sink.messages) == 2, "DATA went out"
+    assert store.get(spool.in_flight_key(job["id"], DOMAIN)) is not None, "the mark went"
+    run_batches(deliverer, [job])
+    assert len(sink.messages) == 3
+    assert "interrupted" in events(store, job["id"]), "a possible duplicate not reported"

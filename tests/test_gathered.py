@@ -153,7 +153,9 @@ def test_rounds_recorded_in_one_turn_take_one_transaction(
         firsts = jobs[:LANES]
         claims = await asyncio.gather(*(ledger.claim_async(j.key, e) for j, e in firsts))
         await ledger.mark_in_flight_async(firsts[0][0], peer)  # the domain's last peer
-        rounds = [ledger.round(j, e, BODY, c.state) for (j, e), c in zip(firsts, claims)]
+        rounds = [
+            ledger.round(j, e, BODY, c.state) for (j, e), c in zip(firsts, claims, strict=True)
+        ]
         upcoming = jobs[LANES:]
         nexts = await asyncio.gather(
             *(

@@ -202,6 +202,10 @@ class Deliverer:
                 handed = [docs[i] for i, _ in left]
                 await self.io(self.ledger.hand_back, handed, [c for _, c in left], OUT_OF_TIME)
                 log.info("handed back %d jobs: %s", len(left), OUT_OF_TIME)
+        except BaseException:  # premarks no DATA followed go (else: a false interruption)
+            unused = self.ledger.unused_premarks(self.holders.held_by(batch))
+            await self.io(self.ledger.drop_premarks, unused)
+            raise
         finally:
             mine = self.holders.held_by(batch)
             if self.ledger.claims.held:  # none of this batch's is left but after an error

@@ -73,6 +73,8 @@ log = logging.getLogger("tlsrelay.deliver")
 # What a lane's round hands to the recording (Ledger.record_async): the round, its outcome,
 # the job claimed next, the peer its premark names, the envelope read of that job.
 RoundRequest = tuple[Round, Outcome, tuple[str, str] | None, Peer | None, Envelope | None]
+# A claim: the job, the in-flight note to write with it (None: none) and its TTL, its envelope.
+ClaimRequest = tuple[tuple[str, str], str | None, int, Envelope | None]
 LAST_PEERS = 1000  # domains whose last peer is remembered (for the next job's premark)
 
 RFC1047 = (
@@ -80,6 +82,13 @@ RFC1047 = (
     "so the destination may receive this message twice (RFC 1047)"
 )
 DAY = 86400.0
+# KEYS: an in-flight mark. ARGV: the note a claim wrote. Deleted only if it is still that note.
+_DROP_NOTE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class Ledger(SetAside):
@@ -105,9 +114,17 @@ class Ledger(SetAside):
         # by services/deliver/batch.py); _last_peers and _premarked change on the loop only.
         self.io: Offload = INLINE
         # Lanes that start together claim their first jobs in one round trip (offload.Gathered).
-        self._claiming = Gathered(self.claims.take_all)
+        self._claiming: Gathered[ClaimRequest, Claim] = Gathered(
+            lambda requests: self.claims.take_all(requests)
+        )
         # ... and the lanes whose rounds end in one turn record them in one transaction.
-        self._recording = Gathered(self._record_all)
+        self._recording: Gathered[RoundRequest, Claim | None] = Gathered(
+            lambda requests: self._record_all(requests)  # (a test may replace _record_all)
+        )
+        # (id, domain) → the in-flight note a claim_async asked to write, until DATA of the job
+        # (mark_in_flight*): one still here when its batch fails marks no DATA, and is deleted
+        # (drop_premarks), else the task's next run would report an interruption.
+        self._asked: dict[tuple[str, str], str] = {}
 
     def claim(
         self, key: tuple[str, str], premark: bool = False, known: Envelope | None = None
@@ -133,6 +150,8 @@ class Ledger(SetAside):
         def claimed(claim: Claim) -> None:
             self._claimed(claim, note)
 
+        if text is not None:  # before the call: its reply may be lost after Redis wrote it
+            self._asked[key] = text
         request = (key, text, self._mark_ttl, known)
         claim = await self._claiming(self.io, request, orphan=claimed)
         claimed(claim)
@@ -153,6 +172,26 @@ class Ledger(SetAside):
         whenever its job is claimed again) — but those of the jobs ``keep`` (the process's
         other batches under way work on them)."""
         self._premarked = {k: v for k, v in self._premarked.items() if k in keep}
+        self._asked = {k: v for k, v in self._asked.items() if k in keep}
+
+    def unused_premarks(self, keys: Iterable[tuple[str, str]]) -> list[tuple[tuple[str, str], str]]:
+        """The notes claim_async asked to write for ``keys`` (a failed batch's jobs) that no
+        DATA of theirs followed, forgotten here (on the loop): for :meth:`drop_premarks`."""
+        return [(key, self._asked.pop(key)) for key in keys if key in self._asked]
+
+    def drop_premarks(self, notes: Sequence[tuple[tuple[str, str], str]]) -> None:
+        """Delete each mark that is still exactly the note a claim wrote (no DATA followed it:
+        :meth:`unused_premarks`); best effort, any thread. A mark written since (DATA) differs
+        and stays."""
+        if not notes:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, note in notes:
+                    pipe.eval(_DROP_NOTE, 1, spool.in_flight_key(*key), note)
+                pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("could not delete %d unused in-flight marks: %s", len(notes), exc)
 
     def _claimed(self, claim: Claim, peer: Peer | None) -> None:
         # Always replaced: a premark remembered from an earlier claim must never stand in for
@@ -426,6 +465,7 @@ class Ledger(SetAside):
 
     def _marks(self, job: Job, peer: Peer) -> bool:
         """Whether DATA of ``job`` to ``peer`` needs its mark written (not premarked there)."""
+        self._asked.pop(job.key, None)  # DATA may follow: its mark stays, whatever happens
         self._last_peers.pop(job.domain, None)
         self._last_peers[job.domain] = peer
         if len(self._last_peers) > LAST_PEERS:
