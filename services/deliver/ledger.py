@@ -71,8 +71,9 @@ from services.deliver.setaside import SetAside
 
 log = logging.getLogger("tlsrelay.deliver")
 # What a lane's round hands to the recording (Ledger.record_async): the round, its outcome,
-# the job claimed next, the peer its premark names, the envelope read of that job.
-RoundRequest = tuple[Round, Outcome, tuple[str, str] | None, Peer | None, Envelope | None]
+# the job claimed next, the in-flight note its premark writes (None: none), the envelope read of
+# that job.
+RoundRequest = tuple[Round, Outcome, tuple[str, str] | None, str | None, Envelope | None]
 # A claim: the job, the in-flight note to write with it (None: none) and its TTL, its envelope.
 ClaimRequest = tuple[tuple[str, str], str | None, int, Envelope | None]
 LAST_PEERS = 1000  # domains whose last peer is remembered (for the next job's premark)
@@ -227,7 +228,8 @@ class Ledger(SetAside):
         own commands staged first and what it decided on WATCHed); executed here, and then
         ``redis.WatchError`` propagates to the caller."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
-        next_claim = self._write(round_, outcome, upcoming, pipe, peer, known)
+        note = _in_flight_note(peer) if peer is not None else None
+        next_claim = self._write(round_, outcome, upcoming, pipe, note, known)
         if next_claim is not None:
             self._claimed(next_claim, peer)
         return next_claim
@@ -244,12 +246,15 @@ class Ledger(SetAside):
         never left half-way (a cancellation waits for it to commit or fail); the claim it took
         for ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
+        note = _in_flight_note(peer) if peer is not None else None
 
         def claimed(next_claim: Claim | None) -> None:
             if next_claim is not None:
                 self._claimed(next_claim, peer)
 
-        request = (round_, outcome, upcoming, peer, known)
+        if upcoming is not None and note is not None:  # as claim_async: a failed batch drops
+            self._asked[upcoming] = note  # the premark when no DATA of the job followed it
+        request = (round_, outcome, upcoming, note, known)
         next_claim = await self._recording(self.io, request, orphan=claimed)
         claimed(next_claim)
         return next_claim
@@ -260,13 +265,13 @@ class Ledger(SetAside):
         outcome: Outcome,
         upcoming: tuple[str, str] | None,
         pipe: redis.client.Pipeline | None,
-        peer: Peer | None,
+        note: str | None,
         known: Envelope | None,
     ) -> Claim | None:
         """The Redis side of :meth:`record` (any thread): it reads no state of the loop's;
-        ``peer``: the in-flight mark to set for ``upcoming`` (None: none)."""
+        ``note``: the in-flight mark to set for ``upcoming`` (None: none)."""
         notice, fallback = self._prepare(round_, outcome)
-        return self._write_prepared(round_, outcome, notice, fallback, upcoming, pipe, peer, known)
+        return self._write_prepared(round_, outcome, notice, fallback, upcoming, pipe, note, known)
 
     def _prepare(
         self, round_: Round, outcome: Outcome
@@ -288,14 +293,14 @@ class Ledger(SetAside):
         fallback: tuple[Envelope, bytes] | None,
         upcoming: tuple[str, str] | None,
         pipe: redis.client.Pipeline | None,
-        peer: Peer | None,
+        note: str | None,
         known: Envelope | None,
     ) -> Claim | None:
         if pipe is not None:
-            return self._record(round_, outcome, notice, fallback, upcoming, peer, known, pipe)
+            return self._record(round_, outcome, notice, fallback, upcoming, note, known, pipe)
         while True:
             try:
-                return self._record(round_, outcome, notice, fallback, upcoming, peer, known)
+                return self._record(round_, outcome, notice, fallback, upcoming, note, known)
             except redis.exceptions.WatchError:  # another job of the message sent the notice
                 continue  # or finished the message meanwhile: look again
 
@@ -306,7 +311,7 @@ class Ledger(SetAside):
         notice: dsn.Notice | None,
         fallback: tuple[Envelope, bytes] | None,
         upcoming: tuple[str, str] | None,
-        peer: Peer | None,
+        note: str | None,
         known: Envelope | None,
         given: redis.client.Pipeline | None = None,
     ) -> Claim | None:
@@ -314,7 +319,7 @@ class Ledger(SetAside):
             delayed = notice is not None and notice.action == dsn.DELAYED
             if delayed and given is None and not self._delay_notice_due(pipe, round_.envelope.id):
                 notice = None
-            finish = self._stage(pipe, round_, outcome, notice, fallback, upcoming, peer, known)
+            finish = self._stage(pipe, round_, outcome, notice, fallback, upcoming, note, known)
             replies = pipe.execute()
         return finish(replies)
 
@@ -326,7 +331,7 @@ class Ledger(SetAside):
         notice: dsn.Notice | None,
         fallback: tuple[Envelope, bytes] | None,
         upcoming: tuple[str, str] | None,
-        peer: Peer | None,
+        note: str | None,
         known: Envelope | None,
     ) -> Callable[[list[Any]], Claim | None]:
         """A round's writes, staged into ``pipe`` (a transaction, perhaps with other rounds');
@@ -353,7 +358,6 @@ class Ledger(SetAside):
         recording.stage_leave_line(pipe, round_.job, self.config)
         at_upcoming = len(pipe)
         if upcoming is not None:
-            note = _in_flight_note(peer) if peer is not None else None
             self.claims.stage_take(pipe, upcoming, note, self._mark_ttl, known is not None)
         at_states = recording.stage_end(pipe, rec, events, complete, self._rcpt_ttl, ttl)
 
@@ -386,7 +390,7 @@ class Ledger(SetAside):
         staged: list[tuple[int, int, int, Callable[[list[Any]], Claim | None]]] = []
         alone: list[tuple[int, dsn.Notice, tuple[Envelope, bytes] | None]] = []
         with self.client.pipeline(transaction=True) as pipe:
-            for n, (round_, outcome, upcoming, peer, known) in enumerate(requests):
+            for n, (round_, outcome, upcoming, note, known) in enumerate(requests):
                 start = len(pipe)
                 try:
                     notice, fallback = self._prepare(round_, outcome)
@@ -394,7 +398,7 @@ class Ledger(SetAside):
                         alone.append((n, notice, fallback))
                         continue
                     finish = self._stage(
-                        pipe, round_, outcome, notice, fallback, upcoming, peer, known
+                        pipe, round_, outcome, notice, fallback, upcoming, note, known
                     )
                 except Exception as exc:  # a bug of ours: this round alone is not written
                     del pipe.command_stack[start:]
@@ -411,10 +415,10 @@ class Ledger(SetAside):
             except Exception as exc:
                 results[n] = exc
         for n, notice, fallback in alone:
-            round_, outcome, upcoming, peer, known = requests[n]
+            round_, outcome, upcoming, note, known = requests[n]
             try:
                 results[n] = self._write_prepared(
-                    round_, outcome, notice, fallback, upcoming, None, peer, known
+                    round_, outcome, notice, fallback, upcoming, None, note, known
                 )
             except Exception as exc:
                 results[n] = exc
