@@ -82,3 +82,97 @@ def test_a_round_failing_in_a_gathered_group_leaves_no_false_interruption_for_ne
     assert len(sink.messages) == 5
     false = [j["id"][-6:] for j in (z, w) if "interrupted" in events(store, j["id"])]
     assert not false, f"false RFC 1047 reports for {false}: marks left {left}"
+
+
+def test_a_round_whose_staging_raises_midway_leaves_the_next_rounds_replies_in_place(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Soundness check: the second of three rounds raises while staged (after its release and
+    states were queued): its commands are cut from the transaction, and the third round's
+    claim of its next job is read from the right reply (absolute indices)."""
+    from services.deliver import recording
+    from services.deliver.attempt import Peer
+    from services.deliver.ledger import Ledger
+    from tests.test_batching import write_config
+    from tests.test_gathered import BODY, delivered, stored_jobs
+
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    jobs = stored_jobs(store, 5)
+    a, b, c = jobs[:3]
+    peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
+    real = recording.stage_leave_line
+
+    def raising_for_b(pipe: Any, job: Any, config: Any) -> None:
+        if job.key == b[0].key:
+            raise ValueError("a bug while staging b")
+        real(pipe, job, config)
+
+    monkeypatch.setattr(recording, "stage_leave_line", raising_for_b)
+
+    async def main() -> list[Any]:
+        claims = await asyncio.gather(*(ledger.claim_async(j.key, e) for j, e in (a, b, c)))
+        await ledger.mark_in_flight_async(a[0], peer)  # the domain's last peer: premarks
+        rounds = [
+            ledger.round(j, e, BODY, cl.state) for (j, e), cl in zip((a, b, c), claims, strict=True)
+        ]
+        return list(
+            await asyncio.gather(
+                ledger.record_async(rounds[0], delivered(a[0]), jobs[3][0].key, True, jobs[3][1]),
+                ledger.record_async(rounds[1], delivered(b[0])),
+                ledger.record_async(rounds[2], delivered(c[0]), jobs[4][0].key, True, jobs[4][1]),
+                return_exceptions=True,
+            )
+        )
+
+    first, failed, third = asyncio.run(main())
+    assert isinstance(failed, ValueError)
+    assert ledger.record_round_trips == 1
+    for got, (job, _) in ((first, jobs[3]), (third, jobs[4])):
+        assert got is not None and got.key == job.key and got.ours and got.marked
+        assert store.exists(spool.in_flight_key(*job.key))
+    assert not store.exists(spool.msg_key(a[0].id)) and not store.exists(spool.msg_key(c[0].id))
+    assert store.exists(spool.msg_key(b[0].id)), "b: nothing of it written"
+    assert not store.hgetall(spool.rcpt_key(b[0].id))
+
+
+def test_two_domain_jobs_of_one_message_in_one_transaction_finish_it_once(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Soundness check: the jobs of one message to two domains, recorded in one transaction:
+    the later one's read-back sees every recipient final; the message goes, counted once."""
+    import time
+
+    from services.common.jobs import Job
+    from services.common.model import Decision, Envelope, TlsMode, new_message_id
+    from services.deliver import ledger as ledger_module
+    from services.deliver.ledger import Ledger
+    from tests.test_batching import write_config
+    from tests.test_gathered import BODY, delivered
+
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    envelope = Envelope(
+        new_message_id(), "s@o.test", ("r@a.test", "r@b.test"), received_at=time.time()
+    )
+    with store.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    jobs = [
+        Job(envelope.id, d, (f"r@{d}",), Decision(domain=d, tls=TlsMode.OPPORTUNISTIC))
+        for d in ("a.test", "b.test")
+    ]
+    finals: list[Any] = []
+    monkeypatch.setattr(ledger_module, "_final", lambda states: finals.append(list(states)))
+
+    async def main() -> None:
+        claims = await asyncio.gather(*(ledger.claim_async(j.key, envelope) for j in jobs))
+        rounds = [
+            ledger.round(j, envelope, BODY, c.state) for j, c in zip(jobs, claims, strict=True)
+        ]
+        await asyncio.gather(*(ledger.record_async(r, delivered(r.job)) for r in rounds))
+
+    asyncio.run(main())
+    assert ledger.record_round_trips == 1
+    assert not store.exists(spool.msg_key(envelope.id)), "the message is final: gone"
+    assert not store.exists(spool.rcpt_key(envelope.id))
+    assert len(finals) == 1, finals
+    assert events(store, envelope.id).count("completed") == 1
