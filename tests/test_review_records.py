@@ -93,8 +93,7 @@ def test_a_round_whose_staging_raises_midway_leaves_the_next_rounds_replies_in_p
     from services.deliver import recording
     from services.deliver.attempt import Peer
     from services.deliver.ledger import Ledger
-    from tests.test_batching import write_config
-    from tests.test_batching import BODY
+    from tests.test_batching import BODY, write_config
     from tests.test_gathered import delivered, stored_jobs
 
     ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
@@ -147,8 +146,7 @@ def test_two_domain_jobs_of_one_message_in_one_transaction_finish_it_once(
     from services.common.model import Decision, Envelope, TlsMode, new_message_id
     from services.deliver import ledger as ledger_module
     from services.deliver.ledger import Ledger
-    from tests.test_batching import write_config
-    from tests.test_batching import BODY
+    from tests.test_batching import BODY, write_config
     from tests.test_gathered import delivered
 
     ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
