@@ -1,7 +1,8 @@
-"""Review of 70f85ec (a lane's first claim premarks, gathered): what the premark written with a
-lane's FIRST claim does when Redis misbehaves before DATA. A mark that no DATA followed must not
-make a later claim report an interruption (RFC 1047) that never happened. Real deliver code,
-real Redis, a real sink."""
+"""Review of 70f85ec (a lane's first claim premarked, gathered): a mark that no DATA followed
+must not make a later claim report an interruption (RFC 1047) that never happened, when Redis
+misbehaves before DATA. (A lane's first claim no longer premarks — the soak showed such marks
+reported as interruptions after kills; these tests keep the property whatever marks early.)
+Real deliver code, real Redis, a real sink."""
 
 from __future__ import annotations
 

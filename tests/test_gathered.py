@@ -133,6 +133,26 @@ def test_an_error_of_the_whole_group_reaches_every_caller() -> None:
     asyncio.run(main())
 
 
+def test_marks_written_in_one_turn_take_one_round_trip(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The lanes that reach DATA in the same turn write their in-flight marks together; each
+    returns once its own mark is in Redis."""
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    jobs = stored_jobs(store, LANES)
+    peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
+
+    async def main() -> None:
+        await asyncio.gather(*(ledger.claim_async(j.key, e) for j, e in jobs))
+        await asyncio.gather(*(ledger.mark_in_flight_async(j, peer) for j, _ in jobs))
+        assert ledger.mark_round_trips == 1
+
+    asyncio.run(main())
+    for job, _ in jobs:
+        note = store.get(spool.in_flight_key(*job.key))
+        assert note is not None and b"mx.d.test" in note
+
+
 # --------------------------------------------------------------------------- recordings
 
 

@@ -127,42 +127,32 @@ def test_a_premark_of_an_earlier_claim_never_stands_in_for_a_later_mark(
     assert store.get(spool.in_flight_key(*retry.key)) is not None
 
 
-def test_a_lanes_first_claim_carries_the_mark_of_the_domains_last_peer(
+def test_a_lanes_first_claim_writes_no_mark_its_data_does(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
-    """The first job of a lane is claimed with its in-flight mark when the domain's last peer
-    is known (one round trip less before DATA); DATA to another peer marks again, and a job
-    with nothing to send is claimed without a mark."""
+    """A lane's first job is marked just before its DATA (a new connection may come first: a
+    worker dying meanwhile would report a duplicate that cannot be one), not at its claim —
+    even when the domain's last peer is known."""
     ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
     decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
     jobs = []
-    for rcpt in ("x@d.test", "y@d.test", "z@d.test"):
+    for rcpt in ("x@d.test", "y@d.test"):
         envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
         with store.pipeline(transaction=True) as pipe:
             spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
             pipe.execute()
         jobs.append((Job(envelope.id, "d.test", envelope.recipients, decision), envelope))
     peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
-    other = Peer("mx2.d.test", "192.0.2.2", 25, "mx2.d.test")
-    (x, x_env), (y, y_env), (z, z_env) = jobs
+    (x, x_env), (y, y_env) = jobs
 
     async def run() -> None:
-        unknown = await ledger.claim_async(x.key, x_env, premark=True)
-        assert unknown.ours and not unknown.marked, "no last peer yet: nothing to guess"
+        await ledger.claim_async(x.key, x_env)
         await ledger.mark_in_flight_async(x, peer)  # DATA of x: the domain's last peer now
-        claim_y = await ledger.claim_async(y.key, y_env, premark=True)
-        assert claim_y.marked
+        claim_y = await ledger.claim_async(y.key, y_env)
+        assert claim_y.ours and not claim_y.marked
+        assert store.get(spool.in_flight_key(*y.key)) is None
+        await ledger.mark_in_flight_async(y, peer)
         note = json.loads(store.get(spool.in_flight_key(*y.key)) or b"{}")
         assert note["host"] == "mx.d.test"
-        store.delete(spool.in_flight_key(*y.key))  # so a second write would show
-        await ledger.mark_in_flight_async(y, peer)
-        assert store.get(spool.in_flight_key(*y.key)) is None, "the premark was written twice"
-        claim_z = await ledger.claim_async(z.key, z_env, premark=True)
-        assert claim_z.marked
-        await ledger.mark_in_flight_async(z, other)  # the guess was wrong: marked again
-        note = json.loads(store.get(spool.in_flight_key(*z.key)) or b"{}")
-        assert note["host"] == "mx2.d.test"
-        plain = await ledger.claim_async(z.key, z_env)
-        assert not plain.marked
 
     asyncio.run(run())

@@ -176,8 +176,9 @@ class Deliverer:
     async def run_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
         """Deliver and record a task's batch of job documents, up to
         ``delivery.sessions_per_process`` at once (lanes, each taking the next job in order);
-        each job's outcome is recorded in its own transaction as soon as it is known (a worker
-        dying mid-batch re-sends nothing already recorded). One result per document; None:
+        each job's outcome is recorded as soon as it is known, in a transaction of its own or
+        shared with the rounds that ended in the same turn of the loop (a worker dying mid-batch
+        re-sends nothing already recorded). One result per document; None:
         nothing was sent for it (nothing left to do, another process holds it, a copy of another
         document, handed back for lack of time, or parked)."""
         self.shaper.ensure_ticking()
@@ -313,8 +314,7 @@ class Deliverer:
         claimed_next: Claim | None = None
         try:
             if claimed is None or claimed.key != job.key:
-                known = batch.states[i].envelope  # premarked when it has something to send
-                claimed = await self.ledger.claim_async(job.key, known, batch.sendable(i))
+                claimed = await self.ledger.claim_async(job.key, batch.states[i].envelope)
             claim = claimed
             if not claim.ours:
                 claim = await self._wait_for(claim, batch.states[i].envelope)

@@ -124,10 +124,6 @@ class Batch:
         self._begun += 1
         return True
 
-    def sendable(self, index: int) -> bool:
-        """Whether document ``index`` is a job with something to send, as read at the start."""
-        return _sendable(self.jobs[index], self.states[index])
-
     def stop(self) -> None:
         """A lane failed: no job starts any more (nothing is handed back: the task runs again)."""
         self._stopped = True

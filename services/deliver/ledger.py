@@ -118,13 +118,18 @@ class Ledger(SetAside):
         self._claiming: Gathered[ClaimRequest, Claim] = Gathered(
             lambda requests: self.claims.take_all(requests)
         )
+        # ... write the marks of their DATA in one (those that reach it in one turn) ...
+        self._marking: Gathered[tuple[str, str], Any] = Gathered(
+            lambda marks: self._mark_all(marks)
+        )
         # ... and the lanes whose rounds end in one turn record them in one transaction.
         self._recording: Gathered[RoundRequest, Claim | None] = Gathered(
             lambda requests: self._record_all(requests)  # (a test may replace _record_all)
         )
-        # (id, domain) → the in-flight note a claim_async asked to write, until DATA of the job
-        # (mark_in_flight*): one still here when its batch fails marks no DATA, and is deleted
-        # (drop_premarks), else the task's next run would report an interruption.
+        # (id, domain) → the in-flight note a recording's claim of the lane's next job asked to
+        # write, until DATA of the job (mark_in_flight*): one still here when its batch fails
+        # marks no DATA, and is deleted (drop_premarks), else the next run reports an
+        # interruption.
         self._asked: dict[tuple[str, str], str] = {}
 
     def claim(
@@ -139,22 +144,15 @@ class Ledger(SetAside):
         self._claimed(claim, note)
         return claim
 
-    async def claim_async(
-        self, key: tuple[str, str], known: Envelope | None = None, premark: bool = False
-    ) -> Claim:
-        """:meth:`claim`, its Redis call off the loop (:attr:`io`). A lane's first job is
-        claimed here: with ``premark`` its mark names the domain's last peer, as a recording's
-        claim of the next job does (one round trip less before its DATA when the guess holds)."""
-        note = self._last_peers.get(key[1]) if premark else None
-        text = _in_flight_note(note) if note else None
+    async def claim_async(self, key: tuple[str, str], known: Envelope | None = None) -> Claim:
+        """:meth:`claim` (no premark: a lane's first job is marked just before its DATA, which
+        may be a new connection away), its Redis call off the loop (:attr:`io`), made with the
+        claims of the lanes that start in the same turn (one round trip)."""
 
         def claimed(claim: Claim) -> None:
-            self._claimed(claim, note)
+            self._claimed(claim, None)
 
-        if text is not None:  # before the call: its reply may be lost after Redis wrote it
-            self._asked[key] = text
-        request = (key, text, self._mark_ttl, known)
-        claim = await self._claiming(self.io, request, orphan=claimed)
+        claim = await self._claiming(self.io, (key, None, 0, known), orphan=claimed)
         claimed(claim)
         return claim
 
@@ -162,6 +160,11 @@ class Ledger(SetAside):
     def claim_round_trips(self) -> int:
         """The round trips :meth:`claim_async` made (for tests and benchmarks)."""
         return self._claiming.groups
+
+    @property
+    def mark_round_trips(self) -> int:
+        """The round trips :meth:`mark_in_flight_async` made (for tests and benchmarks)."""
+        return self._marking.groups
 
     @property
     def record_round_trips(self) -> int:
@@ -176,8 +179,8 @@ class Ledger(SetAside):
         self._asked = {k: v for k, v in self._asked.items() if k in keep}
 
     def unused_premarks(self, keys: Iterable[tuple[str, str]]) -> list[tuple[tuple[str, str], str]]:
-        """The notes claim_async asked to write for ``keys`` (a failed batch's jobs) that no
-        DATA of theirs followed, forgotten here (on the loop): for :meth:`drop_premarks`."""
+        """The notes the recordings' claims asked to write for ``keys`` (a failed batch's jobs)
+        that no DATA of theirs followed, forgotten here (on the loop): for :meth:`drop_premarks`."""
         return [(key, self._asked.pop(key)) for key in keys if key in self._asked]
 
     def drop_premarks(self, notes: Sequence[tuple[tuple[str, str], str]]) -> None:
@@ -460,12 +463,21 @@ class Ledger(SetAside):
             self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
 
     async def mark_in_flight_async(self, job: Job, peer: Peer) -> None:
-        """:meth:`mark_in_flight`, its SET in a thread (:attr:`io`); returns once the mark is
-        written, so DATA goes out only after it (a cancellation meanwhile waits for the write,
-        then propagates: no DATA)."""
+        """:meth:`mark_in_flight`, its SET (:attr:`io`) made with those of the lanes that reach
+        DATA in the same turn of the loop (one round trip); returns once the mark is written, so
+        DATA goes out only after it (a cancellation meanwhile waits for the write, then
+        propagates: no DATA)."""
         if self._marks(job, peer):
             key = spool.in_flight_key(job.id, job.domain)
-            await self.io(self.client.set, key, _in_flight_note(peer), ex=self._mark_ttl)
+            await self._marking(self.io, (key, _in_flight_note(peer)))
+
+    def _mark_all(self, marks: list[tuple[str, str]]) -> list[Any]:
+        """The in-flight marks (key, note) of one turn, in one pipeline; a SET that failed is
+        its exception (its lane sends no DATA), the others stand."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, note in marks:
+                pipe.set(key, note, ex=self._mark_ttl)
+            return pipe.execute(raise_on_error=False)
 
     def _marks(self, job: Job, peer: Peer) -> bool:
         """Whether DATA of ``job`` to ``peer`` needs its mark written (not premarked there)."""
