@@ -484,20 +484,16 @@ def test_auto_one_window_without_a_quick_call_keeps_the_calls_inline() -> None:
     io.close()
 
 
-class _StalledMarks:
-    """The deliver service's Redis client, but an in-flight mark's SET takes ``stall`` seconds
-    (Redis stalled for that call: inline, the loop waits it out with it)."""
+def stall_marks(deliverer: Deliverer, stall: float) -> None:
+    """The in-flight marks' write (the SETs of one turn, in one pipeline) takes ``stall``
+    seconds: Redis stalled for that call (inline, the loop waits it out with it)."""
+    real = deliverer.ledger._mark_all
 
-    def __init__(self, client: redis.Redis, stall: float) -> None:
-        self._client, self._stall = client, stall
+    def stalled(marks: list[tuple[str, str]]) -> list[Any]:
+        time.sleep(stall)
+        return real(marks)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
-
-    def set(self, key: str, *args: Any, **kwargs: Any) -> object:
-        if key.startswith(spool.in_flight_key("", "")[: -len("::")]):
-            time.sleep(self._stall)
-        return self._client.set(key, *args, **kwargs)
+    deliverer.ledger._mark_all = stalled  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("extensions", [("CHUNKING",), ()], ids=["BDAT", "DATA"])
@@ -520,7 +516,7 @@ def test_a_job_timeout_that_falls_while_the_mark_is_written_abandons_the_round_u
                         job_timeout=1.0)  # fmt: skip
         jobs = queue_jobs(store, DOMAIN, 1)
         deliverer = Deliverer(config, store)
-        deliverer.ledger.client = _StalledMarks(store, 1.5)  # type: ignore[assignment]
+        stall_marks(deliverer, 1.5)
 
         async def run() -> list[Outcome | None]:
             try:

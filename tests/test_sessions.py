@@ -163,7 +163,7 @@ def test_a_redis_error_in_one_lane_lets_the_others_record_their_rounds(
     real = Ledger._record_all  # the recordings of a turn (in a thread of the process)
 
     def failing(self: Ledger, requests: Any) -> Any:
-        if any("r0@lanes.test" in round_.job.recipients for round_, *_ in requests):
+        if any("r0@lanes.test" in writes.round_.job.recipients for writes in requests):
             raise redis.exceptions.ConnectionError("Redis went away")
         return real(self, requests)
 

@@ -54,6 +54,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -70,10 +71,6 @@ from services.deliver.offload import INLINE, Gathered, Offload
 from services.deliver.setaside import SetAside
 
 log = logging.getLogger("tlsrelay.deliver")
-# What a lane's round hands to the recording (Ledger.record_async): the round, its outcome,
-# the job claimed next, the in-flight note its premark writes (None: none), the envelope read of
-# that job.
-RoundRequest = tuple[Round, Outcome, tuple[str, str] | None, str | None, Envelope | None]
 # A claim: the job, the in-flight note to write with it (None: none) and its TTL, its envelope.
 ClaimRequest = tuple[tuple[str, str], str | None, int, Envelope | None]
 LAST_PEERS = 1000  # domains whose last peer is remembered (for the next job's premark)
@@ -90,6 +87,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class Writes:
+    """One round's recording: its results (``round_``, ``outcome``); the lane's next job,
+    claimed in the same transaction (``upcoming``), with the in-flight ``note`` its premark
+    writes (None: none) and the envelope read of it (``known``); once prepared
+    (:meth:`Ledger._prepare`, off the loop), the DSN the round sends (``notice``) or the
+    redacted twin of a REQUIRETLS DSN that failed for good (``fallback``)."""
+
+    round_: Round
+    outcome: Outcome
+    upcoming: tuple[str, str] | None = None
+    note: str | None = None
+    known: Envelope | None = None
+    notice: dsn.Notice | None = None
+    fallback: tuple[Envelope, bytes] | None = None
 
 
 class Ledger(SetAside):
@@ -123,7 +137,7 @@ class Ledger(SetAside):
             lambda marks: self._mark_all(marks)
         )
         # ... and the lanes whose rounds end in one turn record them in one transaction.
-        self._recording: Gathered[RoundRequest, Claim | None] = Gathered(
+        self._recording: Gathered[Writes, Claim | None] = Gathered(
             lambda requests: self._record_all(requests)  # (a test may replace _record_all)
         )
         # (id, domain) → the in-flight note a recording's claim of the lane's next job asked to
@@ -232,7 +246,7 @@ class Ledger(SetAside):
         ``redis.WatchError`` propagates to the caller."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
         note = _in_flight_note(peer) if peer is not None else None
-        next_claim = self._write(round_, outcome, upcoming, pipe, note, known)
+        next_claim = self._write(Writes(round_, outcome, upcoming, note, known), pipe)
         if next_claim is not None:
             self._claimed(next_claim, peer)
         return next_claim
@@ -257,88 +271,57 @@ class Ledger(SetAside):
 
         if upcoming is not None and note is not None:  # as claim_async: a failed batch drops
             self._asked[upcoming] = note  # the premark when no DATA of the job followed it
-        request = (round_, outcome, upcoming, note, known)
-        next_claim = await self._recording(self.io, request, orphan=claimed)
+        writes = Writes(round_, outcome, upcoming, note, known)
+        next_claim = await self._recording(self.io, writes, orphan=claimed)
         claimed(next_claim)
         return next_claim
 
-    def _write(
-        self,
-        round_: Round,
-        outcome: Outcome,
-        upcoming: tuple[str, str] | None,
-        pipe: redis.client.Pipeline | None,
-        note: str | None,
-        known: Envelope | None,
-    ) -> Claim | None:
-        """The Redis side of :meth:`record` (any thread): it reads no state of the loop's;
-        ``note``: the in-flight mark to set for ``upcoming`` (None: none)."""
-        notice, fallback = self._prepare(round_, outcome)
-        return self._write_prepared(round_, outcome, notice, fallback, upcoming, pipe, note, known)
+    def _write(self, writes: Writes, pipe: redis.client.Pipeline | None) -> Claim | None:
+        """The Redis side of :meth:`record` (any thread): it reads no state of the loop's."""
+        return self._write_prepared(self._prepare(writes), pipe)
 
-    def _prepare(
-        self, round_: Round, outcome: Outcome
-    ) -> tuple[dsn.Notice | None, tuple[Envelope, bytes] | None]:
+    def _prepare(self, writes: Writes) -> Writes:
         """What a round's recording writes besides its results: the DSN it calls for, the
         redacted twin of a REQUIRETLS DSN that failed for good (past the queue lifetime, what
         would be deferred is bounced first)."""
+        round_, outcome = writes.round_, writes.outcome
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
         )
-        return notice, self._fallback(round_, outcome)
+        return replace(writes, notice=notice, fallback=self._fallback(round_, outcome))
 
-    def _write_prepared(
-        self,
-        round_: Round,
-        outcome: Outcome,
-        notice: dsn.Notice | None,
-        fallback: tuple[Envelope, bytes] | None,
-        upcoming: tuple[str, str] | None,
-        pipe: redis.client.Pipeline | None,
-        note: str | None,
-        known: Envelope | None,
-    ) -> Claim | None:
+    def _write_prepared(self, writes: Writes, pipe: redis.client.Pipeline | None) -> Claim | None:
         if pipe is not None:
-            return self._record(round_, outcome, notice, fallback, upcoming, note, known, pipe)
+            return self._record(writes, pipe)
         while True:
             try:
-                return self._record(round_, outcome, notice, fallback, upcoming, note, known)
+                return self._record(writes)
             except redis.exceptions.WatchError:  # another job of the message sent the notice
                 continue  # or finished the message meanwhile: look again
 
-    def _record(
-        self,
-        round_: Round,
-        outcome: Outcome,
-        notice: dsn.Notice | None,
-        fallback: tuple[Envelope, bytes] | None,
-        upcoming: tuple[str, str] | None,
-        note: str | None,
-        known: Envelope | None,
-        given: redis.client.Pipeline | None = None,
-    ) -> Claim | None:
+    def _record(self, writes: Writes, given: redis.client.Pipeline | None = None) -> Claim | None:
         with given or self.client.pipeline(transaction=True) as pipe:
+            notice, message_id = writes.notice, writes.round_.envelope.id
             delayed = notice is not None and notice.action == dsn.DELAYED
-            if delayed and given is None and not self._delay_notice_due(pipe, round_.envelope.id):
-                notice = None
-            finish = self._stage(pipe, round_, outcome, notice, fallback, upcoming, note, known)
+            if delayed and given is None and not self._delay_notice_due(pipe, message_id):
+                writes = replace(writes, notice=None)
+            finish = self._stage(pipe, writes)
             replies = pipe.execute()
         return finish(replies)
 
     def _stage(
-        self,
-        pipe: redis.client.Pipeline,
-        round_: Round,
-        outcome: Outcome,
-        notice: dsn.Notice | None,
-        fallback: tuple[Envelope, bytes] | None,
-        upcoming: tuple[str, str] | None,
-        note: str | None,
-        known: Envelope | None,
+        self, pipe: redis.client.Pipeline, writes: Writes
     ) -> Callable[[list[Any]], Claim | None]:
         """A round's writes, staged into ``pipe`` (a transaction, perhaps with other rounds');
         returns what follows its commit, given the transaction's replies."""
+        round_, outcome, notice, fallback = (
+            writes.round_,
+            writes.outcome,
+            writes.notice,
+            writes.fallback,
+        )
+        upcoming, note, known = writes.upcoming, writes.note, writes.known
         # Final when nothing is left: known here unless another domain's job is still open.
         final = {**round_.state.final, **outcome.final}
         complete = set(final) >= set(round_.envelope.recipients)
@@ -383,7 +366,7 @@ class Ledger(SetAside):
 
         return finish
 
-    def _record_all(self, requests: list[RoundRequest]) -> list[Claim | Exception | None]:
+    def _record_all(self, requests: list[Writes]) -> list[Claim | Exception | None]:
         """The rounds of :meth:`record_async` made in one turn of the loop, in ONE transaction
         (one round trip; Redis applies it whole). A round whose own commands failed, or whose
         staging raised (then nothing of it is staged), gets its exception; the others stand.
@@ -391,18 +374,16 @@ class Ledger(SetAside):
         message: :meth:`_delay_notice_due`), made after."""
         results: list[Claim | Exception | None] = [None] * len(requests)
         staged: list[tuple[int, int, int, Callable[[list[Any]], Claim | None]]] = []
-        alone: list[tuple[int, dsn.Notice, tuple[Envelope, bytes] | None]] = []
+        alone: list[tuple[int, Writes]] = []
         with self.client.pipeline(transaction=True) as pipe:
-            for n, (round_, outcome, upcoming, note, known) in enumerate(requests):
+            for n, request in enumerate(requests):
                 start = len(pipe)
                 try:
-                    notice, fallback = self._prepare(round_, outcome)
-                    if notice is not None and notice.action == dsn.DELAYED:
-                        alone.append((n, notice, fallback))
+                    writes = self._prepare(request)
+                    if writes.notice is not None and writes.notice.action == dsn.DELAYED:
+                        alone.append((n, writes))
                         continue
-                    finish = self._stage(
-                        pipe, round_, outcome, notice, fallback, upcoming, note, known
-                    )
+                    finish = self._stage(pipe, writes)
                 except Exception as exc:  # a bug of ours: this round alone is not written
                     del pipe.command_stack[start:]
                     results[n] = exc
@@ -417,12 +398,9 @@ class Ledger(SetAside):
                 results[n] = finish(replies)
             except Exception as exc:
                 results[n] = exc
-        for n, notice, fallback in alone:
-            round_, outcome, upcoming, note, known = requests[n]
+        for n, writes in alone:
             try:
-                results[n] = self._write_prepared(
-                    round_, outcome, notice, fallback, upcoming, None, note, known
-                )
+                results[n] = self._write_prepared(writes, None)
             except Exception as exc:
                 results[n] = exc
         return results
