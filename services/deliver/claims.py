@@ -168,10 +168,10 @@ class Claims:
         known: Envelope | None = None,
     ) -> Claim:
         """Claim ``key`` now (one round trip); ``known``: its envelope, when read earlier."""
-        with self.client.pipeline(transaction=False) as pipe:
-            self.stage_take(pipe, key, note, note_ttl, known is not None)
-            (reply,) = pipe.execute()
-        return self.taken(key, reply, known)
+        (claim,) = self.take_all([(key, note, note_ttl, known)])
+        if isinstance(claim, Exception):
+            raise claim
+        return claim
 
     def take_all(
         self, requests: Sequence[tuple[tuple[str, str], str | None, int, Envelope | None]]

@@ -31,8 +31,9 @@
   queues the jobs a task had no time left for (``delivery.job_timeout``) in a new task. (These
   two and :meth:`Ledger.throttle` are written in :mod:`services.deliver.setaside`.)
 - The rounds lanes record in one turn of the loop (:meth:`Ledger.record_async`) share ONE
-  transaction, and so do their claims (:class:`services.deliver.offload.Gathered`): one round
-  trip for them all; a round whose own writes fail fails alone.
+  transaction, and their claims and in-flight marks of one turn one pipeline each
+  (:class:`services.deliver.offload.Gathered`): one round trip for them all; a round (a
+  claim, a mark) whose own writes fail fails alone.
 
 Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
 interrupted delivery are counted here, after their transaction committed — each in one place.
@@ -259,9 +260,10 @@ class Ledger(SetAside):
         premark: bool = False,
         known: Envelope | None = None,
     ) -> Claim | None:
-        """:meth:`record`, its transaction in a thread (:attr:`io`): still ONE transaction,
-        never left half-way (a cancellation waits for it to commit or fail); the claim it took
-        for ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
+        """:meth:`record`, off the loop (:attr:`io`), in ONE transaction with the rounds the
+        process's other lanes record in the same turn (:meth:`_record_all`), never left
+        half-way (a cancellation waits for it to commit or fail); the claim it took for
+        ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
         note = _in_flight_note(peer) if peer is not None else None
 
@@ -315,13 +317,8 @@ class Ledger(SetAside):
     ) -> Callable[[list[Any]], Claim | None]:
         """A round's writes, staged into ``pipe`` (a transaction, perhaps with other rounds');
         returns what follows its commit, given the transaction's replies."""
-        round_, outcome, notice, fallback = (
-            writes.round_,
-            writes.outcome,
-            writes.notice,
-            writes.fallback,
-        )
-        upcoming, note, known = writes.upcoming, writes.note, writes.known
+        round_, outcome, notice = writes.round_, writes.outcome, writes.notice
+        upcoming = writes.upcoming
         # Final when nothing is left: known here unless another domain's job is still open.
         final = {**round_.state.final, **outcome.final}
         complete = set(final) >= set(round_.envelope.recipients)
@@ -338,19 +335,20 @@ class Ledger(SetAside):
             events.append(recording.stage_retry(pipe, rec, schedule))
         if notice is not None:
             events.append(recording.stage_notice(pipe, round_.envelope.id, notice, ttl))
-        if fallback is not None:
-            events.append(recording.stage_fallback(pipe, round_.envelope.id, *fallback, ttl))
+        if writes.fallback is not None:
+            events.append(recording.stage_fallback(pipe, round_.envelope.id, *writes.fallback, ttl))
         self.claims.stage_release(pipe, round_.job.key)
         recording.stage_leave_line(pipe, round_.job, self.config)
         at_upcoming = len(pipe)
         if upcoming is not None:
-            self.claims.stage_take(pipe, upcoming, note, self._mark_ttl, known is not None)
+            known = writes.known is not None
+            self.claims.stage_take(pipe, upcoming, writes.note, self._mark_ttl, known)
         at_states = recording.stage_end(pipe, rec, events, complete, self._rcpt_ttl, ttl)
 
         def finish(replies: list[Any]) -> Claim | None:
             next_claim = None
             if upcoming is not None:
-                next_claim = self.claims.taken(upcoming, replies[at_upcoming], known)
+                next_claim = self.claims.taken(upcoming, replies[at_upcoming], writes.known)
             try:  # committed: what follows must not make the caller record the round again
                 self._count(rec, sts_failures)
                 _posture_recorded(replies, at_posture, posture_counts, round_.job.key)

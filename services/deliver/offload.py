@@ -218,15 +218,10 @@ class Offload:
 INLINE = Offload(0)  # for objects used without a deliver loop's pool
 
 
-class _Request(Generic[Item, T]):
-    def __init__(self, item: Item, future: asyncio.Future[T]) -> None:
-        self.item, self.future = item, future
-
-
 class Gathered(Generic[Item, T]):
     """The calls made in one turn of the loop, made together: ``run(items)`` — one Redis round
-    trip for all of them (a pipeline) — in ``io``, at the loop's next turn. The lanes of a
-    batch that start together (services/deliver/batch.py) claim their first jobs this way.
+    trip for all of them (a pipeline or a transaction) — in ``io``, at the loop's next turn. A
+    deliver process's lanes claim, mark and record this way (services/deliver/ledger.py).
 
     ``run`` returns one result per item, in order: its value, or the exception of its own
     command (the others' results stand). An exception of ``run`` itself (Redis unreachable)
@@ -236,7 +231,7 @@ class Gathered(Generic[Item, T]):
 
     def __init__(self, run: Callable[[list[Item]], list[T | Exception]]) -> None:
         self._run = run
-        self._due: list[_Request[Item, T]] = []
+        self._due: list[tuple[Item, asyncio.Future[T]]] = []
         self._flushing: set[asyncio.Task[None]] = set()  # held: a task only weakly referenced
         self._next: asyncio.Task[None] | None = None  # the group's, until it takes the calls
         self.groups = 0  # round trips made (for tests and benchmarks)
@@ -245,46 +240,45 @@ class Gathered(Generic[Item, T]):
         self, io: Offload, item: Item, orphan: Callable[[T], object] | None = None
     ) -> T:
         loop = asyncio.get_running_loop()
-        request: _Request[Item, T] = _Request(item, loop.create_future())
+        future: asyncio.Future[T] = loop.create_future()
         if self._next is not None and self._next.get_loop() is not loop:
             # An earlier loop's group (tests run several loops; one may close with its group
             # still scheduled): it never runs, and its callers went with their loop.
-            self._due = [due for due in self._due if due.future.get_loop() is loop]
+            self._due = [due for due in self._due if due[1].get_loop() is loop]
             self._next = None
-        self._due.append(request)
+        self._due.append((item, future))
         if self._next is None or self._next.done():  # the first of this turn: the group goes
             self._next = loop.create_task(self._flush(io))  # at the loop's next turn
             self._flushing.add(self._next)
             self._next.add_done_callback(self._flushing.discard)
         try:
-            return await asyncio.shield(request.future)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:  # the call is made all the same (a round's recording
-            await _settled(request.future)  # must never be dropped): waited for, handed on
-            done = request.future
-            if orphan is not None and not done.cancelled() and done.exception() is None:
-                orphan(done.result())
+            await _settled(future)  # must never be dropped): waited for, handed on
+            if orphan is not None and not future.cancelled() and future.exception() is None:
+                orphan(future.result())
             raise
 
     async def _flush(self, io: Offload) -> None:
         group, self._due, self._next = self._due, [], None
         self.groups += 1
         try:
-            results = await io(self._run, [request.item for request in group])
+            results = await io(self._run, [item for item, _ in group])
             if len(results) != len(group):
                 raise RuntimeError(f"{len(results)} results for {len(group)} calls")
         except Exception as exc:
-            for request in group:
-                request.future.set_exception(exc)
+            for _, future in group:
+                future.set_exception(exc)
             return
         except BaseException:  # the loop ends: so do its callers
-            for request in group:
-                request.future.cancel()
+            for _, future in group:
+                future.cancel()
             raise
-        for request, result in zip(group, results, strict=True):
+        for (_, future), result in zip(group, results, strict=True):
             if isinstance(result, Exception):
-                request.future.set_exception(result)
+                future.set_exception(result)
             else:
-                request.future.set_result(result)
+                future.set_result(result)
 
 
 async def _settled(waiting: asyncio.Future[Any]) -> None:
