@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,16 @@ import redis
 import yaml
 
 from services.common import spool
-from services.common.config import ConfigError, load_config
+from services.common.config import Config, ConfigError, load_config
+from services.common.model import Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import lanes, shaping
+from services.deliver import lanes, shaping, sites
+from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.batch import Deliverer
 from services.deliver.ledger import Ledger
+from services.deliver.pool import ConnectionPool
+from services.deliver.session import attempt
+from services.deliver.shaping import Lease, Shaper
 from tests.peers import Sink
 from tests.sinksmtp import Message
 from tests.test_batching import deliver, queue_jobs, routed
@@ -230,19 +236,28 @@ def test_processes_sharing_a_full_site_send_over_the_sessions_they_hold(
     taken while its process's other lanes send there waits for one of their sessions instead of
     parking its job and the rest of its batch as throttled: every job is delivered in its own
     task, the limit holds, nothing waits in the deferred set. (The wait for a connection within
-    the worker is cut from 5 s to 0.3 s, so the batches need not last seconds to outlast it.)"""
+    the worker is cut from 5 s to 0.3 s, so the batches need not last seconds to outlast it.)
+
+    Each process first delivers one message, so each holds a session there when the batches
+    race for the rest (else the process that starts a few milliseconds late may find all four
+    taken and none of its own: throttled, as it should be). No shaping tick runs: at a tick a
+    process closes a parked session for a waiter elsewhere, which here is the other process."""
     monkeypatch.setattr(shaping, "SHORT_WAIT", 0.3)
     monkeypatch.setattr(lanes, "SHORT_WAIT", 0.3)
+    monkeypatch.setattr(shaping, "TICK", 600.0)
     with Sink("starttls", data_delay=0.1) as sink:
         config = routed(
             tmp_path, valkey, DOMAIN, sink.address_text, sessions_per_process=4,
             shaping={"default": {"connections": 4}},
         )  # fmt: skip
+        warm = [queue_jobs(store, DOMAIN, 1), queue_jobs(store, DOMAIN, 1)]
         batches = [queue_jobs(store, DOMAIN, 16), queue_jobs(store, DOMAIN, 16)]
         deliverers = [Deliverer(config, store), Deliverer(config, store)]
 
         async def run() -> list[list[Any]]:
             try:
+                for deliverer, batch in zip(deliverers, warm, strict=True):
+                    await deliverer.run_batch(batch)
                 return list(
                     await asyncio.gather(
                         *(d.run_batch(b) for d, b in zip(deliverers, batches, strict=True))
@@ -259,7 +274,7 @@ def test_processes_sharing_a_full_site_send_over_the_sessions_they_hold(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ResourceWarning)
                 gc.collect()
-        jobs = batches[0] + batches[1]
+        jobs = warm[0] + warm[1] + batches[0] + batches[1]
         throttled = [
             e for j in jobs for e in spool.read_trace(store, j["id"]) if e["event"] == "throttled"
         ]
@@ -268,3 +283,56 @@ def test_processes_sharing_a_full_site_send_over_the_sessions_they_hold(
         delivered_once(sink, jobs)
         assert sink.peak_connections <= 4, sink.summary()
     settled(store, jobs)
+
+
+def test_a_round_waiting_for_a_connection_takes_the_session_its_sibling_parks(
+    store: redis.Redis,
+) -> None:
+    """Another process holds one of a site's two connections; lane 1 of this process holds the
+    other and sends slowly; lane 2 waits for a lease. When lane 1 parks its session, lane 2
+    takes it: closing it to get its lease back (as a look that found none used to) would hand
+    the connection to whichever process looks next and, at a full site, leave this process's
+    lanes with no session at all (their jobs then parked as throttled). One connection from
+    this process, both messages delivered, the second over the reused session."""
+    other = Shaper(Config(), store)  # another worker process, holding one connection
+    shaper = Shaper(Config(), store)
+    pool = ConnectionPool(10, 60, shaper.release)
+    shaper.attach(pool.leases, pool.close_one, pool.expire)  # as Deliverer does
+
+    with Sink("plain", data_delay=0.3) as sink:
+        spec = {"name": "wait", "match": ["x.test"], "connections": 2}
+        config = Config.model_validate({"delivery": {"shaping": {"sites": [spec]}}})
+        site = sites.site_of(config, "x.test", [("mx.x.test", sink.port, "mx")])
+        peer = Peer("mx.x.test", "127.0.0.1", sink.port, "mx.x.test")
+        timeouts = Timeouts("relay.test", connect=5, command=10, greeting=10, data=10)
+
+        async def lane(n: int) -> Attempt:
+            gate = shaper.gate(site)
+            envelope = Envelope(id=f"0123456789ab-lane{n}", sender="s@o.test", recipients=())
+            try:
+                return await attempt(
+                    peer, envelope, ["r@x.test"], b"Subject: x\r\n\r\nx\r\n",
+                    TlsSettings(mode=TlsMode.NONE), timeouts, Hooks(), pool, gate,
+                )  # fmt: skip
+            finally:
+                gate.close()
+
+        async def run() -> tuple[Attempt, Attempt]:
+            held = await other.gate(site).lease()
+            assert isinstance(held, Lease)
+            try:
+                first = asyncio.create_task(lane(1))
+                deadline = time.monotonic() + 10
+                while sink.stats()["connections"] < 1:  # lane 1 holds the second connection
+                    assert time.monotonic() < deadline, sink.summary()
+                    await asyncio.sleep(0.01)
+                second = await lane(2)
+                return await first, second
+            finally:
+                other.release(held)
+                pool.close_all()
+
+        first, second = asyncio.run(run())
+        assert first.replies and second.replies, (first, second)
+        assert len(sink.messages) == 2, sink.summary()
+        assert second.reused and sink.stats()["connections"] == 1, sink.summary()

@@ -104,6 +104,10 @@ class ConnectionPool:
             self.drop(pooled)
         return None
 
+    def has(self, key: PoolKey) -> bool:
+        """Whether an idle session for ``key`` that :meth:`take` would hand out is parked."""
+        return any(self._fresh(pooled) for pooled in self._idle.get(key, []))
+
     def give(self, key: PoolKey, pooled: Pooled) -> bool:
         """Park a session after a transaction; False (caller closes it) when it is spent."""
         if pooled.uses >= self._max(pooled) or not pooled.smtp.is_connected:

@@ -34,6 +34,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import aiosmtplib
 
@@ -65,18 +66,28 @@ async def attempt(
 ) -> Attempt:
     """One attempt; with a ``pool``, on a parked session for the same key when there is one.
     With a ``gate`` (traffic shaping), a new session needs a connection lease from it first:
-    when none can be had, the attempt ends ``throttled`` without connecting."""
+    when none can be had, the attempt ends ``throttled`` without connecting. While it waits for
+    a lease, a session for the same key that another lane of the process parks is taken instead
+    (:meth:`Gate.lease`'s ``parked``)."""
     started = time.monotonic()
     key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
-    pooled, reset = (None, False)
-    if pool is not None:
-        pooled, reset = await _reusable(pool, key, timeouts.pipelining)
-    lease = pooled.lease if pooled is not None else None
-    if pooled is None and gate is not None:
-        got = await gate.lease()
+    pooled, reset, lease = None, False, None
+    while True:
+        if pool is not None:
+            pooled, reset = await _reusable(pool, key, timeouts.pipelining)
+        if pooled is not None:
+            lease = pooled.lease
+            break
+        if gate is None:
+            break
+        got = await gate.lease(partial(pool.has, key) if pool is not None else None)
         if isinstance(got, Throttle):
             return Attempt(peer=peer, mode=settings.mode, throttled=got)
-        lease = got
+        if got is not None:
+            lease = got
+            break
+        # Another lane of this process parked a session for this key while the round waited
+        # for a connection: take it (the next look at the pool) rather than wait on.
     result = await _attempt(
         peer,
         envelope,
@@ -94,7 +105,7 @@ async def attempt(
     if pooled is not None and result.next_host and not result.data_sent:
         # The parked session died under us (before DATA): try once more on a fresh one, with
         # the lease it held (given back to the round's gate when it closed).
-        fresh = await gate.lease() if gate is not None else None
+        fresh = await gate.lease() if gate is not None else None  # never None when asked
         if isinstance(fresh, Throttle):
             return Attempt(peer=peer, mode=settings.mode, throttled=fresh)
         lease = fresh

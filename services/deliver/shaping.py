@@ -480,11 +480,17 @@ class Gate:
         self.seniority = seniority
         self._spare: Lease | None = None
 
-    async def lease(self) -> Lease | Throttle:
+    async def lease(self, parked: Callable[[], bool] | None = None) -> Lease | Throttle | None:
         """A lease for a new session: the round's spare one, else a new one, waiting within
         the worker up to :data:`SHORT_WAIT` (polling with growing pauses, the site's waiting
         flag set so that parked sessions elsewhere close). Older jobs waiting in the site's
-        line (:data:`LINE`) are not waited for here: the round joins the line at once."""
+        line (:data:`LINE`) are not waited for here: the round joins the line at once.
+
+        ``parked``: whether this process now holds a parked session the round could use (its
+        own lanes park theirs between messages). Asked after each look that found no lease,
+        before closing a parked session of ours for this round: True ends the wait with None,
+        and the round takes that session instead of closing it (closing it would hand its
+        connection to whichever process looks next, and leave this one without any)."""
         if self._spare is not None:
             lease, self._spare = self._spare, None
             if not lease.lost:
@@ -504,6 +510,8 @@ class Gate:
                 if first:  # a round that met a limit and waited here (else: parked)
                     observe.throttled(self.site.label, first)
                 return got
+            if parked is not None and parked():
+                return None  # one of our lanes parked a session the round can use: take it
             first = first or got.reason
             wait = got.wait or pause
             if got.reason != CONNECTION_RATE and not closing:  # one per round, not one per look
