@@ -175,7 +175,9 @@ def test_a_round_failing_in_a_gathered_group_leaves_no_false_interruption_for_ne
     and W stand. The batch fails (the task runs again) before Z or W started: no DATA ever
     went out for them. 1f289e6 drops the unused premarks of FIRST claims only; those the
     recordings wrote stay, and the task's next run reports Z and W as "interrupted" (possible
-    duplicates, RFC 1047) though they were never sent."""
+    duplicates, RFC 1047) though they were never sent. And the claim that X's transaction
+    took for its lane's next job is released with the failed batch's claims: left unheld, it
+    would stand until it expired (``claim_ttl``), and another process would wait for it."""
     config = routed(tmp_path, valkey, RECORDS, sink.address_text, sessions_per_process=2)
     deliverer = Deliverer(config, spool.connect(valkey.url))
     (warm,) = queue_jobs(store, RECORDS, 1)
@@ -207,6 +209,7 @@ def test_a_round_failing_in_a_gathered_group_leaves_no_false_interruption_for_ne
     monkeypatch.undo()
     assert deliverer.ledger.record_round_trips == trips + 1, "X and Y in one transaction"
     assert len(sink.messages) == 3, "X and Y went out; Z and W did not"
+    assert store.keys(spool.claim_key("*", "*")) == [], "a claim left to expire"
     left = {j["id"][-6:]: store.get(spool.in_flight_key(j["id"], RECORDS)) for j in (z, w)}
     run_batches(deliverer, [z, w])  # the task runs again (X, Y recorded: final)
     assert len(sink.messages) == 5

@@ -309,14 +309,19 @@ class Ledger(SetAside):
             if delayed and given is None and not self._delay_notice_due(pipe, message_id):
                 writes = replace(writes, notice=None)
             finish = self._stage(pipe, writes)
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         return finish(replies)
 
     def _stage(
         self, pipe: redis.client.Pipeline, writes: Writes
     ) -> Callable[[list[Any]], Claim | None]:
         """A round's writes, staged into ``pipe`` (a transaction, perhaps with other rounds');
-        returns what follows its commit, given the transaction's replies."""
+        returns what follows its commit, given the transaction's replies: the claim of the
+        lane's next job, or the first error among the round's own replies, raised. The next
+        job's claim may have been taken even so (the transaction runs every command): it is
+        then held, so that the failing batch releases it with the rest of its claims rather
+        than leave it to expire while another process waits for it."""
+        start = len(pipe)
         round_, outcome, notice = writes.round_, writes.outcome, writes.notice
         upcoming = writes.upcoming
         # Final when nothing is left: known here unless another domain's job is still open.
@@ -344,8 +349,14 @@ class Ledger(SetAside):
             known = writes.known is not None
             self.claims.stage_take(pipe, upcoming, writes.note, self._mark_ttl, known)
         at_states = recording.stage_end(pipe, rec, events, complete, self._rcpt_ttl, ttl)
+        end = len(pipe)
 
         def finish(replies: list[Any]) -> Claim | None:
+            error = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
+            if error is not None:
+                if upcoming is not None and not isinstance(replies[at_upcoming], Exception):
+                    self.claims.taken(upcoming, replies[at_upcoming], writes.known)
+                raise error
             next_claim = None
             if upcoming is not None:
                 next_claim = self.claims.taken(upcoming, replies[at_upcoming], writes.known)
@@ -371,7 +382,7 @@ class Ledger(SetAside):
         A round that sends a "delayed" DSN needs a transaction of its own (it watches the
         message: :meth:`_delay_notice_due`), made after."""
         results: list[Claim | Exception | None] = [None] * len(requests)
-        staged: list[tuple[int, int, int, Callable[[list[Any]], Claim | None]]] = []
+        staged: list[tuple[int, Callable[[list[Any]], Claim | None]]] = []
         alone: list[tuple[int, Writes]] = []
         with self.client.pipeline(transaction=True) as pipe:
             for n, request in enumerate(requests):
@@ -386,14 +397,11 @@ class Ledger(SetAside):
                     del pipe.command_stack[start:]
                     results[n] = exc
                     continue
-                staged.append((n, start, len(pipe), finish))
+                staged.append((n, finish))
             replies: list[Any] = pipe.execute(raise_on_error=False) if staged else []
-        for n, start, end, finish in staged:
-            error = next((r for r in replies[start:end] if isinstance(r, Exception)), None)
+        for n, finish in staged:
             try:
-                if error is not None:
-                    raise error
-                results[n] = finish(replies)
+                results[n] = finish(replies)  # raises the round's own first error
             except Exception as exc:
                 results[n] = exc
         for n, writes in alone:
