@@ -29,6 +29,15 @@ def test_client_ip(peer: Any, expected: str) -> None:
     assert client_ip(SimpleNamespace(peer=peer)) == expected
 
 
+def test_client_ip_is_worked_out_once_per_session_and_again_for_a_new_peer() -> None:
+    session = SimpleNamespace(peer=("::ffff:192.0.2.7", 40000, 0, 0))
+    first = client_ip(session)
+    assert first == "192.0.2.7" and client_ip(session) is first  # kept, not worked out again
+    session.peer = ("2001:DB8::1", 25, 0, 0)  # the session's peer replaced: asked anew
+    assert client_ip(session) == "2001:db8::1"
+    assert client_ip(SimpleNamespace(peer=("192.0.2.8", 1))) == "192.0.2.8"  # its own session
+
+
 def test_ip_address_is_none_for_what_is_not_one_and_the_same_object_when_asked_again() -> None:
     assert ip_address("not an address") is None
     assert ip_address("") is None

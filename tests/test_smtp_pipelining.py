@@ -552,3 +552,20 @@ def test_a_paused_reader_resumes_when_it_needs_the_rest_of_a_reply() -> None:
     replies = asyncio.run(run())
     assert {r.code for r in replies} == {250}
     assert replies[-1].text.endswith("\nend") and replies[-1].text.count("\n") == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"", b"a", b"a\r\n", b"a\n", b"a\r", b"\r\n\r\n", b"a\nb\r\nc", b"a\rb", b"\n\r",
+        b"\r\r\n", b"a\r\n\n", b".dot\r\n..two\r\n", BODY, BODY[:-2],
+    ],
+)  # fmt: skip
+def test_line_ends_are_those_aiosmtplib_sends(body: bytes) -> None:
+    """The body's bytes on the wire, DATA and BDAT alike, are aiosmtplib's: its
+    normalize_message_line_endings (the fast path skips it only where it changes nothing)."""
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    normalized = normalize_message_line_endings(body)
+    assert pipelining.chunk_data(body) == normalized
+    assert pipelining.message_data(body) == PERIOD_REGEX.sub(b"..", normalized) + b".\r\n"

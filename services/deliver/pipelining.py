@@ -271,10 +271,20 @@ def _command(encoding: str, *args: str) -> bytes:
 def message_data(body: bytes) -> bytes:
     """The message as sent after ``354``: CRLF line ends, leading dots doubled, the final dot
     (RFC 5321 §4.5.2), exactly as aiosmtplib sends it."""
-    return _PERIOD.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
+    return _PERIOD.sub(b"..", crlf(body)) + b".\r\n"
 
 
 def chunk_data(body: bytes) -> bytes:
     """The message as one BDAT chunk: CRLF line ends, as after DATA, but no dot doubled and no
     final dot (RFC 3030 §2: the size says where it ends)."""
+    return crlf(body)
+
+
+def crlf(body: bytes) -> bytes:
+    """aiosmtplib's ``normalize_message_line_endings`` (lone CR and LF become CRLF; a CRLF at
+    the end), the same bytes; without its substitution at every line end when each CR and
+    each LF of ``body`` is already part of a CRLF, as ingest stores messages (three counts)."""
+    pairs = body.count(b"\r\n")
+    if body.count(b"\r") == pairs and body.count(b"\n") == pairs:
+        return body if body.endswith(b"\r\n") else body + b"\r\n"
     return normalize_message_line_endings(body)

@@ -14,6 +14,7 @@ trace field is replaced by ``?``, an unreadable peer address is kept as the text
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
 import ipaddress
@@ -208,8 +209,19 @@ def raw_content(envelope: SmtpEnvelope) -> bytes:
 
 
 def client_ip(session: Session) -> str:
-    """The peer's IP address as text (IPv4-mapped IPv6 unmapped, zone id dropped)."""
+    """The peer's IP address as text (IPv4-mapped IPv6 unmapped, zone id dropped); worked out
+    once per session (asked at each command), kept on the session with the peer it is for."""
     peer: Any = session.peer
+    cached: tuple[Any, str] | None = getattr(session, "_tlsrelay_client_ip", None)
+    if cached is not None and cached[0] is peer:
+        return cached[1]
+    text = _client_ip(peer)
+    with contextlib.suppress(AttributeError):  # a session that takes no attributes: not kept
+        session._tlsrelay_client_ip = (peer, text)
+    return text
+
+
+def _client_ip(peer: Any) -> str:
     host = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
     host = host.partition("%")[0]
     address = ip_address(host)

@@ -10,6 +10,7 @@ Pure: no I/O, nothing fails here. An unknown reply code gets the enhanced status
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -109,6 +110,13 @@ def printable(reply: str) -> str:
     """A reply line as it may go out: printable ASCII (aiosmtpd echoes arguments, which may hold
     CR, NUL or undecodable octets), at most 512 octets with the CRLF (RFC 5321 §4.5.3.1.5)."""
     return _NOT_PRINTABLE_REPLY.sub("?", reply)[: REPLY_LINE_MAX - 2]
+
+
+@functools.lru_cache(maxsize=256)
+def outgoing(status: str, code: bool) -> str:
+    """``status`` as it goes out: with an RFC 3463 code when ``code`` (:func:`with_enhanced_code`),
+    then :func:`printable`. Pure, and most replies repeat: each worked out once (256 kept)."""
+    return printable(with_enhanced_code(status) if code else status)
 
 
 def with_enhanced_code(reply: str) -> str:

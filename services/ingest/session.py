@@ -231,8 +231,7 @@ class IngestSMTP(AiosmtpdAdapter):
         if isinstance(status, str):
             if self._counted_verb is not None:
                 metrics.ingest_refused(self.event_handler.listener.value, status)
-            reply = replies.with_enhanced_code(status) if self._needs_code(status) else status
-            await super().push(replies.printable(reply))
+            await super().push(replies.outgoing(status, self._needs_code(status)))
             if replies.is_syntax_error(status):
                 await self._count_error()
         else:
