@@ -156,3 +156,25 @@ def test_a_lanes_first_claim_writes_no_mark_its_data_does(
         assert note["host"] == "mx.d.test"
 
     asyncio.run(run())
+
+
+def test_an_error_of_the_callers_own_command_in_a_given_transaction_is_raised(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """``Ledger.record(pipe=...)`` executes the caller's transaction (``tlsrelay queue bounce``:
+    its ZREM of the deferred entry comes first): an error of the caller's own command must be
+    raised, as ``pipe.execute()`` did before 6bfb8f7 — not dropped because it lies outside the
+    round's own replies (review s10)."""
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    envelope = Envelope(new_message_id(), "s@o.test", ("x@d.test",), received_at=time.time())
+    with store.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    job = Job(envelope.id, "d.test", envelope.recipients, Decision(domain="d.test"))
+    store.set("review:not-a-zset", "x")
+    bounced = Outcome(bounced={"x@d.test": Reply(550, "5.0.0", "given up")})
+    with store.pipeline(transaction=True) as pipe:
+        pipe.multi()
+        pipe.zrem("review:not-a-zset", "member")  # fails inside EXEC: WRONGTYPE
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            ledger.record(ledger.round(job, envelope, BODY), bounced, pipe=pipe)
