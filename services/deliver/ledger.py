@@ -51,6 +51,7 @@ recorded is not sent again).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -308,9 +309,15 @@ class Ledger(SetAside):
             delayed = notice is not None and notice.action == dsn.DELAYED
             if delayed and given is None and not self._delay_notice_due(pipe, message_id):
                 writes = replace(writes, notice=None)
+            before = len(pipe)  # a given transaction's own commands come first
             finish = self._stage(pipe, writes)
             replies = pipe.execute(raise_on_error=False)
-        return finish(replies)
+        caller = next((r for r in replies[:before] if isinstance(r, Exception)), None)
+        if caller is not None:  # the caller's first: raised, as execute() would
+            with contextlib.suppress(Exception):
+                finish(replies)  # the round committed all the same (its next claim is held)
+            raise caller
+        return finish(replies)  # raises the round's own first error
 
     def _stage(
         self, pipe: redis.client.Pipeline, writes: Writes
