@@ -286,14 +286,18 @@ def test_processes_sharing_a_full_site_send_over_the_sessions_they_hold(
 
 
 def test_a_round_waiting_for_a_connection_takes_the_session_its_sibling_parks(
-    store: redis.Redis,
+    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process holds one of a site's two connections; lane 1 of this process holds the
     other and sends slowly; lane 2 waits for a lease. When lane 1 parks its session, lane 2
     takes it: closing it to get its lease back (as a look that found none used to) would hand
     the connection to whichever process looks next and, at a full site, leave this process's
     lanes with no session at all (their jobs then parked as throttled). One connection from
-    this process, both messages delivered, the second over the reused session."""
+    this process, both messages delivered, the second over the reused session. Lane 2 waited
+    for the site's limit: tlsrelay_throttled_total counts it, as it counts a round that waited
+    and then got a lease (review s10)."""
+    waited: list[tuple[str, str]] = []
+    monkeypatch.setattr(shaping.observe, "throttled", lambda *labels: waited.append(labels))
     other = Shaper(Config(), store)  # another worker process, holding one connection
     shaper = Shaper(Config(), store)
     pool = ConnectionPool(10, 60, shaper.release)
@@ -336,3 +340,4 @@ def test_a_round_waiting_for_a_connection_takes_the_session_its_sibling_parks(
         assert first.replies and second.replies, (first, second)
         assert len(sink.messages) == 2, sink.summary()
         assert second.reused and sink.stats()["connections"] == 1, sink.summary()
+        assert waited == [("wait", shaping.CONNECTIONS)], waited
