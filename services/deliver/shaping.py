@@ -511,6 +511,8 @@ class Gate:
                     observe.throttled(self.site.label, first)
                 return got
             if parked is not None and parked():
+                if first:  # it met a limit and waited here, as a round that then gets a lease
+                    observe.throttled(self.site.label, first)
                 return None  # one of our lanes parked a session the round can use: take it
             first = first or got.reason
             wait = got.wait or pause
