@@ -178,3 +178,30 @@ def test_an_error_of_the_callers_own_command_in_a_given_transaction_is_raised(
         pipe.zrem("review:not-a-zset", "member")  # fails inside EXEC: WRONGTYPE
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
             ledger.record(ledger.round(job, envelope, BODY), bounced, pipe=pipe)
+
+
+def test_a_failed_recording_releases_the_claim_it_took_for_the_next_job(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """``Ledger.record(upcoming=...)`` whose round's own writes fail (WRONGTYPE on its trace)
+    raises; the claim its transaction took for the next job all the same is released, not
+    held (kept alive for as long as the process lives) by a caller that never gets it."""
+    ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
+    envelopes = []
+    for rcpt in ("x@d.test", "y@d.test"):
+        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
+        with store.pipeline(transaction=True) as pipe:
+            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+            pipe.execute()
+        envelopes.append(envelope)
+    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
+    x = Job(envelopes[0].id, "d.test", envelopes[0].recipients, decision)
+    y = Job(envelopes[1].id, "d.test", envelopes[1].recipients, decision)
+    claim_x = ledger.claim(x.key)
+    store.delete(spool.trace_key(x.id))
+    store.set(spool.trace_key(x.id), "not a list")  # the round's own writes fail
+    sent = Outcome(delivered={"x@d.test": Reply(250, "2.0.0", "ok")})
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        ledger.record(ledger.round(x, envelopes[0], BODY, claim_x.state), sent, y.key)
+    assert not store.exists(spool.claim_key(*y.key)), "the next job's claim is left standing"
+    assert spool.claim_key(*y.key) not in ledger.claims.held, "and kept alive"

@@ -245,10 +245,17 @@ class Ledger(SetAside):
         ``premark``; ``known``: its envelope, when read earlier); its claim is returned (None
         without ``upcoming``). ``pipe``: the caller's transaction (after ``multi()``, with its
         own commands staged first and what it decided on WATCHed); executed here, and then
-        ``redis.WatchError`` propagates to the caller."""
+        ``redis.WatchError`` propagates to the caller. When the recording fails, a claim it took
+        for ``upcoming`` all the same is released (the caller never sees it: held, it would be
+        kept alive as long as the process lives)."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
         note = _in_flight_note(peer) if peer is not None else None
-        next_claim = self._write(Writes(round_, outcome, upcoming, note, known), pipe)
+        try:
+            next_claim = self._write(Writes(round_, outcome, upcoming, note, known), pipe)
+        except Exception:
+            if upcoming is not None:
+                self.claims.release_all([upcoming])
+            raise
         if next_claim is not None:
             self._claimed(next_claim, peer)
         return next_claim
