@@ -56,6 +56,20 @@ def events(client: redis.Redis, message_id: str) -> list[str]:
     return [e["event"] for e in spool.read_trace(client, message_id)]
 
 
+def two_messages(store: redis.Redis) -> tuple[list[Envelope], tuple[Job, Job]]:
+    """Two stored messages to d.test (x@, y@) and their jobs."""
+    envelopes = []
+    for rcpt in ("x@d.test", "y@d.test"):
+        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
+        with store.pipeline(transaction=True) as pipe:
+            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
+            pipe.execute()
+        envelopes.append(envelope)
+    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
+    jobs = tuple(Job(e.id, "d.test", e.recipients, decision) for e in envelopes)
+    return envelopes, (jobs[0], jobs[1])
+
+
 def test_an_error_after_the_round_committed_does_not_record_it_again(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink,
     monkeypatch: pytest.MonkeyPatch,
@@ -102,16 +116,7 @@ def test_a_premark_of_an_earlier_claim_never_stands_in_for_a_later_mark(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
     ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
-    envelopes = []
-    for rcpt in ("x@d.test", "y@d.test"):
-        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
-        with store.pipeline(transaction=True) as pipe:
-            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
-            pipe.execute()
-        envelopes.append(envelope)
-    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
-    x = Job(envelopes[0].id, "d.test", envelopes[0].recipients, decision)
-    y = Job(envelopes[1].id, "d.test", envelopes[1].recipients, decision)
+    envelopes, (x, y) = two_messages(store)
     peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
     claim_x = ledger.claim(x.key)
     ledger.mark_in_flight(x, peer)
@@ -134,16 +139,8 @@ def test_a_lanes_first_claim_writes_no_mark_its_data_does(
     worker dying meanwhile would report a duplicate that cannot be one), not at its claim —
     even when the domain's last peer is known."""
     ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
-    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
-    jobs = []
-    for rcpt in ("x@d.test", "y@d.test"):
-        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
-        with store.pipeline(transaction=True) as pipe:
-            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
-            pipe.execute()
-        jobs.append((Job(envelope.id, "d.test", envelope.recipients, decision), envelope))
+    (x_env, y_env), (x, y) = two_messages(store)
     peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
-    (x, x_env), (y, y_env) = jobs
 
     async def run() -> None:
         await ledger.claim_async(x.key, x_env)
@@ -187,16 +184,7 @@ def test_a_failed_recording_releases_the_claim_it_took_for_the_next_job(
     raises; the claim its transaction took for the next job all the same is released, not
     held (kept alive for as long as the process lives) by a caller that never gets it."""
     ledger = Ledger(write_config(tmp_path / "c.yaml", {"redis_url": valkey.url}), store)
-    envelopes = []
-    for rcpt in ("x@d.test", "y@d.test"):
-        envelope = Envelope(new_message_id(), "s@o.test", (rcpt,), received_at=time.time())
-        with store.pipeline(transaction=True) as pipe:
-            spool.stage_message(pipe, envelope, BODY, spool.TRACE_TTL)
-            pipe.execute()
-        envelopes.append(envelope)
-    decision = Decision(domain="d.test", tls=TlsMode.OPPORTUNISTIC)
-    x = Job(envelopes[0].id, "d.test", envelopes[0].recipients, decision)
-    y = Job(envelopes[1].id, "d.test", envelopes[1].recipients, decision)
+    envelopes, (x, y) = two_messages(store)
     claim_x = ledger.claim(x.key)
     store.delete(spool.trace_key(x.id))
     store.set(spool.trace_key(x.id), "not a list")  # the round's own writes fail
