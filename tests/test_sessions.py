@@ -23,7 +23,7 @@ from services.common import spool
 from services.common.config import Config, ConfigError, load_config
 from services.common.model import Envelope, TlsMode
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import lanes, shaping, sites
+from services.deliver import lanes, observe, shaping, sites
 from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.batch import Deliverer
 from services.deliver.ledger import Ledger
@@ -297,7 +297,7 @@ def test_a_round_waiting_for_a_connection_takes_the_session_its_sibling_parks(
     for the site's limit: tlsrelay_throttled_total counts it, as it counts a round that waited
     and then got a lease (review s10)."""
     waited: list[tuple[str, str]] = []
-    monkeypatch.setattr(shaping.observe, "throttled", lambda *labels: waited.append(labels))
+    monkeypatch.setattr(observe, "throttled", lambda *labels: waited.append(labels))
     other = Shaper(Config(), store)  # another worker process, holding one connection
     shaper = Shaper(Config(), store)
     pool = ConnectionPool(10, 60, shaper.release)
