@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import redis
 
 from services.common import queueing, retry, spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
+from services.deliver import batch as batch_module
 from services.deliver.batch import Deliverer
 from services.deliver.tasks import DeliverService
 from tests.peers import Sink
 from tests.sinksmtp import Message
-from tests.test_batching import queue_jobs, routed, run_quietly
+from tests.test_batching import queue_jobs, routed, run_batches, run_quietly
 
 DOMAIN = "overlap.test"
 
@@ -157,3 +161,40 @@ def test_a_non_job_copy_does_not_release_the_claim_of_its_own_batch_s_lane(
     assert all(s[:2] == s[2:] for s in seen), (seen, arrived)
     queued = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
     assert seen or any(got and broken in got[1] for got in queued), "the copy: parked or queued"
+
+
+def test_a_job_is_waited_for_once_whoever_holds_it(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another batch of this process held job J for a whole claim TTL, and once it let go
+    another process holds J's claim: the batch does not wait a second TTL for it (a task ends
+    within delivery.task_budget, which counts ONE wait for a job someone else holds). It
+    leaves J to its owner without looking again; J stays stored. The other batch's hold is
+    a TTL moved on the batch's clock, not waited."""
+    with Sink("starttls") as sink:
+        config = routed(tmp_path, valkey, DOMAIN, sink.address_text, job_timeout=4)
+        (j,) = queue_jobs(store, DOMAIN, 1)
+        deliverer = Deliverer(config, store)
+        ttl = deliverer.ledger.claims.ttl
+        store.set(spool.claim_key(j["id"], DOMAIN), "another-process", px=60_000)
+        moved = [0.0]
+        clock = SimpleNamespace(monotonic=lambda: time.monotonic() + moved[0], time=time.time)
+        monkeypatch.setattr(batch_module, "time", clock)
+        real_wait, real_claim = deliverer.holders.wait, deliverer.ledger.claim_async
+        looks: list[tuple[str, str]] = []
+
+        async def held_a_ttl(key: tuple[str, str], holder: object, timeout: float) -> bool:
+            moved[0] += timeout  # another batch of this process held J that long
+            return await real_wait(key, holder, timeout)
+
+        async def claim(key: tuple[str, str], *args: Any) -> Any:
+            looks.append(key)
+            return await real_claim(key, *args)
+
+        monkeypatch.setattr(deliverer.holders, "wait", held_a_ttl)
+        monkeypatch.setattr(deliverer.ledger, "claim_async", claim)
+        (results,) = run_batches(deliverer, [j])
+        assert results == [None] and sink.messages == []
+        assert looks == [(j["id"], DOMAIN)], f"{len(looks)} looks at J in a second {ttl} s wait"
+        assert store.get(spool.claim_key(j["id"], DOMAIN)) == b"another-process"
+        assert store.exists(spool.msg_key(j["id"]))  # left to its owner, not dropped

@@ -284,7 +284,8 @@ class Deliverer:
         if not batch.may_start():
             batch.leave(i, claimed)
             return None, None
-        if not await self.holders.wait(job.key, batch, self.ledger.claims.ttl):
+        until = time.monotonic() + self.ledger.claims.ttl + 0.5  # ONE wait, whoever holds it
+        if not await self.holders.wait(job.key, batch, until - time.monotonic()):
             # Still another batch's: handed back (never dropped: the copy there may be stale,
             # left at its window, or a non-job's parking), as a job not started in time.
             log.info("%s to %s is another batch's of this process: handed back", *job.key)
@@ -292,12 +293,12 @@ class Deliverer:
             return batch.take(), None
         # Let go once its claim went (recorded, closed, left); after an error the batch's end
         # releases the claim first (run_batch).
-        step = await self._held_step(batch, i, job, claimed)
+        step = await self._held_step(batch, i, job, claimed, until)
         self.holders.let_go(job.key, batch)
         return step
 
     async def _held_step(
-        self, batch: Batch, i: int, job: Job, claimed: Claim | None
+        self, batch: Batch, i: int, job: Job, claimed: Claim | None, until: float
     ) -> tuple[int | None, Claim | None]:
         taken: list[int] = []  # the document this lane takes next, claimed by its recording
 
@@ -317,7 +318,7 @@ class Deliverer:
                 claimed = await self.ledger.claim_async(job.key, batch.states[i].envelope)
             claim = claimed
             if not claim.ours:
-                claim = await self._wait_for(claim, batch.states[i].envelope)
+                claim = await self._wait_for(claim, batch.states[i].envelope, until)
             if claim.ours:
                 batch.results[i], claimed_next = await self._run(job, claim, batch, i, upcoming)
             else:
@@ -381,13 +382,13 @@ class Deliverer:
         """Deliver and record one job; None when there was nothing left to do."""
         return (await self.run_batch([doc]))[0]
 
-    async def _wait_for(self, claim: Claim, known: Envelope | None) -> Claim:
+    async def _wait_for(self, claim: Claim, known: Envelope | None, until: float) -> Claim:
         """A job another process holds: its claim ends when that process records the job, or
-        within the claim's TTL when it died. Wait that long at most, looking now and then;
-        then the job is ours — or its owner is alive (it refreshed the claim) and keeps it."""
+        within the claim's TTL when it died. Wait that long at most (``until``, counted from
+        before any wait for another batch of this process), looking now and then; then the
+        job is ours — or its owner keeps it (alive; or dead, and its tasks are reclaimed)."""
         ttl = self.ledger.claims.ttl
-        deadline = time.monotonic() + ttl + 0.5
-        while not claim.ours and time.monotonic() < deadline:
+        while not claim.ours and time.monotonic() < until:
             await asyncio.sleep(min(0.5, ttl / 6))
             claim = await self.ledger.claim_async(claim.key, known)
         return claim
