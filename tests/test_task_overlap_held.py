@@ -198,3 +198,39 @@ def test_a_job_is_waited_for_once_whoever_holds_it(
         assert looks == [(j["id"], DOMAIN)], f"{len(looks)} looks at J in a second {ttl} s wait"
         assert store.get(spool.claim_key(j["id"], DOMAIN)) == b"another-process"
         assert store.exists(spool.msg_key(j["id"]))  # left to its owner, not dropped
+
+
+def test_a_retry_is_not_dropped_for_another_process_s_stale_copy_left_at_its_window(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """As test_a_retry_is_not_dropped_for_a_stale_copy_left_at_the_window, but A is ANOTHER
+    process (its own Deliverer: its own claim token). A's recording of X claims J ahead, its
+    window ends, and A holds J's claim (refreshed) until its end, past a claim's TTL (Y), then
+    hands back its stale copy (attempt 1). B (the retry, attempt 2) waits for the claim, finds
+    it still held at its deadline and leaves J "to its owner": A's stale copy finds nothing to
+    send, so the retry must not be dropped (delivered, deferred, or queued again)."""
+    with Sink("starttls", slow_for=x_then_y_slowly) as sink:
+        config = two_lanes(tmp_path, valkey, sink)
+        x, y, j = queue_jobs(store, DOMAIN, 3)
+        retry_copy = deferred_with_retry(store, j)
+        a, b = Deliverer(config, store), Deliverer(config, store)  # two processes
+        assert a.ledger.claims.token != b.ledger.claims.token
+
+        async def later(docs: list[dict[str, Any]]) -> Any:
+            await a_claimed_j_ahead(store, j)
+            try:
+                return await b.run_batch(docs)
+            finally:
+                b.pool.close_all()
+
+        run_quietly(a, a.run_batch([x, y, j]), later([retry_copy]))
+        queued = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
+        retry_queued = any(
+            d["id"] == j["id"] and d.get("attempt") == 2 for got in queued if got for d in got[1]
+        )
+        handed = rerun_handed_back(config, store)  # what was handed back, as the next tasks
+        attempts = [d.get("attempt") for d in handed if d["id"] == j["id"]]
+        arrived = [r for m in sink.messages for r in m.rcpt_tos]
+    deferred = store.zrange(spool.DEFERRED, 0, -1)
+    (rcpt,) = j["recipients"]
+    assert rcpt in arrived or deferred or retry_queued, (arrived, attempts, deferred)
