@@ -197,7 +197,9 @@ def test_a_job_is_waited_for_once_whoever_holds_it(
         assert results == [None] and sink.messages == []
         assert looks == [(j["id"], DOMAIN)], f"{len(looks)} looks at J in a second {ttl} s wait"
         assert store.get(spool.claim_key(j["id"], DOMAIN)) == b"another-process"
-        assert store.exists(spool.msg_key(j["id"]))  # left to its owner, not dropped
+        assert store.exists(spool.msg_key(j["id"]))
+        queued = [queueing.task_batch(raw) for raw in store.lrange(queueing.DELIVER_LIST, 0, -1)]
+        assert [d for got in queued if got for d in got[1]] == [j], "handed back, not dropped"
 
 
 def test_a_retry_is_not_dropped_for_another_process_s_stale_copy_left_at_its_window(

@@ -16,7 +16,9 @@ the site's connection limit of them send to one site at once (more wait up to
 
 1. claim it (:mod:`services.deliver.claims`), reading the job's state as it is now; a job
    another worker process holds is waited for until its claim ends (recorded, or its owner
-   died) — at most the claim's TTL: a claim still held then is a live owner's, left to it;
+   died) — at most the claim's TTL, counted with any wait for another batch of this process: a
+   copy still held then is handed back, never dropped (the owner's copy may be stale, or the
+   owner dead with its claim not yet run out);
 2. skip recipients already final (never re-send an accepted recipient) and those deferred by
    this attempt or a later one (a redelivered task: their retry is in the deferred set); with
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
@@ -321,8 +323,10 @@ class Deliverer:
                 claim = await self._wait_for(claim, batch.states[i].envelope, until)
             if claim.ours:
                 batch.results[i], claimed_next = await self._run(job, claim, batch, i, upcoming)
-            else:
-                log.info("%s to %s is %s's: left to it", *job.key, claim.owner)
+            else:  # handed back, never dropped: the owner's copy may be stale (it then
+                # records nothing), or the owner dead with its claim not yet run out
+                log.info("%s to %s is %s's: handed back", *job.key, claim.owner)
+                batch.leave(i, None)
         except redis.exceptions.RedisError:
             raise
         except Exception:
@@ -386,7 +390,7 @@ class Deliverer:
         """A job another process holds: its claim ends when that process records the job, or
         within the claim's TTL when it died. Wait that long at most (``until``, counted from
         before any wait for another batch of this process), looking now and then; then the
-        job is ours — or its owner keeps it (alive; or dead, and its tasks are reclaimed)."""
+        job is ours — or still held, and its copy is handed back (:meth:`_held_step`)."""
         ttl = self.ledger.claims.ttl
         while not claim.ours and time.monotonic() < until:
             await asyncio.sleep(min(0.5, ttl / 6))

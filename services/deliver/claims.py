@@ -8,7 +8,7 @@ what looks lost, and a task may carry a job twice — and a plain "in flight" ma
 only if absent, in one Lua script that also reads the job's state as it is *after* the claim (the
 envelope, the recipients' states, an earlier run's in-flight mark) — so whatever an earlier owner
 recorded is seen, and a job is never sent by two processes at once. A job claimed by another
-process is left to it (:attr:`Claim.owner`); its owner records it, or dies.
+process is waited for (:attr:`Claim.owner`); its owner records it, or dies.
 
 The claim is released (compare-and-delete) in the transaction that records the job, or closes,
 parks or hands it back. Within a batch, the recording transaction of one job also claims the next
@@ -20,10 +20,10 @@ process holds it. A dead process stops refreshing, so its claims are void within
 longer than a silent worker takes to count as dead (15 s, ``services/common/liveness.py``),
 before its tasks are handed back. A worker given a job whose claim is held waits for the claim
 to end, at most its TTL (services/deliver/batch.py): a dead owner's claim delays the job by
-seconds, a live owner keeps its job. A job cannot hold a claim for long either:
-``delivery.job_timeout`` abandons an attempt. The remaining duplicate window: an owner cut off
-from Redis (or frozen) for longer than the TTL while it sends may find that another worker sent
-the job too.
+seconds; a copy still held then is handed back (queued again), never dropped. A job cannot
+hold a claim for long either: ``delivery.job_timeout`` abandons an attempt. The remaining
+duplicate window: an owner cut off from Redis (or frozen) for longer than the TTL while it
+sends may find that another worker sent the job too.
 
 Failure: Redis errors propagate; the refresh thread logs them and tries again.
 """
