@@ -15,10 +15,9 @@ the site's connection limit of them send to one site at once (more wait up to
 ``shaping.SHORT_WAIT``, then the job is parked as throttled). For each job:
 
 1. claim it (:mod:`services.deliver.claims`), reading the job's state as it is now; a job
-   another worker process holds is waited for until its claim ends (recorded, or its owner
-   died) — at most the claim's TTL, counted with any wait for another batch of this process: a
-   copy still held then is handed back, never dropped (the owner's copy may be stale, or the
-   owner dead with its claim not yet run out);
+   another worker holds is waited for until its claim ends (recorded, or its owner died), at
+   most the claim's TTL with any wait for another batch of this process; a copy still held
+   then is handed back, never dropped (the owner's copy may be stale, or the owner dead);
 2. skip recipients already final (never re-send an accepted recipient) and those deferred by
    this attempt or a later one (a redelivered task: their retry is in the deferred set); with
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
@@ -111,20 +110,24 @@ from services.deliver.delivery import (
     throttled_reply,
 )
 from services.deliver.dsn import one_line
-from services.deliver.lanes import Batch, Bodies, Holders, SiteSlots, Upcoming, held_key, unique
+from services.deliver.lanes import (
+    Batch,
+    Bodies,
+    Destination,
+    Holders,
+    SiteSlots,
+    Upcoming,
+    blocks_batch,
+    destination,
+    held_key,
+    unique,
+)
 from services.deliver.ledger import Ledger
 from services.deliver.offload import Offload, threads_for
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
 from services.deliver.session import attempt
-from services.deliver.shaping import (
-    LINE,
-    RATE,
-    Gate,
-    Shaper,
-    Throttle,
-    joins_line,
-)
+from services.deliver.shaping import Gate, Shaper, Throttle, joins_line
 from services.deliver.sites import Site
 
 log = logging.getLogger("tlsrelay.deliver")
@@ -133,8 +136,10 @@ log = logging.getLogger("tlsrelay.deliver")
 # to it starts all its lanes at once instead of trying one job first.
 WARM = 60.0
 WARM_KEEP = 10_000  # destinations remembered at most (the oldest are forgotten first)
-Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: _destination()
-OUT_OF_TIME = "the task's start window (delivery.job_timeout / 10) ran out: queued again"
+OUT_OF_TIME = (  # the note of the jobs a task hands back: not started, and why that may be
+    "not started in this task (its start window, delivery.job_timeout / 10, ran out, or "
+    "another worker held the job): queued again"
+)
 
 
 class Deliverer:
@@ -221,7 +226,7 @@ class Deliverer:
         """Whether the batch's first job goes to a destination that took a message from this
         process within the last ``WARM`` seconds."""
         first = next((jobs[i] for i in order if jobs[i] is not None), None)
-        at = self._answered.get(_destination(first)) if first is not None else None
+        at = self._answered.get(destination(first)) if first is not None else None
         return at is not None and time.monotonic() - at < WARM
 
     def _answering(self, destination: Destination, batch: Batch) -> Callable[[], None]:
@@ -324,9 +329,8 @@ class Deliverer:
             if claim.ours:
                 batch.results[i], claimed_next = await self._run(job, claim, batch, i, upcoming)
             else:  # handed back, never dropped: the owner's copy may be stale (it then
-                # records nothing), or the owner dead with its claim not yet run out
                 log.info("%s to %s is %s's: handed back", *job.key, claim.owner)
-                batch.leave(i, None)
+                batch.leave(i, None)  # records nothing), or the owner dead, claim not run out
         except redis.exceptions.RedisError:
             raise
         except Exception:
@@ -424,14 +428,14 @@ class Deliverer:
         state = replace(state, body=body)
         if state.in_flight is not None:
             await self.io(self.ledger.note_interrupted, job, state.in_flight)
-        key = _destination(job)
+        key = destination(job)
         unreachable = batch.unreachable
         if key in unreachable:
             outcome = unreachable[key].not_tried(pending)
         else:
             reached = self._answering(key, batch)
             outcome = await self._send_or_fail(job, envelope, body, pending, reached)
-            if outcome.unreachable or _blocks_batch(outcome):
+            if outcome.unreachable or blocks_batch(outcome):
                 unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)
         if outcome.throttled is not None:
@@ -579,20 +583,6 @@ class Deliverer:
             sessions += result.greeted
             errors.append(result.error or NO_HOST)
         outcome.no_transaction(pending, errors)
-
-
-def _destination(job: Job) -> Destination:
-    """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
-    decision = job.decision
-    return (decision.domain, decision.route, decision.tls, decision.tls_profile)
-
-
-def _blocks_batch(outcome: Outcome) -> bool:
-    """A throttled round whose limit holds for the rest of the batch to the same destination
-    (connections, back-off, suspension; not a rate, which each message asks again, nor the
-    site's line, where each message has its own place)."""
-    throttle = outcome.throttled
-    return throttle is not None and throttle.reason not in (RATE, LINE)
 
 
 def _read(doc: Mapping[str, Any]) -> Job | None:

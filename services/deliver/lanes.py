@@ -43,7 +43,9 @@ from services.deliver.delivery import Outcome
 from services.deliver.offload import INLINE, Offload
 from services.deliver.shaping import (
     CONNECTIONS,
+    LINE,
     PARK_CONNECTIONS,
+    RATE,
     SHORT_WAIT,
     Gate,
     Shaper,
@@ -51,7 +53,8 @@ from services.deliver.shaping import (
 )
 from services.deliver.sites import Site
 
-Unreachable = dict[tuple[Any, ...], Outcome]  # destinations that failed in this batch
+Destination = tuple[Any, ...]  # domain, route, TLS mode, TLS profile: destination()
+Unreachable = dict[Destination, Outcome]  # destinations that failed in this batch
 # How long a lane waits for a session of its own process's other lanes to come free when every
 # connection to the site is taken (their transactions end; longer → parked as throttled), at
 # most half of delivery.job_timeout (a round that outlasts it is abandoned as an attempt).
@@ -387,3 +390,17 @@ def _sendable(job: Job | None, state: spool.JobState) -> bool:
     if job is None or state.envelope is None:  # not a job; or the message is gone (its body too)
         return False
     return bool(state.pending(job))
+
+
+def destination(job: Job) -> Destination:
+    """Where a job goes, as far as reaching it is concerned: its domain, route and TLS."""
+    decision = job.decision
+    return (decision.domain, decision.route, decision.tls, decision.tls_profile)
+
+
+def blocks_batch(outcome: Outcome) -> bool:
+    """A throttled round whose limit holds for the rest of the batch to the same destination
+    (connections, back-off, suspension; not a rate, which each message asks again, nor the
+    site's line, where each message has its own place)."""
+    throttle = outcome.throttled
+    return throttle is not None and throttle.reason not in (RATE, LINE)

@@ -11,7 +11,7 @@ after the first retry step) and the error is logged. Anything that escapes the b
 ``WRONGTYPE`` included) parks the whole task for a retry with backoff (services/common/retry.py:
 never dropped, never a hot loop); after ``retry.CAP`` tries its jobs become ordinary deferrals. Jobs
 already recorded are skipped when it runs again (their recipients are final or deferred, and a job
-another process is sending is left to it — services/deliver/claims.py).
+another process holds is waited for, then queued again if still held — services/deliver/claims.py).
 
 A task ends within ``delivery.task_budget``: it starts no new job after ``delivery.task_window``
 and queues the rest again (services/deliver/batch.py), so it is acknowledged well before
