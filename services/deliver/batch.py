@@ -328,9 +328,9 @@ class Deliverer:
                 claim = await self._wait_for(claim, batch.states[i].envelope, until)
             if claim.ours:
                 batch.results[i], claimed_next = await self._run(job, claim, batch, i, upcoming)
-            else:  # handed back, never dropped: the owner's copy may be stale (it then
+            else:  # handed back, never dropped: the owner's copy may be stale, or it died
                 log.info("%s to %s is %s's: handed back", *job.key, claim.owner)
-                batch.leave(i, None)  # records nothing), or the owner dead, claim not run out
+                batch.leave(i, None)
         except redis.exceptions.RedisError:
             raise
         except Exception:
