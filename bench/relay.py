@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from bench.env import REPO, python_env
-from services.common.redisserver import EmbeddedRedis, free_port
+from services.common.redisserver import EmbeddedRedis, free_ports
 
 SERVICES = ("ingest", "policy", "deliver")
 REDIS_LINE = "redis_line"  # the delay line in front of Redis: measured, not the relay's CPU
@@ -80,7 +80,10 @@ class TlsRelay:
         self.routes = routes
         self.policy_workers = policy_workers
         self.deliver_workers = deliver_workers
-        self.smtp_port = free_port()
+        # Distinct ports: two free_port() calls may return the same one (ingest's and deliver's
+        # metrics once did, and ingest refused the configuration).
+        self.smtp_port, *metrics = free_ports(1 + len(SERVICES))
+        self.metrics_ports = dict(zip(SERVICES, metrics, strict=True))
         self.redis = EmbeddedRedis(root / "redis")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.config_path = root / "tlsrelay.yaml"
@@ -93,7 +96,7 @@ class TlsRelay:
             "ingest": {"listen": f"127.0.0.1:{self.smtp_port}"},
             "policy": {},
             "delivery": {"routes": dict(self.routes)},
-            "metrics": {name: f"127.0.0.1:{free_port()}" for name in SERVICES},
+            "metrics": {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()},
         }
         if self.policy_workers:
             settings["policy"]["concurrency"] = self.policy_workers

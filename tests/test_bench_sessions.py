@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services.common.redisserver import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = {
     "processes", "sessions_per_process", "rtt_ms", "tls", "messages", "size", "client_sessions",
@@ -44,3 +46,11 @@ def test_sessions_bench_runs_small_and_reports_every_field(tmp_path: Path) -> No
     for row in rows:
         assert set(row) == PROCESS_FIELDS and row["peak_mb"] > 0, row
     assert "sessions open at the sink" in done.stdout  # the table precedes the JSON line
+
+
+def test_free_ports_are_distinct() -> None:
+    """The benchmarks' relay takes its SMTP and metrics ports at once (bench/relay.py): two
+    free_port() calls may return the same port, and ingest then refuses the configuration
+    ("metrics: deliver and ingest both on ...", a failure seen in a fresh clone's run)."""
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(0 < p < 65536 for p in ports)
