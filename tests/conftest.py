@@ -1,4 +1,5 @@
-"""Fixtures shared by the ingest test modules: a real Redis-compatible server per module."""
+"""Fixtures shared by the test modules: a real Redis-compatible server per module, and a
+STARTTLS sink on loopback (a module that needs another kind defines its own ``sink``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import redis
 
 from services.common.redisserver import EmbeddedRedis
+from tests.peers import Sink
 
 
 @pytest.fixture(scope="module")
@@ -27,3 +29,10 @@ def store(valkey: EmbeddedRedis) -> Iterator[redis.Redis]:
     with redis.Redis.from_url(valkey.url) as client:
         client.flushall()
         yield client
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A STARTTLS sink (tests/peers.py) for one test."""
+    with Sink("starttls") as server:
+        yield server

@@ -192,15 +192,6 @@ def run_quietly(deliverer: Deliverer, *runs: Awaitable[Any]) -> list[Any]:
             gc.collect()
 
 
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    server = Sink("starttls").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_a_batch_rides_one_connection_and_is_recorded_job_by_job(
     tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, sink: Sink
 ) -> None:

@@ -104,15 +104,6 @@ def events(client: redis.Redis, message_id: str, kind: str) -> list[dict[str, An
     return [e for e in spool.read_trace(client, message_id) if e["event"] == kind]
 
 
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    server = Sink("starttls").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 # --------------------------------------------------------------------------- item 8
 
 

@@ -10,7 +10,6 @@ deliver code, real Redis, a real sink."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ from tests.test_batching import queue_jobs, routed, run_batches
 
 DOMAIN = "premark.test"
 RECORDS = "records.test"
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    server = Sink("starttls").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def events(client: redis.Redis, message_id: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,6 @@ from services.deliver.delivery import Outcome
 from services.deliver.ledger import Ledger
 from tests.peers import Sink
 from tests.test_batching import BODY, deferred_members, deliver, write_config
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    with Sink("starttls") as server:
-        yield server
 
 
 def two_domain_message(client: redis.Redis) -> tuple[Envelope, dict[str, Any]]:
