@@ -229,14 +229,14 @@ class Deliverer:
         at = self._answered.get(destination(first)) if first is not None else None
         return at is not None and time.monotonic() - at < WARM
 
-    def _answering(self, destination: Destination, batch: Batch) -> Callable[[], None]:
+    def _answering(self, where: Destination, batch: Batch) -> Callable[[], None]:
         """What a round calls when its peer is about to take the message: the batch's other
         lanes may start, and the destination is warm for the batches after it."""
 
         def reached() -> None:
             batch.opened.set()
-            self._answered.pop(destination, None)  # newest last: the oldest are dropped first
-            self._answered[destination] = time.monotonic()
+            self._answered.pop(where, None)  # newest last: the oldest are dropped first
+            self._answered[where] = time.monotonic()
             while len(self._answered) > WARM_KEEP:
                 del self._answered[next(iter(self._answered))]
 
