@@ -165,6 +165,25 @@ def test_connections_over_the_limit_get_421_while_the_others_are_served(
         second.close()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_that_hangs_up_before_the_greeting_frees_its_slot(
+    tmp_path: Path, valkey: Valkey, loop: str
+) -> None:
+    """A TCP probe connects and closes at once (a load balancer's or Kubernetes' check). Its end
+    of file may arrive before the greeting is written (uvloop reports it so): the session must
+    end then, not stay half-open until the command timeout, holding a max_connections slot and
+    counted as a session that may still join a group commit."""
+    cfg = config(tmp_path, max_connections=1).model_copy(update={"event_loop": loop})
+    running = RunningServer(cfg, valkey.url)
+    with running as address:
+        for _ in range(20):
+            socket.create_connection((address.host, address.port), timeout=5).close()
+        wait_for(lambda: greets(address), SLOT_FREED, "the probes' slot to free up")
+        assert serving(address)
+        handler = running.server._handlers[0]
+        wait_for(lambda: not handler.connections, SLOT_FREED, "every probe's session to end")
+
+
 # --------------------------------------------------------------------------- line lengths
 
 

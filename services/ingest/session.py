@@ -186,6 +186,15 @@ class IngestSMTP(AiosmtpdAdapter):
         metrics.ingest_connection(self.event_handler.listener.value, tls)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool:
+        """The client closed its side of the connection. aiosmtpd stops the session (its
+        coroutine is cancelled) but would leave the connection half-open until the idle timeout,
+        holding one of ``max_connections`` and counted as a session that may still join a group
+        commit. SMTP has nothing to say to a client that sent FIN: close it now (RFC 5321 §3.8)."""
+        if not self._refused:
+            super().eof_received()
+        return False
+
     def close(self) -> None:
         """Drop the session (server shutdown)."""
         if self.transport is not None and self.handshaking:
