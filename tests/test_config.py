@@ -296,3 +296,17 @@ def test_bad_dnssec_and_dane_keys(tmp_path: Path, text: str, message: str) -> No
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert message in str(caught.value)
+
+
+def test_event_loop_is_uvloop_or_asyncio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config(write(tmp_path, "hostname: relay.example\n")).event_loop == "uvloop"
+    assert load_config(write(tmp_path, "event_loop: asyncio\n")).event_loop == "asyncio"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "hostname: relay.example\nevent_loop: epoll\n"))
+    assert ":2: event_loop: " in str(caught.value)
+    # Chosen but not installed: an error when the configuration is read, not in a worker later.
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "event_loop: uvloop\n"))
+    assert ":1: event_loop: uvloop cannot be imported" in str(caught.value)
+    assert "set event_loop: asyncio" in str(caught.value)

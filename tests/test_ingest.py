@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common import queueing
+from services.common import eventloop, queueing
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
 from services.common.values import HostPort
@@ -44,7 +44,8 @@ Valkey = EmbeddedRedis  # the server the `valkey` fixture (tests/conftest.py) yi
 
 
 class RunningServer:
-    """IngestServer on its own event loop in a background thread."""
+    """IngestServer on its own event loop (``config.event_loop``'s kind, as ``serve`` runs it) in a
+    background thread."""
 
     def __init__(self, config: Config, redis_url: str) -> None:
         self.server = IngestServer(config, redis_url)
@@ -52,7 +53,9 @@ class RunningServer:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: eventloop.run(self._main(), config.event_loop), daemon=True
+        )
 
     async def _main(self) -> None:
         self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()

@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from services.common import eventloop
 from services.common.configerrors import ConfigError as ConfigError
 from services.common.configerrors import Problems
 from services.common.configtypes import Duration, HostPortT, Network, RateLimitT, RouteT, Section
@@ -234,6 +235,8 @@ class Config(Section):
     redis_min_replicas: StrictInt = Field(default=0, ge=0)
     redis_replica_timeout: Duration = Field(default=1.0, gt=0, le=5.0)
     data_dir: Path = Path("./var")
+    # The event loop of ingest and of each deliver process (services/common/eventloop.py).
+    event_loop: eventloop.Kind = Field(default="uvloop", validate_default=True)
     trace_ttl: Duration = 7 * 86400.0  # how long a message's event log is kept after its last event
     ingest: IngestConfig = IngestConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -261,6 +264,15 @@ class Config(Section):
     def _redis_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^(redis|rediss|unix|sentinel)://", value):
             raise ValueError(f"expected redis://, rediss://, unix:// or sentinel:// URL: {value!r}")
+        return value
+
+    @field_validator("event_loop")
+    @classmethod
+    def _event_loop(cls, value: eventloop.Kind) -> eventloop.Kind:
+        try:
+            eventloop.check(value)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 

@@ -63,7 +63,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
-from services.common import broker, liveness, queueing, retry, spool
+from services.common import broker, eventloop, liveness, queueing, retry, spool
 from services.common.config import Config
 from services.deliver.batch import Deliverer
 from services.deliver.lanes import held_key
@@ -115,7 +115,7 @@ class DeliverService:
             bound_read_buffers()  # 4 KiB per TLS session, not 256 (services/deliver/tlscontext.py)
             limit_arenas()  # before its threads start (services/deliver/offload.py)
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
-            self._loop = asyncio.new_event_loop()
+            self._loop = eventloop.new_event_loop(self.config.event_loop)
             loop = self._loop
             threading.Thread(
                 target=loop.run_forever, name="tlsrelay-deliver-loop", daemon=True

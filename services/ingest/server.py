@@ -139,7 +139,7 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from services.common import commit, health, listeners, metrics, spool, tlsbuffers
+from services.common import commit, eventloop, health, listeners, metrics, spool, tlsbuffers
 from services.common.config import Config
 from services.common.listeners import Listener
 from services.common.tenants import Directory
@@ -312,7 +312,7 @@ async def _close_sessions(connections: set[Connection], timeout: float = 5.0) ->
 def serve(config: Config, redis_url: str) -> None:
     """Run every configured listener until SIGTERM or SIGINT, then stop them all cleanly."""
     tlsbuffers.bound_read_buffers(READ_BUFFER)  # before any session: see READ_BUFFER
-    asyncio.run(_serve(config, redis_url))
+    eventloop.run(_serve(config, redis_url), config.event_loop)
 
 
 async def _serve(config: Config, redis_url: str) -> None:
