@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -321,3 +322,101 @@ print("stdout is untouched")
     assert "KeyError: 'missing'" in by_event["unexpected"]["exc"]
     assert any(doc["logger"] == "py.warnings" and "careful" in doc["event"] for doc in docs)
     assert "body text" not in proc.stderr and PLAIN not in proc.stderr
+
+
+_TS_FIELD = re.compile(r'"ts": "[^"]*"|^\S+Z')
+
+
+def _without_ts(line: str) -> str:
+    return _TS_FIELD.sub("<ts>", line, count=1)
+
+
+def _log_the_usual_records() -> str:
+    """A few records of each kind (plain, policy-style list argument, extras, credentials, a
+    traceback, a stack); returns the traceback text the ``exc`` field must hold."""
+    ingest = logging.getLogger("tlsrelay.ingest")
+    ingest.info("%s: queued from %s, %d bytes", "M1", "192.0.2.1", 2048)
+    logging.getLogger("services.policy.tasks").info(
+        "classified %s: %s",
+        "M1",
+        [{"domain": "exämple.org", "tls": "enforced", "route": None, "reasons": ["r1"]}],
+    )
+    ingest.info(
+        "queued",
+        extra={
+            "message_id": "M1",
+            "size": 3,
+            "level": "not ours",
+            "password": "hunter2",
+            "smtp": {"user": "alice", "token": "t"},
+            "body": "Subject: x",
+            "raw": b"xx",
+            "domains": {"b.example", "a.example"},
+            "_private": "not written",
+        },
+    )
+    logging.getLogger("mail.log").warning(
+        "%r >> %r", ("192.0.2.1", 40000), f"AUTH PLAIN {PLAIN}\r\n".encode()
+    )
+    ingest.info("literal 100%% and %s", "redis://:pw1@r:6379/0")
+    try:
+        raise ValueError(f"bad command AUTH PLAIN {PLAIN}")
+    except ValueError as exc:
+        ingest.exception("SMTP session error", extra={"attempt": 2})
+        traceback_text = "".join(traceback.format_exception(exc)).rstrip("\n")
+    ingest.warning("where", stack_info=True)
+    return traceback_text.replace(PLAIN, "[REDACTED]")
+
+
+def test_json_lines_are_exactly_these(capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole line, key order and escaping included (only the timestamp varies)."""
+    setup_logging("ingest")
+    exc = _log_the_usual_records()
+    out = lines(capsys)
+    stack = json.loads(out[-1])["stack"]
+    assert stack.startswith("Stack (most recent call last):\n")
+    assert "in _log_the_usual_records\n" in stack and 'ingest.warning("where"' in stack
+    assert [_without_ts(line) for line in out] == [
+        '{<ts>, "level": "INFO", "service": "ingest", "logger": "tlsrelay.ingest", '
+        '"event": "M1: queued from 192.0.2.1, 2048 bytes"}',
+        '{<ts>, "level": "INFO", "service": "ingest", "logger": "services.policy.tasks", '
+        "\"event\": \"classified M1: [{'domain': 'exämple.org', 'tls': 'enforced', "
+        "'route': None, 'reasons': ['r1']}]\"}",
+        '{<ts>, "level": "INFO", "service": "ingest", "logger": "tlsrelay.ingest", '
+        '"event": "queued", "message_id": "M1", "size": 3, "extra_level": "not ours", '
+        '"password": "[REDACTED]", "smtp": {"user": "alice", "token": "[REDACTED]"}, '
+        '"body": "<omitted: 10 chars>", "raw": "<2 bytes>", '
+        '"domains": ["a.example", "b.example"]}',
+        '{<ts>, "level": "WARNING", "service": "ingest", "logger": "mail.log", '
+        "\"event\": \"('192.0.2.1', 40000) >> b'AUTH PLAIN [REDACTED]\\\\r\\\\n'\"}",
+        '{<ts>, "level": "INFO", "service": "ingest", "logger": "tlsrelay.ingest", '
+        '"event": "literal 100% and redis://:[REDACTED]@r:6379/0"}',
+        '{<ts>, "level": "ERROR", "service": "ingest", "logger": "tlsrelay.ingest", '
+        '"event": "SMTP session error", "attempt": 2, "exc": ' + json.dumps(exc) + "}",
+        '{<ts>, "level": "WARNING", "service": "ingest", "logger": "tlsrelay.ingest", '
+        '"event": "where", "stack": ' + json.dumps(stack, ensure_ascii=False) + "}",
+    ]
+
+
+def test_text_lines_are_exactly_these(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(logs.ENV_LOG_FORMAT, "text")
+    setup_logging("ingest")
+    exc = _log_the_usual_records()
+    out = capsys.readouterr().err
+    stack = out[out.index("Stack (most recent call last):") :].rstrip("\n")
+    entries = [_without_ts(entry) for entry in re.split(r"\n(?=\S+Z )", out.rstrip("\n"))]
+    assert entries == [
+        "<ts> INFO    ingest tlsrelay.ingest: M1: queued from 192.0.2.1, 2048 bytes",
+        "<ts> INFO    ingest services.policy.tasks: classified M1: [{'domain': 'exämple.org', "
+        "'tls': 'enforced', 'route': None, 'reasons': ['r1']}]",
+        '<ts> INFO    ingest tlsrelay.ingest: queued message_id="M1" size=3 '
+        'extra_level="not ours" password="[REDACTED]" '
+        'smtp={"user": "alice", "token": "[REDACTED]"} body="<omitted: 10 chars>" '
+        'raw="<2 bytes>" domains=["a.example", "b.example"]',
+        "<ts> WARNING ingest mail.log: ('192.0.2.1', 40000) >> b'AUTH PLAIN [REDACTED]\\r\\n'",
+        "<ts> INFO    ingest tlsrelay.ingest: literal 100% and redis://:[REDACTED]@r:6379/0",
+        "<ts> ERROR   ingest tlsrelay.ingest: SMTP session error attempt=2\n" + exc,
+        "<ts> WARNING ingest tlsrelay.ingest: where\n" + stack,
+    ]
