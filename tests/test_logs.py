@@ -420,3 +420,43 @@ def test_text_lines_are_exactly_these(
         "<ts> ERROR   ingest tlsrelay.ingest: SMTP session error attempt=2\n" + exc,
         "<ts> WARNING ingest tlsrelay.ingest: where\n" + stack,
     ]
+
+
+class _Counted:
+    """A ``%`` argument that counts how often it is turned into text."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __str__(self) -> str:
+        self.calls += 1
+        return "counted"
+
+    __repr__ = __str__
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["json", "text"])
+def test_arguments_are_formatted_once_per_record(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, text: bool
+) -> None:
+    if text:
+        monkeypatch.setenv(logs.ENV_LOG_FORMAT, "text")
+    setup_logging("policy")
+    log = logging.getLogger("services.policy.tasks")
+    as_str, as_repr, in_list = _Counted(), _Counted(), _Counted()
+    log.info("classified %s: %r %s", as_str, as_repr, [in_list])
+    assert (as_str.calls, as_repr.calls, in_list.calls) == (1, 1, 1)
+    assert lines(capsys)[0].endswith(
+        "classified counted: counted [counted]" + ("" if text else '"}')
+    )
+
+
+def test_the_filter_leaves_the_final_text_on_the_record() -> None:
+    record = logging.LogRecord(
+        "x", logging.INFO, __file__, 1, "AUTH PLAIN %s (%d%%)", (PLAIN, 5), None
+    )
+    RedactingFilter().filter(record)
+    assert (record.msg, record.args) == ("AUTH PLAIN [REDACTED] (5%)", None)
+    assert record.getMessage() == "AUTH PLAIN [REDACTED] (5%)"
+    RedactingFilter().filter(record)  # a second pass changes nothing
+    assert record.getMessage() == "AUTH PLAIN [REDACTED] (5%)"

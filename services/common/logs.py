@@ -20,6 +20,11 @@ gives (one line)::
   responses and ``scheme://user:password@`` URL passwords anywhere in the message, string fields
   and tracebacks. Fields named like a message body are replaced by their size; ``bytes`` are never
   written, only their length.
+- The filter changes the record in place (it is the same object every handler sees): it applies
+  the ``%`` arguments itself, once per record (an argument's ``str``/``repr`` runs once), and
+  leaves the redacted text in ``record.msg`` with ``record.args = None``. A handler that sees the
+  record after ours gets the same text from ``getMessage()``, but neither the template nor the
+  arguments.
 - Message bodies are never logged: aiosmtpd logs every ``DATA`` line at DEBUG and every SMTP
   command at INFO on ``mail.log``; those loggers are held at WARNING whatever the level.
 - ``TLSRELAY_LOG_FORMAT=text`` writes plain human-readable lines instead (for developers); the
@@ -119,13 +124,13 @@ class RedactingFilter(logging.Filter):
     """Redacts credentials in place on every record; never drops one.
 
     Put it on the *handler*: filters on a logger do not see records propagated from its children.
+    It leaves ``record.msg`` as the final message text (``%`` arguments applied, redacted) and
+    ``record.args`` as ``None``, so that arguments are formatted once per record.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_text(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        # Formatted once, here: the formatter's getMessage() then only returns it.
+        record.msg, record.args = redact_text(record.getMessage()), None
         for key, value in list(record.__dict__.items()):
             if key not in _RECORD_ATTRS:
                 record.__dict__[key] = _redact_value(key, value)
