@@ -185,6 +185,10 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# What json.dumps(value, default=_jsonable, ensure_ascii=False) builds on every call; one for all.
+_to_json: Final = json.JSONEncoder(default=_jsonable, ensure_ascii=False).encode
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (newlines inside values are escaped)."""
 
@@ -206,7 +210,7 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = exc
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, default=_jsonable, ensure_ascii=False)
+        return _to_json(doc)
 
 
 class TextFormatter(logging.Formatter):
@@ -223,10 +227,7 @@ class TextFormatter(logging.Formatter):
         )
         fields = _extra_fields(record)
         if fields:
-            line += " " + " ".join(
-                f"{key}={json.dumps(value, default=_jsonable, ensure_ascii=False)}"
-                for key, value in fields.items()
-            )
+            line += " " + " ".join(f"{key}={_to_json(value)}" for key, value in fields.items())
         exc = _exception_text(self, record)
         if exc:
             line += "\n" + exc
