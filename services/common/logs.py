@@ -131,9 +131,10 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # Formatted once, here: the formatter's getMessage() then only returns it.
         record.msg, record.args = redact_text(record.getMessage()), None
-        for key, value in list(record.__dict__.items()):
-            if key not in _RECORD_ATTRS:
-                record.__dict__[key] = _redact_value(key, value)
+        fields = record.__dict__
+        if not fields.keys() <= _RECORD_ATTRS:  # some came from `extra=` (a set test, in C)
+            for key in fields.keys() - _RECORD_ATTRS:
+                fields[key] = _redact_value(key, fields[key])
         if record.exc_info and not record.exc_text:
             record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         if record.exc_text:
@@ -155,9 +156,12 @@ def _second(second: int) -> str:
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {
+    fields = record.__dict__
+    if fields.keys() <= _RECORD_ATTRS:  # most records have no `extra=`: skip the loop
+        return {}
+    return {  # in the order the caller gave them
         (f"extra_{key}" if key in _OWN_KEYS else key): value
-        for key, value in record.__dict__.items()
+        for key, value in fields.items()
         if key not in _RECORD_ATTRS and not key.startswith("_")
     }
 
