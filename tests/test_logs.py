@@ -32,6 +32,8 @@ _TOUCHED = ("celery", "celery.task", "celery.redirected", "celery.worker", "mail
 def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """setup_logging() changes process-wide state: put it all back for the other tests."""
     monkeypatch.delenv(logs.ENV_LOG_FORMAT, raising=False)
+    for flag in ("logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))  # restored afterwards
     root = logging.getLogger()
     saved_root = (root.handlers[:], root.level)
     saved = [(name, logging.getLogger(name)) for name in _TOUCHED]
