@@ -29,7 +29,10 @@ reads decrypted data in chunks of that size: 1 000 sessions held 250 MB. SMTP re
 hundred bytes, a server's handshake flight a few kilobytes: :data:`READ_BUFFER` (4 KiB) reads
 the same bytes, a larger record in several reads (as any partial read), for 4 KiB per session
 (16 KiB, one full TLS record, cost 12 MB more per 1 000 sessions: bench/README.md, "Sessions in
-flight").
+flight"). That is the ``event_loop: asyncio`` case. uvloop's own TLS transport (the default loop,
+services/common/eventloop.py) reserves 256 KiB per session with ``malloc``, not zero-filled:
+only the pages its reads reach are resident (1 000 sessions: 146–148 MB per deliver process
+against 142–144 with asyncio's and this bound; bench/README.md, "Session 11").
 """
 
 from __future__ import annotations
