@@ -552,3 +552,19 @@ def test_auto_one_window_past_far_decides_alone() -> None:
     where = where_calls_run(io, lambda: time.sleep(3 * offload.FAR / 2), offload.WINDOW + 2)
     assert where == ["loop"] * offload.WINDOW + ["pool"] * 2
     io.close()
+
+
+def test_auto_runs_a_slow_call_in_the_threads_even_while_redis_is_near() -> None:
+    """A ``slow`` call (the in-flight marks' ``WAIT`` for replicas with ``redis_min_replicas``,
+    which may wait ``redis_replica_timeout`` on purpose) never runs inline: it would hold every
+    lane of the process. Nor is it measured: the calls after it stay inline."""
+    io = Offload(2, mode="auto")
+    here = threading.get_ident()
+
+    async def main() -> list[str]:
+        runs = [await io(threading.get_ident, slow=slow) for slow in (False, True, False)]
+        return ["loop" if ident == here else "pool" for ident in runs]
+
+    assert asyncio.run(main()) == ["loop", "pool", "loop"]
+    assert io.inline
+    io.close()

@@ -33,6 +33,10 @@ back-off step (after a matching reply), the "TLS broken" memory (one EXISTS per 
 a SET after a failed handshake), the MTA-STS policy cache (MX-routed mail), the site's line
 (only while one stands) and, to a peer without PIPELINING, the in-flight mark when the premark
 missed (nothing may yield between the last RCPT reply and DATA: services/deliver/attempt.py).
+With ``redis_min_replicas`` > 0 the marks' ``WAIT`` for replicas (services/deliver/ledger.py) is
+``slow``: in the threads always (when there is a pool), as it may wait up to
+``redis_replica_timeout``; to a peer without PIPELINING that mark is written and awaited before
+MAIL, so the mark on the loop is not needed there.
 
 Inline when Redis is near (``delivery.redis_calls``, :class:`Offload`'s ``mode``): a thread hop
 (submit, the thread's wake-up, the result handed back to the loop) costs 50–130 µs of CPU on a
@@ -154,15 +158,19 @@ class Offload:
         fn: Callable[..., T],
         *args: Any,
         orphan: Callable[[T], object] | None = None,
+        slow: bool = False,
         **kwargs: Any,
     ) -> T:
         """``fn(*args, **kwargs)`` in a thread of the pool; its result, or its exception. A
         cancellation waits for the call to end, gives its result to ``orphan`` (if any; not on
-        an error), then propagates."""
+        an error), then propagates. ``slow``: a call that may wait on purpose (a ``WAIT`` for
+        replicas, up to ``redis_replica_timeout``): always in the threads when there is a pool,
+        never inline nor measured (its wait says nothing of Redis's distance, and it would hold
+        the loop)."""
         call = functools.partial(fn, *args, **kwargs)
         if self._pool is None:
             return call()
-        if self._auto and self._probe():
+        if self._auto and not slow and self._probe():
             return self._measure(call)
         future: Future[T] = self._pool.submit(call)
         waiting = asyncio.wrap_future(future)
@@ -229,8 +237,11 @@ class Gathered(Generic[Item, T]):
     all the same, even when the cancellation lands before its group was sent — waits for the
     group, hands its own result to ``orphan`` (as :class:`Offload` does), then propagates."""
 
-    def __init__(self, run: Callable[[list[Item]], list[T | Exception]]) -> None:
+    def __init__(
+        self, run: Callable[[list[Item]], list[T | Exception]], slow: bool = False
+    ) -> None:
         self._run = run
+        self.slow = slow  # run may wait on purpose (Offload's ``slow``): never inline
         self._due: list[tuple[Item, asyncio.Future[T]]] = []
         self._flushing: set[asyncio.Task[None]] = set()  # held: a task only weakly referenced
         self._next: asyncio.Task[None] | None = None  # the group's, until it takes the calls
@@ -263,7 +274,7 @@ class Gathered(Generic[Item, T]):
         group, self._due, self._next = self._due, [], None
         self.groups += 1
         try:
-            results = await io(self._run, [item for item, _ in group])
+            results = await io(self._run, [item for item, _ in group], slow=self.slow)
             if len(results) != len(group):
                 raise RuntimeError(f"{len(results)} results for {len(group)} calls")
         except Exception as exc:
