@@ -310,6 +310,7 @@ OWN_FAMILIES = {
         "tlsrelay_messages_final",
         "tlsrelay_dsn_sent",
         "tlsrelay_delivery_interrupted",
+        "tlsrelay_delivery_unreplicated_marks",
         "tlsrelay_dane",  # primed at 0 for each result
         "tlsrelay_posture_deliveries",
         "tlsrelay_posture_would_defer",

@@ -192,6 +192,12 @@ INTERRUPTED = Counter(
     "their recipients are sent again, so the destination may see the message twice.",
     registry=None,
 )
+UNREPLICATED_MARKS = Counter(
+    "tlsrelay_delivery_unreplicated_marks_total",
+    "Delivery rounds deferred unsent because their in-flight mark was not acknowledged by "
+    "redis_min_replicas replicas within redis_replica_timeout (a failover could lose it).",
+    registry=None,
+)
 MTA_STS = Counter(
     "tlsrelay_mta_sts_total",
     "Delivery rounds to a domain with an MTA-STS policy (RFC 8461), or whose policy lookup "
@@ -489,6 +495,7 @@ SERVED: Final[dict[str, tuple[Counter | Histogram, ...]]] = {
         MESSAGES_FINAL,
         DSN_SENT,
         INTERRUPTED,
+        UNREPLICATED_MARKS,
         MTA_STS,
         DANE,
         THROTTLED,

@@ -77,6 +77,12 @@ class Hooks:
     # no command outstanding, so a peer out of step (a doubled RCPT reply) would pass for one in
     # step. The deliverer writes the mark there on the loop (none when the premark was right).
     before_data_now: Callable[[Peer], None] = lambda peer: None
+    # One command at a time (no PIPELINING): awaited just before MAIL, where the session is
+    # between transactions (no reply outstanding: waiting there is as safe as the time a
+    # session spends parked). With redis_min_replicas the deliverer writes the in-flight mark
+    # here and waits for the replicas to acknowledge it, since it may not wait before DATA;
+    # raising here ends the attempt before anything is sent.
+    before_mail: Callable[[Peer], Awaitable[None]] = _nothing
 
 
 @dataclass

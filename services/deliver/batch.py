@@ -98,7 +98,7 @@ from services.common import spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
 from services.common.model import Envelope, Reply
-from services.deliver import mx, session
+from services.deliver import mx, observe, session
 from services.deliver.attempt import Hooks, Peer, Timeouts
 from services.deliver.claims import Claim
 from services.deliver.delivery import (
@@ -108,6 +108,7 @@ from services.deliver.delivery import (
     throttle_detail,
     throttle_reply,
     throttled_reply,
+    unreplicated_reply,
 )
 from services.deliver.dsn import one_line
 from services.deliver.lanes import (
@@ -122,7 +123,7 @@ from services.deliver.lanes import (
     held_key,
     unique,
 )
-from services.deliver.ledger import Ledger
+from services.deliver.ledger import Ledger, MarkNotReplicated
 from services.deliver.offload import Offload, threads_for
 from services.deliver.plan import Plan, Planner
 from services.deliver.pool import ConnectionPool
@@ -495,13 +496,22 @@ class Deliverer:
             in_time()
             reached()
 
+        async def before_mail(peer: Peer) -> None:  # redis_min_replicas, no PIPELINING
+            await self.ledger.mark_before_mail_async(job, peer)  # acknowledged before MAIL
+
         hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
+        if self.ledger.min_replicas:
+            hooks = replace(hooks, before_mail=before_mail)
 
         try:
             async with asyncio.timeout_at(deadline):
                 await self._send(job, envelope, body, pending, outcome, hooks)
         except TimeoutError:
             outcome.abandon(pending, abandoned_reply(limit, data[-1] if data else None))
+        except MarkNotReplicated as exc:  # DATA not sent: a temporary failure, retried
+            outcome.abandon(pending, unreplicated_reply(str(exc)))
+            observe.unreplicated_mark()
+            log.warning("%s to %s deferred: %s", *job.key, exc)
         return outcome
 
     async def _send(

@@ -7,7 +7,8 @@ host (services/deliver/batch.py). Its :class:`Outcome` sorts the pending recipie
 - no host ran a transaction → bounced when every host failed permanently, else deferred with the
   last error (:meth:`Outcome.no_transaction`); DNS NXDOMAIN / null MX → bounced (5.1.2 / 5.1.10);
   DNS temporary failure, TLS required but unavailable → deferred; a round that outlasts
-  ``delivery.job_timeout`` is abandoned and deferred (:meth:`Outcome.abandon`);
+  ``delivery.job_timeout`` is abandoned and deferred (:meth:`Outcome.abandon`), and so is one
+  whose in-flight mark the replicas did not acknowledge (``redis_min_replicas``: not sent);
 - deferred until ``delivery.max_queue_lifetime`` after arrival, then bounced with the last reply
   (:func:`expire`); a deferred job is due again after ``delivery.retry_schedule``
   (:func:`retry_due`), never after its expiry.
@@ -180,6 +181,12 @@ def throttle_reply(throttle: Throttle) -> Reply:
 def throttle_detail(throttle: Throttle) -> str:
     """The operator's account of a throttle: which limit, which site."""
     return f"traffic shaping ({throttle.reason}) at site {throttle.site.id}"
+
+
+def unreplicated_reply(why: str) -> Reply:
+    """The reply that defers a round whose in-flight mark the replicas did not acknowledge in
+    time (``redis_min_replicas``): nothing was sent. 4.3.0: a mail system problem of ours."""
+    return Reply(451, "4.3.0", why)
 
 
 def abandoned_reply(limit: float, data: Peer | None) -> Reply:

@@ -21,6 +21,19 @@
   later run means a worker died while sending, and :meth:`Ledger.note_interrupted` says so.
   Within a batch the recording transaction also claims the next job and sets its mark (one
   round trip per job).
+- Replicated marks (``redis_min_replicas`` > 0): a mark is worth something after a failover
+  only if a replica has it — a master that fails over twice (back to the old master) discards
+  what the interim master took, marks included, and the re-run would send again unwarned. So
+  DATA goes out only once its mark is acknowledged by that many replicas: the mark is written
+  again just before DATA (a premark written by another connection is not counted by this
+  connection's ``WAIT``), followed by ``WAIT numreplicas timeout`` on the same connection, in
+  the marks' pipeline of the loop turn (one ``WAIT`` for all of them: it counts every earlier
+  write of its connection). Fewer acknowledgements in ``redis_replica_timeout`` → each of the
+  group's marks fails with :class:`MarkNotReplicated` (the round is deferred unsent,
+  services/deliver/batch.py; its recording deletes the mark). To a peer without PIPELINING the
+  mark is written and acknowledged before MAIL (:meth:`Ledger.mark_before_mail_async`), so
+  that nothing waits between the last RCPT reply and DATA. With 0 (the default) no ``WAIT`` is
+  sent and the premarks spare their round trip as before.
 - :meth:`Ledger.throttle` parks a job a traffic-shaping limit stopped before anything was sent
   (services/deliver/shaping.py): in the deferred set marked throttled, the same attempt, with
   the "delayed" DSN when one is due, and for a limit of its whole site in the site's line (by
@@ -108,6 +121,20 @@ class Writes:
     fallback: tuple[Envelope, bytes] | None = None
 
 
+class MarkNotReplicated(Exception):
+    """An in-flight mark was written on the master but fewer than ``redis_min_replicas``
+    replicas acknowledged it within ``redis_replica_timeout``: its DATA must not go out (a
+    failover back to a master without it would send the message again unwarned). Not a Redis
+    error: the round is deferred unsent, the task goes on."""
+
+    def __init__(self, acknowledged: int, wanted: int, timeout: float) -> None:
+        super().__init__(
+            f"in-flight mark not acknowledged by {wanted} replica{'s' if wanted != 1 else ''} "
+            f"within {timeout:g} s ({acknowledged} did): not sent"
+        )
+        self.acknowledged, self.wanted, self.timeout = acknowledged, wanted, timeout
+
+
 class Ledger(SetAside):
     """Per worker process: the Redis writes of delivery jobs."""
 
@@ -121,6 +148,12 @@ class Ledger(SetAside):
         # rcpt:{id} is deleted with the message; should a late write recreate it, it expires.
         self._rcpt_ttl = int(lifetime + DAY)
         self.claims = Claims(client, config.delivery.claim_ttl)
+        # DATA only once its mark is on this many replicas (WAIT after the mark; 0: no WAIT).
+        self.min_replicas = config.redis_min_replicas
+        self.replica_timeout = config.redis_replica_timeout
+        # (id, domain) → (address, port) of the marks written and acknowledged by the replicas
+        # before MAIL (a peer without PIPELINING, mark_before_mail_async), until that DATA.
+        self._acknowledged: dict[tuple[str, str], tuple[str, int]] = {}
         # Where the last DATA to each domain went (any lane's: a guess for the domain's next job;
         # per domain, as batches to several domains run side by side), newest last, bounded.
         self._last_peers: dict[str, Peer] = {}
@@ -136,7 +169,8 @@ class Ledger(SetAside):
         )
         # ... write the marks of their DATA in one (those that reach it in one turn) ...
         self._marking: Gathered[tuple[str, str], Any] = Gathered(
-            lambda marks: self._mark_all(marks)
+            lambda marks: self._mark_all(marks),
+            slow=self.min_replicas > 0,  # WAIT: threads
         )
         # ... and the lanes whose rounds end in one turn record them in one transaction.
         self._recording: Gathered[Writes, Claim | None] = Gathered(
@@ -192,6 +226,7 @@ class Ledger(SetAside):
         whenever its job is claimed again) — but those of the jobs ``keep`` (the process's
         other batches under way work on them)."""
         self._premarked = {k: v for k, v in self._premarked.items() if k in keep}
+        self._acknowledged = {k: v for k, v in self._acknowledged.items() if k in keep}
         self._asked = {k: v for k, v in self._asked.items() if k in keep}
 
     def unused_premarks(self, keys: Iterable[tuple[str, str]]) -> list[tuple[tuple[str, str], str]]:
@@ -217,6 +252,7 @@ class Ledger(SetAside):
         # Always replaced: a premark remembered from an earlier claim must never stand in for
         # this job's mark (its DATA would go out unmarked, an RFC 1047 duplicate unreported).
         self._premarked.pop(claim.key, None)
+        self._acknowledged.pop(claim.key, None)
         if claim.marked and peer is not None:
             self._premarked[claim.key] = (peer.address, peer.port)
 
@@ -455,27 +491,74 @@ class Ledger(SetAside):
         transaction claimed the next job and set its mark, naming the peer it had just used
         (one Redis round trip less per message). It is set here when that guess was wrong or
         there was none. So the mark may precede DATA by a few commands: a worker dying in
-        between reports a possible duplicate that cannot be one (on the safe side)."""
+        between reports a possible duplicate that cannot be one (on the safe side).
+
+        With ``min_replicas`` the deliverer has written and acknowledged the mark before MAIL
+        (:meth:`mark_before_mail_async`): nothing to write here. Should it not have, the mark
+        is written and waited for here, on the loop (raises :class:`MarkNotReplicated`)."""
         if self._marks(job, peer):
             key = spool.in_flight_key(job.id, job.domain)
+            if self.min_replicas:
+                (result,) = self._mark_all([(key, _in_flight_note(peer))])
+                if isinstance(result, Exception):
+                    raise result
+                return
             self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
 
     async def mark_in_flight_async(self, job: Job, peer: Peer) -> None:
         """:meth:`mark_in_flight`, its SET (:attr:`io`) made with those of the lanes that reach
         DATA in the same turn of the loop (one round trip); returns once the mark is written, so
         DATA goes out only after it (a cancellation meanwhile waits for the write, then
-        propagates: no DATA)."""
+        propagates: no DATA). With ``min_replicas``: only once the replicas acknowledged it,
+        else :class:`MarkNotReplicated` (module docstring)."""
         if self._marks(job, peer):
             key = spool.in_flight_key(job.id, job.domain)
             await self._marking(self.io, (key, _in_flight_note(peer)))
 
+    async def mark_before_mail_async(self, job: Job, peer: Peer) -> None:
+        """With ``min_replicas``, to a peer without PIPELINING: the mark written and
+        acknowledged by the replicas before MAIL (:meth:`mark_in_flight_async`'s pipeline and
+        ``WAIT``), as between the last RCPT reply and DATA nothing may wait
+        (services/deliver/attempt.py, ``Hooks``); that DATA to ``peer`` then writes nothing
+        (:meth:`mark_in_flight`). Raises :class:`MarkNotReplicated` when the replicas did not
+        acknowledge it in time (nothing was sent yet). A mark no DATA follows is deleted by
+        the round's recording, or by a failed batch (:meth:`unused_premarks`)."""
+        self._acknowledged.pop(job.key, None)
+        key, note = spool.in_flight_key(job.id, job.domain), _in_flight_note(peer)
+        self._asked[job.key] = note  # until DATA: a failed batch drops it (drop_premarks)
+        await self._marking(self.io, (key, note))
+        self._acknowledged[job.key] = (peer.address, peer.port)
+
     def _mark_all(self, marks: list[tuple[str, str]]) -> list[Any]:
         """The in-flight marks (key, note) of one turn, in one pipeline; a SET that failed is
-        its exception (its lane sends no DATA), the others stand."""
+        its exception (its lane sends no DATA), the others stand. With ``min_replicas``, one
+        ``WAIT`` after them on the same connection covers them all: too few acknowledgements
+        make each written mark a :class:`MarkNotReplicated` (logged once for the group)."""
         with self.client.pipeline(transaction=False) as pipe:
             for key, note in marks:
                 pipe.set(key, note, ex=self._mark_ttl)
-            return pipe.execute(raise_on_error=False)
+            if not self.min_replicas:
+                return pipe.execute(raise_on_error=False)
+            wait_ms = max(1, round(self.replica_timeout * 1000))
+            pipe.wait(self.min_replicas, wait_ms)  # on this connection, after the SETs
+            replies = pipe.execute(raise_on_error=False)
+        *written, acknowledged = replies
+        if isinstance(acknowledged, Exception):  # a Redis error: as a failed SET
+            return [reply if isinstance(reply, Exception) else acknowledged for reply in written]
+        if int(acknowledged) >= self.min_replicas:
+            return written
+        count = int(acknowledged)
+        log.warning(
+            "%d in-flight marks not acknowledged by %d replicas within %gs (%d did): their "
+            "rounds are deferred unsent (redis_min_replicas)",
+            len(marks), self.min_replicas, self.replica_timeout, count,
+        )  # fmt: skip
+        return [
+            reply
+            if isinstance(reply, Exception)
+            else MarkNotReplicated(count, self.min_replicas, self.replica_timeout)
+            for reply in written
+        ]
 
     def _marks(self, job: Job, peer: Peer) -> bool:
         """Whether DATA of ``job`` to ``peer`` needs its mark written (not premarked there)."""
@@ -485,7 +568,12 @@ class Ledger(SetAside):
         if len(self._last_peers) > LAST_PEERS:
             del self._last_peers[next(iter(self._last_peers))]
         # A premark is used once: a second DATA of the round (another address) marks again.
-        return self._premarked.pop(job.key, None) != (peer.address, peer.port)
+        where = (peer.address, peer.port)
+        premarked = self._premarked.pop(job.key, None) == where
+        acknowledged = self._acknowledged.pop(job.key, None) == where
+        # With min_replicas a premark does not do (no WAIT counted it): only a mark written and
+        # acknowledged before MAIL to this peer spares the write.
+        return not acknowledged if self.min_replicas else not premarked
 
     def note_interrupted(self, job: Job, raw: bytes) -> None:
         """An earlier run's in-flight mark was found: a worker died while sending DATA."""

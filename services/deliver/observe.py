@@ -155,6 +155,12 @@ def interrupted() -> None:
     metrics.INTERRUPTED.inc()
 
 
+def unreplicated_mark() -> None:
+    """A round was deferred unsent: its in-flight mark was not acknowledged by
+    ``redis_min_replicas`` replicas in time."""
+    metrics.UNREPLICATED_MARKS.inc()
+
+
 def message_final(states: Iterable[str]) -> None:
     """Every recipient of a message is final; ``states`` are theirs (delivered / bounced)."""
     result = "delivered" if all(state == "delivered" for state in states) else "bounced"

@@ -73,6 +73,7 @@ async def transaction(
             await smtp.rset()
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise NextHost(Reply(421, CONNECTION_DROPPED, text(exc))) from None
+    await hooks.before_mail(result.peer)  # may wait (no reply outstanding): see Hooks
     try:
         await smtp.mail(envelope.sender, options=options, encoding=encoding)
     except aiosmtplib.SMTPResponseException as exc:

@@ -1,0 +1,175 @@
+"""``redis_min_replicas`` for deliveries: DATA goes out only once the round's in-flight mark
+(RFC 1047) is acknowledged by that many replicas (``WAIT`` after the mark, on its connection).
+
+Why: a sentinel that fails over twice (the replica promoted, then the old master promoted back)
+discards what the interim master took, the workers' in-flight marks included; a re-run then
+sends again without knowing it had sent (a soak saw 226 duplicates, 2 of them reported). With the
+mark on a replica before DATA, such a re-run finds it and reports ``interrupted``.
+
+Real parts: a master and a replica (the valkey binary, tests/redisha.py), the deliver code of a
+worker process, a real SMTP sink on loopback; with PIPELINING (the mark before the message) and
+without (the mark before MAIL: nothing may wait between the last RCPT reply and DATA). The
+replica is stopped (SIGSTOP) to make ``WAIT`` come back short. Waits are conditions with a
+deadline; the only timed thing is the relay's own ``redis_replica_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from services.common import spool
+from services.common.config import Config
+from services.common.redisserver import EmbeddedRedis
+from services.deliver.batch import Deliverer
+from tests.peers import Sink
+from tests.redisha import online_replicas, replica_of
+from tests.test_batching import deferred_members, queue_jobs, run_batches, write_config
+from tests.world import wait_until
+
+DOMAIN = "replicated.test"
+TIMEOUT = 0.5  # redis_replica_timeout here (s)
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path / "master", appendonly=False) as server:
+        yield server
+
+
+@pytest.fixture
+def replica(tmp_path: Path, master: EmbeddedRedis) -> Iterator[EmbeddedRedis]:
+    server = replica_of(tmp_path / "replica", master)
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)  # a stopped one cannot stop
+        server.stop()
+
+
+@pytest.fixture
+def client(master: EmbeddedRedis) -> Iterator[redis.Redis]:
+    with redis.Redis(port=master.port) as c:
+        yield c
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    with Sink("plain") as server:
+        yield server
+
+
+def configured(
+    tmp_path: Path, master: EmbeddedRedis, sink: Sink, min_replicas: int, pipelining: bool
+) -> Config:
+    settings: dict[str, Any] = {
+        "redis_url": master.url,
+        "redis_min_replicas": min_replicas,
+        "redis_replica_timeout": f"{TIMEOUT}s",
+        "delivery": {
+            "routes": {DOMAIN: sink.address_text},
+            "pipelining": pipelining,
+            "sessions_per_process": 2,
+        },
+    }
+    return write_config(tmp_path / "c.yaml", settings)
+
+
+def waits(client: redis.Redis) -> int:
+    """``WAIT`` commands the master has run."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+def trace_text(client: redis.Redis, message_id: str) -> str:
+    return json.dumps(spool.read_trace(client, message_id))
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one_by_one"])
+@pytest.mark.parametrize("min_replicas", [1, 0])
+def test_deliveries_wait_for_the_replica_only_when_asked(
+    tmp_path: Path,
+    master: EmbeddedRedis,
+    replica: EmbeddedRedis,
+    client: redis.Redis,
+    sink: Sink,
+    min_replicas: int,
+    pipelining: bool,
+) -> None:
+    """With the replica in sync every message is delivered once; with ``redis_min_replicas: 1``
+    each marks group is followed by one ``WAIT`` (the marks of one loop turn share it), with 0
+    none is sent — and no more mark round trips than there are messages."""
+    config = configured(tmp_path, master, sink, min_replicas, pipelining)
+    deliverer = Deliverer(config, spool.connect(master.url))
+    jobs = queue_jobs(client, DOMAIN, 4)
+    before = waits(client)
+
+    run_batches(deliverer, jobs)
+
+    assert len(sink.messages) == 4, [m.data for m in sink.messages]
+    for job in jobs:
+        assert not client.exists(spool.msg_key(job["id"])), "delivered: final, gone"
+        assert not client.exists(spool.in_flight_key(job["id"], DOMAIN))
+    marks = deliverer.ledger.mark_round_trips
+    if min_replicas:
+        assert 1 <= marks <= 4
+        assert waits(client) - before == marks, "one WAIT per marks group, none elsewhere"
+    else:
+        assert waits(client) == before, "redis_min_replicas 0: no WAIT"
+        assert marks <= 4
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one_by_one"])
+def test_a_mark_no_replica_acknowledged_sends_nothing_and_the_retry_delivers_once(
+    tmp_path: Path,
+    master: EmbeddedRedis,
+    replica: EmbeddedRedis,
+    client: redis.Redis,
+    sink: Sink,
+    pipelining: bool,
+) -> None:
+    """The replica stops acknowledging (SIGSTOP): the round's ``WAIT`` comes back short after
+    ``redis_replica_timeout``, DATA is not sent (the sink has nothing), the recipient is
+    deferred (due again per the retry schedule) with the reason in the trace, and the mark is
+    gone with the round's recording. Once the replica is back, the retry delivers the message,
+    once, and reports no interruption."""
+    config = configured(tmp_path, master, sink, 1, pipelining)
+    deliverer = Deliverer(config, spool.connect(master.url))
+    (job,) = queue_jobs(client, DOMAIN, 1)
+    message_id = job["id"]
+    assert replica.process is not None
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        run_batches(deliverer, [job])
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+
+    assert sink.messages == [] and sink.rejected == [], "DATA went out unacknowledged"
+    _, deferred = spool.recipient_states(client.hgetall(spool.rcpt_key(message_id)))
+    assert set(deferred) == set(job["recipients"]), "deferred for a retry"
+    (raw,) = deferred_members(client)
+    retry = json.loads(raw)
+    assert retry["id"] == message_id and retry["attempt"] == 2
+    assert not client.exists(spool.in_flight_key(message_id, DOMAIN)), "the mark went with it"
+    text = trace_text(client, message_id)
+    assert "in-flight mark not acknowledged by 1 replica within 0.5 s" in text, text
+    assert "not sent" in text
+
+    wait_until(lambda: online_replicas(master.port) >= 1, 20, "the replica back in sync")
+    before = waits(client)
+    client.zrem(spool.DEFERRED, raw)  # the scheduler's part: the retry is due, taken
+    run_batches(deliverer, [retry])
+
+    (delivered,) = sink.wait_messages(1)
+    assert b"batch" in delivered.data
+    assert waits(client) > before
+    assert not client.exists(spool.msg_key(message_id)), "delivered: final, gone"
+    assert "interrupted" not in trace_text(client, message_id)
+    assert len(sink.messages) == 1, "delivered once"
