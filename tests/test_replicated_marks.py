@@ -19,7 +19,7 @@ import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -152,7 +152,8 @@ def test_a_mark_no_replica_acknowledged_sends_nothing_and_the_retry_delivers_onc
         replica.process.send_signal(signal.SIGCONT)
 
     assert sink.messages == [] and sink.rejected == [], "DATA went out unacknowledged"
-    _, deferred = spool.recipient_states(client.hgetall(spool.rcpt_key(message_id)))
+    states = cast(dict[bytes, bytes], client.hgetall(spool.rcpt_key(message_id)))
+    _, deferred = spool.recipient_states(states)
     assert set(deferred) == set(job["recipients"]), "deferred for a retry"
     (raw,) = deferred_members(client)
     retry = json.loads(raw)
