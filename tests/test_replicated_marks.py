@@ -15,6 +15,7 @@ deadline; the only timed thing is the relay's own ``redis_replica_timeout``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from collections.abc import Iterator
@@ -27,10 +28,13 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.redisserver import EmbeddedRedis
+from services.deliver.attempt import Peer
 from services.deliver.batch import Deliverer
+from services.deliver.ledger import Ledger
 from tests.peers import Sink
 from tests.redisha import online_replicas, replica_of
 from tests.test_batching import deferred_members, queue_jobs, run_batches, write_config
+from tests.test_gathered import stored_jobs
 from tests.world import wait_until
 
 DOMAIN = "replicated.test"
@@ -174,3 +178,38 @@ def test_a_mark_no_replica_acknowledged_sends_nothing_and_the_retry_delivers_onc
     assert not client.exists(spool.msg_key(message_id)), "delivered: final, gone"
     assert "interrupted" not in trace_text(client, message_id)
     assert len(sink.messages) == 1, "delivered once"
+
+
+@pytest.mark.parametrize("min_replicas", [1, 0])
+def test_the_marks_of_one_turn_share_one_wait_and_a_premark_is_written_again(
+    tmp_path: Path,
+    master: EmbeddedRedis,
+    replica: EmbeddedRedis,
+    client: redis.Redis,
+    sink: Sink,
+    min_replicas: int,
+) -> None:
+    """Five lanes reach DATA in one turn: one pipeline, and with ``redis_min_replicas`` one
+    ``WAIT`` after its five SETs (it counts every earlier write of its connection). A job whose
+    claim wrote its mark ahead (a premark, on another connection) spares the round trip only
+    with 0: a ``WAIT`` on this connection would not count that write, so the mark is written
+    again, then waited for."""
+    ledger = Ledger(configured(tmp_path, master, sink, min_replicas, True), client)
+    jobs = stored_jobs(client, 6)
+    peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
+    before = waits(client)
+
+    async def turn() -> None:
+        claimed = [ledger.claim_async(j.key, e) for j, e in jobs[:5]]
+        await asyncio.gather(*claimed)
+        await asyncio.gather(*(ledger.mark_in_flight_async(j, peer) for j, _ in jobs[:5]))
+
+    asyncio.run(turn())
+    assert ledger.mark_round_trips == 1
+    assert waits(client) - before == (1 if min_replicas else 0)
+
+    premarked, envelope = jobs[5]
+    assert ledger.claim(premarked.key, premark=True, known=envelope).marked  # the last peer
+    asyncio.run(ledger.mark_in_flight_async(premarked, peer))
+    assert ledger.mark_round_trips == (2 if min_replicas else 1), "premark spares it only at 0"
+    assert waits(client) - before == (2 if min_replicas else 0)

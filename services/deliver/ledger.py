@@ -533,7 +533,7 @@ class Ledger(SetAside):
         """The in-flight marks (key, note) of one turn, in one pipeline; a SET that failed is
         its exception (its lane sends no DATA), the others stand. With ``min_replicas``, one
         ``WAIT`` after them on the same connection covers them all: too few acknowledgements
-        make each written mark a :class:`MarkNotReplicated` (logged once for the group)."""
+        make each written mark a :class:`MarkNotReplicated`."""
         with self.client.pipeline(transaction=False) as pipe:
             for key, note in marks:
                 pipe.set(key, note, ex=self._mark_ttl)
@@ -547,12 +547,7 @@ class Ledger(SetAside):
             return [reply if isinstance(reply, Exception) else acknowledged for reply in written]
         if int(acknowledged) >= self.min_replicas:
             return written
-        count = int(acknowledged)
-        log.warning(
-            "%d in-flight marks not acknowledged by %d replicas within %gs (%d did): their "
-            "rounds are deferred unsent (redis_min_replicas)",
-            len(marks), self.min_replicas, self.replica_timeout, count,
-        )  # fmt: skip
+        count = int(acknowledged)  # each round logs it (services/deliver/batch.py)
         return [
             reply
             if isinstance(reply, Exception)
