@@ -52,6 +52,10 @@ then abandons the round unsent — a mark written on the loop, inline or not, is
 look at the deadline for that; to a peer without PIPELINING it is written on the loop, as
 nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
 remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process.
+With ``redis_min_replicas`` > 0 the mark must also be acknowledged by that many replicas before
+DATA (a ``WAIT``; to a peer without PIPELINING, written and waited for before MAIL instead):
+too few in ``redis_replica_timeout`` and the round is deferred unsent (``451 4.3.0``, the
+reason in the trace), like a round abandoned before DATA; its recording deletes the mark.
 A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
 under way, then the error propagates and the task runs again.
 

@@ -53,7 +53,8 @@ interrupted delivery are counted here, after their transaction committed — eac
 
 Threads: the deliver lanes call :meth:`Ledger.claim_async`, :meth:`Ledger.record_async` and
 :meth:`Ledger.mark_in_flight_async` (:meth:`Ledger.mark_in_flight` on the loop for a peer
-without PIPELINING), whose Redis I/O runs in the process's thread pool
+without PIPELINING; :meth:`Ledger.mark_before_mail_async` before MAIL there, with
+``redis_min_replicas``), whose Redis I/O runs in the process's thread pool
 (:mod:`services.deliver.offload`); the rest (close, leave, park, throttle, hand back) they run
 there whole. What a thread may touch: the client, the configuration and the claims (locked); the
 premarks and the last peer are changed on the loop only.
