@@ -112,7 +112,7 @@ class DeliverService:
     @property
     def deliverer(self) -> Deliverer:
         if self._deliverer is None:  # per process: created after the prefork fork
-            bound_read_buffers()  # asyncio's TLS: 4 KiB per session (services/deliver/tlscontext.py)
+            bound_read_buffers()  # asyncio TLS: 4 KiB a session (services/deliver/tlscontext.py)
             limit_arenas()  # before its threads start (services/deliver/offload.py)
             self._deliverer = Deliverer(self.config, spool.connect(self.redis_url))
             self._loop = eventloop.new_event_loop(self.config.event_loop)
