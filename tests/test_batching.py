@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -127,6 +127,103 @@ def test_a_batch_waits_for_company_only_when_company_is_coming(
     assert asyncio.run(linger_after_two(sessions=5)) > 0.25
     assert asyncio.run(linger_after_two(sessions=1)) <= 0.0
     assert len(tasks(store, queueing.POLICY_LIST)) == 6
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait on the loop until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def policy_tasks_when(store: redis.Redis, count: int) -> list[list[Any]]:
+    """The policy tasks queued, once there are ``count`` of them (a deadline, not a sleep)."""
+    wait_until(lambda: len(tasks(store, queueing.POLICY_LIST)) >= count, 10, "policy tasks")
+    return tasks(store, queueing.POLICY_LIST)
+
+
+def test_under_load_a_policy_task_gathers_consecutive_commits(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Each Celery task costs the same whatever it carries: while messages come fast, commits
+    leave their task to the next until the waiting messages make a full deliver task
+    (task_max), and a timer sends the rest after task_window. A first message, with no load
+    yet, gets its task in its own commit."""
+    envelopes = [envelope(f"r{i}@dest.test") for i in range(12)]
+
+    async def run() -> None:
+        client = spool.connect_async(valkey.url)
+        try:
+            committer = commit.Committer(
+                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=0.3, task_max=10
+            )
+            for e in envelopes:  # one session: each commit is written at once, the next soon
+                await committer.accept(e, BODY)
+            assert committer._untasked == [envelopes[-1].id]  # the timer's
+            await until(lambda: not committer._untasked and not committer._writes)  # 0.3 s
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    ids = [e.id for e in envelopes]
+    assert policy_tasks_when(store, 3) == [ids[:1], ids[1:11], ids[11:]]
+    assert all(store.hget(spool.msg_key(i), "body") == BODY for i in ids)
+
+
+def test_messages_whose_policy_task_failed_go_with_the_next_commit(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The timer's push fails (here: the queue's key has the wrong type): its messages, stored
+    and answered 250, wait for the next commit's task — no retry loop of its own."""
+    first, second, third = (envelope("r@dest.test") for _ in range(3))
+
+    async def run() -> None:
+        client = spool.connect_async(valkey.url)
+        try:
+            committer = commit.Committer(
+                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=0.05, task_max=10
+            )
+            await committer.accept(first, BODY)  # no load yet: its own task
+            store.delete(queueing.POLICY_LIST)
+            store.set(queueing.POLICY_LIST, "not a list")
+            await committer.accept(second, BODY)  # loaded: waits for a task
+            # The timer fires and its push fails.
+            await until(lambda: committer._task_timer is None and not committer._writes)
+            assert committer._untasked == [second.id] and committer._task_timer is None
+            store.delete(queueing.POLICY_LIST)
+            committer._untasked_since -= 1  # the waiting message is older than task_window
+            await committer.accept(third, BODY)
+            assert committer._untasked == []
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    assert tasks(store, queueing.POLICY_LIST) == [[second.id, third.id]]
+
+
+def test_closing_sends_the_task_of_what_was_stored(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Shutdown does not wait for the timer, nor leave the messages to the rescue sweep."""
+    envelopes = [envelope("r@dest.test") for _ in range(3)]
+
+    async def run() -> None:
+        client = spool.connect_async(valkey.url)
+        try:
+            committer = commit.Committer(
+                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=30, task_max=10
+            )
+            for e in envelopes:
+                await committer.accept(e, BODY)
+            await committer.close()
+            assert committer._task_timer is None
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    ids = [e.id for e in envelopes]
+    assert tasks(store, queueing.POLICY_LIST) == [ids[:1], ids[1:]]
 
 
 # --------------------------------------------------------------------------- deliver batches

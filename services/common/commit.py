@@ -12,6 +12,20 @@ acknowledgements within ``redis_replica_timeout`` → :class:`NotReplicated` (a 
 ingest answers ``451 4.3.0``). The message stays stored on the master, so the client's retry may
 duplicate it: at least once, never lost by a failover right after ``250``.
 
+Policy tasks gather commits under load (``task_window``, ``task_max``): each Celery task costs
+its worker's main process and pool process a few milliseconds whatever it carries (about a tenth
+of the relay's CPU per message on loopback with one commit per task: bench/README.md, "Session
+11"), and a ``policy`` task's messages become ``deliver`` tasks of the same size. So while
+messages arrive more often than once per ``window``, a commit's transaction carries no task of
+its own until the messages waiting for one reach ``task_max`` (a full ``deliver`` task) or the
+first of them has waited ``task_window``: the commit that reaches either carries one task for
+them all, and a timer sends it alone when no commit comes in time. Mail that trickles in gets
+its task in its own transaction, as before. The messages are stored (and their ``250`` sent)
+either way: a task waits in this process's memory only, at most ``task_window``; should the
+process die meanwhile, they are in ``waiting:policy`` and the rescue sweep queues them
+(services/deliver/rescue.py). A transaction or a timer's push that fails keeps them waiting for
+the next.
+
 Failure: every caller of a failed transaction gets the exception (none of the batch was stored,
 or — :class:`NotReplicated` — not confirmed); a message whose id is taken gets
 :class:`services.common.spool.IdTaken` (nothing of it stored).
@@ -20,6 +34,8 @@ or — :class:`NotReplicated` — not confirmed); a message whose id is taken ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +46,8 @@ from redis.exceptions import RedisError
 from services.common import queueing
 from services.common.model import Envelope
 from services.common.spool import IdTaken, stage_message
+
+log = logging.getLogger("tlsrelay.ingest")
 
 
 class NotReplicated(RedisError):
@@ -65,6 +83,8 @@ class Committer:
         sessions: Callable[[], int] | None = None,
         min_replicas: int = 0,
         replica_timeout: float = 1.0,
+        task_window: float = 0.0,
+        task_max: int = 1,
     ) -> None:
         self.client = client
         self.min_replicas = min_replicas  # WAIT for this many replicas after EXEC (0: don't)
@@ -78,6 +98,11 @@ class Committer:
         self._writes: set[asyncio.Task[None]] = set()
         self._last = 0.0  # when the previous message arrived (loop time)
         self._gap = math.inf  # moving average of the time between messages
+        self.task_window = task_window  # under load, a policy task waits this long at most ...
+        self.task_max = task_max  # ... for this many messages
+        self._untasked: list[str] = []  # stored, their policy task not yet sent (oldest first)
+        self._untasked_since = 0.0  # when the oldest of them was stored (loop time)
+        self._task_timer: asyncio.TimerHandle | None = None
 
     async def accept(self, envelope: Envelope, body: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -130,20 +155,96 @@ class Committer:
     async def _commit(self, messages: list[tuple[Envelope, bytes]]) -> list[bool]:
         """One transaction: the messages and their policy task; whether each was stored (False:
         its id was taken, see ``spool.STORE_NEW``). With ``min_replicas``: :meth:`_replicated`."""
-        if self.min_replicas:
-            return await self._replicated(messages)
-        async with self.client.pipeline(transaction=True) as pipe:
-            self._stage(pipe, messages)
-            replies = await pipe.execute()
-        return [bool(reply) for reply in replies[: len(messages)]]
+        ids = [envelope.id for envelope, _ in messages]
+        tasked = self._task_ids(ids)  # the ids this transaction's policy task names (or none)
+        try:
+            if self.min_replicas:
+                stored = await self._replicated(messages, tasked)
+            else:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    self._stage(pipe, messages, tasked)
+                    replies = await pipe.execute()
+                stored = [bool(reply) for reply in replies[: len(messages)]]
+        except BaseException:
+            new = set(ids)
+            self._untask([i for i in tasked if i not in new], put_back=True)  # still waiting
+            raise
+        if not tasked:
+            self._untask([i for i, ok in zip(ids, stored, strict=True) if ok])
+        return stored
 
-    async def _replicated(self, messages: list[tuple[Envelope, bytes]]) -> list[bool]:
+    def _task_ids(self, ids: list[str]) -> list[str]:
+        """The message ids the policy task of a transaction storing ``ids`` names: those waiting
+        for one and ``ids`` — none while messages arrive fast and the waiting are fewer than
+        ``task_max`` and younger than ``task_window`` (module docstring)."""
+        waiting = self._untasked
+        now = asyncio.get_running_loop().time()
+        loaded = self._gap < self.window and self.task_window > 0
+        young = not waiting or now - self._untasked_since < self.task_window
+        if loaded and young and len(waiting) + len(ids) < self.task_max:
+            return []
+        self._untasked = []
+        self._cancel_task_timer()
+        return waiting + ids
+
+    def _untask(self, ids: list[str], put_back: bool = False) -> None:
+        """``ids`` (stored) wait for a policy task: the next commit's, or the timer's.
+        ``put_back``: a task naming them was not sent (Redis failed it): ahead of the rest, and
+        no timer of their own — the next commit that succeeds carries them (Redis is back), and
+        if none comes the rescue sweep queues them: no retry loop while Redis is down."""
+        if not ids:
+            return
+        loop = asyncio.get_running_loop()
+        if not self._untasked:
+            self._untasked_since = loop.time()
+        self._untasked = ids + self._untasked if put_back else self._untasked + ids
+        if self._task_timer is None and not put_back:
+            due = self._untasked_since + self.task_window
+            self._task_timer = loop.call_at(due, self._send_task)
+
+    def _cancel_task_timer(self) -> None:
+        if self._task_timer is not None:
+            self._task_timer.cancel()
+            self._task_timer = None
+
+    def _send_task(self) -> None:
+        """The timer: the waiting messages' policy task, on its own (no commit came in time)."""
+        self._task_timer = None
+        ids, self._untasked = self._untasked, []
+        if ids:
+            push = asyncio.get_running_loop().create_task(self._push_task(ids))
+            self._writes.add(push)
+            push.add_done_callback(self._writes.discard)
+
+    async def _push_task(self, ids: list[str]) -> None:
+        try:
+            await self.client.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
+        except Exception as exc:  # they wait for the next commit's task, or the rescue sweep
+            log.warning("policy task for %d stored messages not sent yet: %s", len(ids), exc)
+            self._untask(ids, put_back=True)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Shutting down: the writes under way end (bounded), then the waiting messages' policy
+        task goes out. What cannot be sent is left to the rescue sweep."""
+        self._cancel_task_timer()
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+        ids, self._untasked = self._untasked, []
+        if ids:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.client.lpush(queueing.POLICY_LIST, queueing.classify_task(ids)), timeout
+                )
+
+    async def _replicated(
+        self, messages: list[tuple[Envelope, bytes]], tasked: list[str]
+    ) -> list[bool]:
         """``MULTI`` … ``EXEC`` ``WAIT`` in one pipeline on one connection; raise
         :class:`NotReplicated` unless ``min_replicas`` acknowledged within the timeout."""
         wait_ms = max(1, round(self.replica_timeout * 1000))
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.execute_command("MULTI")
-            self._stage(pipe, messages)
+            self._stage(pipe, messages, tasked)
             pipe.execute_command("EXEC")
             pipe.execute_command("WAIT", self.min_replicas, wait_ms)
             replies = await pipe.execute()  # a queueing error or EXECABORT raises here
@@ -160,9 +261,12 @@ class Committer:
         return [bool(reply) for reply in executed[: len(messages)]]
 
     def _stage(
-        self, pipe: aioredis.client.Pipeline, messages: list[tuple[Envelope, bytes]]
+        self,
+        pipe: aioredis.client.Pipeline,
+        messages: list[tuple[Envelope, bytes]],
+        tasked: list[str],
     ) -> None:
         for envelope, body in messages:
             stage_message(pipe, envelope, body, self.trace_ttl, enqueue=False)
-        ids = [envelope.id for envelope, _ in messages]
-        pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
+        if tasked:
+            pipe.lpush(queueing.POLICY_LIST, queueing.classify_task(tasked))

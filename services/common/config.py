@@ -109,6 +109,9 @@ class IngestConfig(Section):
     # event-loop turn. At most batch_max messages per commit.
     batch_window: Duration = Field(default=0.02, ge=0, le=1)
     batch_max: StrictInt = Field(default=100, gt=0)
+    # Under that load, a policy task gathers the messages of consecutive commits until it holds
+    # delivery.batch_max of them or the first has waited task_window (0: one task per commit).
+    task_window: Duration = Field(default=0.05, ge=0, le=1)
     relay_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),

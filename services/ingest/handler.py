@@ -127,6 +127,7 @@ class IngestHandler:
         self.committer = committer or commit.Committer(
             redis, config.trace_ttl, config.ingest.batch_window, config.ingest.batch_max,
             min_replicas=config.redis_min_replicas, replica_timeout=config.redis_replica_timeout,
+            task_window=config.ingest.task_window, task_max=config.delivery.batch_max,
         )  # fmt: skip
         self.listener = listener
         self.directory = directory if directory is not None else Directory(config)

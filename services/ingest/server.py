@@ -171,6 +171,7 @@ class IngestServer:
         self.redis_url = redis_url
         self._servers: list[asyncio.Server] = []
         self._handlers: list[IngestHandler] = []
+        self._committer: commit.Committer | None = None
         self._redis: aioredis.Redis | None = None
         self._addresses: dict[Listener, HostPort] = {}
 
@@ -205,7 +206,9 @@ class IngestServer:
             sessions=lambda: sum(len(h.connections) for h in self._handlers),
             min_replicas=self.config.redis_min_replicas,
             replica_timeout=self.config.redis_replica_timeout,
+            task_window=ingest.task_window, task_max=self.config.delivery.batch_max,
         )  # fmt: skip
+        self._committer = committer
         metrics.prime_ingest(listener.value for listener in endpoints)
         try:
             for listener, endpoint in endpoints.items():
@@ -281,6 +284,9 @@ class IngestServer:
             await server.wait_closed()
         for handler in handlers:
             await _close_sessions(handler.connections)
+        committer, self._committer = self._committer, None
+        if committer is not None:  # its writes end, and the policy task of what it stored
+            await committer.close()
         if redis is not None:
             await redis.aclose()
 
