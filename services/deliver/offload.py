@@ -34,9 +34,10 @@ a SET after a failed handshake), the MTA-STS policy cache (MX-routed mail), the 
 (only while one stands) and, to a peer without PIPELINING, the in-flight mark when the premark
 missed (nothing may yield between the last RCPT reply and DATA: services/deliver/attempt.py).
 With ``redis_min_replicas`` > 0 the marks' ``WAIT`` for replicas (services/deliver/ledger.py) is
-``slow``: in the threads always (when there is a pool), as it may wait up to
-``redis_replica_timeout``; to a peer without PIPELINING that mark is written and awaited before
-MAIL, so the mark on the loop is not needed there.
+``slow``: in the threads always (with ``redis_calls: inline`` too, in threads of their own,
+made at the first such call; only :data:`INLINE`, with no threads at all, runs it on the loop),
+as it may wait up to ``redis_replica_timeout``; to a peer without PIPELINING that mark is
+written and awaited before MAIL, so the mark on the loop is not needed there.
 
 Inline when Redis is near (``delivery.redis_calls``, :class:`Offload`'s ``mode``): a thread hop
 (submit, the thread's wake-up, the result handed back to the loop) costs 50–130 µs of CPU on a
@@ -147,6 +148,12 @@ class Offload:
         self.workers = workers if use_pool else 0  # the pool's threads, at most
         self._pool = ThreadPoolExecutor(workers, name) if use_pool else None
         self._auto = use_pool and mode == "auto"
+        # ``inline`` in a deliver process (workers > 0): the ``slow`` calls (a WAIT for
+        # replicas) still go to threads of their own, made at the first one: on the loop such a
+        # call would hold every lane for up to redis_replica_timeout.
+        self._slow_workers = workers if workers > 0 and not use_pool else 0
+        self._slow_pool: ThreadPoolExecutor | None = None
+        self._name = name
         self.inline = not use_pool or self._auto  # where the next call runs
         self._least = math.inf  # the least wait of the window so far
         self._measured = 0  # calls measured in this window
@@ -164,15 +171,18 @@ class Offload:
         """``fn(*args, **kwargs)`` in a thread of the pool; its result, or its exception. A
         cancellation waits for the call to end, gives its result to ``orphan`` (if any; not on
         an error), then propagates. ``slow``: a call that may wait on purpose (a ``WAIT`` for
-        replicas, up to ``redis_replica_timeout``): always in the threads when there is a pool,
-        never inline nor measured (its wait says nothing of Redis's distance, and it would hold
-        the loop)."""
+        replicas, up to ``redis_replica_timeout``): always in threads (in ``inline`` mode, its
+        own) unless ``workers`` is 0, never inline nor measured (its wait says nothing of
+        Redis's distance, and it would hold the loop)."""
         call = functools.partial(fn, *args, **kwargs)
-        if self._pool is None:
-            return call()
-        if self._auto and not slow and self._probe():
+        pool = self._pool
+        if pool is None:
+            if not (slow and self._slow_workers):
+                return call()
+            pool = self._slow_threads()
+        elif self._auto and not slow and self._probe():
             return self._measure(call)
-        future: Future[T] = self._pool.submit(call)
+        future: Future[T] = pool.submit(call)
         waiting = asyncio.wrap_future(future)
         try:
             return await asyncio.shield(waiting)
@@ -181,6 +191,12 @@ class Offload:
             if orphan is not None and not future.exception():
                 orphan(future.result())
             raise
+
+    def _slow_threads(self) -> ThreadPoolExecutor:
+        """``inline``: the threads of the ``slow`` calls, made at the first one."""
+        if self._slow_pool is None:
+            self._slow_pool = ThreadPoolExecutor(self._slow_workers, f"{self._name}-slow")
+        return self._slow_pool
 
     def _probe(self) -> bool:
         """In ``auto``: whether this call runs inline (all of them while Redis is near; one in
@@ -219,8 +235,9 @@ class Offload:
         """No more calls; those under way end in their threads. (A deliver process does not
         close its pool: its idle threads end with it, and a lane still running at shutdown
         keeps its calls.)"""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        for pool in (self._pool, self._slow_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
 
 
 INLINE = Offload(0)  # for objects used without a deliver loop's pool
