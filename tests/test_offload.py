@@ -568,3 +568,19 @@ def test_auto_runs_a_slow_call_in_the_threads_even_while_redis_is_near() -> None
     assert asyncio.run(main()) == ["loop", "pool", "loop"]
     assert io.inline
     io.close()
+
+
+def test_inline_still_runs_a_slow_call_in_a_thread() -> None:
+    """``redis_calls: inline`` in a deliver process (workers > 0): the ``slow`` calls (the
+    marks' ``WAIT``) run in threads of their own all the same, the others on the loop; with no
+    workers at all (:data:`offload.INLINE`, tools and tests) everything stays on the loop."""
+    io = Offload(2, mode="inline")
+    here = threading.get_ident()
+
+    async def main(io: Offload) -> list[str]:
+        runs = [await io(threading.get_ident, slow=slow) for slow in (False, True, False)]
+        return ["loop" if ident == here else "pool" for ident in runs]
+
+    assert asyncio.run(main(io)) == ["loop", "pool", "loop"]
+    io.close()
+    assert asyncio.run(main(Offload(0))) == ["loop", "loop", "loop"]
