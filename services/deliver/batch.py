@@ -488,16 +488,20 @@ class Deliverer:
             if loop.time() >= deadline:
                 raise TimeoutError("delivery.job_timeout passed while the mark was written")
 
+        # The peer goes into ``data`` once the mark is written and in time, just before the
+        # message: a deadline landing during the mark's write (with redis_min_replicas, its
+        # WAIT: up to redis_replica_timeout) abandons a round that sent nothing, whose reply
+        # must not say the destination may have it.
         async def before_data(peer: Peer) -> None:
-            data.append(peer)
             await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
             in_time()
+            data.append(peer)
             reached()
 
         def before_data_now(peer: Peer) -> None:  # see attempt.Hooks: no await before DATA
-            data.append(peer)
             self.ledger.mark_in_flight(job, peer)
             in_time()
+            data.append(peer)
             reached()
 
         async def before_mail(peer: Peer) -> None:  # redis_min_replicas, no PIPELINING
