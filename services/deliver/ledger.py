@@ -17,23 +17,10 @@
   another domain's job may have finished meanwhile, a second transaction finishes it
   (:meth:`Ledger.finish_if_final`). A "delayed" DSN goes out once per message: the transaction
   that sends one watches the message, so of two domain jobs recorded at once only one sends it.
-- In-flight marks (RFC 1047): :meth:`Ledger.mark_in_flight` just before DATA; a mark found by a
-  later run means a worker died while sending, and :meth:`Ledger.note_interrupted` says so.
-  Within a batch the recording transaction also claims the next job and sets its mark (one
-  round trip per job).
-- Replicated marks (``redis_min_replicas`` > 0): a mark is worth something after a failover
-  only if a replica has it — a master that fails over twice (back to the old master) discards
-  what the interim master took, marks included, and the re-run would send again unwarned. So
-  DATA goes out only once its mark is acknowledged by that many replicas: the mark is written
-  again just before DATA (a premark written by another connection is not counted by this
-  connection's ``WAIT``), followed by ``WAIT numreplicas timeout`` on the same connection, in
-  the marks' pipeline of the loop turn (one ``WAIT`` for all of them: it counts every earlier
-  write of its connection). Fewer acknowledgements in ``redis_replica_timeout`` → each of the
-  group's marks fails with :class:`MarkNotReplicated` (the round is deferred unsent,
-  services/deliver/batch.py; its recording deletes the mark). To a peer without PIPELINING the
-  mark is written and acknowledged before MAIL (:meth:`Ledger.mark_before_mail_async`), so
-  that nothing waits between the last RCPT reply and DATA. With 0 (the default) no ``WAIT`` is
-  sent and the premarks spare their round trip as before.
+- In-flight marks (RFC 1047), replicated ones with ``redis_min_replicas``, and the premarks
+  the recordings' claims write ahead (deleted by a failed batch): :class:`Marks`, written in
+  :mod:`services.deliver.marks` (whose docstring says how). Within a batch the recording
+  transaction also claims the next job and sets its mark (one round trip per job).
 - :meth:`Ledger.throttle` parks a job a traffic-shaping limit stopped before anything was sent
   (services/deliver/shaping.py): in the deferred set marked throttled, the same attempt, with
   the "delayed" DSN when one is due, and for a limit of its whole site in the site's line (by
@@ -49,7 +36,8 @@
   claim, a mark) whose own writes fail fails alone.
 
 Metrics (``services.deliver.observe``): a recorded round, its DSN, a message becoming final and an
-interrupted delivery are counted here, after their transaction committed — each in one place.
+interrupted delivery (:class:`Marks`) are counted here, after their transaction committed — each
+in one place.
 
 Threads: the deliver lanes call :meth:`Ledger.claim_async`, :meth:`Ledger.record_async` and
 :meth:`Ledger.mark_in_flight_async` (:meth:`Ledger.mark_in_flight` on the loop for a peer
@@ -66,10 +54,9 @@ recorded is not sent again).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,29 +67,17 @@ from services.common.config import Config
 from services.common.jobs import Job
 from services.common.model import Envelope
 from services.deliver import dsn, observe, recording, scheduler, tlsrpt
-from services.deliver.attempt import Peer
 from services.deliver.claims import Claim, Claims
 from services.deliver.delivery import Outcome, Round, expire
-from services.deliver.offload import INLINE, Gathered, Offload
+from services.deliver.marks import MarkNotReplicated as MarkNotReplicated  # callers import it here
+from services.deliver.marks import Marks, in_flight_note
+from services.deliver.offload import INLINE, Gathered
 from services.deliver.setaside import SetAside
 
 log = logging.getLogger("tlsrelay.deliver")
 # A claim: the job, the in-flight note to write with it (None: none) and its TTL, its envelope.
 ClaimRequest = tuple[tuple[str, str], str | None, int, Envelope | None]
-LAST_PEERS = 1000  # domains whose last peer is remembered (for the next job's premark)
-
-RFC1047 = (
-    "a worker stopped while sending DATA; recipients not recorded as delivered are sent again, "
-    "so the destination may receive this message twice (RFC 1047)"
-)
 DAY = 86400.0
-# KEYS: an in-flight mark. ARGV: the note a claim wrote. Deleted only if it is still that note.
-_DROP_NOTE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -122,21 +97,7 @@ class Writes:
     fallback: tuple[Envelope, bytes] | None = None
 
 
-class MarkNotReplicated(Exception):
-    """An in-flight mark was written on the master but fewer than ``redis_min_replicas``
-    replicas acknowledged it within ``redis_replica_timeout``: its DATA must not go out (a
-    failover back to a master without it would send the message again unwarned). Not a Redis
-    error: the round is deferred unsent, the task goes on."""
-
-    def __init__(self, acknowledged: int, wanted: int, timeout: float) -> None:
-        super().__init__(
-            f"in-flight mark not acknowledged by {wanted} replica{'s' if wanted != 1 else ''} "
-            f"within {timeout:g} s ({acknowledged} did): not sent"
-        )
-        self.acknowledged, self.wanted, self.timeout = acknowledged, wanted, timeout
-
-
-class Ledger(SetAside):
+class Ledger(Marks, SetAside):
     """Per worker process: the Redis writes of delivery jobs."""
 
     def __init__(self, config: Config, client: redis.Redis) -> None:
@@ -149,39 +110,19 @@ class Ledger(SetAside):
         # rcpt:{id} is deleted with the message; should a late write recreate it, it expires.
         self._rcpt_ttl = int(lifetime + DAY)
         self.claims = Claims(client, config.delivery.claim_ttl)
-        # DATA only once its mark is on this many replicas (WAIT after the mark; 0: no WAIT).
-        self.min_replicas = config.redis_min_replicas
-        self.replica_timeout = config.redis_replica_timeout
-        # (id, domain) → (address, port) of the marks written and acknowledged by the replicas
-        # before MAIL (a peer without PIPELINING, mark_before_mail_async), until that DATA.
-        self._acknowledged: dict[tuple[str, str], tuple[str, int]] = {}
-        # Where the last DATA to each domain went (any lane's: a guess for the domain's next job;
-        # per domain, as batches to several domains run side by side), newest last, bounded.
-        self._last_peers: dict[str, Peer] = {}
-        # (id, domain) → (address, port) of the in-flight marks the claims wrote: one per job a
-        # lane of the batch has claimed ahead (services/deliver/batch.py runs several at once).
-        self._premarked: dict[tuple[str, str], tuple[str, int]] = {}
         # Where the *_async methods make their Redis calls: the deliver process's threads (set
-        # by services/deliver/batch.py); _last_peers and _premarked change on the loop only.
-        self.io: Offload = INLINE
-        # Lanes that start together claim their first jobs in one round trip (offload.Gathered).
+        # by services/deliver/batch.py); the marks' memories (Marks) change on the loop only.
+        self.io = INLINE
+        self._init_marks(config)  # services/deliver/marks.py
+        # Lanes that start together claim their first jobs in one round trip (offload.Gathered;
+        # the marks of their DATA are written likewise: Marks) ...
         self._claiming: Gathered[ClaimRequest, Claim] = Gathered(
             lambda requests: self.claims.take_all(requests)
-        )
-        # ... write the marks of their DATA in one (those that reach it in one turn) ...
-        self._marking: Gathered[tuple[str, str], Any] = Gathered(
-            lambda marks: self._mark_all(marks),
-            slow=self.min_replicas > 0,  # WAIT: threads
         )
         # ... and the lanes whose rounds end in one turn record them in one transaction.
         self._recording: Gathered[Writes, Claim | None] = Gathered(
             lambda requests: self._record_all(requests)  # (a test may replace _record_all)
         )
-        # (id, domain) → the in-flight note a recording's claim of the lane's next job asked to
-        # write, until DATA of the job (mark_in_flight*): one still here when its batch fails
-        # marks no DATA, and is deleted (drop_premarks), else the next run reports an
-        # interruption.
-        self._asked: dict[tuple[str, str], str] = {}
 
     def claim(
         self, key: tuple[str, str], premark: bool = False, known: Envelope | None = None
@@ -190,7 +131,7 @@ class Ledger(SetAside):
         also set its in-flight mark naming the last peer (it will probably go there too);
         ``known``: its envelope, when read earlier."""
         note = self._last_peers.get(key[1]) if premark else None
-        text = _in_flight_note(note) if note else None
+        text = in_flight_note(note) if note else None
         claim = self.claims.take(key, text, self._mark_ttl, known)
         self._claimed(claim, note)
         return claim
@@ -213,49 +154,9 @@ class Ledger(SetAside):
         return self._claiming.groups
 
     @property
-    def mark_round_trips(self) -> int:
-        """The round trips :meth:`mark_in_flight_async` made (for tests and benchmarks)."""
-        return self._marking.groups
-
-    @property
     def record_round_trips(self) -> int:
         """The transactions :meth:`record_async` made (for tests and benchmarks)."""
         return self._recording.groups
-
-    def new_batch(self, keep: Container[tuple[str, str]] = ()) -> None:
-        """A batch begins: the premarks of the last one are forgotten (each is also replaced
-        whenever its job is claimed again) — but those of the jobs ``keep`` (the process's
-        other batches under way work on them)."""
-        self._premarked = {k: v for k, v in self._premarked.items() if k in keep}
-        self._acknowledged = {k: v for k, v in self._acknowledged.items() if k in keep}
-        self._asked = {k: v for k, v in self._asked.items() if k in keep}
-
-    def unused_premarks(self, keys: Iterable[tuple[str, str]]) -> list[tuple[tuple[str, str], str]]:
-        """The notes the recordings' claims asked to write for ``keys`` (a failed batch's jobs)
-        that no DATA of theirs followed, forgotten here (on the loop): for :meth:`drop_premarks`."""
-        return [(key, self._asked.pop(key)) for key in keys if key in self._asked]
-
-    def drop_premarks(self, notes: Sequence[tuple[tuple[str, str], str]]) -> None:
-        """Delete each mark that is still exactly the note a claim wrote (no DATA followed it:
-        :meth:`unused_premarks`); best effort, any thread. A mark written since (DATA) differs
-        and stays."""
-        if not notes:
-            return
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for key, note in notes:
-                    pipe.eval(_DROP_NOTE, 1, spool.in_flight_key(*key), note)
-                pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            log.warning("could not delete %d unused in-flight marks: %s", len(notes), exc)
-
-    def _claimed(self, claim: Claim, peer: Peer | None) -> None:
-        # Always replaced: a premark remembered from an earlier claim must never stand in for
-        # this job's mark (its DATA would go out unmarked, an RFC 1047 duplicate unreported).
-        self._premarked.pop(claim.key, None)
-        self._acknowledged.pop(claim.key, None)
-        if claim.marked and peer is not None:
-            self._premarked[claim.key] = (peer.address, peer.port)
 
     def round(
         self, job: Job, envelope: Envelope, body: bytes, state: spool.JobState | None = None
@@ -286,7 +187,7 @@ class Ledger(SetAside):
         for ``upcoming`` all the same is released (the caller never sees it: held, it would be
         kept alive as long as the process lives)."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
-        note = _in_flight_note(peer) if peer is not None else None
+        note = in_flight_note(peer) if peer is not None else None
         try:
             next_claim = self._write(Writes(round_, outcome, upcoming, note, known), pipe)
         except Exception:
@@ -310,7 +211,7 @@ class Ledger(SetAside):
         half-way (a cancellation waits for it to commit or fail); the claim it took for
         ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
-        note = _in_flight_note(peer) if peer is not None else None
+        note = in_flight_note(peer) if peer is not None else None
 
         def claimed(next_claim: Claim | None) -> None:
             if next_claim is not None:
@@ -482,103 +383,6 @@ class Ledger(SetAside):
         if rec.notice is not None:
             observe.dsn_sent(rec.notice.action)
 
-    # ----------------------------------------------------------------- in flight (RFC 1047)
-
-    def mark_in_flight(self, job: Job, peer: Peer) -> None:
-        """Mark the job as sending DATA; ``record`` clears the mark in its transaction. A mark
-        found at the start of a later run means a worker died in the RFC 1047 window.
-
-        Within a batch the mark is usually set already: the previous job's recording
-        transaction claimed the next job and set its mark, naming the peer it had just used
-        (one Redis round trip less per message). It is set here when that guess was wrong or
-        there was none. So the mark may precede DATA by a few commands: a worker dying in
-        between reports a possible duplicate that cannot be one (on the safe side).
-
-        With ``min_replicas`` the deliverer has written and acknowledged the mark before MAIL
-        (:meth:`mark_before_mail_async`): nothing to write here. Should it not have, the mark
-        is written and waited for here, on the loop (raises :class:`MarkNotReplicated`)."""
-        if self._marks(job, peer):
-            key = spool.in_flight_key(job.id, job.domain)
-            if self.min_replicas:
-                (result,) = self._mark_all([(key, _in_flight_note(peer))])
-                if isinstance(result, Exception):
-                    raise result
-                return
-            self.client.set(key, _in_flight_note(peer), ex=self._mark_ttl)
-
-    async def mark_in_flight_async(self, job: Job, peer: Peer) -> None:
-        """:meth:`mark_in_flight`, its SET (:attr:`io`) made with those of the lanes that reach
-        DATA in the same turn of the loop (one round trip); returns once the mark is written, so
-        DATA goes out only after it (a cancellation meanwhile waits for the write, then
-        propagates: no DATA). With ``min_replicas``: only once the replicas acknowledged it,
-        else :class:`MarkNotReplicated` (module docstring)."""
-        if self._marks(job, peer):
-            key = spool.in_flight_key(job.id, job.domain)
-            await self._marking(self.io, (key, _in_flight_note(peer)))
-
-    async def mark_before_mail_async(self, job: Job, peer: Peer) -> None:
-        """With ``min_replicas``, to a peer without PIPELINING: the mark written and
-        acknowledged by the replicas before MAIL (:meth:`mark_in_flight_async`'s pipeline and
-        ``WAIT``), as between the last RCPT reply and DATA nothing may wait
-        (services/deliver/attempt.py, ``Hooks``); that DATA to ``peer`` then writes nothing
-        (:meth:`mark_in_flight`). Raises :class:`MarkNotReplicated` when the replicas did not
-        acknowledge it in time (nothing was sent yet). A mark no DATA follows is deleted by
-        the round's recording, or by a failed batch (:meth:`unused_premarks`)."""
-        self._acknowledged.pop(job.key, None)
-        key, note = spool.in_flight_key(job.id, job.domain), _in_flight_note(peer)
-        self._asked[job.key] = note  # until DATA: a failed batch drops it (drop_premarks)
-        await self._marking(self.io, (key, note))
-        self._acknowledged[job.key] = (peer.address, peer.port)
-
-    def _mark_all(self, marks: list[tuple[str, str]]) -> list[Any]:
-        """The in-flight marks (key, note) of one turn, in one pipeline; a SET that failed is
-        its exception (its lane sends no DATA), the others stand. With ``min_replicas``, one
-        ``WAIT`` after them on the same connection covers them all: too few acknowledgements
-        make each written mark a :class:`MarkNotReplicated`."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for key, note in marks:
-                pipe.set(key, note, ex=self._mark_ttl)
-            if not self.min_replicas:
-                return pipe.execute(raise_on_error=False)
-            wait_ms = max(1, round(self.replica_timeout * 1000))
-            pipe.wait(self.min_replicas, wait_ms)  # on this connection, after the SETs
-            replies = pipe.execute(raise_on_error=False)
-        *written, acknowledged = replies
-        if isinstance(acknowledged, Exception):  # a Redis error: as a failed SET
-            return [reply if isinstance(reply, Exception) else acknowledged for reply in written]
-        if int(acknowledged) >= self.min_replicas:
-            return written
-        count = int(acknowledged)  # each round logs it (services/deliver/batch.py)
-        return [
-            reply
-            if isinstance(reply, Exception)
-            else MarkNotReplicated(count, self.min_replicas, self.replica_timeout)
-            for reply in written
-        ]
-
-    def _marks(self, job: Job, peer: Peer) -> bool:
-        """Whether DATA of ``job`` to ``peer`` needs its mark written (not premarked there)."""
-        self._asked.pop(job.key, None)  # DATA may follow: its mark stays, whatever happens
-        self._last_peers.pop(job.domain, None)
-        self._last_peers[job.domain] = peer
-        if len(self._last_peers) > LAST_PEERS:
-            del self._last_peers[next(iter(self._last_peers))]
-        # A premark is used once: a second DATA of the round (another address) marks again.
-        where = (peer.address, peer.port)
-        premarked = self._premarked.pop(job.key, None) == where
-        acknowledged = self._acknowledged.pop(job.key, None) == where
-        # With min_replicas a premark does not do (no WAIT counted it): only a mark written and
-        # acknowledged before MAIL to this peer spares the write.
-        return not acknowledged if self.min_replicas else not premarked
-
-    def note_interrupted(self, job: Job, raw: bytes) -> None:
-        """An earlier run's in-flight mark was found: a worker died while sending DATA."""
-        previous = json.loads(raw)
-        host, since = previous["host"], previous["at"]
-        event = spool.event("interrupted", domain=job.domain, host=host, since=since, note=RFC1047)
-        spool.append_trace(self.client, job.id, event, trace_ttl=self.config.trace_ttl)
-        observe.interrupted()
-
     # ----------------------------------------------------------------- nothing to send
 
     def close(self, job: Job, envelope: Envelope | None) -> None:
@@ -642,7 +446,3 @@ def _posture_recorded(
 def _final(states: Iterable[str]) -> None:
     """A message became final (counted by whichever transaction deleted it)."""
     observe.message_final(states)
-
-
-def _in_flight_note(peer: Peer) -> str:
-    return json.dumps({"host": peer.host, "address": peer.address, "at": time.time()})
