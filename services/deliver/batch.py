@@ -23,14 +23,9 @@ the site's connection limit of them send to one site at once (more wait up to
    nothing left, just close the job (:meth:`services.deliver.ledger.Ledger.close`);
 3. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
    TLS);
-4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension, its
-   line (older mail waiting for the site goes first) and message rate; then try each address
-   in order with :func:`services.deliver.session.attempt`
-   (a new session only with a connection lease of the site) until one runs a transaction, or
-   ``delivery.mx_session_limit`` sessions that reached a greeting ran none
-   (:class:`services.deliver.delivery.Outcome` says what its replies mean) — all within
-   ``delivery.job_timeout``, after which the round is abandoned and deferred; the destination's
-   throttling replies step the site's limit down (back-off);
+4. traffic shaping, then each address in order until one runs a transaction, all within
+   ``delivery.job_timeout`` (steps 3–4: :class:`services.deliver.sending.Sending`, a part of
+   :class:`Deliverer`, whose module docstring says how);
 5. record the round in one transaction (:mod:`services.deliver.ledger`), which also claims the
    lane's next job (the next in the batch's order no lane has taken) — or, when a shaping
    limit stopped it before anything was tried, park it as throttled
@@ -47,15 +42,9 @@ on the loop only, before and after each call. Each round is still recorded in ON
 in one thread, on a connection of its own: no other lane can come between its writes, and a
 cancellation cannot leave it half-way (the call runs to its end — committed or failed — before
 the cancellation propagates; a claim it took is noted all the same). The in-flight mark is
-awaited before DATA goes out (a ``delivery.job_timeout`` landing meanwhile waits for the mark,
-then abandons the round unsent — a mark written on the loop, inline or not, is followed by a
-look at the deadline for that; to a peer without PIPELINING it is written on the loop, as
-nothing may yield between the last RCPT reply and DATA); the marks claims write ahead are
-remembered per job (:class:`services.deliver.ledger.Ledger`), never one for the whole process.
-With ``redis_min_replicas`` > 0 the mark must also be acknowledged by that many replicas before
-DATA (a ``WAIT``; to a peer without PIPELINING, written and waited for before MAIL instead):
-too few in ``redis_replica_timeout`` and the round is deferred unsent (``451 4.3.0``, the
-reason in the trace), like a round abandoned before DATA; its recording deletes the mark.
+awaited before DATA goes out, and with ``redis_min_replicas`` acknowledged by the replicas
+(services/deliver/sending.py says how); the marks claims write ahead are remembered per job
+(:class:`services.deliver.marks.Marks`, a part of the ledger), never one for the whole process.
 A Redis error in one lane stops the others from starting jobs; they finish and record the rounds
 under way, then the error propagates and the task runs again.
 
@@ -93,7 +82,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import redis
@@ -101,20 +89,11 @@ import redis
 from services.common import spool
 from services.common.config import Config
 from services.common.jobs import Job, job_key
-from services.common.model import Envelope, Reply
-from services.deliver import mx, observe, session
-from services.deliver.attempt import Hooks, Peer, Timeouts
+from services.common.model import Envelope
+from services.deliver import mx, session
+from services.deliver.attempt import Timeouts
 from services.deliver.claims import Claim
-from services.deliver.delivery import (
-    NO_HOST,
-    Outcome,
-    abandoned_reply,
-    throttle_detail,
-    throttle_reply,
-    throttled_reply,
-    unreplicated_reply,
-)
-from services.deliver.dsn import one_line
+from services.deliver.delivery import Outcome, throttle_detail, throttle_reply
 from services.deliver.lanes import (
     Batch,
     Bodies,
@@ -127,13 +106,12 @@ from services.deliver.lanes import (
     held_key,
     unique,
 )
-from services.deliver.ledger import Ledger, MarkNotReplicated
+from services.deliver.ledger import Ledger
 from services.deliver.offload import Offload, threads_for
-from services.deliver.plan import Plan, Planner
+from services.deliver.plan import Planner
 from services.deliver.pool import ConnectionPool
-from services.deliver.session import attempt
-from services.deliver.shaping import Gate, Shaper, Throttle, joins_line
-from services.deliver.sites import Site
+from services.deliver.sending import Sending
+from services.deliver.shaping import Shaper, joins_line
 
 log = logging.getLogger("tlsrelay.deliver")
 
@@ -147,7 +125,7 @@ OUT_OF_TIME = (  # the note of the jobs a task hands back: not started, and why 
 )
 
 
-class Deliverer:
+class Deliverer(Sending):
     """Per worker process: configuration, Redis client, planner, ledger, connection pool."""
 
     def __init__(self, config: Config, client: redis.Redis) -> None:
@@ -370,27 +348,6 @@ class Deliverer:
         self.pool.close_all()
         self.shaper.close()
 
-    async def _send_or_fail(
-        self,
-        job: Job,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        reached: Callable[[], None] = lambda: None,
-    ) -> Outcome:
-        """:meth:`send`; an unexpected error in it (a bug, an odd certificate, a policy value
-        that broke a parser) defers the pending recipients under the normal retry and
-        queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in the
-        reply and so in the trace. Redis errors propagate (the task runs again)."""
-        try:
-            return await self.send(job, envelope, body, pending, reached)
-        except redis.exceptions.RedisError:
-            raise
-        except Exception as exc:
-            log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-            error = one_line(f"internal error: {type(exc).__name__}: {exc}", 300)
-            return Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
-
     async def run(self, doc: Mapping[str, Any]) -> Outcome | None:
         """Deliver and record one job; None when there was nothing left to do."""
         return (await self.run_batch([doc]))[0]
@@ -463,144 +420,6 @@ class Deliverer:
             round_, outcome, after.key, premark=after.premark, known=after.envelope
         )
         return outcome, next_claim
-
-    async def send(
-        self,
-        job: Job,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        reached: Callable[[], None] = lambda: None,
-    ) -> Outcome:
-        """One round, abandoned (and deferred) when it outlasts ``delivery.job_timeout``;
-        ``reached`` is called when a peer is about to receive the message."""
-        outcome = Outcome()
-        data: list[Peer] = []  # where DATA was under way when time ran out
-        limit = self.config.delivery.job_timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-
-        def in_time() -> None:
-            # The mark is written: the message may go only if the round's time is not up. A
-            # mark written on the loop (inline, services/deliver/offload.py, or to a peer
-            # without PIPELINING) held the loop, so a deadline passed meanwhile has not landed
-            # yet: it would land only after the message went. Abandoned here, unsent.
-            if loop.time() >= deadline:
-                raise TimeoutError("delivery.job_timeout passed while the mark was written")
-
-        # The peer goes into ``data`` once the mark is written and in time, just before the
-        # message: a deadline landing during the mark's write (with redis_min_replicas, its
-        # WAIT: up to redis_replica_timeout) abandons a round that sent nothing, whose reply
-        # must not say the destination may have it.
-        async def before_data(peer: Peer) -> None:
-            await self.ledger.mark_in_flight_async(job, peer)  # written before DATA, always
-            in_time()
-            data.append(peer)
-            reached()
-
-        def before_data_now(peer: Peer) -> None:  # see attempt.Hooks: no await before DATA
-            self.ledger.mark_in_flight(job, peer)
-            in_time()
-            data.append(peer)
-            reached()
-
-        async def before_mail(peer: Peer) -> None:  # redis_min_replicas, no PIPELINING
-            await self.ledger.mark_before_mail_async(job, peer)  # acknowledged before MAIL
-
-        hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
-        if self.ledger.min_replicas:
-            hooks = replace(hooks, before_mail=before_mail)
-
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._send(job, envelope, body, pending, outcome, hooks)
-        except TimeoutError:
-            outcome.abandon(pending, abandoned_reply(limit, data[-1] if data else None))
-        except MarkNotReplicated as exc:  # DATA not sent: a temporary failure, retried
-            outcome.abandon(pending, unreplicated_reply(str(exc)))
-            observe.unreplicated_mark()
-            log.warning("%s to %s deferred: %s", *job.key, exc)
-        return outcome
-
-    async def _send(
-        self,
-        job: Job,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        outcome: Outcome,
-        hooks: Hooks,
-    ) -> None:
-        """Plan the round, then try each address in order until one runs a transaction."""
-        plan = await self.planner.plan(
-            job.decision, envelope.relaxes_destination_tls, envelope.requiretls
-        )
-        outcome.decision = plan.decision if plan.decision != job.decision else None
-        outcome.sts = plan.report
-        if plan.refused is not None:
-            outcome.refuse(pending, plan.refused)
-            outcome.unreachable = plan.unreachable
-            return
-        site = self.shaper.site(job.domain, plan.destinations)
-        throttled = self.shaper.suspended(site, job.domain) or self._line(job, site, envelope)
-        paced_at = time.time()  # the minute the rate counts this message in (refund below)
-        outcome.throttled = throttled or await self.shaper.pace(site)
-        if outcome.throttled is not None:
-            return
-        try:
-            gate = self.shaper.gate(site, envelope.received_at)
-            hops = partial(self._hops, plan, gate, envelope, body, pending, outcome, hooks)
-            await self.site_slots.share(gate, outcome, hops)
-        finally:
-            if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
-                self.shaper.refund(site, paced_at)
-
-    def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
-        """The site's line (services/deliver/shaping.py): asked for a job that waited in it,
-        or at a site where this process saw one lately; older jobs waiting there go first."""
-        if not self.config.delivery.shaping.line:
-            return None  # off: not asked (a line left from when it was on holds no one)
-        if job.throttled is None and not self.shaper.queued(site):
-            return None
-        return self.shaper.admit(site, envelope.received_at)
-
-    async def _hops(
-        self,
-        plan: Plan,
-        gate: Gate,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        outcome: Outcome,
-        hooks: Hooks,
-    ) -> None:
-        """Try each address of the plan in order until one runs a transaction; every new
-        session with a connection lease of ``gate``'s site (else the round is throttled)."""
-        errors: list[Reply] = []
-        sessions, session_limit = 0, self.config.delivery.mx_session_limit
-        for hop in plan.hops:
-            # Bounded work: at most mx_session_limit greeted sessions per round (Postfix
-            # smtp_mx_session_limit); the whole round runs within delivery.job_timeout (send).
-            if session_limit and sessions >= session_limit:
-                break
-            settings = self.planner.tls(plan, hop)
-            result = await attempt(
-                hop.peer, envelope, pending, body, settings, self.timeouts, hooks, self.pool, gate
-            )
-            if result.throttled is not None:
-                if not outcome.attempts:
-                    outcome.throttled = result.throttled  # nothing tried: the round waits
-                    return
-                errors.append(throttled_reply(result.throttled) or NO_HOST)  # an address
-                break  # failed and its lease went elsewhere meanwhile: try again later
-            outcome.attempts.append(result)
-            self.shaper.backoff(gate.site, result.server_replies)
-            if not result.next_host:
-                outcome.settle(result.replies, hop.peer.host)
-                return
-            sessions += result.greeted
-            errors.append(result.error or NO_HOST)
-        outcome.no_transaction(pending, errors)
 
 
 def _read(doc: Mapping[str, Any]) -> Job | None:
