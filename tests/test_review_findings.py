@@ -109,7 +109,7 @@ def test_a_job_timeout_during_a_failed_sessions_quit_leaks_its_lease(store: redi
                         gate,
                     )
         finally:
-            gate.close()  # the round is over (batch.Deliverer._send)
+            gate.close()  # the round is over (sending.Sending._send)
             server.close()
             await _close_peers()
         return shaper

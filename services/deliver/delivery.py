@@ -1,7 +1,7 @@
 """What one delivery round's replies mean: the fate of each recipient, and when to try again.
 
 A round is one job (a message's recipients at one destination domain) tried once, host after
-host (services/deliver/batch.py). Its :class:`Outcome` sorts the pending recipients:
+host (services/deliver/sending.py). Its :class:`Outcome` sorts the pending recipients:
 
 - 2xx after DATA → delivered; 5xx → bounced (a DSN follows, RFC 3464); 4xx → deferred;
 - no host ran a transaction → bounced when every host failed permanently, else deferred with the

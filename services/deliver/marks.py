@@ -15,7 +15,7 @@ whole), with the premarks the recordings' claims write ahead and what a failed b
   the marks' pipeline of the loop turn (one ``WAIT`` for all of them: it counts every earlier
   write of its connection). Fewer acknowledgements in ``redis_replica_timeout`` → each of the
   group's marks fails with :class:`MarkNotReplicated` (the round is deferred unsent,
-  services/deliver/batch.py; its recording deletes the mark). To a peer without PIPELINING the
+  services/deliver/sending.py; its recording deletes the mark). To a peer without PIPELINING the
   mark is written and acknowledged before MAIL (:meth:`Marks.mark_before_mail_async`), so
   that nothing waits between the last RCPT reply and DATA. With 0 (the default) no ``WAIT`` is
   sent and the premarks spare their round trip as before.
@@ -214,7 +214,7 @@ class Marks:
             return [reply if isinstance(reply, Exception) else acknowledged for reply in written]
         if int(acknowledged) >= self.min_replicas:
             return written
-        count = int(acknowledged)  # each round logs it (services/deliver/batch.py)
+        count = int(acknowledged)  # each round logs it (services/deliver/sending.py)
         return [
             reply
             if isinstance(reply, Exception)

@@ -62,7 +62,7 @@ A cancellation cannot land during an inline call: a deadline (``delivery.job_tim
 passes meanwhile lands at the caller's next await, after the call returned its result to it (so
 no ``orphan``: the caller has the result). Where that matters — the in-flight mark, after which
 the message goes out without an await — the caller looks at the deadline itself
-(services/deliver/batch.py: the round is abandoned unsent, as in the threads).
+(services/deliver/sending.py: the round is abandoned unsent, as in the threads).
 
 Failure: the call's exception propagates unchanged to the awaiting coroutine (a Redis error: the
 task runs again).
