@@ -1,9 +1,9 @@
 """Send one round of a batch's job (steps 3–4 of services/deliver/batch.py): plan it, shape it,
 try its addresses — :class:`Sending`, a part of :class:`services.deliver.batch.Deliverer`.
 
-1. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
+3. plan the round (:mod:`services.deliver.plan`: hosts, the DANE/MTA-STS destination policy,
    TLS);
-2. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension, its
+4. traffic shaping (:mod:`services.deliver.shaping`): the round's site, its suspension, its
    line (older mail waiting for the site goes first) and message rate; then try each address
    in order with :func:`services.deliver.session.attempt`
    (a new session only with a connection lease of the site) until one runs a transaction, or
