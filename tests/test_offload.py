@@ -584,3 +584,23 @@ def test_inline_still_runs_a_slow_call_in_a_thread() -> None:
     assert asyncio.run(main(io)) == ["loop", "pool", "loop"]
     io.close()
     assert asyncio.run(main(Offload(0))) == ["loop", "loop", "loop"]
+
+
+def test_a_slow_call_never_holds_a_thread_of_the_pool() -> None:
+    """``threads`` mode: while slow calls (WAITs for a stalled replica) wait, a plain call (a
+    claim, a record, the shaper's lease renewal) still finds a thread of the pool at once."""
+    io = Offload(1, mode="threads")
+    release = threading.Event()
+
+    async def main() -> tuple[str, bool]:
+        slow = [asyncio.ensure_future(io(release.wait, 10, slow=True)) for _ in range(3)]
+        await asyncio.sleep(0)  # the slow calls are submitted first
+        plain = await asyncio.wait_for(io(threading.current_thread), 5)  # not behind them
+        release.set()
+        done = await asyncio.gather(*slow)
+        return plain.name, all(done)
+
+    name, waited = asyncio.run(main())
+    assert not name.endswith(tuple(f"-slow_{i}" for i in range(3))) and "slow" not in name
+    assert waited
+    io.close()

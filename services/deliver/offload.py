@@ -34,8 +34,9 @@ a SET after a failed handshake), the MTA-STS policy cache (MX-routed mail), the 
 (only while one stands) and, to a peer without PIPELINING, the in-flight mark when the premark
 missed (nothing may yield between the last RCPT reply and DATA: services/deliver/attempt.py).
 With ``redis_min_replicas`` > 0 the marks' ``WAIT`` for replicas (services/deliver/ledger.py) is
-``slow``: in the threads always (with ``redis_calls: inline`` too, in threads of their own,
-made at the first such call; only :data:`INLINE`, with no threads at all, runs it on the loop),
+``slow``: in threads of their own (made at the first such call, in every ``redis_calls``
+mode; only :data:`INLINE`, with no threads at all, runs it on the loop) — not the pool's, where
+it would hold a thread the claims, records and lease renewals wait for —
 as it may wait up to ``redis_replica_timeout``; to a peer without PIPELINING that mark is
 written and awaited before MAIL, so the mark on the loop is not needed there.
 
@@ -148,10 +149,11 @@ class Offload:
         self.workers = workers if use_pool else 0  # the pool's threads, at most
         self._pool = ThreadPoolExecutor(workers, name) if use_pool else None
         self._auto = use_pool and mode == "auto"
-        # ``inline`` in a deliver process (workers > 0): the ``slow`` calls (a WAIT for
-        # replicas) still go to threads of their own, made at the first one: on the loop such a
-        # call would hold every lane for up to redis_replica_timeout.
-        self._slow_workers = workers if workers > 0 and not use_pool else 0
+        # In a deliver process (workers > 0) the ``slow`` calls (a WAIT for replicas) go to
+        # threads of their own, made at the first one, whatever the mode: on the loop such a
+        # call would hold every lane for up to redis_replica_timeout, and in the pool it would
+        # hold a thread the claims, records and the shaper's lease renewals wait for.
+        self._slow_workers = workers if workers > 0 else 0
         self._slow_pool: ThreadPoolExecutor | None = None
         self._name = name
         self.inline = not use_pool or self._auto  # where the next call runs
@@ -171,16 +173,16 @@ class Offload:
         """``fn(*args, **kwargs)`` in a thread of the pool; its result, or its exception. A
         cancellation waits for the call to end, gives its result to ``orphan`` (if any; not on
         an error), then propagates. ``slow``: a call that may wait on purpose (a ``WAIT`` for
-        replicas, up to ``redis_replica_timeout``): always in threads (in ``inline`` mode, its
-        own) unless ``workers`` is 0, never inline nor measured (its wait says nothing of
+        replicas, up to ``redis_replica_timeout``): in threads of its own unless ``workers``
+        is 0, never inline nor measured (its wait says nothing of
         Redis's distance, and it would hold the loop)."""
         call = functools.partial(fn, *args, **kwargs)
         pool = self._pool
-        if pool is None:
-            if not (slow and self._slow_workers):
-                return call()
+        if slow and self._slow_workers:
             pool = self._slow_threads()
-        elif self._auto and not slow and self._probe():
+        elif pool is None:
+            return call()
+        elif self._auto and self._probe():
             return self._measure(call)
         future: Future[T] = pool.submit(call)
         waiting = asyncio.wrap_future(future)
@@ -193,7 +195,7 @@ class Offload:
             raise
 
     def _slow_threads(self) -> ThreadPoolExecutor:
-        """``inline``: the threads of the ``slow`` calls, made at the first one."""
+        """The threads of the ``slow`` calls, made at the first one."""
         if self._slow_pool is None:
             self._slow_pool = ThreadPoolExecutor(self._slow_workers, f"{self._name}-slow")
         return self._slow_pool
