@@ -181,7 +181,7 @@ def test_a_mark_no_replica_acknowledged_sends_nothing_and_the_retry_delivers_onc
 
 
 @pytest.mark.parametrize("min_replicas", [1, 0])
-def test_the_marks_of_one_turn_share_one_wait_and_a_premark_is_written_again(
+def test_the_marks_of_one_turn_share_one_wait_and_no_premark_stands_in(
     tmp_path: Path,
     master: EmbeddedRedis,
     replica: EmbeddedRedis,
@@ -190,10 +190,10 @@ def test_the_marks_of_one_turn_share_one_wait_and_a_premark_is_written_again(
     min_replicas: int,
 ) -> None:
     """Five lanes reach DATA in one turn: one pipeline, and with ``redis_min_replicas`` one
-    ``WAIT`` after its five SETs (it counts every earlier write of its connection). A job whose
-    claim wrote its mark ahead (a premark, on another connection) spares the round trip only
-    with 0: a ``WAIT`` on this connection would not count that write, so the mark is written
-    again, then waited for."""
+    ``WAIT`` after its five SETs (it counts every earlier write of its connection). A claim
+    writes the mark ahead (a premark) and spares the round trip only with 0: with
+    ``redis_min_replicas`` the mark is written just before DATA and waited for (a ``WAIT`` would
+    not count another connection's write), so no premark is written at all."""
     ledger = Ledger(configured(tmp_path, master, sink, min_replicas, True), client)
     jobs = stored_jobs(client, 6)
     peer = Peer("mx.d.test", "192.0.2.1", 25, "mx.d.test")
@@ -209,7 +209,8 @@ def test_the_marks_of_one_turn_share_one_wait_and_a_premark_is_written_again(
     assert waits(client) - before == (1 if min_replicas else 0)
 
     premarked, envelope = jobs[5]
-    assert ledger.claim(premarked.key, premark=True, known=envelope).marked  # the last peer
+    # A premark (the last peer) only without min_replicas: with it, a write for nothing.
+    assert ledger.claim(premarked.key, premark=True, known=envelope).marked == (not min_replicas)
     asyncio.run(ledger.mark_in_flight_async(premarked, peer))
     assert ledger.mark_round_trips == (2 if min_replicas else 1), "premark spares it only at 0"
     assert waits(client) - before == (2 if min_replicas else 0)

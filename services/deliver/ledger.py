@@ -129,7 +129,11 @@ class Ledger(Marks, SetAside):
     ) -> Claim:
         """Claim the job ``key`` (one round trip) and read its state as it is now; ``premark``:
         also set its in-flight mark naming the last peer (it will probably go there too);
-        ``known``: its envelope, when read earlier."""
+        ``known``: its envelope, when read earlier. No premark with ``redis_min_replicas``: the
+        mark is written and waited for before DATA anyway (services/deliver/marks.py), and one
+        written ahead would only cost a write and, should the worker die before the round, a
+        false "interrupted"."""
+        premark = premark and not self.min_replicas
         note = self._last_peers.get(key[1]) if premark else None
         text = in_flight_note(note) if note else None
         claim = self.claims.take(key, text, self._mark_ttl, known)
@@ -209,7 +213,9 @@ class Ledger(Marks, SetAside):
         """:meth:`record`, off the loop (:attr:`io`), in ONE transaction with the rounds the
         process's other lanes record in the same turn (:meth:`_record_all`), never left
         half-way (a cancellation waits for it to commit or fail); the claim it took for
-        ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile."""
+        ``upcoming`` is noted on the loop, even when the lane was cancelled meanwhile. No
+        premark with ``redis_min_replicas`` (:meth:`claim`)."""
+        premark = premark and not self.min_replicas
         peer = self._last_peers.get(upcoming[1]) if premark and upcoming is not None else None
         note = in_flight_note(peer) if peer is not None else None
 
