@@ -10,8 +10,8 @@ whole), with the premarks the recordings' claims write ahead and what a failed b
   only if a replica has it — a master that fails over twice (back to the old master) discards
   what the interim master took, marks included, and the re-run would send again unwarned. So
   DATA goes out only once its mark is acknowledged by that many replicas: the mark is written
-  again just before DATA (a premark written by another connection is not counted by this
-  connection's ``WAIT``), followed by ``WAIT numreplicas timeout`` on the same connection, in
+  just before DATA (no premark is written ahead: another connection's write is not counted by
+  this connection's ``WAIT``), followed by ``WAIT numreplicas timeout`` on the same connection, in
   the marks' pipeline of the loop turn (one ``WAIT`` for all of them: it counts every earlier
   write of its connection). Fewer acknowledgements in ``redis_replica_timeout`` → each of the
   group's marks fails with :class:`MarkNotReplicated` (the round is deferred unsent,
