@@ -175,7 +175,7 @@ def test_messages_whose_policy_task_failed_go_with_the_next_commit(
     valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
     """The timer's push fails (here: the queue's key has the wrong type): its messages, stored
-    and answered 250, wait for the next commit's task — no retry loop of its own."""
+    and answered 250, go with the next commit's task when one comes before the retry (1 s)."""
     first, second, third = (envelope("r@dest.test") for _ in range(3))
 
     async def run() -> None:
@@ -188,9 +188,10 @@ def test_messages_whose_policy_task_failed_go_with_the_next_commit(
             store.delete(queueing.POLICY_LIST)
             store.set(queueing.POLICY_LIST, "not a list")
             await committer.accept(second, BODY)  # loaded: waits for a task
-            # The timer fires and its push fails.
-            await until(lambda: committer._task_timer is None and not committer._writes)
-            assert committer._untasked == [second.id] and committer._task_timer is None
+            # The timer fires and its push fails: the retry's timer, a second away.
+            await asyncio.sleep(0.1)
+            await until(lambda: not committer._writes)
+            assert committer._untasked == [second.id] and committer._task_timer is not None
             store.delete(queueing.POLICY_LIST)
             committer._untasked_since -= 1  # the waiting message is older than task_window
             await committer.accept(third, BODY)
@@ -200,6 +201,37 @@ def test_messages_whose_policy_task_failed_go_with_the_next_commit(
 
     asyncio.run(run())
     assert tasks(store, queueing.POLICY_LIST) == [[second.id, third.id]]
+
+
+def test_a_failed_push_is_sent_again_without_waiting_for_a_commit(
+    valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The timer's push fails while Redis is briefly unavailable (here: the queue's key has the
+    wrong type) and then no commit comes (the burst is over): the stored, 250-answered message
+    must not wait for the rescue sweep (a minute and a half or more): its task goes out again,
+    after a back-off, without a new commit."""
+    first, second = (envelope("r@dest.test") for _ in range(2))
+
+    async def run() -> None:
+        client = spool.connect_async(valkey.url)
+        try:
+            committer = commit.Committer(
+                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=0.05, task_max=10
+            )
+            await committer.accept(first, BODY)  # no load yet: its own task
+            store.delete(queueing.POLICY_LIST)
+            store.set(queueing.POLICY_LIST, "not a list")
+            await committer.accept(second, BODY)  # loaded: waits for a task
+            await asyncio.sleep(0.1)  # the timer fires (50 ms) and its push fails
+            await until(lambda: not committer._writes)
+            assert committer._untasked == [second.id]
+            store.delete(queueing.POLICY_LIST)  # Redis is fine again; no commit comes
+            await until(lambda: not committer._untasked and not committer._writes, timeout=5)
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    assert tasks(store, queueing.POLICY_LIST) == [[second.id]]
 
 
 def test_closing_sends_the_task_of_what_was_stored(

@@ -24,7 +24,7 @@ its task in its own transaction, as before. The messages are stored (and their `
 either way: a task waits in this process's memory only, at most ``task_window``; should the
 process die meanwhile, they are in ``waiting:policy`` and the rescue sweep queues them
 (services/deliver/rescue.py). A transaction or a timer's push that fails keeps them waiting for
-the next.
+the next commit, or a timer's retry (``RETRY_FIRST``, doubling up to ``RETRY_MAX``).
 
 Failure: every caller of a failed transaction gets the exception (none of the batch was stored,
 or — :class:`NotReplicated` — not confirmed); a message whose id is taken gets
@@ -48,6 +48,10 @@ from services.common.model import Envelope
 from services.common.spool import IdTaken, stage_message
 
 log = logging.getLogger("tlsrelay.ingest")
+
+
+RETRY_FIRST = 1.0  # seconds before a failed policy task is sent again when no commit comes ...
+RETRY_MAX = 30.0  # ... doubling up to this while Redis keeps failing it
 
 
 class NotReplicated(RedisError):
@@ -103,6 +107,7 @@ class Committer:
         self._untasked: list[str] = []  # stored, their policy task not yet sent (oldest first)
         self._untasked_since = 0.0  # when the oldest of them was stored (loop time)
         self._task_timer: asyncio.TimerHandle | None = None
+        self._retry = 0.0  # back-off of the timer that sends put-back ids again (0: none failed)
 
     async def accept(self, envelope: Envelope, body: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -169,7 +174,9 @@ class Committer:
             new = set(ids)
             self._untask([i for i in tasked if i not in new], put_back=True)  # still waiting
             raise
-        if not tasked:
+        if tasked:
+            self._retry = 0.0
+        else:
             self._untask([i for i, ok in zip(ids, stored, strict=True) if ok])
         return stored
 
@@ -189,17 +196,22 @@ class Committer:
 
     def _untask(self, ids: list[str], put_back: bool = False) -> None:
         """``ids`` (stored) wait for a policy task: the next commit's, or the timer's.
-        ``put_back``: a task naming them was not sent (Redis failed it): ahead of the rest, and
-        no timer of their own — the next commit that succeeds carries them (Redis is back), and
-        if none comes the rescue sweep queues them: no retry loop while Redis is down."""
+        ``put_back``: a task naming them was not sent (Redis failed it): ahead of the rest; the
+        next commit carries them, or the timer after a back-off (1 s, doubling up to
+        :data:`RETRY_MAX`) when none comes — not the rescue sweep's minute and a half."""
         if not ids:
             return
         loop = asyncio.get_running_loop()
         if not self._untasked:
             self._untasked_since = loop.time()
         self._untasked = ids + self._untasked if put_back else self._untasked + ids
-        if self._task_timer is None and not put_back:
+        if put_back:
+            self._retry = min(max(2 * self._retry, RETRY_FIRST), RETRY_MAX)
+            due = loop.time() + self._retry
+        else:
             due = self._untasked_since + self.task_window
+        if self._task_timer is None or due < self._task_timer.when():
+            self._cancel_task_timer()
             self._task_timer = loop.call_at(due, self._send_task)
 
     def _cancel_task_timer(self) -> None:
@@ -219,9 +231,11 @@ class Committer:
     async def _push_task(self, ids: list[str]) -> None:
         try:
             await self.client.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
-        except Exception as exc:  # they wait for the next commit's task, or the rescue sweep
+        except Exception as exc:  # they wait for the next commit's task, or the retry
             log.warning("policy task for %d stored messages not sent yet: %s", len(ids), exc)
             self._untask(ids, put_back=True)
+        else:
+            self._retry = 0.0
 
     async def close(self, timeout: float = 5.0) -> None:
         """Shutting down: the writes under way end (bounded), then the waiting messages' policy
