@@ -108,6 +108,7 @@ class Committer:
         self._untasked_since = 0.0  # when the oldest of them was stored (loop time)
         self._task_timer: asyncio.TimerHandle | None = None
         self._retry = 0.0  # back-off of the timer that sends put-back ids again (0: none failed)
+        self._closing = False  # close() sends what waits: no timer of its own from then on
 
     async def accept(self, envelope: Envelope, body: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -210,6 +211,8 @@ class Committer:
             due = loop.time() + self._retry
         else:
             due = self._untasked_since + self.task_window
+        if self._closing:
+            return
         if self._task_timer is None or due < self._task_timer.when():
             self._cancel_task_timer()
             self._task_timer = loop.call_at(due, self._send_task)
@@ -239,7 +242,9 @@ class Committer:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Shutting down: the writes under way end (bounded), then the waiting messages' policy
-        task goes out. What cannot be sent is left to the rescue sweep."""
+        task goes out. What cannot be sent is left to the rescue sweep. A write that ends
+        meanwhile arms no timer (its push would outlive this, cut by the client's close)."""
+        self._closing = True
         self._cancel_task_timer()
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=timeout)
