@@ -171,27 +171,33 @@ def test_under_load_a_policy_task_gathers_consecutive_commits(
     assert all(store.hget(spool.msg_key(i), "body") == BODY for i in ids)
 
 
+async def a_failed_push(client: Any, store: redis.Redis, waiting: Envelope) -> commit.Committer:
+    """A committer under load whose timer's push of ``waiting``'s task failed (the queue's key
+    has the wrong type): ``waiting`` stored, its id put back, the key still wrong."""
+    committer = commit.Committer(
+        client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=0.05, task_max=10
+    )
+    await committer.accept(envelope("r@dest.test"), BODY)  # no load yet: its own task
+    store.delete(queueing.POLICY_LIST)
+    store.set(queueing.POLICY_LIST, "not a list")
+    await committer.accept(waiting, BODY)  # loaded: waits for a task (the timer, 50 ms)
+    await until(lambda: committer._retry > 0 and not committer._writes)  # its push failed
+    assert committer._untasked == [waiting.id]
+    return committer
+
+
 def test_messages_whose_policy_task_failed_go_with_the_next_commit(
     valkey: EmbeddedRedis, store: redis.Redis
 ) -> None:
     """The timer's push fails (here: the queue's key has the wrong type): its messages, stored
     and answered 250, go with the next commit's task when one comes before the retry (1 s)."""
-    first, second, third = (envelope("r@dest.test") for _ in range(3))
+    second, third = envelope("r@dest.test"), envelope("r@dest.test")
 
     async def run() -> None:
         client = spool.connect_async(valkey.url)
         try:
-            committer = commit.Committer(
-                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=0.05, task_max=10
-            )
-            await committer.accept(first, BODY)  # no load yet: its own task
-            store.delete(queueing.POLICY_LIST)
-            store.set(queueing.POLICY_LIST, "not a list")
-            await committer.accept(second, BODY)  # loaded: waits for a task
-            # The timer fires and its push fails: the retry's timer, a second away.
-            await asyncio.sleep(0.1)
-            await until(lambda: not committer._writes)
-            assert committer._untasked == [second.id] and committer._task_timer is not None
+            committer = await a_failed_push(client, store, second)
+            assert committer._task_timer is not None  # the retry's, a second away
             store.delete(queueing.POLICY_LIST)
             committer._untasked_since -= 1  # the waiting message is older than task_window
             await committer.accept(third, BODY)
@@ -210,21 +216,12 @@ def test_a_failed_push_is_sent_again_without_waiting_for_a_commit(
     wrong type) and then no commit comes (the burst is over): the stored, 250-answered message
     must not wait for the rescue sweep (a minute and a half or more): its task goes out again,
     after a back-off, without a new commit."""
-    first, second = (envelope("r@dest.test") for _ in range(2))
+    second = envelope("r@dest.test")
 
     async def run() -> None:
         client = spool.connect_async(valkey.url)
         try:
-            committer = commit.Committer(
-                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, task_window=0.05, task_max=10
-            )
-            await committer.accept(first, BODY)  # no load yet: its own task
-            store.delete(queueing.POLICY_LIST)
-            store.set(queueing.POLICY_LIST, "not a list")
-            await committer.accept(second, BODY)  # loaded: waits for a task
-            await asyncio.sleep(0.1)  # the timer fires (50 ms) and its push fails
-            await until(lambda: not committer._writes)
-            assert committer._untasked == [second.id]
+            committer = await a_failed_push(client, store, second)
             store.delete(queueing.POLICY_LIST)  # Redis is fine again; no commit comes
             await until(lambda: not committer._untasked and not committer._writes, timeout=5)
         finally:
