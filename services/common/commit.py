@@ -249,11 +249,9 @@ class Committer:
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=timeout)
         ids, self._untasked = self._untasked, []
-        if ids:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self.client.lpush(queueing.POLICY_LIST, queueing.classify_task(ids)), timeout
-                )
+        if ids:  # a failure is logged and left to the rescue sweep (closing: no retry timer)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._push_task(ids), timeout)
 
     async def _replicated(
         self, messages: list[tuple[Envelope, bytes]], tasked: list[str]
