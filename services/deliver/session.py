@@ -162,7 +162,11 @@ async def _attempt(
         handed_off = False
         if smtp is not None:
             max_uses = gate.site.limits.messages_per_connection if gate is not None else None
-            parked = _park(pool, peer, settings, smtp, result, pooled, lease, max_uses, gate)
+            kept = _park(pool, peer, settings, smtp, result, pooled, lease, max_uses, gate)
+            parked = kept is not None
+            if kept is not None and pool is not None and pool.successor_due(kept):
+                successor = _successor(pool, peer, settings, timeouts, gate, kept.outcome, max_uses)
+                pool.open_successor(successor)
             if not parked and not result.next_host:
                 # The transaction is over (recorded next): QUIT in the background, the lease
                 # held until the session is closed (see _close_soon).
@@ -221,20 +225,74 @@ def _park(
     lease: Lease | None = None,
     max_uses: int | None = None,
     gate: Gate | None = None,
-) -> bool:
+) -> Pooled | None:
     """Keep the session for the next delivery unless it failed or fell out of step; one whose
     transaction did not end with a 250 to the final dot is parked unclean (RSET before reuse).
-    A session whose lease was lost (it expired: another worker may hold it now) is closed."""
+    A session whose lease was lost (it expired: another worker may hold it now) is closed.
+    Returns what was parked, or None (the caller closes the session)."""
     if pool is None or result.next_host or result.desync or not smtp.is_connected:
-        return False
+        return None
     if lease is not None and lease.lost:
-        return False
+        return None
     uses = pooled.uses + 1 if pooled is not None else 1
     parked = Pooled(
         smtp, result.outcome, result.tls_version, result.cipher, uses, clean=result.clean,
         lease=lease, max_uses=max_uses, leaf_verdict=result.leaf_verdict,
     )  # fmt: skip
-    return pool.give(_pool_key(peer, settings, gate.site.id if gate else ""), parked)
+    return (
+        parked
+        if pool.give(_pool_key(peer, settings, gate.site.id if gate else ""), parked)
+        else None
+    )
+
+
+async def _successor(
+    pool: ConnectionPool,
+    peer: Peer,
+    settings: TlsSettings,
+    timeouts: Timeouts,
+    gate: Gate | None,
+    outcome: tls.Outcome | None,
+    max_uses: int | None,
+) -> None:
+    """Open the session that takes over from one nearing its last transaction and park it
+    unused (services/deliver/pool.py, "Successor sessions"): the same opening and TLS table as
+    an attempt's, kept only with the TLS ``outcome`` of the session it follows. Never an attempt:
+    nothing sent, nothing recorded, never raises but for cancellation."""
+    lease: Lease | None = None
+    smtp: aiosmtplib.SMTP | None = None
+    kept = False
+    try:
+        if gate is not None:
+            got = await gate.shaper.take(gate.site, gate.seniority, waits=False)
+            if not isinstance(got, Lease):
+                return  # the site is at a limit: the next delivery opens its own, as before
+            lease = got
+        result = Attempt(peer=peer, mode=settings.mode)
+        smtp = await _open(peer, timeouts, result)
+        smtp = await _negotiate_tls(smtp, result, settings, timeouts, lambda _peer: None)
+        if result.outcome is outcome and not (lease is not None and lease.lost):
+            successor = Pooled(
+                smtp, result.outcome, result.tls_version, result.cipher, uses=0, clean=True,
+                lease=lease, max_uses=max_uses, leaf_verdict=result.leaf_verdict,
+            )  # fmt: skip
+            key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
+            kept = pool.give(key, successor)
+    except Exception:  # Redis, refused, timed out, a failed handshake: no successor
+        pass
+    except BaseException:  # cancelled (the pool closes): hang up now, no QUIT
+        if smtp is not None:
+            pipelining.hang_up(smtp)
+            smtp = None
+        raise
+    finally:
+        if not kept:
+            try:
+                if smtp is not None:
+                    await _close(smtp)
+            finally:
+                if lease is not None and gate is not None:
+                    gate.shaper.release(lease)
 
 
 async def _open(peer: Peer, timeouts: Timeouts, result: Attempt) -> aiosmtplib.SMTP:

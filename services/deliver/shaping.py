@@ -323,21 +323,26 @@ class Shaper:
         lease, sent, register, keys, args = self._ask(site, seniority)
         return self._took(lease, sent, register, self._acquire(keys=keys, args=args))
 
-    async def take(self, site: Site, seniority: float = 0.0) -> Lease | Throttle:
+    async def take(
+        self, site: Site, seniority: float = 0.0, waits: bool = True
+    ) -> Lease | Throttle:
         """:meth:`_take` with its script in a thread (:attr:`io`); a lease it took for a round
-        cancelled meanwhile is released (to go at the next tick), never held with no session."""
+        cancelled meanwhile is released (to go at the next tick), never held with no session.
+        ``waits=False``: a look that will not wait for a connection (a successor session,
+        services/deliver/pool.py) never sets the site's ``waiting`` flag, which would close
+        other processes' parked sessions for a connection nobody needs yet."""
 
         def orphan(reply: list[Any]) -> None:
             got = self._took(lease, sent, register, reply)
             if isinstance(got, Lease):
                 self.release(got)
 
-        lease, sent, register, keys, args = self._ask(site, seniority)
+        lease, sent, register, keys, args = self._ask(site, seniority, waits)
         reply = await self.io(self._acquire, keys=keys, args=args, orphan=orphan)
         return self._took(lease, sent, register, reply)
 
     def _ask(
-        self, site: Site, seniority: float
+        self, site: Site, seniority: float, waits: bool = True
     ) -> tuple[Lease, list[Lease], float | None, list[str], list[str | float]]:
         """A new lease of ``site``, the released leases of the site dropped with it, when the
         site's entry is written (None: not now), and the keys and arguments of
@@ -362,8 +367,8 @@ class Shaper:
         args: list[str | float] = [
             lease.id, LEASE_TTL, site.limits.connections, backoff.factor,
             backoff.recover_after, interval, tolerance, site.id,
-            site.document() if register else "", WAITING_TTL, repr(seniority), self.front(site),
-            WAKE_EVERY_MS, *(d.id for d in sent),
+            site.document() if register else "", WAITING_TTL if waits else 0, repr(seniority),
+            self.front(site), WAKE_EVERY_MS, *(d.id for d in sent),
         ]  # fmt: skip
         return lease, sent, now if register else None, keys, args
 

@@ -148,7 +148,8 @@ end
 # 7 deferred set, 8 waiting:deliver, 9 the line's wake gate.
 # ARGV: 1 lease id, 2 ttl, 3 configured limit, 4 factor, 5 recover_after, 6 rate interval (0:
 # none), 7 rate tolerance, 8 site id, 9 site document ("": not written again now), 10 waiting
-# ttl, 11 seniority, 12 front, 13 wake ms, 14.. leases to drop.
+# ttl (0: a look that will not wait — a successor session's — never raises the flag), 11
+# seniority, 12 front, 13 wake ms, 14.. leases to drop.
 # Returns {1, limit, used, line} or {0, reason, wait ms, line} (line: 1 when the site has one).
 ACQUIRE = (
     _NOW
@@ -170,7 +171,7 @@ local used = redis.call('ZCARD', KEYS[1])
 local s, oldest = tonumber(ARGV[11]), nil
 if queued == 1 then oldest = tonumber(redis.call('GET', KEYS[4]) or '') end
 if used >= limit or (oldest ~= nil and s > oldest) then
-  if oldest == nil or s <= oldest then
+  if tonumber(ARGV[10]) > 0 and (oldest == nil or s <= oldest) then
     redis.call('SET', KEYS[4], ARGV[11], 'PX', math.floor(tonumber(ARGV[10]) * 1000))
   end
   if used < limit then return {0, 'connections', 0, queued} end
