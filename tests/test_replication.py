@@ -9,6 +9,7 @@ the count of lost messages is only reported (asynchronous replication may lose t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -24,9 +25,10 @@ import pytest
 import redis
 import yaml
 
-from services.common import spool
+from services.common import commit, queueing, spool
 from services.common.redisserver import EmbeddedRedis, free_port
 from tests.redisha import FAST_FAILOVER, Sentinel, replica_of
+from tests.test_batching import BODY, envelope, tasks, until
 from tests.world import port_open, wait_until
 
 TIMEOUT = "0.5s"  # redis_replica_timeout in these tests
@@ -121,6 +123,51 @@ def test_250_only_once_the_replica_has_the_message(master: EmbeddedRedis, tmp_pa
             wait_until(accepted_again, 20, "250 again once the replica acknowledges")
     finally:
         replica.stop()
+
+
+def test_a_timer_s_policy_task_counts_as_sent_once_the_replica_has_it(
+    master: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """Under load a commit leaves its policy task to a timer (``ingest.task_window``). With
+    ``redis_min_replicas`` the timer's push must be acknowledged as a commit is: a failover
+    right after an unacknowledged LPUSH would drop the task and leave its messages (answered
+    250) to the rescue sweep. Not acknowledged → sent again after the back-off, acknowledged
+    then; a second copy on the master is harmless (the policy task is idempotent)."""
+    replica = replica_of(tmp_path / "replica", master)
+    first, second = envelope("r@dest.test"), envelope("r@dest.test")
+
+    async def run() -> list[float]:
+        client = spool.connect_async(master.url)
+        try:
+            committer = commit.Committer(
+                client, spool.TRACE_TTL, 0.5, 100, lambda: 1, min_replicas=1,
+                replica_timeout=0.2, task_window=0.05, task_max=10,
+            )  # fmt: skip
+            await committer.accept(first, BODY)  # no load yet: its own task, acknowledged
+            await committer.accept(second, BODY)  # loaded: its task waits for the timer
+            assert committer._untasked == [second.id]
+            assert replica.process is not None
+            replica.process.send_signal(signal.SIGSTOP)  # before the timer's push (50 ms)
+            try:
+                await until(lambda: committer._retry > 0 and not committer._writes)
+                assert committer._untasked == [second.id]  # not acknowledged: still waiting
+            finally:
+                replica.process.send_signal(signal.SIGCONT)
+            retried = [committer._retry]
+            await until(lambda: not committer._untasked and not committer._writes, timeout=10)
+            return [*retried, committer._retry]
+        finally:
+            await client.aclose()
+
+    try:
+        retries = asyncio.run(run())
+        with redis.Redis(port=replica.port) as copy:
+            named = tasks(copy, queueing.POLICY_LIST)
+    finally:
+        replica.stop()
+    assert retries == [commit.RETRY_FIRST, 0.0], retries
+    # the first message's task, then the second's twice: the unacknowledged push, the retry
+    assert named == [[first.id], [second.id], [second.id]], named
 
 
 @dataclass

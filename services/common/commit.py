@@ -24,7 +24,8 @@ its task in its own transaction, as before. The messages are stored (and their `
 either way: a task waits in this process's memory only, at most ``task_window``; should the
 process die meanwhile, they are in ``waiting:policy`` and the rescue sweep queues them
 (services/deliver/rescue.py). A transaction or a timer's push that fails keeps them waiting for
-the next commit, or a timer's retry (``RETRY_FIRST``, doubling up to ``RETRY_MAX``).
+the next commit, or a timer's retry (``RETRY_FIRST``, doubling up to ``RETRY_MAX``); with
+``redis_min_replicas``, so does a timer's push the replicas did not acknowledge.
 
 Failure: every caller of a failed transaction gets the exception (none of the batch was stored,
 or — :class:`NotReplicated` — not confirmed); a message whose id is taken gets
@@ -232,8 +233,22 @@ class Committer:
             push.add_done_callback(self._writes.discard)
 
     async def _push_task(self, ids: list[str]) -> None:
+        """The waiting messages' policy task on its own. With ``min_replicas`` it counts as sent
+        only once that many replicas acknowledged it (``LPUSH`` ``WAIT`` on one connection, as
+        a commit): a failover must not drop it and leave its messages to the rescue sweep. A
+        push that was not acknowledged is sent again like one that failed; the policy task is
+        idempotent (services/policy/tasks.py), so a second copy on the master classifies
+        nothing twice."""
+        task = queueing.classify_task(ids)
         try:
-            await self.client.lpush(queueing.POLICY_LIST, queueing.classify_task(ids))
+            if self.min_replicas:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.lpush(queueing.POLICY_LIST, task)
+                    pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
+                    _, acknowledged = await pipe.execute()
+                self._check_replicas(int(acknowledged), "policy task")
+            else:
+                await self.client.lpush(queueing.POLICY_LIST, task)
         except Exception as exc:  # they wait for the next commit's task, or the retry
             log.warning("policy task for %d stored messages not sent yet: %s", len(ids), exc)
             self._untask(ids, put_back=True)
@@ -258,24 +273,29 @@ class Committer:
     ) -> list[bool]:
         """``MULTI`` … ``EXEC`` ``WAIT`` in one pipeline on one connection; raise
         :class:`NotReplicated` unless ``min_replicas`` acknowledged within the timeout."""
-        wait_ms = max(1, round(self.replica_timeout * 1000))
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.execute_command("MULTI")
             self._stage(pipe, messages, tasked)
             pipe.execute_command("EXEC")
-            pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+            pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
             replies = await pipe.execute()  # a queueing error or EXECABORT raises here
         executed: list[Any] = replies[-2]
         failed = [reply for reply in executed if isinstance(reply, Exception)]
         if failed:
             raise failed[0]
-        acknowledged = int(replies[-1])
+        self._check_replicas(int(replies[-1]), "commit")
+        return [bool(reply) for reply in executed[: len(messages)]]
+
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, round(self.replica_timeout * 1000))
+
+    def _check_replicas(self, acknowledged: int, what: str) -> None:
         if acknowledged < self.min_replicas:
             raise NotReplicated(
-                f"{acknowledged} of {self.min_replicas} replicas acknowledged the commit "
+                f"{acknowledged} of {self.min_replicas} replicas acknowledged the {what} "
                 f"within {self.replica_timeout:g}s"
             )
-        return [bool(reply) for reply in executed[: len(messages)]]
 
     def _stage(
         self,
