@@ -107,6 +107,10 @@ class Attempt:
     desync: bool = False
     greeted: bool = False  # a new session got the server's greeting (delivery.mx_session_limit)
     reused: bool = False  # rode a pooled session (no connect, EHLO or handshake of its own)
+    # Rode a successor session (services/deliver/pool.py) on its first transaction: reused,
+    # but its TLS session is new — opened ahead of time, never an attempt of its own — so it is
+    # this attempt's for TLSRPT (verify_code, local_address and dane are the session's).
+    opened_ahead: bool = False
     verify_code: int | None = None  # OpenSSL X509_V_ERR_* of a failed certificate check
     local_address: str | None = None  # our side of the connection (TLSRPT sending-mta-ip)
     dane: str | None = None  # DANE: which TLSA record matched, or why none did

@@ -91,6 +91,11 @@ class Pooled:
     lease: Lease | None = None  # its connection lease (traffic shaping)
     max_uses: int | None = None  # transactions per session at its site (None: the pool's)
     leaf_verdict: str | None = None  # services.deliver.leafcheck's, for the attempts reusing it
+    # A successor's (uses 0) new TLS session, for its first transaction's attempt (TLSRPT):
+    # the leaf check of MTA-STS testing mode, our address, the DANE match.
+    verify_code: int | None = None
+    local_address: str | None = None
+    dane: str | None = None
 
 
 class ConnectionPool:

@@ -146,6 +146,13 @@ async def _attempt(
             )
             result.leaf_verdict = pooled.leaf_verdict
             result.reused = True
+            if pooled.uses == 0:  # a successor's first transaction: its TLS session is new
+                result.opened_ahead = True
+                result.verify_code, result.local_address, result.dane = (
+                    pooled.verify_code,
+                    pooled.local_address,
+                    pooled.dane,
+                )
         else:
             smtp = await _open(peer, timeouts, result)
             result.local_address = _local_address(smtp)
@@ -270,11 +277,14 @@ async def _successor(
             lease = got
         result = Attempt(peer=peer, mode=settings.mode)
         smtp = await _open(peer, timeouts, result)
+        result.local_address = _local_address(smtp)
         smtp = await _negotiate_tls(smtp, result, settings, timeouts, lambda _peer: None)
         if result.outcome is outcome and not (lease is not None and lease.lost):
             successor = Pooled(
                 smtp, result.outcome, result.tls_version, result.cipher, uses=0, clean=True,
                 lease=lease, max_uses=max_uses, leaf_verdict=result.leaf_verdict,
+                verify_code=result.verify_code, local_address=result.local_address,
+                dane=result.dane,
             )  # fmt: skip
             key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
             kept = pool.give(key, successor)

@@ -12,7 +12,8 @@ trip of its own. Fields are JSON arrays:
 - ``["fail", domain, pkey, result-type, sending-mta-ip, receiving-mx-hostname, receiving-ip,
   failure-reason-code]`` → failed sessions.
 
-A session is one new connection that asked for TLS (a reused pooled session is not a new one;
+A session is one new connection that asked for TLS (a reused pooled session is not a new one,
+but a successor session — services/deliver/pool.py — is counted with its first transaction;
 a connection that never got to EHLO and mode ``none`` are no TLS sessions). Result types
 (§4.3.2): STARTTLS not offered → ``starttls-not-supported``; certificate name →
 ``certificate-host-mismatch``; expired → ``certificate-expired``; chain →
@@ -123,7 +124,8 @@ class StsRound:
 def classify(attempt: Attempt, round_: StsRound) -> tuple[str, str] | None:
     """(result type or ``success``, failure-reason-code) of one attempt; None: no TLS session."""
     outcome = attempt.outcome
-    if attempt.reused or outcome is None or outcome is TlsOutcome.DISABLED:
+    new = not attempt.reused or attempt.opened_ahead  # a successor's session is new too
+    if not new or outcome is None or outcome is TlsOutcome.DISABLED:
         return None
     if outcome is TlsOutcome.DANE_FAILED:
         return "tlsa-invalid", ""  # §4.3.2.1: the certificate matched no TLSA record

@@ -1,0 +1,74 @@
+"""Review of successor sessions (services/deliver/pool.py, "Successor sessions"): what a
+successor must keep of the contracts a session opened by an attempt keeps — TLSRPT counts its
+TLS session, it never takes a connection another process waits for, and a destination that
+tells it to slow down is heard.
+
+Real Redis (the ``store`` fixture), real STARTTLS sinks on loopback (tests/peers.py), the
+deliverer's own session code and traffic shaping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from services.common.model import Envelope, TlsMode
+from services.deliver import mtasts, observe, tlsrpt
+from services.deliver.attempt import Attempt, Hooks, Peer, TlsSettings
+from services.deliver.session import attempt
+from tests.peers import Sink
+from tests.test_successor import BODY, DOMAIN, TIMEOUTS, Relay, ok, site_for, until
+
+# MTA-STS testing mode: the session does not verify; the leaf is checked afterwards.
+TESTING = TlsSettings(mode=TlsMode.OPPORTUNISTIC, check_leaf=True)
+
+
+async def send(relay: Relay, n: int, settings: TlsSettings) -> Attempt:
+    gate = relay.shaper.gate(relay.site)
+    envelope = Envelope(id=f"0123456789ab-r{n}", sender="s@o.test", recipients=())
+    try:
+        return await attempt(
+            relay.peer, envelope, [f"r{n}@{DOMAIN}"], BODY, settings, TIMEOUTS, Hooks(),
+            relay.pool, gate,
+        )  # fmt: skip
+    finally:
+        gate.close()
+
+
+def test_tlsrpt_counts_the_tls_session_of_a_successor(
+    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MTA-STS testing mode, a certificate whose name does not match the MX host: every new
+    TLS session is a ``certificate-host-mismatch`` failure for TLSRPT (RFC 8460 counts
+    sessions). 21 messages at 20 a session are two TLS sessions at the destination; before the
+    change the 21st message opened the second itself and TLSRPT counted both. The successor
+    opens it instead and its first message rides it as ``reused``: the leaf check it made was
+    dropped, and TLSRPT counted one session — with steady traffic every session after the first
+    is a successor, so the failure was never reported again."""
+    monkeypatch.setattr(observe, "attempt", lambda result, seconds: None)
+    with Sink("starttls") as sink:
+        relay = Relay(store, site_for(sink.port), sink.port)
+        relay.peer = Peer(f"mx.{DOMAIN}", "127.0.0.1", sink.port, f"mx.{DOMAIN}")
+
+        async def run() -> list[Attempt]:
+            try:
+                results = [await send(relay, n, TESTING) for n in range(19)]
+                await until(lambda: len(relay.pool.leases()) == 2, sink.summary)
+                results += [await send(relay, 19, TESTING), await send(relay, 20, TESTING)]
+                return results
+            finally:
+                await relay.wind_down(sink)
+
+        results = asyncio.run(run())
+    assert all(ok(r) for r in results), results
+    assert sink.stats()["tls_handshakes_ok"] == 2, sink.summary()
+    assert results[0].verify_code == mtasts.HOSTNAME_MISMATCH
+    found = tlsrpt.tally(tlsrpt.StsRound(DOMAIN), results)
+    tallied = found["none"]
+    assert tallied.successes == 0
+    failures = {detail[0]: n for detail, n in tallied.failures.items()}
+    assert failures == {"certificate-host-mismatch": 2}, tallied.failures
+    # the sending-mta-ip of each failed session is known (RFC 8460 §4.4)
+    assert all(detail[1] == "127.0.0.1" for detail in tallied.failures), tallied.failures
