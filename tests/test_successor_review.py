@@ -14,10 +14,13 @@ import asyncio
 import pytest
 import redis
 
+from services.common import spool
+from services.common.config import Config
 from services.common.model import Envelope, TlsMode
 from services.deliver import mtasts, observe, tlsrpt
 from services.deliver.attempt import Attempt, Hooks, Peer, TlsSettings
 from services.deliver.session import attempt
+from services.deliver.shaping import Lease, Shaper, Throttle
 from tests.peers import Sink
 from tests.test_successor import BODY, DOMAIN, TIMEOUTS, Relay, ok, site_for, until
 
@@ -72,3 +75,31 @@ def test_tlsrpt_counts_the_tls_session_of_a_successor(
     assert failures == {"certificate-host-mismatch": 2}, tallied.failures
     # the sending-mta-ip of each failed session is known (RFC 8460 §4.4)
     assert all(detail[1] == "127.0.0.1" for detail in tallied.failures), tallied.failures
+
+
+def test_a_successor_does_not_take_the_connection_another_process_waits_for(
+    store: redis.Redis,
+) -> None:
+    """A site of one connection: process B's round waits for it (the site's ``waiting`` flag
+    stands). The connection comes free; process A's successor look (``waits=False``) must not
+    take it — a successor is opened for a connection nobody needs yet, B's message waits for
+    one now. Before the fix the look took it (no line at the site: the flag was not read), B's
+    round met a full site again, and A's tick then closed a parked session of A's for B."""
+    site = site_for(2525, connections=1)
+    a, b = Shaper(Config(), store), Shaper(Config(), store)
+
+    async def run() -> tuple[Lease | Throttle, Lease | Throttle, Lease | Throttle]:
+        held = await a.take(site)  # A's session
+        assert isinstance(held, Lease)
+        waiting = await b.take(site)  # B's round: the site is full, it waits (flag set)
+        assert isinstance(waiting, Throttle)
+        assert store.exists(spool.site_key("waiting", site.id))
+        a.release(held)  # A's session closes
+        a.tick()  # its lease leaves Redis: the connection is free
+        successor = await a.take(site, waits=False)
+        again = await b.take(site)
+        return held, successor, again
+
+    _, successor, again = asyncio.run(run())
+    assert isinstance(successor, Throttle), successor
+    assert isinstance(again, Lease), again

@@ -330,7 +330,8 @@ class Shaper:
         cancelled meanwhile is released (to go at the next tick), never held with no session.
         ``waits=False``: a look that will not wait for a connection (a successor session,
         services/deliver/pool.py) never sets the site's ``waiting`` flag, which would close
-        other processes' parked sessions for a connection nobody needs yet."""
+        other processes' parked sessions for a connection nobody needs yet, and gets no lease
+        while that flag stands: the connection is for the round waiting for it."""
 
         def orphan(reply: list[Any]) -> None:
             got = self._took(lease, sent, register, reply)

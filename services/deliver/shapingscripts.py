@@ -148,7 +148,8 @@ end
 # 7 deferred set, 8 waiting:deliver, 9 the line's wake gate.
 # ARGV: 1 lease id, 2 ttl, 3 configured limit, 4 factor, 5 recover_after, 6 rate interval (0:
 # none), 7 rate tolerance, 8 site id, 9 site document ("": not written again now), 10 waiting
-# ttl (0: a look that will not wait — a successor session's — never raises the flag), 11
+# ttl (0: a look that will not wait — a successor session's — never raises the flag, and gets
+# no lease while it stands), 11
 # seniority, 12 front, 13 wake ms, 14.. leases to drop.
 # Returns {1, limit, used, line} or {0, reason, wait ms, line} (line: 1 when the site has one).
 ACQUIRE = (
@@ -168,6 +169,11 @@ local limit = limit_of(configured, tonumber(ARGV[4]), steps)
 local used = redis.call('ZCARD', KEYS[1])
 -- While the site has a line, the waiting flag holds the seniority of the oldest round asking
 -- for a connection (set by it, refreshed by it alone): a younger round leaves it the next one.
+-- A look that will not wait (a successor session's) leaves a connection to any round that waits
+-- for one (its flag stands, line or not): that round has a message, the successor none yet.
+if tonumber(ARGV[10]) == 0 and redis.call('EXISTS', KEYS[4]) == 1 then
+  return {0, 'connections', 0, queued}
+end
 local s, oldest = tonumber(ARGV[11]), nil
 if queued == 1 then oldest = tonumber(redis.call('GET', KEYS[4]) or '') end
 if used >= limit or (oldest ~= nil and s > oldest) then
