@@ -103,3 +103,31 @@ def test_a_successor_does_not_take_the_connection_another_process_waits_for(
     _, successor, again = asyncio.run(run())
     assert isinstance(successor, Throttle), successor
     assert isinstance(again, Lease), again
+
+
+def test_a_successor_refused_with_421_steps_the_site_back(
+    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination answers the successor's connection with ``421 4.7.0 Too many
+    connections``: a round that met that greeting steps the site's connection limit down for
+    every worker (delivery.backoff); the successor's must too, else every session of every
+    worker asks again for the connection the destination just refused (and a destination
+    counting such refusals blocks the relay)."""
+    monkeypatch.setattr(observe, "attempt", lambda result, seconds: None)
+    busy = "421 4.7.0 Too many connections from your address"
+    with Sink("starttls", greeting=lambda n: busy if n == 2 else None) as sink:
+        relay = Relay(store, site_for(sink.port), sink.port)
+
+        async def run() -> list[Attempt]:
+            try:
+                results = [await send(relay, n, TESTING) for n in range(19)]
+                await until(lambda: relay.pool.opening == 0, sink.summary)
+                assert sink.stats()["connections"] == 2, sink.summary()
+                return results
+            finally:
+                await relay.wind_down(sink)
+
+        results = asyncio.run(run())
+    assert all(ok(r) for r in results), results
+    steps = store.hget(spool.site_key("backoff", relay.site.id), "steps")
+    assert steps is not None and int(steps) == 1, steps

@@ -32,8 +32,10 @@ requirement; it is parked only when its TLS outcome is that session's (else clos
 delivery opens its own as before). Its lease is taken like any other — connection limit,
 connection rate, the site's line — but with no wait and without raising the site's ``waiting``
 flag: at a full site, or while a round of any process waits for a connection there (its flag
-stands), there is simply no successor. It is never an attempt: nothing is sent,
-nothing recorded; a failure closes it and gives its lease back. Parked, it is expired, closed for
+stands), there is simply no successor. It is never an attempt: nothing is sent, nothing
+recorded but a greeting that asks the site to slow down (the back-off, as an attempt's would);
+a failure closes it and gives its lease back; its TLS session is TLSRPT's with its first
+transaction (``Attempt.opened_ahead``). Parked, it is expired, closed for
 another worker's waiting round and closed at shutdown like any parked session; one still opening
 when the pool closes is cancelled (:meth:`ConnectionPool.close_all`).
 

@@ -265,17 +265,18 @@ async def _successor(
     """Open the session that takes over from one nearing its last transaction and park it
     unused (services/deliver/pool.py, "Successor sessions"): the same opening and TLS table as
     an attempt's, kept only with the TLS ``outcome`` of the session it follows. Never an attempt:
-    nothing sent, nothing recorded, never raises but for cancellation."""
+    nothing sent, nothing recorded but the site's back-off (a greeting matching
+    ``delivery.backoff.replies``), never raises but for cancellation."""
     lease: Lease | None = None
     smtp: aiosmtplib.SMTP | None = None
     kept = False
+    result = Attempt(peer=peer, mode=settings.mode)
     try:
         if gate is not None:
             got = await gate.shaper.take(gate.site, gate.seniority, waits=False)
             if not isinstance(got, Lease):
                 return  # the site is at a limit: the next delivery opens its own, as before
             lease = got
-        result = Attempt(peer=peer, mode=settings.mode)
         smtp = await _open(peer, timeouts, result)
         result.local_address = _local_address(smtp)
         smtp = await _negotiate_tls(smtp, result, settings, timeouts, lambda _peer: None)
@@ -289,7 +290,10 @@ async def _successor(
             key = _pool_key(peer, settings, gate.site.id if gate is not None else "")
             kept = pool.give(key, successor)
     except Exception:  # Redis, refused, timed out, a failed handshake: no successor
-        pass
+        if gate is not None and result.server_replies:
+            # A greeting that says slow down (421, "too many connections") steps the site
+            # back as an attempt's would (never raises: its Redis errors are logged).
+            gate.shaper.backoff(gate.site, result.server_replies)
     except BaseException:  # cancelled (the pool closes): hang up now, no QUIT
         if smtp is not None:
             pipelining.hang_up(smtp)
