@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import cast
 
 import aiosmtplib
@@ -210,13 +211,16 @@ def test_a_successor_still_opening_when_the_pool_closes_is_cut_and_its_lease_goe
         relay = Relay(store, site_for(port), port)
         gate = relay.shaper.gate(relay.site)
         async with server:
+            # A greeting timeout far beyond the test's bound: the successor must be cut by
+            # close_all, not end by itself when the greeting times out.
+            patient = replace(TIMEOUTS, greeting=300)
             opening = session._successor(
-                relay.pool, relay.peer, OPPORTUNISTIC, TIMEOUTS, gate, Outcome.TLS, 20
+                relay.pool, relay.peer, OPPORTUNISTIC, patient, gate, Outcome.TLS, 20
             )
             relay.pool.open_successor(opening)
             await until(lambda: bool(accepted) and bool(relay.shaper.held), lambda: accepted)
             relay.pool.close_all()
-            await relay.pool.closed()
+            await asyncio.wait_for(relay.pool.closed(), 5)
             assert relay.pool.opening == 0
             await asyncio.wait_for(gone.wait(), 10)
             # released: to be dropped from Redis with the next tick or lease
