@@ -10,7 +10,9 @@ deliverer's own session code and traffic shaping.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
+import aiosmtplib
 import pytest
 import redis
 
@@ -19,6 +21,7 @@ from services.common.config import Config
 from services.common.model import Envelope, TlsMode
 from services.deliver import mtasts, observe, tlsrpt
 from services.deliver.attempt import Attempt, Hooks, Peer, TlsSettings
+from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.session import attempt
 from services.deliver.shaping import Lease, Shaper, Throttle
 from tests.peers import Sink
@@ -131,3 +134,26 @@ def test_a_successor_refused_with_421_steps_the_site_back(
     assert all(ok(r) for r in results), results
     steps = store.hget(spool.site_key("backoff", relay.site.id), "steps")
     assert steps is not None and int(steps) == 1, steps
+
+
+class _Open:
+    """An open session as far as the pool looks at one (ConnectionPool reads is_connected)."""
+
+    is_connected = True
+
+    def close(self) -> None:
+        self.is_connected = False
+
+
+def test_take_hands_out_the_session_that_carried_mail_before_its_successor() -> None:
+    """The successor is parked after the session it follows (its handshake ends after that
+    session's transaction): taken last-parked-first, it would carry the mail while the old
+    session waits with its last transactions — test_successor's message counts do not tell the
+    two apart, this does."""
+    pool = ConnectionPool(20, 60)
+    key = PoolKey("127.0.0.1", 25, int(TlsMode.OPPORTUNISTIC), None, None, "localhost")
+    old = Pooled(cast(aiosmtplib.SMTP, _Open()), None, None, None, uses=19, max_uses=20)
+    new = Pooled(cast(aiosmtplib.SMTP, _Open()), None, None, None, uses=0, max_uses=20)
+    assert pool.give(key, old) and pool.give(key, new)
+    assert pool.take(key) is old
+    assert pool.take(key) is new
