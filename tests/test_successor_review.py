@@ -10,6 +10,7 @@ deliverer's own session code and traffic shaping.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import cast
 
 import aiosmtplib
@@ -20,7 +21,7 @@ from services.common import spool
 from services.common.config import Config
 from services.common.model import Envelope, TlsMode
 from services.deliver import mtasts, observe, tlsrpt
-from services.deliver.attempt import Attempt, Hooks, Peer, TlsSettings
+from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.session import attempt
 from services.deliver.shaping import Lease, Shaper, Throttle
@@ -31,12 +32,14 @@ from tests.test_successor import BODY, DOMAIN, TIMEOUTS, Relay, ok, site_for, un
 TESTING = TlsSettings(mode=TlsMode.OPPORTUNISTIC, check_leaf=True)
 
 
-async def send(relay: Relay, n: int, settings: TlsSettings) -> Attempt:
+async def send(
+    relay: Relay, n: int, settings: TlsSettings, timeouts: Timeouts = TIMEOUTS
+) -> Attempt:
     gate = relay.shaper.gate(relay.site)
     envelope = Envelope(id=f"0123456789ab-r{n}", sender="s@o.test", recipients=())
     try:
         return await attempt(
-            relay.peer, envelope, [f"r{n}@{DOMAIN}"], BODY, settings, TIMEOUTS, Hooks(),
+            relay.peer, envelope, [f"r{n}@{DOMAIN}"], BODY, settings, timeouts, Hooks(),
             relay.pool, gate,
         )  # fmt: skip
     finally:
@@ -157,3 +160,46 @@ def test_take_hands_out_the_session_that_carried_mail_before_its_successor() -> 
     assert pool.give(key, old) and pool.give(key, new)
     assert pool.take(key) is old
     assert pool.take(key) is new
+
+
+def test_a_successor_stuck_opening_yields_its_connection_to_a_waiting_round(
+    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site of two connections; A's session has one transaction left and its successor hangs
+    in STARTTLS (a tarpit: the reply may take the whole command timeout, 5 minutes by default).
+    Process B's round waits for a connection: A's tick closes one of A's sessions for it. The
+    successor, which carries nothing and may hold its lease for minutes, is the one to go — not
+    the parked session with a message left (A's next message would then find no session, and
+    the site full of B's and A's own stuck successor). Before the fix the tick could only close
+    parked sessions: it closed the parent."""
+    monkeypatch.setattr(observe, "attempt", lambda result, seconds: None)
+    patient = replace(TIMEOUTS, command=300)
+    with Sink("starttls") as sink:
+        relay = Relay(store, site_for(sink.port, connections=2), sink.port)
+        other = Shaper(Config(), store)
+
+        async def run() -> list[Attempt]:
+            try:
+                results = [await send(relay, 0, TESTING, patient)]
+                sink.starttls_delay = 300  # from now on: the successor's STARTTLS hangs
+                results += [await send(relay, n, TESTING, patient) for n in range(1, 19)]
+                await until(lambda: sink.starttls_busy_peak == 1, sink.summary)
+                (parent,) = relay.pool.leases()
+                (successor,) = [lease for lease in relay.shaper.held.values() if lease != parent]
+                assert isinstance(await other.take(relay.site), Throttle)  # B waits
+                relay.shaper.tick()  # A sees B waiting: one of its sessions goes
+                await until(lambda: relay.pool.opening == 0, sink.summary)
+                assert relay.pool.leases() == [parent], "the parked session was closed"
+                # the successor's lease is given back (it leaves Redis with A's next call)
+                assert list(relay.shaper.held.values()) == [parent]
+                assert any(lease is successor for lease in relay.shaper._dropped)
+                results.append(await send(relay, 19, TESTING, patient))  # on the parent
+                return results
+            finally:
+                sink.starttls_delay = 0
+                other.close()
+                await relay.wind_down(sink)
+
+        results = asyncio.run(run())
+    assert all(ok(r) for r in results), results
+    assert results[-1].reused, results[-1]

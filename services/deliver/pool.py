@@ -37,7 +37,8 @@ recorded but a greeting that asks the site to slow down (the back-off, as an att
 a failure closes it and gives its lease back; its TLS session is TLSRPT's with its first
 transaction (``Attempt.opened_ahead``). Parked, it is expired, closed for
 another worker's waiting round and closed at shutdown like any parked session; one still opening
-when the pool closes is cancelled (:meth:`ConnectionPool.close_all`).
+is cancelled when the pool closes (:meth:`ConnectionPool.close_all`), and is the first to go for
+a round waiting for its site (:meth:`ConnectionPool.close_one`).
 
 Traffic shaping (services/deliver/shaping.py): a parked session keeps the connection lease it
 was opened with (``Pooled.lease``); whenever the pool closes a session, ``release`` is told, so
@@ -112,7 +113,7 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.release = release  # told of every closed session's lease
         self._closing: set[asyncio.Task[None]] = set()  # sessions being closed (QUIT)
-        self._opening: set[asyncio.Task[None]] = set()  # successors being opened
+        self._opening: dict[asyncio.Task[None], str] = {}  # successors being opened → site
         self._idle: dict[PoolKey, list[Pooled]] = {}
         self.handshakes = 0  # sessions opened (for tests and benchmarks)
         self.reuses = 0
@@ -160,12 +161,13 @@ class ConnectionPool:
         limit = self._max(pooled)
         return limit >= MIN_USES and pooled.uses == limit - limit // SPARE_SHARE
 
-    def open_successor(self, opening: Coroutine[Any, Any, None]) -> None:
-        """Run ``opening`` (a successor being opened and parked) on the running loop; it is
-        cancelled by :meth:`close_all` if still running."""
+    def open_successor(self, opening: Coroutine[Any, Any, None], site: str = "") -> None:
+        """Run ``opening`` (a successor being opened and parked, to ``site``) on the running
+        loop; it is cancelled by :meth:`close_all`, or by :meth:`close_one` for a round waiting
+        for its site, if still running."""
         task = asyncio.get_running_loop().create_task(opening)
-        self._opening.add(task)
-        task.add_done_callback(self._opening.discard)
+        self._opening[task] = site
+        task.add_done_callback(lambda done: self._opening.pop(done, None))
 
     @property
     def opening(self) -> int:
@@ -183,7 +185,7 @@ class ConnectionPool:
     async def closed(self) -> None:
         """Wait for the successors being opened and the sessions being closed (each QUIT
         bounded by :data:`QUIT_TIMEOUT`)."""
-        while waiting := self._opening | self._closing:
+        while waiting := set(self._opening) | self._closing:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     def drop(self, pooled: Pooled) -> None:
@@ -220,7 +222,13 @@ class ConnectionPool:
 
     def close_one(self, site: str) -> int:
         """Close the longest-parked session of ``site`` (another worker waits for its lease);
-        return how many were closed (0 or 1)."""
+        return how many were closed (0 or 1). A successor still opening there goes first: it
+        carries nothing, and a slow destination may hold it (and its lease) for minutes; its
+        cancellation hangs up and gives the lease back at once."""
+        for task, of in self._opening.items():
+            if of == site and not task.done() and not task.cancelling():
+                task.cancel()
+                return 1
         parked = [(p.parked_at, key, p) for key, s in self._idle.items() if key.site == site
                   for p in s]  # fmt: skip
         if not parked:

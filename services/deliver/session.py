@@ -173,7 +173,7 @@ async def _attempt(
             parked = kept is not None
             if kept is not None and pool is not None and pool.successor_due(kept):
                 successor = _successor(pool, peer, settings, timeouts, gate, kept.outcome, max_uses)
-                pool.open_successor(successor)
+                pool.open_successor(successor, gate.site.id if gate is not None else "")
             if not parked and not result.next_host:
                 # The transaction is over (recorded next): QUIT in the background, the lease
                 # held until the session is closed (see _close_soon).
