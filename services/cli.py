@@ -218,12 +218,12 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     from services.common import metrics, queueing
     from services.common.celeryapp import (
         make_app,
+        run_worker,
         wire_heartbeat,
         wire_liveness,
         wire_metrics,
         wire_privilege_note,
         wire_watchdog,
-        worker_argv,
     )
     from services.common.health import heartbeat_path
 
@@ -257,7 +257,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
             return _listen_failed(args.command, exc)
         print(f"{args.command} metrics on http://{address}/metrics", flush=True)
     print(f"{args.command} worker consuming queue '{queue}' on {redis_url}", flush=True)
-    app.worker_main(worker_argv(queue, concurrency, config.hostname))
+    run_worker(app, queue, concurrency, config.hostname)
     return 0
 
 

@@ -133,11 +133,9 @@ def make_app(config: Config, redis_url: str, name: str) -> Celery:
 
 
 def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
-    """Arguments for ``app.worker_main``: one queue, no gossip/mingle (we run no remote control),
-    no ``celeryev`` heartbeats (nobody listens; a publish every 2 s per worker)."""
+    """Options of Celery's ``worker`` command: one queue, no gossip/mingle (we run no remote
+    control), no ``celeryev`` heartbeats (nobody listens; a publish every 2 s per worker)."""
     return [
-        "--quiet",  # no banner on stdout: logs are JSON lines on stderr (services/common/logs.py)
-        "worker",
         "--queues", queue,
         "--concurrency", str(concurrency),
         "--pool", "prefork",
@@ -147,6 +145,30 @@ def worker_argv(queue: str, concurrency: int, hostname: str) -> list[str]:
         "--without-heartbeat",
         "--loglevel", "INFO",
     ]  # fmt: skip
+
+
+def run_worker(app: Celery, queue: str, concurrency: int, hostname: str) -> None:
+    """Run the worker until it stops: Celery's ``worker`` command itself, its options
+    (:func:`worker_argv`) parsed as ``celery worker`` parses them, quiet (no banner on stdout:
+    logs are JSON lines on stderr, services/common/logs.py).
+
+    Not through ``app.worker_main`` (the ``celery`` umbrella command): that imports every
+    subcommand's module, among them ``celery amqp``'s interactive shell (click_repl with
+    prompt_toolkit, pygments) — 9.4 MB of each worker process, and so of every pool process
+    forked from it, for commands a worker never runs; the ``worker`` command alone imports
+    1.6 MB (bench/README.md, "Session 12"). What the umbrella adds before it hands over is its
+    context object (app, ``--quiet``; ``--no-color`` only colours the banner, not shown) and
+    the app's user options, of which ours has none."""
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    context = CLIContext(app=app, no_color=False, workdir=None, quiet=True)
+    worker.main(
+        args=worker_argv(queue, concurrency, hostname),
+        prog_name="celery worker",
+        standalone_mode=False,  # as worker_main: return here, the caller decides the exit
+        obj=context,
+    )
 
 
 def wire_liveness(redis_url: str, role: str) -> None:
