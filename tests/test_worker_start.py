@@ -1,6 +1,7 @@
 """How a Celery worker of ours starts (services/common/celeryapp.py, ``run_worker``): Celery's
 ``worker`` command with our options, and not the ``celery`` umbrella command, whose other
-subcommands' modules (an interactive shell among them) would cost every worker process memory.
+subcommands' modules (an interactive shell among them) would cost every worker process memory;
+and each pool process set to die with its parent without parsing C (``spare_cffi_parser``).
 
 Each case runs in a fresh interpreter: what it has imported is what a worker would have.
 """
@@ -8,11 +9,15 @@ Each case runs in a fresh interpreter: what it has imported is what a worker wou
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from bench.env import REPO, python_env
+from services.common.celeryapp import set_pdeathsig
 
 # A worker that records what Celery's command built it with, and starts nothing.
 START = """
@@ -75,3 +80,51 @@ def test_the_worker_command_gets_our_options_without_the_umbrella_command() -> N
     # ...without importing every other subcommand, `celery amqp`'s shell among them.
     assert ours["heavy"] == []
     assert umbrella["heavy"] == ["click_repl", "prompt_toolkit"]
+
+
+# What Celery runs first in each pool process it forks, in a bare app.
+POOL_PROCESS = """
+import ctypes, json, sys
+from celery import Celery
+from celery.concurrency.prefork import process_initializer
+from services.common.celeryapp import spare_cffi_parser
+
+if sys.argv[1] == "ours":
+    spare_cffi_parser()
+process_initializer(Celery("tlsrelay-test", set_as_current=True), "deliver@relay.example")
+signum = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(signum))  # PR_GET_PDEATHSIG
+print(json.dumps({"pdeathsig": signum.value, "pycparser": "pycparser" in sys.modules}))
+"""
+
+
+def pool_process(how: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_PROCESS, how],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=python_env(),
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_pool_process_dies_with_its_parent_without_parsing_c() -> None:
+    ours, billiards = pool_process("ours"), pool_process("billiard")
+    assert ours["pdeathsig"] == billiards["pdeathsig"] == signal.SIGKILL
+    assert not ours["pycparser"]
+    assert billiards["pycparser"]  # billiard's call through cffi: what spare_cffi_parser spares
+
+
+def test_set_pdeathsig_refused_is_an_oserror(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Celery ignores, as it ignores billiard's: refused by the kernel, or not Linux."""
+    if sys.platform.startswith("linux"):
+        with pytest.raises(OSError, match="Invalid argument"):
+            set_pdeathsig(1000)  # no such signal: EINVAL
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(OSError, match="only supported on linux"):
+        set_pdeathsig(signal.SIGKILL)

@@ -16,13 +16,15 @@ per worker, and an unprivileged worker (the container image's uid 10001) logs no
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from wsgiref.simple_server import WSGIServer
 
 import redis
@@ -43,6 +45,7 @@ from services.common.config import Config
 from services.common.health import Heartbeat
 
 log = logging.getLogger("tlsrelay.worker")
+PR_SET_PDEATHSIG: Final = 1  # prctl(2), linux/prctl.h
 
 
 def settings(config: Config, redis_url: str) -> dict[str, Any]:
@@ -162,6 +165,7 @@ def run_worker(app: Celery, queue: str, concurrency: int, hostname: str) -> None
     from celery.bin.base import CLIContext
     from celery.bin.worker import worker
 
+    spare_cffi_parser()
     context = CLIContext(app=app, no_color=False, workdir=None, quiet=True)
     worker.main(
         args=worker_argv(queue, concurrency, hostname),
@@ -169,6 +173,37 @@ def run_worker(app: Celery, queue: str, concurrency: int, hostname: str) -> None
         standalone_mode=False,  # as worker_main: return here, the caller decides the exit
         obj=context,
     )
+
+
+def spare_cffi_parser() -> None:
+    """Each pool process asks the kernel to kill it when the main process dies (Celery's
+    ``process_initializer`` calls billiard's ``set_pdeathsig``, which Celery imported as
+    ``celery.platforms._set_pdeathsig``). billiard makes that ``prctl`` call through cffi whenever
+    cffi is imported — and it always is: billiard imports it itself when installed, and
+    cryptography requires it — so each pool process parses a C declaration at start, importing
+    pycparser for it: 4.2 MB of every pool process, for one system call (bench/README.md,
+    "Session 12"). This makes Celery call :func:`set_pdeathsig` instead: the same call
+    through ctypes, as billiard makes it when cffi is not imported. Call it before the pool
+    forks; idempotent."""
+    import celery.platforms
+
+    celery.platforms._set_pdeathsig = set_pdeathsig
+
+
+def set_pdeathsig(signum: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, signum)``: this process gets ``signum`` when its parent dies.
+    :class:`OSError` where that cannot be done (not Linux, or refused), which Celery ignores,
+    as it does billiard's."""
+    if not sys.platform.startswith("linux"):
+        raise OSError("pdeathsig is only supported on linux")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0)
+    except (AttributeError, OSError) as exc:
+        raise OSError(f"prctl is not available: {exc}") from exc
+    if done != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
 
 
 def wire_liveness(redis_url: str, role: str) -> None:
