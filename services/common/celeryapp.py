@@ -9,6 +9,11 @@ Metrics: the worker's main process serves ``/metrics`` for its whole pool (prome
 multiprocess mode, see :mod:`services.common.metrics`); :func:`wire_metrics` connects the pool
 processes' start and exit to it.
 
+Start (:func:`run_worker`): Celery's ``worker`` command alone, not the ``celery`` umbrella
+command, and each pool process's parent-death signal set without cffi
+(:func:`spare_cffi_parser`): 9.4 and 4.2 MB less in every pool process (bench/README.md,
+"Session 12").
+
 Privileges: Celery warns (a multi-line ``SecurityWarning``) when its worker runs as root or in
 the ``sudo``/``wheel`` group; :func:`wire_privilege_note` replaces it with one structured log line
 per worker, and an unprivileged worker (the container image's uid 10001) logs nothing.
@@ -157,9 +162,10 @@ def run_worker(app: Celery, queue: str, concurrency: int, hostname: str) -> None
 
     Not through ``app.worker_main`` (the ``celery`` umbrella command): that imports every
     subcommand's module, among them ``celery amqp``'s interactive shell (click_repl with
-    prompt_toolkit, pygments) — 9.4 MB of each worker process, and so of every pool process
-    forked from it, for commands a worker never runs; the ``worker`` command alone imports
-    1.6 MB (bench/README.md, "Session 12"). What the umbrella adds before it hands over is its
+    prompt_toolkit) — 9.4 MB of each worker process, and so of every pool process forked from
+    it, for commands a worker never runs; the ``worker`` command alone imports 0.24 MB (and
+    pygments, 1.9 MB, where it is installed: the dev lock's venv, not the runtime's;
+    bench/README.md, "Session 12"). What the umbrella adds before it hands over is its
     context object (app, ``--quiet``; ``--no-color`` only colours the banner, not shown) and
     the app's user options, of which ours has none."""
     from celery.bin.base import CLIContext
