@@ -21,7 +21,7 @@ from services.common.celeryapp import set_pdeathsig
 
 # A worker that records what Celery's command built it with, and starts nothing.
 START = """
-import json, sys
+import json, os, sys
 from celery import Celery
 from services.common.celeryapp import run_worker, worker_argv
 
@@ -44,17 +44,18 @@ if sys.argv[1] == "umbrella":  # how workers started before: `celery --quiet wor
 else:
     run_worker(app, "deliver", 3, "relay.example")
 heavy = sorted(m for m in ("click_repl", "prompt_toolkit") if m in sys.modules)
-print(json.dumps({"options": seen, "heavy": heavy}, default=str))
+broker = os.environ.get("CELERY_BROKER_URL")
+print(json.dumps({"options": seen, "heavy": heavy, "broker_env": broker}, default=str))
 """
 
 
-def start_worker(how: str) -> dict[str, Any]:
+def start_worker(how: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-c", START, how],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=python_env(),
+        env=python_env(env),
         timeout=60,
         check=True,
     )
@@ -80,6 +81,19 @@ def test_the_worker_command_gets_our_options_without_the_umbrella_command() -> N
     # ...without importing every other subcommand, `celery amqp`'s shell among them.
     assert ours["heavy"] == []
     assert umbrella["heavy"] == ["click_repl", "prompt_toolkit"]
+
+
+def test_the_umbrellas_environment_variables_are_not_read() -> None:
+    """The umbrella command's options read unprefixed environment variables: ``APP`` (another
+    application: the worker did not start), ``BROKER_URL`` (copied to ``CELERY_BROKER_URL``,
+    which overrides the configured broker). The worker command reads none: the configuration
+    alone says which Redis a worker consumes."""
+    env = {"APP": "no_such_module", "BROKER_URL": "redis://elsewhere.invalid:6379/0"}
+    ours = start_worker("ours", env)
+    assert ours["options"]["started"]
+    assert ours["broker_env"] is None
+    with pytest.raises(subprocess.CalledProcessError):
+        start_worker("umbrella", env)  # "Unable to load celery application"
 
 
 # What Celery runs first in each pool process it forks, in a bare app.

@@ -167,7 +167,10 @@ def run_worker(app: Celery, queue: str, concurrency: int, hostname: str) -> None
     pygments, 1.9 MB, where it is installed: the dev lock's venv, not the runtime's;
     bench/README.md, "Session 12"). What the umbrella adds before it hands over is its
     context object (app, ``--quiet``; ``--no-color`` only colours the banner, not shown) and
-    the app's user options, of which ours has none."""
+    the app's user options, of which ours has none — and its options' unprefixed environment
+    variables, which no longer apply: ``APP`` named another application (the worker did not
+    start), ``BROKER_URL`` became ``CELERY_BROKER_URL``, which overrides the configured
+    broker. The configuration alone says which Redis a worker consumes."""
     from celery.bin.base import CLIContext
     from celery.bin.worker import worker
 
