@@ -62,7 +62,10 @@ then report, per behaviour and in total:
 - ``still_queued``: the others whose message is still in Redis; ``stuck``: those of them with no
   task anywhere, which no worker will ever take (``bounces_stuck``: the same for DSNs).
 - ``lost`` = accepted − delivered − bounced − still queued (the three sets are disjoint;
-  ``overlap`` counts any message in two): must be 0.
+  ``overlap`` counts any message in two): must be 0. A message delivered whose DSN says the
+  destination may have it despite the bounce (a delivery interrupted while sending DATA, the
+  retry then failed for good: services/deliver/dsn.py ``interrupted_note``) is counted in
+  ``bounced_interrupted`` instead — the sender was told the truth, as with ``duplicates``.
 - ``duplicates``: extra copies at the destination sinks (a worker killed after the final dot and
   before its reply was recorded — the RFC 1047 window; ``interrupted`` counts the deliveries the
   relay found interrupted so, from the traces).
@@ -108,6 +111,7 @@ from bench.env import REPO, python_env
 from bench.workload import Workload, bench_id
 from services.common import queueing, spool
 from services.common.redisserver import EmbeddedRedis
+from services.deliver.dsn import MAY_HAVE_ARRIVED
 from tests.peers import Sink
 from tests.redisha import FAST_FAILOVER, Sentinel, online_replicas, replica_of
 from tests.sinksmtp import Message
@@ -663,11 +667,16 @@ def report(run: Run) -> dict[str, Any]:
     opts = run.options
     accepted = {ident: qid for ident, _, qid in run.load["accepted"] if qid}
     bounce_copies = dsn_copies(run.sinks["bounces"].messages, accepted)
+    may_have = set(dsn_copies(  # the DSNs that say the destination may have the message
+        (m for m in run.sinks["bounces"].messages if MAY_HAVE_ARRIVED.encode() in m.data), accepted
+    ))  # fmt: skip
     rows, totals = [], Counter[str]()
     attempts, delivered_by = Counter[str](), Counter[str]()
     for index, behaviour in enumerate(BEHAVIOURS):
         ids = [bench_id(run.run_id, i) for i in range(index, opts.messages, len(BEHAVIOURS))]
-        row = behaviour_row(run, behaviour, ids, accepted, bounce_copies, attempts, delivered_by)
+        row = behaviour_row(
+            run, behaviour, ids, accepted, bounce_copies, attempts, delivered_by, may_have
+        )
         rows.append(row)
         totals.update({k: v for k, v in row.items() if isinstance(v, int)})
     (enforced,) = [run.sinks[b.sink] for b in BEHAVIOURS if b.name == "enforced-to-clear"]
@@ -718,7 +727,8 @@ def failover_account(run: Run) -> dict[str, Any] | None:
 
 SUMMED = (
     "accepted", "refused", "delivered", "bounced", "dsn_received", "dsn_missing", "still_queued",
-    "lost", "stuck", "overlap", "duplicates", "interrupted", "unexpected_fate", "sink_tls",
+    "lost", "stuck", "overlap", "bounced_interrupted", "duplicates", "interrupted",
+    "unexpected_fate", "sink_tls",
     "sink_clear", "unexpected_channel", "relay_tls", "relay_clear", "tls_mismatches",
 )  # fmt: skip
 
@@ -731,8 +741,10 @@ def behaviour_row(
     bounce_copies: dict[str, list[bool]],
     attempts: Counter[str],
     delivered_by: Counter[str],
+    may_have: set[str],
 ) -> dict[str, Any]:
-    """One behaviour's counts; adds its attempts and delivering outcomes to the two counters."""
+    """One behaviour's counts; adds its attempts and delivering outcomes to the two counters.
+    ``may_have``: the messages whose DSN says the destination may have them."""
     sink = run.sinks[behaviour.sink]
     arrived = copies(sink.messages)
     mine = [i for i in ids if i in accepted]
@@ -770,7 +782,8 @@ def behaviour_row(
         "still_queued": len(queued),
         "stuck": len(stuck),
         "lost": len(mine) - len(delivered | bounced | queued),
-        "overlap": len(delivered & (recorded_bounce | dsn)),
+        "overlap": len(delivered & (recorded_bounce | dsn) - may_have),
+        "bounced_interrupted": len(delivered & (recorded_bounce | dsn) & may_have),
         "duplicates": sum(len(arrived[i]) - 1 for i in delivered),
         "interrupted": interrupted,
         "unexpected_fate": len(mine) - len(fates[behaviour.fate]) - len(queued),
@@ -817,7 +830,8 @@ def table(r: dict[str, Any]) -> str:
         f"{r['still_queued']}  LOST {r['lost']}",
         f"  stuck (in the spool, no task anywhere): {r['stuck']} messages, "
         f"{r['bounces_stuck']} bounces (of {r['bounces_in_spool']} bounces left in the spool)",
-        f"  duplicates {r['duplicates']} (interrupted deliveries in traces: {r['interrupted']})"
+        f"  duplicates {r['duplicates']} (interrupted deliveries in traces: {r['interrupted']}; "
+        f"delivered and bounced saying it may have arrived: {r['bounced_interrupted']})"
         f"  refused {r['refused']}  unexpected fates {r['unexpected_fate']}, channels "
         f"{r['unexpected_channel']}",
         f"  enforced mail seen in clear {r['enforced_seen_in_clear']}  TLS mismatches "

@@ -276,18 +276,47 @@ class Notice:
     fallback: bytes | None = None  # a REQUIRETLS DSN's redacted twin (sent if it fails)
 
 
+MAY_HAVE_ARRIVED = "may have received this message despite this report"
+
+
+def interrupted_note(trace: Sequence[dict[str, object]], domain: str) -> str | None:
+    """What a bounce for ``domain``'s recipients must add when a delivery to them was found
+    interrupted while sending DATA (the message's trace, services/deliver/marks.py): the host
+    may have taken the message before the worker could record its reply (RFC 1047), so "could
+    not be delivered" may not be the whole truth. None when no delivery there was interrupted."""
+    found = [e for e in trace if e.get("event") == "interrupted" and e.get("domain") == domain]
+    if not found:
+        return None
+    last = found[-1]
+    since = last.get("since")
+    when = f" at {_date(since)}" if isinstance(since, int | float) else ""
+    host = one_line(str(last.get("host") or "its host"))
+    return (
+        f"Note: a delivery of this message to {host}{when} was interrupted while the message "
+        "was being sent (the relay stopped before it could record the host's reply). The host "
+        f"may have accepted it: the recipients below {MAY_HAVE_ARRIVED}."
+    )
+
+
 def notice(
-    round_: Round, outcome: Outcome, reporting_mta: str, delay_warning_after: float
+    round_: Round,
+    outcome: Outcome,
+    reporting_mta: str,
+    delay_warning_after: float,
+    failed_notes: Sequence[str] = (),
 ) -> Notice | None:
     """The DSN ``round_`` calls for: a bounce for failed recipients, else (once per message,
-    after ``delay_warning_after``; 0: never) a delay notice; None when the sender is null."""
+    after ``delay_warning_after``; 0: never) a delay notice; None when the sender is null.
+    ``failed_notes``: lines a bounce adds (:func:`interrupted_note`)."""
     envelope = round_.envelope
     if not wanted(envelope):
         return None
     waited = round_.now - envelope.received_at
     delay_due = delay_warning_after > 0 and waited >= delay_warning_after
+    notes = [outcome.note] if outcome.note else []
     if outcome.bounced:
         action, replies, until = FAILED, outcome.bounced, None
+        notes += failed_notes
     elif outcome.deferred and not round_.state.delay_warned and delay_due:
         action, replies, until = DELAYED, outcome.deferred, round_.expires
     else:
@@ -302,7 +331,7 @@ def notice(
         original=round_.body,
         reports=reports,
         decision=outcome.decision or round_.decision,
-        notes=(outcome.note,) if outcome.note else (),
+        notes=notes,
         retry_until=until,
         now=round_.now,
     )

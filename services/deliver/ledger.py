@@ -237,11 +237,17 @@ class Ledger(Marks, SetAside):
     def _prepare(self, writes: Writes) -> Writes:
         """What a round's recording writes besides its results: the DSN it calls for, the
         redacted twin of a REQUIRETLS DSN that failed for good (past the queue lifetime, what
-        would be deferred is bounced first)."""
+        would be deferred is bounced first). A bounce reads the message's trace: after an
+        interrupted delivery to the domain it says the host may have the message
+        (:func:`services.deliver.dsn.interrupted_note`)."""
         round_, outcome = writes.round_, writes.outcome
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
+        notes: list[str] = []
+        if outcome.bounced and dsn.wanted(round_.envelope):  # rare: one read of the trace
+            trace = spool.read_trace(self.client, round_.envelope.id)
+            notes += filter(None, [dsn.interrupted_note(trace, round_.job.domain)])
         notice = dsn.notice(
-            round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after
+            round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after, notes
         )
         return replace(writes, notice=notice, fallback=self._fallback(round_, outcome))
 

@@ -1,0 +1,67 @@
+"""A bounce after an interrupted delivery (services/deliver/dsn.py, ``interrupted_note``): when a
+worker died while sending DATA to a destination (its in-flight mark found by the next run,
+services/deliver/marks.py) and the recipients there then fail for good, the destination may have
+taken the message all the same (RFC 1047): the DSN must say so, not only "could not be
+delivered". Found by the Sentinel soak (a delivery cut by the master's death, its retry past the
+queue lifetime while no replica acknowledged marks: delivered and bounced).
+
+Real Redis (the ``valkey`` fixture), the deliverer's own code, a real SMTP sink that refuses the
+recipients for good.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from services.common import spool
+from services.common.redisserver import EmbeddedRedis
+from services.deliver import dsn
+from services.deliver.attempt import Peer
+from services.deliver.marks import in_flight_note
+from tests.peers import Sink
+from tests.test_batching import deliver, queue_jobs, routed
+
+DOMAIN = "interrupted.test"
+
+
+def bounce_of(store: redis.Redis, message_id: str) -> str:
+    """The text of the DSN the message's trace names."""
+    (event,) = [e for e in spool.read_trace(store, message_id) if e["event"] == "dsn"]
+    body = store.hget(spool.msg_key(event["dsn_id"]), "body")
+    assert isinstance(body, bytes), event
+    return body.decode()
+
+
+def test_a_bounce_after_an_interrupted_delivery_says_the_message_may_have_arrived(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """Two messages to a destination that refuses their recipients (550): the first one's
+    delivery had been interrupted while sending DATA (an earlier run's mark stands), so its
+    bounce says the host may have it; the second's bounce does not."""
+    with Sink("plain", rcpt_replies=lambda rcpt: "550 5.1.1 No such user") as sink:
+        config = routed(tmp_path, valkey, DOMAIN, f"127.0.0.1:{sink.port}")
+        interrupted, plain = queue_jobs(store, DOMAIN, 2)
+        earlier = Peer(f"mx.{DOMAIN}", "127.0.0.1", sink.port, f"mx.{DOMAIN}")
+        store.set(spool.in_flight_key(interrupted["id"], DOMAIN), in_flight_note(earlier))
+        deliver(config, store, [interrupted, plain])
+
+    kinds = [e["event"] for e in spool.read_trace(store, interrupted["id"])]
+    assert "interrupted" in kinds and "bounced" in kinds, kinds
+    text = bounce_of(store, interrupted["id"])
+    assert "could not be delivered" in text
+    assert f"delivery of this message to mx.{DOMAIN} at " in text, text
+    assert dsn.MAY_HAVE_ARRIVED in text, text
+    assert dsn.MAY_HAVE_ARRIVED not in bounce_of(store, plain["id"])
+
+
+def test_the_note_names_only_an_interruption_at_the_bounced_domain() -> None:
+    trace: list[dict[str, object]] = [
+        {"event": "received"},
+        {"event": "interrupted", "domain": "other.test", "host": "mx.other.test", "since": 1.0},
+    ]
+    assert dsn.interrupted_note(trace, DOMAIN) is None
+    trace.append({"event": "interrupted", "domain": DOMAIN, "host": "mx.x\r\nInjected: 1"})
+    note = dsn.interrupted_note(trace, DOMAIN)
+    assert note is not None and "\r" not in note and "\n" not in note, note
