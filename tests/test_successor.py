@@ -62,6 +62,19 @@ class Relay:
         await asyncio.gather(self.pool.closed(), session.closed())
         await until(lambda: sink.open_connections == 0, sink.summary)
 
+    async def past_the_successor(self, sink: Sink, meanwhile: Callable[[], None]) -> list[Attempt]:
+        """21 messages one after another, 20 a session: after the 19th the successor's opening
+        is under way; once it has ended (parked, or given up), ``meanwhile`` looks; then the
+        20th and 21st go, and every session is closed."""
+        try:
+            results = [await self.send(n) for n in range(19)]
+            assert self.pool.opening == 1  # its look for a lease is under way
+            await until(lambda: self.pool.opening == 0, sink.summary)
+            meanwhile()
+            return [*results, await self.send(19), await self.send(20)]
+        finally:
+            await self.wind_down(sink)
+
     async def send(self, n: int) -> Attempt:
         gate = self.shaper.gate(self.site)
         envelope = Envelope(id=f"0123456789ab-s{n}", sender="s@o.test", recipients=())
@@ -147,19 +160,11 @@ def test_at_a_full_site_there_is_no_successor_and_no_waiting_flag(store: redis.R
         relay = Relay(store, site_for(sink.port, connections=1), sink.port)
         waiting = spool.site_key("waiting", relay.site.id)
 
-        async def run() -> list[Attempt]:
-            try:
-                results = [await relay.send(n) for n in range(19)]
-                assert relay.pool.opening == 1  # its look for a lease is under way
-                await until(lambda: relay.pool.opening == 0, sink.summary)
-                assert not store.exists(waiting)
-                assert sink.stats()["connections"] == 1, sink.summary()
-                results += [await relay.send(19), await relay.send(20)]
-                return results
-            finally:
-                await relay.wind_down(sink)
+        def meanwhile() -> None:
+            assert not store.exists(waiting)
+            assert sink.stats()["connections"] == 1, sink.summary()
 
-        results = asyncio.run(run())
+        results = asyncio.run(relay.past_the_successor(sink, meanwhile))
     assert all(ok(r) for r in results), results
     assert [r.reused for r in results] == [False] + [True] * 19 + [False]
     assert sink.stats()["connections"] == 2, sink.summary()
@@ -172,18 +177,11 @@ def test_a_successor_the_destination_refuses_gives_its_lease_back(store: redis.R
     with Sink("starttls", greeting=lambda n: "421 4.7.0 Busy" if n in refuse else None) as sink:
         relay = Relay(store, site_for(sink.port), sink.port)
 
-        async def run() -> list[Attempt]:
-            try:
-                results = [await relay.send(n) for n in range(19)]
-                await until(lambda: relay.pool.opening == 0, sink.summary)
-                assert sink.stats()["connections"] == 2, sink.summary()
-                assert list(relay.shaper.held.values()) == relay.pool.leases()  # one: the session's
-                results += [await relay.send(19), await relay.send(20)]
-                return results
-            finally:
-                await relay.wind_down(sink)
+        def meanwhile() -> None:
+            assert sink.stats()["connections"] == 2, sink.summary()
+            assert list(relay.shaper.held.values()) == relay.pool.leases()  # one: the session's
 
-        results = asyncio.run(run())
+        results = asyncio.run(relay.past_the_successor(sink, meanwhile))
     assert all(ok(r) for r in results), results
     assert [r.reused for r in results] == [False] + [True] * 19 + [False]
     assert len(sink.messages) == 21, sink.summary()
