@@ -98,7 +98,7 @@ def test_runtime_install_is_exactly_the_runtime_lock(runtime_venv: Path) -> None
 
 def test_runtime_install_delivers_a_message(runtime_venv: Path, tmp_path: Path) -> None:
     port = free_port()
-    metrics = metrics_ports()
+    metrics = metrics_ports(avoid={port})
     with Sink("starttls") as sink:
         config = tmp_path / "tlsrelay.yaml"
         config.write_text(

@@ -53,7 +53,7 @@ def settings(world: World) -> dict[str, Any]:
         return world.sinks[name].address_text
 
     return {
-        "metrics": metrics_ports(),
+        "metrics": metrics_ports(avoid={world.ingest_port}),
         "ingest": {"max_recipients": 2},  # a third RCPT → 452 4.5.3 (a tempfail)
         "delivery": {
             "routes": {
@@ -514,10 +514,11 @@ def test_queue_gauges_follow_a_backlog_up_and_down(world: World) -> None:
 
 
 def test_run_prints_and_serves_the_three_urls(tmp_path: Path) -> None:
-    ports = metrics_ports()
+    listen = free_port()
+    ports = metrics_ports(avoid={listen})
     config = tmp_path / "tlsrelay.yaml"
     config.write_text(
-        f"hostname: relay.test\ndata_dir: ./var\ningest:\n  listen: 127.0.0.1:{free_port()}\n"
+        f"hostname: relay.test\ndata_dir: ./var\ningest:\n  listen: 127.0.0.1:{listen}\n"
         f"policy:\n  concurrency: 1\ndelivery:\n  concurrency: 1\nmetrics: {ports}\n"
     )
     log = tmp_path / "run.log"

@@ -25,7 +25,7 @@ def trace(config: Path, message_id: str) -> bytes:
 
 def test_run_starts_everything_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    metrics = metrics_ports()
+    metrics = metrics_ports(avoid={port})
     with Sink("starttls") as sink:
         config = tmp_path / "tlsrelay.yaml"
         config.write_text(

@@ -27,7 +27,7 @@ def tlsrelay(cwd: Path, *args: str, timeout: float = 60) -> subprocess.Completed
 
 
 def write_config(root: Path, ingest_port: int, metrics: dict[str, str] | None = None) -> Path:
-    ports = metrics or metrics_ports()
+    ports = metrics or metrics_ports(avoid={ingest_port})
     config = root / "tlsrelay.yaml"
     config.write_text(
         f"hostname: relay.test\ndata_dir: ./var\ningest:\n  listen: 127.0.0.1:{ingest_port}\n"

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -96,7 +96,7 @@ class World:
         """Start ``name``; return its process and where its output starts in its log."""
         settings = yaml.safe_load(self.config_path.read_text()) or {}
         if "metrics" not in settings:
-            settings["metrics"] = metrics_ports()
+            settings["metrics"] = metrics_ports(avoid={self.ingest_port})
             self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         log_path = self.root / f"{name}.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
@@ -133,9 +133,12 @@ class World:
             return True  # running and bound (or exited for a reason of its own: the test sees)
         self.procs.pop(name)
         if (settings["metrics"] or {}).get(name):
-            settings["metrics"][name] = metrics_ports()[name]
+            taken = {self.ingest_port, *_ports_of(settings["metrics"])}
+            settings["metrics"][name] = metrics_ports(avoid=taken)[name]
         if name == "ingest":
-            self.ingest_port = free_port()
+            while (port := free_port()) in _ports_of(settings["metrics"]):
+                pass  # the kernel handed back a metrics port (configured, not yet bound)
+            self.ingest_port = port
             settings["ingest"]["listen"] = f"127.0.0.1:{self.ingest_port}"
         self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
         return False
@@ -224,17 +227,26 @@ class World:
         )
 
 
-def metrics_ports() -> dict[str, str]:
+def metrics_ports(avoid: Collection[int] = ()) -> dict[str, str]:
     """A free loopback port for each service's ``/metrics`` (instead of the fixed defaults),
     all different: each stays bound until all are chosen (the kernel may hand a port that was
-    just released straight back)."""
+    just released straight back), and none of ``avoid`` (the ingest listener's, chosen free
+    earlier but not held: the same port for both is a configuration error, and the services
+    exit before they bind anything)."""
     with contextlib.ExitStack() as held:
         ports = {}
         for name in SERVICES:
-            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports[name] = f"127.0.0.1:{sock.getsockname()[1]}"
+            port = 0
+            while port == 0 or port in avoid:
+                sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            ports[name] = f"127.0.0.1:{port}"
         return ports
+
+
+def _ports_of(metrics: dict[str, str] | None) -> set[int]:
+    return {int(where.rsplit(":", 1)[1]) for where in (metrics or {}).values() if where}
 
 
 def message(subject: str, body: str = "Hello.\r\n") -> bytes:
