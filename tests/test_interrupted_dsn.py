@@ -12,13 +12,16 @@ recipients for good.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 
 from services.common import spool
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import dsn
+from services.deliver import dsn, queue
 from services.deliver.attempt import Peer
+from services.deliver.ledger import Ledger
 from services.deliver.marks import in_flight_note
 from tests.peers import Sink
 from tests.test_batching import deliver, queue_jobs, routed
@@ -65,3 +68,37 @@ def test_the_note_names_only_an_interruption_at_the_bounced_domain() -> None:
     trace.append({"event": "interrupted", "domain": DOMAIN, "host": "mx.x\r\nInjected: 1"})
     note = dsn.interrupted_note(trace, DOMAIN)
     assert note is not None and "\r" not in note and "\n" not in note, note
+
+
+def test_an_operator_bounce_of_a_round_parked_after_data_says_the_message_may_have_arrived(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that sent DATA (the sink has the message) and then failed unexpectedly while
+    being recorded is parked in the deferred set with its in-flight mark standing
+    (``Ledger.park(keep_mark=True)``, services/deliver/batch.py ``_held_step``): the next run
+    would note the interruption. ``tlsrelay queue bounce`` before that run takes the entry: its
+    DSN must say the host may have the message — not "could not be delivered" alone for a
+    message the destination has — and the interruption must stay in the trace, not leave with
+    the mark the bounce's recording deletes."""
+    real = Ledger._stage
+
+    def broken(self: Ledger, pipe: Any, writes: Any) -> Any:
+        if writes.outcome.delivered:  # a bug of ours while recording a delivered round
+            raise ValueError("unexpected")
+        return real(self, pipe, writes)
+
+    monkeypatch.setattr(Ledger, "_stage", broken)
+    with Sink("plain") as sink:
+        config = routed(tmp_path, valkey, DOMAIN, f"127.0.0.1:{sink.port}")
+        (job,) = queue_jobs(store, DOMAIN, 1)
+        deliver(config, store, [job])
+        assert len(sink.messages) == 1  # the destination has it
+    monkeypatch.setattr(Ledger, "_stage", real)
+    assert store.exists(spool.in_flight_key(job["id"], DOMAIN))  # parked with its mark
+    assert store.zcard(spool.DEFERRED) == 1
+
+    assert queue.bounce(config, store, job["id"]) == [job["recipients"][0]]
+    kinds = [e["event"] for e in spool.read_trace(store, job["id"])]
+    assert "interrupted" in kinds and "bounced" in kinds, kinds
+    text = bounce_of(store, job["id"])
+    assert dsn.MAY_HAVE_ARRIVED in text, text

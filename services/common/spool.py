@@ -350,6 +350,12 @@ def load_body(client: redis.Redis, message_id: str) -> bytes | None:
     return raw
 
 
+def load_mark(client: redis.Redis, message_id: str, domain: str) -> bytes | None:
+    """The job's in-flight mark (RFC 1047: services/deliver/marks.py), if one stands."""
+    raw: bytes | None = client.get(in_flight_key(message_id, domain))  # type: ignore[assignment]
+    return raw
+
+
 def load_fallback(client: redis.Redis, message_id: str) -> bytes | None:
     """The fallback body stored with a message (:func:`stage_message`), if any."""
     raw: bytes | None = client.hget(msg_key(message_id), "fallback")  # type: ignore[assignment]

@@ -142,6 +142,7 @@ def _bounce_entry(config: Config, client: redis.Redis, member: bytes) -> tuple[s
     it (nothing bounced), and a failure leaves the entry where it was."""
     job = Job.from_json(json.loads(member))
     ledger = Ledger(config, client)
+    noted = False
     for _ in range(BOUNCE_ATTEMPTS):
         with client.pipeline(transaction=True) as pipe:
             pipe.watch(spool.DEFERRED)  # type: ignore[no-untyped-call]
@@ -150,6 +151,14 @@ def _bounce_entry(config: Config, client: redis.Redis, member: bytes) -> tuple[s
             envelope, body = spool.load_envelope(client, job.id), spool.load_body(client, job.id)
             final = spool.load_job(client, job.id, job.domain).final
             pending = [r for r in job.recipients if r not in final]
+            mark = spool.load_mark(client, job.id, job.domain)
+            if mark is not None and pending and not noted:
+                # A round parked after an unexpected error may have sent DATA unrecorded
+                # (Ledger.park(keep_mark=True)): its mark, which the next run would have noted,
+                # is deleted by this recording. Noted first, so the bounce says the host may
+                # have the message (dsn.interrupted_note) and the trace keeps it.
+                ledger.note_interrupted(job, mark)
+                noted = True
             pipe.multi()
             pipe.zrem(spool.DEFERRED, member)
             try:
