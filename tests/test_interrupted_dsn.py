@@ -11,6 +11,7 @@ recipients for good.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,36 @@ def test_an_operator_bounce_of_a_round_parked_after_data_says_the_message_may_ha
     assert "interrupted" in kinds and "bounced" in kinds, kinds
     text = bounce_of(store, job["id"])
     assert dsn.MAY_HAVE_ARRIVED in text, text
+
+
+def test_a_trace_the_note_cannot_read_does_not_stop_the_bounce(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The note is advice read from the trace, a log: an entry that is not an event (written by
+    hand, another tool or version) must not stop the bounce itself. Else ``_prepare`` raises,
+    the round is never recorded and is parked again and again (``Ledger.park``, the first retry
+    step), also past the queue lifetime, whose bounce reads the trace too: stuck for good, the
+    sender never told."""
+    with Sink("plain", rcpt_replies=lambda rcpt: "550 5.1.1 No such user") as sink:
+        config = routed(tmp_path, valkey, DOMAIN, f"127.0.0.1:{sink.port}")
+        (job,) = queue_jobs(store, DOMAIN, 1)
+        store.rpush(spool.trace_key(job["id"]), "not an event")
+        deliver(config, store, [job])
+    assert store.zcard(spool.DEFERRED) == 0, "parked: the bounce was not recorded"
+    assert not store.exists(spool.msg_key(job["id"]))  # bounced: final
+    text = bounce_of_raw(store, job["id"])
+    assert "could not be delivered" in text and dsn.MAY_HAVE_ARRIVED not in text, text
+
+
+def bounce_of_raw(store: redis.Redis, message_id: str) -> str:
+    """:func:`bounce_of`, skipping trace entries that are not JSON."""
+    for raw in store.lrange(spool.trace_key(message_id), 0, -1):
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if event.get("event") == "dsn":
+            body = store.hget(spool.msg_key(event["dsn_id"]), "body")
+            assert isinstance(body, bytes), event
+            return body.decode()
+    raise AssertionError("no dsn event")

@@ -54,6 +54,7 @@ recorded is not sent again).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -244,12 +245,31 @@ class Ledger(Marks, SetAside):
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
         notes: list[str] = []
         if outcome.bounced and dsn.wanted(round_.envelope):  # rare: one read of the trace
-            trace = spool.read_trace(self.client, round_.envelope.id)
-            notes += filter(None, [dsn.interrupted_note(trace, round_.job.domain)])
+            notes += filter(None, [self._interrupted_note(round_)])
         notice = dsn.notice(
             round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after, notes
         )
         return replace(writes, notice=notice, fallback=self._fallback(round_, outcome))
+
+    def _interrupted_note(self, round_: Round) -> str | None:
+        """:func:`services.deliver.dsn.interrupted_note` for the round's domain. Advice read
+        from a log: an entry that is no event (written by hand, another tool or version) is
+        skipped, and a note that cannot be made is logged — never a round that cannot be
+        recorded, parked again and again, its sender never told. A Redis error propagates (the
+        task runs again), as the recording's would."""
+        key = spool.trace_key(round_.envelope.id)
+        entries: list[bytes] = self.client.lrange(key, 0, -1)  # type: ignore[assignment]
+        trace: list[dict[str, object]] = []
+        for raw in entries:
+            with contextlib.suppress(ValueError):
+                event = json.loads(raw)
+                if isinstance(event, dict):
+                    trace.append(event)
+        try:
+            return dsn.interrupted_note(trace, round_.job.domain)
+        except Exception:  # e.g. a date out of range: the bounce goes without the note
+            log.exception("no note on interrupted deliveries for %s to %s", *round_.job.key)
+            return None
 
     def _write_prepared(self, writes: Writes, pipe: redis.client.Pipeline | None) -> Claim | None:
         if pipe is not None:
