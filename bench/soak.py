@@ -744,18 +744,22 @@ def behaviour_row(
     may_have: set[str],
 ) -> dict[str, Any]:
     """One behaviour's counts; adds its attempts and delivering outcomes to the two counters.
-    ``may_have``: the messages whose DSN says the destination may have them."""
+    ``may_have``: the messages whose DSN says the destination may have them (not counted as
+    ``overlap`` unless their trace records a delivery)."""
     sink = run.sinks[behaviour.sink]
     arrived = copies(sink.messages)
     mine = [i for i in ids if i in accepted]
     delivered = {i for i in mine if i in arrived}
     recorded_bounce, relay_tls, relay_clear, mismatches, interrupted = set(), 0, 0, 0, 0
+    recorded_delivery = set()
     for ident in mine:
         events = run.traces.get(accepted[ident], [])
         kinds = Counter(e["event"] for e in events)
         interrupted += kinds["interrupted"]
         if kinds["bounced"]:
             recorded_bounce.add(ident)
+        if kinds["delivered"]:
+            recorded_delivery.add(ident)
         attempts.update(str(e["tls_outcome"]) for e in events if e["event"] == "attempt")
         outcome = delivering_outcome(events)
         if ident in delivered:
@@ -765,6 +769,9 @@ def behaviour_row(
             relay_clear += not relay_says_tls
             mismatches += relay_says_tls != arrived[ident][0]
     dsn = {i for i in mine if i in bounce_copies}
+    # The DSN's note excuses a delivered message's bounce only when the relay never recorded
+    # the delivery: one recipient recorded delivered, then bounced, is a relay failure.
+    excused = may_have - recorded_delivery
     bounced = (recorded_bounce | dsn) - delivered
     queued = {i for i in mine if accepted[i] in run.in_spool} - delivered - bounced
     stuck = {i for i in queued if accepted[i] in run.stuck}
@@ -782,8 +789,8 @@ def behaviour_row(
         "still_queued": len(queued),
         "stuck": len(stuck),
         "lost": len(mine) - len(delivered | bounced | queued),
-        "overlap": len(delivered & (recorded_bounce | dsn) - may_have),
-        "bounced_interrupted": len(delivered & (recorded_bounce | dsn) & may_have),
+        "overlap": len(delivered & (recorded_bounce | dsn) - excused),
+        "bounced_interrupted": len(delivered & (recorded_bounce | dsn) & excused),
         "duplicates": sum(len(arrived[i]) - 1 for i in delivered),
         "interrupted": interrupted,
         "unexpected_fate": len(mine) - len(fates[behaviour.fate]) - len(queued),
