@@ -141,13 +141,13 @@ def test_a_timer_s_policy_task_counts_as_sent_once_the_replica_has_it(
         try:
             committer = commit.Committer(
                 client, spool.TRACE_TTL, 0.5, 100, lambda: 1, min_replicas=1,
-                replica_timeout=0.2, task_window=0.05, task_max=10,
+                replica_timeout=0.2, task_window=0.3, task_max=10,
             )  # fmt: skip
             await committer.accept(first, BODY)  # no load yet: its own task, acknowledged
             await committer.accept(second, BODY)  # loaded: its task waits for the timer
             assert committer._untasked == [second.id]
             assert replica.process is not None
-            replica.process.send_signal(signal.SIGSTOP)  # before the timer's push (50 ms)
+            replica.process.send_signal(signal.SIGSTOP)  # before the timer's push (0.3 s)
             try:
                 await until(lambda: committer._retry > 0 and not committer._writes)
                 assert committer._untasked == [second.id]  # not acknowledged: still waiting

@@ -87,6 +87,13 @@ def in_flight_key(message_id: str, domain: str) -> str:
     return f"{PREFIX}inflight:{message_id}:{domain}"
 
 
+def interrupted_key(message_id: str, domain: str) -> str:
+    """Set (for the trace's lifetime) once a delivery to ``domain`` was found interrupted while
+    sending DATA: where and since when, for the bounce that may follow
+    (services/deliver/marks.py ``note_interrupted``, services/deliver/dsn.py)."""
+    return f"{PREFIX}interrupted:{message_id}:{domain}"
+
+
 def tls_broken_key(host: str, port: int) -> str:
     return f"{PREFIX}tlsbroken:{host}:{port}"
 

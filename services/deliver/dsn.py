@@ -40,7 +40,7 @@ import functools
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -279,18 +279,17 @@ class Notice:
 MAY_HAVE_ARRIVED = "may have received this message despite this report"
 
 
-def interrupted_note(trace: Sequence[dict[str, object]], domain: str) -> str | None:
-    """What a bounce for ``domain``'s recipients must add when a delivery to them was found
-    interrupted while sending DATA (the message's trace, services/deliver/marks.py): the host
-    may have taken the message before the worker could record its reply (RFC 1047), so "could
-    not be delivered" may not be the whole truth. None when no delivery there was interrupted."""
-    found = [e for e in trace if e.get("event") == "interrupted" and e.get("domain") == domain]
+def interrupted_note(found: Mapping[str, object] | None) -> str | None:
+    """What a bounce must add when a delivery to its recipients' domain was found interrupted
+    while sending DATA (``found``: where and since when, ``spool.interrupted_key``, written by
+    services/deliver/marks.py): the host may have taken the message before the worker could
+    record its reply (RFC 1047), so "could not be delivered" may not be the whole truth. None
+    when no delivery there was interrupted."""
     if not found:
         return None
-    last = found[-1]
-    since = last.get("since")
+    since = found.get("since")
     when = f" at {_date(since)}" if isinstance(since, int | float) else ""
-    host = one_line(str(last.get("host") or "its host"))
+    host = one_line(str(found.get("host") or "its host"))
     return (
         f"Note: a delivery of this message to {host}{when} was interrupted while the message "
         "was being sent (the relay stopped before it could record the host's reply). The host "

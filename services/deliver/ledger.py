@@ -252,22 +252,18 @@ class Ledger(Marks, SetAside):
         return replace(writes, notice=notice, fallback=self._fallback(round_, outcome))
 
     def _interrupted_note(self, round_: Round) -> str | None:
-        """:func:`services.deliver.dsn.interrupted_note` for the round's domain. Advice read
-        from a log: an entry that is no event (written by hand, another tool or version) is
-        skipped, and a note that cannot be made is logged — never a round that cannot be
-        recorded, parked again and again, its sender never told. A Redis error propagates (the
-        task runs again), as the recording's would."""
-        key = spool.trace_key(round_.envelope.id)
-        entries: list[bytes] = self.client.lrange(key, 0, -1)  # type: ignore[assignment]
-        trace: list[dict[str, object]] = []
-        for raw in entries:
-            with contextlib.suppress(ValueError):
-                event = json.loads(raw)
-                if isinstance(event, dict):
-                    trace.append(event)
+        """:func:`services.deliver.dsn.interrupted_note` for the round's domain, from what
+        ``note_interrupted`` left (one GET, whatever the message's size or number of domains).
+        Advice: a value that cannot be read (written by hand, another version) is logged, never
+        a round that cannot be recorded, parked again and again, its sender never told. A Redis
+        error propagates (the task runs again), as the recording's would."""
+        raw = self.client.get(spool.interrupted_key(*round_.job.key))
+        if raw is None:
+            return None
         try:
-            return dsn.interrupted_note(trace, round_.job.domain)
-        except Exception:  # e.g. a date out of range: the bounce goes without the note
+            found = json.loads(raw)
+            return dsn.interrupted_note(found if isinstance(found, dict) else {})
+        except Exception:  # bad JSON, a date out of range: the bounce goes without the note
             log.exception("no note on interrupted deliveries for %s to %s", *round_.job.key)
             return None
 

@@ -242,7 +242,14 @@ class Marks:
         previous = json.loads(raw)
         host, since = previous["host"], previous["at"]
         event = spool.event("interrupted", domain=job.domain, host=host, since=since, note=RFC1047)
-        spool.append_trace(self.client, job.id, event, trace_ttl=self.config.trace_ttl)
+        ttl = int(self.config.trace_ttl)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.rpush(spool.trace_key(job.id), event)
+            pipe.expire(spool.trace_key(job.id), ttl)
+            # For a bounce that may follow: one GET there, not a read of the whole trace.
+            found = json.dumps({"host": host, "since": since})
+            pipe.set(spool.interrupted_key(job.id, job.domain), found, ex=ttl)
+            pipe.execute()
         observe.interrupted()
 
 
