@@ -12,6 +12,7 @@ recipients for good.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ import pytest
 import redis
 
 from services.common import spool
+from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
 from services.deliver import dsn, queue
 from services.deliver.attempt import Peer
 from services.deliver.ledger import Ledger
 from services.deliver.marks import in_flight_note
 from tests.peers import Sink
-from tests.test_batching import deliver, queue_jobs, routed
+from tests.test_batching import BODY, deliver, queue_jobs, routed
 
 DOMAIN = "interrupted.test"
 
@@ -58,6 +60,33 @@ def test_a_bounce_after_an_interrupted_delivery_says_the_message_may_have_arrive
     assert f"delivery of this message to mx.{DOMAIN} at " in text, text
     assert dsn.MAY_HAVE_ARRIVED in text, text
     assert dsn.MAY_HAVE_ARRIVED not in bounce_of(store, plain["id"])
+
+
+def test_a_delay_notice_after_an_interrupted_delivery_says_the_message_may_have_arrived(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """An hour-old message whose delivery had been interrupted while sending DATA, now deferred
+    (451): its one delay notice must not say only "has not been delivered yet" — the host may
+    have it."""
+    old = Envelope(
+        new_message_id(), "s@origin.test", (f"r@{DOMAIN}",), received_at=time.time() - 3600
+    )
+    with store.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
+    job = {"id": old.id, "domain": DOMAIN, "recipients": [f"r@{DOMAIN}"],
+           "decision": decision.to_json(), "attempt": 1}  # fmt: skip
+    with Sink("plain", rcpt_replies=lambda rcpt: "451 4.3.0 Try later") as sink:
+        config = routed(tmp_path, valkey, DOMAIN, f"127.0.0.1:{sink.port}",
+                        delay_warning_after="1m")  # fmt: skip
+        earlier = Peer(f"mx.{DOMAIN}", "127.0.0.1", sink.port, f"mx.{DOMAIN}")
+        store.set(spool.in_flight_key(old.id, DOMAIN), in_flight_note(earlier))
+        deliver(config, store, [job])
+
+    text = bounce_of(store, old.id)
+    assert "has not been delivered yet" in text, text
+    assert dsn.MAY_HAVE_ARRIVED in text, text
 
 
 def test_the_note_says_where_and_when_in_one_line() -> None:

@@ -302,20 +302,20 @@ def notice(
     outcome: Outcome,
     reporting_mta: str,
     delay_warning_after: float,
-    failed_notes: Sequence[str] = (),
+    more_notes: Sequence[str] = (),
 ) -> Notice | None:
     """The DSN ``round_`` calls for: a bounce for failed recipients, else (once per message,
     after ``delay_warning_after``; 0: never) a delay notice; None when the sender is null.
-    ``failed_notes``: lines a bounce adds (:func:`interrupted_note`)."""
+    ``more_notes``: lines it adds (:func:`interrupted_note`)."""
     envelope = round_.envelope
     if not wanted(envelope):
         return None
     waited = round_.now - envelope.received_at
     delay_due = delay_warning_after > 0 and waited >= delay_warning_after
     notes = [outcome.note] if outcome.note else []
+    notes += more_notes
     if outcome.bounced:
         action, replies, until = FAILED, outcome.bounced, None
-        notes += failed_notes
     elif outcome.deferred and not round_.state.delay_warned and delay_due:
         action, replies, until = DELAYED, outcome.deferred, round_.expires
     else:

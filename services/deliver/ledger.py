@@ -59,6 +59,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import redis
@@ -238,18 +239,24 @@ class Ledger(Marks, SetAside):
     def _prepare(self, writes: Writes) -> Writes:
         """What a round's recording writes besides its results: the DSN it calls for, the
         redacted twin of a REQUIRETLS DSN that failed for good (past the queue lifetime, what
-        would be deferred is bounced first). A bounce reads the message's trace: after an
-        interrupted delivery to the domain it says the host may have the message
-        (:func:`services.deliver.dsn.interrupted_note`)."""
+        would be deferred is bounced first)."""
         round_, outcome = writes.round_, writes.outcome
         expire(round_, outcome, self.config.delivery.max_queue_lifetime)
-        notes: list[str] = []
-        if outcome.bounced and dsn.wanted(round_.envelope):  # rare: one read of the trace
-            notes += filter(None, [self._interrupted_note(round_)])
-        notice = dsn.notice(
-            round_, outcome, self.config.hostname, self.config.delivery.delay_warning_after, notes
-        )
+        notice = self._notice(round_, outcome)
         return replace(writes, notice=notice, fallback=self._fallback(round_, outcome))
+
+    def _notice(self, round_: Round, outcome: Outcome) -> dsn.Notice | None:
+        """:func:`services.deliver.dsn.notice`; a DSN (bounce or delay notice) about recipients
+        a delivery to whose domain was found interrupted says the host may have the message
+        (:func:`services.deliver.dsn.interrupted_note`): one GET, only when a DSN is due."""
+        made = partial(
+            dsn.notice, round_, outcome, self.config.hostname,
+            self.config.delivery.delay_warning_after,
+        )  # fmt: skip
+        notice = made()
+        if notice is not None and (note := self._interrupted_note(round_)) is not None:
+            notice = made([note])
+        return notice
 
     def _interrupted_note(self, round_: Round) -> str | None:
         """:func:`services.deliver.dsn.interrupted_note` for the round's domain, from what

@@ -11,7 +11,7 @@ task runs again); a WATCH that fired is looked at again.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -27,12 +27,14 @@ from services.deliver.shaping import Throttle
 
 
 class SetAside:
-    """Needs, from the ledger: its client, configuration, claims and mark TTL."""
+    """Needs, from the ledger: its client, configuration, claims, mark TTL and the DSN a
+    round calls for (``_notice``)."""
 
     client: redis.Redis
     config: Config
     claims: Claims
     _mark_ttl: int
+    _notice: Callable[[Round, Outcome], dsn.Notice | None]
 
     def _delay_notice_due(self, pipe: redis.client.Pipeline, message_id: str) -> bool:
         """Whether the "delayed" DSN this round calls for is still to be sent: the message is
@@ -84,9 +86,7 @@ class SetAside:
         them here would count one message's policy failure once per wait."""
         pending = round_.state.pending(round_.job)
         waiting = Outcome(deferred=dict.fromkeys(pending, reply))
-        notice = dsn.notice(
-            round_, waiting, self.config.hostname, self.config.delivery.delay_warning_after
-        )
+        notice = self._notice(round_, waiting)
         while True:
             try:
                 return self._throttle(round_, claim, throttle, notice)
