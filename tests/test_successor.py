@@ -226,3 +226,35 @@ def test_a_successor_still_opening_when_the_pool_closes_is_cut_and_its_lease_goe
 
     held, dropped = asyncio.run(run())
     assert held == 0 and dropped, (held, dropped)
+
+
+@pytest.mark.parametrize(
+    ("predecessor", "connections", "parked"),
+    [(Outcome.TLS, 1, 0), (Outcome.HANDSHAKE_FAILED, 2, 1)],
+)
+def test_a_successor_reconnects_in_clear_only_to_follow_a_session_that_did(
+    store: redis.Redis, predecessor: Outcome, connections: int, parked: int
+) -> None:
+    """The destination's handshake fails (opportunistic TLS: the table says reconnect in
+    clear). A successor of a TLS session gives up there — a clear connection would be thrown
+    away, its outcome not its predecessor's — and gives its lease back; the successor of a
+    session that itself fell back to clear reconnects and is parked, as a delivery would."""
+    with Sink("broken") as sink:
+        relay = Relay(store, site_for(sink.port), sink.port)
+        gate = relay.shaper.gate(relay.site)
+
+        async def run() -> int:
+            try:
+                relay.pool.open_successor(
+                    session._successor(
+                        relay.pool, relay.peer, OPPORTUNISTIC, TIMEOUTS, gate, predecessor, 20
+                    )
+                )
+                await relay.pool.closed()  # the opening ended, parked or not
+                return len(relay.pool.leases())
+            finally:
+                await relay.wind_down(sink)
+
+        assert asyncio.run(run()) == parked
+        assert sink.stats()["connections"] == connections, sink.summary()
+    assert not relay.shaper.held  # the lease went with the session, or at once

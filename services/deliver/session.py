@@ -21,6 +21,9 @@ Every attempt is counted, with its duration, in ``services.common.metrics`` when
 process runs at most :data:`HANDSHAKES` STARTTLS handshakes at once; more wait their turn (a
 bound on the memory of a thousand sessions opening together).
 
+What the connection says of the peer (certificate checks, TLS version, our address) is read by
+:mod:`services.deliver.peerinfo`.
+
 :func:`probe` is the same session without a transaction (``tlsrelay check``): connect, greeting,
 EHLO, STARTTLS and the handshake per the TLS table, EHLO again, QUIT — never MAIL; not counted.
 """
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,7 +42,7 @@ import aiosmtplib
 
 from services.common.model import Envelope, Reply
 from services.common.protocol import TLS_REQUIRED_STATUS
-from services.deliver import dane, leafcheck, mtasts, observe, pipelining, tls
+from services.deliver import observe, peerinfo, pipelining, tls
 from services.deliver.attempt import Attempt, Hooks, Peer, Timeouts, TlsSettings
 from services.deliver.pool import ConnectionPool, Pooled, PoolKey
 from services.deliver.shaping import Gate, Lease, Throttle
@@ -155,7 +157,7 @@ async def _attempt(
                 )
         else:
             smtp = await _open(peer, timeouts, result)
-            result.local_address = _local_address(smtp)
+            result.local_address = peerinfo.local_address(smtp)
             smtp = await _negotiate_tls(smtp, result, settings, timeouts, hooks.on_handshake_failed)
         await transaction(smtp, envelope, recipients, body, result, hooks, timeouts, reset)
     except NextHost as exc:
@@ -253,6 +255,10 @@ def _park(
     )
 
 
+class _HandshakeFailed(Exception):
+    """A successor's handshake failed where its predecessor's had not."""
+
+
 async def _successor(
     pool: ConnectionPool,
     peer: Peer,
@@ -278,8 +284,16 @@ async def _successor(
                 return  # the site is at a limit: the next delivery opens its own, as before
             lease = got
         smtp = await _open(peer, timeouts, result)
-        result.local_address = _local_address(smtp)
-        smtp = await _negotiate_tls(smtp, result, settings, timeouts, lambda _peer: None)
+        result.local_address = peerinfo.local_address(smtp)
+
+        def no_wasted_reconnect(_peer: Peer) -> None:
+            # The handshake failed and the TLS table says reconnect in clear: a connection to
+            # be thrown away unless its predecessor's outcome was that one too. It ends here;
+            # the next delivery's own session follows the table and records the failure.
+            if result.outcome is not outcome:
+                raise _HandshakeFailed
+
+        smtp = await _negotiate_tls(smtp, result, settings, timeouts, no_wasted_reconnect)
         if result.outcome is outcome and not (lease is not None and lease.lost):
             successor = Pooled(
                 smtp, result.outcome, result.tls_version, result.cipher, uses=0, clean=True,
@@ -368,11 +382,13 @@ async def _negotiate_tls(
         action, outcome = tls.after_starttls(settings.mode, situation)
     result.outcome = outcome
     if action is Action.SEND_TLS:
-        result.tls_version, result.cipher = _tls_info(smtp)
+        result.tls_version, result.cipher = peerinfo.tls_info(smtp)
         if settings.check_leaf and not settings.mode.authenticates:
-            result.verify_code = _leaf_problem(smtp, result.peer.tls_name)
+            result.verify_code = peerinfo.leaf_problem(smtp, result.peer.tls_name)
         if not settings.mode.authenticates:
-            result.leaf_verdict = _leaf_verdict(smtp, result.peer.tls_name, settings.ca_file)
+            result.leaf_verdict = peerinfo.leaf_verdict(
+                smtp, result.peer.tls_name, settings.ca_file
+            )
     elif action is Action.NEXT_HOST:
         why = outcome.value if outcome else "no TLS"
         detail = f"{TLS_UNAVAILABLE.text} at {result.peer.host} ({why})"
@@ -416,76 +432,19 @@ async def _starttls(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSetting
         context = tls_context(settings)
         async with handshakes():
             await smtp.starttls(server_hostname=result.peer.tls_name, tls_context=context)
-        if _buffered_before_tls(smtp):
+        if peerinfo.buffered_before_tls(smtp):
             smtp.close()
             return Situation.HANDSHAKE_FAILED
-        if settings.mode.must_match_tlsa and not _dane_match(smtp, result, settings):
+        if settings.mode.must_match_tlsa and not peerinfo.dane_match(smtp, result, settings):
             return Situation.DANE_FAILED
         await smtp.ehlo()
     except Exception as exc:
-        verify = _verify_error(exc)
+        verify = peerinfo.verify_error(exc)
         if verify is None:
             return Situation.HANDSHAKE_FAILED
         result.verify_code = verify.verify_code
         return Situation.VERIFY_FAILED
     return Situation.HANDSHAKE_OK
-
-
-def _dane_match(smtp: aiosmtplib.SMTP, result: Attempt, settings: TlsSettings) -> bool:
-    """The server's certificate against the host's TLSA records (noted in ``result.dane``)."""
-    ssl_object = smtp.get_transport_info("ssl_object")
-    chain = dane.peer_chain(ssl_object) if isinstance(ssl_object, ssl.SSLObject) else []
-    found = dane.check(chain, settings.tlsa, settings.tlsa_names, time.time())
-    result.dane = found.text
-    return found.ok
-
-
-def _buffered_before_tls(smtp: aiosmtplib.SMTP) -> bool:
-    """Unparsed bytes left in aiosmtplib's reply buffer (its ``_buffer``, private: absent or
-    empty when the library discards them itself, as 5.1 does)."""
-    return bool(getattr(smtp.protocol, "_buffer", b""))
-
-
-def _verify_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def _local_address(smtp: aiosmtplib.SMTP) -> str | None:
-    sockname = smtp.get_transport_info("sockname")
-    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
-
-
-def _leaf_problem(smtp: aiosmtplib.SMTP, name: str) -> int | None:
-    ssl_object = smtp.get_transport_info("ssl_object")
-    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    return mtasts.leaf_problem(der, name, time.time()) if der else None
-
-
-def _leaf_verdict(smtp: aiosmtplib.SMTP, name: str, ca_file: str | None) -> str | None:
-    der = _peer_der(smtp)
-    return leafcheck.verdict(der, name, ca_file) if der else None
-
-
-def _peer_der(smtp: aiosmtplib.SMTP) -> bytes | None:
-    ssl_object = smtp.get_transport_info("ssl_object")
-    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-        return None
-    return ssl_object.getpeercert(binary_form=True)
-
-
-def _tls_info(smtp: aiosmtplib.SMTP) -> tuple[str | None, str | None]:
-    ssl_object = smtp.get_transport_info("ssl_object")
-    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-        return None, None
-    cipher = ssl_object.cipher()
-    return ssl_object.version(), cipher[0] if cipher else None
 
 
 # QUITs under way (see _close_soon); a batch waits for them at its end (closed()).
@@ -568,7 +527,7 @@ async def probe(peer: Peer, settings: TlsSettings, timeouts: Timeouts) -> Probe:
             smtp, found.attempt, settings, timeouts, Hooks().on_handshake_failed
         )
         found.requiretls = smtp.supports_extension("requiretls")
-        found.certificate = _peer_der(smtp)
+        found.certificate = peerinfo.peer_der(smtp)
     except NextHost as exc:
         found.attempt.error, found.attempt.next_host = exc.reply, True
     except BaseException:  # cancelled: drop the connection
