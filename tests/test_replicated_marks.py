@@ -71,7 +71,12 @@ def sink() -> Iterator[Sink]:
 
 
 def configured(
-    tmp_path: Path, master: EmbeddedRedis, sink: Sink, min_replicas: int, pipelining: bool
+    tmp_path: Path,
+    master: EmbeddedRedis,
+    sink: Sink,
+    min_replicas: int,
+    pipelining: bool,
+    lanes: int = 2,
 ) -> Config:
     settings: dict[str, Any] = {
         "redis_url": master.url,
@@ -80,7 +85,7 @@ def configured(
         "delivery": {
             "routes": {DOMAIN: sink.address_text},
             "pipelining": pipelining,
-            "sessions_per_process": 2,
+            "sessions_per_process": lanes,
         },
     }
     return write_config(tmp_path / "c.yaml", settings)
@@ -170,6 +175,9 @@ def test_a_mark_no_replica_acknowledged_sends_nothing_and_the_retry_delivers_onc
     wait_until(lambda: online_replicas(master.port) >= 1, 20, "the replica back in sync")
     before = waits(client)
     client.zrem(spool.DEFERRED, raw)  # the scheduler's part: the retry is due, taken
+    # It is due per delivery.retry_schedule, minutes later: long past the process's hold on
+    # new rounds after an unacknowledged mark (sending.UNREPLICATED_HOLD).
+    deliverer._unreplicated = (0.0, "")
     run_batches(deliverer, [retry])
 
     (delivered,) = sink.wait_messages(1)
@@ -178,6 +186,42 @@ def test_a_mark_no_replica_acknowledged_sends_nothing_and_the_retry_delivers_onc
     assert not client.exists(spool.msg_key(message_id)), "delivered: final, gone"
     assert "interrupted" not in trace_text(client, message_id)
     assert len(sink.messages) == 1, "delivered once"
+
+
+def test_after_a_mark_no_replica_acknowledged_the_next_rounds_are_deferred_without_a_session(
+    tmp_path: Path,
+    master: EmbeddedRedis,
+    replica: EmbeddedRedis,
+    client: redis.Redis,
+    sink: Sink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replica stops acknowledging; one lane, three jobs: the first round goes as far as
+    RCPT, waits ``redis_replica_timeout`` for its ``WAIT`` and is deferred unsent. The next two,
+    started a moment later, are deferred at once the same way, never reaching the destination
+    (a failover keeps the replicas away for seconds: each round would open or take a session
+    and wait for nothing). Nothing is sent; every recipient waits for its retry, the reason in
+    its trace."""
+    config = configured(tmp_path, master, sink, 1, True, lanes=1)
+    deliverer = Deliverer(config, spool.connect(master.url))
+    refunds: list[object] = []  # the message-rate cells given back: the first round's
+    monkeypatch.setattr(deliverer.shaper, "refund", lambda site, at=None: refunds.append(site))
+    jobs = queue_jobs(client, DOMAIN, 3)
+    assert replica.process is not None
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        run_batches(deliverer, jobs)
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+
+    assert sink.messages == [], "DATA went out unacknowledged"
+    assert len(sink.mail_commands) == 1, sink.mail_commands
+    assert len(deferred_members(client)) == 3, "each deferred for its retry"
+    first, *others = (trace_text(client, job["id"]) for job in jobs)
+    assert "within 0.5 s (0 did): not sent" in first, first
+    for text in others:
+        assert "(a moment ago); not tried" in text, text
+    assert len(refunds) == 1, refunds  # it sent nothing: its rate cell goes back
 
 
 @pytest.mark.parametrize("min_replicas", [1, 0])

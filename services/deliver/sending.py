@@ -20,7 +20,11 @@ reply and DATA). With ``redis_min_replicas`` > 0 the mark must also be acknowled
 many replicas before DATA (a ``WAIT``; to a peer without PIPELINING, written and waited for
 before MAIL instead): too few in ``redis_replica_timeout`` and the round is deferred unsent
 (``451 4.3.0``, the reason in the trace), like a round abandoned before DATA; its recording
-deletes the mark.
+deletes the mark, and its message-rate cell goes back (nothing was sent). For
+:data:`UNREPLICATED_HOLD` after that, rounds this process starts are deferred the same way at
+once, without a session: while the replicas do not answer (a failover: until a replica is back
+in sync, seconds), each round would otherwise open or take a session and go as far as RCPT for
+nothing, and wait ``redis_replica_timeout`` for its own ``WAIT``.
 
 Failure: an unexpected error in sending defers the round's pending recipients like any
 temporary failure (:meth:`Sending._send_or_fail`); Redis errors propagate.
@@ -60,6 +64,10 @@ from services.deliver.sites import Site
 
 log = logging.getLogger("tlsrelay.deliver")
 
+# Seconds after a round's mark went unacknowledged during which this process's new rounds are
+# deferred unsent without trying (at least redis_replica_timeout: what each would wait).
+UNREPLICATED_HOLD = 1.0
+
 
 class Sending:
     """Needs, from the deliverer: its configuration, planner, ledger, shaper, connection pool,
@@ -72,6 +80,7 @@ class Sending:
     pool: ConnectionPool
     site_slots: SiteSlots
     timeouts: Timeouts
+    _unreplicated: tuple[float, str] = (0.0, "")  # until (loop time), and why (module docstring)
 
     async def _send_or_fail(
         self,
@@ -140,6 +149,10 @@ class Sending:
         hooks = Hooks(self.planner.remember_broken, before_data, before_data_now)
         if self.ledger.min_replicas:
             hooks = replace(hooks, before_mail=before_mail)
+            until, why = self._unreplicated
+            if loop.time() < until:  # a round's mark went unacknowledged a moment ago
+                outcome.abandon(pending, unreplicated_reply(f"{why} (a moment ago); not tried"))
+                return outcome
 
         try:
             async with asyncio.timeout_at(deadline):
@@ -150,6 +163,8 @@ class Sending:
             outcome.abandon(pending, unreplicated_reply(str(exc)))
             observe.unreplicated_mark()
             log.warning("%s to %s deferred: %s", *job.key, exc)
+            hold = max(UNREPLICATED_HOLD, self.config.redis_replica_timeout)
+            self._unreplicated = (loop.time() + hold, str(exc))
         return outcome
 
     async def _send(
@@ -177,12 +192,16 @@ class Sending:
         outcome.throttled = throttled or await self.shaper.pace(site)
         if outcome.throttled is not None:
             return
+        refund = False
         try:
             gate = self.shaper.gate(site, envelope.received_at)
             hops = partial(self._hops, plan, gate, envelope, body, pending, outcome, hooks)
             await self.site_slots.share(gate, outcome, hops)
+        except MarkNotReplicated:
+            refund = True  # stopped before DATA: nothing sent
+            raise
         finally:
-            if outcome.throttled is not None:  # nothing sent: the rate cell it took goes back
+            if refund or outcome.throttled is not None:  # the rate cell it took goes back
                 self.shaper.refund(site, paced_at)
 
     def _line(self, job: Job, site: Site, envelope: Envelope) -> Throttle | None:
