@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -27,13 +28,20 @@ import redis
 
 from services.common import spool
 from services.common.config import Config
+from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
 from services.deliver.attempt import Peer
 from services.deliver.batch import Deliverer
 from services.deliver.ledger import Ledger
 from tests.peers import Sink
 from tests.redisha import online_replicas, replica_of
-from tests.test_batching import deferred_members, queue_jobs, run_batches, write_config
+from tests.test_batching import (
+    BODY,
+    deferred_members,
+    queue_jobs,
+    run_batches,
+    write_config,
+)
 from tests.test_gathered import stored_jobs
 from tests.world import wait_until
 
@@ -77,6 +85,7 @@ def configured(
     min_replicas: int,
     pipelining: bool,
     lanes: int = 2,
+    lifetime: str | None = None,
 ) -> Config:
     settings: dict[str, Any] = {
         "redis_url": master.url,
@@ -86,6 +95,7 @@ def configured(
             "routes": {DOMAIN: sink.address_text},
             "pipelining": pipelining,
             "sessions_per_process": lanes,
+            **({"max_queue_lifetime": lifetime} if lifetime else {}),
         },
     }
     return write_config(tmp_path / "c.yaml", settings)
@@ -258,3 +268,37 @@ def test_the_marks_of_one_turn_share_one_wait_and_no_premark_stands_in(
     asyncio.run(ledger.mark_in_flight_async(premarked, peer))
     assert ledger.mark_round_trips == (2 if min_replicas else 1), "premark spares it only at 0"
     assert waits(client) - before == (2 if min_replicas else 0)
+
+
+def test_the_hold_after_an_unacknowledged_mark_never_bounces_a_message_at_its_last_try(
+    tmp_path: Path,
+    master: EmbeddedRedis,
+    replica: EmbeddedRedis,
+    client: redis.Redis,
+    sink: Sink,
+) -> None:
+    """The process holds its new rounds after a mark no replica acknowledged (the replica is
+    back in sync by now). A message whose queue lifetime is over is at its last try: deferred
+    unsent by the hold it would be bounced without ever being tried (expire), its sender told
+    it could not be delivered. It is tried (its own mark waits for the replica) and delivered;
+    a message with time left is still held, not tried."""
+    config = configured(tmp_path, master, sink, 1, True, lanes=1, lifetime="1h")
+    deliverer = Deliverer(config, spool.connect(master.url))
+    (fresh,) = queue_jobs(client, DOMAIN, 1)
+    old = Envelope(
+        new_message_id(), "s@origin.test", (f"old@{DOMAIN}",), received_at=time.time() - 3601
+    )
+    with client.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
+    last = {"id": old.id, "domain": DOMAIN, "recipients": [f"old@{DOMAIN}"],
+            "decision": decision.to_json(), "attempt": 9}  # fmt: skip
+    why = "in-flight mark not acknowledged by 1 replica within 0.5 s (0 did): not sent"
+    deliverer._unreplicated = (time.monotonic() + 60, why)  # loop time: monotonic
+
+    run_batches(deliverer, [last, fresh])
+
+    assert [m.rcpt_tos for m in sink.messages] == [[f"old@{DOMAIN}"]], "tried at its last try"
+    assert "bounced" not in trace_text(client, old.id), trace_text(client, old.id)
+    assert "(a moment ago); not tried" in trace_text(client, fresh["id"])

@@ -22,9 +22,10 @@ before MAIL instead): too few in ``redis_replica_timeout`` and the round is defe
 (``451 4.3.0``, the reason in the trace), like a round abandoned before DATA; its recording
 deletes the mark, and its message-rate cell goes back (nothing was sent). For
 :data:`UNREPLICATED_HOLD` after that, rounds this process starts are deferred the same way at
-once, without a session: while the replicas do not answer (a failover: until a replica is back
-in sync, seconds), each round would otherwise open or take a session and go as far as RCPT for
-nothing, and wait ``redis_replica_timeout`` for its own ``WAIT``.
+once, without a session (but for a message at its last try, whose lifetime ends before the
+hold: deferred, it would be bounced untried): while the replicas do not answer (a failover:
+until a replica is back in sync, seconds), each round would otherwise open or take a session
+and go as far as RCPT for nothing, and wait ``redis_replica_timeout`` for its own ``WAIT``.
 
 Failure: an unexpected error in sending defers the round's pending recipients like any
 temporary failure (:meth:`Sending._send_or_fail`); Redis errors propagate.
@@ -150,7 +151,11 @@ class Sending:
         if self.ledger.min_replicas:
             hooks = replace(hooks, before_mail=before_mail)
             until, why = self._unreplicated
-            if loop.time() < until:  # a round's mark went unacknowledged a moment ago
+            # A round's mark went unacknowledged a moment ago: deferred unsent, not tried —
+            # unless the message's queue lifetime ends before the hold does (its last try: the
+            # deferral would bounce it untried); that round waits for its own mark.
+            expires = envelope.received_at + self.config.delivery.max_queue_lifetime
+            if loop.time() < until and time.time() + (until - loop.time()) < expires:
                 outcome.abandon(pending, unreplicated_reply(f"{why} (a moment ago); not tried"))
                 return outcome
 
