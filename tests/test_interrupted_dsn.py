@@ -20,14 +20,16 @@ import pytest
 import redis
 
 from services.common import spool
-from services.common.model import Decision, Envelope, TlsMode, new_message_id
+from services.common.jobs import Job
+from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
-from services.deliver import dsn, queue
+from services.deliver import dsn, queue, shaping, sites
 from services.deliver.attempt import Peer
 from services.deliver.ledger import Ledger
 from services.deliver.marks import in_flight_note
+from services.deliver.shaping import Throttle
 from tests.peers import Sink
-from tests.test_batching import BODY, deliver, queue_jobs, routed
+from tests.test_batching import BODY, deliver, queue_jobs, routed, write_config
 
 DOMAIN = "interrupted.test"
 
@@ -161,3 +163,34 @@ def bounce_of_raw(store: redis.Redis, message_id: str) -> str:
             assert isinstance(body, bytes), event
             return body.decode()
     raise AssertionError("no dsn event")
+
+
+def test_a_throttled_jobs_delay_notice_after_an_interrupted_delivery_says_it_may_have_arrived(
+    tmp_path: Path, valkey: EmbeddedRedis, store: redis.Redis
+) -> None:
+    """The other way a delay notice goes out: a job a shaping limit stopped (Ledger.throttle,
+    services/deliver/setaside.py), an hour old, whose earlier delivery had been interrupted
+    while sending DATA. Its one delay notice says the host may have the message."""
+    old = Envelope(
+        new_message_id(), "s@origin.test", (f"r@{DOMAIN}",), received_at=time.time() - 3600
+    )
+    with store.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
+    job = Job.from_json({"id": old.id, "domain": DOMAIN, "recipients": [f"r@{DOMAIN}"],
+                         "decision": decision.to_json(), "attempt": 1})  # fmt: skip
+    config = write_config(
+        tmp_path / "c.yaml", {"redis_url": valkey.url, "delivery": {"delay_warning_after": "1m"}}
+    )
+    ledger = Ledger(config, store)
+    earlier = Peer(f"mx.{DOMAIN}", "127.0.0.1", 25, f"mx.{DOMAIN}")
+    ledger.note_interrupted(job, in_flight_note(earlier).encode())
+    site = sites.site_of(config, DOMAIN, [(f"mx.{DOMAIN}", 25, "mx")])
+    throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
+    waiting = Reply(451, "4.4.5", "waiting")
+    ledger.throttle(ledger.round(job, old, BODY), ledger.claim(job.key), throttle, waiting)
+
+    text = bounce_of(store, old.id)
+    assert "has not been delivered yet" in text, text
+    assert dsn.MAY_HAVE_ARRIVED in text, text
