@@ -288,6 +288,22 @@ def queue_jobs(client: redis.Redis, domain: str, count: int) -> list[dict[str, A
     return jobs
 
 
+def queue_old_job(
+    client: redis.Redis, domain: str, age: float, local: str = "r", attempt: int = 1
+) -> dict[str, Any]:
+    """A message to ``local@domain`` stored as accepted ``age`` seconds ago, classified
+    opportunistic: its job (at ``attempt``)."""
+    old = Envelope(
+        new_message_id(), "s@origin.test", (f"{local}@{domain}",), received_at=time.time() - age
+    )
+    with client.pipeline(transaction=True) as pipe:
+        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
+        pipe.execute()
+    decision = Decision(domain=domain, tls=TlsMode.OPPORTUNISTIC)
+    return {"id": old.id, "domain": domain, "recipients": [f"{local}@{domain}"],
+            "decision": decision.to_json(), "attempt": attempt}  # fmt: skip
+
+
 def deliver(config: Config, client: redis.Redis, jobs: list[dict[str, Any]]) -> list[Any]:
     """Run one deliver task's batch in this process, then close the sessions it parked."""
     return run_batches(Deliverer(config, client), jobs)[0]

@@ -12,7 +12,6 @@ recipients for good.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import redis
 
 from services.common import spool
 from services.common.jobs import Job
-from services.common.model import Decision, Envelope, Reply, TlsMode, new_message_id
+from services.common.model import Reply
 from services.common.redisserver import EmbeddedRedis
 from services.deliver import dsn, queue, shaping, sites
 from services.deliver.attempt import Peer
@@ -29,7 +28,7 @@ from services.deliver.ledger import Ledger
 from services.deliver.marks import in_flight_note
 from services.deliver.shaping import Throttle
 from tests.peers import Sink
-from tests.test_batching import BODY, deliver, queue_jobs, routed, write_config
+from tests.test_batching import BODY, deliver, queue_jobs, queue_old_job, routed, write_config
 
 DOMAIN = "interrupted.test"
 
@@ -70,23 +69,15 @@ def test_a_delay_notice_after_an_interrupted_delivery_says_the_message_may_have_
     """An hour-old message whose delivery had been interrupted while sending DATA, now deferred
     (451): its one delay notice must not say only "has not been delivered yet" — the host may
     have it."""
-    old = Envelope(
-        new_message_id(), "s@origin.test", (f"r@{DOMAIN}",), received_at=time.time() - 3600
-    )
-    with store.pipeline(transaction=True) as pipe:
-        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
-        pipe.execute()
-    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
-    job = {"id": old.id, "domain": DOMAIN, "recipients": [f"r@{DOMAIN}"],
-           "decision": decision.to_json(), "attempt": 1}  # fmt: skip
+    job = queue_old_job(store, DOMAIN, 3600)
     with Sink("plain", rcpt_replies=lambda rcpt: "451 4.3.0 Try later") as sink:
         config = routed(tmp_path, valkey, DOMAIN, f"127.0.0.1:{sink.port}",
                         delay_warning_after="1m")  # fmt: skip
         earlier = Peer(f"mx.{DOMAIN}", "127.0.0.1", sink.port, f"mx.{DOMAIN}")
-        store.set(spool.in_flight_key(old.id, DOMAIN), in_flight_note(earlier))
+        store.set(spool.in_flight_key(job["id"], DOMAIN), in_flight_note(earlier))
         deliver(config, store, [job])
 
-    text = bounce_of(store, old.id)
+    text = bounce_of(store, job["id"])
     assert "has not been delivered yet" in text, text
     assert dsn.MAY_HAVE_ARRIVED in text, text
 
@@ -171,15 +162,7 @@ def test_a_throttled_jobs_delay_notice_after_an_interrupted_delivery_says_it_may
     """The other way a delay notice goes out: a job a shaping limit stopped (Ledger.throttle,
     services/deliver/setaside.py), an hour old, whose earlier delivery had been interrupted
     while sending DATA. Its one delay notice says the host may have the message."""
-    old = Envelope(
-        new_message_id(), "s@origin.test", (f"r@{DOMAIN}",), received_at=time.time() - 3600
-    )
-    with store.pipeline(transaction=True) as pipe:
-        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
-        pipe.execute()
-    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
-    job = Job.from_json({"id": old.id, "domain": DOMAIN, "recipients": [f"r@{DOMAIN}"],
-                         "decision": decision.to_json(), "attempt": 1})  # fmt: skip
+    job = Job.from_json(queue_old_job(store, DOMAIN, 3600))
     config = write_config(
         tmp_path / "c.yaml", {"redis_url": valkey.url, "delivery": {"delay_warning_after": "1m"}}
     )
@@ -189,8 +172,10 @@ def test_a_throttled_jobs_delay_notice_after_an_interrupted_delivery_says_it_may
     site = sites.site_of(config, DOMAIN, [(f"mx.{DOMAIN}", 25, "mx")])
     throttle = Throttle(shaping.CONNECTIONS, site, shaping.PARK_CONNECTIONS)
     waiting = Reply(451, "4.4.5", "waiting")
+    old = spool.load_envelope(store, job.id)
+    assert old is not None
     ledger.throttle(ledger.round(job, old, BODY), ledger.claim(job.key), throttle, waiting)
 
-    text = bounce_of(store, old.id)
+    text = bounce_of(store, job.id)
     assert "has not been delivered yet" in text, text
     assert dsn.MAY_HAVE_ARRIVED in text, text

@@ -28,7 +28,6 @@ import redis
 
 from services.common import spool
 from services.common.config import Config
-from services.common.model import Decision, Envelope, TlsMode, new_message_id
 from services.common.redisserver import EmbeddedRedis
 from services.deliver.attempt import Peer
 from services.deliver.batch import Deliverer
@@ -36,9 +35,9 @@ from services.deliver.ledger import Ledger
 from tests.peers import Sink
 from tests.redisha import online_replicas, replica_of
 from tests.test_batching import (
-    BODY,
     deferred_members,
     queue_jobs,
+    queue_old_job,
     run_batches,
     write_config,
 )
@@ -285,20 +284,12 @@ def test_the_hold_after_an_unacknowledged_mark_never_bounces_a_message_at_its_la
     config = configured(tmp_path, master, sink, 1, True, lanes=1, lifetime="1h")
     deliverer = Deliverer(config, spool.connect(master.url))
     (fresh,) = queue_jobs(client, DOMAIN, 1)
-    old = Envelope(
-        new_message_id(), "s@origin.test", (f"old@{DOMAIN}",), received_at=time.time() - 3601
-    )
-    with client.pipeline(transaction=True) as pipe:
-        spool.stage_message(pipe, old, BODY, spool.TRACE_TTL)
-        pipe.execute()
-    decision = Decision(domain=DOMAIN, tls=TlsMode.OPPORTUNISTIC)
-    last = {"id": old.id, "domain": DOMAIN, "recipients": [f"old@{DOMAIN}"],
-            "decision": decision.to_json(), "attempt": 9}  # fmt: skip
+    last = queue_old_job(client, DOMAIN, 3601, local="old", attempt=9)
     why = "in-flight mark not acknowledged by 1 replica within 0.5 s (0 did): not sent"
     deliverer._unreplicated = (time.monotonic() + 60, why)  # loop time: monotonic
 
     run_batches(deliverer, [last, fresh])
 
     assert [m.rcpt_tos for m in sink.messages] == [[f"old@{DOMAIN}"]], "tried at its last try"
-    assert "bounced" not in trace_text(client, old.id), trace_text(client, old.id)
+    assert "bounced" not in trace_text(client, last["id"]), trace_text(client, last["id"])
     assert "(a moment ago); not tried" in trace_text(client, fresh["id"])
