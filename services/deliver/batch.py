@@ -317,7 +317,7 @@ class Deliverer(Sending):
         except redis.exceptions.RedisError:
             raise
         except Exception:
-            # Not in sending (that ends as a recorded deferral: _send_or_fail) but in
+            # Not in sending (that ends as a recorded deferral: Sending.send) but in
             # claiming or recording: the round may have sent DATA unrecorded, so the
             # in-flight mark stays and the retry says so (RFC 1047), as after a crash.
             log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
@@ -396,7 +396,7 @@ class Deliverer(Sending):
             outcome = unreachable[key].not_tried(pending)
         else:
             reached = self._answering(key, batch)
-            outcome = await self._send_or_fail(job, envelope, body, pending, reached)
+            outcome = await self.send(job, envelope, body, pending, reached)
             if outcome.unreachable or blocks_batch(outcome):
                 unreachable.setdefault(key, outcome)
         round_ = self.ledger.round(job, envelope, body, state)

@@ -28,7 +28,8 @@ until a replica is back in sync, seconds), each round would otherwise open or ta
 and go as far as RCPT for nothing, and wait ``redis_replica_timeout`` for its own ``WAIT``.
 
 Failure: an unexpected error in sending defers the round's pending recipients like any
-temporary failure (:meth:`Sending._send_or_fail`); Redis errors propagate.
+temporary failure (:meth:`Sending.send`: under the normal retry and queue-lifetime rules, the
+error in the reply and so in the trace); Redis errors propagate (the task runs again).
 """
 
 from __future__ import annotations
@@ -83,27 +84,6 @@ class Sending:
     timeouts: Timeouts
     _unreplicated: tuple[float, str] = (0.0, "")  # until (loop time), and why (module docstring)
 
-    async def _send_or_fail(
-        self,
-        job: Job,
-        envelope: Envelope,
-        body: bytes,
-        pending: list[str],
-        reached: Callable[[], None] = lambda: None,
-    ) -> Outcome:
-        """:meth:`send`; an unexpected error in it (a bug, an odd certificate, a policy value
-        that broke a parser) defers the pending recipients under the normal retry and
-        queue-lifetime rules (a bounce with its DSN once the lifetime is over), the error in the
-        reply and so in the trace. Redis errors propagate (the task runs again)."""
-        try:
-            return await self.send(job, envelope, body, pending, reached)
-        except redis.exceptions.RedisError:
-            raise
-        except Exception as exc:
-            log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
-            error = one_line(f"internal error: {type(exc).__name__}: {exc}", 300)
-            return Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
-
     async def send(
         self,
         job: Job,
@@ -113,7 +93,11 @@ class Sending:
         reached: Callable[[], None] = lambda: None,
     ) -> Outcome:
         """One round, abandoned (and deferred) when it outlasts ``delivery.job_timeout``;
-        ``reached`` is called when a peer is about to receive the message."""
+        ``reached`` is called when a peer is about to receive the message. An unexpected error
+        (a bug, an odd certificate, a policy value that broke a parser) defers the pending
+        recipients under the normal retry and queue-lifetime rules (a bounce with its DSN once
+        the lifetime is over), the error in the reply and so in the trace. Redis errors
+        propagate (the task runs again)."""
         outcome = Outcome()
         data: list[Peer] = []  # where DATA was under way when time ran out
         limit = self.config.delivery.job_timeout
@@ -170,6 +154,12 @@ class Sending:
             log.warning("%s to %s deferred: %s", *job.key, exc)
             hold = max(UNREPLICATED_HOLD, self.config.redis_replica_timeout)
             self._unreplicated = (loop.time() + hold, str(exc))
+        except redis.exceptions.RedisError:
+            raise  # the task runs again
+        except Exception as exc:  # unexpected (see above)
+            log.exception("delivery of %s to %s failed unexpectedly", job.id, job.domain)
+            error = one_line(f"internal error: {type(exc).__name__}: {exc}", 300)
+            return Outcome(deferred=dict.fromkeys(pending, Reply(451, "4.3.0", error)))
         return outcome
 
     async def _send(
